@@ -1,0 +1,91 @@
+"""Figures. Plotting reads data and returns a matplotlib Figure; it never changes the data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _scatter_by(ax, coords: np.ndarray, labels: pd.Series | None, title: str, point_size: float) -> None:
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=point_size, c="tab:blue", linewidths=0)
+    else:
+        labels = labels.astype(str)
+        categories = sorted(labels.unique())
+        cmap = plt.get_cmap("tab20" if len(categories) > 10 else "tab10")
+        for i, category in enumerate(categories):
+            mask = (labels == category).to_numpy()
+            ax.scatter(
+                coords[mask, 0], coords[mask, 1], s=point_size, color=cmap(i % cmap.N),
+                label=category, linewidths=0,
+            )
+        if len(categories) <= 30:
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3, frameon=False)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _point_size(n: int) -> float:
+    return float(np.clip(12000 / max(n, 1), 0.5, 20))
+
+
+def umap_plot(adata: ad.AnnData, color: str, basis: str = "X_umap", title: str | None = None) -> plt.Figure:
+    """One UMAP coloured by an ``.obs`` column."""
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    _scatter_by(ax, adata.obsm[basis], adata.obs[color], title or f"UMAP: {color}", _point_size(adata.n_obs))
+    ax.set_xlabel("UMAP1")
+    ax.set_ylabel("UMAP2")
+    return fig
+
+
+def umap_side_by_side(
+    panels: Sequence[tuple[str, np.ndarray]], labels: pd.Series | None, suptitle: str
+) -> plt.Figure:
+    """Several embeddings of the same cells side by side, coloured by the same labels."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 5), constrained_layout=True)
+    axes = np.atleast_1d(axes)
+    for i, (ax, (title, coords)) in enumerate(zip(axes, panels)):
+        _scatter_by(ax, coords, labels if labels is not None else None, title, _point_size(len(coords)))
+        if i < len(panels) - 1 and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.suptitle(suptitle)
+    return fig
+
+
+def rank_expression_plot(
+    log_rank: np.ndarray, expression: np.ndarray, slope: float, intercept: float, cutoff: float, r2: float
+) -> plt.Figure:
+    """Normalized expression against log10(1 + rank), with the fitted line and the fit cut-off."""
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    inside = log_rank < cutoff
+    ax.scatter(log_rank[inside], expression[inside], s=2, alpha=0.15, linewidths=0, label="fitted points")
+    ax.scatter(log_rank[~inside], expression[~inside], s=2, alpha=0.15, linewidths=0, color="grey", label="beyond cut-off")
+    xs = np.linspace(0, max(float(log_rank.max()), cutoff), 100)
+    ax.plot(xs, intercept + slope * xs, color="crimson", lw=2, label=f"fit: {intercept:.3f} {slope:+.3f}·x (R²={r2:.3f})")
+    ax.axvline(cutoff, color="black", ls=":", lw=1)
+    ax.set_xlabel("log10(1 + rank)")
+    ax.set_ylabel("normalized expression (log10)")
+    ax.set_title("Expression vs rank in the cell sentence")
+    ax.legend(markerscale=5, fontsize=8)
+    return fig
+
+
+def reconstruction_plot(original: np.ndarray, reconstructed: np.ndarray, pearson_r: float) -> plt.Figure:
+    """Reconstructed against original expression, one point per expressed (cell, gene)."""
+    fig, ax = plt.subplots(figsize=(6, 6), constrained_layout=True)
+    ax.scatter(original, reconstructed, s=2, alpha=0.15, linewidths=0)
+    top = float(max(original.max(initial=0), reconstructed.max(initial=0)))
+    ax.plot([0, top], [0, top], color="black", ls=":", lw=1, label="y = x")
+    ax.set_xlabel("original expression (log10)")
+    ax.set_ylabel("reconstructed from rank")
+    ax.set_title(f"Reconstruction from cell sentences (Pearson r = {pearson_r:.3f})")
+    ax.legend(fontsize=8)
+    return fig

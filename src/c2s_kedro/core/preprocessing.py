@@ -1,0 +1,122 @@
+"""QC, normalization (log base 10, as C2S does) and the PCA -> kNN -> UMAP embedding."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QCThresholds:
+    """Cell and gene filters; ``None`` disables a bound."""
+
+    min_genes_per_cell: int | None = 200
+    max_genes_per_cell: int | None = None
+    min_cells_per_gene: int | None = 3
+    min_counts_per_cell: float | None = None
+    max_counts_per_cell: float | None = None
+    max_pct_mito: float | None = None
+    mito_prefix: str = "MT-"
+
+
+def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.AnnData, dict[str, int]]:
+    """Compute QC metrics, filter cells then genes, and count what each filter removed.
+
+    Returns the filtered copy and counts (``cells_before``, ``cells_removed_<filter>``,
+    ``cells_after``, ``genes_before``, ``genes_after``). Raises ``ValueError`` when no cell or no
+    gene is left, naming the thresholds to relax.
+    """
+    adata = adata.copy()
+    adata.var["mt"] = adata.var_names.str.upper().str.startswith(thresholds.mito_prefix.upper())
+    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    counts = {"cells_before": adata.n_obs, "genes_before": adata.n_vars}
+    obs = adata.obs
+    filters = {
+        "min_genes_per_cell": (thresholds.min_genes_per_cell, obs["n_genes_by_counts"] >= (thresholds.min_genes_per_cell or 0)),
+        "max_genes_per_cell": (thresholds.max_genes_per_cell, obs["n_genes_by_counts"] <= (thresholds.max_genes_per_cell or np.inf)),
+        "min_counts_per_cell": (thresholds.min_counts_per_cell, obs["total_counts"] >= (thresholds.min_counts_per_cell or 0)),
+        "max_counts_per_cell": (thresholds.max_counts_per_cell, obs["total_counts"] <= (thresholds.max_counts_per_cell or np.inf)),
+        "max_pct_mito": (thresholds.max_pct_mito, obs["pct_counts_mt"] <= (thresholds.max_pct_mito if thresholds.max_pct_mito is not None else np.inf)),
+    }
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for name, (threshold, passes) in filters.items():
+        if threshold is None:
+            continue
+        passes = passes.to_numpy()
+        counts[f"cells_removed_{name}"] = int(np.count_nonzero(keep & ~passes))
+        keep &= passes
+    if not keep.any():
+        raise ValueError(
+            f"QC removed all {adata.n_obs} cells ({_removed_summary(counts)}). Relax the thresholds "
+            "in data_processing.qc (conf/base/parameters_data_processing.yml)."
+        )
+    adata = adata[keep].copy()
+    if thresholds.min_cells_per_gene:
+        sc.pp.filter_genes(adata, min_cells=thresholds.min_cells_per_gene)
+    if adata.n_vars == 0:
+        raise ValueError(
+            f"QC removed every gene (min_cells_per_gene={thresholds.min_cells_per_gene} with "
+            f"{adata.n_obs} cells left). Lower data_processing.qc.min_cells_per_gene."
+        )
+    n_empty = int(np.count_nonzero(np.asarray((adata.X > 0).sum(axis=1)).ravel() == 0))
+    if n_empty:
+        adata = adata[np.asarray((adata.X > 0).sum(axis=1)).ravel() > 0].copy()
+        counts["cells_removed_empty_after_gene_filter"] = n_empty
+        logger.warning("%d cells had no expressed gene left after gene filtering and were removed", n_empty)
+        if adata.n_obs == 0:
+            raise ValueError("no cell has an expressed gene left after QC; relax data_processing.qc")
+    counts["cells_after"] = adata.n_obs
+    counts["genes_after"] = adata.n_vars
+    logger.info("QC: %s", _removed_summary(counts))
+    return adata, counts
+
+
+def _removed_summary(counts: dict[str, int]) -> str:
+    removed = ", ".join(f"{k.removeprefix('cells_removed_')}: -{v}" for k, v in counts.items() if k.startswith("cells_removed_"))
+    return f"{counts['cells_before']} cells" + (f" ({removed})" if removed else "")
+
+
+def normalize_log10(adata: ad.AnnData, target_sum: float | None = 1e4, counts_layer: str = "counts") -> ad.AnnData:
+    """Keep raw counts in ``layers[counts_layer]``, ``normalize_total``, then log10(1 + x)."""
+    adata = adata.copy()
+    adata.layers[counts_layer] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    if sp.issparse(adata.X):
+        adata.X = adata.X.astype(np.float32)
+        np.log10(1.0 + adata.X.data, out=adata.X.data)
+    else:
+        adata.X = np.log10(1.0 + np.asarray(adata.X, dtype=np.float32))
+    adata.uns["log1p"] = {"base": 10}
+    return adata
+
+
+def embed_expression(
+    adata: ad.AnnData,
+    n_comps: int = 50,
+    n_neighbors: int = 15,
+    n_top_genes: int | None = None,
+    seed: int = 0,
+) -> ad.AnnData:
+    """PCA (optionally on highly variable genes) -> kNN graph -> UMAP, stored in the AnnData."""
+    adata = adata.copy()
+    use_hvg = False
+    if n_top_genes:
+        if n_top_genes >= adata.n_vars:
+            logger.info("n_top_genes=%d >= %d genes: all genes used for PCA", n_top_genes, adata.n_vars)
+        else:
+            # The data is log10-normalized; seurat flavour expects log-data and compares genes
+            # relative to each other, so the log base does not change which genes are chosen.
+            sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat")
+            use_hvg = True
+    n_comps = max(1, min(n_comps, adata.n_obs - 1, adata.n_vars - 1))
+    sc.pp.pca(adata, n_comps=n_comps, random_state=seed, mask_var="highly_variable" if use_hvg else None)
+    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), n_pcs=n_comps, random_state=seed)
+    sc.tl.umap(adata, random_state=seed)
+    return adata

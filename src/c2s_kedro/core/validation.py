@@ -1,0 +1,124 @@
+"""Checks on user data that fail early with a message naming the problem and the fix."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+ENSEMBL_PATTERN = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "feature_name", "symbol")
+
+
+def require_obs_columns(
+    adata: ad.AnnData, columns: Sequence[str], setting: str | None = None
+) -> None:
+    """Raise ``KeyError`` naming every missing ``.obs`` column, the available ones and the setting."""
+    missing = [c for c in columns if c not in adata.obs.columns]
+    if missing:
+        where = f" Set {setting}." if setting else ""
+        raise KeyError(
+            f"obs column(s) {', '.join(repr(c) for c in missing)} not found; available: "
+            f"{', '.join(map(str, adata.obs.columns)) or '(none)'}.{where}"
+        )
+
+
+def _stored_values(matrix) -> np.ndarray:
+    if sp.issparse(matrix):
+        return matrix.data
+    return np.asarray(matrix).ravel()
+
+
+def check_raw_counts(adata: ad.AnnData, layer: str | None = None, tolerance: float = 1e-6) -> None:
+    """Raise ``ValueError`` unless the matrix holds raw counts (finite, non-negative integers)."""
+    matrix = adata.X if layer is None else adata.layers[layer]
+    values = _stored_values(matrix)
+    hint = (
+        " Raw counts are required for QC and normalization. If the data is already normalized, "
+        "set data_processing.input_is_normalized: true in conf/base/parameters_data_processing.yml."
+    )
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.floating):
+        n_nan = int(np.count_nonzero(~np.isfinite(values)))
+        if n_nan:
+            raise ValueError(f"the expression matrix holds {n_nan} NaN or infinite values.{hint}")
+    n_negative = int(np.count_nonzero(values < 0))
+    if n_negative:
+        raise ValueError(
+            f"the expression matrix holds {n_negative} negative values (min {values.min():.3g}); "
+            f"this looks scaled, not counts.{hint}"
+        )
+    if np.issubdtype(values.dtype, np.floating):
+        fractional = np.abs(values - np.round(values)) > tolerance
+        n_fractional = int(np.count_nonzero(fractional))
+        if n_fractional:
+            example = values[fractional][0]
+            raise ValueError(
+                f"the expression matrix holds {n_fractional} non-integer values (e.g. {example:.4g}); "
+                f"this looks normalized, not counts.{hint}"
+            )
+
+
+def looks_like_ensembl(names: Sequence[str], share: float = 0.5) -> bool:
+    """True when at least ``share`` of the names are Ensembl gene IDs (ENSG00000..., ENSMUSG...)."""
+    names = list(names)
+    if not names:
+        return False
+    hits = sum(bool(ENSEMBL_PATTERN.match(str(n))) for n in names[:2000])
+    return hits >= share * min(len(names), 2000)
+
+
+def use_gene_symbols(adata: ad.AnnData, symbol_column: str | None = None) -> ad.AnnData:
+    """Replace Ensembl-ID var names with gene symbols when a symbol column exists.
+
+    ``symbol_column`` names the ``.var`` column explicitly; otherwise common names are tried. The
+    IDs are kept in ``.var['gene_id']``. Without a symbol column a warning is logged: sentences
+    would then be made of IDs, which C2S hub models never saw.
+    """
+    if symbol_column is not None and symbol_column not in adata.var.columns:
+        raise KeyError(
+            f"var column '{symbol_column}' not found; available: "
+            f"{', '.join(map(str, adata.var.columns)) or '(none)'}. Set "
+            "data_processing.gene_symbol_column (or null to keep the var names)."
+        )
+    if symbol_column is None:
+        if not looks_like_ensembl(adata.var_names):
+            return adata
+        symbol_column = next((c for c in SYMBOL_COLUMNS if c in adata.var.columns), None)
+        if symbol_column is None:
+            logger.warning(
+                "var names look like Ensembl IDs and no gene-symbol column was found in .var "
+                "(tried %s); cell sentences will be made of IDs. Set "
+                "data_processing.gene_symbol_column to the column holding symbols.",
+                ", ".join(SYMBOL_COLUMNS),
+            )
+            return adata
+    symbols = adata.var[symbol_column].astype(str)
+    missing = symbols.isin(["", "nan", "None"]).to_numpy()
+    adata = adata.copy() if adata.is_view else adata
+    if "gene_id" not in adata.var.columns:
+        adata.var["gene_id"] = adata.var_names.astype(str)
+    new_names = np.where(missing, adata.var_names.astype(str), symbols.to_numpy())
+    adata.var_names = new_names
+    logger.info(
+        "var names taken from .var['%s'] (%d without a symbol kept their ID)",
+        symbol_column,
+        int(missing.sum()),
+    )
+    return adata
+
+
+def make_gene_names_unique(adata: ad.AnnData) -> ad.AnnData:
+    """Suffix duplicated var names (-1, -2, ...) and log how many there were."""
+    n_duplicated = int(adata.var_names.duplicated().sum())
+    if n_duplicated:
+        adata.var_names_make_unique()
+        logger.warning("%d duplicated gene names made unique with numeric suffixes", n_duplicated)
+    return adata

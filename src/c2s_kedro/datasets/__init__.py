@@ -1,0 +1,6 @@
+"""Kedro dataset classes the catalog needs and kedro-datasets lacks."""
+
+from c2s_kedro.datasets.h5ad_dataset import H5adDataset
+from c2s_kedro.datasets.metrics_dataset import MetricsDataset
+
+__all__ = ["H5adDataset", "MetricsDataset"]

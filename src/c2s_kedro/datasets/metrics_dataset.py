@@ -1,0 +1,56 @@
+"""A pipeline's headline numbers: a flat JSON object of numbers, also logged to MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kedro.io import AbstractDataset, DatasetError
+
+
+class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
+    """Saves a flat ``{name: number}`` dict as JSON and, when an MLflow run is active (kedro-mlflow
+    starts one per ``kedro run``), logs every number as an MLflow metric with ``prefix``.
+
+    Non-finite numbers are written as ``null`` in JSON (JSON has no NaN) and not logged.
+    """
+
+    def __init__(self, *, filepath: str, prefix: str | None = None, metadata: dict[str, Any] | None = None):
+        self._filepath = Path(filepath)
+        self._prefix = prefix
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "prefix": self._prefix}
+
+    def load(self) -> dict[str, float]:
+        if not self._filepath.exists():
+            raise DatasetError(f"metrics file not found: {self._filepath}; run the pipeline that writes it")
+        return json.loads(self._filepath.read_text())
+
+    def save(self, data: dict[str, float]) -> None:
+        bad = {k: type(v).__name__ for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int | float)}
+        if bad:
+            raise DatasetError(f"metrics must be a flat dict of numbers; not numbers: {bad}")
+        clean = {k: (float(v) if math.isfinite(v) else None) for k, v in data.items()}
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(suffix=".json.tmp", dir=self._filepath.parent)
+        with os.fdopen(handle, "w") as stream:
+            json.dump(clean, stream, indent=2, sort_keys=True)
+        os.replace(temporary, self._filepath)
+        self._log_to_mlflow(clean)
+
+    def _log_to_mlflow(self, metrics: dict[str, float | None]) -> None:
+        import mlflow
+
+        if mlflow.active_run() is None:
+            return
+        prefix = f"{self._prefix}." if self._prefix else ""
+        mlflow.log_metrics({f"{prefix}{k}": v for k, v in metrics.items() if v is not None})
+
+    def _exists(self) -> bool:
+        return self._filepath.exists()

@@ -1,0 +1,1 @@
+"""Pipelines of the project: one package each."""

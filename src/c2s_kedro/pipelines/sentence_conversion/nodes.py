@@ -1,0 +1,66 @@
+"""Nodes of the sentence_conversion pipeline (workflow notes section 1.1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset
+
+from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, concatenate_sentence_datasets
+
+logger = logging.getLogger(__name__)
+LABEL_SETTING = "sentence_conversion.label_columns in conf/base/parameters_sentence_conversion.yml"
+
+
+def _convert(adata: ad.AnnData, params: dict[str, Any]):
+    return cell_sentences_from_adata(
+        adata,
+        label_columns=params.get("label_columns", []),
+        layer=params.get("layer"),
+        seed=params.get("seed", 0),
+        chunk_size=params.get("chunk_size", 1024),
+        label_setting=LABEL_SETTING,
+    )
+
+
+def convert_to_cell_sentences(
+    processed_adata: ad.AnnData | dict[str, Callable[[], ad.AnnData]], params: dict[str, Any]
+) -> tuple[Dataset, dict[str, int]]:
+    """Cell sentences and vocabulary of one AnnData, or of several concatenated.
+
+    ``processed_adata`` is one AnnData, or a dict of them (or of their loaders, as a
+    ``PartitionedDataset`` of h5ad files gives): each is converted on its own, rows are tagged
+    with their source in ``source_dataset``, and the vocabularies are merged.
+    """
+    if isinstance(processed_adata, ad.AnnData):
+        result = _convert(processed_adata, params)
+        return result.sentences, result.vocabulary
+    parts = []
+    for name in sorted(processed_adata):
+        item = processed_adata[name]
+        adata = item() if callable(item) else item
+        result = _convert(adata, params)
+        logger.info("converted %s: %d cells", name, result.sentences.num_rows)
+        parts.append((name, result.sentences, result.vocabulary))
+    return concatenate_sentence_datasets(parts)
+
+
+def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> dict[str, float]:
+    """Cells, vocabulary size, genes per sentence, empty sentences."""
+    sentences = cell_sentences.data.column(CELL_SENTENCE)
+    lengths = pc.list_value_length(pc.split_pattern(pc.fill_null(sentences, ""), " ")).to_numpy(zero_copy_only=False)
+    empty = pc.equal(pc.fill_null(sentences, ""), "").to_numpy(zero_copy_only=False)
+    lengths = np.where(empty, 0, lengths)
+    return {
+        "n_cells": float(cell_sentences.num_rows),
+        "n_genes_in_vocabulary": float(len(vocabulary)),
+        "n_genes_expressed_somewhere": float(sum(1 for v in vocabulary.values() if v > 0)),
+        "mean_genes_per_sentence": float(lengths.mean()) if lengths.size else 0.0,
+        "median_genes_per_sentence": float(np.median(lengths)) if lengths.size else 0.0,
+        "n_empty_sentences": float(empty.sum()),
+    }
