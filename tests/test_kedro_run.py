@@ -1,0 +1,107 @@
+"""End to end: `kedro run --env test` of the default pipelines on the default PBMC data, in a
+temporary copy of the project, then the MLflow run and `kedro viz build` are checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import pytest
+from datasets import load_from_disk
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, "-m", "kedro", *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"kedro {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project's configuration in a temporary folder (the package is installed)."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
+    (root / "src").mkdir()
+    _kedro(root, "run", "--env", "test")
+    return root
+
+
+def test_default_run_leaves_every_output(project: Path):
+    data = project / "data"
+    raw = ad.read_h5ad(data / "01_raw" / "pbmc68k_counts.h5ad")
+    assert raw.shape == (700, 765) and "cell_type" in raw.obs
+
+    processed = ad.read_h5ad(data / "03_primary" / "processed_adata.h5ad")
+    assert "counts" in processed.layers and {"X_pca", "X_umap"} <= set(processed.obsm)
+
+    sentences = load_from_disk(str(data / "04_feature" / "cell_sentences"))
+    assert sentences.num_rows == processed.n_obs
+    assert {"cell_name", "cell_sentence", "cell_type", "tissue", "organism"} <= set(sentences.column_names)
+    vocabulary = json.loads((data / "04_feature" / "vocabulary.json").read_text())
+    assert list(vocabulary) == [g.upper() for g in processed.var_names]
+    first = sentences[0]["cell_sentence"].split(" ")
+    assert set(first) <= set(vocabulary)
+
+    rank_fit = json.loads((data / "06_models" / "rank_fit.json").read_text())
+    assert rank_fit["slope"] < 0 and rank_fit["r2"] > 0.5
+    reconstructed = ad.read_h5ad(data / "07_model_output" / "reconstructed_adata.h5ad")
+    assert reconstructed.shape == processed.shape
+
+    for name in ("expression_vs_log_rank.png", "reconstructed_vs_original.png", "umap_original_vs_reconstructed.png"):
+        assert (data / "08_reporting" / "benchmarking" / name).stat().st_size > 10_000
+    assert (data / "08_reporting" / "expression_umap" / "cell_type.png").exists()
+    for pipeline in ("data_processing", "sentence_conversion", "benchmarking"):
+        metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
+        assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
+
+
+def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("c2s_kedro_test")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "__default__"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data_processing.qc.min_genes_per_cell"] == "50"
+    written = json.loads((project / "data" / "08_reporting" / "benchmarking_metrics.json").read_text())
+    assert run.data.metrics["benchmarking.rank_fit_slope"] == pytest.approx(written["rank_fit_slope"])
+    assert "sentence_conversion.n_cells" in run.data.metrics
+
+    def walk(path=None):
+        for item in client.list_artifacts(run.info.run_id, path):
+            yield from walk(item.path) if item.is_dir else [item.path]
+
+    artifacts = set(walk())
+    assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json"} <= artifacts
+    assert "plots/expression_umap/cell_type.png" in artifacts
+
+
+def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
+    before = (project / "data" / "03_primary" / "processed_adata.h5ad").stat().st_mtime_ns
+    _kedro(project, "run", "--env", "test", "--pipeline", "benchmarking")
+    assert (project / "data" / "03_primary" / "processed_adata.h5ad").stat().st_mtime_ns == before
+
+
+def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
+    _kedro(project, "viz", "build")
+    main = json.loads((project / "build" / "api" / "main").read_text())
+    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking"}
+    names = {n["name"] for n in main["nodes"]}
+    assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata"} <= names
