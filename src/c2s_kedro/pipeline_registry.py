@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Pipeline
 
-from c2s_kedro.pipelines import benchmarking, data_processing, sentence_conversion
+from c2s_kedro.pipelines import benchmarking, data_processing, embedding, pretraining, sentence_conversion
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -11,6 +11,8 @@ def register_pipelines() -> dict[str, Pipeline]:
         "data_processing": data_processing.create_pipeline(),
         "sentence_conversion": sentence_conversion.create_pipeline(),
         "benchmarking": benchmarking.create_pipeline(),
+        "pretraining": pretraining.create_pipeline(),
+        "embedding": embedding.create_pipeline(),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -89,3 +89,19 @@ def reconstruction_plot(original: np.ndarray, reconstructed: np.ndarray, pearson
     ax.set_title(f"Reconstruction from cell sentences (Pearson r = {pearson_r:.3f})")
     ax.legend(fontsize=8)
     return fig
+
+
+def loss_curve_plot(log_history: list[dict], title: str) -> plt.Figure:
+    """Train and eval loss per step from a Hugging Face Trainer log history."""
+    from c2s_kedro.core.training import loss_history
+
+    history = loss_history(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    ax.plot(history["train_step"], history["train_loss"], label="train loss", lw=1.5)
+    if history["eval_loss"]:
+        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.legend()
+    return fig

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
 
-from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, concatenate_sentence_datasets
+from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, concatenate_sentence_datasets, split_cells
 
 logger = logging.getLogger(__name__)
 LABEL_SETTING = "sentence_conversion.label_columns in conf/base/parameters_sentence_conversion.yml"
@@ -64,3 +64,24 @@ def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> 
         "median_genes_per_sentence": float(np.median(lengths)) if lengths.size else 0.0,
         "n_empty_sentences": float(empty.sum()),
     }
+
+
+def split_dataset(cell_sentences: Dataset, split: dict[str, Any]) -> dict[str, Any]:
+    """Train/val/test split of the cells (by ``cell_name``), stratified by a label when set.
+
+    Every model trained or evaluated later uses this one split, so test cells stay unseen.
+    """
+    stratify_by = split.get("stratify_by")
+    if stratify_by and stratify_by not in cell_sentences.column_names:
+        raise KeyError(
+            f"sentence_conversion.split.stratify_by '{stratify_by}' is not a column of cell_sentences; "
+            f"available: {', '.join(cell_sentences.column_names)}. Add it to sentence_conversion.label_columns "
+            "or set stratify_by: null."
+        )
+    parts = split_cells(
+        cell_sentences["cell_name"],
+        fractions=split["fractions"],
+        seed=split.get("seed", 0),
+        stratify=cell_sentences[stratify_by] if stratify_by else None,
+    )
+    return {**parts, "seed": split.get("seed", 0), "stratify_by": stratify_by, "fractions": dict(split["fractions"])}

@@ -1,4 +1,4 @@
-"""sentence_conversion: processed_adata -> cell_sentences + vocabulary."""
+"""sentence_conversion: processed_adata -> cell_sentences + vocabulary + data_split."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -14,6 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["cell_sentences", "vocabulary"],
                 name="convert_to_cell_sentences",
             ),
+            node(nodes.split_dataset, ["cell_sentences", "params:sentence_conversion.split"], "data_split", name="split_cells"),
             node(
                 nodes.summarize_sentences,
                 ["cell_sentences", "vocabulary"],

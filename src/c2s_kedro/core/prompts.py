@@ -1,0 +1,187 @@
+"""Prompt templates and formatting of cell sentences into (model_input, response) pairs.
+
+Templates are data (``prompt_templates/<task>.json``): several paraphrased inputs per task, one
+chosen at random per sample with a seed, and one response pattern. Placeholders: ``{num_genes}``,
+``{organism}``, ``{cell_sentence}``, ``{cell_type}``. The full training text of a sample is
+``model_input + " " + response``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TASKS = ("cell_type_prediction", "cell_type_generation")
+FORMATTED_COLUMNS = ("sample_type", "model_input", "response")
+
+
+@dataclass(frozen=True)
+class PromptTemplates:
+    """The input paraphrases and the response pattern of one task."""
+
+    task: str
+    inputs: tuple[str, ...]
+    response: str
+
+
+@cache
+def load_templates(task: str) -> PromptTemplates:
+    """Templates shipped with the package for ``task``."""
+    if task not in SUPPORTED_TASKS:
+        raise ValueError(f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS)}")
+    text = resources.files("c2s_kedro.core").joinpath("prompt_templates", f"{task}.json").read_text()
+    data = json.loads(text)
+    return PromptTemplates(task=data["task"], inputs=tuple(data["inputs"]), response=data["response"])
+
+
+def template_words(tasks: Sequence[str] = SUPPORTED_TASKS) -> list[str]:
+    """Every whitespace-separated word of the templates, placeholders removed (for vocabularies)."""
+    words: list[str] = []
+    for task in tasks:
+        templates = load_templates(task)
+        for text in (*templates.inputs, templates.response):
+            for word in text.replace("\n", " ").split():
+                if "{" not in word and word not in words:
+                    words.append(word)
+    return words
+
+
+def count_tokens(tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Number of tokens of each text, without special tokens."""
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(texts))
+
+
+class ContextTooSmallError(ValueError):
+    """The model's context cannot hold even the prompt's instruction."""
+
+
+def fit_prompt(
+    template: str, genes: Sequence[str], fields: dict[str, Any], tokenizer, max_tokens: int | None
+) -> tuple[str, int]:
+    """Fill ``template`` with as many leading genes as fit in ``max_tokens`` tokens.
+
+    Genes are dropped from the end of the sentence (the least expressed), never the instruction
+    or the answer cue; ``{num_genes}`` states the number actually kept. Returns the prompt and the
+    number of genes kept. Raises ``ContextTooSmallError`` when not even the instruction fits.
+    """
+
+    def render(k: int) -> str:
+        return template.format(num_genes=k, cell_sentence=" ".join(genes[:k]), **fields)
+
+    prompt = render(len(genes))
+    if max_tokens is None:
+        return prompt, len(genes)
+    total = int(count_tokens(tokenizer, [prompt])[0])
+    if total <= max_tokens:
+        return prompt, len(genes)
+    overhead = int(count_tokens(tokenizer, [render(0)])[0])
+    if overhead > max_tokens:
+        raise ContextTooSmallError(
+            f"the prompt's instruction alone takes {overhead} tokens but the model's context allows "
+            f"{max_tokens}; use a model with a longer context (max_position_embeddings) or a shorter template"
+        )
+    per_gene = count_tokens(tokenizer, [" " + g for g in genes])
+    kept = int(np.searchsorted(np.cumsum(per_gene), max_tokens - overhead, side="right"))
+    # Tokens at the joins can differ slightly from the per-gene estimate: step down until it fits.
+    while kept > 0 and int(count_tokens(tokenizer, [render(kept)])[0]) > max_tokens:
+        kept -= 1
+    return render(kept), kept
+
+
+class PromptFormatter:
+    """Base class of formatters: turn a cell-sentence dataset into ``sample_type``, ``model_input``,
+    ``response`` columns.
+
+    Subclasses implement ``format_batch`` (a batch is a dict of column -> list, as
+    ``datasets.Dataset.map(batched=True)`` passes it) and may read ``self.rng``. A custom formatter
+    is named by dotted path in parameters and built with keyword arguments from parameters.
+    """
+
+    task: str = "custom"
+
+    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.options = kwargs
+
+    def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        raise NotImplementedError
+
+    def required_columns(self) -> list[str]:
+        return ["cell_sentence"]
+
+    def format_dataset(self, dataset: Dataset, batch_size: int = 1000) -> Dataset:
+        """Batched ``map`` over ``dataset``; input columns are replaced by the formatted ones."""
+        missing = [c for c in self.required_columns() if c not in dataset.column_names]
+        if missing:
+            raise KeyError(
+                f"{type(self).__name__} needs column(s) {missing} in the cell-sentence dataset; "
+                f"available: {', '.join(dataset.column_names)}. Add them to "
+                "sentence_conversion.label_columns or change the formatter's column settings."
+            )
+        self.rng = np.random.default_rng(self.seed)
+        return dataset.map(
+            self.format_batch,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=dataset.column_names,
+            load_from_cache_file=False,
+            desc=f"formatting {self.task} prompts",
+        )
+
+
+class C2SPromptFormatter(PromptFormatter):
+    """The built-in C2S tasks on single cells: ``cell_type_prediction`` and
+    ``cell_type_generation``.
+
+    ``top_k_genes`` cuts each sentence to its first k genes (None keeps all); ``label_column``
+    holds the cell type and ``organism_column`` the organism (``default_organism`` when absent).
+    """
+
+    def __init__(
+        self,
+        task: str = "cell_type_prediction",
+        top_k_genes: int | None = None,
+        label_column: str = "cell_type",
+        organism_column: str = "organism",
+        default_organism: str = "Homo sapiens",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(seed=seed)
+        self.templates = load_templates(task)
+        self.task = task
+        self.top_k_genes = top_k_genes
+        self.label_column = label_column
+        self.organism_column = organism_column
+        self.default_organism = default_organism
+
+    def required_columns(self) -> list[str]:
+        return ["cell_sentence", self.label_column]
+
+    def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(batch["cell_sentence"])
+        organisms = batch.get(self.organism_column) or [self.default_organism] * n
+        choices = self.rng.integers(0, len(self.templates.inputs), size=n)
+        inputs, responses = [], []
+        for sentence, label, organism, choice in zip(batch["cell_sentence"], batch[self.label_column], organisms, choices):
+            genes = (sentence or "").split()[: self.top_k_genes]
+            fields = {
+                "num_genes": len(genes),
+                "organism": organism or self.default_organism,
+                "cell_sentence": " ".join(genes),
+                "cell_type": label,
+            }
+            inputs.append(self.templates.inputs[choice].format(**fields))
+            responses.append(self.templates.response.format(**fields))
+        return {"sample_type": [self.task] * n, "model_input": inputs, "response": responses}

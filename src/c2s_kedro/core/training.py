@@ -1,0 +1,143 @@
+"""Causal-LM training on (model_input, response) pairs with the Hugging Face Trainer."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from c2s_kedro.core.models import LanguageModel
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def tokenize_pairs(
+    batch: dict[str, list], tokenizer, max_length: int, loss_on_response_only: bool = True
+) -> dict[str, list]:
+    """Token ids of ``model_input + " " + response + EOS`` with labels for the causal-LM loss.
+
+    With ``loss_on_response_only`` the prompt's labels are ``-100`` so only the response is learnt.
+    A sample longer than ``max_length`` keeps its prompt and loses the end of its response (and
+    its EOS); prompts are fitted to the context before this step (``prompts.fit_prompt``).
+    """
+    prompts = tokenizer(batch["model_input"], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([" " + r if r else r for r in batch["response"]], add_special_tokens=False)["input_ids"]
+    input_ids, labels = [], []
+    for prompt, response in zip(prompts, responses):
+        ids = prompt + response + [tokenizer.eos_token_id]
+        target = ([IGNORE_INDEX] * len(prompt) if loss_on_response_only else list(prompt)) + response + [tokenizer.eos_token_id]
+        input_ids.append(ids[:max_length])
+        labels.append(target[:max_length])
+    return {"input_ids": input_ids, "attention_mask": [[1] * len(i) for i in input_ids], "labels": labels}
+
+
+def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_response_only: bool = True) -> Dataset:
+    """``tokenize_pairs`` over a formatted dataset with ``datasets.map(batched=True)``."""
+    return dataset.map(
+        tokenize_pairs,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on_response_only": loss_on_response_only},
+        remove_columns=dataset.column_names,
+        load_from_cache_file=False,
+        desc="tokenizing",
+    )
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Logs every number the Trainer logs (loss, eval_loss, learning_rate, grad_norm, epoch) to the
+    active MLflow run, with the global step, under ``prefix``."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import mlflow
+
+        if not state.is_world_process_zero or mlflow.active_run() is None or not logs:
+            return
+        numbers = {
+            f"{self.prefix}.{key}": float(value)
+            for key, value in logs.items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        }
+        if numbers:
+            mlflow.log_metrics(numbers, step=state.global_step)
+
+
+def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArguments:
+    """``TrainingArguments`` from a parameters dict; every key passes through unchanged."""
+    settings = {"report_to": "none", **settings, "output_dir": output_dir}
+    try:
+        return TrainingArguments(**settings)
+    except TypeError as error:
+        raise ValueError(f"invalid training_arguments: {error}. See transformers.TrainingArguments for valid keys.") from error
+
+
+def train_causal_lm(
+    language_model: LanguageModel,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    arguments: TrainingArguments,
+    mlflow_prefix: str,
+    resume: bool = True,
+) -> tuple[LanguageModel, list[dict[str, Any]]]:
+    """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
+
+    Datasets hold ``input_ids``, ``attention_mask`` and ``labels``. Returns the trained model (the
+    best by eval loss when ``load_best_model_at_end`` is set) and the Trainer's log history.
+    """
+    tokenizer = language_model.tokenizer
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+    trainer = Trainer(
+        model=language_model.model,
+        args=arguments,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        callbacks=[MlflowStepLogger(mlflow_prefix)],
+    )
+    checkpoint = get_last_checkpoint(arguments.output_dir) if resume and Path(arguments.output_dir).is_dir() else None
+    if checkpoint:
+        logger.info("resuming training from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    model = trainer.model
+    model.eval()
+    return LanguageModel(model=model, tokenizer=tokenizer, source=language_model.source), list(trainer.state.log_history)
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Train and eval loss per step from a Trainer log history."""
+    history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
+    for entry in log_history:
+        if "loss" in entry:
+            history["train_step"].append(float(entry["step"]))
+            history["train_loss"].append(float(entry["loss"]))
+        if "eval_loss" in entry:
+            history["eval_step"].append(float(entry["step"]))
+            history["eval_loss"].append(float(entry["eval_loss"]))
+    return history
+
+
+def summarize_history(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """First, last and best losses of a training run."""
+    history = loss_history(log_history)
+    summary: dict[str, float] = {}
+    if history["train_loss"]:
+        summary["train_loss_first"] = history["train_loss"][0]
+        summary["train_loss_last"] = history["train_loss"][-1]
+    if history["eval_loss"]:
+        summary["eval_loss_first"] = history["eval_loss"][0]
+        summary["eval_loss_last"] = history["eval_loss"][-1]
+        summary["eval_loss_best"] = float(np.min(history["eval_loss"]))
+    final = next((e for e in reversed(log_history) if "train_runtime" in e), None)
+    if final:
+        summary["train_runtime_s"] = float(final["train_runtime"])
+        summary["global_step"] = float(final.get("step", 0))
+    return summary

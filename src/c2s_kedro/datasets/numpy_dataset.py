@@ -1,0 +1,37 @@
+"""A numpy array stored as .npy."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kedro.io import AbstractDataset, DatasetError
+
+
+class NpyDataset(AbstractDataset[np.ndarray, np.ndarray]):
+    """Loads and saves one numpy array (``np.save`` format, no pickled objects)."""
+
+    def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None):
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+    def load(self) -> np.ndarray:
+        if not self._filepath.exists():
+            raise DatasetError(f"array file not found: {self._filepath}; run the pipeline that writes it")
+        return np.load(self._filepath, allow_pickle=False)
+
+    def save(self, data: np.ndarray) -> None:
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(suffix=".npy", dir=self._filepath.parent)
+        with os.fdopen(handle, "wb") as stream:
+            np.save(stream, np.asarray(data), allow_pickle=False)
+        os.replace(temporary, self._filepath)
+
+    def _exists(self) -> bool:
+        return self._filepath.exists()
