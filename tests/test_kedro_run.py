@@ -63,9 +63,32 @@ def test_default_run_leaves_every_output(project: Path):
     for name in ("expression_vs_log_rank.png", "reconstructed_vs_original.png", "umap_original_vs_reconstructed.png"):
         assert (data / "08_reporting" / "benchmarking" / name).stat().st_size > 10_000
     assert (data / "08_reporting" / "expression_umap" / "cell_type.png").exists()
-    for pipeline in ("data_processing", "sentence_conversion", "benchmarking"):
+    split = json.loads((data / "05_model_input" / "data_split.json").read_text())
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(processed.obs_names)
+
+    embeddings = ad.read_h5ad(data / "07_model_output" / "cell_embeddings.h5ad")
+    assert embeddings.obsm["X_c2s"].shape == (processed.n_obs, 64) and "X_umap_c2s" in embeddings.obsm
+    assert (data / "08_reporting" / "embedding_umap" / "cell_type.png").exists()
+    assert (data / "08_reporting" / "pretraining" / "loss_curves.png").exists()
+    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding"):
         metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
         assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
+
+
+def test_the_foundation_model_opens_with_plain_transformers(project: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = project / "data" / "06_models" / "foundation_model"
+    assert (directory / "model.safetensors").exists()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    vocabulary = json.loads((project / "data" / "04_feature" / "vocabulary.json").read_text())
+    genes = list(vocabulary)[:50]
+    text = "Cell sentence: " + " ".join(genes) + "."
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == 3 + len(genes) + 1  # "Cell", "▁sentence", ":", one token per gene, "."
+    assert tokenizer.decode(ids) == text
+    assert model.config.max_position_embeddings == 320
 
 
 def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
@@ -83,13 +106,17 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     written = json.loads((project / "data" / "08_reporting" / "benchmarking_metrics.json").read_text())
     assert run.data.metrics["benchmarking.rank_fit_slope"] == pytest.approx(written["rank_fit_slope"])
     assert "sentence_conversion.n_cells" in run.data.metrics
+    assert "embedding.c2s_knn_label_accuracy" in run.data.metrics
+    loss_steps = client.get_metric_history(run.info.run_id, "pretraining.loss")
+    assert len(loss_steps) >= 3 and len({m.step for m in loss_steps}) == len(loss_steps)
+    assert client.get_metric_history(run.info.run_id, "pretraining.eval_loss")
 
     def walk(path=None):
         for item in client.list_artifacts(run.info.run_id, path):
             yield from walk(item.path) if item.is_dir else [item.path]
 
     artifacts = set(walk())
-    assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json"} <= artifacts
+    assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/loss_curves.png"} <= artifacts
     assert "plots/expression_umap/cell_type.png" in artifacts
 
 
@@ -102,6 +129,6 @@ def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
 def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
     _kedro(project, "viz", "build")
     main = json.loads((project / "build" / "api" / "main").read_text())
-    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking"}
+    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding"}
     names = {n["name"] for n in main["nodes"]}
-    assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata"} <= names
+    assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split"} <= names

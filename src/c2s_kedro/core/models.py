@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
@@ -71,6 +73,38 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False when HF_HUB_OFFLINE is set).
+
+    Checked before a download so that a machine without the hub fails in seconds instead of
+    waiting through the hub client's retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in {"1", "TRUE", "YES", "ON"}:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_unreachable_error(source: str, reason: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not load '{source}' from the Hugging Face hub ({reason}). Without access to the hub, "
+        "download the model on a machine that has it (e.g. `huggingface-cli download <id> --local-dir "
+        "models/<name>`), copy the folder here and set the model source to that local directory."
+    )
+
+
+def _open(location: str, dtype: torch.dtype, **kwargs):
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, trust_remote_code=False, use_safetensors=True, dtype=dtype, **kwargs
+    )
+    return tokenizer, model
+
+
 def load_model(source: str | os.PathLike, device: str | None = "auto", dtype: str | None = "auto") -> LanguageModel:
     """Load a causal LM and its tokenizer from a model directory or a hub id.
 
@@ -80,36 +114,34 @@ def load_model(source: str | os.PathLike, device: str | None = "auto", dtype: st
     """
     source = str(source)
     path = Path(source).expanduser()
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
     if path.exists():
         if not _is_model_dir(path):
             raise ModelNotFoundError(
                 f"{path} exists but is not a Hugging Face model directory (no config.json); point the "
                 "model source at a folder written by save_pretrained"
             )
-        location, kwargs = str(path), {"local_files_only": True}
+        try:
+            tokenizer, model = _open(str(path), torch_dtype, local_files_only=True)
+        except OSError as error:
+            raise ModelNotFoundError(f"could not load the model in {path}: {error}") from error
     elif HUB_ID.match(source) and not source.startswith((".", "~")):
-        location, kwargs = source, {}
+        try:  # a hub model already in the local Hugging Face cache needs no network
+            tokenizer, model = _open(source, torch_dtype, local_files_only=True)
+        except OSError:
+            if not hub_reachable():
+                raise _hub_unreachable_error(source, "the hub cannot be reached from this machine") from None
+            try:
+                tokenizer, model = _open(source, torch_dtype)
+            except OSError as error:
+                raise _hub_unreachable_error(source, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
     else:
         raise ModelNotFoundError(
             f"model directory not found: {path.resolve()}. Train the offline foundation model with "
             "`kedro run --pipeline=pretraining`, or set the model source to an existing model directory "
             "or a Hugging Face hub id."
         )
-    target = pick_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, trust_remote_code=False, use_safetensors=True, dtype=pick_dtype(dtype, target), **kwargs
-        )
-    except OSError as error:
-        if location == source and not path.exists():
-            raise ModelNotFoundError(
-                f"could not load '{source}' from the Hugging Face hub ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}). Without access to the hub, download the model "
-                "on a machine that has it (e.g. `huggingface-cli download <id> --local-dir models/<name>`), "
-                "copy the folder here and set the model source to that local directory."
-            ) from error
-        raise ModelNotFoundError(f"could not load the model in {location}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

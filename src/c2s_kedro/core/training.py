@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,15 @@ def train_causal_lm(
     arguments: TrainingArguments,
     mlflow_prefix: str,
     resume: bool = True,
+    keep_checkpoints: bool = False,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
 
     Datasets hold ``input_ids``, ``attention_mask`` and ``labels``. Returns the trained model (the
     best by eval loss when ``load_best_model_at_end`` is set) and the Trainer's log history.
+    Checkpoints exist to survive an interruption: once training completes they are removed
+    (unless ``keep_checkpoints``), so a later run with other settings starts fresh instead of
+    resuming a finished run.
     """
     tokenizer = language_model.tokenizer
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
@@ -107,6 +112,9 @@ def train_causal_lm(
     if checkpoint:
         logger.info("resuming training from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    if not keep_checkpoints:
+        for finished in Path(arguments.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(finished, ignore_errors=True)
     model = trainer.model
     model.eval()
     return LanguageModel(model=model, tokenizer=tokenizer, source=language_model.source), list(trainer.state.log_history)

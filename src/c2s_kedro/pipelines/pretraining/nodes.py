@@ -79,7 +79,10 @@ def pretrain_foundation_model(
     train = tokenize_dataset(train_corpus, tokenizer, context, loss_on_response_only=False)
     val = tokenize_dataset(val_corpus, tokenizer, context, loss_on_response_only=False)
     arguments = training_arguments(params["training_arguments"], params["checkpoint_dir"])
-    return train_causal_lm(initial_model, train, val if len(val) else None, arguments, "pretraining", resume=params.get("resume", True))
+    return train_causal_lm(
+        initial_model, train, val if len(val) else None, arguments, "pretraining",
+        resume=params.get("resume", True), keep_checkpoints=params.get("keep_checkpoints", False),
+    )
 
 
 def plot_pretraining_loss(training_log: list[dict[str, Any]]) -> plt.Figure:
