@@ -1,0 +1,93 @@
+"""Small data builders and Kedro plumbing shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import yaml
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.pipeline import Pipeline
+from kedro.runner import SequentialRunner
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MITO_GENES = ["MT-CO1", "MT-ND1", "MT-ATP6"]
+T_MARKERS = [f"TMARK{i}" for i in range(1, 9)]
+B_MARKERS = [f"BMARK{i}" for i in range(1, 9)]
+
+
+def make_counts_adata(n_cells: int = 60, n_genes: int = 40, seed: int = 0) -> ad.AnnData:
+    """Raw integer counts (CSR float32): two cell types with their own marker genes, 3 MT- genes.
+
+    The first half of the cells are "T cell" (TMARK* high), the second half "B cell" (BMARK* high).
+    """
+    rng = np.random.default_rng(seed)
+    n_other = n_genes - len(MITO_GENES) - len(T_MARKERS) - len(B_MARKERS)
+    assert n_other > 0
+    genes = MITO_GENES + T_MARKERS + B_MARKERS + [f"GENE{i:02d}" for i in range(n_other)]
+    is_t = np.arange(n_cells) < n_cells // 2
+    rates = np.full((n_cells, n_genes), 2.0)
+    rates[:, : len(MITO_GENES)] = 1.0
+    t_cols = slice(len(MITO_GENES), len(MITO_GENES) + len(T_MARKERS))
+    b_cols = slice(t_cols.stop, t_cols.stop + len(B_MARKERS))
+    rates[:, t_cols] = np.where(is_t[:, None], 12.0, 0.2)
+    rates[:, b_cols] = np.where(is_t[:, None], 0.2, 12.0)
+    counts = rng.poisson(rates).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(np.where(is_t, "T cell", "B cell")),
+            "tissue": pd.Categorical(["blood"] * n_cells),
+            "organism": pd.Categorical(["Homo sapiens"] * n_cells),
+        },
+        index=[f"cell_{i}" for i in range(n_cells)],
+    )
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def load_parameters(name: str) -> dict[str, Any]:
+    """The project's parameters from conf/base/parameters_<name>.yml."""
+    with open(PROJECT_ROOT / "conf" / "base" / f"parameters_{name}.yml") as stream:
+        return yaml.safe_load(stream)
+
+
+def params_entries(parameters: dict[str, Any]) -> dict[str, Any]:
+    """``params:`` names for every (nested) key, as Kedro's context builds them:
+    ``params:a`` and ``params:a.b`` both exist for ``{"a": {"b": 1}}``."""
+    entries: dict[str, Any] = {}
+
+    def add(name: str, value: Any) -> None:
+        entries[f"params:{name}"] = value
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{name}.{key}", inner)
+
+    for key, value in parameters.items():
+        add(key, value)
+    return entries
+
+
+class KeptMemoryDataset(MemoryDataset):
+    """A ``MemoryDataset`` that keeps its data when the runner releases it after its last use,
+    so that intermediate outputs can be inspected after the run."""
+
+    def _release(self) -> None:
+        pass
+
+
+def run_pipeline(pipeline: Pipeline, inputs: dict[str, Any]) -> DataCatalog:
+    """Run ``pipeline`` with ``SequentialRunner`` on a catalog of ``MemoryDataset``s holding
+    ``inputs`` plus one empty (kept) ``MemoryDataset`` per output; return the catalog."""
+    datasets: dict[str, MemoryDataset] = {
+        name: MemoryDataset(data=value, copy_mode="assign") for name, value in inputs.items()
+    }
+    for name in pipeline.all_outputs():
+        datasets[name] = KeptMemoryDataset(copy_mode="assign")
+    missing = pipeline.inputs() - set(datasets)
+    assert not missing, f"test catalog lacks pipeline inputs {missing}"
+    catalog = DataCatalog(datasets=datasets)
+    SequentialRunner().run(pipeline, catalog)
+    return catalog
