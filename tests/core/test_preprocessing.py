@@ -95,11 +95,6 @@ def test_all_genes_removed_names_the_setting(counts_adata):
         quality_control(counts_adata, QCThresholds(**{**NO_FILTERS, "min_cells_per_gene": 1000}))
 
 
-@pytest.mark.xfail(
-    reason="BUG: quality_control treats max_genes_per_cell: 0 / max_counts_per_cell: 0 as no bound "
-    "(`threshold or np.inf`), so a zero cap removes nothing instead of every expressing cell",
-    strict=True,
-)
 @pytest.mark.parametrize("name", ["max_genes_per_cell", "max_counts_per_cell"])
 def test_zero_upper_bound_removes_every_expressing_cell(counts_adata, name):
     with pytest.raises(ValueError, match=r"data_processing\.qc"):
@@ -192,11 +187,6 @@ def test_embed_expression_on_highly_variable_genes(normalized_adata):
     assert embedded.obsm["X_pca"].shape == (normalized_adata.n_obs, 5)
 
 
-@pytest.mark.xfail(
-    reason="BUG: embed_expression caps n_comps by the number of genes, not by the number of highly "
-    "variable genes PCA runs on, so n_top_genes < n_comps fails inside PCA (arpack)",
-    strict=True,
-)
 def test_embed_expression_caps_components_by_highly_variable_genes(normalized_adata):
     embedded = embed_expression(normalized_adata, n_comps=50, n_neighbors=8, n_top_genes=20, seed=0)
     assert 1 <= embedded.obsm["X_pca"].shape[1] <= 20

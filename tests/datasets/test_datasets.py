@@ -130,11 +130,6 @@ def test_metrics_refuse_non_numbers(tmp_path, bad):
     assert not path.exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: MetricsDataset.save rejects numpy scalars (np.float32, np.int64) as 'not numbers' "
-    "because it checks isinstance(v, int | float)",
-    strict=True,
-)
 def test_metrics_accept_numpy_numbers(tmp_path):
     path = tmp_path / "metrics.json"
     MetricsDataset(filepath=str(path)).save({"r2": np.float32(0.5), "n_cells": np.int64(3)})

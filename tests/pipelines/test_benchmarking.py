@@ -91,12 +91,6 @@ def test_reconstruct_adata_rebuilds_exact_data(line_adata, line_sentences, param
     assert list(reconstructed.obs["cell_type"]) == list(line_adata.obs["cell_type"])
 
 
-@pytest.mark.xfail(
-    reason="BUG: reconstruct_adata reads cell_sentences.data (the underlying Arrow table), which "
-    "ignores a Dataset's indices mapping, so a selected/shuffled/filtered dataset yields the rows "
-    "of the unselected table",
-    strict=True,
-)
 def test_reconstruct_adata_follows_a_selected_dataset(line_adata, line_sentences, params):
     rank_fit, _ = fit_rank_to_expression(line_adata, params["benchmarking"])
     reversed_sentences = line_sentences.select(range(line_sentences.num_rows - 1, -1, -1))

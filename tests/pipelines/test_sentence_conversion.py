@@ -77,12 +77,6 @@ def test_summarize_sentences():
     }
 
 
-@pytest.mark.xfail(
-    reason="BUG: summarize_sentences reads cell_sentences.data (the underlying Arrow table), which "
-    "ignores a Dataset's indices mapping: after filter/select, n_cells counts the selected rows but "
-    "the other numbers count all rows",
-    strict=True,
-)
 def test_summarize_sentences_of_a_filtered_dataset():
     dataset = Dataset.from_dict({"cell_name": ["a", "b", "c"], "cell_sentence": ["A B", "", "C"]})
     non_empty = dataset.filter(lambda row: row["cell_sentence"] != "")

@@ -38,18 +38,19 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     counts = {"cells_before": adata.n_obs, "genes_before": adata.n_vars}
     obs = adata.obs
-    filters = {
-        "min_genes_per_cell": (thresholds.min_genes_per_cell, obs["n_genes_by_counts"] >= (thresholds.min_genes_per_cell or 0)),
-        "max_genes_per_cell": (thresholds.max_genes_per_cell, obs["n_genes_by_counts"] <= (thresholds.max_genes_per_cell or np.inf)),
-        "min_counts_per_cell": (thresholds.min_counts_per_cell, obs["total_counts"] >= (thresholds.min_counts_per_cell or 0)),
-        "max_counts_per_cell": (thresholds.max_counts_per_cell, obs["total_counts"] <= (thresholds.max_counts_per_cell or np.inf)),
-        "max_pct_mito": (thresholds.max_pct_mito, obs["pct_counts_mt"] <= (thresholds.max_pct_mito if thresholds.max_pct_mito is not None else np.inf)),
+    filters = {  # name: (threshold, obs column, keep cells at least / at most the threshold)
+        "min_genes_per_cell": (thresholds.min_genes_per_cell, "n_genes_by_counts", "min"),
+        "max_genes_per_cell": (thresholds.max_genes_per_cell, "n_genes_by_counts", "max"),
+        "min_counts_per_cell": (thresholds.min_counts_per_cell, "total_counts", "min"),
+        "max_counts_per_cell": (thresholds.max_counts_per_cell, "total_counts", "max"),
+        "max_pct_mito": (thresholds.max_pct_mito, "pct_counts_mt", "max"),
     }
     keep = np.ones(adata.n_obs, dtype=bool)
-    for name, (threshold, passes) in filters.items():
+    for name, (threshold, column, bound) in filters.items():
         if threshold is None:
             continue
-        passes = passes.to_numpy()
+        values = obs[column].to_numpy()
+        passes = values >= threshold if bound == "min" else values <= threshold
         counts[f"cells_removed_{name}"] = int(np.count_nonzero(keep & ~passes))
         keep &= passes
     if not keep.any():
@@ -115,7 +116,8 @@ def embed_expression(
             # relative to each other, so the log base does not change which genes are chosen.
             sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat")
             use_hvg = True
-    n_comps = max(1, min(n_comps, adata.n_obs - 1, adata.n_vars - 1))
+    n_features = int(adata.var["highly_variable"].sum()) if use_hvg else adata.n_vars
+    n_comps = max(1, min(n_comps, adata.n_obs - 1, n_features - 1))
     sc.pp.pca(adata, n_comps=n_comps, random_state=seed, mask_var="highly_variable" if use_hvg else None)
     sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), n_pcs=n_comps, random_state=seed)
     sc.tl.umap(adata, random_state=seed)

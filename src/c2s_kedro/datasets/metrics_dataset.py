@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from kedro.io import AbstractDataset, DatasetError
 
 
@@ -33,10 +35,10 @@ class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
         return json.loads(self._filepath.read_text())
 
     def save(self, data: dict[str, float]) -> None:
-        bad = {k: type(v).__name__ for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int | float)}
+        bad = {k: type(v).__name__ for k, v in data.items() if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real)}
         if bad:
             raise DatasetError(f"metrics must be a flat dict of numbers; not numbers: {bad}")
-        clean = {k: (float(v) if math.isfinite(v) else None) for k, v in data.items()}
+        clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in data.items()}
         self._filepath.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(suffix=".json.tmp", dir=self._filepath.parent)
         with os.fdopen(handle, "w") as stream:

@@ -45,7 +45,8 @@ def reconstruct_adata(
     cell_sentences: Dataset, rank_fit: dict[str, float], processed_adata: ad.AnnData, params: dict[str, Any]
 ) -> ad.AnnData:
     """Expression rebuilt from the sentences with the rank fit, embedded like the original."""
-    names = cell_sentences.data.column(CELL_NAME).to_pylist()
+    table = cell_sentences.select_columns([CELL_NAME, CELL_SENTENCE]).with_format("arrow")[:]
+    names = table.column(CELL_NAME).to_pylist()
     missing = set(names) - set(processed_adata.obs_names)
     if missing:
         raise ValueError(
@@ -53,7 +54,7 @@ def reconstruct_adata(
             "re-run sentence_conversion on the current processed_adata"
         )
     matrix, n_unknown = reconstruct_expression(
-        cell_sentences.data.column(CELL_SENTENCE), processed_adata.var_names, RankFit(**rank_fit)
+        table.column(CELL_SENTENCE), processed_adata.var_names, RankFit(**rank_fit)
     )
     if n_unknown:
         logger.warning("%d words of the sentences are not genes of processed_adata and were skipped", n_unknown)

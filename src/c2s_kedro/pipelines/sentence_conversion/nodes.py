@@ -52,7 +52,8 @@ def convert_to_cell_sentences(
 
 def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> dict[str, float]:
     """Cells, vocabulary size, genes per sentence, empty sentences."""
-    sentences = cell_sentences.data.column(CELL_SENTENCE)
+    # with_format("arrow") honours a selection (select/filter/shuffle), unlike Dataset.data
+    sentences = cell_sentences.select_columns([CELL_SENTENCE]).with_format("arrow")[:].column(CELL_SENTENCE)
     lengths = pc.list_value_length(pc.split_pattern(pc.fill_null(sentences, ""), " ")).to_numpy(zero_copy_only=False)
     empty = pc.equal(pc.fill_null(sentences, ""), "").to_numpy(zero_copy_only=False)
     lengths = np.where(empty, 0, lengths)
