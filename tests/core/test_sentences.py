@@ -91,11 +91,6 @@ def test_chunking_does_not_change_sentences_without_ties():
     assert small_chunks == expected
 
 
-@pytest.mark.xfail(
-    reason="BUG: rank_genes casts values to float32 for its sort key, so float64 values closer than "
-    "float32 precision become ties and are ordered at random, not by value",
-    strict=True,
-)
 def test_float64_values_closer_than_float32_precision_keep_their_order():
     values = 1.0 + np.arange(8) * 1e-9  # distinct in float64, equal in float32
     row = np.random.default_rng(0).permutation(values)

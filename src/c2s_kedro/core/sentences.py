@@ -9,9 +9,14 @@ converts in bounded memory.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import tempfile
+import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, Features, concatenate_datasets
 from tqdm.auto import tqdm
 
+from c2s_kedro.core import kernels
 from c2s_kedro.core.validation import require_obs_columns
 
 logger = logging.getLogger(__name__)
@@ -48,77 +54,166 @@ def iter_row_chunks(
     matrix = adata.X if layer is None else adata.layers[layer]
     if matrix is None:
         raise ValueError("the AnnData has no expression matrix (.X is None)")
+    in_memory_csr = isinstance(matrix, sp.csr_matrix | sp.csr_array)
     for start in range(0, adata.n_obs, chunk_size):
         end = min(start + chunk_size, adata.n_obs)
-        chunk = matrix[start:end]
-        chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr()
+        if in_memory_csr:
+            # Rows of an in-memory CSR matrix as views, no copy. The arrays are set after
+            # construction because scipy's constructor copies views of a larger array.
+            first, last = matrix.indptr[start], matrix.indptr[end]
+            chunk = sp.csr_matrix((end - start, matrix.shape[1]), dtype=matrix.dtype)
+            chunk.data = matrix.data[first:last]
+            chunk.indices = matrix.indices[first:last]
+            chunk.indptr = matrix.indptr[start : end + 1] - first
+        else:
+            chunk = matrix[start:end]
+            chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr()
         yield start, end, chunk
+
+
+def _check_values(n_negative: int, n_nan: int, start: int, n_rows: int) -> None:
+    if n_negative or n_nan:
+        raise ValueError(
+            f"cells {start}..{start + n_rows - 1} hold {n_negative} negative and {n_nan} NaN values; "
+            "cell sentences rank non-negative (normalized) expression. Pass log-normalized data, not "
+            "scaled data (or choose a non-negative layer with sentence_conversion.layer)."
+        )
+
+
+def _scan(chunk: sp.csr_matrix, name_lengths: np.ndarray, start: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Check a chunk's values, drop stored zeros; return it with sentence byte lengths and the
+    cells expressing each gene."""
+    gene_counts = np.zeros(chunk.shape[1], dtype=np.int64)
+    lengths, n_negative, n_nan, n_zero = kernels.scan_chunk(chunk.indptr, chunk.indices, chunk.data, name_lengths, gene_counts)
+    _check_values(n_negative, n_nan, start, chunk.shape[0])
+    if n_zero:
+        chunk = chunk.copy()
+        chunk.eliminate_zeros()
+        gene_counts[:] = 0
+        lengths, *_ = kernels.scan_chunk(chunk.indptr, chunk.indices, chunk.data, name_lengths, gene_counts)
+    return chunk, lengths, gene_counts
 
 
 def _expressed_entries(chunk: sp.csr_matrix, start: int) -> sp.csr_matrix:
     """Return the chunk with only strictly positive entries, refusing negative or NaN values."""
-    data = chunk.data
-    bad_nan = np.issubdtype(data.dtype, np.floating) and np.isnan(data).any()
-    if data.size and (bad_nan or (data < 0).any()):
-        raise ValueError(
-            f"cells {start}..{start + chunk.shape[0] - 1} hold negative or NaN values; cell "
-            "sentences rank non-negative (normalized) expression. Pass log-normalized data, not "
-            "scaled data (or choose a non-negative layer with sentence_conversion.layer)."
-        )
-    if data.size and (data == 0).any():
-        chunk = chunk.copy()
-        chunk.eliminate_zeros()
-    return chunk
+    return _scan(chunk, np.zeros(chunk.shape[1], dtype=np.int64), start)[0]
 
 
-def rank_genes(chunk: sp.csr_matrix, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row's stored entries by descending value, ties in random order.
+BLOCK_ROWS = 128  # rows sorted together; rows are grouped by length so little goes to padding
 
-    Returns ``(gene_indices, offsets)``: row ``i``'s genes, highest first, are
-    ``gene_indices[offsets[i]:offsets[i + 1]]``. Entries must be positive (see
-    ``_expressed_entries``).
 
-    Each entry becomes one 64-bit key: the float32 bits of its value (which order like the value
-    for non-negative floats) in the high word, random tie-break bits, then the gene index in the
-    low bits. One vectorized row-wise sort of the padded key matrix then orders all cells at once.
+def value_codes(values: np.ndarray) -> np.ndarray:
+    """Order-preserving 32-bit codes of positive values.
+
+    The float32 bit pattern orders like the value for positive floats; values that float32 cannot
+    hold exactly (float64 data) get their dense rank instead, so no two distinct values tie.
+    """
+    as_float32 = values.astype(np.float32, copy=False)
+    if values.dtype.itemsize <= 4 or np.array_equal(as_float32, values):
+        return as_float32.view(np.uint32)
+    _, ranks = np.unique(values, return_inverse=True)
+    return (ranks + 1).astype(np.uint32)
+
+
+def _gene_bits(n_genes: int) -> int:
+    bits = max(1, int(n_genes - 1).bit_length())
+    if bits > 32:
+        raise ValueError(f"{n_genes} genes do not fit the 32-bit gene index of the ranking key")
+    return bits
+
+
+_buffers = threading.local()
+
+
+def _buffer(name: str, size: int, dtype) -> np.ndarray:
+    """A per-thread scratch array of at least ``size`` items, reused across chunks: fresh large
+    arrays cost page faults on every chunk."""
+    current = getattr(_buffers, name, None)
+    if current is None or current.size < size:
+        current = np.empty(max(size, 1), dtype=dtype)
+        setattr(_buffers, name, current)
+    return current[:size]
+
+
+def _sorted_blocks(chunk: sp.csr_matrix, seed: int, first_row: int):
+    """Yield ``(rows, sorted_keys)`` for blocks of rows of similar length."""
+    counts = np.diff(chunk.indptr)
+    order = np.argsort(counts, kind="stable")
+    codes = value_codes(chunk.data)
+    bits = _gene_bits(chunk.shape[1])
+    for start in range(0, order.size, BLOCK_ROWS):
+        rows = order[start : start + BLOCK_ROWS]
+        width = int(counts[rows[-1]])
+        if width == 0:
+            continue
+        keys = _buffer("keys", rows.size * width, np.uint64).reshape(rows.size, width)
+        kernels.fill_sort_keys(chunk.indptr, chunk.indices, codes, rows, keys, seed, first_row, bits)
+        keys.sort(axis=1)  # numpy's vectorized sort; releases the GIL
+        yield rows, keys
+
+
+def rank_genes(
+    chunk: sp.csr_matrix, seed: int = 0, first_row: int = 0, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row's stored entries by descending value, ties in seeded random order.
+
+    Entries must be positive (see ``_expressed_entries``). Returns ``(gene_indices, offsets)``:
+    row ``i``'s genes, highest first, are ``gene_indices[offsets[i]:offsets[i + 1]]``.
+    ``first_row`` is the index of the chunk's first row in the whole dataset, so that a cell's tie
+    order is the same whatever the chunking. ``out`` optionally receives the gene indices.
     """
     counts = np.diff(chunk.indptr)
-    n_rows, n_genes = chunk.shape
-    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    offsets = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    width = int(counts.max()) if n_rows else 0
-    if width == 0:
-        return np.zeros(0, dtype=np.int32), offsets
-    gene_bits = max(1, int(n_genes - 1).bit_length())
-    if gene_bits > 32:
-        raise ValueError(f"{n_genes} genes do not fit the 32-bit gene index of the ranking key")
-    tie_bits = 32 - gene_bits
-
-    key = chunk.data.astype(np.float32, copy=False).view(np.uint32).astype(np.uint64)
-    key <<= np.uint64(32)
-    key |= chunk.indices.astype(np.uint64)
-    if tie_bits:
-        ties = rng.integers(0, 1 << tie_bits, size=key.size, dtype=np.uint64)
-        ties <<= np.uint64(gene_bits)
-        key |= ties
-
-    # Padding is 0, below every real key (values are > 0), so it sorts to the front of each row.
-    padded = np.zeros((n_rows, width), dtype=np.uint64)
-    filled = np.arange(width)[None, :] < counts[:, None]
-    padded[filled] = key
-    padded.sort(axis=1)
-    descending = padded[:, ::-1]
-    gene_indices = (descending[filled] & np.uint64((1 << gene_bits) - 1)).astype(np.int32)
-    return gene_indices, offsets
+    genes = np.zeros(int(offsets[-1]), dtype=np.int32) if out is None else out
+    bits = _gene_bits(chunk.shape[1])
+    for rows, keys in _sorted_blocks(chunk, seed, first_row):
+        kernels.extract_genes(keys, rows, counts, offsets, genes, bits)
+    return genes, offsets
 
 
-def join_sentences(
-    gene_names: pa.Array, gene_indices: np.ndarray, offsets: np.ndarray
-) -> pa.StringArray:
-    """Turn ranked gene indices into space-separated sentences (one Arrow string per cell)."""
-    words = gene_names.take(pa.array(gene_indices, type=pa.int32()))
-    lists = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int64()).cast(pa.int32()), words)
-    return pc.binary_join(lists, " ")
+@dataclass(frozen=True)
+class GeneNameTable:
+    """Gene names as rows of 64-bit words (name, a space, zero padding) for the sentence writer."""
+
+    words: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> GeneNameTable:
+        if sys.byteorder != "little":
+            raise RuntimeError("the sentence writer assumes a little-endian machine")
+        encoded = np.char.encode(np.asarray(names, dtype=str), "utf-8")
+        n, longest = len(encoded), max(encoded.itemsize, 1)
+        lengths = np.char.str_len(encoded).astype(np.int64)
+        width = -(-(longest + 1) // 8) * 8
+        table = np.zeros((n, width), dtype=np.uint8)
+        table[:, : encoded.itemsize] = encoded.view(np.uint8).reshape(n, encoded.itemsize)
+        table[np.arange(n), lengths] = ord(" ")
+        return cls(table.view(np.uint64), lengths)
+
+
+def chunk_sentences(
+    chunk: sp.csr_matrix, names: GeneNameTable, seed: int = 0, first_row: int = 0
+) -> tuple[pa.StringArray, np.ndarray]:
+    """Cell sentences of a CSR chunk (one Arrow string per row) and the number of cells of the
+    chunk expressing each gene. Refuses negative and NaN values; stored zeros are not genes.
+
+    The returned strings live in a per-thread buffer that the thread's next call overwrites:
+    write or copy them before converting another chunk in the same thread.
+    """
+    chunk, lengths, gene_counts = _scan(chunk, names.lengths, first_row)
+    byte_offsets = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=byte_offsets[1:])
+    if byte_offsets[-1] >= 2**31:
+        raise ValueError("a chunk's sentences exceed 2 GB; lower sentence_conversion.chunk_size")
+    genes, gene_offsets = rank_genes(chunk, seed, first_row, out=_buffer("genes", chunk.nnz, np.int32))
+    out = _buffer("text", int(byte_offsets[-1]) // 8 + names.words.shape[1] + 2, np.uint64)
+    kernels.write_sentences(genes, gene_offsets, byte_offsets, names.words, names.lengths, out)
+    sentences = pa.StringArray.from_buffers(
+        chunk.shape[0], pa.py_buffer(byte_offsets.astype(np.int32)), pa.py_buffer(out.view(np.uint8))
+    )
+    return sentences, gene_counts
 
 
 def vocabulary_names(var_names: Sequence[str]) -> np.ndarray:
@@ -154,6 +249,7 @@ def cell_sentences_from_adata(
     chunk_size: int = 1024,
     cache_dir: str | Path | None = None,
     label_setting: str | None = None,
+    n_threads: int | None = None,
 ) -> ConversionResult:
     """Convert every cell of ``adata`` into a cell sentence.
 
@@ -167,6 +263,7 @@ def cell_sentences_from_adata(
         cache_dir: where the Arrow file backing the returned dataset is written (a new
             temporary directory by default).
         label_setting: where ``label_columns`` is configured, named in error messages.
+        n_threads: threads converting chunks (default: the CPUs available, at most 4).
 
     Returns:
         The Hugging Face dataset (memory-mapped from disk), the vocabulary (upper-cased gene ->
@@ -183,7 +280,7 @@ def cell_sentences_from_adata(
     require_obs_columns(adata, label_columns, setting=label_setting)
 
     names = vocabulary_names(adata.var_names)
-    gene_names = pa.array(names, type=pa.string())
+    name_table = GeneNameTable.from_names(names)
     cell_names = np.asarray(adata.obs_names, dtype=str)
     schema = pa.schema(
         [(CELL_NAME, pa.string()), (CELL_SENTENCE, pa.string())]
@@ -191,26 +288,53 @@ def cell_sentences_from_adata(
     )
     directory = Path(cache_dir or tempfile.mkdtemp(prefix="c2s_sentences_"))
     directory.mkdir(parents=True, exist_ok=True)
-    arrow_path = directory / f"cell_sentences-{uuid.uuid4().hex}.arrow"
+    run_id = uuid.uuid4().hex
 
-    rng = np.random.default_rng(seed)
+    def convert(index: int, start: int, chunk: sp.csr_matrix, labels: dict[str, pa.Array]):
+        sentences, gene_counts = chunk_sentences(chunk, name_table, seed, start)
+        batch = pa.record_batch(
+            {CELL_NAME: pa.array(cell_names[start : start + chunk.shape[0]], type=pa.string()),
+             CELL_SENTENCE: sentences, **labels},
+            schema=schema,
+        )
+        path = directory / f"cell_sentences-{run_id}-{index:06d}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_batch(batch)
+        return path, gene_counts, int(np.count_nonzero(pc.equal(sentences, "").to_numpy(zero_copy_only=False)))
+
+    workers = n_threads or min(4, len(os.sched_getaffinity(0)))
     cells_expressing = np.zeros(adata.n_vars, dtype=np.int64)
     n_empty = 0
-    with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        progress = tqdm(total=adata.n_obs, desc="cell sentences", unit="cell", leave=False)
-        for start, end, chunk in iter_row_chunks(adata, layer, chunk_size):
-            chunk = _expressed_entries(chunk, start)
-            cells_expressing += np.bincount(chunk.indices, minlength=adata.n_vars)
-            gene_indices, offsets = rank_genes(chunk, rng)
-            n_empty += int(np.count_nonzero(np.diff(offsets) == 0))
-            columns = {
-                CELL_NAME: pa.array(cell_names[start:end], type=pa.string()),
-                CELL_SENTENCE: join_sentences(gene_names, gene_indices, offsets),
-                **_label_arrays(adata, label_columns, start, end),
-            }
-            writer.write_batch(pa.record_batch(columns, schema=schema))
-            progress.update(end - start)
-        progress.close()
+    parts: list[Path] = []
+    # Chunks are read in this thread (h5py is not thread-safe); worker threads rank, write the
+    # sentences and save each chunk as its own Arrow file (the kernels, numpy's sort and Arrow's
+    # I/O release the GIL). At most two chunks per worker are in flight, so memory stays bounded.
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=adata.n_obs, desc="cell sentences", unit="cell", leave=False) as progress,
+    ):
+        pending: deque = deque()
+
+        def collect_oldest() -> None:
+            nonlocal n_empty, cells_expressing
+            cells, future = pending.popleft()
+            path, gene_counts, n_empty_rows = future.result()
+            parts.append(path)
+            cells_expressing += gene_counts
+            n_empty += n_empty_rows
+            progress.update(cells)
+
+        for index, (start, end, chunk) in enumerate(iter_row_chunks(adata, layer, chunk_size)):
+            labels = _label_arrays(adata, label_columns, start, end)
+            pending.append((end - start, pool.submit(convert, index, start, chunk, labels)))
+            if len(pending) >= 2 * workers:
+                collect_oldest()
+        while pending:
+            collect_oldest()
+    if parts:
+        sentences = concatenate_datasets([Dataset.from_file(str(path)) for path in parts])
+    else:
+        sentences = Dataset.from_dict({field.name: [] for field in schema}, features=Features.from_arrow_schema(schema))
 
     if n_empty:
         logger.warning(
@@ -224,7 +348,7 @@ def cell_sentences_from_adata(
             "%d gene names coincide once upper-cased; their cell counts were merged in the vocabulary",
             len(names) - len(vocabulary),
         )
-    return ConversionResult(Dataset.from_file(str(arrow_path)), vocabulary, n_empty)
+    return ConversionResult(sentences, vocabulary, n_empty)
 
 
 def merge_vocabularies(vocabularies: Sequence[dict[str, int]]) -> dict[str, int]:
@@ -287,7 +411,7 @@ def rank_expression_points(
     matrix = adata.X if layer is None else adata.layers[layer]
     chunk = matrix[cells]
     chunk = _expressed_entries(sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr(), 0)
-    gene_indices, offsets = rank_genes(chunk, rng)
+    gene_indices, offsets = rank_genes(chunk, seed)
     counts = np.diff(offsets)
     ranks = np.arange(gene_indices.size) - np.repeat(offsets[:-1], counts)
     rows = np.repeat(np.arange(n), counts)
