@@ -168,8 +168,13 @@ def in_memory_benchmark(args, out_dir: Path) -> dict:
 
     cache_dir = out_dir / SCRATCH_NAMES[0]
 
-    def convert(cells):
+    def clear_scratch():
+        # Outside the timed region: remove the previous run's files and flush dirty pages, so a
+        # run does not compete with the write-back of the one before.
         shutil.rmtree(cache_dir, ignore_errors=True)
+        os.sync()
+
+    def convert(cells):
         return cell_sentences_from_adata(
             cells,
             label_columns=LABEL_COLUMNS,
@@ -182,6 +187,8 @@ def in_memory_benchmark(args, out_dir: Path) -> dict:
     project_runs = []
     with PeakRSS() as rss:
         for _ in range(args.repeats):
+            result = None
+            clear_scratch()
             started = time.perf_counter()
             result = convert(adata)
             project_runs.append(time.perf_counter() - started)

@@ -27,14 +27,19 @@ def _hash(x):
 def fill_sort_keys(indptr, indices, value_codes, rows, keys, seed, first_row, gene_bits):
     """Inverted sort keys of ``rows`` of a CSR chunk into ``keys``, one row per line, padded."""
     keys[:] = PADDING
-    tie_mask = (np.uint64(1) << np.uint64(32 - gene_bits)) - np.uint64(1)
+    # At most 16 tie bits per entry, so one 64-bit hash serves four entries.
+    tie_bits = min(32 - gene_bits, 16)
+    tie_mask = (np.uint64(1) << np.uint64(tie_bits)) - np.uint64(1)
     seed_mix = _hash(np.uint64(seed) + np.uint64(0x9E3779B97F4A7C15))
     for i in range(rows.size):
         row = rows[i]
         start = indptr[row]
         cell_mix = _hash(seed_mix ^ (np.uint64(first_row + row) * np.uint64(0xD1B54A32D192ED03)))
+        random_bits = np.uint64(0)
         for j in range(indptr[row + 1] - start):
-            ties = _hash(cell_mix + np.uint64(j)) & tie_mask
+            if j % 4 == 0:
+                random_bits = _hash(cell_mix + np.uint64(j))
+            ties = (random_bits >> np.uint64(16 * (j % 4))) & tie_mask
             value = np.uint64(value_codes[start + j])
             keys[i, j] = ~((value << np.uint64(32)) | (ties << np.uint64(gene_bits)) | np.uint64(indices[start + j]))
 
