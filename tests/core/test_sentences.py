@@ -354,3 +354,27 @@ def test_rank_fit_prediction_is_floored_at_zero():
     assert rebuilt[0] == pytest.approx(0.5)
     assert rebuilt[9] == 0.0
     assert np.all(rebuilt >= 0)
+
+
+@pytest.mark.parametrize("longest", [3, 15, 16, 40])
+def test_sentences_are_exact_for_short_and_long_gene_names(longest):
+    """Names are copied a 64-bit word at a time; every name length must come out exact."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from c2s_kedro.core.sentences import cell_sentences_from_adata
+
+    rng = np.random.default_rng(longest)
+    n_cells, n_genes = 37, 23
+    names = [("G" * int(rng.integers(1, longest + 1)))[:-1] + f"{i}"[-1] + chr(65 + i % 26) for i in range(n_genes)]
+    names = [f"{name}{i}" for i, name in enumerate(names)]
+    dense = rng.integers(0, 4, size=(n_cells, n_genes)).astype(np.float32) * rng.random((n_cells, 1)).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(dense))
+    adata.var_names = names
+    result = cell_sentences_from_adata(adata, seed=3)
+    for row, sentence in zip(dense, result.sentences["cell_sentence"]):
+        words = sentence.split(" ") if sentence else []
+        expressed = {names[g].upper(): row[g] for g in np.flatnonzero(row)}
+        assert sorted(words) == sorted(expressed)
+        values = [expressed[w] for w in words]
+        assert values == sorted(values, reverse=True)

@@ -26,7 +26,6 @@ def _hash(x):
 @njit(cache=True, nogil=True)
 def fill_sort_keys(indptr, indices, value_codes, rows, keys, seed, first_row, gene_bits):
     """Inverted sort keys of ``rows`` of a CSR chunk into ``keys``, one row per line, padded."""
-    keys[:] = PADDING
     # At most 16 tie bits per entry, so one 64-bit hash serves four entries.
     tie_bits = min(32 - gene_bits, 16)
     tie_mask = (np.uint64(1) << np.uint64(tie_bits)) - np.uint64(1)
@@ -36,7 +35,9 @@ def fill_sort_keys(indptr, indices, value_codes, rows, keys, seed, first_row, ge
         start = indptr[row]
         cell_mix = _hash(seed_mix ^ (np.uint64(first_row + row) * np.uint64(0xD1B54A32D192ED03)))
         random_bits = np.uint64(0)
-        for j in range(indptr[row + 1] - start):
+        n = indptr[row + 1] - start
+        keys[i, n:] = PADDING
+        for j in range(n):
             if j % 4 == 0:
                 random_bits = _hash(cell_mix + np.uint64(j))
             ties = (random_bits >> np.uint64(16 * (j % 4))) & tie_mask
@@ -45,58 +46,77 @@ def fill_sort_keys(indptr, indices, value_codes, rows, keys, seed, first_row, ge
 
 
 @njit(cache=True, nogil=True)
-def scan_chunk(indptr, indices, values, name_lengths, gene_counts):
-    """One pass over a CSR chunk: each row's sentence length in bytes (gene names joined by single
-    spaces), cells expressing each gene (added to ``gene_counts``), and the numbers of negative,
-    NaN and zero stored values (when any is non-zero the other outputs are not meaningful)."""
+def sentence_lengths(indptr, indices, name_lengths, gene_counts):
+    """Bytes of each row's sentence (its gene names joined by single spaces); adds each stored
+    gene to ``gene_counts`` (cells expressing it)."""
     n_rows = indptr.size - 1
     lengths = np.zeros(n_rows, np.int64)
-    negative = nan = zero = 0
     for row in range(n_rows):
         total = 0
         for j in range(indptr[row], indptr[row + 1]):
-            value = values[j]
-            if value != value:
-                nan += 1
-            elif value < 0:
-                negative += 1
-            elif value == 0:
-                zero += 1
             gene = indices[j]
             total += name_lengths[gene] + 1
             gene_counts[gene] += 1
         lengths[row] = max(total - 1, 0)
-    return lengths, negative, nan, zero
+    return lengths
 
 
 @njit(cache=True, nogil=True)
-def write_sentences(genes, gene_offsets, byte_offsets, name_words, name_lengths, out_words):
-    """Write each row's genes as space-separated names, rows in order, into ``out_words``.
+def write_sentences(sorted_keys, rows, counts, byte_offsets, name_words, name_lengths, gene_bits, out_words):
+    """Write the sentences of a block of rows (genes in sorted-key order) into ``out_words``.
 
     ``name_words`` holds each gene's name followed by a space, zero-padded to whole 64-bit words
-    (little-endian); a name is copied a word at a time, shifted into place when the output
-    position is not word-aligned. Rows are written in order, so bytes written past a name's end
-    are overwritten by what follows; ``out_words`` needs one name width plus a word of slack.
+    (little-endian). A name is copied a word at a time, shifted into place when the output is not
+    word-aligned; the bytes past it are overwritten by the next name. Names near a row's end are
+    copied byte by byte, so nothing lands in the neighbouring row and rows can be written in any
+    order.
+    ``out_words`` needs one name width plus a word of slack at its end.
     """
+    gene_mask = (np.uint64(1) << np.uint64(gene_bits)) - np.uint64(1)
     n_words = name_words.shape[1]
-    for row in range(gene_offsets.size - 1):
+    out_bytes = out_words.view(np.uint8)
+    for i in range(rows.size):
+        row = rows[i]
+        n = counts[row]
         position = byte_offsets[row]
-        for j in range(gene_offsets[row], gene_offsets[row + 1]):
-            gene = genes[j]
+        row_end = byte_offsets[row + 1]
+        for j in range(n):
+            gene = (~sorted_keys[i, j]) & gene_mask
+            length = name_lengths[gene]
             word_index = position >> 3
-            shift = np.uint64((position & 7) * 8)
-            if shift == 0:
+            offset = position & 7
+            if (word_index + n_words + 1) * 8 > row_end:
+                # near the row's end: exact bytes, nothing written past the sentence
+                name_bytes = name_words[gene].view(np.uint8)
+                for k in range(length):
+                    out_bytes[position + k] = name_bytes[k]
+                if j < n - 1:
+                    out_bytes[position + length] = 32
+            elif n_words == 2:  # names under 16 bytes, the usual case: the copy unrolled
+                first, second = name_words[gene, 0], name_words[gene, 1]
+                if offset == 0:
+                    out_words[word_index] = first
+                    out_words[word_index + 1] = second
+                else:
+                    shift = np.uint64(offset * 8)
+                    back = np.uint64(64 - offset * 8)
+                    kept = out_words[word_index] & ((np.uint64(1) << shift) - np.uint64(1))
+                    out_words[word_index] = kept | (first << shift)
+                    out_words[word_index + 1] = (first >> back) | (second << shift)
+                    out_words[word_index + 2] = second >> back
+            elif offset == 0:
                 for w in range(n_words):
                     out_words[word_index + w] = name_words[gene, w]
             else:
-                back = np.uint64(64) - shift
+                shift = np.uint64(offset * 8)
+                back = np.uint64(64 - offset * 8)
                 carry = out_words[word_index] & ((np.uint64(1) << shift) - np.uint64(1))
                 for w in range(n_words):
                     word = name_words[gene, w]
                     out_words[word_index + w] = carry | (word << shift)
                     carry = word >> back
                 out_words[word_index + n_words] = carry
-            position += name_lengths[gene] + 1
+            position += length + 1
 
 
 @njit(cache=True, nogil=True)

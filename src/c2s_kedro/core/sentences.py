@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
@@ -83,14 +84,15 @@ def _check_values(n_negative: int, n_nan: int, start: int, n_rows: int) -> None:
 def _scan(chunk: sp.csr_matrix, name_lengths: np.ndarray, start: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """Check a chunk's values, drop stored zeros; return it with sentence byte lengths and the
     cells expressing each gene."""
+    if chunk.nnz:
+        smallest = chunk.data.min()  # NaN propagates
+        if not smallest > 0:
+            n_nan = int(np.count_nonzero(np.isnan(chunk.data))) if np.issubdtype(chunk.data.dtype, np.floating) else 0
+            _check_values(int(np.count_nonzero(chunk.data < 0)), n_nan, start, chunk.shape[0])
+            chunk = chunk.copy()
+            chunk.eliminate_zeros()
     gene_counts = np.zeros(chunk.shape[1], dtype=np.int64)
-    lengths, n_negative, n_nan, n_zero = kernels.scan_chunk(chunk.indptr, chunk.indices, chunk.data, name_lengths, gene_counts)
-    _check_values(n_negative, n_nan, start, chunk.shape[0])
-    if n_zero:
-        chunk = chunk.copy()
-        chunk.eliminate_zeros()
-        gene_counts[:] = 0
-        lengths, *_ = kernels.scan_chunk(chunk.indptr, chunk.indices, chunk.data, name_lengths, gene_counts)
+    lengths = kernels.sentence_lengths(chunk.indptr, chunk.indices, name_lengths, gene_counts)
     return chunk, lengths, gene_counts
 
 
@@ -152,20 +154,18 @@ def _sorted_blocks(chunk: sp.csr_matrix, seed: int, first_row: int):
         yield rows, keys
 
 
-def rank_genes(
-    chunk: sp.csr_matrix, seed: int = 0, first_row: int = 0, out: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def rank_genes(chunk: sp.csr_matrix, seed: int = 0, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Order each row's stored entries by descending value, ties in seeded random order.
 
     Entries must be positive (see ``_expressed_entries``). Returns ``(gene_indices, offsets)``:
     row ``i``'s genes, highest first, are ``gene_indices[offsets[i]:offsets[i + 1]]``.
     ``first_row`` is the index of the chunk's first row in the whole dataset, so that a cell's tie
-    order is the same whatever the chunking. ``out`` optionally receives the gene indices.
+    order is the same whatever the chunking.
     """
     counts = np.diff(chunk.indptr)
     offsets = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    genes = np.zeros(int(offsets[-1]), dtype=np.int32) if out is None else out
+    genes = np.zeros(int(offsets[-1]), dtype=np.int32)
     bits = _gene_bits(chunk.shape[1])
     for rows, keys in _sorted_blocks(chunk, seed, first_row):
         kernels.extract_genes(keys, rows, counts, offsets, genes, bits)
@@ -207,9 +207,11 @@ def chunk_sentences(
     np.cumsum(lengths, out=byte_offsets[1:])
     if byte_offsets[-1] >= 2**31:
         raise ValueError("a chunk's sentences exceed 2 GB; lower sentence_conversion.chunk_size")
-    genes, gene_offsets = rank_genes(chunk, seed, first_row, out=_buffer("genes", chunk.nnz, np.int32))
+    counts = np.diff(chunk.indptr)
+    bits = _gene_bits(chunk.shape[1])
     out = _buffer("text", int(byte_offsets[-1]) // 8 + names.words.shape[1] + 2, np.uint64)
-    kernels.write_sentences(genes, gene_offsets, byte_offsets, names.words, names.lengths, out)
+    for rows, keys in _sorted_blocks(chunk, seed, first_row):
+        kernels.write_sentences(keys, rows, counts, byte_offsets, names.words, names.lengths, bits, out)
     sentences = pa.StringArray.from_buffers(
         chunk.shape[0], pa.py_buffer(byte_offsets.astype(np.int32)), pa.py_buffer(out.view(np.uint8))
     )
@@ -230,14 +232,17 @@ class ConversionResult:
     n_empty_cells: int
 
 
-def _label_arrays(adata: ad.AnnData, label_columns: Sequence[str], start: int, end: int):
+def _label_arrays(adata: ad.AnnData, label_columns: Sequence[str], start: int, end: int) -> dict[str, pa.Array]:
+    """The chunk's ``.obs`` labels as Arrow strings (missing values as nulls)."""
     arrays = {}
     for column in label_columns:
         values = adata.obs[column].iloc[start:end]
-        arrays[column] = pa.array(
-            [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values],
-            type=pa.string(),
-        )
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            codes = values.cat.codes.to_numpy()
+            categories = pa.array(values.cat.categories.astype(str).to_numpy(), type=pa.string())
+            arrays[column] = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), categories).cast(pa.string())
+        else:
+            arrays[column] = pa.array(values.astype("string").to_numpy(na_value=None), type=pa.string())
     return arrays
 
 
