@@ -140,3 +140,40 @@ def test_formatter_picks_templates_with_the_seed_and_needs_its_label_column():
         C2SPromptFormatter(label_column="tissue").format_dataset(data)
     with pytest.raises(ValueError, match="unknown prompt task"):
         C2SPromptFormatter(task="protein_folding")
+
+
+def test_embedding_pipeline_nodes_work_with_a_bpe_model_of_short_context(tmp_path):
+    """A hub-style model (byte-level BPE, several tokens per gene, short context) goes through the
+    same embedding nodes; prompts are shortened to its context, never past it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from c2s_kedro.pipelines.embedding.nodes import build_embedding_prompts, embed_cells
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [" ".join(GENES)] + list(load_templates("cell_type_prediction").inputs)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")  # no pad token, like Pythia
+    architecture = {**ARCHITECTURE, "max_position_embeddings": 256}
+    model = build_gpt_neox(tokenizer, architecture).model
+    model.save_pretrained(tmp_path / "bpe_model")
+    tokenizer.save_pretrained(tmp_path / "bpe_model")
+
+    loaded = load_model(tmp_path / "bpe_model")
+    assert loaded.tokenizer.pad_token is not None  # set by the loader
+    per_gene = len(loaded.tokenizer(" " + " ".join(GENES[:50]), add_special_tokens=False)["input_ids"]) / 50
+    assert per_gene > 1.5  # BPE spends several tokens per gene, unlike the gene-level tokenizer
+    sentences = Dataset.from_dict({
+        "cell_name": ["a", "b"],
+        "cell_sentence": [" ".join(GENES[:5]), " ".join(GENES)],
+        "organism": ["Homo sapiens", None],
+    })
+    prompts = build_embedding_prompts(sentences, loaded, {"template_index": 0})
+    assert prompts["genes_kept"][0] == 5 and 0 < prompts["genes_kept"][1] < len(GENES)
+    lengths = [len(loaded.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts["prompt"]]
+    assert max(lengths) <= 256
+    embeddings = embed_cells(prompts, loaded, {"batch_size": 2})
+    assert embeddings.shape == (2, ARCHITECTURE["hidden_size"]) and np.isfinite(embeddings).all()
