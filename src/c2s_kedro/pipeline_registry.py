@@ -2,17 +2,19 @@
 
 from kedro.pipeline import Pipeline
 
-from c2s_kedro.pipelines import benchmarking, data_processing, embedding, pretraining, sentence_conversion
+from c2s_kedro.pipelines import benchmarking, data_processing, embedding, finetuning, pretraining, sentence_conversion
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """The default ``kedro run`` goes from raw counts to sentences and the conversion benchmark."""
+    """Each pipeline runs alone (missing upstream outputs are produced first, see hooks.py); the
+    default ``kedro run`` runs them all in order."""
     pipelines = {
         "data_processing": data_processing.create_pipeline(),
         "sentence_conversion": sentence_conversion.create_pipeline(),
         "benchmarking": benchmarking.create_pipeline(),
         "pretraining": pretraining.create_pipeline(),
         "embedding": embedding.create_pipeline(),
+        "finetuning": finetuning.create_pipeline(),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

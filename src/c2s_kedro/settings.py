@@ -2,6 +2,10 @@
 
 from kedro.config import OmegaConfigLoader
 
+from c2s_kedro.hooks import UpstreamOutputsHook
+
+HOOKS = (UpstreamOutputsHook(),)
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

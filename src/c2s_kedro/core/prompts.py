@@ -8,6 +8,7 @@ chosen at random per sample with a seed, and one response pattern. Placeholders:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Sequence
@@ -147,6 +148,9 @@ class C2SPromptFormatter(PromptFormatter):
 
     ``top_k_genes`` cuts each sentence to its first k genes (None keeps all); ``label_column``
     holds the cell type and ``organism_column`` the organism (``default_organism`` when absent).
+    With a ``tokenizer`` and ``max_tokens``, every sample fits ``max_tokens`` tokens including the
+    response and EOS: a prediction prompt loses genes from the end of its sentence (the answer is
+    never cut); a generation sample asks for, and answers with, as many genes as fit.
     """
 
     def __init__(
@@ -157,6 +161,8 @@ class C2SPromptFormatter(PromptFormatter):
         organism_column: str = "organism",
         default_organism: str = "Homo sapiens",
         seed: int = 0,
+        tokenizer=None,
+        max_tokens: int | None = None,
     ) -> None:
         super().__init__(seed=seed)
         self.templates = load_templates(task)
@@ -165,9 +171,32 @@ class C2SPromptFormatter(PromptFormatter):
         self.label_column = label_column
         self.organism_column = organism_column
         self.default_organism = default_organism
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens if tokenizer is not None else None
+        self.n_shortened = 0
 
     def required_columns(self) -> list[str]:
         return ["cell_sentence", self.label_column]
+
+    def _fit_generation(self, template: str, genes: list[str], fields: dict[str, Any]) -> int:
+        """Most genes k such that prompt(k) + " " + response(k) + EOS fits ``max_tokens``."""
+        def total(k: int) -> int:
+            values = {**fields, "num_genes": k, "cell_sentence": " ".join(genes[:k])}
+            text = template.format(**values) + " " + self.templates.response.format(**values)
+            return int(count_tokens(self.tokenizer, [text])[0]) + 1
+
+        if total(len(genes)) <= self.max_tokens:
+            return len(genes)
+        low, high = 0, len(genes)  # total(low) fits (or nothing does), total(high) does not
+        if total(0) > self.max_tokens:
+            raise ContextTooSmallError(
+                f"a {self.task} prompt without genes takes {total(0)} tokens; the model's context allows "
+                f"{self.max_tokens}. Use a model with a longer context or a shorter template"
+            )
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if total(middle) <= self.max_tokens else (low, middle)
+        return low
 
     def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["cell_sentence"])
@@ -176,12 +205,50 @@ class C2SPromptFormatter(PromptFormatter):
         inputs, responses = [], []
         for sentence, label, organism, choice in zip(batch["cell_sentence"], batch[self.label_column], organisms, choices):
             genes = (sentence or "").split()[: self.top_k_genes]
-            fields = {
-                "num_genes": len(genes),
-                "organism": organism or self.default_organism,
-                "cell_sentence": " ".join(genes),
-                "cell_type": label,
-            }
-            inputs.append(self.templates.inputs[choice].format(**fields))
-            responses.append(self.templates.response.format(**fields))
+            template = self.templates.inputs[choice]
+            fields = {"organism": organism or self.default_organism, "cell_type": label}
+            if self.max_tokens is not None and self.task == "cell_type_prediction":
+                response = self.templates.response.format(**fields)
+                budget = self.max_tokens - int(count_tokens(self.tokenizer, [" " + response])[0]) - 1
+                prompt, kept = fit_prompt(template, genes, fields, self.tokenizer, budget)
+                self.n_shortened += kept < len(genes)
+                genes = genes[:kept]
+            elif self.max_tokens is not None:
+                kept = self._fit_generation(template, genes, fields)
+                self.n_shortened += kept < len(genes)
+                genes = genes[:kept]
+            values = {**fields, "num_genes": len(genes), "cell_sentence": " ".join(genes)}
+            inputs.append(template.format(**values))
+            responses.append(self.templates.response.format(**values))
         return {"sample_type": [self.task] * n, "model_input": inputs, "response": responses}
+
+    def format_dataset(self, dataset: Dataset, batch_size: int = 1000) -> Dataset:
+        self.n_shortened = 0
+        formatted = super().format_dataset(dataset, batch_size)
+        if self.n_shortened:
+            logger.info(
+                "%d of %d %s samples lost genes from the end of their sentence to fit %d tokens",
+                self.n_shortened, dataset.num_rows, self.task, self.max_tokens,
+            )
+        return formatted
+
+
+def build_formatter(
+    task: str, formatter: str | None = None, options: dict[str, Any] | None = None, **common: Any
+) -> PromptFormatter:
+    """The built-in formatter for ``task``, or a user subclass of ``PromptFormatter`` named by
+    dotted path (``my_package.prompts.MyFormatter``) and built with ``options``."""
+    options = dict(options or {})
+    if formatter is None:
+        return C2SPromptFormatter(task=task, **common, **options)
+    module_name, _, class_name = formatter.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"prompt formatter '{formatter}' cannot be imported ({error}); give the dotted path of a "
+            "PromptFormatter subclass, e.g. c2s_kedro.core.example_formatters.MarkerAwareFormatter"
+        ) from error
+    if not (isinstance(cls, type) and issubclass(cls, PromptFormatter)):
+        raise ValueError(f"'{formatter}' is not a subclass of c2s_kedro.core.prompts.PromptFormatter")
+    return cls(seed=common.get("seed", 0), **options)

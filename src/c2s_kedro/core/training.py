@@ -19,36 +19,45 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def tokenize_pairs(
-    batch: dict[str, list], tokenizer, max_length: int, loss_on_response_only: bool = True
-) -> dict[str, list]:
+def tokenize_pairs(batch: dict[str, list], tokenizer, loss_on_response_only: bool = True) -> dict[str, list]:
     """Token ids of ``model_input + " " + response + EOS`` with labels for the causal-LM loss.
 
-    With ``loss_on_response_only`` the prompt's labels are ``-100`` so only the response is learnt.
-    A sample longer than ``max_length`` keeps its prompt and loses the end of its response (and
-    its EOS); prompts are fitted to the context before this step (``prompts.fit_prompt``).
+    With ``loss_on_response_only`` the prompt's labels are ``-100`` so only the response (and the
+    EOS that ends it) is learnt. Nothing is truncated here: formatters fit samples to the context
+    (``C2SPromptFormatter(tokenizer=..., max_tokens=...)``) by dropping genes from the prompt's
+    sentence, and ``tokenize_dataset`` drops any sample that still does not fit.
     """
     prompts = tokenizer(batch["model_input"], add_special_tokens=False)["input_ids"]
     responses = tokenizer([" " + r if r else r for r in batch["response"]], add_special_tokens=False)["input_ids"]
     input_ids, labels = [], []
     for prompt, response in zip(prompts, responses):
-        ids = prompt + response + [tokenizer.eos_token_id]
-        target = ([IGNORE_INDEX] * len(prompt) if loss_on_response_only else list(prompt)) + response + [tokenizer.eos_token_id]
-        input_ids.append(ids[:max_length])
-        labels.append(target[:max_length])
+        input_ids.append(prompt + response + [tokenizer.eos_token_id])
+        masked = [IGNORE_INDEX] * len(prompt) if loss_on_response_only else list(prompt)
+        labels.append(masked + response + [tokenizer.eos_token_id])
     return {"input_ids": input_ids, "attention_mask": [[1] * len(i) for i in input_ids], "labels": labels}
 
 
 def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_response_only: bool = True) -> Dataset:
-    """``tokenize_pairs`` over a formatted dataset with ``datasets.map(batched=True)``."""
-    return dataset.map(
+    """``tokenize_pairs`` over a formatted dataset (``datasets.map(batched=True)``); samples longer
+    than ``max_length`` are dropped with a warning, never truncated (that could cut the answer)."""
+    tokenized = dataset.map(
         tokenize_pairs,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "loss_on_response_only": loss_on_response_only},
+        fn_kwargs={"tokenizer": tokenizer, "loss_on_response_only": loss_on_response_only},
         remove_columns=dataset.column_names,
         load_from_cache_file=False,
         desc="tokenizing",
     )
+    fits = tokenized.filter(lambda ids: [len(i) <= max_length for i in ids], input_columns="input_ids", batched=True)
+    if fits.num_rows < tokenized.num_rows:
+        logger.warning(
+            "%d of %d samples exceed the model's context of %d tokens and were dropped; fit prompts to "
+            "the context in the formatter (or lower top_k_genes)",
+            tokenized.num_rows - fits.num_rows, tokenized.num_rows, max_length,
+        )
+    if fits.num_rows == 0 and tokenized.num_rows:
+        raise ValueError(f"no sample fits the model's context of {max_length} tokens; lower top_k_genes")
+    return fits
 
 
 class MlflowStepLogger(TrainerCallback):

@@ -37,10 +37,11 @@ def initialize_foundation_model(vocabulary: dict[str, int], cell_sentences: Data
     return language_model
 
 
-def _corpus(cell_sentences: Dataset, cells: list[str], params: dict[str, Any]) -> Dataset:
+def _corpus(cell_sentences: Dataset, cells: list[str], params: dict[str, Any], model: LanguageModel) -> Dataset:
     wanted = set(cells)
     part = cell_sentences.filter(lambda names: [n in wanted for n in names], input_columns="cell_name", batched=True)
-    max_genes = params["max_genes"]
+    # one token per gene with the gene-level tokenizer; one more for the EOS
+    max_genes = min(params["max_genes"], model.context_length - 1)
     sentences = part.map(
         lambda batch: {
             "sample_type": ["cell_sentence"] * len(batch["cell_sentence"]),
@@ -59,16 +60,20 @@ def _corpus(cell_sentences: Dataset, cells: list[str], params: dict[str, Any]) -
     formatter = C2SPromptFormatter(
         task="cell_type_generation", top_k_genes=max_genes, label_column=label,
         organism_column=params["organism_column"], seed=params.get("seed", 0),
+        tokenizer=model.tokenizer, max_tokens=model.context_length,
     )
     return concatenate_datasets([sentences, formatter.format_dataset(labelled)])
 
 
 def build_pretraining_corpus(
-    cell_sentences: Dataset, data_split: dict[str, Any], params: dict[str, Any]
+    cell_sentences: Dataset, data_split: dict[str, Any], initial_model: LanguageModel, params: dict[str, Any]
 ) -> tuple[Dataset, Dataset]:
     """Train and val texts: each cell's plain sentence and, where it has a label, a
-    cell-type-conditioned generation prompt. Test cells are never used."""
-    return _corpus(cell_sentences, data_split["train"], params), _corpus(cell_sentences, data_split["val"], params)
+    cell-type-conditioned generation prompt, fitted to the context. Test cells are never used."""
+    return (
+        _corpus(cell_sentences, data_split["train"], params, initial_model),
+        _corpus(cell_sentences, data_split["val"], params, initial_model),
+    )
 
 
 def pretrain_foundation_model(

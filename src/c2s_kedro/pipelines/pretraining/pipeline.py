@@ -16,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.build_pretraining_corpus,
-                ["cell_sentences", "data_split", "params:pretraining"],
+                ["cell_sentences", "data_split", "initial_foundation_model", "params:pretraining"],
                 ["pretraining_train_corpus", "pretraining_val_corpus"],
                 name="build_pretraining_corpus",
             ),
