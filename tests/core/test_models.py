@@ -118,13 +118,13 @@ def test_embedding_refuses_prompts_longer_than_the_context(model_dir):
 
 def test_labels_mask_the_prompt_and_end_with_eos(tokenizer):
     batch = {"model_input": ["Cell sentence: CD3D CD8A.\nThe cell type is:"], "response": ["CD14+ Monocyte."]}
-    out = tokenize_pairs(batch, tokenizer, max_length=128, loss_on_response_only=True)
+    out = tokenize_pairs(batch, tokenizer, loss_on_response_only=True)
     ids, labels = out["input_ids"][0], out["labels"][0]
     n_prompt = len(tokenizer(batch["model_input"][0], add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids[n_prompt:-1]) == " CD14+ Monocyte."
-    everything = tokenize_pairs(batch, tokenizer, max_length=128, loss_on_response_only=False)
+    everything = tokenize_pairs(batch, tokenizer, loss_on_response_only=False)
     assert everything["labels"][0] == everything["input_ids"][0]
 
 
