@@ -98,6 +98,7 @@ def train_causal_lm(
     mlflow_prefix: str,
     resume: bool = True,
     keep_checkpoints: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
 
@@ -115,7 +116,7 @@ def train_causal_lm(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        callbacks=[MlflowStepLogger(mlflow_prefix)],
+        callbacks=[MlflowStepLogger(mlflow_prefix), *(callbacks or [])],
     )
     checkpoint = get_last_checkpoint(arguments.output_dir) if resume and Path(arguments.output_dir).is_dir() else None
     if checkpoint:
