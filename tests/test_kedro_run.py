@@ -26,17 +26,37 @@ def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.Complete
     return result
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the project's configuration in a temporary folder (the package is installed)."""
+def _new_project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("project")
     shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
     shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
     shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
     (root / "src").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project's configuration in a temporary folder (the package is installed),
+    after the default `kedro run` of the test environment."""
+    root = _new_project(tmp_path_factory)
     _kedro(root, "run", "--env", "test")
     return root
+
+
+def test_finetuning_alone_on_a_fresh_project_produces_its_upstream_once(tmp_path_factory):
+    root = _new_project(tmp_path_factory)
+    _kedro(root, "run", "--env", "test", "--pipeline", "finetuning")
+    data = root / "data"
+    upstream = [data / "03_primary" / "processed_adata.h5ad", data / "06_models" / "foundation_model" / "model.safetensors"]
+    model = data / "06_models" / "finetuned_model" / "model.safetensors"
+    assert all(p.exists() for p in upstream) and model.exists()
+    before = [p.stat().st_mtime_ns for p in upstream]
+    model_before = model.stat().st_mtime_ns
+    _kedro(root, "run", "--env", "test", "--pipeline", "finetuning")
+    assert [p.stat().st_mtime_ns for p in upstream] == before  # upstream not redone
+    assert model.stat().st_mtime_ns != model_before  # the fine-tuning itself runs again
 
 
 def test_default_run_leaves_every_output(project: Path):
@@ -70,7 +90,9 @@ def test_default_run_leaves_every_output(project: Path):
     assert embeddings.obsm["X_c2s"].shape == (processed.n_obs, 64) and "X_umap_c2s" in embeddings.obsm
     assert (data / "08_reporting" / "embedding_umap" / "cell_type.png").exists()
     assert (data / "08_reporting" / "pretraining" / "loss_curves.png").exists()
-    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding"):
+    assert (data / "06_models" / "finetuned_model" / "model.safetensors").exists()
+    assert (data / "08_reporting" / "finetuning" / "loss_curves.png").exists()
+    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning"):
         metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
         assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
 
@@ -110,13 +132,15 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     loss_steps = client.get_metric_history(run.info.run_id, "pretraining.loss")
     assert len(loss_steps) >= 3 and len({m.step for m in loss_steps}) == len(loss_steps)
     assert client.get_metric_history(run.info.run_id, "pretraining.eval_loss")
+    assert len(client.get_metric_history(run.info.run_id, "finetuning.loss")) >= 3
+    assert client.get_metric_history(run.info.run_id, "finetuning.learning_rate")
 
     def walk(path=None):
         for item in client.list_artifacts(run.info.run_id, path):
             yield from walk(item.path) if item.is_dir else [item.path]
 
     artifacts = set(walk())
-    assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/loss_curves.png"} <= artifacts
+    assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/pretraining/loss_curves.png", "plots/finetuning/loss_curves.png"} <= artifacts
     assert "plots/expression_umap/cell_type.png" in artifacts
 
 
@@ -129,6 +153,6 @@ def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
 def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
     _kedro(project, "viz", "build")
     main = json.loads((project / "build" / "api" / "main").read_text())
-    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding"}
+    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning"}
     names = {n["name"] for n in main["nodes"]}
-    assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split"} <= names
+    assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split", "finetuned_model"} <= names
