@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Pipeline
 
-from c2s_kedro.pipelines import benchmarking, data_processing, embedding, finetuning, pretraining, sentence_conversion
+from c2s_kedro.pipelines import benchmarking, data_processing, embedding, evaluation, finetuning, pretraining, sentence_conversion
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -15,6 +15,8 @@ def register_pipelines() -> dict[str, Pipeline]:
         "pretraining": pretraining.create_pipeline(),
         "embedding": embedding.create_pipeline(),
         "finetuning": finetuning.create_pipeline(),
+        "evaluation": evaluation.create_pipeline(),
+        "zero_shot_annotation": evaluation.create_zero_shot_pipeline(),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

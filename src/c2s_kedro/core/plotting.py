@@ -105,3 +105,21 @@ def loss_curve_plot(log_history: list[dict], title: str) -> plt.Figure:
     ax.set_title(title)
     ax.legend()
     return fig
+
+
+def confusion_matrix_plot(matrix: np.ndarray, labels: Sequence[str], title: str) -> plt.Figure:
+    """Confusion matrix, rows true labels, columns predictions, shaded by row share."""
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.55 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), constrained_layout=True)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.7, label="share of the true class")
+    return fig
