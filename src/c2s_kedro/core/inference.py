@@ -1,13 +1,29 @@
-"""Inference with causal LMs: cell embeddings."""
+"""Inference with causal LMs: cell embeddings, label scoring, batched generation and sampling.
+
+Answers follow the training format: the text of a sample is ``model_input + " " + response`` then
+EOS, and a cell-type response is ``"{cell_type}."``. Prompts are tokenized without special
+tokens, as in training, and must leave room in the model's context for what comes after them.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from c2s_kedro.core.models import LanguageModel
 
@@ -58,3 +74,338 @@ def embed_prompts(language_model: LanguageModel, prompts: Sequence[str], batch_s
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
         embeddings[batch] = pooled.cpu().numpy()
     return embeddings
+
+
+ANSWER_END = "."  # a cell-type response is "{cell_type}." (prompt_templates/cell_type_prediction.json)
+MASKABLE_ATTENTION = ("eager", "sdpa")
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"{len(empty)} prompts are empty (e.g. prompt {empty[0]}); a prompt needs at least one token")
+    return encoded
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to the longest row, and the attention mask."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class _AnswerTree:
+    """The candidate answers' token ids as a prefix tree, for scoring them all in one pass.
+
+    Answers that share leading tokens share tree nodes. Every node that has children (every
+    proper prefix of an answer) is run once through the model, attending to the prompt's cache
+    and to its own ancestors only; its logits give the log-probabilities of its children. The
+    root's children are scored from the prompt's last position.
+    """
+
+    def __init__(self, answers: Sequence[Sequence[int]]):
+        prefixes: dict[tuple[int, ...], int] = {}
+        for answer in answers:
+            for end in range(1, len(answer)):
+                prefixes.setdefault(tuple(answer[:end]), len(prefixes))
+        nodes = sorted(prefixes, key=len)  # parents before children
+        index = {prefix: i for i, prefix in enumerate(nodes)}
+        self.tokens = torch.tensor([prefix[-1] for prefix in nodes], dtype=torch.long)
+        self.depths = torch.tensor([len(prefix) for prefix in nodes], dtype=torch.long)
+        # node i may see node j when j's prefix begins i's prefix (ancestor or itself)
+        self.visible = torch.tensor(
+            [[len(other) <= len(prefix) and prefix[: len(other)] == other for other in nodes] for prefix in nodes],
+            dtype=torch.bool,
+        ).reshape(len(nodes), len(nodes))
+        self.first_tokens = torch.tensor([answer[0] for answer in answers], dtype=torch.long)
+        answer_of, node_of, token_of = [], [], []
+        for a, answer in enumerate(answers):
+            for end in range(1, len(answer)):
+                answer_of.append(a)
+                node_of.append(index[tuple(answer[:end])])
+                token_of.append(answer[end])
+        self.answer_of = torch.tensor(answer_of, dtype=torch.long)
+        self.node_of = torch.tensor(node_of, dtype=torch.long)
+        self.token_of = torch.tensor(token_of, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def attention_mask(self, prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive 4D mask (batch, 1, nodes, prompt width + nodes) for the tree pass."""
+        rows, nodes = prompt_mask.shape[0], len(self)
+        visible = torch.cat(
+            [prompt_mask.bool()[:, None, :].expand(rows, nodes, -1), self.visible.to(prompt_mask.device).expand(rows, -1, -1)],
+            dim=-1,
+        )
+        blocked = torch.zeros(visible.shape, dtype=dtype, device=prompt_mask.device)
+        return blocked.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+@torch.inference_mode()
+def score_labels(
+    language_model: LanguageModel, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 16
+) -> np.ndarray:
+    """Log-probability of each label as the answer to each prompt, shape (n_prompts, n_labels).
+
+    The answer to a prompt is ``" " + label + "."`` followed by EOS, as in training; its score is
+    the sum of the log-probabilities of those tokens given the prompt. Each prompt batch runs
+    through the model once (left-padded, length-grouped); all labels are then scored in a
+    second, small pass over the label tokens arranged as a prefix tree, which attends to the
+    prompts' key/value cache instead of reading the prompts again. Prompt plus longest answer
+    must fit the model's context.
+    """
+    tokenizer, model = language_model.tokenizer, language_model.model
+    labels = [str(label) for label in labels]
+    if not labels:
+        raise ValueError("no labels to score; pass the candidate cell types")
+    if len(set(labels)) != len(labels):
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        raise ValueError(f"labels must be unique; repeated: {', '.join(repeated)}")
+    attention = getattr(model.config, "_attn_implementation", "sdpa")
+    if attention not in MASKABLE_ATTENTION:
+        raise ValueError(
+            f"label scoring needs an attention implementation that takes a 4D mask ({', '.join(MASKABLE_ATTENTION)}); "
+            f"the model uses '{attention}'. Call model.set_attn_implementation('sdpa') first"
+        )
+    encoded = _encode_prompts(tokenizer, prompts)
+    answers = [
+        ids + [tokenizer.eos_token_id]
+        for ids in tokenizer([" " + label + ANSWER_END for label in labels], add_special_tokens=False)["input_ids"]
+    ]
+    longest = max(len(ids) for ids in answers)
+    context = language_model.context_length
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) + longest > context]
+    if too_long:
+        first = too_long[0]
+        raise ValueError(
+            f"{len(too_long)} prompts leave no room for the answer: prompt {first} has {len(encoded[first])} tokens "
+            f"and the longest label answer {longest}, together more than the model's context of {context} tokens. "
+            f"Fit the prompts to {context - longest} tokens with prompts.fit_prompt first"
+        )
+    tree = _AnswerTree(answers)
+    device = language_model.device
+    first_tokens, node_tokens, depths = tree.first_tokens.to(device), tree.tokens.to(device), tree.depths.to(device)
+    answer_of, node_of, token_of = tree.answer_of.to(device), tree.node_of.to(device), tree.token_of.to(device)
+    scores = np.zeros((len(encoded), len(labels)), dtype=np.float64)
+    batches = length_grouped_batches([len(ids) for ids in encoded], batch_size)
+    for batch in tqdm(batches, desc="scoring labels", unit="batch", leave=False):
+        input_ids, mask = _left_padded([encoded[i] for i in batch], _pad_id(tokenizer), device)
+        prompt_pass = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1
+        )
+        batch_scores = prompt_pass.logits[:, -1].float().log_softmax(-1)[:, first_tokens]
+        if len(tree):
+            rows = len(batch)
+            tree_pass = model(
+                input_ids=node_tokens.expand(rows, -1),
+                attention_mask=tree.attention_mask(mask, prompt_pass.logits.dtype),
+                position_ids=mask.sum(-1, keepdim=True) + depths - 1,
+                cache=prompt_pass.cache,
+                use_cache=True,
+            )
+            node_log_probs = tree_pass.logits.float().log_softmax(-1)
+            batch_scores = batch_scores.index_add(1, answer_of, node_log_probs[:, node_of, token_of])
+        scores[batch] = batch_scores.double().cpu().numpy()
+    logger.info("scored %d prompts against %d labels (%d tree tokens per prompt)", len(encoded), len(labels), len(tree))
+    return scores
+
+
+def predict_labels(
+    language_model: LanguageModel, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 16
+) -> tuple[list[str], np.ndarray]:
+    """The most likely label of each prompt and the label probabilities (softmax of the label
+    scores over the candidates, rows sum to 1). The prediction is always one of ``labels``."""
+    scores = score_labels(language_model, prompts, labels, batch_size=batch_size)
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    predicted = [str(labels[i]) for i in probabilities.argmax(axis=1)]
+    return predicted, probabilities
+
+
+def _check_room(encoded: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > context]
+    if too_long:
+        first = too_long[0]
+        raise ValueError(
+            f"prompt {first} has {len(encoded[first])} tokens and max_new_tokens is {max_new_tokens}: "
+            f"{len(encoded[first]) + max_new_tokens} tokens, more than the model's context of {context} "
+            f"({len(too_long)} prompts affected). Generating past the context produces garbage, so nothing was "
+            f"generated. Fit the prompts to {context - max_new_tokens} tokens with prompts.fit_prompt "
+            "(max_tokens = context - max_new_tokens) or lower max_new_tokens"
+        )
+
+
+def _generation_config(tokenizer, max_new_tokens: int, do_sample: bool) -> GenerationConfig:
+    settings = {}
+    if do_sample:
+        # Pinned to "off" and applied by our own warpers after any constraint: generate() would
+        # otherwise fill unset values from the model's and global defaults (top_k=50) and run
+        # its warpers before a custom logits processor.
+        settings = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        pad_token_id=_pad_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        **settings,
+    )
+
+
+def _processors(
+    constraint: LogitsProcessor | None, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+) -> LogitsProcessorList:
+    processors = LogitsProcessorList([constraint] if constraint is not None else [])
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive for sampling, got {temperature}")
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def _decode_new(tokenizer, sequences: torch.Tensor, prompt_width: int) -> list[str]:
+    return tokenizer.batch_decode(sequences[:, prompt_width:].tolist(), skip_special_tokens=True)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Sampling seeded with ``seed`` on a forked RNG, so the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.inference_mode()
+def generate_texts(
+    language_model: LanguageModel,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    logits_processor_factory: Callable[[], LogitsProcessor] | None = None,
+) -> list[str]:
+    """The text each prompt's model continues with (new tokens only, special tokens skipped), in
+    the order of ``prompts``.
+
+    Greedy by default; with ``do_sample`` tokens are sampled at ``temperature`` (optionally cut to
+    ``top_k`` / ``top_p``), seeded with ``seed``. Prompts are batched by length and padded on the
+    left, with position ids counted from each prompt's first token, so a prompt's output does not
+    depend on its batch neighbours. ``logits_processor_factory`` makes a fresh logits processor
+    per batch (e.g. a ``constraints.GeneVocabularyConstraint``); it runs before the sampling
+    warpers. Refuses, before generating anything, prompts whose length plus ``max_new_tokens``
+    exceeds the model's context.
+    """
+    tokenizer, model = language_model.tokenizer, language_model.model
+    encoded = _encode_prompts(tokenizer, prompts)
+    _check_room(encoded, max_new_tokens, language_model.context_length)
+    device = language_model.device
+    config = _generation_config(tokenizer, max_new_tokens, do_sample)
+    texts: list[str] = [""] * len(encoded)
+    with _seeded(seed, device):
+        for batch in tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size), desc="generating",
+                          unit="batch", leave=False):
+            input_ids, mask = _left_padded([encoded[i] for i in batch], _pad_id(tokenizer), device)
+            constraint = logits_processor_factory() if logits_processor_factory is not None else None
+            sequences = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                generation_config=config,
+                logits_processor=_processors(constraint, do_sample, temperature, top_k, top_p),
+            )
+            for i, text in zip(batch, _decode_new(tokenizer, sequences, input_ids.shape[1])):
+                texts[i] = text
+    return texts
+
+
+@torch.inference_mode()
+def sample_continuations(
+    language_model: LanguageModel,
+    prompt: str,
+    n_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    logits_processor: LogitsProcessor | None = None,
+    batch_size: int | None = None,
+) -> list[str]:
+    """``n_samples`` sampled continuations of one prompt that share a single pass over the prompt.
+
+    The prompt (all but its last token) runs through the model once; its key/value cache is
+    copied to one row per sample and ``generate`` continues from it, so the prompt is never
+    re-read per sample (``num_return_sequences`` would re-read it). ``batch_size`` caps the rows
+    decoded at once (each row holds a copy of the prompt's cache); the default decodes all
+    samples together. ``logits_processor`` (e.g. a ``GeneVocabularyConstraint``) runs before the
+    temperature; it must start over when called with a new batch of rows.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    tokenizer, model = language_model.tokenizer, language_model.model
+    ids = _encode_prompts(tokenizer, [prompt])[0]
+    _check_room([ids], max_new_tokens, language_model.context_length)
+    device = language_model.device
+    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    prefix_cache = None
+    if len(ids) > 1:
+        prefix_cache = model(input_ids=prompt_ids[:, :-1], use_cache=True, logits_to_keep=1).cache
+    config = _generation_config(tokenizer, max_new_tokens, do_sample=True)
+    processors = _processors(logits_processor, True, temperature, None, None)
+    rows_per_batch = batch_size or n_samples
+    texts: list[str] = []
+    with _seeded(seed, device):
+        for start in range(0, n_samples, rows_per_batch):
+            rows = min(rows_per_batch, n_samples - start)
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache) if start + rows < n_samples else prefix_cache
+                cache.batch_repeat_interleave(rows)
+            sequences = model.generate(
+                input_ids=prompt_ids.expand(rows, -1),
+                attention_mask=torch.ones((rows, len(ids)), dtype=torch.long, device=device),
+                cache=cache,
+                generation_config=config,
+                logits_processor=processors,
+            )
+            texts.extend(_decode_new(tokenizer, sequences, len(ids)))
+    return texts
+
+
+def normalize_answer(text: str) -> str:
+    """An answer in the form used to compare it with labels: surrounding whitespace and a
+    trailing period removed, inner whitespace collapsed to single spaces, case folded."""
+    text = re.sub(r"\s+", " ", text).strip()
+    if text.endswith(ANSWER_END):
+        text = text[: -len(ANSWER_END)].rstrip()
+    return text.casefold()
+
+
+def match_answer(text: str, labels: Sequence[str]) -> str | None:
+    """The label a generated answer names (exact match after ``normalize_answer``), or None when
+    it is not one of ``labels``."""
+    wanted = normalize_answer(text)
+    return next((str(label) for label in labels if normalize_answer(str(label)) == wanted), None)

@@ -1,0 +1,223 @@
+"""Inference throughput: label scoring, batched generation and posterior sampling against the
+reference's approach and the compute floor, on the same model and the same cells, in one run.
+Prints one JSON object.
+
+    python benchmarks/inference_throughput.py [--cells 120] [--repeats 3] [--layers 4 --width 256]
+
+Cells per second on the cell-type-prediction prompts of PBMC cells:
+(i)  ours_label_scoring: c2s_kedro.core.inference.score_labels over the 10 PBMC labels;
+(ii) ours_batched_generation: c2s_kedro.core.inference.generate_texts, greedy, batched, with
+     max_new_tokens = longest label answer in tokens + 2;
+(a)  reference_one_cell_at_a_time: model.generate per cell (batch size 1), same max_new_tokens;
+(b)  compute_floor: one bare batched forward pass of the model body over the same prompts under
+     torch.inference_mode() (length-grouped, pre-tokenized, no LM head).
+Also naive label scoring (one full forward per (cell, label), as a reader would write it) on a
+subset of cells. Posterior sampling, samples per second for one prompt: sample_continuations
+(one pass over the prompt, cache copied to every sample) against separate generate calls, and
+against one generate call with num_return_sequences (which re-reads the prompt per sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from embedding_throughput import floor_forward, timed_interleaved  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
+
+from c2s_kedro.core.constraints import GeneVocabularyConstraint  # noqa: E402
+from c2s_kedro.core.data import pbmc68k_counts  # noqa: E402
+from c2s_kedro.core.inference import (  # noqa: E402
+    generate_texts,
+    length_grouped_batches,
+    match_answer,
+    sample_continuations,
+    score_labels,
+)
+from c2s_kedro.core.models import build_gpt_neox  # noqa: E402
+from c2s_kedro.core.preprocessing import normalize_log10  # noqa: E402
+from c2s_kedro.core.prompts import fit_prompt, load_templates, template_words  # noqa: E402
+from c2s_kedro.core.sentences import cell_sentences_from_adata  # noqa: E402
+from c2s_kedro.core.tokenizer import build_gene_tokenizer  # noqa: E402
+
+
+def reference_generate(language_model, prompts, max_new_tokens):
+    """The reference's way: one cell at a time through model.generate, answer cut from the output."""
+    tokenizer, model = language_model.tokenizer, language_model.model
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    answers = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        output = model.generate(**inputs, generation_config=config)
+        answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def naive_label_scores(language_model, prompts, labels):
+    """One full forward pass per (cell, label) over prompt + answer."""
+    tokenizer, model = language_model.tokenizer, language_model.model
+    answers = [tokenizer(" " + label + ".", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for label in labels]
+    scores = np.zeros((len(prompts), len(labels)))
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for j, answer in enumerate(answers):
+                log_probs = model(torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
+                scores[i, j] = float(log_probs[torch.arange(len(answer)), torch.tensor(answer)].sum())
+    return scores
+
+
+def separate_samples(language_model, prompt, n_samples, max_new_tokens, temperature, one_call=False):
+    """Posterior samples with plain generate: n calls of one sample each, or one call with
+    num_return_sequences=n (the prompt is expanded to n rows and read n times)."""
+    tokenizer, model = language_model.tokenizer, language_model.model
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              num_return_sequences=n_samples if one_call else 1)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    width = inputs["input_ids"].shape[1]
+    outputs = [model.generate(**inputs, generation_config=config)] if one_call else [
+        model.generate(**inputs, generation_config=config) for _ in range(n_samples)
+    ]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for output in outputs for row in output]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--naive-cells", type=int, default=12, help="cells for the naive per-label scoring")
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--sample-tokens", type=int, default=50)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    adata = normalize_log10(pbmc68k_counts())
+    labels = sorted(str(v) for v in adata.obs["cell_type"].unique())
+    converted = cell_sentences_from_adata(adata[: args.cells], label_columns=["cell_type"], seed=0)
+    # the foundation model's tokenizer (pipelines/pretraining): genes, template words, labels, organism
+    tokenizer = build_gene_tokenizer(converted.vocabulary, template_words() + labels + ["Homo sapiens"], model_max_length=1024)
+    language_model = build_gpt_neox(
+        tokenizer,
+        {"num_hidden_layers": args.layers, "hidden_size": args.width, "num_attention_heads": max(1, args.width // 64),
+         "max_position_embeddings": 1024},
+    )
+    language_model.model.eval()
+    template = load_templates("cell_type_prediction").inputs[0]
+    prompts = [
+        fit_prompt(template, s.split(), {"organism": "Homo sapiens"}, tokenizer, 1024)[0]
+        for s in converted.sentences["cell_sentence"]
+    ]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    ready = []
+    for batch in length_grouped_batches(lengths, args.batch_size):
+        width = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[i]] = torch.tensor(encoded[i])
+            mask[row, : lengths[i]] = 1
+        ready.append((ids, mask))
+    answer_tokens = [len(tokenizer(" " + label + ".", add_special_tokens=False)["input_ids"]) for label in labels]
+    max_new_tokens = max(answer_tokens) + 2
+    naive_prompts = prompts[: args.naive_cells]
+
+    # same answers either way (greedy), so the comparison is like for like
+    ours_answers = generate_texts(language_model, prompts, max_new_tokens, batch_size=args.batch_size)
+    reference_answers = reference_generate(language_model, prompts, max_new_tokens)
+    scores = score_labels(language_model, prompts, labels, batch_size=args.batch_size)
+    naive = naive_label_scores(language_model, naive_prompts, labels)
+
+    best = timed_interleaved(
+        {
+            "ours_label_scoring": lambda: score_labels(language_model, prompts, labels, batch_size=args.batch_size),
+            "ours_batched_generation": lambda: generate_texts(language_model, prompts, max_new_tokens, batch_size=args.batch_size),
+            "reference_one_cell_at_a_time": lambda: reference_generate(language_model, prompts, max_new_tokens),
+            "compute_floor": lambda: floor_forward(language_model, ready),
+            "naive_label_scoring_subset": lambda: naive_label_scores(language_model, naive_prompts, labels),
+        },
+        args.repeats,
+    )
+    n = len(prompts)
+    cells_per_s = {name: n / seconds for name, seconds in best.items()}
+    cells_per_s["naive_label_scoring_subset"] = len(naive_prompts) / best["naive_label_scoring_subset"]
+
+    sample_prompt = prompts[0]
+    genes = list(converted.vocabulary)
+    samples = {
+        "ours": sample_continuations(language_model, sample_prompt, args.samples, args.sample_tokens, temperature=1.0, seed=0),
+        "separate": separate_samples(language_model, sample_prompt, args.samples, args.sample_tokens, 1.0),
+    }
+    torch.manual_seed(0)
+    posterior = timed_interleaved(
+        {
+            "ours_sample_continuations": lambda: sample_continuations(
+                language_model, sample_prompt, args.samples, args.sample_tokens, temperature=1.0, seed=0),
+            "separate_generate_calls": lambda: separate_samples(
+                language_model, sample_prompt, args.samples, args.sample_tokens, 1.0),
+            "generate_num_return_sequences": lambda: separate_samples(
+                language_model, sample_prompt, args.samples, args.sample_tokens, 1.0, one_call=True),
+            "ours_constrained_to_genes": lambda: sample_continuations(
+                language_model, sample_prompt, args.samples, args.sample_tokens, temperature=1.0, seed=0,
+                logits_processor=GeneVocabularyConstraint(tokenizer, genes)),
+        },
+        args.repeats,
+    )
+    samples_per_s = {name: args.samples / seconds for name, seconds in posterior.items()}
+
+    def new_tokens(texts):
+        return float(np.mean([len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]))
+
+    print(json.dumps({
+        "model": f"GPT-NeoX {args.layers} layers x {args.width} wide, random weights, vocabulary {len(tokenizer)} tokens",
+        "cells": n,
+        "labels": len(labels),
+        "mean_prompt_tokens": float(np.mean(lengths)),
+        "prompt_tokens_range": [int(min(lengths)), int(max(lengths))],
+        "label_answer_tokens": {"min": int(min(answer_tokens)), "max": int(max(answer_tokens)), "plus_eos": 1},
+        "max_new_tokens": max_new_tokens,
+        "torch_threads": args.threads,
+        "timing": f"best of {args.repeats} interleaved rounds",
+        "checks": {
+            "batched_answers_equal_one_at_a_time": ours_answers == reference_answers,
+            "label_scores_max_abs_diff_vs_naive": float(np.abs(scores[: len(naive_prompts)] - naive).max()),
+            "generated_answers_that_are_known_labels": sum(match_answer(a, labels) is not None for a in ours_answers),
+        },
+        "cells_per_s": cells_per_s,
+        "ratios": {
+            "label_scoring_vs_reference": best["reference_one_cell_at_a_time"] / best["ours_label_scoring"],
+            "label_scoring_vs_floor": best["compute_floor"] / best["ours_label_scoring"],
+            "label_scoring_vs_naive_scoring": cells_per_s["ours_label_scoring"] / cells_per_s["naive_label_scoring_subset"],
+            "batched_generation_vs_reference": best["reference_one_cell_at_a_time"] / best["ours_batched_generation"],
+            "batched_generation_vs_floor": best["compute_floor"] / best["ours_batched_generation"],
+        },
+        "targets_cpu": {"label_scoring_vs_reference": ">= 2", "label_scoring_vs_floor": ">= 0.80",
+                        "batched_generation_vs_reference": ">= 2"},
+        "posterior_sampling": {
+            "prompt_tokens": lengths[0],
+            "samples": args.samples,
+            "max_new_tokens": args.sample_tokens,
+            "mean_new_tokens": {"ours": new_tokens(samples["ours"]), "separate": new_tokens(samples["separate"])},
+            "samples_per_s": samples_per_s,
+            "ratio_vs_separate_calls": posterior["separate_generate_calls"] / posterior["ours_sample_continuations"],
+            "ratio_vs_num_return_sequences": posterior["generate_num_return_sequences"] / posterior["ours_sample_continuations"],
+            "target_cpu": {"ratio_vs_separate_calls": ">= 5"},
+        },
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Label scoring, batched generation, constrained decoding and sampling on tiny random models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
+from c2s_kedro.core.inference import (
+    generate_texts,
+    match_answer,
+    normalize_answer,
+    predict_labels,
+    sample_continuations,
+    score_labels,
+)
+from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.prompts import load_templates, template_words
+from c2s_kedro.core.tokenizer import build_gene_tokenizer
+
+# prefix pairs (CD3/CD3D, AC009/AC009.1) exercise the multi-token trie of the BPE tokenizer
+GENES = ["CD3D", "CD3", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "AC009", "AC009.1"] + [f"GENE{i}" for i in range(60)]
+LABELS = ["CD4+ T", "CD4+ T Reg", "CD8+ T", "B cell", "NK"]  # shared leading words share tree nodes
+ARCHITECTURE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                "max_position_embeddings": 128}
+
+
+def _bpe_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [" ".join(GENES), " ".join(LABELS)] + list(load_templates("cell_type_prediction").inputs)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")  # no pad token, like Pythia
+
+
+@pytest.fixture(scope="module")
+def gene_model():
+    tokenizer = build_gene_tokenizer(GENES, template_words() + LABELS, model_max_length=128)
+    return build_gpt_neox(tokenizer, ARCHITECTURE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bpe_model():
+    language_model = build_gpt_neox(_bpe_tokenizer(), ARCHITECTURE, seed=1)
+    assert len(language_model.tokenizer(" " + " ".join(GENES), add_special_tokens=False)["input_ids"]) > 1.5 * len(GENES)
+    return language_model
+
+
+def _prompt(genes: list[str]) -> str:
+    return f"Cell sentence: {' '.join(genes)}.\nThe cell type is:"
+
+
+PROMPTS = [_prompt(GENES[i : i + 2 + 3 * i]) for i in range(7)]
+
+
+def _naive_scores(language_model, prompts, labels) -> np.ndarray:
+    """One full forward pass per (prompt, label) over prompt + " label." + EOS, unbatched."""
+    tokenizer, model = language_model.tokenizer, language_model.model
+    scores = np.zeros((len(prompts), len(labels)))
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for j, label in enumerate(labels):
+                answer = tokenizer(" " + label + ".", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                log_probs = model(torch.tensor([prompt_ids + answer])).logits[0].log_softmax(-1)
+                scores[i, j] = sum(float(log_probs[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(answer))
+    return scores
+
+
+@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
+def test_label_scores_equal_a_full_forward_pass_per_label(model_name, request):
+    language_model = request.getfixturevalue(model_name)
+    scores = score_labels(language_model, PROMPTS, LABELS, batch_size=3)  # several padded batches
+    assert scores.shape == (len(PROMPTS), len(LABELS))
+    assert np.abs(scores - _naive_scores(language_model, PROMPTS, LABELS)).max() <= 1e-4
+
+
+def test_predicted_labels_are_known_and_probabilities_sum_to_one(gene_model):
+    predicted, probabilities = predict_labels(gene_model, PROMPTS, LABELS, batch_size=4)
+    assert len(predicted) == len(PROMPTS) and set(predicted) <= set(LABELS)
+    assert probabilities.shape == (len(PROMPTS), len(LABELS))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)
+    assert [LABELS[i] for i in probabilities.argmax(axis=1)] == predicted
+
+
+def test_label_scoring_refuses_prompts_without_room_for_the_answer(gene_model):
+    crowded = "Cell sentence: " + " ".join((GENES * 2)[:122]) + "."
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens.*context of 128.*fit_prompt"):
+        score_labels(gene_model, [PROMPTS[0], crowded], LABELS)
+    with pytest.raises(ValueError, match="unique"):
+        score_labels(gene_model, PROMPTS, ["NK", "NK"])
+
+
+def test_generation_refuses_prompts_that_leave_no_room_for_new_tokens(gene_model, monkeypatch):
+    long_prompt = "Cell sentence: " + " ".join((GENES * 2)[:100]) + "."
+    n_tokens = len(gene_model.tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+    assert n_tokens + 10 <= 128 < n_tokens + 30
+
+    def never(*args, **kwargs):
+        raise AssertionError("generate must not run")
+
+    monkeypatch.setattr(gene_model.model, "generate", never)
+    with pytest.raises(ValueError, match=rf"prompt 1 has {n_tokens} tokens and max_new_tokens is 30.*context of 128.*fit_prompt"):
+        generate_texts(gene_model, [PROMPTS[0], long_prompt], max_new_tokens=30)
+    with pytest.raises(ValueError, match="prompt 0 has"):
+        sample_continuations(gene_model, long_prompt, n_samples=2, max_new_tokens=30)
+
+
+@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
+def test_greedy_output_of_a_prompt_does_not_depend_on_its_batch(model_name, request):
+    language_model = request.getfixturevalue(model_name)
+    padding_side = language_model.tokenizer.padding_side
+    short = _prompt(GENES[:2])
+    others = [_prompt(GENES[i : i + 10 + 2 * i]) for i in range(5)]
+    alone = generate_texts(language_model, [short], max_new_tokens=8)[0]
+    batched = generate_texts(language_model, others[:2] + [short] + others[2:], max_new_tokens=8, batch_size=6)
+    assert batched[2] == alone and alone
+    assert batched[0] == generate_texts(language_model, [others[0]], max_new_tokens=8)[0]
+    assert language_model.tokenizer.padding_side == padding_side
+
+
+def _words(text: str) -> list[str]:
+    text = text.strip()
+    return (text[:-1] if text.endswith(".") else text).split()
+
+
+@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
+def test_constrained_sampling_writes_only_vocabulary_genes_each_once(model_name, request):
+    language_model = request.getfixturevalue(model_name)
+    tokenizer = language_model.tokenizer
+    genes = GENES[:24]
+    texts = []
+    for seed in range(3):
+        texts += generate_texts(
+            language_model, PROMPTS[:4], max_new_tokens=40, do_sample=True, temperature=1.5, seed=seed,
+            logits_processor_factory=lambda: GeneVocabularyConstraint(tokenizer, genes),
+        )
+        texts += sample_continuations(
+            language_model, PROMPTS[2], n_samples=6, max_new_tokens=40, temperature=1.5, seed=seed,
+            logits_processor=GeneVocabularyConstraint(tokenizer, genes), batch_size=4,
+        )
+    assert len(texts) == 3 * (4 + 6)
+    for text in texts:
+        words = _words(text)
+        assert words and set(words) <= set(genes), text
+        assert len(words) == len(set(words)), text
+    assert any(text.strip().endswith(".") for text in texts)  # sequences do stop with the stop text
+
+
+@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
+def test_a_sequence_that_has_written_every_gene_can_only_stop(model_name, request):
+    language_model = request.getfixturevalue(model_name)
+    genes = ["CD3", "CD3D", "AC009.1"]
+    texts = sample_continuations(
+        language_model, PROMPTS[1], n_samples=8, max_new_tokens=40, temperature=1.5, seed=0,
+        logits_processor=GeneVocabularyConstraint(language_model.tokenizer, genes),
+    )
+    for text in texts:
+        words = _words(text)
+        assert 1 <= len(words) <= 3 and set(words) <= set(genes) and len(set(words)) == len(words), text
+
+
+def test_sample_continuations_reads_the_prompt_once(gene_model):
+    calls: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        calls.append(tuple((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape))
+
+    prompt_tokens = len(gene_model.tokenizer(PROMPTS[3], add_special_tokens=False)["input_ids"])
+    handle = gene_model.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        texts = sample_continuations(gene_model, PROMPTS[3], n_samples=5, max_new_tokens=6, temperature=1.0, seed=3)
+    finally:
+        handle.remove()
+    assert len(texts) == 5
+    assert calls[0] == (1, prompt_tokens - 1)  # the one pass over the prompt
+    assert all(shape == (5, 1) for shape in calls[1:]) and 1 <= len(calls) - 1 <= 6  # then one token per step
+    again = sample_continuations(gene_model, PROMPTS[3], n_samples=5, max_new_tokens=6, temperature=1.0, seed=3)
+    assert again == texts  # seeded
+    assert len(set(texts)) > 1  # the samples differ
+
+
+def test_postprocess_sentence_drops_unknown_words_and_merges_repeats_at_their_mean_position():
+    genes = {"MT-CO1", "CD8A", "CD3D", "RP11-34P13.3"}
+    sentence, unknown, merged = postprocess_sentence(" MT-CO1 CD8A CD3D Cell CD8A CD8A RP11-34P13.3 sentence.", genes)
+    # positions: MT-CO1 0; CD8A 1, 4, 5 (mean 3.33); CD3D 2; RP11-34P13.3 6
+    assert sentence == "MT-CO1 CD3D CD8A RP11-34P13.3"
+    assert (unknown, merged) == (2, 2)
+    assert postprocess_sentence("CD3D RP11-34P13.3.", genes) == ("CD3D RP11-34P13.3", 0, 0)
+    assert postprocess_sentence("", genes) == ("", 0, 0)
+
+
+def test_answers_match_labels_after_normalization():
+    labels = ["CD14+ Monocyte", "CD19+ B", "Dendritic"]
+    assert normalize_answer("  CD14+   Monocyte. ") == "cd14+ monocyte"
+    assert match_answer(" cd14+ monocyte.", labels) == "CD14+ Monocyte"
+    assert match_answer("Dendritic", labels) == "Dendritic"
+    assert match_answer("Cell sentence", labels) is None
+    assert match_answer("CD19+ B cells.", labels) is None
