@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import pandas as pd
 import pytest
 from datasets import load_from_disk
 
@@ -92,7 +93,13 @@ def test_default_run_leaves_every_output(project: Path):
     assert (data / "08_reporting" / "pretraining" / "loss_curves.png").exists()
     assert (data / "06_models" / "finetuned_model" / "model.safetensors").exists()
     assert (data / "08_reporting" / "finetuning" / "loss_curves.png").exists()
-    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning"):
+    predictions = pd.read_csv(data / "07_model_output" / "cell_type_predictions.csv")
+    assert len(predictions) == len(split["test"])
+    labels = set(pd.read_csv(data / "07_model_output" / "label_scoring_predictions.csv")["prediction"])
+    assert labels <= set(raw.obs["cell_type"].astype(str))  # label scoring only ever names known labels
+    assert (data / "08_reporting" / "confusion" / "label_scoring.png").exists()
+    assert (data / "08_reporting" / "zero_shot_evaluation_metrics.json").exists()
+    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation"):
         metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
         assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
 
@@ -134,6 +141,7 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     assert client.get_metric_history(run.info.run_id, "pretraining.eval_loss")
     assert len(client.get_metric_history(run.info.run_id, "finetuning.loss")) >= 3
     assert client.get_metric_history(run.info.run_id, "finetuning.learning_rate")
+    assert {"evaluation.label_scoring_accuracy", "evaluation.baseline_accuracy", "evaluation.generation_accuracy"} <= set(run.data.metrics)
 
     def walk(path=None):
         for item in client.list_artifacts(run.info.run_id, path):
@@ -153,6 +161,6 @@ def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
 def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
     _kedro(project, "viz", "build")
     main = json.loads((project / "build" / "api" / "main").read_text())
-    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning"}
+    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "zero_shot_annotation"}
     names = {n["name"] for n in main["nodes"]}
     assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split", "finetuned_model"} <= names

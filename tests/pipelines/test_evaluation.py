@@ -1,0 +1,73 @@
+"""Evaluation nodes on tiny data: prompts, baseline, scoring, and bad parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import Dataset
+
+from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.prompts import template_words
+from c2s_kedro.core.tokenizer import build_gene_tokenizer
+from c2s_kedro.pipelines.evaluation.nodes import (
+    build_evaluation_prompts,
+    predict_by_baseline,
+    predict_by_label_scoring,
+    score_predictions,
+)
+from tests.helpers import make_counts_adata
+
+GENES = [f"GENE{i}" for i in range(60)]
+
+
+@pytest.fixture()
+def setting():
+    rng = np.random.default_rng(0)
+    cells = Dataset.from_dict({
+        "cell_name": [f"c{i}" for i in range(10)],
+        "cell_sentence": [" ".join(rng.permutation(GENES)[:40]) for _ in range(10)],
+        "cell_type": ["T cell", "B cell"] * 5,
+        "organism": ["Homo sapiens"] * 10,
+    })
+    tokenizer = build_gene_tokenizer(GENES, template_words() + ["T cell", "B cell", "Homo sapiens"], model_max_length=80)
+    model = build_gpt_neox(tokenizer, {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 80})
+    split = {"train": [f"c{i}" for i in range(6)], "val": ["c6"], "test": ["c7", "c8", "c9"]}
+    return cells, model, split
+
+
+def test_prompts_fit_with_room_for_the_answer_and_labels_come_from_train(setting):
+    cells, model, split = setting
+    prompts = build_evaluation_prompts(cells, split, model, {"label_column": "cell_type", "organism_column": "organism"})
+    assert prompts["cell_name"] == ["c7", "c8", "c9"] and prompts["labels"] == ["B cell", "T cell"]
+    longest_answer = len(model.tokenizer(" T cell.")["input_ids"]) + 1
+    for prompt in prompts["prompt"]:
+        assert len(model.tokenizer(prompt)["input_ids"]) + longest_answer + 2 <= 80
+    scored = predict_by_label_scoring(prompts, model, {})
+    assert set(scored["prediction"]) <= {"B cell", "T cell"}
+    assert np.allclose(scored[["p(B cell)", "p(T cell)"]].sum(axis=1), 1.0)
+
+
+def test_missing_label_column_names_the_setting(setting):
+    cells, model, split = setting
+    with pytest.raises(KeyError, match="evaluation.label_column 'annotation'"):
+        build_evaluation_prompts(cells, split, model, {"label_column": "annotation"})
+
+
+def test_baseline_and_scores_on_the_same_cells():
+    from c2s_kedro.core.preprocessing import normalize_log10
+
+    adata = normalize_log10(make_counts_adata())
+    names = list(adata.obs_names)
+    split = {"train": names[::2], "val": [], "test": names[1::2]}
+    baseline = predict_by_baseline(adata, split, {"label_column": "cell_type"})
+    assert list(baseline["cell_name"]) == split["test"]
+    assert (baseline["prediction"] == baseline["label"]).mean() > 0.8  # two clearly separated types
+    labels = sorted(adata.obs["cell_type"].astype(str).unique())
+    wrong = baseline.assign(prediction=None, answer="Cell sentence")  # a model answering nonsense
+    metrics, per_class, figures, combined = score_predictions(wrong, baseline, baseline, {"labels": labels})
+    assert metrics["generation_accuracy"] == 0.0 and metrics["generation_answers_not_a_label"] == 1.0
+    assert metrics["baseline_accuracy"] == pytest.approx((baseline["prediction"] == baseline["label"]).mean())
+    assert set(per_class["method"]) == {"generation", "label_scoring", "baseline"}
+    assert set(figures) == {"generation.png", "label_scoring.png", "baseline.png"}
+    assert list(combined.columns[:2]) == ["cell_name", "label"] and len(combined) == len(baseline)
