@@ -99,7 +99,12 @@ def test_default_run_leaves_every_output(project: Path):
     assert labels <= set(raw.obs["cell_type"].astype(str))  # label scoring only ever names known labels
     assert (data / "08_reporting" / "confusion" / "label_scoring.png").exists()
     assert (data / "08_reporting" / "zero_shot_evaluation_metrics.json").exists()
-    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation"):
+    generated = pd.read_csv(data / "07_model_output" / "generated_cells.csv", index_col=0)
+    vocabulary_genes = set(json.loads((data / "04_feature" / "vocabulary.json").read_text()))
+    for sentence in generated["cell_sentence"].fillna(""):
+        assert set(sentence.split()) <= vocabulary_genes and len(sentence.split()) == len(set(sentence.split()))
+    assert (data / "08_reporting" / "cell_generation" / "umap_by_cell_type.png").exists()
+    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "cell_generation"):
         metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
         assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
 
@@ -161,6 +166,6 @@ def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
 def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
     _kedro(project, "viz", "build")
     main = json.loads((project / "build" / "api" / "main").read_text())
-    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "zero_shot_annotation"}
+    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "zero_shot_annotation", "cell_generation"}
     names = {n["name"] for n in main["nodes"]}
     assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split", "finetuned_model"} <= names

@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Pipeline
 
-from c2s_kedro.pipelines import benchmarking, data_processing, embedding, evaluation, finetuning, pretraining, sentence_conversion
+from c2s_kedro.pipelines import benchmarking, cell_generation, data_processing, embedding, evaluation, finetuning, pretraining, sentence_conversion
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -17,6 +17,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "finetuning": finetuning.create_pipeline(),
         "evaluation": evaluation.create_pipeline(),
         "zero_shot_annotation": evaluation.create_zero_shot_pipeline(),
+        "cell_generation": cell_generation.create_pipeline(),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -159,3 +159,20 @@ def test_metrics_logged_to_the_active_mlflow_run(tmp_path):
         assert json.loads((tmp_path / "metrics.json").read_text()) == {"r2": 0.5}
     finally:
         mlflow.set_tracking_uri(previous_uri)
+
+
+def test_metric_names_mlflow_refuses_are_made_safe_there_only(tmp_path):
+    import json
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from c2s_kedro.datasets import MetricsDataset
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/names.db")
+    mlflow.set_experiment("metric-names")  # a fresh store: do not reuse another test's experiment id
+    dataset = MetricsDataset(filepath=str(tmp_path / "m.json"), prefix="gen")
+    with mlflow.start_run() as run:
+        dataset.save({"correlation[CD14+ Monocyte]": 0.9})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"correlation[CD14+ Monocyte]": 0.9}
+    assert MlflowClient().get_run(run.info.run_id).data.metrics == {"gen.correlation_CD14_ Monocyte_": 0.9}

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    Cache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    StaticCache,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -209,17 +211,15 @@ def score_labels(
             input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1
         )
         batch_scores = prompt_pass.logits[:, -1].float().log_softmax(-1)[:, first_tokens]
-        if len(tree):
-            rows = len(batch)
-            tree_pass = model(
-                input_ids=node_tokens.expand(rows, -1),
-                attention_mask=tree.attention_mask(mask, prompt_pass.logits.dtype),
-                position_ids=mask.sum(-1, keepdim=True) + depths - 1,
-                cache=prompt_pass.cache,
-                use_cache=True,
-            )
-            node_log_probs = tree_pass.logits.float().log_softmax(-1)
-            batch_scores = batch_scores.index_add(1, answer_of, node_log_probs[:, node_of, token_of])
+        tree_pass = model(
+            input_ids=node_tokens.expand(len(batch), -1),
+            attention_mask=tree.attention_mask(mask, model.dtype),
+            position_ids=mask.sum(-1, keepdim=True) + depths - 1,
+            cache=prompt_pass.cache,
+            use_cache=True,
+        )
+        node_log_probs = tree_pass.logits.float().log_softmax(-1)
+        batch_scores = batch_scores.index_add(1, answer_of, node_log_probs[:, node_of, token_of])
         scores[batch] = batch_scores.double().cpu().numpy()
     logger.info("scored %d prompts against %d labels (%d tree tokens per prompt)", len(encoded), len(labels), len(tree))
     return scores
@@ -263,6 +263,7 @@ def _generation_config(tokenizer, max_new_tokens: int, do_sample: bool) -> Gener
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         num_beams=1,
+        disable_compile=True,  # generate() would compile the forward on GPU when given a StaticCache
         pad_token_id=_pad_id(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         **settings,
@@ -343,6 +344,24 @@ def generate_texts(
     return texts
 
 
+def _expanded_cache(model, prefix: Cache, rows: int, max_cache_len: int) -> Cache:
+    """The prompt's cache copied to ``rows`` rows, preallocated for the whole generation.
+
+    A ``StaticCache`` is written in place at each step; the default ``DynamicCache`` allocates
+    and copies every row's cache at every step, which dominates decoding when many rows share a
+    long prompt. Models with sliding-window layers (whose cache holds only the window) keep the
+    dynamic cache, copied row by row.
+    """
+    if any(prefix.is_sliding):
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(rows)
+        return cache
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    for index, layer in enumerate(prefix.layers):
+        cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+    return cache
+
+
 @torch.inference_mode()
 def sample_continuations(
     language_model: LanguageModel,
@@ -370,9 +389,9 @@ def sample_continuations(
     _check_room([ids], max_new_tokens, language_model.context_length)
     device = language_model.device
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    prefix_cache = None
+    prefix = None
     if len(ids) > 1:
-        prefix_cache = model(input_ids=prompt_ids[:, :-1], use_cache=True, logits_to_keep=1).cache
+        prefix = model(input_ids=prompt_ids[:, :-1], use_cache=True, logits_to_keep=1).cache
     config = _generation_config(tokenizer, max_new_tokens, do_sample=True)
     processors = _processors(logits_processor, True, temperature, None, None)
     rows_per_batch = batch_size or n_samples
@@ -380,14 +399,10 @@ def sample_continuations(
     with _seeded(seed, device):
         for start in range(0, n_samples, rows_per_batch):
             rows = min(rows_per_batch, n_samples - start)
-            cache = None
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache) if start + rows < n_samples else prefix_cache
-                cache.batch_repeat_interleave(rows)
             sequences = model.generate(
                 input_ids=prompt_ids.expand(rows, -1),
                 attention_mask=torch.ones((rows, len(ids)), dtype=torch.long, device=device),
-                cache=cache,
+                cache=_expanded_cache(model, prefix, rows, len(ids) + max_new_tokens) if prefix is not None else None,
                 generation_config=config,
                 logits_processor=processors,
             )

@@ -13,15 +13,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _scatter_by(ax, coords: np.ndarray, labels: pd.Series | None, title: str, point_size: float) -> None:
+def _scatter_by(
+    ax, coords: np.ndarray, labels: pd.Series | None, title: str, point_size: float, categories: list[str] | None = None
+) -> None:
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=point_size, c="tab:blue", linewidths=0)
     else:
-        labels = labels.astype(str)
-        categories = sorted(labels.unique())
+        labels = pd.Series(np.asarray(labels).astype(str))
+        categories = categories or sorted(labels.unique())
         cmap = plt.get_cmap("tab20" if len(categories) > 10 else "tab10")
         for i, category in enumerate(categories):
             mask = (labels == category).to_numpy()
+            if not mask.any():
+                continue
             ax.scatter(
                 coords[mask, 0], coords[mask, 1], s=point_size, color=cmap(i % cmap.N),
                 label=category, linewidths=0,
@@ -47,16 +51,36 @@ def umap_plot(adata: ad.AnnData, color: str, basis: str = "X_umap", title: str |
 
 
 def umap_side_by_side(
-    panels: Sequence[tuple[str, np.ndarray]], labels: pd.Series | None, suptitle: str
+    panels: Sequence[tuple[str, np.ndarray]], labels: pd.Series | Sequence[pd.Series] | None, suptitle: str
 ) -> plt.Figure:
-    """Several embeddings of the same cells side by side, coloured by the same labels."""
+    """Several embeddings side by side, coloured by the same labels (one series for all panels when
+    they show the same cells, or one per panel); a category keeps its colour across panels."""
+    per_panel = list(labels) if isinstance(labels, list | tuple) else [labels] * len(panels)
+    categories = sorted({str(v) for series in per_panel if series is not None for v in series})
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 5), constrained_layout=True)
     axes = np.atleast_1d(axes)
-    for i, (ax, (title, coords)) in enumerate(zip(axes, panels)):
-        _scatter_by(ax, coords, labels if labels is not None else None, title, _point_size(len(coords)))
+    for i, (ax, (title, coords), series) in enumerate(zip(axes, panels, per_panel)):
+        _scatter_by(ax, coords, series, title, _point_size(len(coords)), categories)
         if i < len(panels) - 1 and ax.get_legend() is not None:
             ax.get_legend().remove()
     fig.suptitle(suptitle)
+    return fig
+
+
+def mean_expression_heatmap(
+    real_means: np.ndarray, generated_means: np.ndarray, types: Sequence[str], genes: Sequence[str], n_genes: int = 40
+) -> plt.Figure:
+    """Mean expression per cell type of real and generated cells, on the genes that vary most
+    between the real types."""
+    chosen = np.argsort(-real_means.var(axis=0))[:n_genes]
+    top = float(max(real_means[:, chosen].max(), generated_means[:, chosen].max(), 1e-9))
+    fig, axes = plt.subplots(1, 2, figsize=(0.22 * len(chosen) * 2 + 4, 0.4 * len(types) + 2.5), constrained_layout=True)
+    for ax, means, title in zip(axes, (real_means, generated_means), ("real", "generated")):
+        image = ax.imshow(means[:, chosen], aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_xticks(range(len(chosen)), [genes[g] for g in chosen], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(types)), types, fontsize=7)
+        ax.set_title(f"{title} cells: mean expression per type")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="mean log10 expression")
     return fig
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +19,8 @@ class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
     """Saves a flat ``{name: number}`` dict as JSON and, when an MLflow run is active (kedro-mlflow
     starts one per ``kedro run``), logs every number as an MLflow metric with ``prefix``.
 
-    Non-finite numbers are written as ``null`` in JSON (JSON has no NaN) and not logged.
+    Non-finite numbers are written as ``null`` in JSON (JSON has no NaN) and not logged. Characters
+    MLflow refuses in metric names (``+``, ``[``...) become ``_`` there; the JSON keeps the names.
     """
 
     def __init__(self, *, filepath: str, prefix: str | None = None, metadata: dict[str, Any] | None = None):
@@ -52,7 +54,8 @@ class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
         if mlflow.active_run() is None:
             return
         prefix = f"{self._prefix}." if self._prefix else ""
-        mlflow.log_metrics({f"{prefix}{k}": v for k, v in metrics.items() if v is not None})
+        # MLflow names allow letters, digits, _ - . / and spaces; other characters become _
+        mlflow.log_metrics({re.sub(r"[^\w\-. /]", "_", f"{prefix}{k}"): v for k, v in metrics.items() if v is not None})
 
     def _exists(self) -> bool:
         return self._filepath.exists()
