@@ -68,6 +68,38 @@ def timed_interleaved(functions: dict, repeats: int) -> dict[str, float]:
     return {name: min(values) for name, values in times.items()}
 
 
+def pbmc_prompts_and_model(n_cells: int, layers: int, width: int, batch_size: int, extra_words=()):
+    """The benchmarks' shared setup: a random GPT-NeoX with the gene-level tokenizer of the PBMC
+    data, the cell-type-prediction prompts of the first ``n_cells`` cells, and those prompts as
+    ready, length-grouped, padded tensors (for the compute floor)."""
+    adata = normalize_log10(pbmc68k_counts())
+    converted = cell_sentences_from_adata(adata[:n_cells], label_columns=["cell_type"], seed=0)
+    tokenizer = build_gene_tokenizer(converted.vocabulary, template_words() + list(extra_words) + ["Homo sapiens"], model_max_length=1024)
+    language_model = build_gpt_neox(
+        tokenizer,
+        {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": max(1, width // 64),
+         "max_position_embeddings": 1024},
+    )
+    language_model.model.eval()
+    template = load_templates("cell_type_prediction").inputs[0]
+    prompts = [
+        fit_prompt(template, s.split(), {"organism": "Homo sapiens"}, tokenizer, 1024)[0]
+        for s in converted.sentences["cell_sentence"]
+    ]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    ready = []
+    for batch in length_grouped_batches(lengths, batch_size):
+        padded = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), padded), tokenizer.pad_token_id)
+        mask = torch.zeros((len(batch), padded), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[i]] = torch.tensor(encoded[i])
+            mask[row, : lengths[i]] = 1
+        ready.append((ids, mask))
+    return language_model, prompts, ready
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=120)
@@ -80,31 +112,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    adata = normalize_log10(pbmc68k_counts())
-    converted = cell_sentences_from_adata(adata[: args.cells], label_columns=["cell_type"], seed=0)
-    tokenizer = build_gene_tokenizer(converted.vocabulary, template_words() + ["Homo sapiens"], model_max_length=1024)
-    language_model = build_gpt_neox(
-        tokenizer,
-        {"num_hidden_layers": args.layers, "hidden_size": args.width, "num_attention_heads": max(1, args.width // 64),
-         "max_position_embeddings": 1024},
-    )
-    language_model.model.eval()
-    template = load_templates("cell_type_prediction").inputs[0]
-    prompts = [
-        fit_prompt(template, s.split(), {"organism": "Homo sapiens"}, tokenizer, 1024)[0]
-        for s in converted.sentences["cell_sentence"]
-    ]
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    lengths = [len(ids) for ids in encoded]
-    ready = []
-    for batch in length_grouped_batches(lengths, args.batch_size):
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[i]] = torch.tensor(encoded[i])
-            mask[row, : lengths[i]] = 1
-        ready.append((ids, mask))
+    language_model, prompts, ready = pbmc_prompts_and_model(args.cells, args.layers, args.width, args.batch_size)
+    tokenizer = language_model.tokenizer
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
     best = timed_interleaved(
         {
@@ -120,6 +130,7 @@ def main() -> None:
     atlas.X = atlas.X.astype(np.float32)
     atlas_sentences = cell_sentences_from_adata(atlas, seed=0)
     atlas_tokenizer = build_gene_tokenizer(atlas_sentences.vocabulary, template_words() + ["Homo sapiens"], model_max_length=8192)
+    template = load_templates("cell_type_prediction").inputs[0]
     tokens_per_cell = {}
     for k in (200, 2048):
         counts = [

@@ -28,23 +28,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from embedding_throughput import floor_forward, timed_interleaved  # noqa: E402
+from embedding_throughput import floor_forward, pbmc_prompts_and_model, timed_interleaved  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
 from c2s_kedro.core.constraints import GeneVocabularyConstraint  # noqa: E402
 from c2s_kedro.core.data import pbmc68k_counts  # noqa: E402
 from c2s_kedro.core.inference import (  # noqa: E402
     generate_texts,
-    length_grouped_batches,
     match_answer,
     sample_continuations,
     score_labels,
 )
-from c2s_kedro.core.models import build_gpt_neox  # noqa: E402
 from c2s_kedro.core.preprocessing import normalize_log10  # noqa: E402
-from c2s_kedro.core.prompts import fit_prompt, load_templates, template_words  # noqa: E402
-from c2s_kedro.core.sentences import cell_sentences_from_adata  # noqa: E402
-from c2s_kedro.core.tokenizer import build_gene_tokenizer  # noqa: E402
+from c2s_kedro.core.sentences import vocabulary_names  # noqa: E402
 
 
 def reference_generate(language_model, prompts, max_new_tokens):
@@ -106,31 +102,11 @@ def main() -> None:
 
     adata = normalize_log10(pbmc68k_counts())
     labels = sorted(str(v) for v in adata.obs["cell_type"].unique())
-    converted = cell_sentences_from_adata(adata[: args.cells], label_columns=["cell_type"], seed=0)
     # the foundation model's tokenizer (pipelines/pretraining): genes, template words, labels, organism
-    tokenizer = build_gene_tokenizer(converted.vocabulary, template_words() + labels + ["Homo sapiens"], model_max_length=1024)
-    language_model = build_gpt_neox(
-        tokenizer,
-        {"num_hidden_layers": args.layers, "hidden_size": args.width, "num_attention_heads": max(1, args.width // 64),
-         "max_position_embeddings": 1024},
-    )
-    language_model.model.eval()
-    template = load_templates("cell_type_prediction").inputs[0]
-    prompts = [
-        fit_prompt(template, s.split(), {"organism": "Homo sapiens"}, tokenizer, 1024)[0]
-        for s in converted.sentences["cell_sentence"]
-    ]
+    language_model, prompts, ready = pbmc_prompts_and_model(args.cells, args.layers, args.width, args.batch_size, labels)
+    tokenizer = language_model.tokenizer
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     lengths = [len(ids) for ids in encoded]
-    ready = []
-    for batch in length_grouped_batches(lengths, args.batch_size):
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[i]] = torch.tensor(encoded[i])
-            mask[row, : lengths[i]] = 1
-        ready.append((ids, mask))
     answer_tokens = [len(tokenizer(" " + label + ".", add_special_tokens=False)["input_ids"]) for label in labels]
     max_new_tokens = max(answer_tokens) + 2
     naive_prompts = prompts[: args.naive_cells]
@@ -156,7 +132,7 @@ def main() -> None:
     cells_per_s["naive_label_scoring_subset"] = len(naive_prompts) / best["naive_label_scoring_subset"]
 
     sample_prompt = prompts[0]
-    genes = list(converted.vocabulary)
+    genes = list(dict.fromkeys(vocabulary_names(adata.var_names)))
     samples = {
         "ours": sample_continuations(language_model, sample_prompt, args.samples, args.sample_tokens, temperature=1.0, seed=0),
         "separate": separate_samples(language_model, sample_prompt, args.samples, args.sample_tokens, 1.0),
