@@ -169,3 +169,35 @@ def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
     assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "zero_shot_annotation", "cell_generation"}
     names = {n["name"] for n in main["nodes"]}
     assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split", "finetuned_model"} <= names
+
+
+def _epochs_per_step(project: Path) -> float:
+    log = json.loads((project / "data" / "08_reporting" / "finetuning_log.json").read_text())
+    last = next(entry for entry in reversed(log) if "loss" in entry)
+    return last["epoch"] / last["step"]
+
+
+def test_torchrun_trains_with_ddp_on_cpu_and_writes_once(project: Path):
+    """Two processes: DDP on CPU (gloo), one MLflow run, outputs written by rank 0 only."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    single_process = _epochs_per_step(project)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("c2s_kedro_test")
+
+    def finetuning_runs() -> int:
+        return sum(r.info.run_name == "finetuning" for r in client.search_runs([experiment.experiment_id]))
+
+    before = finetuning_runs()
+    executables = Path(sys.executable).parent
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [str(executables / "torchrun"), "--nproc_per_node=2", str(executables / "kedro"), "run", "--env", "test",
+         "--pipeline", "finetuning"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert finetuning_runs() == before + 1  # rank 1 records no run
+    assert _epochs_per_step(project) == pytest.approx(2 * single_process, rel=0.05)  # each step takes a batch per rank

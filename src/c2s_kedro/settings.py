@@ -2,9 +2,9 @@
 
 from kedro.config import OmegaConfigLoader
 
-from c2s_kedro.hooks import UpstreamOutputsHook
+from c2s_kedro.hooks import DistributedRunHook, UpstreamOutputsHook
 
-HOOKS = (UpstreamOutputsHook(),)
+HOOKS = (DistributedRunHook(), UpstreamOutputsHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -83,7 +84,8 @@ class MlflowStepLogger(TrainerCallback):
 
 def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArguments:
     """``TrainingArguments`` from a parameters dict; every key passes through unchanged."""
-    settings = {"report_to": "none", **settings, "output_dir": output_dir}
+    # use_cpu without CUDA also lets torchrun on CPU train with DDP (gloo) instead of N copies
+    settings = {"report_to": "none", "use_cpu": not torch.cuda.is_available(), **settings, "output_dir": output_dir}
     try:
         return TrainingArguments(**settings)
     except TypeError as error:
@@ -122,7 +124,8 @@ def train_causal_lm(
     if checkpoint:
         logger.info("resuming training from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
-    if not keep_checkpoints:
+    trainer.accelerator.wait_for_everyone()  # under torchrun, every rank has finished with the checkpoints
+    if not keep_checkpoints and trainer.is_world_process_zero():
         for finished in Path(arguments.output_dir).glob("checkpoint-*"):
             shutil.rmtree(finished, ignore_errors=True)
     model = trainer.model
