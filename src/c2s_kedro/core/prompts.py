@@ -138,6 +138,7 @@ class PromptFormatter:
             batch_size=batch_size,
             remove_columns=dataset.column_names,
             load_from_cache_file=False,
+            keep_in_memory=True,
             desc=f"formatting {self.task} prompts",
         )
 

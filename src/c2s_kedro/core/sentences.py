@@ -488,6 +488,17 @@ def reconstruct_expression(
     return matrix, n_unknown
 
 
+def select_cells(cell_sentences: Dataset, names: Sequence[str]) -> Dataset:
+    """The rows of ``cell_sentences`` whose ``cell_name`` is in ``names``, in dataset order.
+
+    Kept in memory (an index over the saved table), so nothing is written next to the saved
+    dataset in the catalog's folder.
+    """
+    wanted = set(names)
+    rows = [i for i, name in enumerate(cell_sentences["cell_name"]) if name in wanted]
+    return cell_sentences.select(rows, keep_in_memory=True)
+
+
 def split_cells(
     cell_names: Sequence[str],
     fractions: dict[str, float],

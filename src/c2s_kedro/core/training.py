@@ -47,9 +47,10 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_respo
         fn_kwargs={"tokenizer": tokenizer, "loss_on_response_only": loss_on_response_only},
         remove_columns=dataset.column_names,
         load_from_cache_file=False,
+        keep_in_memory=True,
         desc="tokenizing",
     )
-    fits = tokenized.filter(lambda ids: [len(i) <= max_length for i in ids], input_columns="input_ids", batched=True)
+    fits = tokenized.filter(lambda ids: [len(i) <= max_length for i in ids], input_columns="input_ids", batched=True, keep_in_memory=True)
     if fits.num_rows < tokenized.num_rows:
         logger.warning(
             "%d of %d samples exceed the model's context of %d tokens and were dropped; fit prompts to "

@@ -11,15 +11,11 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from c2s_kedro.core import plotting
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import build_formatter
+from c2s_kedro.core.sentences import select_cells
 from c2s_kedro.core.training import summarize_history, tokenize_dataset, train_causal_lm, training_arguments
 
 logger = logging.getLogger(__name__)
 SETTINGS = "conf/base/parameters_finetuning.yml"
-
-
-def _cells(cell_sentences: Dataset, names: list[str]) -> Dataset:
-    wanted = set(names)
-    return cell_sentences.filter(lambda batch: [n in wanted for n in batch], input_columns="cell_name", batched=True)
 
 
 def format_finetuning_prompts(
@@ -36,7 +32,7 @@ def format_finetuning_prompts(
         )
     parts = {}
     for part in ("train", "val", "test"):
-        cells = _cells(cell_sentences, data_split[part])
+        cells = select_cells(cell_sentences, data_split[part])
         formatted = []
         for task in params["tasks"]:
             formatter = build_formatter(
@@ -48,10 +44,10 @@ def format_finetuning_prompts(
                 }),
             )
             formatted.append(formatter.format_dataset(cells))
-        parts[part] = concatenate_datasets(formatted).shuffle(seed=params.get("seed", 0)).flatten_indices()
+        parts[part] = concatenate_datasets(formatted).shuffle(seed=params.get("seed", 0), keep_in_memory=True).flatten_indices(keep_in_memory=True)
     cap = params.get("max_eval_samples")
     if cap is not None and parts["val"].num_rows > cap:
-        parts["val"] = parts["val"].select(range(cap))
+        parts["val"] = parts["val"].select(range(cap), keep_in_memory=True)
     return DatasetDict(parts)
 
 

@@ -11,6 +11,7 @@ from datasets import Dataset, concatenate_datasets
 from c2s_kedro.core import plotting
 from c2s_kedro.core.models import LanguageModel, build_gpt_neox
 from c2s_kedro.core.prompts import C2SPromptFormatter, template_words
+from c2s_kedro.core.sentences import select_cells
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.training import summarize_history, tokenize_dataset, train_causal_lm, training_arguments
 
@@ -38,8 +39,7 @@ def initialize_foundation_model(vocabulary: dict[str, int], cell_sentences: Data
 
 
 def _corpus(cell_sentences: Dataset, cells: list[str], params: dict[str, Any], model: LanguageModel) -> Dataset:
-    wanted = set(cells)
-    part = cell_sentences.filter(lambda names: [n in wanted for n in names], input_columns="cell_name", batched=True)
+    part = select_cells(cell_sentences, cells)
     # one token per gene with the gene-level tokenizer; one more for the EOS
     max_genes = min(params["max_genes"], model.context_length - 1)
     sentences = part.map(
@@ -50,13 +50,14 @@ def _corpus(cell_sentences: Dataset, cells: list[str], params: dict[str, Any], m
         },
         batched=True,
         remove_columns=part.column_names,
+        keep_in_memory=True,
         desc="plain sentences",
     )
     label = params["label_column"]
     if label not in part.column_names:
         logger.info("no '%s' column: pretraining on plain cell sentences only", label)
         return sentences
-    labelled = part.filter(lambda values: [v is not None for v in values], input_columns=label, batched=True)
+    labelled = part.filter(lambda values: [v is not None for v in values], input_columns=label, batched=True, keep_in_memory=True)
     formatter = C2SPromptFormatter(
         task="cell_type_generation", top_k_genes=max_genes, label_column=label,
         organism_column=params["organism_column"], seed=params.get("seed", 0),
