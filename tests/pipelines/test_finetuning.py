@@ -130,3 +130,44 @@ def test_an_interrupted_training_resumes_from_its_checkpoint(tokenizer, cells, t
     assert counter.steps == [3, 4, 5, 6]  # continued after step 2 instead of starting over
     assert [e["step"] for e in history if "loss" in e][:2] == [1, 2]  # the first run's log is kept
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # removed once complete
+
+
+def test_tissue_prediction_puts_cells_of_one_tissue_in_one_prompt_and_fits(tokenizer):
+    rng = np.random.default_rng(2)
+    cells = Dataset.from_dict({
+        "cell_name": [f"c{i}" for i in range(7)],
+        "cell_sentence": [" ".join(rng.permutation(GENES)[:60]) for _ in range(7)],
+        "tissue": ["blood", "blood", "blood", "blood", "blood", "lung", "lung"],
+    })
+    formatter = build_formatter("tissue_prediction", options={"cells_per_prompt": 3}, tokenizer=tokenizer, max_tokens=96, seed=0)
+    formatted = formatter.format_dataset(cells)
+    assert sorted(formatted["response"]) == ["blood.", "blood.", "lung."]  # 3 + 2 blood cells, 2 lung cells
+    for prompt, response in zip(formatted["model_input"], formatted["response"]):
+        assert len(tokenizer(prompt + " " + response)["input_ids"]) + 1 <= 96
+        assert prompt.count("\nCell ") in (2, 3) and set(formatted["sample_type"]) == {"tissue_prediction"}
+    unfitted = build_formatter("tissue_prediction", options={"cells_per_prompt": 2}).format_dataset(cells)
+    assert all(len(line.split(": ", 1)[1].rstrip(".").split()) == 60 for p in unfitted["model_input"] for line in p.split("\n") if line.startswith("Cell "))
+
+
+def test_lora_finetuning_returns_a_plain_model_with_changed_weights(tokenizer, cells, tmp_path):
+    from datasets import DatasetDict
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+
+    from c2s_kedro.core.models import save_model
+    from c2s_kedro.pipelines.finetuning.nodes import finetune_model
+
+    base = build_gpt_neox(tokenizer, ARCHITECTURE)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    formatted = C2SPromptFormatter(task="cell_type_prediction", tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
+    params = {
+        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["query_key_value"]},
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "training_arguments": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1},
+    }
+    trained, history = finetune_model(base, DatasetDict({"train": formatted, "val": formatted.select(range(2))}), params)
+    assert type(trained.model) is GPTNeoXForCausalLM  # adapters merged, no peft wrapper left
+    after = trained.model.state_dict()
+    changed = [k for k in before if not np.allclose(before[k], after[k])]
+    assert changed and all("query_key_value" in k for k in changed)  # only the adapted layers moved
+    save_model(trained, tmp_path / "model")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model") is not None

@@ -23,6 +23,7 @@ from datasets import Dataset
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TASKS = ("cell_type_prediction", "cell_type_generation")
+MULTICELL_TASKS = ("tissue_prediction",)
 FORMATTED_COLUMNS = ("sample_type", "model_input", "response")
 
 
@@ -38,14 +39,14 @@ class PromptTemplates:
 @cache
 def load_templates(task: str) -> PromptTemplates:
     """Templates shipped with the package for ``task``."""
-    if task not in SUPPORTED_TASKS:
-        raise ValueError(f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS)}")
+    if task not in SUPPORTED_TASKS + MULTICELL_TASKS:
+        raise ValueError(f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS + MULTICELL_TASKS)}")
     text = resources.files("c2s_kedro.core").joinpath("prompt_templates", f"{task}.json").read_text()
     data = json.loads(text)
     return PromptTemplates(task=data["task"], inputs=tuple(data["inputs"]), response=data["response"])
 
 
-def template_words(tasks: Sequence[str] = SUPPORTED_TASKS) -> list[str]:
+def template_words(tasks: Sequence[str] = SUPPORTED_TASKS + MULTICELL_TASKS) -> list[str]:
     """Every whitespace-separated word of the templates, placeholders removed (for vocabularies)."""
     words: list[str] = []
     for task in tasks:
@@ -240,6 +241,9 @@ def build_formatter(
     """The built-in formatter for ``task``, or a user subclass of ``PromptFormatter`` named by
     dotted path (``my_package.prompts.MyFormatter``) and built with ``options``."""
     options = dict(options or {})
+    if formatter is None and task in MULTICELL_TASKS:
+        keep = {k: v for k, v in common.items() if k in ("seed", "top_k_genes", "organism_column", "tokenizer", "max_tokens")}
+        return TissuePredictionFormatter(**keep, **options)
     if formatter is None:
         return C2SPromptFormatter(task=task, **common, **options)
     module_name, _, class_name = formatter.rpartition(".")
@@ -253,3 +257,79 @@ def build_formatter(
     if not (isinstance(cls, type) and issubclass(cls, PromptFormatter)):
         raise ValueError(f"'{formatter}' is not a subclass of c2s_kedro.core.prompts.PromptFormatter")
     return cls(seed=common.get("seed", 0), **options)
+
+
+class TissuePredictionFormatter(PromptFormatter):
+    """Multi-cell ``tissue_prediction``: ``cells_per_prompt`` cells of one tissue in one prompt, one
+    cell sentence per line; the answer is the tissue.
+
+    Cells are grouped by tissue in a seeded random order (a tissue's last group may be smaller).
+    With a ``tokenizer`` and ``max_tokens`` every cell's sentence is cut to the same number of
+    genes so the whole prompt and its answer fit.
+    """
+
+    task = "tissue_prediction"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        cells_per_prompt: int = 3,
+        top_k_genes: int | None = 100,
+        tissue_column: str = "tissue",
+        organism_column: str = "organism",
+        default_organism: str = "Homo sapiens",
+        tokenizer=None,
+        max_tokens: int | None = None,
+    ) -> None:
+        super().__init__(seed=seed)
+        self.templates = load_templates("tissue_prediction")
+        self.cells_per_prompt = cells_per_prompt
+        self.top_k_genes = top_k_genes
+        self.tissue_column = tissue_column
+        self.organism_column = organism_column
+        self.default_organism = default_organism
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens if tokenizer is not None else None
+
+    def required_columns(self) -> list[str]:
+        return ["cell_sentence", self.tissue_column]
+
+    def _render(self, template: str, sentences: list[list[str]], k: int, fields: dict[str, Any]) -> str:
+        lines = "\n".join(f"Cell {i + 1}: {' '.join(genes[:k])}." for i, genes in enumerate(sentences))
+        return template.format(num_cells=len(sentences), num_genes=k, cell_sentences=lines, **fields)
+
+    def _prompt(self, template: str, sentences: list[list[str]], fields: dict[str, Any]) -> str:
+        k = max((len(genes) for genes in sentences), default=0)
+        if self.max_tokens is None:
+            return self._render(template, sentences, k, fields)
+        budget = self.max_tokens - int(count_tokens(self.tokenizer, [" " + self.templates.response.format(**fields)])[0]) - 1
+        low, high = 0, k
+        if int(count_tokens(self.tokenizer, [self._render(template, sentences, 0, fields)])[0]) > budget:
+            raise ContextTooSmallError(
+                f"a tissue_prediction prompt of {len(sentences)} cells without genes does not fit {self.max_tokens} "
+                "tokens; lower cells_per_prompt or use a model with a longer context"
+            )
+        while low < high:  # the most genes per cell that fit
+            middle = (low + high + 1) // 2
+            fits = int(count_tokens(self.tokenizer, [self._render(template, sentences, middle, fields)])[0]) <= budget
+            low, high = (middle, high) if fits else (low, middle - 1)
+        return self._render(template, sentences, low, fields)
+
+    def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        tissues = batch[self.tissue_column]
+        organisms = batch.get(self.organism_column) or [self.default_organism] * len(tissues)
+        order = self.rng.permutation(len(tissues))
+        groups: dict[str, list[int]] = {}
+        for i in order:
+            if tissues[i] is not None:
+                groups.setdefault(str(tissues[i]), []).append(int(i))
+        inputs, responses = [], []
+        for tissue, members in groups.items():
+            for start in range(0, len(members), self.cells_per_prompt):
+                chosen = members[start : start + self.cells_per_prompt]
+                sentences = [(batch["cell_sentence"][i] or "").split()[: self.top_k_genes] for i in chosen]
+                fields = {"tissue": tissue, "organism": organisms[chosen[0]] or self.default_organism}
+                template = self.templates.inputs[self.rng.integers(len(self.templates.inputs))]
+                inputs.append(self._prompt(template, sentences, fields))
+                responses.append(self.templates.response.format(**fields))
+        return {"sample_type": [self.task] * len(inputs), "model_input": inputs, "response": responses}
