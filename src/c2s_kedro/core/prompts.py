@@ -101,6 +101,42 @@ def fit_prompt(
     return render(kept), kept
 
 
+def cell_type_prediction_prompts(
+    sentences: Sequence[str | None],
+    organisms: Sequence[str | None] | None,
+    tokenizer,
+    max_tokens: int | None,
+    template_index: int | None = 0,
+    top_k_genes: int | None = None,
+    seed: int = 0,
+    default_organism: str = "Homo sapiens",
+) -> tuple[list[str], list[int], list[int]]:
+    """Cell-type-prediction prompts without their answer, each fitted to ``max_tokens`` tokens.
+
+    ``template_index`` fixes the paraphrase (reproducible embeddings); ``None`` draws one per cell
+    with ``seed``, as in training. Returns the prompts, the genes kept and the genes available
+    per cell; shortened prompts are counted in the log.
+    """
+    templates = load_templates("cell_type_prediction").inputs
+    rng = np.random.default_rng(seed)
+    prompts, kept, available = [], [], []
+    for i, sentence in enumerate(sentences):
+        genes = (sentence or "").split()[:top_k_genes]
+        template = templates[template_index if template_index is not None else rng.integers(len(templates))]
+        organism = (organisms[i] if organisms is not None else None) or default_organism
+        prompt, n_kept = fit_prompt(template, genes, {"organism": organism}, tokenizer, max_tokens)
+        prompts.append(prompt)
+        kept.append(n_kept)
+        available.append(len(genes))
+    shortened = sum(k < a for k, a in zip(kept, available))
+    if shortened:
+        logger.info(
+            "%d of %d prompts shortened to %d tokens (median %d genes kept of %d)",
+            shortened, len(prompts), max_tokens, int(np.median(kept)), int(np.median(available)),
+        )
+    return prompts, kept, available
+
+
 class PromptFormatter:
     """Base class of formatters: turn a cell-sentence dataset into ``sample_type``, ``model_input``,
     ``response`` columns.

@@ -15,7 +15,7 @@ from c2s_kedro.core import plotting
 from c2s_kedro.core.evaluation import embedding_quality
 from c2s_kedro.core.inference import embed_prompts
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import fit_prompt, load_templates
+from c2s_kedro.core.prompts import cell_type_prediction_prompts
 from c2s_kedro.core.validation import require_obs_columns
 
 logger = logging.getLogger(__name__)
@@ -28,24 +28,16 @@ def build_embedding_prompts(cell_sentences: Dataset, foundation_model: LanguageM
     Genes beyond the model's context are dropped from the end of the sentence (logged); the
     template is fixed (``template_index``) so that embeddings are reproducible.
     """
-    template = load_templates("cell_type_prediction").inputs[params.get("template_index", 0)]
     organism_column = params.get("organism_column", "organism")
-    organisms = cell_sentences[organism_column] if organism_column in cell_sentences.column_names else None
-    top_k = params.get("top_k_genes")
-    prompts, kept, available = [], [], []
-    for i, sentence in enumerate(cell_sentences["cell_sentence"]):
-        genes = (sentence or "").split()[:top_k]
-        organism = (organisms[i] if organisms else None) or params.get("default_organism", "Homo sapiens")
-        prompt, n_kept = fit_prompt(template, genes, {"organism": organism}, foundation_model.tokenizer, foundation_model.context_length)
-        prompts.append(prompt)
-        kept.append(n_kept)
-        available.append(len(genes))
-    shortened = int(np.count_nonzero(np.asarray(kept) < np.asarray(available)))
-    if shortened:
-        logger.info(
-            "%d of %d prompts shortened to the model's context of %d tokens (median %d genes kept of %d)",
-            shortened, len(prompts), foundation_model.context_length, int(np.median(kept)), int(np.median(available)),
-        )
+    prompts, kept, available = cell_type_prediction_prompts(
+        cell_sentences["cell_sentence"],
+        cell_sentences[organism_column] if organism_column in cell_sentences.column_names else None,
+        foundation_model.tokenizer,
+        foundation_model.context_length,
+        template_index=params.get("template_index", 0),
+        top_k_genes=params.get("top_k_genes"),
+        default_organism=params.get("default_organism", "Homo sapiens"),
+    )
     return {"cell_name": list(cell_sentences["cell_name"]), "prompt": prompts, "genes_kept": kept, "genes_available": available}
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import anndata as ad
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from datasets import Dataset
 from sklearn.linear_model import LogisticRegression
@@ -16,7 +15,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from c2s_kedro.core import plotting
 from c2s_kedro.core.inference import generate_texts, match_answer, predict_labels
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import count_tokens, fit_prompt, load_templates
+from c2s_kedro.core.prompts import cell_type_prediction_prompts, count_tokens
 
 logger = logging.getLogger(__name__)
 SETTINGS = "conf/base/parameters_evaluation.yml"
@@ -39,15 +38,17 @@ def build_evaluation_prompts(
     table = table.set_index("cell_name")
     labels = sorted(table.loc[data_split["train"], label].dropna().astype(str).unique())
     test = table.loc[data_split["test"]]
-    templates = load_templates("cell_type_prediction")
     longest_answer = int(count_tokens(model.tokenizer, [f" {name}." for name in labels]).max()) + 1
-    budget = model.context_length - longest_answer - params.get("extra_new_tokens", 2)
-    rng = np.random.default_rng(params.get("seed", 0))
-    prompts = []
-    for sentence, organism in zip(test["cell_sentence"], test.get(params.get("organism_column"), [None] * len(test))):
-        genes = (sentence or "").split()[: params.get("top_k_genes")]
-        template = templates.inputs[rng.integers(len(templates.inputs))]
-        prompts.append(fit_prompt(template, genes, {"organism": organism or "Homo sapiens"}, model.tokenizer, budget)[0])
+    organism_column = params.get("organism_column")
+    prompts, _, _ = cell_type_prediction_prompts(
+        test["cell_sentence"].tolist(),
+        test[organism_column].tolist() if organism_column in test.columns else None,
+        model.tokenizer,
+        model.context_length - longest_answer - params.get("extra_new_tokens", 2),
+        template_index=None,
+        top_k_genes=params.get("top_k_genes"),
+        seed=params.get("seed", 0),
+    )
     unseen = sorted(set(test[label].astype(str)) - set(labels))
     if unseen:
         logger.warning("test cells of types never seen in training: %s (they cannot be predicted right)", unseen)
