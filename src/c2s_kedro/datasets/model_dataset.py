@@ -9,7 +9,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from c2s_kedro.core.models import LanguageModel, ModelNotFoundError, load_model, save_model
+from c2s_kedro.core.models import HUB_ID, LanguageModel, ModelNotFoundError, load_model, save_model
 
 
 class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
@@ -25,6 +25,9 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
     Saving writes a complete directory next to ``path`` first and then swaps it in, so an
     interrupted save leaves the previous model untouched. The saved folder opens with plain
     ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+
+    A hub id is read-only: it counts as existing (so a run does not rebuild it upstream and
+    shadow it with a local folder of the same name), and saving to it is refused.
     """
 
     def __init__(self, *, path: str, load_args: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None):
@@ -41,9 +44,18 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
         except ModelNotFoundError as error:
             raise DatasetError(str(error)) from error
 
+    def _is_hub_id(self) -> bool:
+        return not Path(self._path).expanduser().exists() and bool(HUB_ID.match(self._path))
+
     def save(self, data: LanguageModel) -> None:
         if not isinstance(data, LanguageModel):
             raise DatasetError(f"HFModelDataset saves LanguageModel objects, got {type(data).__name__}")
+        if self._is_hub_id():
+            raise DatasetError(
+                f"'{self._path}' is a Hugging Face hub id, which is read-only here: a pipeline tried to save "
+                "a model to it. Point this catalog entry's path at a local directory to save, or run only "
+                "the pipelines that read this model."
+            )
         target = Path(self._path)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -62,4 +74,4 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
                 shutil.rmtree(staging)
 
     def _exists(self) -> bool:
-        return (Path(self._path) / "config.json").is_file()
+        return self._is_hub_id() or (Path(self._path) / "config.json").is_file()
