@@ -28,9 +28,19 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
 
     ``create_if_missing`` names a function (dotted path) that builds the data when the file does
     not exist; the result is written to ``filepath`` first. The project's default raw data uses it
-    to make the PBMC counts from the file shipped inside scanpy. Saving writes to a temporary
-    file in the same folder and renames it, so an interrupted save never leaves a half-written
-    file in place.
+    to make the PBMC counts from the file shipped inside scanpy. ``create_args`` are passed to
+    that function as keyword arguments::
+
+        perturbseq_raw:
+          type: c2s_kedro.datasets.H5adDataset
+          filepath: data/01_raw/perturbseq_simulated.h5ad
+          create_if_missing: c2s_kedro.core.simulate_perturbseq.simulate_perturbseq
+          create_args:
+            n_perturbations: 48
+            seed: 1
+
+    Saving writes to a temporary file in the same folder and renames it, so an interrupted save
+    never leaves a half-written file in place.
     """
 
     def __init__(
@@ -40,12 +50,19 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
         load_args: dict[str, Any] | None = None,
         save_args: dict[str, Any] | None = None,
         create_if_missing: str | None = None,
+        create_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._filepath = Path(filepath)
         self._load_args = dict(load_args or {})
         self._save_args = dict(save_args or {})
+        if create_args and not create_if_missing:
+            raise DatasetError(
+                f"H5adDataset for {filepath}: create_args given without create_if_missing; name "
+                "the function that builds the data in create_if_missing, or drop create_args"
+            )
         self._create_if_missing = create_if_missing
+        self._create_args = dict(create_args or {})
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
@@ -53,11 +70,12 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
             "filepath": str(self._filepath),
             "load_args": self._load_args,
             "create_if_missing": self._create_if_missing,
+            "create_args": self._create_args,
         }
 
     def _create(self) -> None:
         logger.info("%s does not exist: creating it with %s", self._filepath, self._create_if_missing)
-        self.save(load_obj(self._create_if_missing)())
+        self.save(load_obj(self._create_if_missing)(**self._create_args))
 
     def load(self) -> ad.AnnData:
         if not self._filepath.exists():

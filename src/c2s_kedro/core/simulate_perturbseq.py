@@ -1,0 +1,549 @@
+"""Perturb-seq-like count simulator in the Jurkat CRISPRi schema (GEO GSE264667, Replogle style).
+
+One cell line, low MOI: every cell carries one guide pair, either against one target gene or
+``non-targeting``. Counts are negative binomial per gene and cell, ``NB(mean, shape =
+dispersion)``, with
+
+    mean = library size * baseline * gem-group gene factor * 2 ** truth[perturbation]
+           * module activity * complex activity (targets only) * mito factor (MT- genes only)
+
+- ``baseline`` is a log-normal gene abundance (sum 1); ``library size`` is log-normal around
+  ``median_umi`` times a per-gem-group depth factor (the batch effect, with a small mean-one
+  per-gene factor per gem group). Control cells spread over all gem groups like perturbed cells.
+- Genes are grouped into modules (programs) whose activity varies a little from cell to cell.
+- Each perturbation knocks its target down to a residual of 5-40% of baseline. Perturbations with
+  a downstream effect come in complexes: the members of a complex shift the same module in the
+  same direction (log2 fold change 0.5-2 per perturbation, times a per-gene loading), and their
+  targets co-vary slightly across cells. The others ("no effect") knock down their target only.
+- A fraction of cells are doublet-like (a second cell of the same gem group adds its counts) and a
+  fraction have a high mitochondrial share (20-50%, with fewer nuclear counts), for QC to remove.
+
+Cell-level factors (module and complex activity, library size, mito factor) are drawn the same
+way whatever the cell's perturbation, so the expected log2 fold change of a gene's mean between a
+perturbation's cells and control cells (doublets and high-mito cells aside) is exactly the truth
+kept in ``.varm["perturbation_truth_log2fc"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from c2s_kedro.core.simulate import MITOCHONDRIAL_GENES, _cell_barcodes, gene_symbols
+
+logger = logging.getLogger(__name__)
+
+CONTROL_LABEL = "non-targeting"
+
+_BASELINE_SIGMA = 1.8
+_LIBRARY_SIGMA = 0.45
+_MITO_SHARE = 0.06  # expected share of counts in MT- genes of a healthy cell
+_MITO_CELL_SIGMA = 0.3
+_HIGH_MITO_PERCENT = (20.0, 50.0)
+_HIGH_MITO_LIBRARY_FACTOR = 0.25  # dying cells lose nuclear transcripts
+_GEM_LIBRARY_SIGMA = 0.15
+_GEM_GENE_SIGMA = 0.1
+_N_MODULES = 12
+_MODULE_SIZE = 30
+_MIN_MODULE_SIZE = 3
+_MODULE_ACTIVITY_SIGMA = 0.15
+_MODULE_LOADING = (0.7, 1.3)
+_COMPLEX_SIZE = 3
+_COMPLEX_ACTIVITY_SIGMA = 0.25
+_EFFECT_LOG2FC = (0.5, 2.0)
+_KNOCKDOWN_RESIDUAL = (0.05, 0.40)
+# Targets are drawn from the most abundant genes, so that a cell's top-ranked genes include them.
+_TARGET_RANK_LIMIT = 200
+_CELLS_PER_CONTROL_GUIDE = 40
+_MAX_CONTROL_GUIDES = 20
+# Dense sampling block: cells x genes entries held at once.
+_BLOCK_ENTRIES = 2**21
+
+
+@dataclass(frozen=True)
+class _ScreenModel:
+    """Gene- and perturbation-level parameters shared by every cell of one simulation."""
+
+    gene_ids: np.ndarray
+    gene_names: np.ndarray
+    is_mito: np.ndarray
+    baseline: np.ndarray  # gene weights, sum 1
+    dispersion: np.ndarray  # NB shape per gene
+    gem_library_factor: np.ndarray  # per gem group
+    gem_gene_factor: np.ndarray  # gem groups x genes, mean one
+    gene_module: np.ndarray  # module per gene, -1 for none
+    target: np.ndarray  # gene index per perturbation
+    knockdown_residual: np.ndarray
+    module: np.ndarray  # downstream module per perturbation, -1 for none
+    complex: np.ndarray  # complex per perturbation, -1 for none
+    module_log2fc: np.ndarray  # signed shift of the module per perturbation, 0 for none
+    log2fc: np.ndarray  # perturbations x genes: the truth
+    guides: np.ndarray  # sgID_AB per perturbation
+    control_guides: np.ndarray
+    n_complexes: int
+    module_size: int
+
+    @property
+    def perturbations(self) -> np.ndarray:
+        return self.gene_names[self.target]
+
+
+def _check_arguments(**arguments) -> None:
+    sizes = ("n_genes", "n_perturbations", "cells_per_perturbation", "n_control_cells")
+    for name in (*sizes, "n_gem_groups", "seed"):
+        value = arguments[name]
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    for name in (*sizes, "n_gem_groups"):
+        if arguments[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {arguments[name]}")
+    if arguments["seed"] < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {arguments['seed']}")
+    for name in ("fraction_no_effect", "doublet_fraction", "high_mito_fraction"):
+        if not 0.0 <= arguments[name] <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {arguments[name]}")
+    if arguments["doublet_fraction"] + arguments["high_mito_fraction"] > 1.0:
+        raise ValueError(
+            "doublet_fraction + high_mito_fraction must not exceed 1, got "
+            f"{arguments['doublet_fraction']} + {arguments['high_mito_fraction']}"
+        )
+    if not arguments["median_umi"] > 0:
+        raise ValueError(f"median_umi must be positive, got {arguments['median_umi']}")
+
+
+def _ensembl_ids(n_genes: int, rng: np.random.Generator) -> np.ndarray:
+    """Unique, sorted ``ENSG``-style identifiers."""
+    serial = np.sort(rng.choice(900_000, size=n_genes, replace=False)) + 100_000
+    return np.char.add("ENSG", np.char.zfill(serial.astype(str), 11)).astype(object)
+
+
+def _guide_pair(name: str, position: int) -> str:
+    return f"{name}_+_{position}.23-P1P2|{name}_-_{position + 41}.23-P1P2"
+
+
+def _build_model(
+    n_genes: int,
+    n_perturbations: int,
+    n_control_cells: int,
+    n_gem_groups: int,
+    fraction_no_effect: float,
+    seed: int,
+) -> _ScreenModel:
+    rng = np.random.default_rng([seed, 0])
+    n_mito = min(len(MITOCHONDRIAL_GENES), n_genes // 10)
+    gene_names = gene_symbols(n_genes, n_mito, rng)
+    is_mito = np.char.startswith(gene_names.astype(str), "MT-")
+    gene_ids = _ensembl_ids(n_genes, rng)
+
+    baseline = rng.lognormal(0.0, _BASELINE_SIGMA, n_genes)
+    if is_mito.any():
+        mito = rng.lognormal(0.0, 0.5, int(is_mito.sum()))
+        baseline[is_mito] = mito / mito.sum() * baseline[~is_mito].sum() * (
+            _MITO_SHARE / (1 - _MITO_SHARE)
+        )
+    baseline /= baseline.sum()
+    dispersion = np.where(is_mito, 10.0, rng.lognormal(np.log(3.0), 0.5, n_genes))
+
+    # Abundance rank among nuclear genes (0 = most abundant).
+    nuclear = np.flatnonzero(~is_mito)
+    by_abundance = nuclear[np.argsort(-baseline[nuclear], kind="stable")]
+    eligible = by_abundance[: min(_TARGET_RANK_LIMIT, max(1, n_genes // 4))]
+    if n_perturbations > eligible.size:
+        raise ValueError(
+            f"n_perturbations={n_perturbations} is more than the {eligible.size} genes eligible as "
+            f"targets with n_genes={n_genes} (targets are drawn from the most abundant "
+            f"{_TARGET_RANK_LIMIT} nuclear genes, or a quarter of the genes if fewer); ask for "
+            "fewer perturbations or more genes"
+        )
+    target = rng.choice(eligible, size=n_perturbations, replace=False)
+
+    # Modules come from the upper half of abundance (outside the very top), never a target.
+    pool = by_abundance[n_genes // 20 : max(n_genes // 2, 1)]
+    pool = rng.permutation(pool[~np.isin(pool, target)])
+    module_size = min(_MODULE_SIZE, pool.size // _N_MODULES)
+    if module_size < _MIN_MODULE_SIZE:
+        raise ValueError(
+            f"n_genes={n_genes} is too small for {_N_MODULES} gene modules of at least "
+            f"{_MIN_MODULE_SIZE} genes besides {n_perturbations} targets; use more genes"
+        )
+    gene_module = np.full(n_genes, -1)
+    gene_module[pool[: _N_MODULES * module_size]] = np.repeat(np.arange(_N_MODULES), module_size)
+    loading = np.where(gene_module >= 0, rng.uniform(*_MODULE_LOADING, n_genes), 0.0)
+
+    # Perturbations with an effect are dealt round-robin into complexes of about _COMPLEX_SIZE.
+    n_no_effect = int(round(fraction_no_effect * n_perturbations))
+    has_effect = np.ones(n_perturbations, dtype=bool)
+    has_effect[rng.choice(n_perturbations, size=n_no_effect, replace=False)] = False
+    effect_members = rng.permutation(np.flatnonzero(has_effect))
+    n_complexes = -(-effect_members.size // _COMPLEX_SIZE)
+    complex_ = np.full(n_perturbations, -1)
+    complex_[effect_members] = np.arange(effect_members.size) % max(n_complexes, 1)
+
+    # Each complex has its own module while modules last, and signs alternate.
+    complex_module = np.concatenate(
+        [
+            rng.permutation(_N_MODULES)[: min(n_complexes, _N_MODULES)],
+            rng.integers(0, _N_MODULES, max(0, n_complexes - _N_MODULES)),
+        ]
+    ).astype(int)
+    complex_sign = rng.permutation(np.resize([1.0, -1.0], n_complexes))
+    complex_magnitude = rng.uniform(*_EFFECT_LOG2FC, n_complexes)
+    # Members differ a little in strength around their complex's magnitude.
+    member_complex = complex_[has_effect]
+    member_magnitude = np.clip(
+        complex_magnitude[member_complex] * rng.lognormal(0.0, 0.1, member_complex.size),
+        *_EFFECT_LOG2FC,
+    )
+    module = np.full(n_perturbations, -1)
+    module[has_effect] = complex_module[member_complex]
+    module_log2fc = np.zeros(n_perturbations)
+    module_log2fc[has_effect] = complex_sign[member_complex] * member_magnitude
+
+    knockdown_residual = rng.uniform(*_KNOCKDOWN_RESIDUAL, n_perturbations)
+    log2fc = np.zeros((n_perturbations, n_genes))
+    for index in np.flatnonzero(has_effect):
+        genes = gene_module == module[index]
+        log2fc[index, genes] = module_log2fc[index] * loading[genes]
+    log2fc[np.arange(n_perturbations), target] = np.log2(knockdown_residual)
+
+    gem_library_factor = rng.lognormal(0.0, _GEM_LIBRARY_SIGMA, n_gem_groups)
+    gem_gene_factor = rng.lognormal(
+        -(_GEM_GENE_SIGMA**2) / 2, _GEM_GENE_SIGMA, (n_gem_groups, n_genes)
+    )
+
+    positions = rng.integers(1_000_000, 240_000_000, n_perturbations)
+    guides = np.array(
+        [_guide_pair(str(gene_names[t]), int(p)) for t, p in zip(target, positions)], dtype=object
+    )
+    n_control_guides = int(
+        np.clip(n_control_cells // _CELLS_PER_CONTROL_GUIDE, 1, _MAX_CONTROL_GUIDES)
+    )
+    control_numbers = rng.choice(10_000, size=2 * n_control_guides, replace=False)
+    control_guides = np.array(
+        [
+            f"{CONTROL_LABEL}_{a:05d}|{CONTROL_LABEL}_{b:05d}"
+            for a, b in control_numbers.reshape(-1, 2)
+        ],
+        dtype=object,
+    )
+    return _ScreenModel(
+        gene_ids=gene_ids,
+        gene_names=gene_names,
+        is_mito=is_mito,
+        baseline=baseline,
+        dispersion=dispersion,
+        gem_library_factor=gem_library_factor,
+        gem_gene_factor=gem_gene_factor,
+        gene_module=gene_module,
+        target=target,
+        knockdown_residual=knockdown_residual,
+        module=module,
+        complex=complex_,
+        module_log2fc=module_log2fc,
+        log2fc=log2fc,
+        guides=guides,
+        control_guides=control_guides,
+        n_complexes=n_complexes,
+        module_size=module_size,
+    )
+
+
+@dataclass
+class _ScreenCells:
+    """Per-cell labels and latent factors, cells sorted by gem group and barcode."""
+
+    barcode: np.ndarray
+    label: np.ndarray  # perturbation index; n_perturbations for controls
+    guide: np.ndarray
+    gem_group: np.ndarray  # 0-based
+    library_size: np.ndarray
+    mito_factor: np.ndarray
+    module_activity: np.ndarray  # cells x modules, mean one
+    complex_activity: np.ndarray  # cells x complexes, mean one
+    is_doublet: np.ndarray
+    is_high_mito: np.ndarray
+    partner_label: np.ndarray  # the second cell of a doublet
+    partner_library_size: np.ndarray
+
+
+def _mean_one_lognormal(rng: np.random.Generator, sigma: float, size) -> np.ndarray:
+    return rng.lognormal(-(sigma**2) / 2, sigma, size)
+
+
+def _draw_cells(
+    model: _ScreenModel,
+    cells_per_perturbation: int,
+    n_control_cells: int,
+    doublet_fraction: float,
+    high_mito_fraction: float,
+    median_umi: float,
+    seed: int,
+) -> _ScreenCells:
+    rng = np.random.default_rng([seed, 1])
+    n_perturbations = model.target.size
+    label = np.concatenate(
+        [
+            np.repeat(np.arange(n_perturbations), cells_per_perturbation),
+            np.full(n_control_cells, n_perturbations),
+        ]
+    )
+    n_cells = label.size
+    label = rng.permutation(label)
+    is_control = label == n_perturbations
+    guide = np.empty(n_cells, dtype=object)
+    guide[~is_control] = model.guides[label[~is_control]]
+    guide[is_control] = rng.choice(model.control_guides, size=int(is_control.sum()))
+    n_gem_groups = model.gem_library_factor.size
+    gem_group = rng.integers(0, n_gem_groups, n_cells)
+
+    # Doublets and high-mito cells are disjoint sets of fixed size.
+    n_doublets = int(round(doublet_fraction * n_cells))
+    n_high_mito = int(round(high_mito_fraction * n_cells))
+    flagged = rng.permutation(n_cells)
+    is_doublet = np.zeros(n_cells, dtype=bool)
+    is_doublet[flagged[:n_doublets]] = True
+    is_high_mito = np.zeros(n_cells, dtype=bool)
+    is_high_mito[flagged[n_doublets : n_doublets + n_high_mito]] = True
+
+    depth = median_umi * model.gem_library_factor[gem_group]
+    library_size = depth * rng.lognormal(0.0, _LIBRARY_SIGMA, n_cells)
+    partner_library_size = depth * rng.lognormal(0.0, _LIBRARY_SIGMA, n_cells)
+    partner_label = label[rng.integers(0, n_cells, n_cells)]
+
+    mito_factor = rng.lognormal(0.0, _MITO_CELL_SIGMA, n_cells)
+    # A mito factor k moves the MT- share from s to k s / (k s + 1 - s); solve for the target.
+    high_share = rng.uniform(*_HIGH_MITO_PERCENT, n_cells) / 100.0
+    high_factor = high_share * (1 - _MITO_SHARE) / (_MITO_SHARE * (1 - high_share))
+    mito_factor = np.where(is_high_mito, high_factor, mito_factor)
+    library_size = np.where(
+        is_high_mito, library_size * _HIGH_MITO_LIBRARY_FACTOR, library_size
+    )
+
+    module_activity = _mean_one_lognormal(rng, _MODULE_ACTIVITY_SIGMA, (n_cells, _N_MODULES))
+    complex_activity = _mean_one_lognormal(
+        rng, _COMPLEX_ACTIVITY_SIGMA, (n_cells, model.n_complexes)
+    )
+
+    # Barcodes carry their gem group as suffix, as 10x writes them when lanes are aggregated.
+    nucleotides = np.char.partition(_cell_barcodes(0, n_cells, seed), "-")[:, 0]
+    barcode = np.char.add(np.char.add(nucleotides, "-"), (gem_group + 1).astype(str))
+    order = np.lexsort((barcode, gem_group))
+    return _ScreenCells(
+        barcode=barcode[order].astype(object),
+        label=label[order],
+        guide=guide[order],
+        gem_group=gem_group[order],
+        library_size=library_size[order],
+        mito_factor=mito_factor[order],
+        module_activity=module_activity[order],
+        complex_activity=complex_activity[order],
+        is_doublet=is_doublet[order],
+        is_high_mito=is_high_mito[order],
+        partner_label=partner_label[order],
+        partner_library_size=partner_library_size[order],
+    )
+
+
+def _block_counts(
+    model: _ScreenModel,
+    cells: _ScreenCells,
+    fold: np.ndarray,
+    rows: slice,
+    rng: np.random.Generator,
+) -> sp.csr_matrix:
+    """NB counts of the cells in ``rows``, drawn densely over all genes (gamma-Poisson).
+
+    ``fold`` is the multiplicative effect per label: perturbations, then controls (all ones).
+    """
+    gene_profile = model.baseline * model.gem_gene_factor[cells.gem_group[rows]]
+    mean = cells.library_size[rows, None] * gene_profile * fold[cells.label[rows]]
+
+    in_module = np.flatnonzero(model.gene_module >= 0)
+    mean[:, in_module] *= cells.module_activity[rows][:, model.gene_module[in_module]]
+    in_complex = np.flatnonzero(model.complex >= 0)
+    mean[:, model.target[in_complex]] *= cells.complex_activity[rows][
+        :, model.complex[in_complex]
+    ]
+
+    doublets = np.flatnonzero(cells.is_doublet[rows])
+    if doublets.size:
+        partner = rows.start + doublets
+        mean[doublets] += (
+            cells.partner_library_size[partner, None]
+            * gene_profile[doublets]
+            * fold[cells.partner_label[partner]]
+        )
+    mean[:, model.is_mito] *= cells.mito_factor[rows, None]
+
+    shape = model.dispersion
+    counts = rng.poisson(rng.gamma(shape, mean / shape)).astype(np.float32)
+    return sp.csr_matrix(counts)
+
+
+def _screen_obs(
+    model: _ScreenModel, cells: _ScreenCells, counts: sp.csr_matrix
+) -> pd.DataFrame:
+    n_perturbations = model.target.size
+    is_control = cells.label == n_perturbations
+    target_names = np.append(model.perturbations, CONTROL_LABEL).astype(object)
+    target_ids = np.append(model.gene_ids[model.target], CONTROL_LABEL).astype(object)
+
+    umi_count = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    mito_count = np.asarray(counts[:, model.is_mito].sum(axis=1), dtype=np.float64).ravel()
+    mitopercent = 100.0 * mito_count / np.maximum(umi_count, 1.0)
+
+    # Depth normalised across gem groups, on the control cells' medians (all cells of a gem
+    # group that has no control cell).
+    gem_group = cells.gem_group + 1
+    reference = np.median(umi_count[is_control])
+    scale = np.ones_like(umi_count)
+    for group in np.unique(gem_group):
+        members = gem_group == group
+        controls = members & is_control
+        scale[members] = reference / np.median(umi_count[controls if controls.any() else members])
+
+    return pd.DataFrame(
+        {
+            "gene": pd.Categorical(target_names[cells.label]),
+            "gene_id": pd.Categorical(target_ids[cells.label]),
+            "sgID_AB": pd.Categorical(cells.guide),
+            "gem_group": gem_group.astype(np.int64),
+            "UMI_count": umi_count,
+            "core_adjusted_UMI_count": umi_count * scale,
+            "mitopercent": mitopercent,
+        },
+        index=pd.Index(cells.barcode.astype(str)),
+    )
+
+
+def simulate_perturbseq(
+    n_genes: int = 2000,
+    n_perturbations: int = 24,
+    cells_per_perturbation: int = 80,
+    n_control_cells: int = 800,
+    n_gem_groups: int = 4,
+    fraction_no_effect: float = 0.25,
+    doublet_fraction: float = 0.02,
+    high_mito_fraction: float = 0.03,
+    median_umi: float = 8000,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Simulate a CRISPRi Perturb-seq screen of raw UMI counts with its ground truth.
+
+    Args:
+        n_genes: genes measured (13 of them ``MT-`` genes when n_genes >= 130).
+        n_perturbations: targeted genes, one perturbation each, drawn from the most abundant genes.
+        cells_per_perturbation, n_control_cells: cells carrying each targeting guide pair, and
+            cells carrying ``non-targeting`` guides.
+        n_gem_groups: 10x lanes, each with its own depth and a small per-gene batch effect.
+        fraction_no_effect: share of perturbations that knock down their target and nothing else.
+        doublet_fraction, high_mito_fraction: shares of doublet-like cells (about twice the UMI
+            and more genes) and of cells with 20-50% mitochondrial counts.
+        median_umi: median library size of a single healthy cell.
+        seed: the same seed gives the same counts and obs.
+
+    Returns:
+        AnnData with raw counts (float32 CSR) in ``.X``; ``.obs`` columns ``gene`` (target symbol
+        or ``non-targeting``), ``gene_id``, ``sgID_AB``, ``gem_group`` (1-based), ``UMI_count``,
+        ``core_adjusted_UMI_count``, ``mitopercent``; Ensembl-like ``.var_names`` with symbols
+        in ``.var["gene_name"]`` and program membership in ``.var["module"]`` (-1 for none).
+        The truth: ``.varm["perturbation_truth_log2fc"]`` (genes x perturbations, expected log2
+        fold change of each gene's mean against control cells, target knockdown included),
+        ``.uns["perturbation_truth"]`` (per perturbation: ``perturbation``, ``target_gene_id``,
+        ``knockdown_residual``, ``module``, ``module_log2fc``, ``complex``,
+        ``has_downstream_effect``), ``.uns["qc_truth"]`` (barcodes of the ``doublet`` and
+        ``high_mito`` cells) and the parameters in ``.uns["simulation"]``.
+    """
+    parameters = {
+        "n_genes": n_genes,
+        "n_perturbations": n_perturbations,
+        "cells_per_perturbation": cells_per_perturbation,
+        "n_control_cells": n_control_cells,
+        "n_gem_groups": n_gem_groups,
+        "fraction_no_effect": fraction_no_effect,
+        "doublet_fraction": doublet_fraction,
+        "high_mito_fraction": high_mito_fraction,
+        "median_umi": median_umi,
+        "seed": seed,
+    }
+    _check_arguments(**parameters)
+    model = _build_model(
+        n_genes, n_perturbations, n_control_cells, n_gem_groups, fraction_no_effect, seed
+    )
+    cells = _draw_cells(
+        model,
+        cells_per_perturbation,
+        n_control_cells,
+        doublet_fraction,
+        high_mito_fraction,
+        median_umi,
+        seed,
+    )
+
+    n_cells = cells.label.size
+    block_cells = max(1, _BLOCK_ENTRIES // n_genes)
+    blocks = list(enumerate(range(0, n_cells, block_cells)))
+    fold = np.vstack([np.exp2(model.log2fc), np.ones(n_genes)])
+    matrices = []
+    for block, start in tqdm(blocks, desc="simulated blocks", unit="block", leave=False):
+        rows = slice(start, min(start + block_cells, n_cells))
+        rng = np.random.default_rng([seed, 2, block])
+        matrices.append(_block_counts(model, cells, fold, rows, rng))
+    counts = sp.vstack(matrices, format="csr")
+    counts.sort_indices()
+
+    perturbations = model.perturbations.astype(str)
+    var_names = pd.Index(model.gene_ids.astype(str))
+    var = pd.DataFrame(
+        {"gene_name": model.gene_names.astype(str), "module": model.gene_module.astype(np.int64)},
+        index=var_names,
+    )
+    truth = pd.DataFrame(model.log2fc.T, index=var_names, columns=pd.Index(perturbations))
+    uns = {
+        "perturbation_truth": {
+            "perturbation": perturbations.tolist(),
+            "target_gene_id": model.gene_ids[model.target].astype(str).tolist(),
+            "knockdown_residual": model.knockdown_residual.tolist(),
+            "module": model.module.astype(int).tolist(),
+            "module_log2fc": model.module_log2fc.tolist(),
+            "complex": model.complex.astype(int).tolist(),
+            "has_downstream_effect": (model.module >= 0).tolist(),
+        },
+        "qc_truth": {
+            "doublet": cells.barcode[cells.is_doublet].astype(str).tolist(),
+            "high_mito": cells.barcode[cells.is_high_mito].astype(str).tolist(),
+        },
+        "simulation": {
+            **parameters,
+            "n_modules": _N_MODULES,
+            "module_size": model.module_size,
+            "n_complexes": model.n_complexes,
+        },
+    }
+    adata = ad.AnnData(
+        X=counts,
+        obs=_screen_obs(model, cells, counts),
+        var=var,
+        varm={"perturbation_truth_log2fc": truth},
+        uns=uns,
+    )
+    logger.info(
+        "simulated a Perturb-seq screen: %d cells x %d genes, %d perturbations in %d complexes",
+        n_cells,
+        n_genes,
+        n_perturbations,
+        model.n_complexes,
+    )
+    return adata
+
+
+def default_perturbseq() -> ad.AnnData:
+    """The default simulated screen (``simulate_perturbseq()``), for ``create_if_missing``."""
+    return simulate_perturbseq()
