@@ -2,7 +2,17 @@
 
 from kedro.pipeline import Pipeline
 
-from c2s_kedro.pipelines import benchmarking, cell_generation, data_processing, embedding, evaluation, finetuning, pretraining, sentence_conversion
+from c2s_kedro.pipelines import (
+    benchmarking,
+    cell_generation,
+    data_processing,
+    embedding,
+    evaluation,
+    finetuning,
+    perturbation,
+    pretraining,
+    sentence_conversion,
+)
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -18,6 +28,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         "evaluation": evaluation.create_pipeline(),
         "zero_shot_annotation": evaluation.create_zero_shot_pipeline(),
         "cell_generation": cell_generation.create_pipeline(),
+        "perturbation_data": perturbation.create_data_pipeline(),
+        "perturbation_finetuning": perturbation.create_finetuning_pipeline(),
+        "perturbation_posterior": perturbation.create_posterior_pipeline(),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -147,3 +147,53 @@ def confusion_matrix_plot(matrix: np.ndarray, labels: Sequence[str], title: str)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.7, label="share of the true class")
     return fig
+
+
+def posterior_embedding_plots(
+    samples: ad.AnnData, real: ad.AnnData, column: str, control_label: str, max_panels: int = 6, seed: int = 0
+) -> tuple[plt.Figure, plt.Figure]:
+    """PCA and UMAP of posterior samples and real cells in one shared space (fitted on all of
+    them), one panel per perturbation: real control cells in grey, the samples coloured by
+    temperature, the real perturbed cells in black."""
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    names = sorted(set(samples.obs["perturbation"].astype(str)))[:max_panels]
+    chosen = samples[samples.obs["perturbation"].astype(str).isin(names).to_numpy()]
+    real_labels = real.obs[column].astype(str)
+    chosen_real = real[real_labels.isin(names + [control_label]).to_numpy()]
+    matrix = sp.vstack([sp.csr_matrix(chosen.X), sp.csr_matrix(chosen_real.X)]).toarray()
+    combined = ad.AnnData(matrix.astype(np.float32))
+    n_comps = max(2, min(30, combined.n_obs - 1, combined.n_vars - 1))
+    sc.pp.pca(combined, n_comps=n_comps, random_state=seed)
+    sc.pp.neighbors(combined, n_neighbors=min(15, combined.n_obs - 1), random_state=seed)
+    sc.tl.umap(combined, random_state=seed)
+    n_samples = chosen.n_obs
+    perturbation = np.concatenate([chosen.obs["perturbation"].astype(str).to_numpy(), chosen_real.obs[column].astype(str).to_numpy()])
+    temperature = np.concatenate([chosen.obs["temperature"].to_numpy(dtype=float), np.full(chosen_real.n_obs, np.nan)])
+    is_sample = np.arange(combined.n_obs) < n_samples
+    temperatures = sorted(np.unique(temperature[is_sample]))
+    colours = plt.get_cmap("coolwarm")(np.linspace(0.1, 0.9, max(len(temperatures), 1)))
+    figures = []
+    for basis, label in (("X_pca", "PC"), ("X_umap", "UMAP")):
+        coords = combined.obsm[basis][:, :2]
+        columns = min(3, len(names))
+        rows = int(np.ceil(len(names) / columns))
+        fig, axes = plt.subplots(rows, columns, figsize=(5 * columns + 1.5, 4.2 * rows), squeeze=False, constrained_layout=True)
+        for ax, name in zip(axes.ravel(), names):
+            control = ~is_sample & (perturbation == control_label)
+            ax.scatter(coords[control, 0], coords[control, 1], s=6, color="lightgrey", label="real control", linewidths=0)
+            for colour, t in zip(colours, temperatures):
+                mask = is_sample & (perturbation == name) & (temperature == t)
+                ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=colour, alpha=0.7, label=f"samples T={t:g}", linewidths=0)
+            real_cells = ~is_sample & (perturbation == name)
+            ax.scatter(coords[real_cells, 0], coords[real_cells, 1], s=12, color="black", marker="x", label=f"real {name}", linewidths=0.8)
+            ax.set_title(name)
+            ax.set_xlabel(f"{label}1")
+            ax.set_ylabel(f"{label}2")
+            ax.legend(fontsize=7, markerscale=2, frameon=False)
+        for ax in axes.ravel()[len(names):]:
+            ax.set_visible(False)
+        fig.suptitle(f"Posterior samples by temperature ({'PCA' if label == 'PC' else 'UMAP'} of samples and real cells)")
+        figures.append(fig)
+    return figures[0], figures[1]

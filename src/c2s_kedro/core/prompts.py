@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_TASKS = ("cell_type_prediction", "cell_type_generation")
 MULTICELL_TASKS = ("tissue_prediction",)
+PAIRED_TASKS = ("perturbation_response",)  # control cell + perturbation -> perturbed cell (core.perturbation)
 FORMATTED_COLUMNS = ("sample_type", "model_input", "response")
 
 
@@ -39,8 +40,10 @@ class PromptTemplates:
 @cache
 def load_templates(task: str) -> PromptTemplates:
     """Templates shipped with the package for ``task``."""
-    if task not in SUPPORTED_TASKS + MULTICELL_TASKS:
-        raise ValueError(f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS + MULTICELL_TASKS)}")
+    if task not in SUPPORTED_TASKS + MULTICELL_TASKS + PAIRED_TASKS:
+        raise ValueError(
+            f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS + MULTICELL_TASKS + PAIRED_TASKS)}"
+        )
     text = resources.files("c2s_kedro.core").joinpath("prompt_templates", f"{task}.json").read_text()
     data = json.loads(text)
     return PromptTemplates(task=data["task"], inputs=tuple(data["inputs"]), response=data["response"])

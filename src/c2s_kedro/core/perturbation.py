@@ -1,0 +1,379 @@
+"""Perturbation-response prediction (workflow notes sections 10-11): pair perturbed cells with
+control cells, split a screen, format "control cell + perturbation -> perturbed cell" prompts,
+sample a posterior over responses and summarise it as expression.
+
+A screen is an AnnData with one row per cell and an ``.obs`` column naming the perturbation of
+each cell (controls carry one label, ``non-targeting`` in Replogle-style screens). Every column
+the code reads is named in ``ScreenColumns``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
+from c2s_kedro.core.inference import sample_continuations
+from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.prompts import ContextTooSmallError, PromptFormatter, count_tokens, fit_prompt, load_templates
+
+logger = logging.getLogger(__name__)
+
+PERTURBATION_TASK = "perturbation_response"
+MISSING_GENE_CAVEAT = (
+    "A sample is a cell sentence cut to the genes the model wrote (at most top_k_genes); a gene "
+    "absent from a sample is counted as expression 0 in that sample, although in the cell it may "
+    "be expressed below the top k. Means are therefore biased towards 0 for genes outside the "
+    "typical top k, and variances include the present/absent spread."
+)
+
+
+@dataclass(frozen=True)
+class ScreenColumns:
+    """Where a screen keeps what the pipeline reads.
+
+    ``batch`` (e.g. ``gem_group``) pairs controls within the same batch when set; ``gene_symbol``
+    names the ``.var`` column holding gene symbols when ``var_names`` are Ensembl ids (None:
+    ``var_names`` are symbols already).
+    """
+
+    perturbation: str = "gene"
+    control_label: str = "non-targeting"
+    batch: str | None = "gem_group"
+    gene_symbol: str | None = "gene_name"
+
+
+def check_screen(adata: ad.AnnData, columns: ScreenColumns, setting: str) -> None:
+    """Fail early, naming the parameter to change, when the screen lacks what the pipeline reads."""
+    if columns.perturbation not in adata.obs.columns:
+        raise KeyError(
+            f"perturbation column '{columns.perturbation}' is not in the screen's .obs (columns: "
+            f"{', '.join(map(str, adata.obs.columns))}). Set perturbation_column in {setting}."
+        )
+    labels = adata.obs[columns.perturbation].astype(str)
+    if not (labels == columns.control_label).any():
+        common = ", ".join(labels.value_counts().index[:8])
+        raise ValueError(
+            f"no cell has the control label '{columns.control_label}' in .obs['{columns.perturbation}'] "
+            f"(most common values: {common}). Set control_label in {setting}."
+        )
+    if labels.nunique() < 2:
+        raise ValueError(f"the screen holds only control cells ('{columns.control_label}'); there is nothing to predict")
+    if columns.batch is not None and columns.batch not in adata.obs.columns:
+        raise KeyError(
+            f"batch column '{columns.batch}' is not in the screen's .obs; set batch_column to one of "
+            f"{', '.join(map(str, adata.obs.columns))} or to null in {setting}."
+        )
+    if columns.gene_symbol is not None and columns.gene_symbol not in adata.var.columns:
+        raise KeyError(
+            f"gene symbol column '{columns.gene_symbol}' is not in the screen's .var (columns: "
+            f"{', '.join(map(str, adata.var.columns)) or 'none'}). Set gene_symbol_column in {setting}, "
+            "or null when var_names are gene symbols."
+        )
+
+
+def pair_with_controls(
+    obs: pd.DataFrame, perturbed: Sequence[str], controls: Sequence[str], columns: ScreenColumns, seed: int = 0,
+    controls_per_cell: int = 1,
+) -> pd.DataFrame:
+    """Pair each perturbed cell with ``controls_per_cell`` control cells drawn at random (seeded),
+    from the same batch when ``columns.batch`` is set.
+
+    A perturbed cell whose batch has no control in ``controls`` is paired with a control from any
+    batch; such pairs are counted in the log and flagged in the ``same_batch`` column. Returns one
+    row per pair: ``perturbed_cell``, ``control_cell``, ``perturbation``, ``batch``, ``same_batch``.
+    """
+    if controls_per_cell < 1:
+        raise ValueError(f"controls_per_cell must be at least 1, got {controls_per_cell}")
+    controls = pd.Index(controls)
+    if len(controls) == 0:
+        raise ValueError("no control cell to pair with: the control part of the split is empty")
+    rng = np.random.default_rng(seed)
+    perturbed = pd.Index(perturbed)
+    batch_of = obs[columns.batch].astype(str) if columns.batch is not None else pd.Series("all", index=obs.index)
+    by_batch = {batch: np.asarray(names) for batch, names in pd.Series(controls, index=controls).groupby(batch_of.loc[controls].to_numpy())}
+    everywhere = np.asarray(controls)
+    rows = []
+    outside = 0
+    for cell in perturbed:
+        batch = batch_of.loc[cell]
+        pool = by_batch.get(batch)
+        same = pool is not None
+        if not same:
+            pool, outside = everywhere, outside + 1
+        for control in rng.choice(pool, size=controls_per_cell, replace=len(pool) < controls_per_cell):
+            rows.append((cell, str(control), str(obs.at[cell, columns.perturbation]), batch, same))
+    if outside:
+        logger.warning("%d perturbed cells have no control in their batch: paired with controls of other batches", outside)
+    return pd.DataFrame(rows, columns=["perturbed_cell", "control_cell", "perturbation", "batch", "same_batch"])
+
+
+def _split_names(names: np.ndarray, fractions: dict[str, float], rng: np.random.Generator) -> dict[str, list[str]]:
+    """Shuffle and cut into test/val/train; a part with a positive fraction gets at least one name
+    when there are three or more."""
+    names = rng.permutation(names)
+    sizes = {part: int(round(fractions.get(part, 0.0) * len(names))) for part in ("test", "val")}
+    if len(names) >= 3:
+        sizes = {part: max(size, 1) if fractions.get(part, 0.0) > 0 else size for part, size in sizes.items()}
+    n_test, n_val = sizes["test"], sizes["val"]
+    return {
+        "test": sorted(names[:n_test].tolist()),
+        "val": sorted(names[n_test:n_test + n_val].tolist()),
+        "train": sorted(names[n_test + n_val:].tolist()),
+    }
+
+
+def split_screen(
+    obs: pd.DataFrame,
+    columns: ScreenColumns,
+    mode: str = "perturbations",
+    fractions: dict[str, float] | None = None,
+    seed: int = 0,
+    test_perturbations: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Train/val/test parts of a screen's cells.
+
+    ``mode="perturbations"``: whole perturbations are held out (``test_perturbations`` when given,
+    else a random ``fractions["test"]`` of them), so test perturbations are never seen in training.
+    ``mode="cells"``: every perturbation's cells are split by ``fractions``, so the test asks for
+    held-out cells of perturbations seen in training. Control cells are always split by cells.
+    """
+    fractions = dict(fractions or {"train": 0.8, "val": 0.1, "test": 0.1})
+    if mode not in ("perturbations", "cells"):
+        raise ValueError(f"split mode must be 'perturbations' or 'cells', got '{mode}'")
+    labels = obs[columns.perturbation].astype(str)
+    rng = np.random.default_rng(seed)
+    is_control = (labels == columns.control_label).to_numpy()
+    control_parts = _split_names(obs.index[is_control].to_numpy(), fractions, rng)
+    names = sorted(labels[~is_control].unique())
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    if mode == "perturbations":
+        if test_perturbations:
+            unknown = sorted(set(test_perturbations) - set(names))
+            if unknown:
+                raise ValueError(f"test_perturbations {unknown} are not perturbations of the screen")
+            rest = np.array([n for n in names if n not in set(test_perturbations)])
+            chosen = _split_names(rest, {"val": fractions["val"] / max(1e-9, 1.0 - fractions["test"])}, rng)
+            chosen["test"] = sorted(test_perturbations)
+        else:
+            if len(names) < 3:
+                raise ValueError(
+                    f"holding out perturbations needs at least 3 of them (train, val, test); the screen has {len(names)}. "
+                    "Use split.mode: cells."
+                )
+            chosen = _split_names(np.array(names), fractions, rng)
+        for part in parts:
+            keep = labels.isin(chosen[part]).to_numpy() & ~is_control
+            parts[part] = sorted(obs.index[keep])
+        perturbations = chosen
+    else:
+        for name in names:
+            cells = _split_names(obs.index[(labels == name).to_numpy()].to_numpy(), fractions, rng)
+            for part in parts:
+                parts[part] += cells[part]
+        parts = {part: sorted(cells) for part, cells in parts.items()}
+        perturbations = {part: sorted(labels.loc[parts[part]].unique()) for part in parts}
+    if not parts["test"] or not parts["train"]:
+        raise ValueError("the split left no training or no test cells; use more cells or other fractions")
+    return {
+        "mode": mode,
+        "seed": seed,
+        "fractions": fractions,
+        **parts,
+        **{f"control_{part}": cells for part, cells in control_parts.items()},
+        **{f"{part}_perturbations": list(values) for part, values in perturbations.items()},
+    }
+
+
+class PerturbationPromptFormatter(PromptFormatter):
+    """``perturbation_response`` prompts: a control cell's sentence and the perturbation's name in
+    the input, the perturbed cell's sentence as the response.
+
+    Input columns: ``control_sentence``, ``perturbed_sentence``, ``perturbation`` (the others, e.g.
+    cell names, are kept). ``top_k_genes`` cuts both sentences (None keeps every expressed gene).
+    With a ``tokenizer`` and ``max_tokens`` every sample fits the context: with ``response_budget``
+    None (training) the response is kept whole and the control sentence loses genes from its end;
+    with ``response_budget`` set (generation: ``max_new_tokens``) the prompt is fitted to
+    ``max_tokens - response_budget``. ``on_overflow="error"`` refuses to shorten instead.
+    """
+
+    task = PERTURBATION_TASK
+
+    def __init__(
+        self,
+        top_k_genes: int | None = 200,
+        seed: int = 0,
+        tokenizer=None,
+        max_tokens: int | None = None,
+        response_budget: int | None = None,
+        on_overflow: str = "shorten",
+    ) -> None:
+        super().__init__(seed=seed)
+        if on_overflow not in ("shorten", "error"):
+            raise ValueError(f"on_overflow must be 'shorten' or 'error', got '{on_overflow}'")
+        self.templates = load_templates(PERTURBATION_TASK)
+        self.top_k_genes = top_k_genes
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens if tokenizer is not None else None
+        self.response_budget = response_budget
+        self.on_overflow = on_overflow
+        self.n_shortened = 0
+
+    def required_columns(self) -> list[str]:
+        return ["control_sentence", "perturbed_sentence", "perturbation"]
+
+    def _budget(self, response: str) -> int:
+        if self.response_budget is not None:
+            return self.max_tokens - self.response_budget
+        return self.max_tokens - int(count_tokens(self.tokenizer, [" " + response])[0]) - 1  # EOS
+
+    def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(batch["control_sentence"])
+        choices = self.rng.integers(0, len(self.templates.inputs), size=n)
+        inputs, responses, kept = [], [], []
+        for control, perturbed, name, choice in zip(batch["control_sentence"], batch["perturbed_sentence"],
+                                                     batch["perturbation"], choices):
+            genes = (control or "").split()[: self.top_k_genes]
+            response = self.templates.response.format(perturbed_sentence=" ".join((perturbed or "").split()[: self.top_k_genes]))
+            template = self.templates.inputs[choice]
+            fields = {"perturbation": str(name).upper()}
+            if self.max_tokens is None:
+                prompt, n_kept = template.format(num_genes=len(genes), cell_sentence=" ".join(genes), **fields), len(genes)
+            else:
+                prompt, n_kept = fit_prompt(template, genes, fields, self.tokenizer, self._budget(response))
+                if n_kept < len(genes) and self.on_overflow == "error":
+                    raise ContextTooSmallError(
+                        f"a {self.task} prompt with {len(genes)} control genes does not fit the model's context of "
+                        f"{self.max_tokens} tokens with {self._budget(response)} tokens left for it; only {n_kept} genes "
+                        "fit. Lower top_k_genes (or max_new_tokens), or set on_overflow: shorten"
+                    )
+            self.n_shortened += n_kept < len(genes)
+            inputs.append(prompt)
+            responses.append(response)
+            kept.append(n_kept)
+        return {"sample_type": [self.task] * n, "model_input": inputs, "response": responses, "n_control_genes": kept}
+
+    def format_dataset(self, dataset: Dataset, batch_size: int = 1000) -> Dataset:
+        missing = [c for c in self.required_columns() if c not in dataset.column_names]
+        if missing:
+            raise KeyError(f"{type(self).__name__} needs column(s) {missing}; available: {', '.join(dataset.column_names)}")
+        self.rng = np.random.default_rng(self.seed)
+        self.n_shortened = 0
+        formatted = dataset.map(
+            self.format_batch, batched=True, batch_size=batch_size,
+            remove_columns=["control_sentence", "perturbed_sentence"],
+            load_from_cache_file=False, keep_in_memory=True, desc="formatting perturbation prompts",
+        )
+        if self.n_shortened:
+            logger.info(
+                "%d of %d perturbation prompts lost control genes from the end of their sentence to fit %d tokens",
+                self.n_shortened, dataset.num_rows, self.max_tokens,
+            )
+        return formatted
+
+
+def paired_sentences(pairs: pd.DataFrame, sentences: dict[str, str]) -> Dataset:
+    """The pairs with both cells' sentences (``control_sentence``, ``perturbed_sentence``)."""
+    return Dataset.from_dict({
+        "perturbation": pairs["perturbation"].astype(str).tolist(),
+        "control_cell": pairs["control_cell"].astype(str).tolist(),
+        "perturbed_cell": pairs["perturbed_cell"].astype(str).tolist(),
+        "control_sentence": [sentences[c] for c in pairs["control_cell"]],
+        "perturbed_sentence": [sentences[c] for c in pairs["perturbed_cell"]],
+    })
+
+
+def response_token_budget(tokenizer, responses: Sequence[str]) -> int:
+    """Tokens to generate so the longest of ``responses`` and its EOS fit (``max_new_tokens``)."""
+    if not len(responses):
+        raise ValueError("no responses to size the generation budget from")
+    return int(count_tokens(tokenizer, [" " + r for r in responses]).max()) + 1
+
+
+def sample_posterior(
+    language_model: LanguageModel,
+    prompts: Sequence[str],
+    genes: Sequence[str],
+    n_samples: int = 100,
+    temperatures: Sequence[float] = (0.7, 1.0, 1.3),
+    max_new_tokens: int = 202,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> pd.DataFrame:
+    """``n_samples`` responses per prompt at each temperature, with constrained decoding (only
+    genes of ``genes``, none twice) and one pass over each prompt shared by all its samples.
+
+    Refuses (before sampling anything) a prompt whose length plus ``max_new_tokens`` exceeds the
+    model's context. Returns one row per sample: ``prompt_index``, ``temperature``,
+    ``sample_index``, ``sentence`` (genes only), ``n_genes``, ``n_unknown`` and ``n_repeated``
+    (words post-processing would have removed; 0 under the constraint).
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures must be positive, got {list(temperatures)}")
+    tokenizer = language_model.tokenizer
+    lengths = count_tokens(tokenizer, prompts)
+    context = language_model.context_length
+    too_long = np.flatnonzero(lengths + max_new_tokens > context)
+    if too_long.size:
+        first = int(too_long[0])
+        raise ContextTooSmallError(
+            f"prompt {first} has {int(lengths[first])} tokens and {max_new_tokens} new tokens are requested: "
+            f"{int(lengths[first]) + max_new_tokens} > the model's context of {context} ({too_long.size} prompts). "
+            "Nothing was sampled. Format the prompts with response_budget=max_new_tokens so the control sentence "
+            "is shortened to fit, or lower top_k_genes"
+        )
+    vocabulary = set(genes)
+    rows = []
+    jobs = [(i, t) for i in range(len(prompts)) for t in temperatures]
+    for job, (index, temperature) in enumerate(tqdm(jobs, desc="posterior samples", unit="prompt x temperature")):
+        constraint = GeneVocabularyConstraint(tokenizer, genes)
+        texts = sample_continuations(
+            language_model, prompts[index], n_samples, max_new_tokens, temperature=temperature,
+            seed=seed + job, logits_processor=constraint, batch_size=batch_size,
+        )
+        for sample, text in enumerate(texts):
+            sentence, unknown, repeated = postprocess_sentence(text, vocabulary)
+            rows.append((index, float(temperature), sample, sentence, len(sentence.split()), unknown, repeated))
+    return pd.DataFrame(rows, columns=["prompt_index", "temperature", "sample_index", "sentence", "n_genes",
+                                       "n_unknown", "n_repeated"])
+
+
+def posterior_statistics(
+    expression: sp.spmatrix | np.ndarray, groups: pd.DataFrame
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group of samples (rows of ``groups``, e.g. perturbation x temperature): the mean, the
+    variance (ddof=1; 0 for a single sample) and the share of samples in which each gene is
+    present, over the rows of ``expression`` (samples x genes; an absent gene is 0).
+
+    Returns the groups (one row each, with ``n_samples``), mean, variance, present share.
+    """
+    matrix = sp.csr_matrix(expression)
+    if matrix.shape[0] != len(groups):
+        raise ValueError(f"{matrix.shape[0]} samples but {len(groups)} group rows")
+    keys = groups.reset_index(drop=True)
+    codes, uniques = pd.MultiIndex.from_frame(keys.astype(str)).factorize()
+    n_groups = len(uniques)
+    indicator = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_groups, len(codes)))
+    counts = np.asarray(indicator.sum(axis=1)).ravel()
+    sums = np.asarray((indicator @ matrix).todense())
+    squares = np.asarray((indicator @ matrix.multiply(matrix)).todense())
+    present = np.asarray((indicator @ (matrix != 0).astype(np.float64)).todense())
+    mean = sums / counts[:, None]
+    denominator = np.maximum(counts - 1, 1)[:, None]
+    variance = np.where(counts[:, None] > 1, (squares - counts[:, None] * mean**2) / denominator, 0.0)
+    variance = np.maximum(variance, 0.0)
+    first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
+    table = keys.iloc[first].reset_index(drop=True)
+    table["n_samples"] = counts.astype(int)
+    return table, mean, variance, present / counts[:, None]
