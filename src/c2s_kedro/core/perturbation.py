@@ -145,7 +145,8 @@ def split_screen(
     ``mode="perturbations"``: whole perturbations are held out (``test_perturbations`` when given,
     else a random ``fractions["test"]`` of them), so test perturbations are never seen in training.
     ``mode="cells"``: every perturbation's cells are split by ``fractions``, so the test asks for
-    held-out cells of perturbations seen in training. Control cells are always split by cells.
+    held-out cells of perturbations seen in training. Control cells are always split by cells,
+    within each batch, so that every part can pair its cells with controls of their own batch.
     """
     fractions = dict(fractions or {"train": 0.8, "val": 0.1, "test": 0.1})
     if mode not in ("perturbations", "cells"):
@@ -153,7 +154,12 @@ def split_screen(
     labels = obs[columns.perturbation].astype(str)
     rng = np.random.default_rng(seed)
     is_control = (labels == columns.control_label).to_numpy()
-    control_parts = _split_names(obs.index[is_control].to_numpy(), fractions, rng)
+    control_obs = obs[is_control]
+    control_parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    batches = control_obs[columns.batch].astype(str) if columns.batch is not None else pd.Series("all", index=control_obs.index)
+    for _, cells in control_obs.groupby(batches.to_numpy(), sort=True):  # every batch keeps controls in every part
+        for part, names in _split_names(cells.index.to_numpy(), fractions, rng).items():
+            control_parts[part] += names
     names = sorted(labels[~is_control].unique())
     parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     if mode == "perturbations":
