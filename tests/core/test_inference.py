@@ -45,6 +45,14 @@ def gene_model():
 
 
 @pytest.fixture(scope="module")
+def eager_gene_model():
+    """The gene model with eager attention, which adds the 4D tree mask to the scores itself."""
+    language_model = build_gpt_neox(build_gene_tokenizer(GENES, template_words() + LABELS, model_max_length=128), ARCHITECTURE, seed=0)
+    language_model.model.set_attn_implementation("eager")
+    return language_model
+
+
+@pytest.fixture(scope="module")
 def bpe_model():
     language_model = build_gpt_neox(_bpe_tokenizer(), ARCHITECTURE, seed=1)
     assert len(language_model.tokenizer(" " + " ".join(GENES), add_special_tokens=False)["input_ids"]) > 1.5 * len(GENES)
@@ -72,7 +80,7 @@ def _naive_scores(language_model, prompts, labels) -> np.ndarray:
     return scores
 
 
-@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
+@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model", "eager_gene_model"])
 def test_label_scores_equal_a_full_forward_pass_per_label(model_name, request):
     language_model = request.getfixturevalue(model_name)
     scores = score_labels(language_model, PROMPTS, LABELS, batch_size=3)  # several padded batches

@@ -114,8 +114,8 @@ class _AnswerTree:
     """The candidate answers' token ids as a prefix tree, for scoring them all in one pass.
 
     Answers that share leading tokens share tree nodes. Every node that has children (every
-    proper prefix of an answer) is run once through the model, attending to the prompt's cache
-    and to its own ancestors only; its logits give the log-probabilities of its children. The
+    proper prefix of an answer) is appended once after the prompt and attends to the prompt and
+    to its own ancestors only; its logits give the log-probabilities of its children. The
     root's children are scored from the prompt's last position.
     """
 
@@ -148,13 +148,18 @@ class _AnswerTree:
         return len(self.tokens)
 
     def attention_mask(self, prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Additive 4D mask (batch, 1, nodes, prompt width + nodes) for the tree pass."""
-        rows, nodes = prompt_mask.shape[0], len(self)
-        visible = torch.cat(
-            [prompt_mask.bool()[:, None, :].expand(rows, nodes, -1), self.visible.to(prompt_mask.device).expand(rows, -1, -1)],
-            dim=-1,
-        )
-        blocked = torch.zeros(visible.shape, dtype=dtype, device=prompt_mask.device)
+        """Additive 4D mask (batch, 1, width + nodes, width + nodes) for one pass over left-padded
+        prompts followed by the tree: prompt tokens attend causally to real prompt tokens, tree
+        nodes to the whole real prompt and to their ancestors. A padding position attends to
+        itself only, so that no row of the mask is empty."""
+        rows, width = prompt_mask.shape
+        total = width + len(self)
+        device = prompt_mask.device
+        allowed = torch.ones((total, total), dtype=torch.bool, device=device).tril_()
+        allowed[width:, width:] = self.visible.to(device)
+        real_keys = torch.cat([prompt_mask.bool(), torch.ones((rows, len(self)), dtype=torch.bool, device=device)], dim=-1)
+        visible = (allowed & real_keys[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
+        blocked = torch.zeros(visible.shape, dtype=dtype, device=device)
         return blocked.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
@@ -165,11 +170,11 @@ def score_labels(
     """Log-probability of each label as the answer to each prompt, shape (n_prompts, n_labels).
 
     The answer to a prompt is ``" " + label + "."`` followed by EOS, as in training; its score is
-    the sum of the log-probabilities of those tokens given the prompt. Each prompt batch runs
-    through the model once (left-padded, length-grouped); all labels are then scored in a
-    second, small pass over the label tokens arranged as a prefix tree, which attends to the
-    prompts' key/value cache instead of reading the prompts again. Prompt plus longest answer
-    must fit the model's context.
+    the sum of the log-probabilities of those tokens given the prompt. Each prompt batch
+    (left-padded, length-grouped) runs through the model once, followed in the same pass by the
+    label tokens arranged as a prefix tree (shared leading tokens once) under a tree attention
+    mask, so every label is scored without reading the prompt again and without a key/value
+    cache. Prompt plus longest answer must fit the model's context.
     """
     tokenizer, model = language_model.tokenizer, language_model.model
     labels = [str(label) for label in labels]
@@ -206,20 +211,18 @@ def score_labels(
     scores = np.zeros((len(encoded), len(labels)), dtype=np.float64)
     batches = length_grouped_batches([len(ids) for ids in encoded], batch_size)
     for batch in tqdm(batches, desc="scoring labels", unit="batch", leave=False):
-        input_ids, mask = _left_padded([encoded[i] for i in batch], _pad_id(tokenizer), device)
-        prompt_pass = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1
-        )
-        batch_scores = prompt_pass.logits[:, -1].float().log_softmax(-1)[:, first_tokens]
-        tree_pass = model(
-            input_ids=node_tokens.expand(len(batch), -1),
+        prompt_ids, mask = _left_padded([encoded[i] for i in batch], _pad_id(tokenizer), device)
+        rows = len(batch)
+        # logits of the prompt's last position (scores the first answer tokens) and of every tree node
+        logits = model(
+            input_ids=torch.cat([prompt_ids, node_tokens.expand(rows, -1)], dim=-1),
             attention_mask=tree.attention_mask(mask, model.dtype),
-            position_ids=mask.sum(-1, keepdim=True) + depths - 1,
-            cache=prompt_pass.cache,
-            use_cache=True,
-        )
-        node_log_probs = tree_pass.logits.float().log_softmax(-1)
-        batch_scores = batch_scores.index_add(1, answer_of, node_log_probs[:, node_of, token_of])
+            position_ids=torch.cat([_positions(mask), mask.sum(-1, keepdim=True) + depths - 1], dim=-1),
+            use_cache=False,
+            logits_to_keep=len(tree) + 1,
+        ).logits
+        log_probs = logits.float().log_softmax(-1)
+        batch_scores = log_probs[:, 0, first_tokens].index_add(1, answer_of, log_probs[:, 1 + node_of, token_of])
         scores[batch] = batch_scores.double().cpu().numpy()
     logger.info("scored %d prompts against %d labels (%d tree tokens per prompt)", len(encoded), len(labels), len(tree))
     return scores
