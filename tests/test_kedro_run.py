@@ -60,6 +60,20 @@ def test_finetuning_alone_on_a_fresh_project_produces_its_upstream_once(tmp_path
     assert model.stat().st_mtime_ns != model_before  # the fine-tuning itself runs again
 
 
+def test_perturbation_posterior_alone_on_a_fresh_project_simulates_trains_and_scores(tmp_path_factory):
+    root = _new_project(tmp_path_factory)
+    _kedro(root, "run", "--env", "test", "--pipeline", "perturbation_posterior")
+    data = root / "data"
+    screen = data / "01_raw" / "perturbseq_simulated.h5ad"
+    model = data / "06_models" / "perturbation_model" / "model.safetensors"
+    assert screen.exists() and model.exists()
+    summary = pd.read_csv(data / "08_reporting" / "perturbation_summary.csv")
+    assert len(summary) == 5 and summary["n_perturbations"].nunique() == 1  # every method, same perturbations
+    before = [screen.stat().st_mtime_ns, model.stat().st_mtime_ns]
+    _kedro(root, "run", "--env", "test", "--pipeline", "perturbation_posterior")
+    assert [screen.stat().st_mtime_ns, model.stat().st_mtime_ns] == before  # upstream not redone
+
+
 def test_default_run_leaves_every_output(project: Path):
     data = project / "data"
     raw = ad.read_h5ad(data / "01_raw" / "pbmc68k_counts.h5ad")
@@ -104,7 +118,12 @@ def test_default_run_leaves_every_output(project: Path):
     for sentence in generated["cell_sentence"].fillna(""):
         assert set(sentence.split()) <= vocabulary_genes and len(sentence.split()) == len(set(sentence.split()))
     assert (data / "08_reporting" / "cell_generation" / "umap_by_cell_type.png").exists()
-    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "cell_generation"):
+    summary = pd.read_csv(data / "08_reporting" / "perturbation_summary.csv")
+    assert {"control_mean", "train_perturbed_mean", "linear_additive", "model_T0.7", "model_T1.3"} == set(summary["method"])
+    assert (data / "08_reporting" / "perturbation" / "posterior_umap.png").stat().st_size > 10_000
+    assert ad.read_h5ad(data / "07_model_output" / "posterior_statistics.h5ad").layers["variance"].shape[1] > 0
+    for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation",
+                     "cell_generation", "perturbation_qc", "perturbation"):
         metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
         assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
 
@@ -155,6 +174,9 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     artifacts = set(walk())
     assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/pretraining/loss_curves.png", "plots/finetuning/loss_curves.png"} <= artifacts
     assert "plots/expression_umap/cell_type.png" in artifacts
+    assert {"plots/perturbation/posterior_pca.png", "plots/perturbation/loss_curves.png", "tables/perturbation_summary.csv"} <= artifacts
+    assert "perturbation.linear_additive.pearson_delta" in run.data.metrics
+    assert client.get_metric_history(run.info.run_id, "perturbation_finetuning.loss")
 
 
 def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
@@ -166,7 +188,8 @@ def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
 def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
     _kedro(project, "viz", "build")
     main = json.loads((project / "build" / "api" / "main").read_text())
-    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "zero_shot_annotation", "cell_generation"}
+    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "zero_shot_annotation", "cell_generation",
+                                                      "perturbation_data", "perturbation_finetuning", "perturbation_posterior"}
     names = {n["name"] for n in main["nodes"]}
     assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split", "finetuned_model"} <= names
 

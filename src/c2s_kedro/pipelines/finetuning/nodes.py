@@ -69,7 +69,7 @@ def finetune_model(
         language_model.model.print_trainable_parameters()
     arguments = training_arguments(params["training_arguments"], params["checkpoint_dir"])
     trained, log_history = train_causal_lm(
-        language_model, train, val if val.num_rows else None, arguments, "finetuning",
+        language_model, train, val if val.num_rows else None, arguments, params.get("mlflow_prefix", "finetuning"),
         resume=params.get("resume", True), keep_checkpoints=params.get("keep_checkpoints", False),
     )
     if lora:
