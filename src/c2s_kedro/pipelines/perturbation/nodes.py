@@ -10,7 +10,7 @@ import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from datasets import Dataset, DatasetDict, concatenate_datasets
+from datasets import Dataset, DatasetDict
 
 from c2s_kedro.core import plotting
 from c2s_kedro.core.models import LanguageModel, build_gpt_neox
