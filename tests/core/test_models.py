@@ -14,7 +14,7 @@ from c2s_kedro.core.inference import embed_prompts
 from c2s_kedro.core.models import LanguageModel, ModelNotFoundError, build_gpt_neox, load_model, save_model
 from c2s_kedro.core.prompts import C2SPromptFormatter, ContextTooSmallError, fit_prompt, load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.training import IGNORE_INDEX, tokenize_pairs
+from c2s_kedro.core.training import IGNORE_INDEX, sample_mean_loss, tokenize_pairs
 
 GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
     f"GENE{i}" for i in range(200)
@@ -177,3 +177,17 @@ def test_embedding_pipeline_nodes_work_with_a_bpe_model_of_short_context(tmp_pat
     assert max(lengths) <= 256
     embeddings = embed_cells(prompts, loaded, {"batch_size": 2})
     assert embeddings.shape == (2, ARCHITECTURE["hidden_size"]) and np.isfinite(embeddings).all()
+
+
+def test_sample_mean_loss_weighs_a_short_answer_like_a_long_one():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 3],   # one answer token
+                           [IGNORE_INDEX, 1, 2, 4, 6]])                                    # four answer tokens
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
+                                                  ignore_index=IGNORE_INDEX, reduction="none").view(2, 4)
+    expected = (per_token[0, 3] + per_token[1].mean()) / 2
+    assert torch.allclose(sample_mean_loss(logits, labels), expected)
+    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert not torch.allclose(sample_mean_loss(logits, labels), token_mean)  # the Trainer's default differs
+    assert sample_mean_loss(logits, torch.full_like(labels, IGNORE_INDEX)).item() == 0.0

@@ -93,6 +93,26 @@ def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArg
         raise ValueError(f"invalid training_arguments: {error}. See transformers.TrainingArguments for valid keys.") from error
 
 
+def sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy averaged over each sample's labelled tokens, then over samples.
+
+    The Trainer's default averages over all labelled tokens of a batch, so a sample with a long
+    answer (a 200-gene sentence) outweighs one with a short answer (a cell type) a hundredfold;
+    here every sample counts the same.
+    """
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:].to(shifted_logits.device)
+    per_token = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shifted_labels.shape)
+    counted = (shifted_labels != IGNORE_INDEX).float()
+    tokens = counted.sum(dim=1)
+    has_tokens = tokens > 0
+    per_sample = (per_token * counted).sum(dim=1)[has_tokens] / tokens[has_tokens]
+    return per_sample.mean() if per_sample.numel() else per_token.sum() * 0.0
+
+
 def train_causal_lm(
     language_model: LanguageModel,
     train_dataset: Dataset,
@@ -102,10 +122,12 @@ def train_causal_lm(
     resume: bool = True,
     keep_checkpoints: bool = False,
     callbacks: list[TrainerCallback] | None = None,
+    loss_average: str = "token",
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
 
-    Datasets hold ``input_ids``, ``attention_mask`` and ``labels``. Returns the trained model (the
+    Datasets hold ``input_ids``, ``attention_mask`` and ``labels``. ``loss_average="sample"``
+    weighs every sample the same (``sample_mean_loss``) instead of every token. Returns the trained model (the
     best by eval loss when ``load_best_model_at_end`` is set) and the Trainer's log history.
     Checkpoints exist to survive an interruption: once training completes they are removed
     (unless ``keep_checkpoints``), so a later run with other settings starts fresh instead of
@@ -113,6 +135,16 @@ def train_causal_lm(
     """
     tokenizer = language_model.tokenizer
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
+    if loss_average not in ("token", "sample"):
+        raise ValueError(f"loss_average must be 'token' or 'sample', got '{loss_average}'")
+    compute_loss = None
+    if loss_average == "sample":
+        steps = arguments.gradient_accumulation_steps
+
+        def compute_loss(outputs, labels, num_items_in_batch=None):
+            # The Trainer leaves gradient-accumulation scaling to a custom loss; evaluation (no grad) is not scaled.
+            return sample_mean_loss(outputs.logits, labels) / (steps if torch.is_grad_enabled() else 1)
+
     trainer = Trainer(
         model=language_model.model,
         args=arguments,
@@ -120,6 +152,7 @@ def train_causal_lm(
         eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=[MlflowStepLogger(mlflow_prefix), *(callbacks or [])],
+        compute_loss_func=compute_loss,
     )
     checkpoint = get_last_checkpoint(arguments.output_dir) if resume and Path(arguments.output_dir).is_dir() else None
     if checkpoint:

@@ -71,6 +71,7 @@ def finetune_model(
     trained, log_history = train_causal_lm(
         language_model, train, val if val.num_rows else None, arguments, params.get("mlflow_prefix", "finetuning"),
         resume=params.get("resume", True), keep_checkpoints=params.get("keep_checkpoints", False),
+        loss_average=params.get("loss_average", "token"),
     )
     if lora:
         trained = LanguageModel(trained.model.merge_and_unload(), tokenizer, foundation_model.source)
