@@ -116,3 +116,23 @@ def test_missing_perturbation_column_or_control_label_stops_with_the_setting_to_
     normalized.X = normalized.X * 0.37  # normalized-looking, not integers
     with pytest.raises(ValueError, match="raw counts"):
         prepare_screen(normalized, params)
+
+
+def test_a_screen_with_other_column_names_runs_through_parameters_alone(screen, tmp_path):
+    """A real screen's own names (perturbation column, control label, batch, symbols in var_names)."""
+    renamed = screen.copy()
+    renamed.obs = renamed.obs.rename(columns={"gene": "target_gene", "gem_group": "lane"})
+    renamed.obs["target_gene"] = renamed.obs["target_gene"].replace({"non-targeting": "NTC"})
+    renamed.var_names = renamed.var["gene_name"].astype(str).to_numpy()
+    del renamed.varm["perturbation_truth_log2fc"]
+    params = _params(tmp_path)
+    params["perturbation"].update(perturbation_column="target_gene", control_label="NTC", batch_column="lane",
+                                  gene_symbol_column=None)
+    params["perturbation"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
+    catalog = run_pipeline(create_data_pipeline(), {"perturbseq_raw": renamed, **params_entries(params)})
+    split = catalog.load("perturbation_split")
+    assert split["test_perturbations"] and all(name != "NTC" for name in split["test_perturbations"])
+    assert catalog.load("perturbation_truth").empty  # a real screen has no simulated truth
+    test = catalog.load("perturbation_prompts")["test"]
+    lanes = renamed.obs["lane"]
+    assert (lanes.loc[test["control_cell"]].to_numpy() == lanes.loc[test["perturbed_cell"]].to_numpy()).all()

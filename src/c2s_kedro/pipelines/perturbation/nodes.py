@@ -63,7 +63,7 @@ def prepare_screen(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> tuple[
             "counts (QC and normalization run here); point the perturbseq_raw catalog entry at the raw h5ad."
         ) from error
     adata = make_gene_names_unique(use_gene_symbols(perturbseq_raw.copy(), columns.gene_symbol))
-    truth = pd.DataFrame()
+    truth = pd.DataFrame({"gene": pd.Series([], dtype=str)})  # a real screen: no rows (still a readable CSV)
     if TRUTH_KEY in adata.varm:
         truth = pd.DataFrame(np.asarray(adata.varm[TRUTH_KEY]), index=adata.var_names,
                              columns=list(pd.DataFrame(adata.varm[TRUTH_KEY]).columns))
@@ -80,7 +80,7 @@ def prepare_screen(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> tuple[
     metrics["n_control_cells"] = float((labels == columns.control_label).sum())
     logger.info("screen after QC: %d cells, %d genes, %d perturbations", processed.n_obs, processed.n_vars,
                 int(metrics["n_perturbations"]))
-    return processed, metrics, truth.reset_index() if not truth.empty else truth
+    return processed, metrics, truth.reset_index() if truth.index.name == "gene" else truth
 
 
 def screen_sentences(perturbseq_processed: ad.AnnData, params: dict[str, Any]) -> tuple[Dataset, dict[str, int]]:
