@@ -324,6 +324,12 @@ def evaluate_perturbation_predictions(
     )
     summary = summarize_scores(scores)
     metrics = {"n_genes_scored": float(len(keep)), "n_heldout_perturbations": float(len(evaluated))}
+    if truth is not None:
+        # How well the held-out cells themselves agree with the simulator's truth: the ceiling of
+        # pearson_delta_simulated_truth in this space (top-k sentences hide genes below rank k).
+        observed = score_methods(real[:, keep], {"observed": real[:, keep]}, columns.perturbation, columns.control_label,
+                                 top_n_de=settings.get("top_n_de", 20), truth=truth, threads=min(2, os.cpu_count() or 1))
+        metrics["observed_cells.pearson_delta_simulated_truth"] = float(observed["pearson_delta_simulated_truth"].mean())
     for _, row in summary.iterrows():
         for metric, value in row.items():
             if metric != "method":
