@@ -339,6 +339,8 @@ def generate_texts(
             sequences = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
+                # written in place; the default DynamicCache copies the whole batch's cache at every step
+                cache=StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens),
                 generation_config=config,
                 logits_processor=_processors(constraint, do_sample, temperature, top_k, top_p),
             )
