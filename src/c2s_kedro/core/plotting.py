@@ -173,7 +173,8 @@ def posterior_embedding_plots(
     temperature = np.concatenate([chosen.obs["temperature"].to_numpy(dtype=float), np.full(chosen_real.n_obs, np.nan)])
     is_sample = np.arange(combined.n_obs) < n_samples
     temperatures = sorted(np.unique(temperature[is_sample]))
-    colours = plt.get_cmap("coolwarm")(np.linspace(0.1, 0.9, max(len(temperatures), 1)))
+    # cold to hot, none of them grey (the real control cells are grey)
+    colours = plt.get_cmap("plasma")(np.linspace(0.0, 0.8, max(len(temperatures), 1)))
     figures = []
     for basis, label in (("X_pca", "PC"), ("X_umap", "UMAP")):
         coords = combined.obsm[basis][:, :2]
