@@ -47,7 +47,8 @@ def gene_model():
 @pytest.fixture(scope="module")
 def eager_gene_model():
     """The gene model with eager attention, which adds the 4D tree mask to the scores itself."""
-    language_model = build_gpt_neox(build_gene_tokenizer(GENES, template_words() + LABELS, model_max_length=128), ARCHITECTURE, seed=0)
+    tokenizer = build_gene_tokenizer(GENES, template_words() + LABELS, model_max_length=128)
+    language_model = build_gpt_neox(tokenizer, ARCHITECTURE, seed=0)
     language_model.model.set_attn_implementation("eager")
     return language_model
 
