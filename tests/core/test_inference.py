@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.inference import (
     generate_texts,
+    length_grouped_batches,
     match_answer,
     normalize_answer,
     predict_labels,
@@ -87,6 +88,20 @@ def test_label_scores_equal_a_full_forward_pass_per_label(model_name, request):
     scores = score_labels(language_model, PROMPTS, LABELS, batch_size=3)  # several padded batches
     assert scores.shape == (len(PROMPTS), len(LABELS))
     assert np.abs(scores - _naive_scores(language_model, PROMPTS, LABELS)).max() <= 1e-4
+
+
+def test_length_grouped_batches_put_the_smaller_batch_where_it_saves_padding():
+    long_tail = [300, 120, 100, 101, 99, 98, 102, 97, 100]  # one very long prompt
+    batches = length_grouped_batches(long_tail, 4)
+    assert [len(b) for b in batches] == [1, 4, 4] and list(batches[0]) == [0]
+    short_tail = [100, 100, 99, 101, 100, 98, 100, 100, 5]  # one very short prompt
+    assert [len(b) for b in length_grouped_batches(short_tail, 4)] == [4, 4, 1]
+    for lengths in (long_tail, short_tail, [7] * 8, []):
+        batches = length_grouped_batches(lengths, 4)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert len(batches) == -(-len(lengths) // 4) and all(len(b) <= 4 for b in batches)
+        widths = [max(lengths[i] for i in b) for b in batches]
+        assert widths == sorted(widths, reverse=True)
 
 
 def test_predicted_labels_are_known_and_probabilities_sum_to_one(gene_model):

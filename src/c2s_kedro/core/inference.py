@@ -33,9 +33,21 @@ logger = logging.getLogger(__name__)
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Indices in batches of similar length (longest first), so little compute goes to padding."""
+    """Indices in batches of at most ``batch_size`` prompts of similar length (longest first), so
+    little compute goes to padding. When the prompts do not fill whole batches, the one smaller
+    batch goes to whichever end, longest or shortest prompts, leaves less padding (a few very
+    long prompts then share a batch of their own instead of widening a full one)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    smaller_last = list(range(0, len(order), batch_size))
+    remainder = len(order) % batch_size
+    smaller_first = [0, *range(remainder, len(order), batch_size)] if remainder else smaller_last
+
+    def padded_tokens(starts: list[int]) -> int:
+        ends = starts[1:] + [len(order)]
+        return sum((end - start) * lengths[order[start]] for start, end in zip(starts, ends))
+
+    starts = min(smaller_last, smaller_first, key=padded_tokens)
+    return [order[start:end] for start, end in zip(starts, starts[1:] + [len(order)])]
 
 
 @torch.inference_mode()
