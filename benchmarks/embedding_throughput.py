@@ -68,22 +68,29 @@ def timed_interleaved(functions: dict, repeats: int) -> dict[str, float]:
     return {name: min(values) for name, values in times.items()}
 
 
-def pbmc_prompts_and_model(n_cells: int, layers: int, width: int, batch_size: int, extra_words=()):
+def pbmc_prompts_and_model(n_cells: int, layers: int, width: int, batch_size: int, extra_words=(), trained=None,
+                           answer_room: int = 0):
     """The benchmarks' shared setup: a random GPT-NeoX with the gene-level tokenizer of the PBMC
-    data, the cell-type-prediction prompts of the first ``n_cells`` cells, and those prompts as
-    ready, length-grouped, padded tensors (for the compute floor)."""
+    data (or ``trained``, a loaded trained model, e.g. the fine-tuned model of ``kedro run``), the cell-type-prediction prompts of the first ``n_cells`` cells fitted to the
+    context less ``answer_room`` tokens, and those prompts as ready, length-grouped, padded tensors
+    (for the compute floor)."""
     adata = normalize_log10(pbmc68k_counts())
     converted = cell_sentences_from_adata(adata[:n_cells], label_columns=["cell_type"], seed=0)
-    tokenizer = build_gene_tokenizer(converted.vocabulary, template_words() + list(extra_words) + ["Homo sapiens"], model_max_length=1024)
-    language_model = build_gpt_neox(
-        tokenizer,
-        {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": max(1, width // 64),
-         "max_position_embeddings": 1024},
-    )
+    if trained is not None:
+        language_model = trained
+    else:
+        tokenizer = build_gene_tokenizer(converted.vocabulary, template_words() + list(extra_words) + ["Homo sapiens"],
+                                         model_max_length=1024)
+        language_model = build_gpt_neox(
+            tokenizer,
+            {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": max(1, width // 64),
+             "max_position_embeddings": 1024},
+        )
     language_model.model.eval()
+    tokenizer = language_model.tokenizer
     template = load_templates("cell_type_prediction").inputs[0]
     prompts = [
-        fit_prompt(template, s.split(), {"organism": "Homo sapiens"}, tokenizer, 1024)[0]
+        fit_prompt(template, s.split(), {"organism": "Homo sapiens"}, tokenizer, language_model.context_length - answer_room)[0]
         for s in converted.sentences["cell_sentence"]
     ]
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]

@@ -3,11 +3,14 @@ reference's approach and the compute floor, on the same model and the same cells
 Prints one JSON object.
 
     python benchmarks/inference_throughput.py [--cells 120] [--repeats 5] [--layers 4 --width 256] [--skip-sampling]
+    python benchmarks/inference_throughput.py --model data/06_models/finetuned_model --skip-sampling
 
 Cells per second on the cell-type-prediction prompts of PBMC cells:
 (i)  ours_label_scoring: c2s_kedro.core.inference.score_labels over the 10 PBMC labels;
-(ii) ours_batched_generation: c2s_kedro.core.inference.generate_texts, greedy, batched, with
-     max_new_tokens = longest label answer in tokens + 2;
+(ii) ours_batched_generation: c2s_kedro.core.inference.generate_texts as the evaluation pipeline
+     calls it: greedy, batched, the label answers given as expected answers, max_new_tokens =
+     longest label answer in tokens + 2; ours_generation_without_expected_answers: the same
+     without them (token by token);
 (a)  reference_one_cell_at_a_time: model.generate per cell (batch size 1), same max_new_tokens;
 (b)  compute_floor: one bare batched forward pass of the model body over the same prompts under
      torch.inference_mode() (length-grouped, pre-tokenized, no LM head).
@@ -15,6 +18,11 @@ Also naive label scoring (one full forward per (cell, label), as a reader would 
 subset of cells. Posterior sampling, samples per second for one prompt: sample_continuations
 (one pass over the prompt, cache copied to every sample) against separate generate calls, and
 against one generate call with num_return_sequences (which re-reads the prompt per sample).
+
+The model is a random GPT-NeoX (``--layers``, ``--width``) unless ``--model`` names a trained
+one. A random model never says EOS, so every path writes max_new_tokens; a trained one stops
+after its answer, which makes (a) cheaper and lets expected answers skip most decoding steps:
+report both.
 
 Every path is warmed up once, then the paths run one after another in each of ``--repeats``
 rounds with the same torch thread count. Speeds are the best round of each path; ratios are
@@ -40,6 +48,7 @@ from transformers import GenerationConfig  # noqa: E402
 
 from c2s_kedro.core.constraints import GeneVocabularyConstraint  # noqa: E402
 from c2s_kedro.core.data import pbmc68k_counts  # noqa: E402
+from c2s_kedro.core.models import load_model  # noqa: E402
 from c2s_kedro.core.inference import (  # noqa: E402
     generate_texts,
     match_answer,
@@ -131,6 +140,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--sample-tokens", type=int, default=50)
     parser.add_argument("--skip-sampling", action="store_true", help="only the cell-type inference comparison")
+    parser.add_argument("--model", default=None, help="a trained model directory (default: random weights)")
     args = parser.parse_args()
     load_before = os.getloadavg()
     logging.basicConfig(level=logging.WARNING)
@@ -139,16 +149,23 @@ def main() -> None:
     adata = normalize_log10(pbmc68k_counts())
     labels = sorted(str(v) for v in adata.obs["cell_type"].unique())
     # the foundation model's tokenizer (pipelines/pretraining): genes, template words, labels, organism
-    language_model, prompts, ready = pbmc_prompts_and_model(args.cells, args.layers, args.width, args.batch_size, labels)
+    expected = [" " + label + "." for label in labels]  # the evaluation pipeline's answers
+    trained = load_model(args.model, device="cpu", dtype="float32") if args.model else None
+    room = 0
+    if trained is not None:
+        room = max(len(ids) for ids in trained.tokenizer(expected, add_special_tokens=False)["input_ids"]) + 2
+    language_model, prompts, ready = pbmc_prompts_and_model(args.cells, args.layers, args.width, args.batch_size, labels,
+                                                            trained=trained, answer_room=room)
     tokenizer = language_model.tokenizer
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     lengths = [len(ids) for ids in encoded]
-    answer_tokens = [len(tokenizer(" " + label + ".", add_special_tokens=False)["input_ids"]) for label in labels]
+    answer_tokens = [len(ids) for ids in tokenizer(expected, add_special_tokens=False)["input_ids"]]
     max_new_tokens = max(answer_tokens) + 2
     naive_prompts = prompts[: args.naive_cells]
 
     # same answers either way (greedy), so the comparison is like for like
-    ours_answers = generate_texts(language_model, prompts, max_new_tokens, batch_size=args.batch_size)
+    ours_answers = generate_texts(language_model, prompts, max_new_tokens, batch_size=args.batch_size, expected_answers=expected)
+    token_by_token_answers = generate_texts(language_model, prompts, max_new_tokens, batch_size=args.batch_size)
     reference_answers = reference_generate(language_model, prompts, max_new_tokens)
     scores = score_labels(language_model, prompts, labels, batch_size=args.batch_size)
     naive = naive_label_scores(language_model, naive_prompts, labels)
@@ -156,7 +173,10 @@ def main() -> None:
     best, rounds = timed_rounds(
         {
             "ours_label_scoring": lambda: score_labels(language_model, prompts, labels, batch_size=args.batch_size),
-            "ours_batched_generation": lambda: generate_texts(language_model, prompts, max_new_tokens, batch_size=args.batch_size),
+            "ours_batched_generation": lambda: generate_texts(language_model, prompts, max_new_tokens, batch_size=args.batch_size,
+                                                              expected_answers=expected),
+            "ours_generation_without_expected_answers": lambda: generate_texts(language_model, prompts, max_new_tokens,
+                                                                               batch_size=args.batch_size),
             "reference_one_cell_at_a_time": lambda: reference_generate(language_model, prompts, max_new_tokens),
             "compute_floor": lambda: floor_forward(language_model, ready),
             "naive_label_scoring_subset": lambda: naive_label_scores(language_model, naive_prompts, labels),
@@ -171,9 +191,13 @@ def main() -> None:
         "label_scoring_vs_floor": ("compute_floor", "ours_label_scoring"),
         "batched_generation_vs_reference": ("reference_one_cell_at_a_time", "ours_batched_generation"),
         "batched_generation_vs_floor": ("compute_floor", "ours_batched_generation"),
+        "generation_without_expected_answers_vs_reference": ("reference_one_cell_at_a_time",
+                                                             "ours_generation_without_expected_answers"),
     }
     results = {
-        "model": f"GPT-NeoX {args.layers} layers x {args.width} wide, random weights, vocabulary {len(tokenizer)} tokens",
+        "model": (f"{args.model} ({language_model.model.config.num_hidden_layers} layers x "
+                  f"{language_model.model.config.hidden_size} wide), vocabulary {len(tokenizer)} tokens" if args.model else
+                  f"GPT-NeoX {args.layers} layers x {args.width} wide, random weights, vocabulary {len(tokenizer)} tokens"),
         "cells": n,
         "labels": len(labels),
         "mean_prompt_tokens": float(np.mean(lengths)),
@@ -185,6 +209,8 @@ def main() -> None:
         "timing": f"best of {args.repeats} interleaved rounds after a warm-up of each path",
         "checks": {
             "batched_answers_equal_one_at_a_time": ours_answers == reference_answers,
+            "answers_with_and_without_expected_answers_equal": ours_answers == token_by_token_answers,
+            "mean_new_tokens_one_at_a_time": float(np.mean([len(ids) for ids in tokenizer(reference_answers, add_special_tokens=False)["input_ids"]])),
             "label_scores_max_abs_diff_vs_naive": float(np.abs(scores[: len(naive_prompts)] - naive).max()),
             "generated_answers_that_are_known_labels": sum(match_answer(a, labels) is not None for a in ours_answers),
         },

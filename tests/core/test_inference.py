@@ -148,6 +148,38 @@ def test_greedy_output_of_a_prompt_does_not_depend_on_its_batch(model_name, requ
     assert language_model.tokenizer.padding_side == padding_side
 
 
+@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
+def test_expected_answers_change_no_output_and_save_forward_passes(model_name, request):
+    language_model = request.getfixturevalue(model_name)
+    prompts = [_prompt(GENES[i : i + 10 + 2 * i]) for i in range(6)]
+    plain = generate_texts(language_model, prompts, max_new_tokens=8, batch_size=4)
+    assert len(set(plain)) > 1
+    # the model's own answers (accepted drafts), answers it does not give (rejected drafts, some
+    # sharing its first tokens) and a budget shorter than the answers
+    own = sorted(set(plain))
+    near_misses = [text[: len(text) // 2] + " NK." for text in own] + [" B cell.", " CD4+ T Reg."]
+    def forward_passes(expected):
+        shapes: list[tuple[int, int]] = []
+        handle = language_model.model.register_forward_pre_hook(
+            lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        try:
+            return generate_texts(language_model, prompts, 8, batch_size=4, expected_answers=expected), shapes
+        finally:
+            handle.remove()
+
+    drafted, passes = forward_passes(own)
+    undrafted, token_by_token = forward_passes([" Homo sapiens."])  # never begins an answer
+    assert drafted == plain and undrafted == plain
+    assert len(token_by_token) == 2 * 8  # two batches: the prompt, then one token per pass
+    if model_name == "gene_model":  # BPE re-tokenizes a random model's text differently: no drafts taken
+        assert len(passes) < len(token_by_token) and any(width > 1 for _, width in passes[1:4])
+    assert generate_texts(language_model, prompts, max_new_tokens=8, batch_size=4, expected_answers=near_misses) == plain
+    assert generate_texts(language_model, prompts, max_new_tokens=3, batch_size=3, expected_answers=own) == \
+        generate_texts(language_model, prompts, max_new_tokens=3, batch_size=3)
+    with pytest.raises(ValueError, match="greedy decoding only"):
+        generate_texts(language_model, prompts, max_new_tokens=4, do_sample=True, expected_answers=own)
+
+
 def _words(text: str) -> list[str]:
     text = text.strip()
     return (text[:-1] if text.endswith(".") else text).split()

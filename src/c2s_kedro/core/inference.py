@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (
     Cache,
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -325,6 +326,7 @@ def generate_texts(
     top_p: float | None = None,
     seed: int = 0,
     logits_processor_factory: Callable[[], LogitsProcessor] | None = None,
+    expected_answers: Sequence[str] | None = None,
 ) -> list[str]:
     """The text each prompt's model continues with (new tokens only, special tokens skipped), in
     the order of ``prompts``.
@@ -336,11 +338,25 @@ def generate_texts(
     per batch (e.g. a ``constraints.GeneVocabularyConstraint``); it runs before the sampling
     warpers. Refuses, before generating anything, prompts whose length plus ``max_new_tokens``
     exceeds the model's context.
+
+    ``expected_answers`` (greedy decoding only, e.g. ``" {label}."`` for each known cell type)
+    speeds up answers the model is likely to give without changing any output: whenever the
+    tokens written so far begin expected answers that all go on the same way, that continuation
+    (up to EOS) is proposed and checked in one forward pass, and kept as far as the model's own
+    greedy choice at each position agrees with it. An answer that is not expected is generated
+    token by token.
     """
     tokenizer, model = language_model.tokenizer, language_model.model
     encoded = _encode_prompts(tokenizer, prompts)
     _check_room(encoded, max_new_tokens, language_model.context_length)
     device = language_model.device
+    if expected_answers is not None:
+        if do_sample or logits_processor_factory is not None:
+            raise ValueError(
+                "expected_answers speed up greedy decoding only; leave them out when sampling or when "
+                "a logits processor is given"
+            )
+        return _generate_with_drafts(language_model, encoded, max_new_tokens, batch_size, expected_answers)
     config = _generation_config(tokenizer, max_new_tokens, do_sample)
     texts: list[str] = [""] * len(encoded)
     with _seeded(seed, device):
@@ -359,6 +375,103 @@ def generate_texts(
             for i, text in zip(batch, _decode_new(tokenizer, sequences, input_ids.shape[1])):
                 texts[i] = text
     return texts
+
+
+class _DraftTrie:
+    """Expected answers as token ids (each ending in EOS), keyed by prefix: the tokens that may
+    follow each prefix of an answer."""
+
+    def __init__(self, answers: Sequence[Sequence[int]]):
+        self.next: dict[tuple[int, ...], set[int]] = {}
+        for answer in answers:
+            for end in range(len(answer)):
+                self.next.setdefault(tuple(answer[:end]), set()).add(answer[end])
+
+    def draft(self, written: Sequence[int], limit: int) -> list[int]:
+        """The tokens that every expected answer beginning with ``written`` continues with, until
+        the answers part ways or end (at most ``limit`` tokens); empty when none begins so."""
+        node, tokens = tuple(written), []
+        while len(tokens) < limit:
+            following = self.next.get(node)
+            if following is None or len(following) != 1:
+                break
+            (token,) = following
+            tokens.append(token)
+            node += (token,)
+        return tokens
+
+
+def _generate_with_drafts(
+    language_model: LanguageModel,
+    encoded: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    expected_answers: Sequence[str],
+) -> list[str]:
+    tokenizer = language_model.tokenizer
+    answers = tokenizer([str(a) for a in expected_answers], add_special_tokens=False)["input_ids"]
+    trie = _DraftTrie([ids + [tokenizer.eos_token_id] for ids in answers])
+    texts: list[str] = [""] * len(encoded)
+    with torch.inference_mode():
+        for batch in tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size), desc="generating",
+                          unit="batch", leave=False):
+            written = _drafted_greedy_batch(language_model, [encoded[i] for i in batch], max_new_tokens, trie)
+            for i, text in zip(batch, tokenizer.batch_decode(written, skip_special_tokens=True)):
+                texts[i] = text
+    return texts
+
+
+def _drafted_greedy_batch(
+    language_model: LanguageModel, rows: list[list[int]], max_new_tokens: int, trie: _DraftTrie
+) -> list[list[int]]:
+    """Greedy decoding of one batch with drafts from ``trie`` checked in the same forward pass.
+
+    Each step feeds every unfinished row its last chosen token followed by its draft (rows
+    padded on the right to the longest draft). The logits at each fed position give the model's
+    greedy choice there; a row keeps its draft up to the first token the model would not have
+    chosen, and the model's choice after the kept part becomes its next token. Key/value cache
+    entries of rejected draft tokens and padding stay in the (dynamic) cache but are masked out
+    for every later step, and position ids count only the tokens kept, so each row sees exactly
+    the sequence plain greedy decoding would have produced.
+    """
+    tokenizer, model, device = language_model.tokenizer, language_model.model, language_model.device
+    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
+    input_ids, mask = _left_padded(rows, pad, device)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits
+    chosen = dict(enumerate(logits[:, -1].argmax(-1).tolist()))  # row -> next token, for unfinished rows
+    written: list[list[int]] = [[] for _ in rows]
+    next_position = [len(ids) for ids in rows]
+    while True:
+        for row, token in chosen.items():
+            written[row].append(token)
+        active = [row for row in chosen if written[row][-1] != eos and len(written[row]) < max_new_tokens]
+        if not active:
+            return written
+        drafts = {row: trie.draft(written[row], max_new_tokens - len(written[row])) for row in active}
+        width = 1 + max(len(tokens) for tokens in drafts.values())
+        step_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        step_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        step_positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for row in active:
+            fed = [written[row][-1], *drafts[row]]
+            step_ids[row, : len(fed)] = torch.tensor(fed, dtype=torch.long)
+            step_mask[row, : len(fed)] = 1
+            step_positions[row] = next_position[row] + torch.arange(width)
+        mask = torch.cat([mask, step_mask.to(device)], dim=-1)
+        greedy = model(input_ids=step_ids.to(device), attention_mask=mask, position_ids=step_positions.to(device),
+                       past_key_values=cache, use_cache=True).logits.argmax(-1).tolist()
+        chosen = {}
+        for row in active:
+            draft, kept = drafts[row], 0
+            while kept < len(draft) and greedy[row][kept] == draft[kept]:
+                kept += 1
+            written[row].extend(draft[:kept])
+            mask[row, mask.shape[1] - width + 1 + kept :] = 0  # rejected draft tokens and padding
+            next_position[row] += 1 + kept
+            if written[row][-1] != eos and len(written[row]) < max_new_tokens:
+                chosen[row] = greedy[row][kept]
 
 
 def _expanded_cache(model, prefix: Cache, rows: int, max_cache_len: int) -> Cache:
