@@ -154,6 +154,12 @@ def test_expected_answers_change_no_output_and_save_forward_passes(model_name, r
     prompts = [_prompt(GENES[i : i + 10 + 2 * i]) for i in range(6)]
     plain = generate_texts(language_model, prompts, max_new_tokens=8, batch_size=4)
     assert len(set(plain)) > 1
+    tokenizer, model = language_model.tokenizer, language_model.model
+    for prompt, text in zip(prompts, plain):  # what transformers' own greedy search writes, one prompt at a time
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == text
     # the model's own answers (accepted drafts), answers it does not give (rejected drafts, some
     # sharing its first tokens) and a budget shorter than the answers
     own = sorted(set(plain))

@@ -1,0 +1,35 @@
+"""conf/gpu: the notes' production settings on top of conf/base (kedro run --env gpu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kedro.config import OmegaConfigLoader
+
+from c2s_kedro.settings import CONFIG_LOADER_ARGS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _config(env: str) -> OmegaConfigLoader:
+    args = {key: value for key, value in CONFIG_LOADER_ARGS.items() if key != "default_run_env"}
+    return OmegaConfigLoader(str(CONF), env=env, **args)
+
+
+def test_gpu_environment_overrides_only_what_it_names():
+    base, gpu = _config("base")["parameters"], _config("gpu")["parameters"]
+    finetuning = gpu["finetuning"]
+    assert finetuning["top_k_genes"] == 200 and finetuning["training_arguments"]["bf16"] is True
+    assert finetuning["tasks"] == ["cell_type_prediction"]
+    # keys conf/gpu does not name keep their base values (merged key by key, not replaced)
+    assert finetuning["loss_average"] == base["finetuning"]["loss_average"]
+    assert finetuning["training_arguments"]["metric_for_best_model"] == "eval_loss"
+    assert gpu["evaluation"]["batch_size"] == 64 and gpu["evaluation"]["top_k_genes"] == 200
+    assert gpu["evaluation"]["label_column"] == base["evaluation"]["label_column"]
+
+
+def test_gpu_environment_fine_tunes_the_hub_c2s_model_in_bf16():
+    catalog = _config("gpu")["catalog"]
+    assert catalog["foundation_model"]["path"] == "vandijklab/C2S-Pythia-410m-cell-type-prediction"
+    assert catalog["foundation_model"]["load_args"]["dtype"] == "bf16"
+    assert catalog["finetuned_model"]["path"] != _config("base")["catalog"]["finetuned_model"]["path"]
