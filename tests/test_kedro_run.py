@@ -188,8 +188,8 @@ def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
 def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
     _kedro(project, "viz", "build")
     main = json.loads((project / "build" / "api" / "main").read_text())
-    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "zero_shot_annotation", "cell_generation",
-                                                      "perturbation_data", "perturbation_finetuning", "perturbation_posterior"}
+    assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "cell_type_evaluation", "zero_shot_annotation",
+                                                      "cell_generation", "perturbation_data", "perturbation_finetuning", "perturbation_posterior"}
     names = {n["name"] for n in main["nodes"]}
     assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split", "finetuned_model"} <= names
 

@@ -25,7 +25,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         "pretraining": pretraining.create_pipeline(),
         "embedding": embedding.create_pipeline(),
         "finetuning": finetuning.create_pipeline(),
-        "evaluation": evaluation.create_pipeline(),
+        # what the fine-tuned model does: cell-type prediction (two ways and a baseline) and generated cells
+        "evaluation": evaluation.create_pipeline() + cell_generation.create_pipeline(),
+        "cell_type_evaluation": evaluation.create_pipeline(),
         "zero_shot_annotation": evaluation.create_zero_shot_pipeline(),
         "cell_generation": cell_generation.create_pipeline(),
         "perturbation_data": perturbation.create_data_pipeline(),
