@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--sample-tokens", type=int, default=50)
     parser.add_argument("--skip-sampling", action="store_true", help="only the cell-type inference comparison")
     parser.add_argument("--model", default=None, help="a trained model directory (default: random weights)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations of every path, the reference's included (bfloat16 pays off on CPUs with AMX)")
     args = parser.parse_args()
     load_before = os.getloadavg()
     logging.basicConfig(level=logging.WARNING)
@@ -156,6 +158,7 @@ def main() -> None:
         room = max(len(ids) for ids in trained.tokenizer(expected, add_special_tokens=False)["input_ids"]) + 2
     language_model, prompts, ready = pbmc_prompts_and_model(args.cells, args.layers, args.width, args.batch_size, labels,
                                                             trained=trained, answer_room=room)
+    language_model.model.to(getattr(torch, args.dtype))
     tokenizer = language_model.tokenizer
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     lengths = [len(ids) for ids in encoded]
@@ -205,6 +208,7 @@ def main() -> None:
         "label_answer_tokens": {"min": int(min(answer_tokens)), "max": int(max(answer_tokens)), "plus_eos": 1},
         "max_new_tokens": max_new_tokens,
         "batch_size": args.batch_size,
+        "dtype": args.dtype,
         "torch_threads": args.threads,
         "timing": f"best of {args.repeats} interleaved rounds after a warm-up of each path",
         "checks": {

@@ -191,3 +191,14 @@ def test_sample_mean_loss_weighs_a_short_answer_like_a_long_one():
     token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
     assert not torch.allclose(sample_mean_loss(logits, labels), token_mean)  # the Trainer's default differs
     assert sample_mean_loss(logits, torch.full_like(labels, IGNORE_INDEX)).item() == 0.0
+
+
+def test_precision_on_cpu_is_fp32_unless_bf16_is_asked_for():
+    from c2s_kedro.core.models import pick_dtype
+
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu) == pick_dtype(None, cpu) == torch.float32
+    assert pick_dtype("bf16", cpu) == pick_dtype("bfloat16", cpu) == torch.bfloat16  # fast on CPUs with AMX
+    assert pick_dtype("fp16", cpu) == torch.float32  # half precision matmuls are slow or missing on CPU
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        pick_dtype("int8", cpu)

@@ -59,13 +59,16 @@ def pick_device(device: str | None = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """fp32 on CPU; on GPU the requested half precision (``bf16``/``fp16``), fp32 otherwise."""
-    if device.type == "cpu" or dtype in (None, "auto", "float32", "fp32"):
-        if dtype not in (None, "auto", "float32", "fp32") and device.type == "cpu":
-            logger.info("dtype %s requested on CPU: using float32", dtype)
+    """``auto``: fp32. On GPU the requested precision; on CPU fp32 or, when asked for, bf16 (2-3x
+    faster inference on CPUs with AMX or AVX512-BF16, slower elsewhere); fp16 on CPU falls back to
+    fp32."""
+    if dtype in (None, "auto"):
         return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and DTYPES[dtype] == torch.float16:
+        logger.info("dtype %s requested on CPU: using float32", dtype)
+        return torch.float32
     return DTYPES[dtype]
 
 
