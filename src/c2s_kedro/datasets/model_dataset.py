@@ -20,7 +20,7 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
         foundation_model:
           type: c2s_kedro.datasets.HFModelDataset
           path: data/06_models/foundation_model     # or a hub id: vandijklab/C2S-Pythia-410m-...
-          load_args: {device: auto, dtype: auto}    # dtype bf16/fp16 applies on GPU only
+          load_args: {device: auto, dtype: auto}    # auto = fp32; bf16 also on CPU (fast with AMX); fp16 on GPU only
 
     Saving writes a complete directory next to ``path`` first and then swaps it in, so an
     interrupted save leaves the previous model untouched. The saved folder opens with plain
