@@ -412,12 +412,11 @@ def _generate_with_drafts(
     answers = tokenizer([str(a) for a in expected_answers], add_special_tokens=False)["input_ids"]
     trie = _DraftTrie([ids + [tokenizer.eos_token_id] for ids in answers])
     texts: list[str] = [""] * len(encoded)
-    with torch.inference_mode():
-        for batch in tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size), desc="generating",
-                          unit="batch", leave=False):
-            written = _drafted_greedy_batch(language_model, [encoded[i] for i in batch], max_new_tokens, trie)
-            for i, text in zip(batch, tokenizer.batch_decode(written, skip_special_tokens=True)):
-                texts[i] = text
+    for batch in tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size), desc="generating",
+                      unit="batch", leave=False):
+        written = _drafted_greedy_batch(language_model, [encoded[i] for i in batch], max_new_tokens, trie)
+        for i, text in zip(batch, tokenizer.batch_decode(written, skip_special_tokens=True)):
+            texts[i] = text
     return texts
 
 
