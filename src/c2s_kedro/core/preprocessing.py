@@ -98,6 +98,16 @@ def normalize_log10(adata: ad.AnnData, target_sum: float | None = 1e4, counts_la
     return adata
 
 
+def neighbors_umap(adata: ad.AnnData, use_rep: str, n_neighbors: int = 15, seed: int = 0, key_added: str | None = None) -> None:
+    """kNN graph on ``obsm[use_rep]`` and a UMAP of it, in place: the one kNN -> UMAP step of the
+    project. The UMAP lands in ``obsm["X_umap"]`` or ``obsm[f"X_umap_{key_added}"]``."""
+    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=min(n_neighbors, adata.n_obs - 1), random_state=seed,
+                    key_added=key_added)
+    sc.tl.umap(adata, random_state=seed, neighbors_key=key_added)
+    if key_added:
+        adata.obsm[f"X_umap_{key_added}"] = adata.obsm.pop("X_umap")
+
+
 def embed_expression(
     adata: ad.AnnData,
     n_comps: int = 50,
@@ -105,7 +115,7 @@ def embed_expression(
     n_top_genes: int | None = None,
     seed: int = 0,
 ) -> ad.AnnData:
-    """PCA (optionally on highly variable genes) -> kNN graph -> UMAP, stored in the AnnData."""
+    """PCA (optionally on highly variable genes) -> kNN graph -> UMAP, stored in a copy of the AnnData."""
     adata = adata.copy()
     use_hvg = False
     if n_top_genes:
@@ -119,6 +129,5 @@ def embed_expression(
     n_features = int(adata.var["highly_variable"].sum()) if use_hvg else adata.n_vars
     n_comps = max(1, min(n_comps, adata.n_obs - 1, n_features - 1))
     sc.pp.pca(adata, n_comps=n_comps, random_state=seed, mask_var="highly_variable" if use_hvg else None)
-    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), n_pcs=n_comps, random_state=seed)
-    sc.tl.umap(adata, random_state=seed)
+    neighbors_umap(adata, "X_pca", n_neighbors=n_neighbors, seed=seed)
     return adata

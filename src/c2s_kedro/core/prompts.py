@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -69,6 +69,39 @@ def count_tokens(tokenizer, texts: Sequence[str]) -> np.ndarray:
 
 class ContextTooSmallError(ValueError):
     """The model's context cannot hold even the prompt's instruction."""
+
+
+def fit_to_context(
+    render: Callable[[int], str], n_items: int, tokenizer, max_tokens: int | None, reserve: int = 0, what: str = "prompt"
+) -> int:
+    """The largest ``k`` in ``[0, n_items]`` for which ``render(k)`` plus ``reserve`` tokens fits
+    ``max_tokens``: the one routine that fits a text to a model's context.
+
+    ``render(k)`` builds the text with ``k`` genes (per cell, per sentence: whatever the caller
+    shortens); its token count must not decrease as ``k`` grows. ``reserve`` counts tokens that
+    come after the text (an answer, EOS, tokens still to be generated). The common case (all
+    ``n_items`` fit) costs one tokenization, otherwise a binary search. Raises
+    ``ContextTooSmallError`` when not even ``render(0)`` fits.
+    """
+    if max_tokens is None:
+        return n_items
+
+    def fits(k: int) -> bool:
+        return int(count_tokens(tokenizer, [render(k)])[0]) + reserve <= max_tokens
+
+    if fits(n_items):
+        return n_items
+    if not fits(0):
+        overhead = int(count_tokens(tokenizer, [render(0)])[0])
+        raise ContextTooSmallError(
+            f"a {what} without genes takes {overhead} tokens (+{reserve} reserved) but the model's context allows "
+            f"{max_tokens}; use a model with a longer context (max_position_embeddings) or a shorter template"
+        )
+    low, high = 0, n_items  # fits(low), not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def fit_prompt(

@@ -15,10 +15,11 @@ import tempfile
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -399,6 +400,19 @@ class RankFit:
     n_cells: int
     n_points: int
     log_rank_cutoff: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain numbers for a JSON file (the ``rank_fit`` catalog entry)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RankFit:
+        """The fit saved by ``to_dict`` (JSON turns nothing into the wrong type, but a hand-edited
+        file may give counts as floats)."""
+        missing = [f.name for f in fields(cls) if f.name not in values]
+        if missing:
+            raise ValueError(f"rank fit lacks {missing}; re-run the rank fit (benchmarking) to rebuild it")
+        return cls(**{f.name: (int(values[f.name]) if f.type in ("int", int) else float(values[f.name])) for f in fields(cls)})
 
     def predict(self, rank: np.ndarray) -> np.ndarray:
         """Expression expected at 0-based ``rank`` (floored at 0: expression is non-negative)."""

@@ -1,0 +1,46 @@
+"""Settings of the pipelines that use a trained model: embedding, evaluation, cell_generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EmbeddingPipelineParameters:
+    template_index: int
+    top_k_genes: int | None
+    organism_column: str
+    default_organism: str
+    batch_size: int
+    n_neighbors: int
+    seed: int
+    color_keys: list[str]
+    label_key: str
+    batch_key: str | None
+    knn_k: int
+
+
+@dataclass(frozen=True)
+class EvaluationParameters:
+    label_column: str
+    organism_column: str
+    top_k_genes: int | None
+    seed: int
+    batch_size: int
+    extra_new_tokens: int
+    baseline_C: float
+    baseline_max_iter: int
+
+
+@dataclass(frozen=True)
+class CellGenerationParameters:
+    label_column: str
+    organism: str
+    n_cells_per_type: int
+    template_index: int
+    constrained: bool
+    temperature: float
+    top_k: int | None
+    batch_size: int
+    seed: int
+    n_heatmap_genes: int

@@ -1,0 +1,79 @@
+"""Settings of the perturbation pipelines (``params:perturbation``, one section for all three)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from c2s_kedro.core.perturbation import ScreenColumns
+from c2s_kedro.parameters.atlas import DataProcessingParameters, RankFitParameters, SentenceConversionParameters
+from c2s_kedro.parameters.training import TrainingParameters
+
+
+@dataclass(frozen=True)
+class ScreenSplitParameters:
+    mode: str  # perturbations | cells
+    fractions: dict[str, float]
+    test_perturbations: list[str] | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class PairingParameters:
+    controls_per_cell: int
+    include_control_pairs: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class PerturbationModelParameters:
+    architecture: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PosteriorParameters:
+    n_samples: int
+    temperatures: list[float]
+    prompts_per_perturbation: int
+    max_new_tokens: int | None
+    on_overflow: str  # shorten | error
+    batch_size: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class PerturbationEvaluationParameters:
+    top_n_de: int
+    interval: float
+    baseline_pca_components: int
+    max_plot_panels: int
+
+
+@dataclass(frozen=True)
+class ScreenBenchmarkingParameters:
+    rank_fit: RankFitParameters
+
+
+@dataclass(frozen=True)
+class PerturbationParameters:
+    perturbation_column: str
+    control_label: str
+    batch_column: str | None
+    data_processing: DataProcessingParameters
+    sentence_conversion: SentenceConversionParameters
+    benchmarking: ScreenBenchmarkingParameters
+    top_k_genes: int | None
+    split: ScreenSplitParameters
+    pairing: PairingParameters
+    seed: int
+    model: PerturbationModelParameters
+    finetuning: TrainingParameters
+    posterior: PosteriorParameters
+    evaluation: PerturbationEvaluationParameters
+
+    def columns(self) -> ScreenColumns:
+        """Where the screen keeps what the pipelines read."""
+        return ScreenColumns(
+            perturbation=self.perturbation_column, control_label=str(self.control_label), batch=self.batch_column,
+            gene_symbol=self.data_processing.gene_symbol_column,
+        )
