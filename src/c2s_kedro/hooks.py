@@ -7,37 +7,22 @@ import os
 
 from kedro.framework.hooks import hook_impl
 from kedro.io import AbstractDataset, MemoryDataset
-from kedro.runner import SequentialRunner
+
+from c2s_kedro.parameters import PARAMETER_NAMESPACE
 
 logger = logging.getLogger(__name__)
 
 
-class UpstreamOutputsHook:
-    """Produce a pipeline's missing inputs before it runs.
-
-    ``kedro run --pipeline=finetuning`` on a fresh clone needs processed data, sentences, a split
-    and a foundation model. Before a pipeline runs, every input that is neither a parameter nor
-    already saved is produced by the nodes of the full project pipeline that lead to it, and only
-    those whose outputs are missing run. A second run finds them saved and goes straight to its
-    own nodes.
-    """
+class ParameterNamespaceHook:
+    """Tells ``c2s_kedro.parameters`` the namespace of the node about to run when its parameters
+    are namespaced too, so that an error of the screen's ``perturbation.data_processing`` nodes
+    names ``perturbation.data_processing.qc`` and not the atlas's ``data_processing.qc``."""
 
     @hook_impl
-    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
-        from kedro.framework.project import pipelines
-
-        missing = sorted(
-            name for name in pipeline.inputs()
-            if not name.startswith("params:") and name != "parameters" and not catalog.exists(name)
-        )
-        if not missing:
-            return
-        project = pipelines["__default__"]
-        producible = sorted(set(missing) & project.all_outputs())
-        if not producible:
-            return  # Kedro will report the missing inputs itself
-        logger.info("inputs %s are not saved yet: producing them first with their upstream nodes", producible)
-        SequentialRunner().run(project.to_outputs(*producible), catalog, only_missing_outputs=True)
+    def before_node_run(self, node) -> None:
+        namespace = node.namespace
+        namespaced = bool(namespace) and any(name.startswith(f"params:{namespace}.") for name in node.inputs)
+        PARAMETER_NAMESPACE.set(namespace if namespaced else None)
 
 
 def process_rank() -> int:

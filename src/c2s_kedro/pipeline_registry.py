@@ -1,6 +1,12 @@
-"""Project pipelines."""
+"""Project pipelines.
 
-from kedro.pipeline import Pipeline
+A pipeline needed twice is one modular pipeline instantiated under a namespace: the screen goes
+through the atlas's processing, sentence and rank-fit pipelines as ``perturbation.*``, and the
+zero-shot evaluation is the evaluation's prediction part as ``zero_shot.*`` with the foundation
+model. Each registered pipeline also runs alone: c2s_kedro.runner produces its missing inputs first.
+"""
+
+from kedro.pipeline import Pipeline, pipeline
 
 from c2s_kedro.pipelines import (
     benchmarking,
@@ -9,15 +15,47 @@ from c2s_kedro.pipelines import (
     embedding,
     evaluation,
     finetuning,
-    perturbation,
+    perturbation_data,
+    perturbation_finetuning,
+    perturbation_posterior,
     pretraining,
     sentence_conversion,
 )
 
+SCREEN = "perturbation"
+ZERO_SHOT = "zero_shot"
+
+
+def _screen_data() -> Pipeline:
+    """The screen in one ``perturbation`` namespace: its checks, the atlas's processing, sentence
+    conversion and rank fit (``perturbation.processed_adata``, ``.cell_sentences``, ``.vocabulary``,
+    ``.rank_fit``; settings ``perturbation.data_processing`` etc.), then its split, pairs, prompts."""
+    screen = (
+        perturbation_data.create_pipeline()
+        + data_processing.create_pipeline()
+        + sentence_conversion.create_conversion_pipeline()
+        + benchmarking.create_rank_fit_pipeline()
+    )
+    exposed = ["perturbation_truth", "perturbation_base_model", "perturbation_prompts", "perturbation_data_metrics"]
+    return pipeline(
+        screen, namespace=SCREEN, inputs={"perturbseq_raw"},
+        outputs={"data_split": "perturbation_split", **{name: name for name in exposed}},
+        parameters={"params:perturbation": "params:perturbation"},
+    )
+
+
+def _zero_shot() -> Pipeline:
+    """The evaluation's prediction part with the foundation model, outputs as ``zero_shot.*``."""
+    shared = {"cell_sentences", "data_split", "baseline_predictions"}
+    return evaluation.create_baseline_pipeline() + pipeline(
+        evaluation.create_prediction_pipeline(), namespace=ZERO_SHOT,
+        inputs={"finetuned_model": "foundation_model", **{name: name for name in shared}},
+        parameters={"params:evaluation": "params:evaluation"},
+    )
+
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Each pipeline runs alone (missing upstream outputs are produced first, see hooks.py); the
-    default ``kedro run`` runs them all in order."""
+    """Each pipeline by name; the default ``kedro run`` runs them all in order."""
     pipelines = {
         "data_processing": data_processing.create_pipeline(),
         "sentence_conversion": sentence_conversion.create_pipeline(),
@@ -28,11 +66,11 @@ def register_pipelines() -> dict[str, Pipeline]:
         # what the fine-tuned model does: cell-type prediction (two ways and a baseline) and generated cells
         "evaluation": evaluation.create_pipeline() + cell_generation.create_pipeline(),
         "cell_type_evaluation": evaluation.create_pipeline(),
-        "zero_shot_annotation": evaluation.create_zero_shot_pipeline(),
+        "zero_shot_annotation": _zero_shot(),
         "cell_generation": cell_generation.create_pipeline(),
-        "perturbation_data": perturbation.create_data_pipeline(),
-        "perturbation_finetuning": perturbation.create_finetuning_pipeline(),
-        "perturbation_posterior": perturbation.create_posterior_pipeline(),
+        "perturbation_data": _screen_data(),
+        "perturbation_finetuning": perturbation_finetuning.create_pipeline(),
+        "perturbation_posterior": perturbation_posterior.create_pipeline(),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -2,9 +2,14 @@
 
 from kedro.config import OmegaConfigLoader
 
-from c2s_kedro.hooks import DistributedRunHook, UpstreamOutputsHook
+from c2s_kedro.hooks import DistributedRunHook, ParameterNamespaceHook
+from c2s_kedro.runner import ProjectSession
 
-HOOKS = (DistributedRunHook(), UpstreamOutputsHook())
+HOOKS = (DistributedRunHook(), ParameterNamespaceHook())
+
+# Any pipeline runs alone: its missing upstream outputs are produced first, in the same run
+# (c2s_kedro.runner.UpstreamRunner, the default runner of this session class).
+SESSION_CLASS = ProjectSession
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

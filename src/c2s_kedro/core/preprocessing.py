@@ -54,17 +54,14 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
         counts[f"cells_removed_{name}"] = int(np.count_nonzero(keep & ~passes))
         keep &= passes
     if not keep.any():
-        raise ValueError(
-            f"QC removed all {adata.n_obs} cells ({_removed_summary(counts)}). Relax the thresholds "
-            "in data_processing.qc (conf/base/parameters_data_processing.yml)."
-        )
+        raise ValueError(f"QC removed all {adata.n_obs} cells ({_removed_summary(counts)}); relax the thresholds.")
     adata = adata[keep].copy()
     if thresholds.min_cells_per_gene:
         sc.pp.filter_genes(adata, min_cells=thresholds.min_cells_per_gene)
     if adata.n_vars == 0:
         raise ValueError(
             f"QC removed every gene (min_cells_per_gene={thresholds.min_cells_per_gene} with "
-            f"{adata.n_obs} cells left). Lower data_processing.qc.min_cells_per_gene."
+            f"{adata.n_obs} cells left); lower min_cells_per_gene."
         )
     n_empty = int(np.count_nonzero(np.asarray((adata.X > 0).sum(axis=1)).ravel() == 0))
     if n_empty:
@@ -72,7 +69,7 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
         counts["cells_removed_empty_after_gene_filter"] = n_empty
         logger.warning("%d cells had no expressed gene left after gene filtering and were removed", n_empty)
         if adata.n_obs == 0:
-            raise ValueError("no cell has an expressed gene left after QC; relax data_processing.qc")
+            raise ValueError("no cell has an expressed gene left after QC; relax the thresholds")
     counts["cells_after"] = adata.n_obs
     counts["genes_after"] = adata.n_vars
     logger.info("QC: %s", _removed_summary(counts))
@@ -84,17 +81,15 @@ def _removed_summary(counts: dict[str, int]) -> str:
     return f"{counts['cells_before']} cells" + (f" ({removed})" if removed else "")
 
 
-def normalize_log10(adata: ad.AnnData, target_sum: float | None = 1e4, counts_layer: str = "counts") -> ad.AnnData:
-    """Keep raw counts in ``layers[counts_layer]``, ``normalize_total``, then log10(1 + x)."""
+def normalize_log10(adata: ad.AnnData, target_sum: float | None = None, counts_layer: str = "counts") -> ad.AnnData:
+    """Keep raw counts in ``layers[counts_layer]``, ``normalize_total`` (``None``: each cell scaled
+    to the median library size, scanpy's default and the C2S tutorials'), then log10(1 + x)."""
     adata = adata.copy()
     adata.layers[counts_layer] = adata.X.copy()
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    if sp.issparse(adata.X):
+    if sp.issparse(adata.X) or adata.X.dtype != np.float32:
         adata.X = adata.X.astype(np.float32)
-        np.log10(1.0 + adata.X.data, out=adata.X.data)
-    else:
-        adata.X = np.log10(1.0 + np.asarray(adata.X, dtype=np.float32))
-    adata.uns["log1p"] = {"base": 10}
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata, base=10)
     return adata
 
 

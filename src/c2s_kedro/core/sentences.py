@@ -254,7 +254,6 @@ def cell_sentences_from_adata(
     seed: int = 0,
     chunk_size: int = 1024,
     cache_dir: str | Path | None = None,
-    label_setting: str | None = None,
     n_threads: int | None = None,
 ) -> ConversionResult:
     """Convert every cell of ``adata`` into a cell sentence.
@@ -268,7 +267,6 @@ def cell_sentences_from_adata(
         chunk_size: cells per chunk; bounds memory.
         cache_dir: where the Arrow file backing the returned dataset is written (a new
             temporary directory by default).
-        label_setting: where ``label_columns`` is configured, named in error messages.
         n_threads: threads converting chunks (default: the CPUs available, at most 4).
 
     Returns:
@@ -280,10 +278,9 @@ def cell_sentences_from_adata(
     if reserved:
         raise ValueError(
             f"label column(s) {reserved} collide with the reserved dataset columns "
-            f"{list(RESERVED_COLUMNS)}; rename them in .obs or drop them from "
-            f"{label_setting or 'label_columns'}"
+            f"{list(RESERVED_COLUMNS)}; rename them in .obs or drop them from the label columns"
         )
-    require_obs_columns(adata, label_columns, setting=label_setting)
+    require_obs_columns(adata, label_columns)
 
     names = vocabulary_names(adata.var_names)
     name_table = GeneNameTable.from_names(names)
@@ -441,24 +438,27 @@ def rank_expression_points(
 def fit_rank_expression(
     log_rank: np.ndarray, expression: np.ndarray, n_cells: int, log_rank_cutoff: float = 3.0
 ) -> RankFit:
-    """Least-squares fit of expression on log10(1 + rank), using points with log rank < cutoff."""
+    """Least-squares fit of expression on log10(1 + rank) over the points with log rank below
+    ``log_rank_cutoff``; R², Pearson and Spearman are reported over every point given (every
+    expressed gene of the sampled cells), as the reference's benchmark does."""
     from scipy import stats
     from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
 
     keep = log_rank < log_rank_cutoff
     x, y = log_rank[keep], expression[keep]
     if x.size < 3 or np.unique(x).size < 2:
         raise ValueError(
             f"only {x.size} expressed (gene, cell) points below log10 rank {log_rank_cutoff}: "
-            "too few to fit; sample more cells (benchmarking.n_cells) or check the data"
+            "too few to fit; sample more cells or check the data"
         )
     model = LinearRegression().fit(x[:, None], y)
     return RankFit(
         slope=float(model.coef_[0]),
         intercept=float(model.intercept_),
-        r2=float(model.score(x[:, None], y)),
-        pearson_r=float(stats.pearsonr(x, y).statistic),
-        spearman_r=float(stats.spearmanr(x, y).statistic),
+        r2=float(r2_score(expression, model.predict(log_rank[:, None]))),
+        pearson_r=float(stats.pearsonr(log_rank, expression).statistic),
+        spearman_r=float(stats.spearmanr(log_rank, expression).statistic),
         n_cells=int(n_cells),
         n_points=int(x.size),
         log_rank_cutoff=float(log_rank_cutoff),

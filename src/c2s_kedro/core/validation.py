@@ -16,16 +16,17 @@ ENSEMBL_PATTERN = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "feature_name", "symbol")
 
 
-def require_obs_columns(
-    adata: ad.AnnData, columns: Sequence[str], setting: str | None = None
-) -> None:
-    """Raise ``KeyError`` naming every missing ``.obs`` column, the available ones and the setting."""
+class NotCountsError(ValueError):
+    """The matrix is finite but not raw counts (negative or fractional values): normalized data."""
+
+
+def require_obs_columns(adata: ad.AnnData, columns: Sequence[str]) -> None:
+    """Raise ``KeyError`` naming every missing ``.obs`` column and the available ones."""
     missing = [c for c in columns if c not in adata.obs.columns]
     if missing:
-        where = f" Set {setting}." if setting else ""
         raise KeyError(
             f"obs column(s) {', '.join(repr(c) for c in missing)} not found; available: "
-            f"{', '.join(map(str, adata.obs.columns)) or '(none)'}.{where}"
+            f"{', '.join(map(str, adata.obs.columns)) or '(none)'}."
         )
 
 
@@ -36,22 +37,27 @@ def _stored_values(matrix) -> np.ndarray:
 
 
 def check_raw_counts(adata: ad.AnnData, layer: str | None = None, tolerance: float = 1e-6) -> None:
-    """Raise ``ValueError`` unless the matrix holds raw counts (finite, non-negative integers)."""
+    """Raise ``ValueError`` unless the matrix holds raw counts (finite, non-negative integers).
+
+    NaN or infinite values are a plain ``ValueError`` (no setting makes them usable); negative or
+    fractional values raise ``NotCountsError`` (the data looks normalized).
+    """
     matrix = adata.X if layer is None else adata.layers[layer]
     values = _stored_values(matrix)
-    hint = (
-        " Raw counts are required for QC and normalization. If the data is already normalized, "
-        "set data_processing.input_is_normalized: true in conf/base/parameters_data_processing.yml."
-    )
+    hint = " Raw counts are required for QC and normalization."
     if values.size == 0:
         return
     if np.issubdtype(values.dtype, np.floating):
         n_nan = int(np.count_nonzero(~np.isfinite(values)))
         if n_nan:
-            raise ValueError(f"the expression matrix holds {n_nan} NaN or infinite values.{hint}")
+            raise ValueError(
+                f"the expression matrix holds {n_nan} NaN or infinite values; counts are never NaN, so the file "
+                "is damaged or was produced by a tool that writes NaN for missing values. Fix or drop those "
+                "entries (e.g. adata.X.data[~np.isfinite(adata.X.data)] = 0) and save the h5ad again."
+            )
     n_negative = int(np.count_nonzero(values < 0))
     if n_negative:
-        raise ValueError(
+        raise NotCountsError(
             f"the expression matrix holds {n_negative} negative values (min {values.min():.3g}); "
             f"this looks scaled, not counts.{hint}"
         )
@@ -60,7 +66,7 @@ def check_raw_counts(adata: ad.AnnData, layer: str | None = None, tolerance: flo
         n_fractional = int(np.count_nonzero(fractional))
         if n_fractional:
             example = values[fractional][0]
-            raise ValueError(
+            raise NotCountsError(
                 f"the expression matrix holds {n_fractional} non-integer values (e.g. {example:.4g}); "
                 f"this looks normalized, not counts.{hint}"
             )
@@ -85,8 +91,8 @@ def use_gene_symbols(adata: ad.AnnData, symbol_column: str | None = None) -> ad.
     if symbol_column is not None and symbol_column not in adata.var.columns:
         raise KeyError(
             f"var column '{symbol_column}' not found; available: "
-            f"{', '.join(map(str, adata.var.columns)) or '(none)'}. Set "
-            "data_processing.gene_symbol_column (or null to keep the var names)."
+            f"{', '.join(map(str, adata.var.columns)) or '(none)'}; name the column holding gene symbols, "
+            "or none to keep the var names."
         )
     if symbol_column is None:
         if not looks_like_ensembl(adata.var_names):
@@ -95,8 +101,8 @@ def use_gene_symbols(adata: ad.AnnData, symbol_column: str | None = None) -> ad.
         if symbol_column is None:
             logger.warning(
                 "var names look like Ensembl IDs and no gene-symbol column was found in .var "
-                "(tried %s); cell sentences will be made of IDs. Set "
-                "data_processing.gene_symbol_column to the column holding symbols.",
+                "(tried %s); cell sentences will be made of IDs. Name the .var column holding symbols "
+                "(gene_symbol_column of data_processing).",
                 ", ".join(SYMBOL_COLUMNS),
             )
             return adata

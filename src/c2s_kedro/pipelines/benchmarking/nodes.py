@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from typing import Any
 
 import anndata as ad
@@ -26,25 +25,38 @@ from c2s_kedro.core.sentences import (
     reconstruct_expression,
 )
 from c2s_kedro.core.validation import require_obs_columns
+from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters.atlas import BenchmarkingParameters, RankFitParameters, as_kwargs
 
 logger = logging.getLogger(__name__)
 
 
-def fit_rank_to_expression(processed_adata: ad.AnnData, params: dict[str, Any]) -> tuple[dict[str, float], plt.Figure]:
-    """Fit expression ~ log10(1 + rank) on a sample of cells; return the fit and its plot."""
-    _, log_rank, expression = rank_expression_points(
-        processed_adata, n_cells=params["n_cells"], seed=params.get("seed", 0), layer=params.get("layer")
-    )
-    fit = fit_rank_expression(log_rank, expression, n_cells=min(params["n_cells"], processed_adata.n_obs), log_rank_cutoff=params["log_rank_cutoff"])
+def fit_rank_to_expression(
+    processed_adata: ad.AnnData, data_split: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, float], plt.Figure]:
+    """Fit expression ~ log10(1 + rank) on a sample of cells (of the split parts ``fit_on``, or of
+    every cell); return the fit and its plot."""
+    settings = read_parameters(RankFitParameters, params, "benchmarking.rank_fit")
+    cells = processed_adata
+    if settings.fit_on:
+        with setting_hint("benchmarking.rank_fit.fit_on"):
+            unknown = [part for part in settings.fit_on if part not in data_split]
+            if unknown:
+                raise KeyError(f"split part(s) {unknown} not in the split; it has {', '.join(data_split)}.")
+        cells = processed_adata[[name for part in settings.fit_on for name in data_split[part]]]
+    _, log_rank, expression = rank_expression_points(cells, n_cells=settings.n_cells, seed=settings.seed, layer=settings.layer)
+    with setting_hint("benchmarking.rank_fit.n_cells"):
+        fit = fit_rank_expression(log_rank, expression, n_cells=min(settings.n_cells, cells.n_obs), log_rank_cutoff=settings.log_rank_cutoff)
     logger.info("rank fit: expression = %.4f %+.4f * log10(1 + rank), R2 = %.3f", fit.intercept, fit.slope, fit.r2)
     figure = plotting.rank_expression_plot(log_rank, expression, fit.slope, fit.intercept, fit.log_rank_cutoff, fit.r2)
-    return asdict(fit), figure
+    return fit.to_dict(), figure
 
 
 def reconstruct_adata(
     cell_sentences: Dataset, rank_fit: dict[str, float], processed_adata: ad.AnnData, params: dict[str, Any]
 ) -> ad.AnnData:
     """Expression rebuilt from the sentences with the rank fit, embedded like the original."""
+    settings = read_parameters(BenchmarkingParameters, params, "benchmarking")
     table = cell_sentences.select_columns([CELL_NAME, CELL_SENTENCE]).with_format("arrow")[:]
     names = table.column(CELL_NAME).to_pylist()
     missing = set(names) - set(processed_adata.obs_names)
@@ -53,16 +65,15 @@ def reconstruct_adata(
             f"{len(missing)} cells of cell_sentences are not in processed_adata (e.g. {sorted(missing)[:3]}); "
             "re-run sentence_conversion on the current processed_adata"
         )
-    matrix, n_unknown = reconstruct_expression(
-        table.column(CELL_SENTENCE), processed_adata.var_names, RankFit(**rank_fit)
-    )
+    fit = RankFit.from_dict(rank_fit)
+    matrix, n_unknown = reconstruct_expression(table.column(CELL_SENTENCE), processed_adata.var_names, fit)
     if n_unknown:
         logger.warning("%d words of the sentences are not genes of processed_adata and were skipped", n_unknown)
     reconstructed = ad.AnnData(
         X=matrix, obs=processed_adata.obs.loc[names].copy(), var=processed_adata.var[[]].copy(),
-        uns={"rank_fit": dict(rank_fit), "n_unknown_words": int(n_unknown)},
+        uns={"rank_fit": fit.to_dict(), "n_unknown_words": int(n_unknown)},
     )
-    return embed_expression(reconstructed, **params["embedding"])
+    return embed_expression(reconstructed, **as_kwargs(settings.embedding))
 
 
 def _expressed_pairs(original: ad.AnnData, reconstructed: ad.AnnData, n_cells: int, seed: int):
@@ -81,20 +92,21 @@ def compare_reconstruction(
 
     Returns the metrics, the reconstructed-vs-original scatter and the side-by-side UMAPs.
     """
-    label = params.get("label_key")
+    settings = read_parameters(BenchmarkingParameters, params, "benchmarking")
+    label, seed = settings.label_key, settings.seed
     if label:
-        require_obs_columns(processed_adata, [label], setting="benchmarking.label_key in conf/base/parameters_benchmarking.yml")
-    seed = params.get("seed", 0)
+        with setting_hint("benchmarking.label_key"):
+            require_obs_columns(processed_adata, [label])
     original = processed_adata
     reconstructed = reconstructed_adata[original.obs_names]
-    values, rebuilt = _expressed_pairs(original, reconstructed, params["n_cells"], seed)
+    values, rebuilt = _expressed_pairs(original, reconstructed, settings.n_cells, seed)
     pearson = float(stats.pearsonr(values, rebuilt).statistic)
     spearman = float(stats.spearmanr(values, rebuilt).statistic)
 
     clusterings = []
     for adata in (original, reconstructed):
         copy = adata.copy()
-        sc.tl.leiden(copy, resolution=params["leiden_resolution"], flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+        sc.tl.leiden(copy, resolution=settings.leiden_resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
         clusterings.append(copy.obs["leiden"].to_numpy())
     metrics = {
         "reconstruction_pearson_r": pearson,
@@ -102,7 +114,7 @@ def compare_reconstruction(
         "leiden_ari_original_vs_reconstructed": cluster_agreement(*clusterings),
         "n_leiden_clusters_original": float(len(set(clusterings[0]))),
         "n_leiden_clusters_reconstructed": float(len(set(clusterings[1]))),
-        "knn_overlap_pca": knn_overlap(original.obsm["X_pca"], reconstructed.obsm["X_pca"], k=params["knn_k"]),
+        "knn_overlap_pca": knn_overlap(original.obsm["X_pca"], reconstructed.obsm["X_pca"], k=settings.knn_k),
     }
     if label:
         metrics["leiden_ari_original_vs_label"] = cluster_agreement(clusterings[0], original.obs[label])
@@ -112,7 +124,7 @@ def compare_reconstruction(
         [("original expression", original.obsm["X_umap"]), ("reconstructed from cell sentences", reconstructed.obsm["X_umap"])],
         original.obs[label] if label else None,
         f"UMAP agreement: Leiden ARI {metrics['leiden_ari_original_vs_reconstructed']:.2f}, "
-        f"{params['knn_k']}-NN overlap {metrics['knn_overlap_pca']:.2f}",
+        f"{settings.knn_k}-NN overlap {metrics['knn_overlap_pca']:.2f}",
     )
     return metrics, scatter, umaps
 

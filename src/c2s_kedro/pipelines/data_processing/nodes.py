@@ -1,8 +1,8 @@
-"""Nodes of the data_processing pipeline (workflow notes section 0)."""
+"""Nodes of the data_processing pipeline (workflow notes section 0). The screen runs the same
+nodes under the ``perturbation`` namespace."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import anndata as ad
@@ -10,42 +10,48 @@ import matplotlib.pyplot as plt
 
 from c2s_kedro.core import plotting
 from c2s_kedro.core.preprocessing import QCThresholds, embed_expression, normalize_log10, quality_control
-from c2s_kedro.core.validation import check_raw_counts, make_gene_names_unique, require_obs_columns, use_gene_symbols
+from c2s_kedro.core.validation import NotCountsError, check_raw_counts, make_gene_names_unique, require_obs_columns, use_gene_symbols
+from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters.atlas import DataProcessingParameters, QCParameters, as_kwargs
 
-logger = logging.getLogger(__name__)
-SETTINGS_FILE = "conf/base/parameters_data_processing.yml"
+SECTION = "data_processing"
 
 
 def validate_raw_adata(raw_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
     """Check the raw data and tidy gene names: counts (unless declared normalized), the obs keys
     to plot, gene symbols instead of Ensembl IDs, unique gene names."""
+    settings = read_parameters(DataProcessingParameters, params, SECTION)
     adata = raw_adata.to_memory() if raw_adata.isbacked else raw_adata.copy()
-    require_obs_columns(adata, params.get("umap_color_keys", []), setting=f"data_processing.umap_color_keys in {SETTINGS_FILE}")
-    if not params.get("input_is_normalized", False):
-        check_raw_counts(adata)
-    adata = use_gene_symbols(adata, params.get("gene_symbol_column"))
+    with setting_hint(f"{SECTION}.umap_color_keys"):
+        require_obs_columns(adata, settings.umap_color_keys)
+    if not settings.input_is_normalized:
+        with setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", NotCountsError):
+            check_raw_counts(adata)
+    with setting_hint(f"{SECTION}.gene_symbol_column", KeyError):
+        adata = use_gene_symbols(adata, settings.gene_symbol_column)
     return make_gene_names_unique(adata)
 
 
 def filter_cells_and_genes(adata: ad.AnnData, qc: dict[str, Any]) -> tuple[ad.AnnData, dict[str, int]]:
     """QC filters from parameters; returns the filtered data and cell/gene counts per filter."""
-    unknown = set(qc) - set(QCThresholds.__dataclass_fields__)
-    if unknown:
-        raise ValueError(
-            f"unknown QC setting(s) {sorted(unknown)} in data_processing.qc; known: "
-            f"{sorted(QCThresholds.__dataclass_fields__)}"
-        )
-    return quality_control(adata, QCThresholds(**qc))
+    thresholds = read_parameters(QCParameters, qc, f"{SECTION}.qc")
+    with setting_hint(f"{SECTION}.qc", ValueError):
+        return quality_control(adata, QCThresholds(**as_kwargs(thresholds)))
 
 
-def normalize_and_embed(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
-    """normalize_total + log10 (raw counts kept in layers['counts']), then PCA -> kNN -> UMAP."""
-    if params.get("input_is_normalized", False):
-        logger.info("input_is_normalized: .X is used as log-normalized expression as it is")
-        normalized = adata
-    else:
-        normalized = normalize_log10(adata, target_sum=params["normalization"]["target_sum"])
-    return embed_expression(normalized, **params["embedding"])
+def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
+    """normalize_total (median library size by default) + log10, raw counts kept in layers['counts'];
+    data declared normalized is used as it is."""
+    settings = read_parameters(DataProcessingParameters, params, SECTION)
+    if settings.input_is_normalized:
+        return adata
+    return normalize_log10(adata, target_sum=settings.normalization.target_sum)
+
+
+def embed_cells(normalized_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
+    """PCA -> kNN -> UMAP of the normalized expression."""
+    settings = read_parameters(DataProcessingParameters, params, SECTION)
+    return embed_expression(normalized_adata, **as_kwargs(settings.embedding))
 
 
 def plot_expression_umaps(processed_adata: ad.AnnData, umap_color_keys: list[str]) -> dict[str, plt.Figure]:

@@ -1,4 +1,5 @@
-"""data_processing: raw counts -> processed_adata."""
+"""data_processing: raw counts -> processed_adata. A modular pipeline: the screen runs it under
+the ``perturbation`` namespace (pipeline_registry.py)."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -15,7 +16,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["qc_adata", "qc_counts"],
                 name="filter_cells_and_genes",
             ),
-            node(nodes.normalize_and_embed, ["qc_adata", "params:data_processing"], "processed_adata", name="normalize_and_embed"),
+            node(nodes.normalize_counts, ["qc_adata", "params:data_processing"], "normalized_adata", name="normalize_counts"),
+            node(nodes.embed_cells, ["normalized_adata", "params:data_processing"], "processed_adata", name="embed_cells"),
             node(
                 nodes.plot_expression_umaps,
                 ["processed_adata", "params:data_processing.umap_color_keys"],

@@ -1,5 +1,5 @@
-"""Cell-type annotation of the test cells, two ways, against a baseline (workflow notes sections 4 and 6)."""
+"""Cell-type prediction on the test split: generation, label scoring, and a baseline."""
 
-from c2s_kedro.pipelines.evaluation.pipeline import create_pipeline, create_zero_shot_pipeline
+from c2s_kedro.pipelines.evaluation.pipeline import create_baseline_pipeline, create_pipeline, create_prediction_pipeline
 
-__all__ = ["create_pipeline", "create_zero_shot_pipeline"]
+__all__ = ["create_baseline_pipeline", "create_pipeline", "create_prediction_pipeline"]

@@ -12,20 +12,18 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, concatenate_sentence_datasets, split_cells
+from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters.atlas import DataSplitParameters, SentenceConversionParameters
 
 logger = logging.getLogger(__name__)
-LABEL_SETTING = "sentence_conversion.label_columns in conf/base/parameters_sentence_conversion.yml"
 
 
-def _convert(adata: ad.AnnData, params: dict[str, Any]):
-    return cell_sentences_from_adata(
-        adata,
-        label_columns=params.get("label_columns", []),
-        layer=params.get("layer"),
-        seed=params.get("seed", 0),
-        chunk_size=params.get("chunk_size", 1024),
-        label_setting=LABEL_SETTING,
-    )
+def _convert(adata: ad.AnnData, settings: SentenceConversionParameters):
+    with setting_hint("sentence_conversion.label_columns"):
+        return cell_sentences_from_adata(
+            adata, label_columns=settings.label_columns, layer=settings.layer, seed=settings.seed,
+            chunk_size=settings.chunk_size,
+        )
 
 
 def convert_to_cell_sentences(
@@ -37,14 +35,15 @@ def convert_to_cell_sentences(
     ``PartitionedDataset`` of h5ad files gives): each is converted on its own, rows are tagged
     with their source in ``source_dataset``, and the vocabularies are merged.
     """
+    settings = read_parameters(SentenceConversionParameters, params, "sentence_conversion")
     if isinstance(processed_adata, ad.AnnData):
-        result = _convert(processed_adata, params)
+        result = _convert(processed_adata, settings)
         return result.sentences, result.vocabulary
     parts = []
     for name in sorted(processed_adata):
         item = processed_adata[name]
         adata = item() if callable(item) else item
-        result = _convert(adata, params)
+        result = _convert(adata, settings)
         logger.info("converted %s: %d cells", name, result.sentences.num_rows)
         parts.append((name, result.sentences, result.vocabulary))
     return concatenate_sentence_datasets(parts)
@@ -67,22 +66,22 @@ def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> 
     }
 
 
-def split_dataset(cell_sentences: Dataset, split: dict[str, Any]) -> dict[str, Any]:
+def split_dataset(cell_sentences: Dataset, params: dict[str, Any]) -> dict[str, Any]:
     """Train/val/test split of the cells (by ``cell_name``), stratified by a label when set.
 
     Every model trained or evaluated later uses this one split, so test cells stay unseen.
     """
-    stratify_by = split.get("stratify_by")
+    settings = read_parameters(DataSplitParameters, params, "data_split")
+    stratify_by = settings.stratify_by
     if stratify_by and stratify_by not in cell_sentences.column_names:
         raise KeyError(
-            f"sentence_conversion.split.stratify_by '{stratify_by}' is not a column of cell_sentences; "
-            f"available: {', '.join(cell_sentences.column_names)}. Add it to sentence_conversion.label_columns "
-            "or set stratify_by: null."
+            f"data_split.stratify_by '{stratify_by}' is not a column of cell_sentences; available: "
+            f"{', '.join(cell_sentences.column_names)}. Add it to sentence_conversion.label_columns or set "
+            "data_split.stratify_by: null in your environment (e.g. conf/local/parameters.yml)."
         )
-    parts = split_cells(
-        cell_sentences["cell_name"],
-        fractions=split["fractions"],
-        seed=split.get("seed", 0),
-        stratify=cell_sentences[stratify_by] if stratify_by else None,
-    )
-    return {**parts, "seed": split.get("seed", 0), "stratify_by": stratify_by, "fractions": dict(split["fractions"])}
+    with setting_hint("data_split.fractions"):
+        parts = split_cells(
+            cell_sentences["cell_name"], fractions=settings.fractions, seed=settings.seed,
+            stratify=cell_sentences[stratify_by] if stratify_by else None,
+        )
+    return {**parts, "seed": settings.seed, "stratify_by": stratify_by, "fractions": dict(settings.fractions)}

@@ -1,11 +1,14 @@
-"""sentence_conversion: processed_adata -> cell_sentences + vocabulary + data_split."""
+"""sentence_conversion: processed_adata -> cell_sentences + vocabulary, and the atlas's data_split.
+The conversion part is a modular pipeline: the screen runs it under the ``perturbation`` namespace
+(its split is by perturbation, made in perturbation_data)."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
 from c2s_kedro.pipelines.sentence_conversion import nodes
 
 
-def create_pipeline(**kwargs) -> Pipeline:
+def create_conversion_pipeline(**kwargs) -> Pipeline:
+    """processed_adata -> cell_sentences, vocabulary and their metrics."""
     return pipeline(
         [
             node(
@@ -14,7 +17,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["cell_sentences", "vocabulary"],
                 name="convert_to_cell_sentences",
             ),
-            node(nodes.split_dataset, ["cell_sentences", "params:sentence_conversion.split"], "data_split", name="split_cells"),
             node(
                 nodes.summarize_sentences,
                 ["cell_sentences", "vocabulary"],
@@ -22,4 +24,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="summarize_sentences",
             ),
         ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return create_conversion_pipeline() + pipeline(
+        [node(nodes.split_dataset, ["cell_sentences", "params:data_split"], "data_split", name="split_cells")]
     )

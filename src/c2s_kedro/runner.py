@@ -1,0 +1,162 @@
+"""Running one pipeline alone on a fresh clone: what it needs and nobody saved yet is produced
+first, in the same run.
+
+``kedro run --pipeline=finetuning`` needs processed data, sentences, a split and a foundation
+model. ``UpstreamRunner`` adds to the pipeline the nodes of the project's ``__default__``
+pipeline that lead to its missing inputs, keeps of those only the ones Kedro's own
+missing-outputs rule says must run, and runs everything as one pipeline: node hooks fire for
+every node (MLflow logs their parameters), and a failure upstream is a failure of this run. The
+pipeline's own nodes always run. A second run finds the inputs saved and adds nothing.
+
+It never produces a dataset whose catalog entry the run's environment defines (``conf/local``
+pointing ``foundation_model`` at a hub id, a model directory of the user's, a typo'd path):
+missing, such an entry is an error that names it. ``ProjectSession`` (settings.py) makes this
+the runner of ``kedro run`` and of ``KedroSession.run`` when no other runner is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from kedro.framework.session import KedroSession
+from kedro.pipeline import Pipeline
+from kedro.runner import SequentialRunner
+
+logger = logging.getLogger(__name__)
+
+
+class UserEntryMissingError(FileNotFoundError):
+    """A dataset the run needs is missing and its catalog entry is the user's, so the project
+    must not create it."""
+
+
+def _is_parameter(name: str) -> bool:
+    return name == "parameters" or name.startswith("params:")
+
+
+def missing_inputs(pipeline: Pipeline, catalog) -> set[str]:
+    """Inputs of ``pipeline`` that are neither parameters nor saved."""
+    return {name for name in pipeline.inputs() if not _is_parameter(name) and not catalog.exists(name)}
+
+
+class UpstreamRunner(SequentialRunner):
+    """``SequentialRunner`` that first produces the missing inputs of the pipeline it runs.
+
+    Args:
+        project_pipeline: where producers are looked up (default: the registered ``__default__``).
+        user_entries: names (or ``{placeholder}`` patterns) of catalog entries defined by the run's
+            environment rather than by the project; the runner refuses to produce those.
+        environment: the environment's name, for messages.
+    """
+
+    def __init__(
+        self,
+        is_async: bool = False,
+        project_pipeline: Pipeline | Callable[[], Pipeline] | None = None,
+        user_entries: Iterable[str] = (),
+        environment: str | None = None,
+    ) -> None:
+        super().__init__(is_async=is_async)
+        self._project_pipeline = project_pipeline
+        self._user_entries = _EntryMatcher(user_entries)
+        self._environment = environment
+
+    def _project(self) -> Pipeline:
+        if isinstance(self._project_pipeline, Pipeline):
+            return self._project_pipeline
+        if callable(self._project_pipeline):
+            return self._project_pipeline()
+        from kedro.framework.project import pipelines
+
+        pipelines.set_requested(None)  # the registry may have loaded only the requested pipelines
+        return pipelines["__default__"]
+
+    def upstream_of(self, pipeline: Pipeline, catalog) -> Pipeline:
+        """The nodes that must run before ``pipeline`` to produce its missing inputs."""
+        missing = missing_inputs(pipeline, catalog)
+        if not missing:
+            return Pipeline([])
+        project = self._project()
+        producible = sorted(missing & project.all_outputs())
+        if not producible:
+            return Pipeline([])  # Kedro reports inputs nobody produces itself
+        candidates = project.to_outputs(*producible) - pipeline
+        upstream = self._filter_pipeline_for_missing_outputs(candidates, catalog)
+        self._refuse_user_entries(upstream, pipeline, catalog)
+        return upstream
+
+    def _refuse_user_entries(self, upstream: Pipeline, pipeline: Pipeline, catalog) -> None:
+        for node in upstream.nodes:
+            for name in node.outputs:
+                if not self._user_entries.matches(name):
+                    continue
+                state = "is not saved" if not catalog.exists(name) else "would be overwritten"
+                described = catalog.get(name)
+                raise UserEntryMissingError(
+                    f"'{name}' {state}: the run needs it and its catalog entry comes from your environment "
+                    f"'{self._environment or 'local'}' ({described}), not from the project, so it is not "
+                    f"produced here (node '{node.name}' would write it). Check the entry's path or hub id; "
+                    "to train or build it on purpose, run the pipeline that produces it, or remove the "
+                    "override to use the project's default."
+                )
+
+    def run(
+        self,
+        pipeline: Pipeline,
+        catalog,
+        hook_manager=None,
+        run_id: str | None = None,
+        only_missing_outputs: bool = False,
+    ) -> dict[str, Any]:
+        upstream = self.upstream_of(pipeline, catalog)
+        if upstream.nodes:
+            produced = sorted(missing_inputs(pipeline, catalog) & upstream.all_outputs())
+            logger.info(
+                "%s not saved yet: running %d upstream node(s) first in this run (%s)",
+                ", ".join(produced), len(upstream.nodes), ", ".join(n.name for n in upstream.nodes),
+            )
+        return super().run(upstream + pipeline, catalog, hook_manager, run_id, only_missing_outputs)
+
+
+class _EntryMatcher:
+    """Dataset names matched against catalog keys, literal or dataset-factory patterns."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        entries = list(entries)
+        self._literal = {e for e in entries if "{" not in e}
+        self._patterns = [re.compile("^" + re.sub(r"\\\{[^}]*\\\}", ".+?", re.escape(e)) + "$") for e in entries if "{" in e]
+
+    def matches(self, name: str) -> bool:
+        return name in self._literal or any(p.match(name) for p in self._patterns)
+
+
+def environment_entries(merged: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:
+    """Catalog keys the environment adds or changes relative to ``conf/base``."""
+    return sorted(key for key, value in merged.items() if not key.startswith("_") and base.get(key) != value)
+
+
+class ProjectSession(KedroSession):
+    """``KedroSession`` whose default runner is ``UpstreamRunner``: any pipeline runs alone.
+
+    A runner asked for explicitly (``--runner=ParallelRunner``) is used as it is.
+    """
+
+    def run(self, *args: Any, runner=None, **kwargs: Any) -> dict[str, Any]:
+        if runner is None or type(runner) is SequentialRunner:
+            is_async = bool(getattr(runner, "_is_async", False))
+            runner = UpstreamRunner(is_async=is_async, **self._environment_settings())
+        return super().run(*args, runner=runner, **kwargs)
+
+    def _environment_settings(self) -> dict[str, Any]:
+        from kedro.framework.project import settings
+
+        arguments = dict(settings.CONFIG_LOADER_ARGS)
+        base_env = arguments.get("base_env", "base")
+        env = self.store.get("env") or arguments.get("default_run_env", "local")
+        loader = settings.CONFIG_LOADER_CLASS
+        merged = loader(conf_source=self._conf_source, env=env, runtime_params=self.store.get("runtime_params"), **arguments)
+        base = loader(conf_source=self._conf_source, env=base_env, **arguments)
+        return {"user_entries": environment_entries(merged["catalog"], base["catalog"]), "environment": env}
