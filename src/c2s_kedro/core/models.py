@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 
 
 @dataclass
@@ -161,6 +162,9 @@ def build_gpt_neox(tokenizer, architecture: dict[str, Any], seed: int = 0) -> La
     ``GPTNeoXConfig`` key passes through.
     """
     settings = dict(architecture)
+    missing = [key for key in ARCHITECTURE_KEYS if key not in settings]
+    if missing:
+        raise ValueError(f"the architecture lacks {', '.join(missing)}; it needs {', '.join(ARCHITECTURE_KEYS)}")
     settings.setdefault("intermediate_size", 4 * settings["hidden_size"])
     if settings["hidden_size"] % settings["num_attention_heads"]:
         raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable
 
+from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -55,6 +56,16 @@ def build_gene_tokenizer(
     )
     tokenizer.decoder = decoders.Metaspace(replacement=SPACE_MARKER, prepend_scheme="never", split=True)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+def label_words(cell_sentences: Dataset, columns: Iterable[str]) -> list[str]:
+    """Every distinct value of those ``columns`` that the dataset has (cell types, organisms), as
+    words for ``build_gene_tokenizer``; missing values and absent columns are skipped."""
+    words: list[str] = []
+    for column in columns:
+        if column in cell_sentences.column_names:
+            words += [str(v) for v in cell_sentences.unique(column) if v is not None]
+    return words
 
 
 def _clean_words(words: Iterable[str]) -> list[str]:

@@ -1,23 +1,60 @@
-"""Causal-LM training on (model_input, response) pairs with the Hugging Face Trainer."""
+"""Causal-LM training on (model_input, response) pairs with the Hugging Face Trainer.
+
+``finetune`` is the one training routine: both fine-tuning pipelines and the pretraining pipeline
+call it with their prompts and a ``TrainingSettings``. The prompts it learns from are built here
+too: ``prompt_formatters`` + ``format_split_prompts`` for fine-tuning, ``pretraining_corpus`` for
+pretraining.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context
+from c2s_kedro.core.sentences import select_cells
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+LOSS_AVERAGES = ("token", "sample")
+
+
+class TrainingSettingsError(ValueError):
+    """A training setting the Trainer, LoRA or the loss refuses."""
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How one training run goes.
+
+    ``training_arguments`` are ``transformers.TrainingArguments`` keys (``output_dir`` is
+    ``checkpoint_dir``). ``loss_on_response_only`` masks the prompt's labels; ``loss_average`` is
+    ``sample`` (every sample weighs the same) or ``token`` (the Trainer's default). ``lora`` holds
+    ``peft.LoraConfig`` keys (None: every weight is trained). ``resume`` continues from the last
+    checkpoint in ``checkpoint_dir``; checkpoints are removed once training completes unless
+    ``keep_checkpoints``.
+    """
+
+    training_arguments: dict[str, Any]
+    checkpoint_dir: str
+    loss_on_response_only: bool
+    loss_average: str
+    mlflow_prefix: str
+    lora: dict[str, Any] | None = None
+    resume: bool = True
+    keep_checkpoints: bool = False
 
 
 def tokenize_pairs(batch: dict[str, list], tokenizer, loss_on_response_only: bool = True) -> dict[str, list]:
@@ -54,11 +91,14 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_respo
     if fits.num_rows < tokenized.num_rows:
         logger.warning(
             "%d of %d samples exceed the model's context of %d tokens and were dropped; fit prompts to "
-            "the context in the formatter (or lower top_k_genes)",
+            "the context in the formatter (or keep fewer genes per sentence)",
             tokenized.num_rows - fits.num_rows, tokenized.num_rows, max_length,
         )
     if fits.num_rows == 0 and tokenized.num_rows:
-        raise ValueError(f"no sample fits the model's context of {max_length} tokens; lower top_k_genes")
+        raise ValueError(
+            f"no sample fits the model's context of {max_length} tokens; keep fewer genes per sentence or use a model "
+            "with a longer context"
+        )
     return fits
 
 
@@ -84,13 +124,15 @@ class MlflowStepLogger(TrainerCallback):
 
 
 def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArguments:
-    """``TrainingArguments`` from a parameters dict; every key passes through unchanged."""
+    """``TrainingArguments`` from a dict of its keys; every key passes through unchanged."""
     # use_cpu without CUDA also lets torchrun on CPU train with DDP (gloo) instead of N copies
     settings = {"report_to": "none", "use_cpu": not torch.cuda.is_available(), **settings, "output_dir": output_dir}
     try:
         return TrainingArguments(**settings)
-    except TypeError as error:
-        raise ValueError(f"invalid training_arguments: {error}. See transformers.TrainingArguments for valid keys.") from error
+    except (TypeError, ValueError) as error:
+        raise TrainingSettingsError(
+            f"transformers.TrainingArguments refused the training arguments: {error}. See its documentation for valid keys."
+        ) from error
 
 
 def sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,7 +169,9 @@ def train_causal_lm(
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
 
     Datasets hold ``input_ids``, ``attention_mask`` and ``labels``. ``loss_average="sample"``
-    weighs every sample the same (``sample_mean_loss``) instead of every token. Returns the trained model (the
+    weighs every sample the same (``sample_mean_loss``) instead of every token; with gradient
+    accumulation each micro-batch's mean counts for its share of the optimizer step (exact when
+    micro-batches are equally full, i.e. all but an epoch's last one). Returns the trained model (the
     best by eval loss when ``load_best_model_at_end`` is set) and the Trainer's log history.
     Checkpoints exist to survive an interruption: once training completes they are removed
     (unless ``keep_checkpoints``), so a later run with other settings starts fresh instead of
@@ -135,15 +179,19 @@ def train_causal_lm(
     """
     tokenizer = language_model.tokenizer
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
-    if loss_average not in ("token", "sample"):
-        raise ValueError(f"loss_average must be 'token' or 'sample', got '{loss_average}'")
+    if loss_average not in LOSS_AVERAGES:
+        raise TrainingSettingsError(f"unknown loss average '{loss_average}'; use one of {', '.join(LOSS_AVERAGES)}")
     compute_loss = None
     if loss_average == "sample":
-        steps = arguments.gradient_accumulation_steps
 
         def compute_loss(outputs, labels, num_items_in_batch=None):
-            # The Trainer leaves gradient-accumulation scaling to a custom loss; evaluation (no grad) is not scaled.
-            return sample_mean_loss(outputs.logits, labels) / (steps if torch.is_grad_enabled() else 1)
+            # The Trainer leaves gradient-accumulation scaling to a custom loss: divide by the
+            # micro-batches of this optimizer step (fewer in an epoch's last step than
+            # gradient_accumulation_steps). Evaluation (no grad) is not scaled.
+            if not torch.is_grad_enabled():
+                return sample_mean_loss(outputs.logits, labels)
+            steps = getattr(trainer, "current_gradient_accumulation_steps", arguments.gradient_accumulation_steps)
+            return sample_mean_loss(outputs.logits, labels) / steps
 
     trainer = Trainer(
         model=language_model.model,
@@ -165,6 +213,133 @@ def train_causal_lm(
     model = trainer.model
     model.eval()
     return LanguageModel(model=model, tokenizer=tokenizer, source=language_model.source), list(trainer.state.log_history)
+
+
+def _with_lora(language_model: LanguageModel, lora: dict[str, Any]) -> LanguageModel:
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        config = LoraConfig(task_type="CAUSAL_LM", **lora)
+    except (TypeError, ValueError) as error:
+        raise TrainingSettingsError(f"peft.LoraConfig refused the LoRA settings {lora}: {error}") from error
+    adapted = get_peft_model(language_model.model, config)
+    trainable, total = adapted.get_nb_trainable_parameters()
+    logger.info("LoRA: %s of %s parameters trainable (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return LanguageModel(adapted, language_model.tokenizer, language_model.source)
+
+
+def finetune(
+    language_model: LanguageModel,
+    prompts: DatasetDict,
+    settings: TrainingSettings,
+    callbacks: list[TrainerCallback] | None = None,
+) -> tuple[LanguageModel, list[dict[str, Any]]]:
+    """Train ``language_model`` on the ``train`` prompts (``model_input`` -> ``response``) and
+    evaluate on ``val`` (when present and not empty); other parts (``test``) are not read.
+
+    Prompts are tokenized with labels masked as ``settings.loss_on_response_only`` says and must
+    fit the model's context (a sample that does not is dropped with a warning). With
+    ``settings.lora`` only LoRA adapters are trained and then merged into the weights, so the
+    result is a plain model that ``save_pretrained`` writes as any other. Pretraining from fresh
+    weights is the same call with the loss on every token. Returns the trained model and the
+    Trainer's log history.
+    """
+    arguments = training_arguments(settings.training_arguments, settings.checkpoint_dir)
+    tokenizer, context = language_model.tokenizer, language_model.context_length
+    train = tokenize_dataset(prompts["train"], tokenizer, context, settings.loss_on_response_only)
+    val = None
+    if "val" in prompts and prompts["val"].num_rows:
+        val = tokenize_dataset(prompts["val"], tokenizer, context, settings.loss_on_response_only)
+    trainable = _with_lora(language_model, settings.lora) if settings.lora else language_model
+    trained, log_history = train_causal_lm(
+        trainable, train, val if val is not None and val.num_rows else None, arguments, settings.mlflow_prefix,
+        resume=settings.resume, keep_checkpoints=settings.keep_checkpoints, callbacks=callbacks,
+        loss_average=settings.loss_average,
+    )
+    if settings.lora:
+        trained = LanguageModel(trained.model.merge_and_unload(), tokenizer, language_model.source)
+    return trained, log_history
+
+
+def prompt_formatters(
+    tasks: Sequence[str], formatter: str | None = None, options: dict[str, Any] | None = None, **common: Any
+) -> list[PromptFormatter]:
+    """The formatters that build a training set: one built-in formatter per task, or the custom
+    ``formatter`` (dotted path) once.
+
+    A custom formatter decides itself which samples a cell gives, so it formats each cell once
+    whatever ``tasks`` holds (building it once per task would repeat every sample). ``common``
+    (``seed``, ``top_k_genes``, ``label_column``, ``tokenizer``, ``max_tokens``, ...) goes to the
+    built-in formatters; a custom one takes ``seed`` and ``options``.
+    """
+    if formatter is not None:
+        if len(tasks) > 1:
+            logger.info("custom formatter %s formats each cell once; the tasks %s apply to the built-in formatters",
+                        formatter, ", ".join(tasks))
+        return [build_formatter(tasks[0] if tasks else PromptFormatter.task, formatter, options, **common)]
+    if not tasks:
+        raise ValueError("no prompt task given: name at least one task (e.g. cell_type_prediction)")
+    return [build_formatter(task, None, options, **common) for task in tasks]
+
+
+def format_split_prompts(
+    cell_sentences: Dataset,
+    data_split: dict[str, Sequence[str]],
+    formatters: Sequence[PromptFormatter],
+    seed: int,
+    max_eval_samples: int | None = None,
+) -> DatasetDict:
+    """The prompts of every formatter for the ``train``, ``val`` and ``test`` cells of
+    ``data_split``, each part shuffled with ``seed``; ``val`` keeps at most ``max_eval_samples``."""
+    parts = {}
+    for part in ("train", "val", "test"):
+        cells = select_cells(cell_sentences, data_split[part])
+        formatted = concatenate_datasets([formatter.format_dataset(cells) for formatter in formatters])
+        parts[part] = formatted.shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+    if max_eval_samples is not None and parts["val"].num_rows > max_eval_samples:
+        parts["val"] = parts["val"].select(range(max_eval_samples), keep_in_memory=True)
+    return DatasetDict(parts)
+
+
+def pretraining_corpus(
+    cell_sentences: Dataset,
+    tokenizer,
+    max_tokens: int,
+    max_genes: int,
+    label_column: str,
+    organism_column: str,
+    seed: int,
+) -> Dataset:
+    """Texts a foundation model learns from: each cell's sentence (its first ``max_genes`` genes,
+    as many as fit ``max_tokens`` with the EOS) and, for cells with a ``label_column`` value, a
+    cell-type-conditioned generation prompt fitted to the context. Without that column, plain
+    sentences only."""
+
+    def plain(batch: dict[str, list]) -> dict[str, list]:
+        responses = []
+        for sentence in batch["cell_sentence"]:
+            genes = (sentence or "").split()[:max_genes]
+            # tokenize_pairs reads an empty prompt and " " + the response; one token more for the EOS
+            kept = fit_to_context(lambda k: " " + " ".join(genes[:k]) if k else "", len(genes), tokenizer, max_tokens,
+                                  reserve=1, what="cell sentence")
+            responses.append(" ".join(genes[:kept]))
+        n = len(responses)
+        return {"sample_type": ["cell_sentence"] * n, "model_input": [""] * n, "response": responses}
+
+    sentences = cell_sentences.map(
+        plain, batched=True, remove_columns=cell_sentences.column_names, keep_in_memory=True, desc="plain sentences",
+    )
+    if label_column not in cell_sentences.column_names:
+        logger.info("no '%s' column: pretraining on plain cell sentences only", label_column)
+        return sentences
+    labelled = cell_sentences.filter(
+        lambda values: [v is not None for v in values], input_columns=label_column, batched=True, keep_in_memory=True
+    )
+    formatter = C2SPromptFormatter(
+        task="cell_type_generation", top_k_genes=max_genes, label_column=label_column, organism_column=organism_column,
+        seed=seed, tokenizer=tokenizer, max_tokens=max_tokens,
+    )
+    return concatenate_datasets([sentences, formatter.format_dataset(labelled)])
 
 
 def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from c2s_kedro.core.training import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,16 @@ class TrainingParameters:
     keep_checkpoints: bool
     lora: dict[str, Any] | None
     training_arguments: dict[str, Any]  # passed to transformers.TrainingArguments unchanged
+
+    def training_settings(self) -> TrainingSettings:
+        """The settings of ``core.training.finetune``."""
+        from c2s_kedro.core.training import TrainingSettings  # imports transformers: not when parameters are read
+
+        return TrainingSettings(
+            training_arguments=self.training_arguments, checkpoint_dir=self.checkpoint_dir,
+            loss_on_response_only=self.loss_on_response_only, loss_average=self.loss_average,
+            mlflow_prefix=self.mlflow_prefix, lora=self.lora, resume=self.resume, keep_checkpoints=self.keep_checkpoints,
+        )
 
 
 @dataclass(frozen=True)
@@ -43,3 +56,15 @@ class PretrainingParameters:
     resume: bool
     keep_checkpoints: bool
     training_arguments: dict[str, Any]
+
+    def training_settings(self) -> TrainingSettings:
+        """The settings of ``core.training.finetune`` for pretraining: next-token prediction on the
+        whole text (prompt and sentence), every token weighing the same (the Trainer's default),
+        all weights trained, losses logged to MLflow under ``pretraining``."""
+        from c2s_kedro.core.training import TrainingSettings  # imports transformers: not when parameters are read
+
+        return TrainingSettings(
+            training_arguments=self.training_arguments, checkpoint_dir=self.checkpoint_dir,
+            loss_on_response_only=False, loss_average="token", mlflow_prefix="pretraining", lora=None,
+            resume=self.resume, keep_checkpoints=self.keep_checkpoints,
+        )
