@@ -1,20 +1,35 @@
-"""Prompt fitting, formatter selection, tokenization limits and resumable training on tiny models."""
+"""The finetuning nodes and pipeline, and the prompt formatting they use, on tiny models."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from datasets import Dataset
-from transformers import TrainerCallback
+import torch
+from datasets import Dataset, DatasetDict
 
 from c2s_kedro.core.models import build_gpt_neox
 from c2s_kedro.core.prompts import C2SPromptFormatter, build_formatter, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.training import IGNORE_INDEX, tokenize_dataset, train_causal_lm, training_arguments
-from c2s_kedro.pipelines.finetuning.nodes import format_finetuning_prompts
+from c2s_kedro.core.training import IGNORE_INDEX, tokenize_dataset
+from c2s_kedro.parameters import ParameterError
+from c2s_kedro.pipelines.finetuning import create_pipeline
+from c2s_kedro.pipelines.finetuning.nodes import finetune_model, format_finetuning_prompts
+from tests.helpers import load_parameters, params_entries, run_pipeline
 
 GENES = [f"GENE{i}" for i in range(300)]
 ARCHITECTURE = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 96}
+CUSTOM = "c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter"
+SPLIT = {"train": [f"c{i}" for i in range(8)], "val": ["c8", "c9"], "test": ["c10", "c11"]}
+
+
+def _params(tmp_path=None, **changes) -> dict:
+    """The conf/base finetuning parameters with a few steps of tiny training."""
+    params = load_parameters("finetuning")["finetuning"]
+    params["training_arguments"] = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+                                    "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no", "use_cpu": True}
+    if tmp_path is not None:
+        params["checkpoint_dir"] = str(tmp_path / "checkpoints")
+    return {**params, **changes}
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +70,6 @@ def test_generation_samples_ask_for_the_genes_they_answer_with(tokenizer, cells)
         assert len(tokenizer(prompt + " " + response)["input_ids"]) + 1 <= 96
 
 
-def test_samples_that_do_not_fit_are_dropped_not_cut(tokenizer, cells, caplog):
-    unfitted = C2SPromptFormatter(task="cell_type_prediction").format_dataset(cells)
-    tokenized = tokenize_dataset(unfitted, tokenizer, max_length=96)
-    assert 0 < tokenized.num_rows < cells.num_rows
-    assert "exceed the model's context of 96" in caplog.text
-    with pytest.raises(ValueError, match="no sample fits"):
-        tokenize_dataset(unfitted.select([11]), tokenizer, max_length=96)
-
-
 def test_formatter_by_dotted_path_and_bad_paths(cells):
     custom = build_formatter(
         "cell_type_prediction", "c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter", {"top_k_genes": 5}
@@ -82,54 +88,33 @@ def test_formatter_by_dotted_path_and_bad_paths(cells):
 def test_missing_label_column_names_the_setting(tokenizer, cells):
     model = build_gpt_neox(tokenizer, ARCHITECTURE)
     split = {"train": ["c0"], "val": ["c1"], "test": ["c2"]}
-    params = {"tasks": ["cell_type_prediction"], "label_column": "annotation"}
+    params = _params(tasks=["cell_type_prediction"], label_column="annotation")
     with pytest.raises(KeyError, match="finetuning.label_column 'annotation'.*sentence_conversion.label_columns"):
         format_finetuning_prompts(cells, split, model, params)
+    with pytest.raises(ParameterError, match="finetuning.label_colum\\b.*parameters_finetuning.yml"):
+        format_finetuning_prompts(cells, split, model, {**_params(), "label_colum": "cell_type"})
 
 
 def test_prompts_follow_the_split(tokenizer, cells):
     model = build_gpt_neox(tokenizer, ARCHITECTURE)
-    split = {"train": [f"c{i}" for i in range(8)], "val": ["c8", "c9"], "test": ["c10", "c11"]}
-    params = {"tasks": ["cell_type_prediction", "cell_type_generation"], "label_column": "cell_type", "max_eval_samples": 3}
-    prompts = format_finetuning_prompts(cells, split, model, params)
+    params = _params(tasks=["cell_type_prediction", "cell_type_generation"], label_column="cell_type", max_eval_samples=3)
+    prompts = format_finetuning_prompts(cells, SPLIT, model, params)
     assert prompts["train"].num_rows == 16 and prompts["test"].num_rows == 4 and prompts["val"].num_rows == 3
     assert set(prompts["train"]["sample_type"]) == {"cell_type_prediction", "cell_type_generation"}
 
 
-class StopAt(TrainerCallback):
-    """Simulates a killed run: raises once training reaches ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            raise KeyboardInterrupt
-
-
-class CountSteps(TrainerCallback):
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
-
-
-def test_an_interrupted_training_resumes_from_its_checkpoint(tokenizer, cells, tmp_path):
-    formatted = C2SPromptFormatter(task="cell_type_prediction", tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
-    data = tokenize_dataset(formatted, tokenizer, max_length=96)
-    settings = {"max_steps": 6, "per_device_train_batch_size": 4, "save_strategy": "steps", "save_steps": 2,
-                "logging_steps": 1, "learning_rate": 1e-3, "use_cpu": True}
-    arguments = training_arguments(settings, str(tmp_path / "checkpoints"))
-    with pytest.raises(KeyboardInterrupt):
-        train_causal_lm(build_gpt_neox(tokenizer, ARCHITECTURE), data, None, arguments, "test", callbacks=[StopAt(3)])
-    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
-
-    counter = CountSteps()
-    _, history = train_causal_lm(build_gpt_neox(tokenizer, ARCHITECTURE), data, None, arguments, "test", callbacks=[counter])
-    assert counter.steps == [3, 4, 5, 6]  # continued after step 2 instead of starting over
-    assert [e["step"] for e in history if "loss" in e][:2] == [1, 2]  # the first run's log is kept
-    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # removed once complete
+def test_a_custom_formatter_with_several_tasks_formats_each_cell_once(tokenizer, cells):
+    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    params = _params(tasks=["cell_type_prediction", "cell_type_generation"], formatter=CUSTOM,
+                     formatter_options={"top_k_genes": 5})
+    prompts = format_finetuning_prompts(cells, SPLIT, model, params)
+    assert [prompts[part].num_rows for part in ("train", "val", "test")] == [8, 2, 2]  # not once per task
+    assert len(set(prompts["train"]["model_input"])) == 8
+    assert all("blood" in p for p in prompts["train"]["model_input"])  # the custom template, not the built-in
+    with pytest.raises(ValueError, match="cannot be imported.*Change finetuning.formatter"):
+        format_finetuning_prompts(cells, SPLIT, model, _params(formatter="no_such_module.Formatter"))
+    with pytest.raises(ValueError, match="unknown prompt task.*Change finetuning.tasks"):
+        format_finetuning_prompts(cells, SPLIT, model, _params(tasks=["tissue_folding"]))
 
 
 def test_tissue_prediction_puts_cells_of_one_tissue_in_one_prompt_and_fits(tokenizer):
@@ -150,24 +135,58 @@ def test_tissue_prediction_puts_cells_of_one_tissue_in_one_prompt_and_fits(token
 
 
 def test_lora_finetuning_returns_a_plain_model_with_changed_weights(tokenizer, cells, tmp_path):
-    from datasets import DatasetDict
     from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
 
     from c2s_kedro.core.models import save_model
-    from c2s_kedro.pipelines.finetuning.nodes import finetune_model
 
     base = build_gpt_neox(tokenizer, ARCHITECTURE)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     formatted = C2SPromptFormatter(task="cell_type_prediction", tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
-    params = {
-        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["query_key_value"]},
-        "checkpoint_dir": str(tmp_path / "checkpoints"),
-        "training_arguments": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1},
-    }
+    params = _params(tmp_path, lora={"r": 2, "lora_alpha": 4, "target_modules": ["query_key_value"]})
     trained, history = finetune_model(base, DatasetDict({"train": formatted, "val": formatted.select(range(2))}), params)
     assert type(trained.model) is GPTNeoXForCausalLM  # adapters merged, no peft wrapper left
     after = trained.model.state_dict()
     changed = [k for k in before if not np.allclose(before[k], after[k])]
     assert changed and all("query_key_value" in k for k in changed)  # only the adapted layers moved
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
     save_model(trained, tmp_path / "model")
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model") is not None
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    ids = torch.tensor([tokenizer(formatted["model_input"][0])["input_ids"]])
+    with torch.no_grad():  # the saved directory holds the merged weights
+        torch.testing.assert_close(reloaded(ids).logits, trained.model(ids).logits)
+
+
+def test_finetune_model_averages_the_loss_as_the_parameters_say(tokenizer, cells, tmp_path, monkeypatch):
+    from c2s_kedro.core import training
+
+    calls, original = [], training.sample_mean_loss
+
+    def counting(logits, labels):
+        calls.append(labels.shape[0])
+        return original(logits, labels)
+
+    monkeypatch.setattr(training, "sample_mean_loss", counting)
+    formatted = C2SPromptFormatter(tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
+    prompts = DatasetDict({"train": formatted, "val": formatted.select(range(2))})
+    assert load_parameters("finetuning")["finetuning"]["loss_average"] == "sample"
+    finetune_model(build_gpt_neox(tokenizer, ARCHITECTURE), prompts, _params(tmp_path))
+    assert calls == [4, 4, 4]  # every training batch of the 3 steps
+    calls.clear()
+    finetune_model(build_gpt_neox(tokenizer, ARCHITECTURE), prompts, _params(tmp_path, loss_average="token"))
+    assert calls == []
+    with pytest.raises(ValueError, match="TrainingArguments refused.*Change finetuning in your environment"):
+        finetune_model(build_gpt_neox(tokenizer, ARCHITECTURE), prompts,
+                       _params(tmp_path, training_arguments={"no_such_argument": 1}))
+
+
+def test_the_finetuning_pipeline_runs_and_counts_its_samples(tokenizer, cells, tmp_path):
+    params = {"finetuning": _params(tmp_path, max_eval_samples=3)}
+    inputs = {"cell_sentences": cells, "data_split": SPLIT, "foundation_model": build_gpt_neox(tokenizer, ARCHITECTURE),
+              **params_entries(params)}
+    catalog = run_pipeline(create_pipeline(), inputs)
+    metrics = catalog.load("finetuning_metrics")
+    assert {k: metrics[k] for k in ("n_train_samples", "n_val_samples", "n_test_samples")} == {
+        "n_train_samples": 16.0, "n_val_samples": 3.0, "n_test_samples": 4.0}
+    assert metrics["global_step"] == 3.0 and metrics["train_loss_last"] > 0
+    figure = catalog.load("finetuning_loss_plot")
+    assert list(figure.axes[0].get_lines()[0].get_xdata()) == [1.0, 2.0, 3.0]  # the train loss of every logged step
