@@ -1,0 +1,30 @@
+"""Nodes of the perturbation_finetuning pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib.pyplot as plt
+from datasets import DatasetDict
+
+from c2s_kedro.core import plotting
+from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.training import TrainingSettingsError, finetune
+from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters.perturbation import PerturbationParameters
+
+
+def finetune_perturbation_model(
+    perturbation_base_model: LanguageModel, perturbation_prompts: DatasetDict, params: dict[str, Any]
+) -> tuple[LanguageModel, list[dict[str, Any]]]:
+    """The fine-tuning of ``core.training.finetune`` on the train and val pairs of
+    ``perturbation_prompts`` (loss on the perturbed sentence only, averaged as
+    ``perturbation.finetuning.loss_average`` says)."""
+    settings = read_parameters(PerturbationParameters, params, "perturbation").finetuning
+    with setting_hint("perturbation.finetuning", TrainingSettingsError):
+        return finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
+
+
+def plot_perturbation_loss(perturbation_finetuning_log: list[dict[str, Any]]) -> plt.Figure:
+    """Train and eval loss against the step."""
+    return plotting.loss_curve_plot(perturbation_finetuning_log, "Perturbation-response fine-tuning")
