@@ -8,13 +8,19 @@ import scipy.sparse as sp
 from c2s_kedro.core.preprocessing import normalize_log10
 from c2s_kedro.pipelines.data_processing import create_pipeline
 from c2s_kedro.pipelines.data_processing.nodes import (
+    embed_cells,
     filter_cells_and_genes,
-    normalize_and_embed,
+    normalize_counts,
     plot_expression_umaps,
     summarize_processing,
     validate_raw_adata,
 )
+from c2s_kedro.parameters import PARAMETER_NAMESPACE, ParameterError
 from tests.helpers import load_parameters, params_entries, run_pipeline
+
+
+def normalize_and_embed(adata, section):
+    return embed_cells(normalize_counts(adata, section), section)
 
 
 @pytest.fixture
@@ -45,7 +51,39 @@ def test_validate_names_a_missing_umap_color_key_and_the_setting(counts_adata, p
     assert "'louvain'" in message
     assert "cell_type, tissue, organism" in message
     assert "data_processing.umap_color_keys" in message
+    assert "in your environment (e.g. conf/local/parameters.yml)" in message
     assert "conf/base/parameters_data_processing.yml" in message
+
+
+def test_a_namespaced_run_names_the_screens_setting_not_the_atlas(counts_adata, params):
+    """The screen runs these nodes as perturbation.*: its errors name perturbation.data_processing."""
+    qc = {**params["data_processing"]["qc"], "min_genes_per_cell": 10_000}
+    token = PARAMETER_NAMESPACE.set("perturbation")
+    try:
+        with pytest.raises(ValueError) as error:
+            filter_cells_and_genes(counts_adata, qc)
+    finally:
+        PARAMETER_NAMESPACE.reset(token)
+    assert "QC removed all 60 cells" in str(error.value)
+    assert "Change perturbation.data_processing.qc" in str(error.value)
+    assert "conf/base/parameters_perturbation.yml" in str(error.value)
+
+
+def test_nan_values_get_their_own_message_not_the_normalized_hint(counts_adata, params):
+    broken = counts_adata.copy()
+    broken.X.data[:3] = np.nan
+    with pytest.raises(ValueError) as error:
+        validate_raw_adata(broken, params["data_processing"])
+    assert "3 NaN" in str(error.value) and "input_is_normalized" not in str(error.value)
+
+
+def test_unknown_and_missing_parameters_are_refused_with_the_file(counts_adata, params):
+    with pytest.raises(ParameterError, match=r"data_processing\.input_is_normalised.*conf/base/parameters_data_processing\.yml"):
+        validate_raw_adata(counts_adata, {**params["data_processing"], "input_is_normalised": True})
+    section = dict(params["data_processing"])
+    del section["gene_symbol_column"]
+    with pytest.raises(ParameterError, match=r"data_processing\.gene_symbol_column missing"):
+        validate_raw_adata(counts_adata, section)
 
 
 def test_validate_refuses_normalized_data_unless_declared(counts_adata, params):
@@ -86,7 +124,7 @@ def test_unknown_qc_setting_is_named(counts_adata, params):
     qc = {**params["data_processing"]["qc"], "min_gene_per_cell": 5}
     with pytest.raises(ValueError) as error:
         filter_cells_and_genes(counts_adata, qc)
-    assert "min_gene_per_cell" in str(error.value)
+    assert "data_processing.qc.min_gene_per_cell" in str(error.value)
     assert "min_genes_per_cell" in str(error.value)  # the known ones are listed
 
 
@@ -122,6 +160,8 @@ def test_plot_expression_umaps_one_figure_per_key(counts_adata, params):
     assert set(figures) == {"cell_type.png", "tissue.png"}
     assert all(isinstance(figure, plt.Figure) for figure in figures.values())
     assert "cell_type" in figures["cell_type.png"].axes[0].get_title()
+    legend = figures["cell_type.png"].axes[0].get_legend()
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["B cell", "T cell"]
 
 
 def test_summarize_processing():
@@ -141,7 +181,10 @@ def test_data_processing_pipeline_runs_on_memory_datasets(counts_adata, params):
     assert (processed.layers["counts"] != processed.layers["counts"].astype(int)).nnz == 0
     assert processed.obsm["X_umap"].shape == (processed.n_obs, 2)
     assert processed.obsm["X_pca"].shape[1] == 10
-    assert processed.X.max() < 5  # log10 of values up to 1e4
+    # median library size, then log10: each cell's normalized counts sum to the median total
+    totals = np.asarray(processed.layers["counts"].sum(axis=1)).ravel()
+    restored = np.asarray((np.power(10.0, processed.X.toarray()) - 1).sum(axis=1)).ravel()
+    np.testing.assert_allclose(restored, np.median(totals), rtol=1e-3)
     assert set(catalog.load("expression_umap_plots")) == {"cell_type.png"}
     metrics = catalog.load("data_processing_metrics")
     assert metrics["cells_before"] == counts_adata.n_obs
