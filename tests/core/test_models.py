@@ -1,8 +1,6 @@
-"""Tokenizer, model loading, context fitting, embeddings and training on tiny models."""
+"""Tokenizer, model loading, context fitting and embeddings on tiny models (training: test_training.py)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from c2s_kedro.core.inference import embed_prompts
 from c2s_kedro.core.models import LanguageModel, ModelNotFoundError, build_gpt_neox, load_model, save_model
 from c2s_kedro.core.prompts import C2SPromptFormatter, ContextTooSmallError, fit_prompt, load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.training import IGNORE_INDEX, sample_mean_loss, tokenize_pairs
 
 GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
     f"GENE{i}" for i in range(200)
@@ -77,12 +74,30 @@ def test_missing_model_directory_names_the_path_and_the_fix(tmp_path):
 
 
 def test_unreachable_hub_id_fails_fast_with_local_directory_advice(monkeypatch):
+    """Without a route to the hub the loader probes it once with a short timeout and never starts
+    the hub client's download, whose retries would take minutes."""
+    from types import SimpleNamespace
+
+    from c2s_kedro.core import models
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the real situation here: no route to the hub
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
-    start = time.perf_counter()
+    probes, opened, open_model = [], [], models._open
+
+    def no_route(address, timeout=None, *args, **kwargs):
+        probes.append((address, timeout))
+        raise OSError("no route to host")
+
+    def recording_open(location, dtype, **kwargs):
+        opened.append(kwargs)
+        return open_model(location, dtype, **kwargs)
+
+    monkeypatch.setattr(models, "socket", SimpleNamespace(create_connection=no_route))  # the loader's probe only
+    monkeypatch.setattr(models, "_open", recording_open)
     with pytest.raises(ModelNotFoundError, match="local directory"):
         load_model("vandijklab/no-such-model-for-tests")
-    assert time.perf_counter() - start < 30
+    assert opened == [{"local_files_only": True}]  # the local cache was read; no download was tried
+    assert probes == [(("hub.invalid", 443), 3.0)]
 
 
 def test_fit_prompt_drops_genes_from_the_end_and_refuses_a_tiny_context(tokenizer):
@@ -114,18 +129,6 @@ def test_embedding_refuses_prompts_longer_than_the_context(model_dir):
     model = load_model(model_dir)
     with pytest.raises(ValueError, match="exceed the model's context of 128"):
         embed_prompts(model, ["Cell sentence: " + " ".join(GENES) + "."])
-
-
-def test_labels_mask_the_prompt_and_end_with_eos(tokenizer):
-    batch = {"model_input": ["Cell sentence: CD3D CD8A.\nThe cell type is:"], "response": ["CD14+ Monocyte."]}
-    out = tokenize_pairs(batch, tokenizer, loss_on_response_only=True)
-    ids, labels = out["input_ids"][0], out["labels"][0]
-    n_prompt = len(tokenizer(batch["model_input"][0], add_special_tokens=False)["input_ids"])
-    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ids[n_prompt:-1]) == " CD14+ Monocyte."
-    everything = tokenize_pairs(batch, tokenizer, loss_on_response_only=False)
-    assert everything["labels"][0] == everything["input_ids"][0]
 
 
 def test_formatter_picks_templates_with_the_seed_and_needs_its_label_column():
@@ -177,20 +180,6 @@ def test_embedding_pipeline_nodes_work_with_a_bpe_model_of_short_context(tmp_pat
     assert max(lengths) <= 256
     embeddings = embed_cells(prompts, loaded, {"batch_size": 2})
     assert embeddings.shape == (2, ARCHITECTURE["hidden_size"]) and np.isfinite(embeddings).all()
-
-
-def test_sample_mean_loss_weighs_a_short_answer_like_a_long_one():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 3],   # one answer token
-                           [IGNORE_INDEX, 1, 2, 4, 6]])                                    # four answer tokens
-    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
-                                                  ignore_index=IGNORE_INDEX, reduction="none").view(2, 4)
-    expected = (per_token[0, 3] + per_token[1].mean()) / 2
-    assert torch.allclose(sample_mean_loss(logits, labels), expected)
-    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-    assert not torch.allclose(sample_mean_loss(logits, labels), token_mean)  # the Trainer's default differs
-    assert sample_mean_loss(logits, torch.full_like(labels, IGNORE_INDEX)).item() == 0.0
 
 
 def test_precision_on_cpu_is_fp32_unless_bf16_is_asked_for():
