@@ -511,32 +511,3 @@ def select_cells(cell_sentences: Dataset, names: Sequence[str]) -> Dataset:
     wanted = set(names)
     rows = [i for i, name in enumerate(cell_sentences["cell_name"]) if name in wanted]
     return cell_sentences.select(rows, keep_in_memory=True)
-
-
-def split_cells(
-    cell_names: Sequence[str],
-    fractions: dict[str, float],
-    seed: int = 0,
-    stratify: Sequence[str] | None = None,
-) -> dict[str, list[str]]:
-    """Split cells into named parts (e.g. train/val/test = 0.8/0.1/0.1), seeded.
-
-    With ``stratify`` (one label per cell) each label is split in the same proportions, so rare
-    cell types reach every part when they have enough cells.
-    """
-    names = np.asarray(cell_names, dtype=str)
-    parts = list(fractions)
-    shares = np.array([fractions[p] for p in parts], dtype=float)
-    if (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
-        raise ValueError(f"split fractions must be non-negative and sum to 1; got {fractions}")
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(len(names))] if stratify is None else [
-        np.flatnonzero(np.asarray(stratify, dtype=str) == label) for label in sorted(set(map(str, stratify)))
-    ]
-    assigned: dict[str, list[int]] = {p: [] for p in parts}
-    for members in groups:
-        members = rng.permutation(members)
-        bounds = np.round(np.cumsum(shares) * len(members)).astype(int)
-        for part, start, end in zip(parts, np.concatenate([[0], bounds[:-1]]), bounds):
-            assigned[part].extend(members[start:end].tolist())
-    return {part: names[np.sort(np.asarray(idx, dtype=int))].tolist() for part, idx in assigned.items()}

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
 
-from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, concatenate_sentence_datasets, split_cells
+from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, concatenate_sentence_datasets
+from c2s_kedro.core.splitting import split_names
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataSplitParameters, SentenceConversionParameters
 
@@ -80,8 +81,8 @@ def split_dataset(cell_sentences: Dataset, params: dict[str, Any]) -> dict[str, 
             "data_split.stratify_by: null in your environment (e.g. conf/local/parameters.yml)."
         )
     with setting_hint("data_split.fractions"):
-        parts = split_cells(
-            cell_sentences["cell_name"], fractions=settings.fractions, seed=settings.seed,
+        parts = split_names(
+            cell_sentences["cell_name"], settings.fractions, settings.seed,
             stratify=cell_sentences[stratify_by] if stratify_by else None,
         )
     return {**parts, "seed": settings.seed, "stratify_by": stratify_by, "fractions": dict(settings.fractions)}
