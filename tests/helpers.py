@@ -10,9 +10,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import yaml
+from kedro.framework.hooks.manager import _create_hook_manager
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
+
+from c2s_kedro.hooks import ParameterNamespaceHook
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MITO_GENES = ["MT-CO1", "MT-ND1", "MT-ATP6"]
@@ -89,5 +92,7 @@ def run_pipeline(pipeline: Pipeline, inputs: dict[str, Any]) -> DataCatalog:
     missing = pipeline.inputs() - set(datasets)
     assert not missing, f"test catalog lacks pipeline inputs {missing}"
     catalog = DataCatalog(datasets=datasets)
-    SequentialRunner().run(pipeline, catalog)
+    hooks = _create_hook_manager()
+    hooks.register(ParameterNamespaceHook())  # as in a kedro run: namespaced settings are named in errors
+    SequentialRunner().run(pipeline, catalog, hooks)
     return catalog

@@ -10,9 +10,12 @@ import yaml
 
 from c2s_kedro.core.perturbation import MISSING_GENE_CAVEAT
 from c2s_kedro.core.simulate_perturbseq import simulate_perturbseq
-from c2s_kedro.pipelines.perturbation import create_data_pipeline, create_finetuning_pipeline, create_posterior_pipeline
-from c2s_kedro.pipelines.perturbation.nodes import prepare_screen
+from c2s_kedro.parameters import ParameterError
+from c2s_kedro.pipeline_registry import register_pipelines
+from c2s_kedro.pipelines.perturbation_data.nodes import check_screen_layout
 from tests.helpers import PROJECT_ROOT, load_parameters, params_entries, run_pipeline
+
+PIPELINES = register_pipelines()
 
 
 def _params(tmp_path) -> dict:
@@ -40,8 +43,8 @@ def screen():
 @pytest.fixture(scope="module")
 def outputs(screen, tmp_path_factory):
     params = _params(tmp_path_factory.mktemp("perturbation"))
-    params["perturbation"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
-    pipeline = create_data_pipeline() + create_finetuning_pipeline() + create_posterior_pipeline()
+    params["perturbation"]["data_processing"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
+    pipeline = PIPELINES["perturbation_data"] + PIPELINES["perturbation_finetuning"] + PIPELINES["perturbation_posterior"]
     catalog = run_pipeline(pipeline, {"perturbseq_raw": screen, **params_entries(params)})
     return catalog, params["perturbation"]
 
@@ -57,7 +60,7 @@ def test_posterior_has_every_sample_of_every_heldout_perturbation(outputs):
     assert (per_group == settings["n_samples"] * settings["prompts_per_perturbation"]).all()
     assert sorted(samples["temperature"].unique()) == sorted(settings["temperatures"])
     assert (samples["n_unknown"] == 0).all() and (samples["n_repeated"] == 0).all()
-    vocabulary = set(catalog.load("perturbseq_vocabulary"))
+    vocabulary = set(catalog.load("perturbation.vocabulary"))
     assert all(set(s.split()) <= vocabulary for s in samples["sentence"])
 
 
@@ -98,24 +101,55 @@ def test_model_and_baselines_are_scored_on_the_same_heldout_perturbations(output
         assert sorted(group["perturbation"]) == heldout
     for column in ("pearson_delta", "pearson_delta_top_de", "mse", "overlap_at_N", "calibration", "pearson_delta_simulated_truth"):
         assert column in summary.columns
-    assert summary.set_index("method").loc["linear_additive", "mse"] >= 0
+    # the held-out cells themselves are nearer their own change than predicting no change is
+    table = summary.set_index("method")
+    assert table.loc["linear_additive", "mse"] > 0
     assert metrics["n_heldout_perturbations"] == len(heldout)
-    assert catalog.load("perturbation_qc_metrics")["cells_removed_max_pct_mito"] > 0
-    assert {f.__class__.__name__ for f in (catalog.load("posterior_pca_plot"), catalog.load("posterior_umap_plot"))} == {"Figure"}
+    assert catalog.load("perturbation.data_processing_metrics")["cells_removed_max_pct_mito"] > 0
+    data = catalog.load("perturbation_data_metrics")
+    assert data["n_test_perturbations"] == len(heldout) and data["n_test_control_cells"] > 0
+    for plot in ("posterior_pca_plot", "posterior_umap_plot"):
+        titles = {ax.get_title() for ax in catalog.load(plot).axes if ax.get_visible()}
+        assert set(heldout[:6]) <= titles  # one panel per held-out perturbation
 
 
-def test_missing_perturbation_column_or_control_label_stops_with_the_setting_to_change(screen):
+def test_the_screen_goes_through_the_atlas_pipelines_in_its_namespace():
+    screen = PIPELINES["perturbation_data"]
+    atlas = PIPELINES["data_processing"] + PIPELINES["sentence_conversion"] + PIPELINES["benchmarking"]
+    namespaced = {node.name.removeprefix("perturbation.") for node in screen.nodes if node.namespace == "perturbation"}
+    assert {"validate_raw_adata", "filter_cells_and_genes", "normalize_counts", "convert_to_cell_sentences",
+            "fit_rank_to_expression"} <= namespaced <= {node.name for node in atlas.nodes} | {
+            "check_screen_layout", "split_perturbation_screen", "summarize_screen", "initialize_perturbation_model",
+            "format_perturbation_prompts"}
+    assert {"perturbation.processed_adata", "perturbation.cell_sentences", "perturbation.rank_fit"} <= screen.all_outputs()
+    assert "params:perturbation.data_processing.qc" in screen.inputs()
+
+
+def test_missing_perturbation_column_or_control_label_stops_with_the_setting_to_change(screen, tmp_path):
     params = load_parameters("perturbation")["perturbation"]
     wrong_column = copy.deepcopy(params) | {"perturbation_column": "target_gene"}
     with pytest.raises(KeyError, match="perturbation column 'target_gene'.*perturbation_column"):
-        prepare_screen(screen, wrong_column)
+        check_screen_layout(screen, wrong_column)
     wrong_label = copy.deepcopy(params) | {"control_label": "NTC"}
     with pytest.raises(ValueError, match="control label 'NTC'.*non-targeting"):
-        prepare_screen(screen, wrong_label)
+        check_screen_layout(screen, wrong_label)
+    with pytest.raises(ParameterError, match="perturbation.qc"):  # the old layout is refused by name
+        check_screen_layout(screen, copy.deepcopy(params) | {"qc": {}})
     normalized = screen.copy()
     normalized.X = normalized.X * 0.37  # normalized-looking, not integers
-    with pytest.raises(ValueError, match="raw counts"):
-        prepare_screen(normalized, params)
+    parameters = _params(tmp_path)
+    with pytest.raises(ValueError, match="Raw counts.*Change perturbation.data_processing.input_is_normalized"):
+        run_pipeline(PIPELINES["perturbation_data"], {"perturbseq_raw": normalized, **params_entries(parameters)})
+
+
+def test_the_screen_keeps_its_counts_and_the_truth_leaves_varm(screen):
+    params = load_parameters("perturbation")["perturbation"]
+    checked, truth = check_screen_layout(screen, params)
+    assert checked.X is screen.X  # no copy of the matrix
+    assert "perturbation_truth_log2fc" not in checked.varm and "perturbation_truth_log2fc" in screen.varm
+    assert list(truth["gene"]) == list(screen.var["gene_name"].astype(str))
+    labels = checked.obs["gene"].astype(str)
+    assert (labels[labels != "non-targeting"] == labels[labels != "non-targeting"].str.upper()).all()
 
 
 def test_a_screen_with_other_column_names_runs_through_parameters_alone(screen, tmp_path):
@@ -126,10 +160,11 @@ def test_a_screen_with_other_column_names_runs_through_parameters_alone(screen, 
     renamed.var_names = renamed.var["gene_name"].astype(str).to_numpy()
     del renamed.varm["perturbation_truth_log2fc"]
     params = _params(tmp_path)
-    params["perturbation"].update(perturbation_column="target_gene", control_label="NTC", batch_column="lane",
-                                  gene_symbol_column=None)
-    params["perturbation"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
-    catalog = run_pipeline(create_data_pipeline(), {"perturbseq_raw": renamed, **params_entries(params)})
+    params["perturbation"].update(perturbation_column="target_gene", control_label="NTC", batch_column="lane")
+    params["perturbation"]["data_processing"].update(gene_symbol_column=None, umap_color_keys=["lane"])
+    params["perturbation"]["data_processing"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
+    params["perturbation"]["sentence_conversion"].update(label_columns=["target_gene", "lane"])
+    catalog = run_pipeline(PIPELINES["perturbation_data"], {"perturbseq_raw": renamed, **params_entries(params)})
     split = catalog.load("perturbation_split")
     assert split["test_perturbations"] and all(name != "NTC" for name in split["test_perturbations"])
     assert catalog.load("perturbation_truth").empty  # a real screen has no simulated truth
