@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -19,8 +18,6 @@ from c2s_kedro.core.training import (
 )
 from c2s_kedro.parameters import ENVIRONMENT_HINT, defaults_file, read_parameters, setting_hint
 from c2s_kedro.parameters.training import FinetuningParameters
-
-logger = logging.getLogger(__name__)
 
 
 def format_finetuning_prompts(
