@@ -35,7 +35,9 @@ class ParameterError(ValueError):
 def qualified(setting: str) -> str:
     """``setting`` with the running node's parameter namespace in front, if any."""
     namespace = PARAMETER_NAMESPACE.get()
-    return f"{namespace}.{setting}" if namespace and not setting.startswith(f"{namespace}.") else setting
+    if not namespace or setting == namespace or setting.startswith(f"{namespace}."):
+        return setting
+    return f"{namespace}.{setting}"
 
 
 def defaults_file(section: str) -> str:
