@@ -11,22 +11,31 @@ from datasets import Dataset
 
 from c2s_kedro.core.models import build_gpt_neox
 from c2s_kedro.core.perturbation import (
+    MISSING_GENE_CAVEAT,
     PerturbationPromptFormatter,
     ScreenColumns,
     check_screen,
+    choose_test_prompts,
     pair_with_controls,
+    posterior_expression,
     posterior_statistics,
     sample_posterior,
+    sample_test_posterior,
     split_screen,
 )
 from c2s_kedro.core.perturbation_evaluation import (
     LinearAdditiveBaseline,
     baseline_predictions,
     calibration,
+    evaluate_posterior,
+    group_means,
     labelled_cells,
+    posterior_embedding,
     score_methods,
+    sentence_space_cells,
 )
 from c2s_kedro.core.prompts import ContextTooSmallError, count_tokens, template_words
+from c2s_kedro.core.sentences import RankFit
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch="gem_group", gene_symbol=None)
@@ -91,6 +100,33 @@ def test_bad_split_settings_are_refused():
         split_screen(obs, COLUMNS, mode="genes")
     with pytest.raises(ValueError, match="not perturbations of the screen"):
         split_screen(_obs(), COLUMNS, test_perturbations=["ZZZ"])
+    with pytest.raises(ValueError, match="exactly train, val and test"):
+        split_screen(_obs(), COLUMNS, fractions={"train": 0.9, "test": 0.1})
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_screen(_obs(), COLUMNS, fractions={"train": 0.9, "val": 0.1, "test": 0.1})
+
+
+def test_the_screen_split_rounds_cumulatively_and_gives_every_part_one_of_three():
+    # 24 perturbations at 0.65 / 0.1 / 0.25: 6 held out, 2 for validation (the default screen's sizes)
+    obs = _obs(n_per=2, perturbations=tuple(f"P{i:02d}" for i in range(24)), n_controls=30)
+    split = split_screen(obs, COLUMNS, fractions={"train": 0.65, "val": 0.1, "test": 0.25}, seed=0)
+    assert [len(split[f"{p}_perturbations"]) for p in ("train", "val", "test")] == [16, 2, 6]
+    # 10 controls per batch cut test first: round(2.5) = 2 test, round(3.5) - 2 = 2 val, 6 train
+    batch = obs["gem_group"]
+    for part, n in (("test", 2), ("val", 2), ("train", 6)):
+        assert batch.loc[split[f"control_{part}"]].value_counts().to_dict() == {1: n, 2: n, 3: n}
+    three = split_screen(_obs(perturbations=("A", "B", "C")), COLUMNS, fractions={"train": 0.8, "val": 0.1, "test": 0.1})
+    assert [len(three[f"{p}_perturbations"]) for p in ("train", "val", "test")] == [1, 1, 1]
+    assert split == split_screen(obs, COLUMNS, fractions={"train": 0.65, "val": 0.1, "test": 0.25}, seed=0)
+    assert split["test_perturbations"] != split_screen(obs, COLUMNS, fractions={"train": 0.65, "val": 0.1, "test": 0.25},
+                                                       seed=1)["test_perturbations"]
+
+
+def test_given_test_perturbations_leave_val_its_share_of_the_rest():
+    obs = _obs(perturbations=tuple("ABCDEFGHIJK"))
+    split = split_screen(obs, COLUMNS, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, test_perturbations=["K"])
+    assert split["test_perturbations"] == ["K"]
+    assert len(split["val_perturbations"]) == 2 and len(split["train_perturbations"]) == 8  # 0.2 / 0.8 of 10 rounds to 2
 
 
 def _screen() -> ad.AnnData:
@@ -185,6 +221,58 @@ def test_posterior_statistics_equal_hand_computed_values():
         posterior_statistics(sp.csr_matrix(expression), groups.iloc[:2])
 
 
+def test_posterior_statistics_keep_groups_in_order_of_first_appearance():
+    expression = sp.csr_matrix(np.array([[1.0, 0.0], [5.0, 2.0], [3.0, 0.0], [7.0, 2.0]]))
+    groups = pd.DataFrame({"perturbation": ["Q", "P", "Q", "P"], "temperature": [1.3, 0.7, 1.3, 0.7]})
+    table, mean, variance, present = posterior_statistics(expression, groups)
+    assert table["perturbation"].tolist() == ["Q", "P"] and table["temperature"].tolist() == [1.3, 0.7]
+    np.testing.assert_allclose(mean, [[2.0, 0.0], [6.0, 2.0]])
+    np.testing.assert_allclose(variance, [[2.0, 0.0], [2.0, 0.0]])
+    np.testing.assert_allclose(present, [[1.0, 0.0], [1.0, 1.0]])
+
+
+FIT = RankFit(slope=-1.0, intercept=2.0, r2=0.9, pearson_r=-0.9, spearman_r=-0.9, n_cells=10, n_points=100,
+              log_rank_cutoff=3.0)
+
+
+def test_posterior_expression_rebuilds_each_sample_and_summarises_each_group():
+    samples = pd.DataFrame({
+        "prompt_index": [0, 0, 0, 1], "temperature": [0.7, 0.7, 1.3, 0.7], "sample_index": [0, 1, 0, 0],
+        "sentence": ["G1 G2", "G2", None, "G3 G1 NOTAGENE"], "perturbation": ["G3", "G3", "G3", "G5"],
+    })
+    expression, statistics = posterior_expression(samples, GENES[:5], FIT)
+    top, second = FIT.predict(0), FIT.predict(1)
+    np.testing.assert_allclose(expression.X.toarray()[:, :4], [[0, top, second, 0], [0, 0, top, 0], [0, 0, 0, 0],
+                                                              [0, second, 0, top]], rtol=1e-6)
+    assert expression.obs["sentence"].tolist() == ["G1 G2", "G2", "", "G3 G1 NOTAGENE"]
+    assert expression.uns["rank_fit"] == FIT.to_dict() and expression.uns["caveat"] == MISSING_GENE_CAVEAT
+    assert statistics.obs_names.tolist() == ["G3@T0.7", "G3@T1.3", "G5@T0.7"]
+    assert statistics.obs["n_samples"].tolist() == [2, 1, 1]
+    np.testing.assert_allclose(statistics.X[0, :3], [0, top / 2, (second + top) / 2], rtol=1e-6)
+    np.testing.assert_allclose(statistics.layers["present_share"][0, :3], [0, 0.5, 1.0])
+    np.testing.assert_allclose(statistics.layers["variance"][1], 0.0)
+    with pytest.raises(KeyError, match="temperature"):
+        posterior_expression(samples.drop(columns=["temperature"]), GENES[:5], FIT)
+
+
+def _test_prompts(n_per: dict[str, int]) -> Dataset:
+    rows = [(name, f"ctrl-{i}", f"{name}-{i}", f"prompt {name} {i}", 10, 12) for name, n in n_per.items() for i in range(n)]
+    return Dataset.from_dict(dict(zip(["perturbation", "control_cell", "perturbed_cell", "model_input", "n_control_genes",
+                                       "max_new_tokens"], map(list, zip(*rows)))))
+
+
+def test_test_prompts_are_drawn_per_perturbation_and_seeded():
+    chosen = choose_test_prompts(_test_prompts({"B": 5, "A": 3, "C": 1}), 2, seed=0)
+    assert chosen["perturbation"].tolist() == ["A", "A", "B", "B", "C"]
+    assert chosen.equals(choose_test_prompts(_test_prompts({"B": 5, "A": 3, "C": 1}), 2, seed=0))
+    picks = {tuple(choose_test_prompts(_test_prompts({"B": 20}), 2, seed=s)["perturbed_cell"]) for s in range(5)}
+    assert len(picks) > 1
+    with pytest.raises(KeyError, match="max_new_tokens"):
+        choose_test_prompts(_test_prompts({"A": 1}).remove_columns("max_new_tokens"), 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        choose_test_prompts(_test_prompts({"A": 1}), 0)
+
+
 def test_calibration_counts_true_means_inside_the_central_interval():
     predicted = np.tile(np.arange(101, dtype=float)[:, None], (1, 4))  # 5%..95% interval = [5, 95]
     assert calibration(predicted, np.array([50.0, 4.0, 96.0, 5.0])) == pytest.approx(0.5)
@@ -222,3 +310,111 @@ def test_linear_additive_baseline_repeats_a_seen_perturbation_and_predicts_an_un
     unseen = model.predict("g2")
     assert unseen[2] == pytest.approx(-0.9)  # the average self-knockdown
     np.testing.assert_allclose(model.predict("not-a-gene"), np.mean(list(deltas.values()), axis=0))
+
+
+def test_test_posterior_names_each_sample_s_prompt_and_perturbation(tiny_model):
+    tokenizer, context = tiny_model.tokenizer, tiny_model.context_length
+    pairs = _pairs(n=3, n_genes=20).add_column("perturbed_cell", ["p0", "p1", "p2"])
+    pairs = pairs.map(lambda row, i: {"perturbation": ["G3", "G5", "G5"][i]}, with_indices=True)
+    test = PerturbationPromptFormatter(top_k_genes=20, tokenizer=tokenizer, max_tokens=context,
+                                       response_budget=24).format_dataset(pairs)
+    test = test.add_column("max_new_tokens", [24] * test.num_rows)
+    samples = sample_test_posterior(tiny_model, test, GENES, prompts_per_perturbation=1, n_samples=3,
+                                    temperatures=[0.7, 1.3], seed=0)
+    assert len(samples) == 2 * 2 * 3
+    assert samples.groupby("perturbation")["prompt_index"].nunique().to_dict() == {"G3": 1, "G5": 1}
+    assert set(samples.loc[samples["perturbation"] == "G3", "perturbed_cell"]) == {"p0"}
+    assert samples["n_genes"].max() <= 24 and (samples["n_unknown"] == 0).all()
+
+
+def _sentences() -> Dataset:
+    return Dataset.from_dict({
+        "cell_name": ["a", "b", "c"], "cell_sentence": ["G2 G0 G1", "G1", None], "gene": ["G3", "non-targeting", "G3"],
+    })
+
+
+def test_sentence_space_cells_cut_each_sentence_to_the_top_k_and_keep_the_labels():
+    cells = sentence_space_cells(_sentences(), ["c", "a", "b"], "gene", GENES[:3], FIT, top_k_genes=2, prefix="real-test")
+    np.testing.assert_allclose(cells.X.toarray(), [[0, 0, 0], [FIT.predict(1), 0, FIT.predict(0)], [0, FIT.predict(0), 0]],
+                               rtol=1e-6)
+    assert cells.obs["gene"].tolist() == ["G3", "G3", "non-targeting"] and cells.obs_names[0] == "real-test-0"
+    with pytest.raises(KeyError, match="guide"):
+        sentence_space_cells(_sentences(), ["a"], "guide", GENES[:3], FIT, 2, "x")
+    with pytest.raises(ValueError, match="1 of the 2 cells"):
+        sentence_space_cells(_sentences(), ["a", "zz"], "gene", GENES[:3], FIT, 2, "x")
+
+
+def test_group_means_are_the_dense_means_of_each_label():
+    rng = np.random.default_rng(0)
+    matrix = sp.random(30, 6, density=0.4, random_state=0, format="csr", dtype=np.float32)
+    labels = rng.choice(["x", "y", "z"], 30)
+    means = group_means(labelled_cells(matrix, labels.tolist(), GENES[:6], "c", "gene"), "gene")
+    assert sorted(means) == ["x", "y", "z"]
+    for name, mean in means.items():
+        np.testing.assert_allclose(mean, matrix.toarray()[labels == name].astype(np.float64).mean(axis=0), rtol=1e-12)
+
+
+def _posterior_case(rng):
+    genes = [f"g{i}" for i in range(30)] + ["never"]
+    base = np.r_[np.linspace(0.5, 2.0, 30), 0.0]
+    shift = {"A": np.r_[np.linspace(0.3, 1.5, 5), np.zeros(26)], "B": np.r_[np.zeros(5), np.linspace(-0.2, -0.8, 5), np.zeros(21)]}
+
+    def cells(n, mean, name, prefix):
+        values = np.maximum(rng.normal(mean, 0.05, size=(n, len(genes))), 0)
+        values[:, -1] = 0  # a gene no cell expresses
+        return labelled_cells(values, name, genes, prefix, "gene")
+
+    controls = cells(40, base, "non-targeting", "ctrl")
+    real = ad.concat([cells(30, base + shift[p], p, f"real-{p}") for p in shift] + [cells(20, base, "D", "real-D"), controls])
+    train = ad.concat([cells(30, base + 0.5 * shift["A"], "C", "train-C"), cells(40, base, "non-targeting", "tc")])
+    parts = []
+    for t in (0.7, 1.3):
+        for p in shift:
+            part = cells(25, base + shift[p], p, f"s{t}{p}")
+            part.obs = pd.DataFrame({"perturbation": p, "temperature": t}, index=part.obs_names)
+            parts.append(part)
+    samples = ad.concat(parts)
+    samples.obs_names_make_unique()
+    truth = pd.DataFrame({"gene": genes, **{p: shift[p] / np.log10(2) for p in shift}})
+    return samples, real, train, truth
+
+
+def test_the_posterior_is_scored_with_the_baselines_on_its_perturbations_only():
+    samples, real, train, truth = _posterior_case(np.random.default_rng(0))
+    scores, summary, metrics = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth, top_n_de=5,
+                                                  baseline_pca_components=3, threads=1)
+    methods = {"model_T0.7", "model_T1.3", "control_mean", "train_perturbed_mean", "linear_additive"}
+    assert set(summary["method"]) == methods
+    assert all(sorted(group) == ["A", "B"] for _, group in scores.groupby("method")["perturbation"])  # D has no samples
+    assert metrics["n_heldout_perturbations"] == 2 and metrics["n_genes_scored"] == 30  # "never" is left out
+    by_method = summary.set_index("method")
+    assert by_method.loc["model_T0.7", "pearson_delta"] > 0.9 > abs(by_method.loc["control_mean", "pearson_delta"])
+    assert metrics["observed_cells.pearson_delta_simulated_truth"] > 0.9  # the held-out cells follow the truth
+    assert metrics["model_T1.3.pearson_delta"] == pytest.approx(by_method.loc["model_T1.3", "pearson_delta"])
+    assert metrics["model_T0.7.n_predicted_cells"] == 25
+    assert all(key.count(".") >= 1 for key in metrics if key not in ("n_genes_scored", "n_heldout_perturbations"))
+    _, _, without_truth = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth.iloc[:0], top_n_de=5,
+                                             baseline_pca_components=3, threads=1)
+    assert "observed_cells.pearson_delta_simulated_truth" not in without_truth
+
+
+def test_posterior_scoring_refuses_samples_without_real_cells():
+    samples, real, train, _ = _posterior_case(np.random.default_rng(1))
+    without_b = real[(real.obs["gene"] != "B").to_numpy()].copy()
+    with pytest.raises(ValueError, match=r"\['B'\] have samples but no real test cells"):
+        evaluate_posterior(samples, without_b, train, "gene", "non-targeting")
+
+
+def test_the_posterior_embedding_holds_the_chosen_perturbations_and_the_controls():
+    samples, real, _, _ = _posterior_case(np.random.default_rng(2))
+    embedding = posterior_embedding(samples, real, "gene", "non-targeting", max_perturbations=1, seed=0)
+    is_sample = embedding.obs["is_sample"].to_numpy()
+    assert set(embedding.obs.loc[is_sample, "perturbation"]) == {"A"} and is_sample.sum() == 50
+    assert embedding.obs.loc[~is_sample, "perturbation"].value_counts().to_dict() == {"non-targeting": 40, "A": 30}
+    assert embedding.obs.loc[~is_sample, "temperature"].isna().all()
+    assert embedding.obsm["X_pca"].shape[0] == embedding.obsm["X_umap"].shape[0] == embedding.n_obs == 120
+    assert sp.issparse(embedding.X)
+    assert samples.obsm_keys() == []  # the samples themselves are left as they were
+    pca = embedding.obsm["X_pca"][:, 0]
+    control = (embedding.obs["perturbation"] == "non-targeting").to_numpy()
+    assert abs(pca[control].mean() - pca[~control].mean()) > 2 * pca[control].std()  # A separates from the controls

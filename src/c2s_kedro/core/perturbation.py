@@ -17,6 +17,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scanpy as sc
 import scipy.sparse as sp
 from datasets import Dataset
 from tqdm.auto import tqdm
@@ -25,6 +26,8 @@ from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sen
 from c2s_kedro.core.inference import sample_continuations
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import ContextTooSmallError, PromptFormatter, count_tokens, fit_prompt, load_templates
+from c2s_kedro.core.sentences import RankFit, reconstruct_expression
+from c2s_kedro.core.splitting import split_names
 
 logger = logging.getLogger(__name__)
 
@@ -117,19 +120,10 @@ def pair_with_controls(
     return pd.DataFrame(rows, columns=["perturbed_cell", "control_cell", "perturbation", "batch", "same_batch"])
 
 
-def _split_names(names: np.ndarray, fractions: dict[str, float], rng: np.random.Generator) -> dict[str, list[str]]:
-    """Shuffle and cut into test/val/train; a part with a positive fraction gets at least one name
-    when there are three or more."""
-    names = rng.permutation(names)
-    sizes = {part: int(round(fractions.get(part, 0.0) * len(names))) for part in ("test", "val")}
-    if len(names) >= 3:
-        sizes = {part: max(size, 1) if fractions.get(part, 0.0) > 0 else size for part, size in sizes.items()}
-    n_test, n_val = sizes["test"], sizes["val"]
-    return {
-        "test": sorted(names[:n_test].tolist()),
-        "val": sorted(names[n_test:n_test + n_val].tolist()),
-        "train": sorted(names[n_test + n_val:].tolist()),
-    }
+SPLIT_PARTS = ("train", "val", "test")
+# The screen cuts each permutation test first, then val, then train (the atlas: train, val, test),
+# so a screen's held-out perturbations stay those it had before the splitters were merged.
+_SCREEN_CUT_ORDER = ("test", "val", "train")
 
 
 def split_screen(
@@ -140,54 +134,61 @@ def split_screen(
     seed: int = 0,
     test_perturbations: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Train/val/test parts of a screen's cells.
+    """Train/val/test parts of a screen's cells, cut by ``core.splitting.split_names`` from one
+    seeded generator (controls of each batch in sorted batch order, then the perturbations).
 
     ``mode="perturbations"``: whole perturbations are held out (``test_perturbations`` when given,
     else a random ``fractions["test"]`` of them), so test perturbations are never seen in training.
     ``mode="cells"``: every perturbation's cells are split by ``fractions``, so the test asks for
     held-out cells of perturbations seen in training. Control cells are always split by cells,
     within each batch, so that every part can pair its cells with controls of their own batch.
+    Every list is sorted, except the controls: sorted within each batch, batches in sorted order.
     """
     fractions = dict(fractions or {"train": 0.8, "val": 0.1, "test": 0.1})
     if mode not in ("perturbations", "cells"):
         raise ValueError(f"split mode must be 'perturbations' or 'cells', got '{mode}'")
+    if sorted(fractions) != sorted(SPLIT_PARTS):
+        raise ValueError(f"split fractions must name exactly train, val and test; got {fractions}")
+    fractions = {part: float(fractions[part]) for part in SPLIT_PARTS}
+    cut = {part: fractions[part] for part in _SCREEN_CUT_ORDER}
     labels = obs[columns.perturbation].astype(str)
     rng = np.random.default_rng(seed)
     is_control = (labels == columns.control_label).to_numpy()
     control_obs = obs[is_control]
-    control_parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    control_parts: dict[str, list[str]] = {part: [] for part in SPLIT_PARTS}
     batches = control_obs[columns.batch].astype(str) if columns.batch is not None else pd.Series("all", index=control_obs.index)
     for _, cells in control_obs.groupby(batches.to_numpy(), sort=True):  # every batch keeps controls in every part
-        for part, names in _split_names(cells.index.to_numpy(), fractions, rng).items():
-            control_parts[part] += names
+        for part, names in split_names(cells.index, cut, rng).items():
+            control_parts[part] += sorted(names)
     names = sorted(labels[~is_control].unique())
-    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    parts: dict[str, list[str]] = {part: [] for part in SPLIT_PARTS}
     if mode == "perturbations":
         if test_perturbations:
             unknown = sorted(set(test_perturbations) - set(names))
             if unknown:
                 raise ValueError(f"test_perturbations {unknown} are not perturbations of the screen")
-            rest = np.array([n for n in names if n not in set(test_perturbations)])
-            chosen = _split_names(rest, {"val": fractions["val"] / max(1e-9, 1.0 - fractions["test"])}, rng)
+            rest = [n for n in names if n not in set(test_perturbations)]
+            val = min(1.0, fractions["val"] / max(1e-9, 1.0 - fractions["test"]))  # of the perturbations not held out
+            chosen = split_names(rest, {"val": val, "train": 1.0 - val}, rng)
             chosen["test"] = sorted(test_perturbations)
         else:
             if len(names) < 3:
                 raise ValueError(
                     f"holding out perturbations needs at least 3 of them (train, val, test); the screen has {len(names)}. "
-                    "Use split.mode: cells."
+                    "Hold out cells instead (mode 'cells')."
                 )
-            chosen = _split_names(np.array(names), fractions, rng)
+            chosen = split_names(names, cut, rng)
         for part in parts:
             keep = labels.isin(chosen[part]).to_numpy() & ~is_control
             parts[part] = sorted(obs.index[keep])
-        perturbations = chosen
+        perturbations = {part: sorted(chosen[part]) for part in SPLIT_PARTS}
     else:
         for name in names:
-            cells = _split_names(obs.index[(labels == name).to_numpy()].to_numpy(), fractions, rng)
+            cells = split_names(obs.index[(labels == name).to_numpy()], cut, rng)
             for part in parts:
                 parts[part] += cells[part]
-        parts = {part: sorted(cells) for part, cells in parts.items()}
         perturbations = {part: sorted(labels.loc[parts[part]].unique()) for part in parts}
+    parts = {part: sorted(cells) for part, cells in parts.items()}
     if not parts["test"] or not parts["train"]:
         raise ValueError("the split left no training or no test cells; use more cells or other fractions")
     return {
@@ -355,31 +356,109 @@ def sample_posterior(
                                        "n_unknown", "n_repeated"])
 
 
+def choose_test_prompts(test_prompts: Dataset, n_per_perturbation: int, seed: int = 0) -> pd.DataFrame:
+    """``n_per_perturbation`` test prompts of each perturbation drawn at random (seeded), in their
+    order within the perturbation, perturbations sorted."""
+    if n_per_perturbation < 1:
+        raise ValueError(f"prompts per perturbation must be at least 1, got {n_per_perturbation}")
+    needed = ["perturbation", "control_cell", "perturbed_cell", "model_input", "n_control_genes", "max_new_tokens"]
+    missing = [c for c in needed if c not in test_prompts.column_names]
+    if missing:
+        raise KeyError(f"the test prompts lack column(s) {missing}; they have {', '.join(test_prompts.column_names)}")
+    table = test_prompts.select_columns(needed).to_pandas()
+    if table.empty:
+        raise ValueError("there are no test prompts to sample from")
+    rng = np.random.default_rng(seed)
+    chosen = [rows.iloc[np.sort(rng.permutation(len(rows))[:n_per_perturbation])]
+              for _, rows in table.groupby("perturbation", sort=True)]
+    return pd.concat(chosen, ignore_index=True)
+
+
+def sample_test_posterior(
+    language_model: LanguageModel,
+    test_prompts: Dataset,
+    genes: Sequence[str],
+    prompts_per_perturbation: int = 1,
+    n_samples: int = 100,
+    temperatures: Sequence[float] = (0.7, 1.0, 1.3),
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> pd.DataFrame:
+    """``sample_posterior`` on ``prompts_per_perturbation`` test prompts of each held-out
+    perturbation (``choose_test_prompts``), generating the prompts' ``max_new_tokens``; each
+    sample row also names its ``perturbation``, ``control_cell``, ``perturbed_cell`` and the
+    prompt's ``n_control_genes``."""
+    prompts = choose_test_prompts(test_prompts, prompts_per_perturbation, seed)
+    samples = sample_posterior(
+        language_model, prompts["model_input"].tolist(), list(genes), n_samples=n_samples, temperatures=temperatures,
+        max_new_tokens=int(prompts["max_new_tokens"].iloc[0]), seed=seed, batch_size=batch_size,
+    )
+    samples = samples.join(prompts[["perturbation", "control_cell", "perturbed_cell", "n_control_genes"]], on="prompt_index")
+    if samples["n_unknown"].sum() or samples["n_repeated"].sum():
+        logger.warning("constrained samples contained %d unknown and %d repeated genes", samples["n_unknown"].sum(),
+                       samples["n_repeated"].sum())
+    logger.info("%d posterior samples, median %d genes each", len(samples), int(samples["n_genes"].median()))
+    return samples
+
+
 def posterior_statistics(
     expression: sp.spmatrix | np.ndarray, groups: pd.DataFrame
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
-    """Per group of samples (rows of ``groups``, e.g. perturbation x temperature): the mean, the
-    variance (ddof=1; 0 for a single sample) and the share of samples in which each gene is
-    present, over the rows of ``expression`` (samples x genes; an absent gene is 0).
+    """Per group of samples (rows of ``groups``, e.g. perturbation x temperature, in order of first
+    appearance): the mean, the variance (ddof=1; 0 for a single sample) and the share of samples
+    in which each gene is present, over the rows of ``expression`` (samples x genes; an absent
+    gene is 0), with scanpy's ``sc.get.aggregate`` on the sparse samples.
 
     Returns the groups (one row each, with ``n_samples``), mean, variance, present share.
     """
-    matrix = sp.csr_matrix(expression)
+    matrix = sp.csr_matrix(expression, dtype=np.float64)  # float64: aggregate's variance keeps its precision
     if matrix.shape[0] != len(groups):
         raise ValueError(f"{matrix.shape[0]} samples but {len(groups)} group rows")
     keys = groups.reset_index(drop=True)
     codes, uniques = pd.MultiIndex.from_frame(keys.astype(str)).factorize()
     n_groups = len(uniques)
-    indicator = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_groups, len(codes)))
-    counts = np.asarray(indicator.sum(axis=1)).ravel()
-    sums = np.asarray((indicator @ matrix).todense())
-    squares = np.asarray((indicator @ matrix.multiply(matrix)).todense())
-    present = np.asarray((indicator @ (matrix != 0).astype(np.float64)).todense())
-    mean = sums / counts[:, None]
-    denominator = np.maximum(counts - 1, 1)[:, None]
-    variance = np.where(counts[:, None] > 1, (squares - counts[:, None] * mean**2) / denominator, 0.0)
-    variance = np.maximum(variance, 0.0)
+    by_group = ad.AnnData(matrix, obs=pd.DataFrame({"group": pd.Categorical.from_codes(codes, categories=range(n_groups))},
+                                                   index=[str(i) for i in range(len(codes))]))
+    aggregated = sc.get.aggregate(by_group, by="group", func=["mean", "var", "count_nonzero"], dof=0)
+    counts = np.bincount(codes, minlength=n_groups)
+    mean = np.asarray(aggregated.layers["mean"])
+    scale = np.where(counts > 1, counts / np.maximum(counts - 1, 1), 0.0)[:, None]  # ddof=1, and 0 for one sample
+    variance = np.maximum(np.asarray(aggregated.layers["var"]) * scale, 0.0)
+    present = np.asarray(aggregated.layers["count_nonzero"], dtype=np.float64) / counts[:, None]
     first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
     table = keys.iloc[first].reset_index(drop=True)
     table["n_samples"] = counts.astype(int)
-    return table, mean, variance, present / counts[:, None]
+    return table, mean, variance, present
+
+
+def posterior_expression(samples: pd.DataFrame, genes: Sequence[str], rank_fit: RankFit) -> tuple[ad.AnnData, ad.AnnData]:
+    """The posterior samples as expression and their statistics per perturbation and temperature.
+
+    Each sample's sentence becomes expression with ``rank_fit`` (a gene absent from a sample is 0):
+    one row per sample, ``.obs`` the sample's columns (``sentence`` last). The statistics
+    (``posterior_statistics``): one row ``<perturbation>@T<temperature>`` per group, the mean in
+    ``X``, ``layers["variance"]`` and ``layers["present_share"]``. Both carry the caveat about
+    absent genes in ``.uns["caveat"]``; the samples also the rank fit in ``.uns["rank_fit"]``.
+    """
+    missing = [c for c in ("sentence", "perturbation", "temperature") if c not in samples.columns]
+    if missing:
+        raise KeyError(f"the posterior samples lack column(s) {missing}; they have {', '.join(map(str, samples.columns))}")
+    genes = list(genes)
+    sentences = samples["sentence"].fillna("")
+    matrix, n_unknown = reconstruct_expression(sentences.tolist(), genes, rank_fit)
+    if n_unknown:
+        logger.warning("%d words of the samples are not genes of the screen", n_unknown)
+    obs = samples.drop(columns=["sentence"]).astype({"temperature": float}).reset_index(drop=True)
+    obs.index = [f"sample-{i}" for i in range(len(obs))]
+    obs["sentence"] = sentences.to_numpy()
+    expression = ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=genes))
+    expression.uns["caveat"] = MISSING_GENE_CAVEAT
+    expression.uns["rank_fit"] = rank_fit.to_dict()
+    groups, mean, variance, present = posterior_statistics(matrix, obs[["perturbation", "temperature"]])
+    groups.index = [f"{p}@T{t}" for p, t in zip(groups["perturbation"], groups["temperature"])]
+    statistics = ad.AnnData(mean.astype(np.float32), obs=groups, var=pd.DataFrame(index=genes))
+    statistics.layers["variance"] = variance.astype(np.float32)
+    statistics.layers["present_share"] = present.astype(np.float32)
+    statistics.uns["caveat"] = MISSING_GENE_CAVEAT
+    statistics.uns["variance"] = "sample variance over a group's samples (ddof=1), absent genes counted as 0"
+    return expression, statistics

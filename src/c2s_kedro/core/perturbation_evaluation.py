@@ -18,17 +18,24 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scanpy as sc
 import scipy.sparse as sp
+from datasets import Dataset
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
+
+from c2s_kedro.core.preprocessing import neighbors_umap
+from c2s_kedro.core.sentences import CELL_NAME, CELL_SENTENCE, RankFit, reconstruct_expression
 
 logger = logging.getLogger(__name__)
 
 CELL_EVAL_METRICS = ("pearson_delta", "mse", "mse_delta", "overlap_at_N", "de_direction_match", "discrimination_score_l1")
+SAMPLE_PERTURBATION = "perturbation"  # the posterior samples' .obs column naming their perturbation
 
 
-def _dense(matrix) -> np.ndarray:
-    return np.asarray(matrix.todense() if sp.issparse(matrix) else matrix, dtype=np.float64)
+def _dense_rows(matrix) -> np.ndarray:
+    """A few rows (one perturbation's cells) as float64 numbers, for row draws and quantiles."""
+    return np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64)
 
 
 def labelled_cells(matrix, perturbation: str | Sequence[str], genes: Sequence[str], prefix: str,
@@ -78,6 +85,36 @@ class LinearAdditiveBaseline:
         return delta
 
 
+def sentence_space_cells(
+    cell_sentences: Dataset, names: Sequence[str], column: str, genes: Sequence[str], rank_fit: RankFit,
+    top_k_genes: int | None, prefix: str,
+) -> ad.AnnData:
+    """The cells ``names`` as the model sees them: each cell sentence cut to its first
+    ``top_k_genes`` genes (None: every gene) and turned back into expression with ``rank_fit``,
+    labelled with the sentences' ``column`` (cell names ``prefix-i``)."""
+    missing = [c for c in (CELL_NAME, CELL_SENTENCE, column) if c not in cell_sentences.column_names]
+    if missing:
+        raise KeyError(f"column(s) {missing} are not in the cell sentences (columns: {', '.join(cell_sentences.column_names)})")
+    table = cell_sentences.select_columns([CELL_NAME, CELL_SENTENCE, column]).to_pandas().set_index(CELL_NAME)
+    absent = pd.Index(names).difference(table.index)
+    if len(absent):
+        raise ValueError(
+            f"{len(absent)} of the {len(names)} cells asked for have no cell sentence (e.g. {', '.join(absent[:3])}): "
+            "the split and the sentences are not of the same cells"
+        )
+    rows = table.loc[list(names)]
+    sentences = [" ".join(sentence.split()[:top_k_genes]) for sentence in rows[CELL_SENTENCE].fillna("")]
+    matrix = reconstruct_expression(sentences, genes, rank_fit)[0]
+    return labelled_cells(matrix, rows[column].astype(str).tolist(), genes, prefix, column)
+
+
+def group_means(adata: ad.AnnData, column: str) -> dict[str, np.ndarray]:
+    """Mean expression (float64) of the cells of each value of ``.obs[column]``, on sparse data."""
+    labels = ad.AnnData(adata.X, obs=pd.DataFrame({column: adata.obs[column].astype(str).to_numpy()}, index=adata.obs_names))
+    means = sc.get.aggregate(labels, by=column, func="mean")
+    return {str(name): np.asarray(row, dtype=np.float64) for name, row in zip(means.obs_names, means.layers["mean"])}
+
+
 def baseline_predictions(
     train: ad.AnnData, test_controls: ad.AnnData, test_counts: dict[str, int], column: str, control_label: str,
     seed: int = 0, n_components: int = 10,
@@ -95,17 +132,19 @@ def baseline_predictions(
     is_control = labels == control_label
     if not is_control.any() or is_control.all():
         raise ValueError("the training part needs both control and perturbed cells to build the baselines")
-    train_x = _dense(train.X)
-    control_mean = train_x[is_control].mean(axis=0)
-    deltas = {name: train_x[labels == name].mean(axis=0) - control_mean for name in np.unique(labels[~is_control])}
-    linear = LinearAdditiveBaseline(n_components=n_components).fit(train_x[is_control], deltas, genes)
-    controls_x = _dense(test_controls.X)
-    perturbed_x = train_x[~is_control]
+    means = group_means(train, column)
+    control_mean = means[control_label]
+    deltas = {name: means[name] - control_mean for name in np.unique(labels[~is_control])}
+    # The gene embedding is scikit-learn's PCA of the training controls; on dense input it picks the
+    # randomized solver (sparse input would switch it to ARPACK and change the baseline's numbers).
+    linear = LinearAdditiveBaseline(n_components=n_components).fit(_dense_rows(train.X[is_control]), deltas, genes)
+    controls_x = test_controls.X
+    perturbed_x = train.X[~is_control]
     parts: dict[str, list[ad.AnnData]] = {"control_mean": [], "train_perturbed_mean": [], "linear_additive": []}
     for name, n in test_counts.items():
-        drawn = controls_x[rng.integers(0, len(controls_x), size=n)]
+        drawn = _dense_rows(controls_x[rng.integers(0, controls_x.shape[0], size=n)])
         parts["control_mean"].append(labelled_cells(drawn, name, genes, f"control_mean-{name}", column))
-        pooled = perturbed_x[rng.integers(0, len(perturbed_x), size=n)]
+        pooled = perturbed_x[rng.integers(0, perturbed_x.shape[0], size=n)]
         parts["train_perturbed_mean"].append(labelled_cells(pooled, name, genes, f"train_mean-{name}", column))
         shifted = np.maximum(drawn + linear.predict(name)[None, :], 0.0)
         parts["linear_additive"].append(labelled_cells(shifted, name, genes, f"linear-{name}", column))
@@ -116,12 +155,6 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
         return float("nan")  # undefined for a constant prediction (e.g. "no change")
     return float(np.corrcoef(a, b)[0, 1])
-
-
-def _means(adata: ad.AnnData, column: str) -> dict[str, np.ndarray]:
-    labels = adata.obs[column].astype(str).to_numpy()
-    x = adata.X
-    return {name: np.asarray(x[labels == name].mean(axis=0)).ravel() for name in np.unique(labels)}
 
 
 def calibration(predicted: np.ndarray, true_mean: np.ndarray, level: float = 0.9) -> float:
@@ -139,6 +172,7 @@ def _top_de_genes(de_real: pd.DataFrame, perturbation: str, n: int) -> list[str]
 def _cell_eval(pred: ad.AnnData, real: ad.AnnData, column: str, control_label: str, de_real, threads: int):
     from cell_eval import MetricsEvaluator
 
+    # cell-eval takes the sparse cells as they are (it densifies per-perturbation bulks itself)
     with tempfile.TemporaryDirectory() as scratch:
         evaluator = MetricsEvaluator(
             adata_pred=pred, adata_real=real, de_real=de_real, control_pert=control_label, pert_col=column,
@@ -173,7 +207,7 @@ def score_methods(
     ``pearson_delta_simulated_truth``.
     """
     real = real[:, sorted(real.var_names)].copy()
-    real_means = _means(real, column)
+    real_means = group_means(real, column)
     perturbations = sorted(set(real_means) - {control_label})
     rows = []
     de_real = None
@@ -184,7 +218,7 @@ def score_methods(
             raise ValueError(f"method '{method}' has no predicted cells for {missing}")
         results, de_real = _cell_eval(predicted, real, column, control_label, de_real, threads)
         de_table = de_real.to_pandas()
-        predicted_means = _means(predicted, column)
+        predicted_means = group_means(predicted, column)
         labels = predicted.obs[column].astype(str).to_numpy()
         for name in perturbations:
             true_delta = real_means[name] - real_means[control_label]
@@ -194,7 +228,7 @@ def score_methods(
             for metric in CELL_EVAL_METRICS:
                 row[metric] = float(results.at[name, metric]) if metric in results.columns and name in results.index else float("nan")
             row["pearson_delta_top_de"] = _pearson(predicted_delta[top], true_delta[top])
-            row["calibration"] = calibration(_dense(predicted.X[labels == name]), real_means[name], interval)
+            row["calibration"] = calibration(_dense_rows(predicted.X[labels == name]), real_means[name], interval)
             if truth is not None and name in truth.columns:
                 shared = [g for g in real.var_names if g in truth.index]
                 index = [real.var_names.get_loc(g) for g in shared]
@@ -211,3 +245,117 @@ def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
     summary = numeric.mean(numeric_only=True)
     summary["n_perturbations"] = scores.groupby("method", sort=False)["perturbation"].nunique()
     return summary.reset_index()
+
+
+def _truth_by_gene(truth: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The simulator's truth (a ``gene`` column, one column per perturbation) indexed by gene; None
+    for a real screen (no rows)."""
+    if truth is None or truth.empty:
+        return None
+    if "gene" not in truth.columns:
+        raise KeyError(f"the simulated truth needs a 'gene' column; it has {', '.join(map(str, truth.columns))}")
+    return truth.set_index("gene")
+
+
+def evaluate_posterior(
+    samples: ad.AnnData,
+    real: ad.AnnData,
+    train: ad.AnnData,
+    column: str,
+    control_label: str,
+    truth: pd.DataFrame | None = None,
+    top_n_de: int = 20,
+    interval: float = 0.9,
+    baseline_pca_components: int = 10,
+    seed: int = 0,
+    threads: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """The model (one method ``model_T<t>`` per sampling temperature) and the baselines scored on
+    the same held-out perturbations.
+
+    ``samples``: posterior samples as expression (``.obs`` ``perturbation`` and ``temperature``);
+    ``real`` / ``train``: the test and training cells with their controls (``sentence_space_cells``),
+    in the same space. Only the perturbations that have samples are scored, on the genes that some
+    real or sampled cell expresses (genes absent everywhere would add (0, 0) points). With the
+    simulator's ``truth`` (a ``gene`` column and one column per perturbation) the held-out cells
+    themselves are scored against it too: the ceiling of ``pearson_delta_simulated_truth`` in this
+    space. Returns the scores (method x perturbation), their summary per method and the flat
+    metrics (``<method>.<metric>``).
+    """
+    threads = threads or min(2, os.cpu_count() or 1)
+    genes = list(samples.var_names)
+    if list(real.var_names) != genes or list(train.var_names) != genes:
+        raise ValueError("the samples, the real test cells and the training cells must have the same genes")
+    evaluated = sorted(set(samples.obs[SAMPLE_PERTURBATION].astype(str)))
+    labels = real.obs[column].astype(str)
+    unseen = sorted(set(evaluated) - set(labels))
+    if unseen:
+        raise ValueError(f"perturbations {unseen} have samples but no real test cells")
+    real = real[labels.isin(evaluated + [control_label]).to_numpy()].copy()
+    is_control = (real.obs[column].astype(str) == control_label).to_numpy()
+    if not is_control.any():
+        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+    controls = real[is_control].copy()
+    counts = real.obs[column].astype(str).value_counts()
+    predictions: dict[str, ad.AnnData] = {}
+    for temperature in sorted(samples.obs["temperature"].unique()):
+        part = samples[(samples.obs["temperature"] == temperature).to_numpy()]
+        cells = labelled_cells(part.X, part.obs[SAMPLE_PERTURBATION].astype(str).tolist(), genes, f"model-T{temperature}", column)
+        predictions[f"model_T{temperature:g}"] = ad.concat([cells, controls])
+    predictions.update(baseline_predictions(
+        train, controls, {name: int(counts[name]) for name in evaluated}, column, control_label,
+        seed=seed, n_components=baseline_pca_components,
+    ))
+    used = np.asarray((real.X != 0).sum(axis=0)).ravel() + np.asarray((train.X != 0).sum(axis=0)).ravel()
+    used += np.asarray((samples.X != 0).sum(axis=0)).ravel()
+    keep = [g for g, n in zip(genes, used) if n > 0]
+    truth = _truth_by_gene(truth)
+    scores = score_methods(
+        real[:, keep], {m: p[:, keep] for m, p in predictions.items()}, column, control_label,
+        top_n_de=top_n_de, interval=interval, truth=truth, threads=threads,
+    )
+    summary = summarize_scores(scores)
+    metrics = {"n_genes_scored": float(len(keep)), "n_heldout_perturbations": float(len(evaluated))}
+    if truth is not None:
+        # top-k sentences hide genes below rank k, so even the real cells do not reach the truth
+        observed = score_methods(real[:, keep], {"observed": real[:, keep]}, column, control_label,
+                                 top_n_de=top_n_de, truth=truth, threads=threads)
+        metrics["observed_cells.pearson_delta_simulated_truth"] = float(observed["pearson_delta_simulated_truth"].mean())
+    for _, row in summary.iterrows():
+        for metric, value in row.items():
+            if metric != "method":
+                metrics[f"{row['method']}.{metric}"] = float(value)
+    return scores, summary, metrics
+
+
+def posterior_embedding(
+    samples: ad.AnnData, real: ad.AnnData, column: str, control_label: str, max_perturbations: int = 6,
+    seed: int = 0, n_neighbors: int = 15,
+) -> ad.AnnData:
+    """Posterior samples and real cells in one shared space (PCA, then kNN and UMAP with
+    ``preprocessing.neighbors_umap``), fitted on the samples of the first ``max_perturbations``
+    perturbations (sorted), their real cells and the real control cells.
+
+    Returns those cells (sparse, samples first) with ``.obs`` ``perturbation``, ``temperature``
+    (NaN for a real cell) and ``is_sample``, and ``.obsm`` ``X_pca`` and ``X_umap``.
+    """
+    sample_labels = samples.obs[SAMPLE_PERTURBATION].astype(str)
+    names = sorted(set(sample_labels))[:max_perturbations]
+    if not names:
+        raise ValueError("there are no posterior samples to embed")
+    chosen = samples[sample_labels.isin(names).to_numpy()]
+    real_labels = real.obs[column].astype(str)
+    chosen_real = real[real_labels.isin(names + [control_label]).to_numpy()]
+    obs = pd.DataFrame({
+        SAMPLE_PERTURBATION: np.concatenate([chosen.obs[SAMPLE_PERTURBATION].astype(str).to_numpy(),
+                                             chosen_real.obs[column].astype(str).to_numpy()]),
+        "temperature": np.concatenate([chosen.obs["temperature"].to_numpy(dtype=float), np.full(chosen_real.n_obs, np.nan)]),
+        "is_sample": np.arange(chosen.n_obs + chosen_real.n_obs) < chosen.n_obs,
+    })
+    obs.index = [f"sample-{i}" for i in range(chosen.n_obs)] + [f"real-{i}" for i in range(chosen_real.n_obs)]
+    matrix = sp.vstack([sp.csr_matrix(chosen.X), sp.csr_matrix(chosen_real.X)]).tocsr().astype(np.float32)
+    combined = ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=samples.var_names.astype(str)))
+    n_comps = max(2, min(30, combined.n_obs - 1, combined.n_vars - 1))
+    sc.pp.pca(combined, n_comps=n_comps, random_state=seed)
+    neighbors_umap(combined, "X_pca", n_neighbors=n_neighbors, seed=seed)
+    return combined
