@@ -42,9 +42,21 @@ def _point_size(n: int) -> float:
 
 
 def umap_plot(adata: ad.AnnData, color: str, basis: str = "X_umap", title: str | None = None) -> plt.Figure:
-    """One UMAP coloured by an ``.obs`` column."""
-    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
-    _scatter_by(ax, adata.obsm[basis], adata.obs[color], title or f"UMAP: {color}", _point_size(adata.n_obs))
+    """One UMAP coloured by an ``.obs`` column, drawn by scanpy's ``sc.pl.embedding`` (legend in
+    the right margin, one entry per category)."""
+    import scanpy as sc
+
+    if basis not in adata.obsm:
+        raise KeyError(f"no '{basis}' coordinates in .obsm (it has {', '.join(adata.obsm) or 'none'})")
+    if color not in adata.obs.columns:
+        raise KeyError(f"obs column '{color}' not found; available: {', '.join(map(str, adata.obs.columns))}")
+    # scanpy writes a categorical's colours to .uns: draw a copy of the column and coordinates only
+    uns = {f"{color}_colors": adata.uns[f"{color}_colors"]} if f"{color}_colors" in adata.uns else {}
+    view = ad.AnnData(obs=adata.obs[[color]].copy(), obsm={basis: np.asarray(adata.obsm[basis])[:, :2]}, uns=uns)
+    # a constrained layout keeps the legend in the right margin inside the saved image
+    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    sc.pl.embedding(view, basis=basis, color=color, title=title or f"UMAP: {color}", size=_point_size(adata.n_obs) * 4,
+                    legend_fontsize=8, frameon=True, ax=ax, show=False)
     ax.set_xlabel("UMAP1")
     ax.set_ylabel("UMAP2")
     return fig
@@ -132,57 +144,54 @@ def loss_curve_plot(log_history: list[dict], title: str) -> plt.Figure:
 
 
 def confusion_matrix_plot(matrix: np.ndarray, labels: Sequence[str], title: str) -> plt.Figure:
-    """Confusion matrix, rows true labels, columns predictions, shaded by row share."""
+    """Confusion matrix (scikit-learn's ``ConfusionMatrixDisplay``), rows true labels, columns
+    predictions: each non-zero cell shows its count and is shaded by its share of the true class
+    (so a rare class reads as clearly as a common one)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    matrix = np.asarray(matrix)
+    if matrix.shape != (len(labels), len(labels)):
+        raise ValueError(f"a {matrix.shape} confusion matrix for {len(labels)} labels")
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = 2.5 + 0.55 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1.5, size), constrained_layout=True)
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), count in np.ndenumerate(matrix):
-        if count:
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    display = ConfusionMatrixDisplay(matrix, display_labels=list(labels))
+    display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=60,
+                 values_format="d" if np.issubdtype(matrix.dtype, np.integer) else ".3g", text_kw={"fontsize": 7})
+    display.im_.set_data(shares)
+    display.im_.set_clim(0, 1)
+    for (i, j), text in np.ndenumerate(display.text_):
+        text.set_visible(bool(matrix[i, j]))
+        text.set_color("white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), list(labels), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), list(labels), fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, shrink=0.7, label="share of the true class")
+    fig.colorbar(display.im_, ax=ax, shrink=0.7, label="share of the true class")
     return fig
 
 
-def posterior_embedding_plots(
-    samples: ad.AnnData, real: ad.AnnData, column: str, control_label: str, max_panels: int = 6, seed: int = 0
-) -> tuple[plt.Figure, plt.Figure]:
-    """PCA and UMAP of posterior samples and real cells in one shared space (fitted on all of
-    them), one panel per perturbation: real control cells in grey, the samples coloured by
-    temperature, the real perturbed cells in black."""
-    import scanpy as sc
-    import scipy.sparse as sp
-
-    names = sorted(set(samples.obs["perturbation"].astype(str)))[:max_panels]
-    chosen = samples[samples.obs["perturbation"].astype(str).isin(names).to_numpy()]
-    real_labels = real.obs[column].astype(str)
-    chosen_real = real[real_labels.isin(names + [control_label]).to_numpy()]
-    matrix = sp.vstack([sp.csr_matrix(chosen.X), sp.csr_matrix(chosen_real.X)]).toarray()
-    combined = ad.AnnData(matrix.astype(np.float32))
-    n_comps = max(2, min(30, combined.n_obs - 1, combined.n_vars - 1))
-    sc.pp.pca(combined, n_comps=n_comps, random_state=seed)
-    sc.pp.neighbors(combined, n_neighbors=min(15, combined.n_obs - 1), random_state=seed)
-    sc.tl.umap(combined, random_state=seed)
-    n_samples = chosen.n_obs
-    perturbation = np.concatenate([chosen.obs["perturbation"].astype(str).to_numpy(), chosen_real.obs[column].astype(str).to_numpy()])
-    temperature = np.concatenate([chosen.obs["temperature"].to_numpy(dtype=float), np.full(chosen_real.n_obs, np.nan)])
-    is_sample = np.arange(combined.n_obs) < n_samples
+def posterior_embedding_plots(embedding: ad.AnnData, control_label: str) -> tuple[plt.Figure, plt.Figure]:
+    """PCA and UMAP figures of ``perturbation_evaluation.posterior_embedding``'s cells, one panel
+    per perturbation with samples: real control cells in grey, the samples coloured by
+    temperature, the real perturbed cells as black crosses. Drawn by hand: scanpy's embedding
+    plots colour by one column, not overlaid groups."""
+    perturbation = embedding.obs["perturbation"].astype(str).to_numpy()
+    temperature = embedding.obs["temperature"].to_numpy(dtype=float)
+    is_sample = embedding.obs["is_sample"].to_numpy(dtype=bool)
+    names = sorted(set(perturbation[is_sample]))
     temperatures = sorted(np.unique(temperature[is_sample]))
     # cold to hot, none of them grey (the real control cells are grey)
     colours = plt.get_cmap("plasma")(np.linspace(0.0, 0.8, max(len(temperatures), 1)))
+    control = ~is_sample & (perturbation == control_label)
     figures = []
     for basis, label in (("X_pca", "PC"), ("X_umap", "UMAP")):
-        coords = combined.obsm[basis][:, :2]
+        coords = np.asarray(embedding.obsm[basis])[:, :2]
         columns = min(3, len(names))
         rows = int(np.ceil(len(names) / columns))
         fig, axes = plt.subplots(rows, columns, figsize=(5 * columns + 1.5, 4.2 * rows), squeeze=False, constrained_layout=True)
         for ax, name in zip(axes.ravel(), names):
-            control = ~is_sample & (perturbation == control_label)
             ax.scatter(coords[control, 0], coords[control, 1], s=6, color="lightgrey", label="real control", linewidths=0)
             for colour, t in zip(colours, temperatures):
                 mask = is_sample & (perturbation == name) & (temperature == t)
