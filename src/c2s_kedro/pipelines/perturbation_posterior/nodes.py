@@ -1,0 +1,98 @@
+"""Nodes of the perturbation_posterior pipeline (workflow notes section 11): they read the
+settings once and wire core.perturbation and core.perturbation_evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anndata as ad
+import matplotlib.pyplot as plt
+import pandas as pd
+from datasets import Dataset, DatasetDict
+
+from c2s_kedro.core import plotting
+from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.perturbation import posterior_expression, sample_test_posterior
+from c2s_kedro.core.perturbation_evaluation import evaluate_posterior, posterior_embedding, sentence_space_cells
+from c2s_kedro.core.sentences import RankFit
+from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters.perturbation import PerturbationParameters
+
+SECTION = "perturbation"
+
+
+def _settings(params: dict[str, Any]) -> PerturbationParameters:
+    return read_parameters(PerturbationParameters, params, SECTION)
+
+
+def _split_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes: list[str], rank_fit: dict[str, Any],
+                 settings: PerturbationParameters) -> ad.AnnData:
+    """The perturbed and control cells of ``part`` in the model's space (top-k sentences)."""
+    with setting_hint(f"{SECTION}.sentence_conversion.label_columns", KeyError):  # the perturbation column
+        return sentence_space_cells(
+            cell_sentences, list(split[part]) + list(split[f"control_{part}"]), settings.columns().perturbation, genes,
+            RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
+        )
+
+
+def sample_perturbation_posterior(
+    perturbation_model: LanguageModel, perturbation_prompts: DatasetDict, vocabulary: dict[str, int],
+    params: dict[str, Any],
+) -> pd.DataFrame:
+    """For ``prompts_per_perturbation`` test prompts of each held-out perturbation: ``n_samples``
+    constrained samples at each temperature, one prefill per prompt."""
+    posterior = _settings(params).posterior
+    with setting_hint(f"{SECTION}.posterior"):
+        return sample_test_posterior(
+            perturbation_model, perturbation_prompts["test"], list(vocabulary),
+            prompts_per_perturbation=posterior.prompts_per_perturbation, n_samples=posterior.n_samples,
+            temperatures=posterior.temperatures, seed=posterior.seed, batch_size=posterior.batch_size,
+        )
+
+
+def posterior_to_expression(
+    posterior_samples: pd.DataFrame, processed_adata: ad.AnnData, rank_fit: dict[str, Any], params: dict[str, Any],
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """Each sample as expression (rank -> expression fit; a gene absent from a sample is 0) and,
+    per perturbation and temperature, the posterior mean, variance and the share of samples that
+    contain each gene. The caveat about absent genes is in ``.uns['caveat']`` of both."""
+    _settings(params)  # checked like every node's settings; none changes this step
+    return posterior_expression(posterior_samples, list(processed_adata.var_names), RankFit.from_dict(rank_fit))
+
+
+def plot_posterior(
+    posterior_samples_expression: ad.AnnData, cell_sentences: Dataset, perturbation_split: dict[str, Any],
+    rank_fit: dict[str, Any], params: dict[str, Any],
+) -> tuple[plt.Figure, plt.Figure]:
+    """PCA and UMAP of the posterior samples coloured by temperature, with the real control and
+    real perturbed cells of each held-out perturbation in the same space (one panel each)."""
+    settings = _settings(params)
+    columns = settings.columns()
+    genes = list(posterior_samples_expression.var_names)
+    real = _split_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
+    with setting_hint(f"{SECTION}.evaluation.max_plot_panels"):
+        embedding = posterior_embedding(
+            posterior_samples_expression, real, columns.perturbation, columns.control_label,
+            max_perturbations=settings.evaluation.max_plot_panels, seed=settings.seed,
+        )
+    return plotting.posterior_embedding_plots(embedding, columns.control_label)
+
+
+def evaluate_perturbation_predictions(
+    posterior_samples_expression: ad.AnnData, cell_sentences: Dataset, perturbation_split: dict[str, Any],
+    rank_fit: dict[str, Any], perturbation_truth: pd.DataFrame, params: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """The model (one method per temperature) and the baselines scored on the same held-out
+    perturbations, all in the space of top-k cell sentences turned back into expression."""
+    settings = _settings(params)
+    columns = settings.columns()
+    evaluation = settings.evaluation
+    genes = list(posterior_samples_expression.var_names)
+    real = _split_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
+    train = _split_cells(cell_sentences, perturbation_split, "train", genes, rank_fit, settings)
+    with setting_hint(f"{SECTION}.evaluation"):
+        return evaluate_posterior(
+            posterior_samples_expression, real, train, columns.perturbation, columns.control_label,
+            truth=perturbation_truth, top_n_de=evaluation.top_n_de, interval=evaluation.interval,
+            baseline_pca_components=evaluation.baseline_pca_components, seed=settings.seed,
+        )

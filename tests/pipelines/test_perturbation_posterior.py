@@ -1,0 +1,184 @@
+"""perturbation_posterior's nodes and pipeline on a tiny in-memory screen with a tiny untrained model."""
+
+from __future__ import annotations
+
+import copy
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from datasets import Dataset, DatasetDict
+
+from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.perturbation import MISSING_GENE_CAVEAT, PerturbationPromptFormatter
+from c2s_kedro.core.prompts import template_words
+from c2s_kedro.core.sentences import RankFit
+from c2s_kedro.core.tokenizer import build_gene_tokenizer
+from c2s_kedro.parameters import ParameterError
+from c2s_kedro.pipelines.perturbation_posterior import create_pipeline
+from c2s_kedro.pipelines.perturbation_posterior.nodes import (
+    evaluate_perturbation_predictions,
+    plot_posterior,
+    posterior_to_expression,
+    sample_perturbation_posterior,
+)
+from tests.helpers import load_parameters, params_entries, run_pipeline
+
+GENES = [f"G{i}" for i in range(30)]
+CONTROL = "non-targeting"
+HELD_OUT = ["G3", "G5"]
+RANK_FIT = RankFit(slope=-0.8, intercept=1.6, r2=0.9, pearson_r=-0.95, spearman_r=-0.95, n_cells=40, n_points=800,
+                   log_rank_cutoff=3.0).to_dict()
+
+
+def _params() -> dict:
+    params = load_parameters("perturbation")
+    settings = params["perturbation"]
+    settings["top_k_genes"] = 12
+    settings["posterior"].update(n_samples=4, temperatures=[0.7, 1.3], prompts_per_perturbation=1)
+    settings["evaluation"].update(top_n_de=5, baseline_pca_components=2)
+    return params
+
+
+@pytest.fixture(scope="module")
+def screen():
+    """Sentences of a screen whose perturbations knock their target out of the sentence, a split
+    holding out G3 and G5, and test prompts formatted for a tiny model."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, n in (("G1", 10), ("G2", 10), ("G3", 10), ("G5", 10), (CONTROL, 24)):
+        for i in range(n):
+            genes = [g for g in rng.permutation(GENES[:16]) if g != name]
+            rows.append((f"{name}-{i}", " ".join(genes), name, i % 2 + 1))
+    sentences = Dataset.from_dict(dict(zip(["cell_name", "cell_sentence", "gene", "gem_group"], map(list, zip(*rows)))))
+    names = {name: [r[0] for r in rows if r[2] == name] for name in ("G1", "G2", "G3", "G5", CONTROL)}
+    split = {
+        "train": names["G1"] + names["G2"], "val": [], "test": names["G3"] + names["G5"],
+        "control_train": names[CONTROL][:12], "control_val": [], "control_test": names[CONTROL][12:],
+        "train_perturbations": ["G1", "G2"], "val_perturbations": [], "test_perturbations": HELD_OUT,
+    }
+    processed = ad.AnnData(sp.csr_matrix((len(rows), len(GENES)), dtype=np.float32),
+                           obs=pd.DataFrame(index=[r[0] for r in rows]), var=pd.DataFrame(index=GENES))
+    tokenizer = build_gene_tokenizer(GENES, template_words(("perturbation_response",)) + [CONTROL.upper()], model_max_length=64)
+    model = build_gpt_neox(tokenizer, {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                       "intermediate_size": 64, "max_position_embeddings": 64}, seed=0)
+    lookup = dict(zip(sentences["cell_name"], sentences["cell_sentence"]))
+    perturbed = split["test"]
+    controls = [split["control_test"][i % 12] for i in range(len(perturbed))]
+    pairs = Dataset.from_dict({
+        "perturbation": [c.split("-")[0] for c in perturbed], "control_cell": controls, "perturbed_cell": perturbed,
+        "control_sentence": [lookup[c] for c in controls], "perturbed_sentence": [lookup[c] for c in perturbed],
+    })
+    test = PerturbationPromptFormatter(top_k_genes=12, tokenizer=tokenizer, max_tokens=64, response_budget=14).format_dataset(pairs)
+    prompts = DatasetDict({"test": test.add_column("max_new_tokens", [14] * test.num_rows)})
+    truth = pd.DataFrame({"gene": GENES, **{name: np.where(np.array(GENES) == name, -3.0, 0.0) for name in HELD_OUT}})
+    return {"sentences": sentences, "split": split, "processed": processed, "model": model, "prompts": prompts,
+            "vocabulary": {g: 1 for g in GENES}, "truth": truth}
+
+
+@pytest.fixture(scope="module")
+def outputs(screen):
+    params = _params()
+    inputs = {
+        "perturbation_model": screen["model"], "perturbation_prompts": screen["prompts"],
+        "perturbation.vocabulary": screen["vocabulary"], "perturbation.processed_adata": screen["processed"],
+        "perturbation.rank_fit": RANK_FIT, "perturbation.cell_sentences": screen["sentences"],
+        "perturbation_split": screen["split"], "perturbation_truth": screen["truth"], **params_entries(params),
+    }
+    return run_pipeline(create_pipeline(), inputs), params["perturbation"]
+
+
+def test_the_pipeline_reads_the_screen_s_namespaced_datasets():
+    pipeline = create_pipeline()
+    assert pipeline.inputs() == {
+        "perturbation_model", "perturbation_prompts", "perturbation.vocabulary", "perturbation.processed_adata",
+        "perturbation.rank_fit", "perturbation.cell_sentences", "perturbation_split", "perturbation_truth",
+        "params:perturbation",
+    }
+    assert {n.name for n in pipeline.nodes} == {"sample_perturbation_posterior", "posterior_to_expression", "plot_posterior",
+                                                 "evaluate_perturbation_predictions"}
+    assert pipeline.all_outputs() == {
+        "posterior_samples", "posterior_samples_expression", "posterior_statistics", "posterior_pca_plot",
+        "posterior_umap_plot", "perturbation_scores", "perturbation_summary", "perturbation_metrics",
+    }
+
+
+def test_every_heldout_perturbation_has_its_samples_at_every_temperature(outputs):
+    catalog, params = outputs
+    samples = catalog.load("posterior_samples")
+    assert sorted(samples["perturbation"].unique()) == HELD_OUT
+    assert (samples.groupby(["perturbation", "temperature"]).size() == params["posterior"]["n_samples"]).all()
+    assert all(set(s.split()) <= set(GENES) for s in samples["sentence"])
+    assert samples.groupby("perturbation")["perturbed_cell"].agg(lambda c: c.str.split("-").str[0].unique().tolist()).to_dict() \
+        == {name: [name] for name in HELD_OUT}
+
+
+def test_the_posterior_becomes_expression_and_statistics(outputs):
+    catalog, params = outputs
+    samples = catalog.load("posterior_samples")
+    expression = catalog.load("posterior_samples_expression")
+    statistics = catalog.load("posterior_statistics")
+    assert expression.n_obs == len(samples) and list(expression.var_names) == GENES
+    assert expression.uns["rank_fit"] == RANK_FIT and statistics.uns["caveat"] == MISSING_GENE_CAVEAT
+    row = int(np.flatnonzero(samples["n_genes"].to_numpy() > 0)[0])
+    first = samples["sentence"].iloc[row].split()[0]  # the first gene of a sample sits at rank 0
+    assert expression.X[row, GENES.index(first)] == pytest.approx(RANK_FIT["intercept"], rel=1e-6)
+    assert statistics.n_obs == len(HELD_OUT) * len(params["posterior"]["temperatures"])
+    rows = (expression.obs["perturbation"] == "G5").to_numpy() & (expression.obs["temperature"] == 1.3).to_numpy()
+    np.testing.assert_allclose(statistics["G5@T1.3"].X[0], np.asarray(expression.X[rows].mean(axis=0)).ravel(), rtol=1e-5)
+
+
+def test_the_model_and_the_baselines_are_scored_on_the_heldout_perturbations(outputs):
+    catalog, params = outputs
+    scores = catalog.load("perturbation_scores")
+    summary = catalog.load("perturbation_summary")
+    metrics = catalog.load("perturbation_metrics")
+    methods = {"model_T0.7", "model_T1.3", "control_mean", "train_perturbed_mean", "linear_additive"}
+    assert set(summary["method"]) == methods
+    assert all(sorted(group) == HELD_OUT for _, group in scores.groupby("method")["perturbation"])
+    assert metrics["n_heldout_perturbations"] == 2
+    assert metrics["model_T0.7.n_predicted_cells"] == params["posterior"]["n_samples"]
+    assert metrics["control_mean.n_predicted_cells"] == 10  # as many as the real cells of each held-out perturbation
+    # the held-out cells lack their target gene, as the truth says: the observed ceiling is high
+    assert metrics["observed_cells.pearson_delta_simulated_truth"] > 0.5
+    assert set(metrics) >= {f"{m}.pearson_delta" for m in methods}
+
+
+def test_the_posterior_plots_have_one_panel_per_heldout_perturbation(outputs):
+    catalog, _ = outputs
+    for name in ("posterior_pca_plot", "posterior_umap_plot"):
+        figure = catalog.load(name)
+        assert [ax.get_title() for ax in figure.axes if ax.get_visible()] == HELD_OUT
+
+
+def test_a_plot_shows_at_most_max_plot_panels_perturbations(outputs, screen):
+    catalog, params = outputs
+    settings = copy.deepcopy(params)
+    settings["evaluation"]["max_plot_panels"] = 1
+    pca, _ = plot_posterior(catalog.load("posterior_samples_expression"), screen["sentences"], screen["split"], RANK_FIT, settings)
+    assert [ax.get_title() for ax in pca.axes if ax.get_visible()] == ["G3"]
+
+
+def test_a_rank_fit_with_counts_as_floats_is_read_as_the_fit(outputs, screen):
+    catalog, params = outputs
+    as_floats = {k: float(v) for k, v in RANK_FIT.items()}
+    expression, _ = posterior_to_expression(catalog.load("posterior_samples"), screen["processed"], as_floats, params)
+    assert expression.uns["rank_fit"] == RANK_FIT and isinstance(expression.uns["rank_fit"]["n_cells"], int)
+
+
+def test_settings_are_checked_and_errors_name_the_setting(outputs, screen):
+    catalog, params = outputs
+    expression = catalog.load("posterior_samples_expression")
+    misspelt = copy.deepcopy(params)
+    misspelt["evaluation"]["top_n_degs"] = misspelt["evaluation"].pop("top_n_de")
+    with pytest.raises(ParameterError, match="perturbation.evaluation.top_n_degs"):
+        evaluate_perturbation_predictions(expression, screen["sentences"], screen["split"], RANK_FIT, screen["truth"], misspelt)
+    renamed = copy.deepcopy(params) | {"perturbation_column": "target"}
+    with pytest.raises(KeyError, match=r"\['target'\].*Change perturbation.sentence_conversion.label_columns"):
+        evaluate_perturbation_predictions(expression, screen["sentences"], screen["split"], RANK_FIT, screen["truth"], renamed)
+    no_samples = copy.deepcopy(params)
+    no_samples["posterior"]["n_samples"] = 0
+    with pytest.raises(ValueError, match="n_samples must be at least 1.*Change perturbation.posterior"):
+        sample_perturbation_posterior(screen["model"], screen["prompts"], screen["vocabulary"], no_samples)
