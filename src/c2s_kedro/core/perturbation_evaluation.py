@@ -3,9 +3,11 @@ must beat.
 
 Every method delivers predicted *cells* for each held-out perturbation (the model: its posterior
 samples; a baseline: the cells it would predict), in the same expression space as the real cells.
-`cell-eval` computes the metrics it has (Pearson of the change, MSE, DE-gene overlap, ...); the
-top-20-DE Pearson, the posterior's calibration and the agreement with a simulator's truth are
-computed here.
+Real cells enter that space as the model sees them (``sentence_space_cells``: top-k sentences
+turned back into expression). `cell-eval` computes the metrics it has (Pearson of the change,
+MSE, DE-gene overlap, ...); the top-20-DE Pearson, the posterior's calibration and the agreement
+with a simulator's truth are computed here. ``evaluate_posterior`` scores the model and the
+baselines; ``posterior_embedding`` puts samples and real cells in one PCA/UMAP space for plotting.
 """
 
 from __future__ import annotations
