@@ -25,7 +25,7 @@ def _settings(params: dict[str, Any]) -> PerturbationParameters:
     return read_parameters(PerturbationParameters, params, SECTION)
 
 
-def _split_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes: list[str], rank_fit: dict[str, Any],
+def _part_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes: list[str], rank_fit: dict[str, Any],
                  settings: PerturbationParameters) -> ad.AnnData:
     """The perturbed and control cells of ``part`` in the model's space (top-k sentences)."""
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns", KeyError):  # the perturbation column
@@ -69,7 +69,7 @@ def plot_posterior(
     settings = _settings(params)
     columns = settings.columns()
     genes = list(posterior_samples_expression.var_names)
-    real = _split_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
+    real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
     with setting_hint(f"{SECTION}.evaluation.max_plot_panels"):
         embedding = posterior_embedding(
             posterior_samples_expression, real, columns.perturbation, columns.control_label,
@@ -88,8 +88,8 @@ def evaluate_perturbation_predictions(
     columns = settings.columns()
     evaluation = settings.evaluation
     genes = list(posterior_samples_expression.var_names)
-    real = _split_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
-    train = _split_cells(cell_sentences, perturbation_split, "train", genes, rank_fit, settings)
+    real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
+    train = _part_cells(cell_sentences, perturbation_split, "train", genes, rank_fit, settings)
     with setting_hint(f"{SECTION}.evaluation"):
         return evaluate_posterior(
             posterior_samples_expression, real, train, columns.perturbation, columns.control_label,
