@@ -1,16 +1,16 @@
-"""Tokenizer, model loading, context fitting and embeddings on tiny models (training: test_training.py)."""
+"""Tokenizer, model loading and embeddings on tiny models (training: test_training.py; prompts and
+context fitting: test_prompts.py; the embedding nodes: tests/pipelines/test_embedding.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from c2s_kedro.core.inference import embed_prompts
 from c2s_kedro.core.models import LanguageModel, ModelNotFoundError, build_gpt_neox, load_model, save_model
-from c2s_kedro.core.prompts import C2SPromptFormatter, ContextTooSmallError, fit_prompt, load_templates, template_words
+from c2s_kedro.core.prompts import load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
@@ -100,21 +100,6 @@ def test_unreachable_hub_id_fails_fast_with_local_directory_advice(monkeypatch):
     assert probes == [(("hub.invalid", 443), 3.0)]
 
 
-def test_fit_prompt_drops_genes_from_the_end_and_refuses_a_tiny_context(tokenizer):
-    template = load_templates("cell_type_prediction").inputs[0]
-    fields = {"organism": "Homo sapiens"}
-    full, kept = fit_prompt(template, GENES, fields, tokenizer, max_tokens=None)
-    assert kept == len(GENES)
-    prompt, kept = fit_prompt(template, GENES, fields, tokenizer, max_tokens=100)
-    assert 0 < kept < len(GENES)
-    assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 100
-    assert " ".join(GENES[:kept]) + ".\n" in prompt and GENES[kept] not in prompt.split()
-    assert f" {kept} most" in prompt  # the instruction states the number of genes kept
-    assert prompt.endswith("The cell type corresponding to these genes is:")
-    with pytest.raises(ContextTooSmallError, match="instruction alone takes"):
-        fit_prompt(template, GENES, fields, tokenizer, max_tokens=10)
-
-
 def test_embedding_does_not_depend_on_batch_neighbours(model_dir):
     model = load_model(model_dir)
     short = "Cell sentence: CD3D CD8A."
@@ -129,57 +114,6 @@ def test_embedding_refuses_prompts_longer_than_the_context(model_dir):
     model = load_model(model_dir)
     with pytest.raises(ValueError, match="exceed the model's context of 128"):
         embed_prompts(model, ["Cell sentence: " + " ".join(GENES) + "."])
-
-
-def test_formatter_picks_templates_with_the_seed_and_needs_its_label_column():
-    data = Dataset.from_dict({"cell_name": ["a", "b", "c"], "cell_sentence": ["CD3D CD8A", "MT-CO1", ""], "cell_type": ["T", "B", "T"]})
-    formatter = C2SPromptFormatter(task="cell_type_prediction", top_k_genes=1, seed=3)
-    first, second = formatter.format_dataset(data), formatter.format_dataset(data)
-    assert first.column_names == ["sample_type", "model_input", "response"]
-    assert first["model_input"] == second["model_input"]
-    assert first["response"] == ["T.", "B.", "T."]
-    assert "CD8A" not in first["model_input"][0] and "CD3D" in first["model_input"][0]
-    with pytest.raises(KeyError, match="tissue"):
-        C2SPromptFormatter(label_column="tissue").format_dataset(data)
-    with pytest.raises(ValueError, match="unknown prompt task"):
-        C2SPromptFormatter(task="protein_folding")
-
-
-def test_embedding_pipeline_nodes_work_with_a_bpe_model_of_short_context(tmp_path):
-    """A hub-style model (byte-level BPE, several tokens per gene, short context) goes through the
-    same embedding nodes; prompts are shortened to its context, never past it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from c2s_kedro.pipelines.embedding.nodes import build_embedding_prompts, embed_cells
-
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = [" ".join(GENES)] + list(load_templates("cell_type_prediction").inputs)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")  # no pad token, like Pythia
-    architecture = {**ARCHITECTURE, "max_position_embeddings": 256}
-    model = build_gpt_neox(tokenizer, architecture).model
-    model.save_pretrained(tmp_path / "bpe_model")
-    tokenizer.save_pretrained(tmp_path / "bpe_model")
-
-    loaded = load_model(tmp_path / "bpe_model")
-    assert loaded.tokenizer.pad_token is not None  # set by the loader
-    per_gene = len(loaded.tokenizer(" " + " ".join(GENES[:50]), add_special_tokens=False)["input_ids"]) / 50
-    assert per_gene > 1.5  # BPE spends several tokens per gene, unlike the gene-level tokenizer
-    sentences = Dataset.from_dict({
-        "cell_name": ["a", "b"],
-        "cell_sentence": [" ".join(GENES[:5]), " ".join(GENES)],
-        "organism": ["Homo sapiens", None],
-    })
-    prompts = build_embedding_prompts(sentences, loaded, {"template_index": 0})
-    assert prompts["genes_kept"][0] == 5 and 0 < prompts["genes_kept"][1] < len(GENES)
-    lengths = [len(loaded.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts["prompt"]]
-    assert max(lengths) <= 256
-    embeddings = embed_cells(prompts, loaded, {"batch_size": 2})
-    assert embeddings.shape == (2, ARCHITECTURE["hidden_size"]) and np.isfinite(embeddings).all()
 
 
 def test_precision_on_cpu_is_fp32_unless_bf16_is_asked_for():

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from datasets import Dataset
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def fit_to_context(
     if not fits(0):
         overhead = int(count_tokens(tokenizer, [render(0)])[0])
         raise ContextTooSmallError(
-            f"a {what} without genes takes {overhead} tokens (+{reserve} reserved) but the model's context allows "
-            f"{max_tokens}; use a model with a longer context (max_position_embeddings) or a shorter template"
+            f"{what}: the instruction alone takes {overhead} tokens without genes (+{reserve} reserved for what "
+            f"follows), but the model's context allows {max_tokens}; use a model with a longer context "
+            "(max_position_embeddings) or a shorter template"
         )
     low, high = 0, n_items  # fits(low), not fits(high)
     while high - low > 1:
@@ -105,9 +107,10 @@ def fit_to_context(
 
 
 def fit_prompt(
-    template: str, genes: Sequence[str], fields: dict[str, Any], tokenizer, max_tokens: int | None
+    template: str, genes: Sequence[str], fields: dict[str, Any], tokenizer, max_tokens: int | None, reserve: int = 0
 ) -> tuple[str, int]:
-    """Fill ``template`` with as many leading genes as fit in ``max_tokens`` tokens.
+    """Fill ``template`` with as many leading genes as fit, with ``reserve`` tokens after it, in
+    ``max_tokens`` tokens (``fit_to_context`` on a one-sentence template).
 
     Genes are dropped from the end of the sentence (the least expressed), never the instruction
     or the answer cue; ``{num_genes}`` states the number actually kept. Returns the prompt and the
@@ -117,24 +120,55 @@ def fit_prompt(
     def render(k: int) -> str:
         return template.format(num_genes=k, cell_sentence=" ".join(genes[:k]), **fields)
 
-    prompt = render(len(genes))
-    if max_tokens is None:
-        return prompt, len(genes)
-    total = int(count_tokens(tokenizer, [prompt])[0])
-    if total <= max_tokens:
-        return prompt, len(genes)
-    overhead = int(count_tokens(tokenizer, [render(0)])[0])
-    if overhead > max_tokens:
-        raise ContextTooSmallError(
-            f"the prompt's instruction alone takes {overhead} tokens but the model's context allows "
-            f"{max_tokens}; use a model with a longer context (max_position_embeddings) or a shorter template"
-        )
-    per_gene = count_tokens(tokenizer, [" " + g for g in genes])
-    kept = int(np.searchsorted(np.cumsum(per_gene), max_tokens - overhead, side="right"))
-    # Tokens at the joins can differ slightly from the per-gene estimate: step down until it fits.
-    while kept > 0 and int(count_tokens(tokenizer, [render(kept)])[0]) > max_tokens:
-        kept -= 1
+    kept = fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=reserve)
     return render(kept), kept
+
+
+def fit_generation(
+    template: str, response: str, genes: Sequence[str], fields: dict[str, Any], tokenizer, max_tokens: int | None
+) -> int:
+    """Most genes ``k`` for which a generation prompt asking for ``k`` genes, then ``" " + response``
+    holding the first ``k`` of ``genes``, then EOS fit ``max_tokens`` (``fit_to_context``)."""
+
+    def render(k: int) -> str:
+        values = {**fields, "num_genes": k, "cell_sentence": " ".join(genes[:k])}
+        return template.format(**values) + " " + response.format(**values)
+
+    return fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=1, what="cell_type_generation sample")
+
+
+def response_tokens(tokenizer, responses: Sequence[str]) -> int:
+    """Tokens of the longest of ``responses`` as it follows a prompt (``" " + response``), EOS not counted."""
+    if not len(responses):
+        raise ValueError("no responses to count")
+    return int(count_tokens(tokenizer, [" " + r for r in responses]).max())
+
+
+def label_answer_room(tokenizer, labels: Sequence[str], extra_new_tokens: int) -> int:
+    """Tokens a cell-type-prediction prompt leaves free for its answer, however it is read: the
+    longest ``" {label}."`` with its EOS (label scoring) and ``extra_new_tokens`` past it
+    (generation may run on after the longest label)."""
+    return response_tokens(tokenizer, [load_templates("cell_type_prediction").response.format(cell_type=label) for label in labels]) + 1 + extra_new_tokens
+
+
+def _template(task: str, index: int) -> str:
+    inputs = load_templates(task).inputs
+    if not 0 <= index < len(inputs):
+        raise ValueError(f"template index {index} does not exist: {task} has {len(inputs)} templates (0 to {len(inputs) - 1})")
+    return inputs[index]
+
+
+def sentence_table(cell_sentences: Dataset, columns: Sequence[str], optional: Sequence[str] = ()) -> pd.DataFrame:
+    """``cell_sentence`` and ``columns`` of a cell-sentence dataset (plus those of ``optional`` it
+    has), indexed by ``cell_name``; a missing column of ``columns`` is a ``KeyError`` naming it."""
+    missing = [c for c in columns if c not in cell_sentences.column_names]
+    if missing:
+        raise KeyError(
+            f"column(s) {', '.join(repr(c) for c in missing)} not in the cell-sentence dataset; available: "
+            f"{', '.join(cell_sentences.column_names)}."
+        )
+    wanted = list(dict.fromkeys(["cell_name", "cell_sentence", *columns, *(c for c in optional if c in cell_sentences.column_names)]))
+    return cell_sentences.select_columns(wanted).to_pandas().set_index("cell_name")
 
 
 def cell_type_prediction_prompts(
@@ -158,7 +192,7 @@ def cell_type_prediction_prompts(
     prompts, kept, available = [], [], []
     for i, sentence in enumerate(sentences):
         genes = (sentence or "").split()[:top_k_genes]
-        template = templates[template_index if template_index is not None else rng.integers(len(templates))]
+        template = templates[rng.integers(len(templates))] if template_index is None else _template("cell_type_prediction", template_index)
         organism = (organisms[i] if organisms is not None else None) or default_organism
         prompt, n_kept = fit_prompt(template, genes, {"organism": organism}, tokenizer, max_tokens)
         prompts.append(prompt)
@@ -171,6 +205,48 @@ def cell_type_prediction_prompts(
             shortened, len(prompts), max_tokens, int(np.median(kept)), int(np.median(available)),
         )
     return prompts, kept, available
+
+
+def cell_generation_prompts(
+    sentences: Sequence[str | None],
+    cell_types: Sequence[str],
+    tokenizer,
+    max_tokens: int,
+    n_per_type: int,
+    template_index: int = 0,
+    organism: str = "Homo sapiens",
+) -> dict[str, Any]:
+    """``n_per_type`` cell-type-conditioned generation prompts for each type of ``cell_types`` (one
+    per cell of ``sentences``, the training cells), in sorted type order.
+
+    Each prompt asks for the median number of genes of its type's cells, or for fewer when the
+    prompt and its answer would not fit ``max_tokens``: the answer is sized on the type's median
+    cell (the first with the fewest genes at or above the median), its first ``k`` genes, "." and
+    EOS (``fit_generation``). Returns ``prompt``, ``cell_type``, ``genes_requested`` per prompt
+    and ``max_new_tokens``, all the room the longest prompt leaves.
+    """
+    template = _template("cell_type_generation", template_index)
+    response = load_templates("cell_type_generation").response
+    table = pd.DataFrame({"cell_type": [str(t) for t in cell_types], "genes": [(s or "").split() for s in sentences]})
+    table["n_genes"] = table["genes"].str.len()
+    prompts, types, requested = [], [], []
+    for cell_type, cells in table.groupby("cell_type", sort=True):
+        median = int(cells["n_genes"].median())
+        typical = cells.loc[cells["n_genes"] >= median].sort_values("n_genes", kind="stable")["genes"].iloc[0][:median]
+        fields = {"cell_type": cell_type, "organism": organism}
+        k = fit_generation(template, response, typical, fields, tokenizer, max_tokens)
+        if k == 0:
+            raise ContextTooSmallError(
+                f"a {cell_type} cell_type_generation prompt leaves no room for a single gene of the answer in the "
+                f"model's context of {max_tokens} tokens; use a model with a longer context or a shorter template"
+            )
+        prompts += [template.format(num_genes=k, **fields)] * n_per_type
+        types += [cell_type] * n_per_type
+        requested += [k] * n_per_type
+    if not prompts:
+        raise ValueError("no training cell has a cell type: nothing to condition generation on")
+    room = max_tokens - int(count_tokens(tokenizer, list(dict.fromkeys(prompts))).max())
+    return {"prompt": prompts, "cell_type": types, "genes_requested": requested, "max_new_tokens": room}
 
 
 class PromptFormatter:
@@ -252,26 +328,6 @@ class C2SPromptFormatter(PromptFormatter):
     def required_columns(self) -> list[str]:
         return ["cell_sentence", self.label_column]
 
-    def _fit_generation(self, template: str, genes: list[str], fields: dict[str, Any]) -> int:
-        """Most genes k such that prompt(k) + " " + response(k) + EOS fits ``max_tokens``."""
-        def total(k: int) -> int:
-            values = {**fields, "num_genes": k, "cell_sentence": " ".join(genes[:k])}
-            text = template.format(**values) + " " + self.templates.response.format(**values)
-            return int(count_tokens(self.tokenizer, [text])[0]) + 1
-
-        if total(len(genes)) <= self.max_tokens:
-            return len(genes)
-        low, high = 0, len(genes)  # total(low) fits (or nothing does), total(high) does not
-        if total(0) > self.max_tokens:
-            raise ContextTooSmallError(
-                f"a {self.task} prompt without genes takes {total(0)} tokens; the model's context allows "
-                f"{self.max_tokens}. Use a model with a longer context or a shorter template"
-            )
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if total(middle) <= self.max_tokens else (low, middle)
-        return low
-
     def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["cell_sentence"])
         organisms = batch.get(self.organism_column) or [self.default_organism] * n
@@ -281,14 +337,12 @@ class C2SPromptFormatter(PromptFormatter):
             genes = (sentence or "").split()[: self.top_k_genes]
             template = self.templates.inputs[choice]
             fields = {"organism": organism or self.default_organism, "cell_type": label}
-            if self.max_tokens is not None and self.task == "cell_type_prediction":
-                response = self.templates.response.format(**fields)
-                budget = self.max_tokens - int(count_tokens(self.tokenizer, [" " + response])[0]) - 1
-                prompt, kept = fit_prompt(template, genes, fields, self.tokenizer, budget)
-                self.n_shortened += kept < len(genes)
-                genes = genes[:kept]
-            elif self.max_tokens is not None:
-                kept = self._fit_generation(template, genes, fields)
+            if self.max_tokens is not None:
+                if self.task == "cell_type_prediction":  # the answer and its EOS follow the prompt
+                    answer = response_tokens(self.tokenizer, [self.templates.response.format(**fields)]) + 1
+                    kept = fit_prompt(template, genes, fields, self.tokenizer, self.max_tokens, reserve=answer)[1]
+                else:  # the answer holds the genes the prompt asks for
+                    kept = fit_generation(template, self.templates.response, genes, fields, self.tokenizer, self.max_tokens)
                 self.n_shortened += kept < len(genes)
                 genes = genes[:kept]
             values = {**fields, "num_genes": len(genes), "cell_sentence": " ".join(genes)}
@@ -324,7 +378,7 @@ def build_formatter(
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(
             f"prompt formatter '{formatter}' cannot be imported ({error}); give the dotted path of a "
-            "PromptFormatter subclass, e.g. c2s_kedro.core.example_formatters.MarkerAwareFormatter"
+            "PromptFormatter subclass, e.g. c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter"
         ) from error
     if not (isinstance(cls, type) and issubclass(cls, PromptFormatter)):
         raise ValueError(f"'{formatter}' is not a subclass of c2s_kedro.core.prompts.PromptFormatter")
@@ -371,21 +425,13 @@ class TissuePredictionFormatter(PromptFormatter):
         return template.format(num_cells=len(sentences), num_genes=k, cell_sentences=lines, **fields)
 
     def _prompt(self, template: str, sentences: list[list[str]], fields: dict[str, Any]) -> str:
-        k = max((len(genes) for genes in sentences), default=0)
+        longest = max((len(genes) for genes in sentences), default=0)
         if self.max_tokens is None:
-            return self._render(template, sentences, k, fields)
-        budget = self.max_tokens - int(count_tokens(self.tokenizer, [" " + self.templates.response.format(**fields)])[0]) - 1
-        low, high = 0, k
-        if int(count_tokens(self.tokenizer, [self._render(template, sentences, 0, fields)])[0]) > budget:
-            raise ContextTooSmallError(
-                f"a tissue_prediction prompt of {len(sentences)} cells without genes does not fit {self.max_tokens} "
-                "tokens; lower cells_per_prompt or use a model with a longer context"
-            )
-        while low < high:  # the most genes per cell that fit
-            middle = (low + high + 1) // 2
-            fits = int(count_tokens(self.tokenizer, [self._render(template, sentences, middle, fields)])[0]) <= budget
-            low, high = (middle, high) if fits else (low, middle - 1)
-        return self._render(template, sentences, low, fields)
+            return self._render(template, sentences, longest, fields)
+        answer = response_tokens(self.tokenizer, [self.templates.response.format(**fields)]) + 1  # and EOS
+        k = fit_to_context(lambda k: self._render(template, sentences, k, fields), longest, self.tokenizer, self.max_tokens,
+                           reserve=answer, what=f"tissue_prediction prompt of {len(sentences)} cells")
+        return self._render(template, sentences, k, fields)
 
     def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
         tissues = batch[self.tissue_column]

@@ -1,0 +1,184 @@
+"""Prompt templates, formatters and the one routine that fits a prompt to the model's context."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from c2s_kedro.core.prompts import (
+    C2SPromptFormatter,
+    ContextTooSmallError,
+    build_formatter,
+    cell_generation_prompts,
+    fit_generation,
+    fit_prompt,
+    fit_to_context,
+    label_answer_room,
+    load_templates,
+    sentence_table,
+    template_words,
+)
+from c2s_kedro.core.tokenizer import build_gene_tokenizer
+
+GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
+    f"GENE{i}" for i in range(200)
+]
+LABELS = ["T cell", "B cell", "CD14+ Monocyte"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_gene_tokenizer(GENES, template_words() + ["CD14+ Monocyte", "Homo sapiens"], model_max_length=128)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """Several tokens per gene, and token counts that do not add up gene by gene."""
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [" ".join(GENES)] + list(load_templates("cell_type_prediction").inputs) + list(load_templates("cell_type_generation").inputs)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+def _tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_fit_prompt_drops_genes_from_the_end_and_refuses_a_tiny_context(tokenizer):
+    template = load_templates("cell_type_prediction").inputs[0]
+    fields = {"organism": "Homo sapiens"}
+    full, kept = fit_prompt(template, GENES, fields, tokenizer, max_tokens=None)
+    assert kept == len(GENES)
+    prompt, kept = fit_prompt(template, GENES, fields, tokenizer, max_tokens=100)
+    assert 0 < kept < len(GENES)
+    assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 100
+    assert " ".join(GENES[:kept]) + ".\n" in prompt and GENES[kept] not in prompt.split()
+    assert f" {kept} most" in prompt  # the instruction states the number of genes kept
+    assert prompt.endswith("The cell type corresponding to these genes is:")
+    with pytest.raises(ContextTooSmallError, match="instruction alone takes"):
+        fit_prompt(template, GENES, fields, tokenizer, max_tokens=10)
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "bpe_tokenizer"])
+def test_fit_prompt_keeps_the_most_genes_that_fit_with_the_reserve(name, request):
+    tokenizer = request.getfixturevalue(name)
+    template = load_templates("cell_type_prediction").inputs[3]
+    fields = {"organism": "Homo sapiens"}
+    for max_tokens in (115, 150, 222):
+        for reserve in (0, 4):
+            prompt, kept = fit_prompt(template, GENES, fields, tokenizer, max_tokens, reserve=reserve)
+            longer = template.format(num_genes=kept + 1, cell_sentence=" ".join(GENES[: kept + 1]), **fields)
+            assert _tokens(tokenizer, prompt) + reserve <= max_tokens < _tokens(tokenizer, longer) + reserve
+
+
+def test_fit_to_context_searches_only_when_the_whole_text_does_not_fit(tokenizer):
+    rendered: list[int] = []
+
+    def render(k: int) -> str:
+        rendered.append(k)
+        return " ".join(GENES[:k])
+
+    assert fit_to_context(render, 50, tokenizer, max_tokens=60) == 50 and rendered == [50]
+    assert fit_to_context(render, 50, tokenizer, max_tokens=30, reserve=5) == 25
+    assert fit_to_context(render, 50, tokenizer, max_tokens=None) == 50
+    with pytest.raises(ContextTooSmallError, match=r"sentence: the instruction alone takes 0 tokens without genes \(\+3 reserved"):
+        fit_to_context(lambda k: "", 5, tokenizer, max_tokens=2, reserve=3, what="sentence")
+
+
+def test_generation_samples_ask_for_and_answer_with_the_genes_that_fit(tokenizer):
+    templates = load_templates("cell_type_generation")
+    fields = {"organism": "Homo sapiens", "cell_type": "CD14+ Monocyte"}
+
+    def sample(k: int) -> str:
+        values = {**fields, "num_genes": k, "cell_sentence": " ".join(GENES[:k])}
+        return templates.inputs[0].format(**values) + " " + templates.response.format(**values)
+
+    kept = fit_generation(templates.inputs[0], templates.response, GENES, fields, tokenizer, max_tokens=128)
+    assert _tokens(tokenizer, sample(kept)) + 1 <= 128 < _tokens(tokenizer, sample(kept + 1)) + 1  # EOS counted
+    assert fit_generation(templates.inputs[0], templates.response, GENES[:10], fields, tokenizer, max_tokens=128) == 10
+    formatted = C2SPromptFormatter(task="cell_type_generation", tokenizer=tokenizer, max_tokens=128).format_dataset(
+        Dataset.from_dict({"cell_sentence": [" ".join(GENES)], "cell_type": ["CD14+ Monocyte"]})
+    )
+    prompt, response = formatted["model_input"][0], formatted["response"][0]
+    answered = len(response.rstrip(".").split())
+    assert response == " ".join(GENES[:answered]) + "." and f" {answered} " in prompt and answered < len(GENES)
+    assert _tokens(tokenizer, prompt + " " + response) + 1 <= 128
+
+
+def test_generation_prompts_ask_for_the_median_cell_or_what_fits(tokenizer):
+    sentences = [" ".join(GENES[:n]) for n in (10, 30, 20, 200, 150, 160)]
+    types = ["T cell", "T cell", "T cell", "B cell", "B cell", "B cell"]
+    roomy = cell_generation_prompts(sentences, types, tokenizer, max_tokens=1000, n_per_type=2)
+    assert roomy["cell_type"] == ["B cell", "B cell", "T cell", "T cell"]  # sorted by type
+    assert roomy["genes_requested"] == [160, 160, 20, 20]  # the median number of genes of each type
+    assert "Generate the 160 most" in roomy["prompt"][0] and roomy["prompt"][0] == roomy["prompt"][1]
+    assert roomy["max_new_tokens"] == 1000 - max(_tokens(tokenizer, p) for p in roomy["prompt"])
+
+    tight = cell_generation_prompts(sentences, types, tokenizer, max_tokens=128, n_per_type=1, template_index=2)
+    b_cell = tight["genes_requested"][0]
+    assert b_cell < 160 and tight["genes_requested"][1] == 20
+    prompt = tight["prompt"][0]
+    assert prompt == load_templates("cell_type_generation").inputs[2].format(num_genes=b_cell, organism="Homo sapiens", cell_type="B cell")
+    # the prompt, the first genes of the type's median cell, "." and EOS fit; one gene more would not
+    answer = " " + " ".join(GENES[:b_cell]) + "."
+    assert _tokens(tokenizer, prompt + answer) + 1 <= 128
+    assert tight["max_new_tokens"] == 128 - max(_tokens(tokenizer, p) for p in tight["prompt"])
+    assert tight["max_new_tokens"] >= _tokens(tokenizer, answer) + 1
+    with pytest.raises(ValueError, match="template index 10 does not exist: cell_type_generation has 10 templates"):
+        cell_generation_prompts(sentences, types, tokenizer, max_tokens=128, n_per_type=1, template_index=10)
+    with pytest.raises(ContextTooSmallError, match="instruction alone takes"):
+        cell_generation_prompts(sentences, types, tokenizer, max_tokens=20, n_per_type=1)
+
+
+def test_answer_room_is_the_longest_label_answer_with_eos_and_the_extra_tokens(tokenizer):
+    longest = max(_tokens(tokenizer, f" {label}.") for label in LABELS)
+    assert label_answer_room(tokenizer, LABELS, extra_new_tokens=2) == longest + 1 + 2
+    assert label_answer_room(tokenizer, ["T cell"], 0) == _tokens(tokenizer, " T cell.") + 1
+
+
+def test_sentence_table_names_a_missing_column_and_what_there_is():
+    cells = Dataset.from_dict({"cell_name": ["a", "b"], "cell_sentence": ["CD3D", ""], "cell_type": ["T", "B"]})
+    table = sentence_table(cells, ["cell_type"], optional=["organism"])
+    assert list(table.index) == ["a", "b"] and list(table.columns) == ["cell_sentence", "cell_type"]
+    with pytest.raises(KeyError, match=r"'annotation' not in the cell-sentence dataset; available: cell_name, cell_sentence, cell_type"):
+        sentence_table(cells, ["annotation"])
+
+
+def test_a_formatter_that_does_not_import_is_refused_with_an_example_that_does():
+    with pytest.raises(ValueError, match="cannot be imported") as error:
+        build_formatter("cell_type_prediction", "no_such_module.Formatter")
+    example = re.search(r"e\.g\. ([\w.]+)", str(error.value)).group(1)
+    module, _, name = example.rpartition(".")
+    assert isinstance(getattr(importlib.import_module(module), name), type)
+
+
+def test_tissue_prompts_that_cannot_hold_their_cells_are_refused(tokenizer):
+    cells = Dataset.from_dict({"cell_sentence": [" ".join(GENES[:30])] * 3, "tissue": ["blood"] * 3})
+    with pytest.raises(ContextTooSmallError, match="tissue_prediction prompt of 3 cells: the instruction alone takes"):
+        build_formatter("tissue_prediction", options={"cells_per_prompt": 3}, tokenizer=tokenizer, max_tokens=20).format_dataset(cells)
+    fitted = build_formatter("tissue_prediction", options={"cells_per_prompt": 3}, tokenizer=tokenizer, max_tokens=80).format_dataset(cells)
+    genes_per_cell = {len(line.split(": ", 1)[1].rstrip(".").split()) for line in fitted["model_input"][0].split("\n") if line.startswith("Cell ")}
+    assert len(genes_per_cell) == 1 and 0 < genes_per_cell.pop() < 30  # every cell cut to the same genes
+    assert _tokens(tokenizer, fitted["model_input"][0] + " " + fitted["response"][0]) + 1 <= 80
+
+
+def test_formatter_picks_templates_with_the_seed_and_needs_its_label_column():
+    data = Dataset.from_dict({"cell_name": ["a", "b", "c"], "cell_sentence": ["CD3D CD8A", "MT-CO1", ""], "cell_type": ["T", "B", "T"]})
+    formatter = C2SPromptFormatter(task="cell_type_prediction", top_k_genes=1, seed=3)
+    first, second = formatter.format_dataset(data), formatter.format_dataset(data)
+    assert first.column_names == ["sample_type", "model_input", "response"]
+    assert first["model_input"] == second["model_input"]
+    assert first["response"] == ["T.", "B.", "T."]
+    assert "CD8A" not in first["model_input"][0] and "CD3D" in first["model_input"][0]
+    with pytest.raises(KeyError, match="tissue"):
+        C2SPromptFormatter(label_column="tissue").format_dataset(data)
+    with pytest.raises(ValueError, match="unknown prompt task"):
+        C2SPromptFormatter(task="protein_folding")
