@@ -8,8 +8,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from c2s_kedro.core import inference
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.inference import (
+    _padded,
+    embed_prompts,
+    generate_labels,
     generate_texts,
     length_grouped_batches,
     match_answer,
@@ -36,7 +40,9 @@ def _bpe_tokenizer() -> PreTrainedTokenizerFast:
     corpus = [" ".join(GENES), " ".join(LABELS)] + list(load_templates("cell_type_prediction").inputs)
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")  # no pad token, like Pythia
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")  # no pad token, like Pythia
+    tokenizer.pad_token = tokenizer.eos_token  # as models.load_model sets it
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +108,34 @@ def test_length_grouped_batches_put_the_smaller_batch_where_it_saves_padding():
         assert len(batches) == -(-len(lengths) // 4) and all(len(b) <= 4 for b in batches)
         widths = [max(lengths[i] for i in b) for b in batches]
         assert widths == sorted(widths, reverse=True)
+
+
+def test_padding_puts_pad_ids_on_the_asked_side_and_refuses_a_tokenizer_without_pad_token(gene_model):
+    tokenizer, pad = gene_model.tokenizer, gene_model.tokenizer.pad_token_id
+    ids, mask = _padded(tokenizer, [[5, 6, 7], [8]], "left", torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [pad, pad, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = _padded(tokenizer, [[8], [5, 6, 7]], "right", torch.device("cpu"))
+    assert ids.tolist() == [[8, pad, pad], [5, 6, 7]] and mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert ids.dtype == mask.dtype == torch.long and tokenizer.padding_side == "right"
+    no_pad = _bpe_tokenizer()
+    no_pad.pad_token = None
+    language_model = build_gpt_neox(no_pad, ARCHITECTURE, seed=1)
+    with pytest.raises(ValueError, match="no pad token.*eos_token"):
+        generate_texts(language_model, PROMPTS[:2], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no pad token"):
+        embed_prompts(language_model, PROMPTS[:2])
+
+
+def test_generated_labels_are_the_greedy_answers_matched_to_the_label_set(gene_model, monkeypatch):
+    answers, predicted = generate_labels(gene_model, PROMPTS, LABELS, extra_new_tokens=2, batch_size=3)
+    longest = max(len(gene_model.tokenizer(f" {label}.", add_special_tokens=False)["input_ids"]) for label in LABELS)
+    assert answers == generate_texts(gene_model, PROMPTS, max_new_tokens=longest + 2, batch_size=3)
+    assert predicted == [match_answer(answer, LABELS) for answer in answers]
+    # the answers in training form are the drafts; an answer is matched after normalization or is None
+    calls = []
+    monkeypatch.setattr(inference, "generate_texts", lambda *args, **kwargs: calls.append(kwargs) or [" nk.", " Cell sentence"])
+    assert generate_labels(gene_model, PROMPTS[:2], LABELS, extra_new_tokens=3)[1] == ["NK", None]
+    assert calls[0]["expected_answers"] == [f" {label}." for label in LABELS] and calls[0]["max_new_tokens"] == longest + 3
 
 
 def test_predicted_labels_are_known_and_probabilities_sum_to_one(gene_model):

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.prompts import load_templates, response_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +74,10 @@ def embed_prompts(language_model: LanguageModel, prompts: Sequence[str], batch_s
         raise ValueError(f"{len(empty)} prompts are empty (e.g. prompt {empty[0]}); nothing to embed")
     body = model.base_model
     device = language_model.device
-    pad_id = tokenizer.pad_token_id
     embeddings = np.zeros((len(encoded), model.config.hidden_size), dtype=np.float32)
     batches = length_grouped_batches([len(ids) for ids in encoded], batch_size)
     for batch in tqdm(batches, desc="embedding", unit="batch", leave=False):
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[row, : len(encoded[i])] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask = _padded(tokenizer, [encoded[i] for i in batch], "right", device)
         hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
@@ -91,7 +85,8 @@ def embed_prompts(language_model: LanguageModel, prompts: Sequence[str], batch_s
     return embeddings
 
 
-ANSWER_END = "."  # a cell-type response is "{cell_type}." (prompt_templates/cell_type_prediction.json)
+CELL_TYPE_RESPONSE = load_templates("cell_type_prediction").response  # "{cell_type}."
+ANSWER_END = "."  # how a cell-type response ends
 MASKABLE_ATTENTION = ("eager", "sdpa")
 
 
@@ -103,15 +98,16 @@ def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return encoded
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded on the left to the longest row, and the attention mask."""
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, ids in enumerate(rows):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        mask[row, width - len(ids) :] = 1
-    return input_ids.to(device), mask.to(device)
+def _padded(tokenizer, rows: Sequence[Sequence[int]], side: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on ``side`` to the longest row (``tokenizer.pad``), and the attention mask."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "the tokenizer has no pad token, so prompts cannot be batched; set one first "
+            "(tokenizer.pad_token = tokenizer.eos_token, as models.load_model does)"
+        )
+    padded = tokenizer.pad({"input_ids": [list(ids) for ids in rows]}, padding=True, padding_side=side,
+                           return_attention_mask=True, return_tensors="pt")
+    return padded["input_ids"].to(device), padded["attention_mask"].to(device)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -123,6 +119,8 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+# Hand-written: no library scores every candidate answer of a prompt in one pass (a prefix tree
+# under a tree attention mask); transformers would run one forward pass per (prompt, label).
 class _AnswerTree:
     """The candidate answers' token ids as a prefix tree, for scoring them all in one pass.
 
@@ -224,7 +222,7 @@ def score_labels(
     scores = np.zeros((len(encoded), len(labels)), dtype=np.float64)
     batches = length_grouped_batches([len(ids) for ids in encoded], batch_size)
     for batch in tqdm(batches, desc="scoring labels", unit="batch", leave=False):
-        prompt_ids, mask = _left_padded([encoded[i] for i in batch], _pad_id(tokenizer), device)
+        prompt_ids, mask = _padded(tokenizer, [encoded[i] for i in batch], "left", device)
         rows = len(batch)
         # logits of the prompt's last position (scores the first answer tokens) and of every tree node
         logits = model(
@@ -362,7 +360,7 @@ def generate_texts(
     with _seeded(seed, device):
         for batch in tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size), desc="generating",
                           unit="batch", leave=False):
-            input_ids, mask = _left_padded([encoded[i] for i in batch], _pad_id(tokenizer), device)
+            input_ids, mask = _padded(tokenizer, [encoded[i] for i in batch], "left", device)
             constraint = logits_processor_factory() if logits_processor_factory is not None else None
             sequences = model.generate(
                 input_ids=input_ids,
@@ -377,6 +375,8 @@ def generate_texts(
     return texts
 
 
+# Hand-written: transformers' prompt-lookup and assisted decoding run one sequence at a time;
+# these drafts come from the known answers and are checked for a whole batch in one pass.
 class _DraftTrie:
     """Expected answers as token ids (each ending in EOS), keyed by prefix: the tokens that may
     follow each prefix of an answer."""
@@ -435,7 +435,7 @@ def _drafted_greedy_batch(
     """
     tokenizer, model, device = language_model.tokenizer, language_model.model, language_model.device
     eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
-    input_ids, mask = _left_padded(rows, pad, device)
+    input_ids, mask = _padded(tokenizer, rows, "left", device)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits
@@ -491,6 +491,7 @@ def _expanded_cache(model, prefix: Cache, rows: int, max_cache_len: int) -> Cach
     return cache
 
 
+# Hand-written shared prefill: generate(num_return_sequences=n) re-reads the prompt once per sample.
 @torch.inference_mode()
 def sample_continuations(
     language_model: LanguageModel,
@@ -537,6 +538,24 @@ def sample_continuations(
             )
             texts.extend(_decode_new(tokenizer, sequences, len(ids)))
     return texts
+
+
+def generate_labels(
+    language_model: LanguageModel, prompts: Sequence[str], labels: Sequence[str], extra_new_tokens: int = 2, batch_size: int = 16
+) -> tuple[list[str], list[str | None]]:
+    """Greedy answers to cell-type-prediction prompts and the label each names (None when it is
+    not one of ``labels``, see ``match_answer``).
+
+    Up to ``extra_new_tokens`` tokens past the longest label answer are generated. The label
+    answers are given as ``expected_answers``: once the model has begun one, the rest is checked
+    in a single pass instead of one pass per token; the model still writes whatever it would have
+    written without them.
+    """
+    answers_in_training_form = [" " + CELL_TYPE_RESPONSE.format(cell_type=label) for label in labels]
+    max_new = response_tokens(language_model.tokenizer, [a[1:] for a in answers_in_training_form]) + extra_new_tokens
+    answers = generate_texts(language_model, prompts, max_new_tokens=max_new, batch_size=batch_size,
+                             expected_answers=answers_in_training_form)
+    return answers, [match_answer(answer, labels) for answer in answers]
 
 
 def normalize_answer(text: str) -> str:
