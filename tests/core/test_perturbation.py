@@ -14,6 +14,7 @@ from c2s_kedro.core.perturbation import (
     MISSING_GENE_CAVEAT,
     PerturbationPromptFormatter,
     ScreenColumns,
+    ScreenLayoutError,
     check_screen,
     choose_test_prompts,
     pair_with_controls,
@@ -136,15 +137,17 @@ def _screen() -> ad.AnnData:
 
 
 def test_screen_check_names_the_missing_column_or_label():
-    check_screen(_screen(), COLUMNS, "SETTINGS")
-    with pytest.raises(KeyError, match="perturbation column 'guide'.*perturbation_column in SETTINGS"):
-        check_screen(_screen(), ScreenColumns(perturbation="guide", batch=None, gene_symbol=None), "SETTINGS")
-    with pytest.raises(ValueError, match="control label 'NTC'.*control_label"):
-        check_screen(_screen(), ScreenColumns(control_label="NTC", gene_symbol=None), "SETTINGS")
-    with pytest.raises(KeyError, match="batch column 'lane'"):
-        check_screen(_screen(), ScreenColumns(batch="lane", gene_symbol=None), "SETTINGS")
-    with pytest.raises(KeyError, match="gene symbol column 'symbol'"):
-        check_screen(_screen(), ScreenColumns(gene_symbol="symbol"), "SETTINGS")
+    check_screen(_screen(), COLUMNS)
+    cases = [
+        (ScreenColumns(perturbation="guide", batch=None, gene_symbol=None), "perturbation column 'guide'", "perturbation"),
+        (ScreenColumns(control_label="NTC", gene_symbol=None), "control label 'NTC'", "control_label"),
+        (ScreenColumns(batch="lane", gene_symbol=None), "batch column 'lane'", "batch"),
+        (ScreenColumns(gene_symbol="symbol"), "gene symbol column 'symbol'", "gene_symbol"),
+    ]
+    for columns, message, field in cases:
+        with pytest.raises(ScreenLayoutError, match=message) as error:
+            check_screen(_screen(), columns)
+        assert error.value.field == field and "conf/" not in str(error.value)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from c2s_kedro.core.preprocessing import normalize_log10
 from c2s_kedro.pipelines.data_processing import create_pipeline
 from c2s_kedro.pipelines.data_processing.nodes import (
-    embed_cells,
+    embed_normalized_cells,
     filter_cells_and_genes,
     normalize_counts,
     plot_expression_umaps,
@@ -20,7 +20,7 @@ from tests.helpers import load_parameters, params_entries, run_pipeline
 
 
 def normalize_and_embed(adata, section):
-    return embed_cells(normalize_counts(adata, section), section)
+    return embed_normalized_cells(normalize_counts(adata, section), section)
 
 
 @pytest.fixture

@@ -128,10 +128,10 @@ def test_the_screen_goes_through_the_atlas_pipelines_in_its_namespace():
 def test_missing_perturbation_column_or_control_label_stops_with_the_setting_to_change(screen, tmp_path):
     params = load_parameters("perturbation")["perturbation"]
     wrong_column = copy.deepcopy(params) | {"perturbation_column": "target_gene"}
-    with pytest.raises(KeyError, match="perturbation column 'target_gene'.*perturbation_column"):
+    with pytest.raises(KeyError, match="perturbation column 'target_gene'.*Change perturbation.perturbation_column"):
         check_screen_layout(screen, wrong_column)
     wrong_label = copy.deepcopy(params) | {"control_label": "NTC"}
-    with pytest.raises(ValueError, match="control label 'NTC'.*non-targeting"):
+    with pytest.raises(KeyError, match="control label 'NTC'.*non-targeting.*Change perturbation.control_label"):
         check_screen_layout(screen, wrong_label)
     with pytest.raises(ParameterError, match="perturbation.qc"):  # the old layout is refused by name
         check_screen_layout(screen, copy.deepcopy(params) | {"qc": {}})

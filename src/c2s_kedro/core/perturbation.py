@@ -55,32 +55,44 @@ class ScreenColumns:
     gene_symbol: str | None = "gene_name"
 
 
-def check_screen(adata: ad.AnnData, columns: ScreenColumns, setting: str) -> None:
-    """Fail early, naming the parameter to change, when the screen lacks what the pipeline reads."""
+class ScreenLayoutError(KeyError):
+    """The screen lacks a column or label of ``ScreenColumns``; ``field`` names which one."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def check_screen(adata: ad.AnnData, columns: ScreenColumns) -> None:
+    """Fail early when the screen lacks what the pipeline reads (``ScreenLayoutError.field`` says
+    which of ``columns`` is wrong)."""
     if columns.perturbation not in adata.obs.columns:
-        raise KeyError(
+        raise ScreenLayoutError(
             f"perturbation column '{columns.perturbation}' is not in the screen's .obs (columns: "
-            f"{', '.join(map(str, adata.obs.columns))}). Set perturbation_column in {setting}."
+            f"{', '.join(map(str, adata.obs.columns))}).", "perturbation",
         )
     labels = adata.obs[columns.perturbation].astype(str)
     if not (labels == columns.control_label).any():
         common = ", ".join(labels.value_counts().index[:8])
-        raise ValueError(
+        raise ScreenLayoutError(
             f"no cell has the control label '{columns.control_label}' in .obs['{columns.perturbation}'] "
-            f"(most common values: {common}). Set control_label in {setting}."
+            f"(most common values: {common}).", "control_label",
         )
     if labels.nunique() < 2:
         raise ValueError(f"the screen holds only control cells ('{columns.control_label}'); there is nothing to predict")
     if columns.batch is not None and columns.batch not in adata.obs.columns:
-        raise KeyError(
-            f"batch column '{columns.batch}' is not in the screen's .obs; set batch_column to one of "
-            f"{', '.join(map(str, adata.obs.columns))} or to null in {setting}."
+        raise ScreenLayoutError(
+            f"batch column '{columns.batch}' is not in the screen's .obs (columns: "
+            f"{', '.join(map(str, adata.obs.columns))}); name one, or none to pair with any control.", "batch",
         )
     if columns.gene_symbol is not None and columns.gene_symbol not in adata.var.columns:
-        raise KeyError(
+        raise ScreenLayoutError(
             f"gene symbol column '{columns.gene_symbol}' is not in the screen's .var (columns: "
-            f"{', '.join(map(str, adata.var.columns)) or 'none'}). Set gene_symbol_column in {setting}, "
-            "or null when var_names are gene symbols."
+            f"{', '.join(map(str, adata.var.columns)) or 'none'}); name it, or none when var_names are gene symbols.",
+            "gene_symbol",
         )
 
 

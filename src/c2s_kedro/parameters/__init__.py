@@ -140,8 +140,8 @@ def setting_hint(setting: str, *errors: type[Exception]) -> Iterator[None]:
     except ParameterError:
         raise
     except kinds as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        message = error.args[0] if error.args else str(error)
         setting = qualified(setting)
-        raise type(error)(
-            f"{message} Change {setting} {ENVIRONMENT_HINT}; defaults are in {defaults_file(setting)}."
-        ) from error
+        # the same exception (type, attributes, traceback) with the setting added to its message
+        error.args = (f"{message} Change {setting} {ENVIRONMENT_HINT}; defaults are in {defaults_file(setting)}.", *error.args[1:])
+        raise

@@ -48,7 +48,7 @@ def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
     return normalize_log10(adata, target_sum=settings.normalization.target_sum)
 
 
-def embed_cells(normalized_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
+def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
     """PCA -> kNN -> UMAP of the normalized expression."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
     return embed_expression(normalized_adata, **as_kwargs(settings.embedding))

@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="filter_cells_and_genes",
             ),
             node(nodes.normalize_counts, ["qc_adata", "params:data_processing"], "normalized_adata", name="normalize_counts"),
-            node(nodes.embed_cells, ["normalized_adata", "params:data_processing"], "processed_adata", name="embed_cells"),
+            node(nodes.embed_normalized_cells, ["normalized_adata", "params:data_processing"], "processed_adata", name="embed_normalized_cells"),
             node(
                 nodes.plot_expression_umaps,
                 ["processed_adata", "params:data_processing.umap_color_keys"],

@@ -16,6 +16,7 @@ from c2s_kedro.core.models import LanguageModel, build_gpt_neox
 from c2s_kedro.core.perturbation import (
     PERTURBATION_TASK,
     PerturbationPromptFormatter,
+    ScreenLayoutError,
     check_screen,
     pair_with_controls,
     paired_sentences,
@@ -31,6 +32,10 @@ from c2s_kedro.parameters.perturbation import PerturbationParameters
 logger = logging.getLogger(__name__)
 SECTION = "perturbation"
 TRUTH_KEY = "perturbation_truth_log2fc"
+SCREEN_SETTINGS = {  # ScreenColumns field -> the setting that names it
+    "perturbation": f"{SECTION}.perturbation_column", "control_label": f"{SECTION}.control_label",
+    "batch": f"{SECTION}.batch_column", "gene_symbol": f"{SECTION}.data_processing.gene_symbol_column",
+}
 
 
 def _settings(params: dict[str, Any]) -> PerturbationParameters:
@@ -43,7 +48,11 @@ def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> t
     change; no rows for a real screen) taken out of ``.varm``. The counts are shared, not copied."""
     settings = _settings(params)
     columns = settings.columns()
-    check_screen(perturbseq_raw, columns, f"{SECTION} {ENVIRONMENT_HINT}")
+    try:
+        check_screen(perturbseq_raw, columns)
+    except ScreenLayoutError as error:
+        with setting_hint(SCREEN_SETTINGS[error.field], ScreenLayoutError):
+            raise
     labels = perturbseq_raw.obs[columns.perturbation].astype(str)
     obs = perturbseq_raw.obs.copy()
     obs[columns.perturbation] = labels.where(labels == columns.control_label, labels.str.upper())
