@@ -1,7 +1,15 @@
 import numpy as np
+import pandas as pd
 import pytest
 
-from c2s_kedro.core.evaluation import cluster_agreement, knn_overlap
+from c2s_kedro.core.evaluation import (
+    cell_type_test_prompts,
+    cluster_agreement,
+    embedding_scores,
+    knn_overlap,
+    logistic_regression_baseline,
+    score_predictions,
+)
 
 
 @pytest.fixture
@@ -46,3 +54,73 @@ def test_cluster_agreement():
     rng = np.random.default_rng(0)
     random_a, random_b = rng.integers(0, 5, 2000), rng.integers(0, 5, 2000)
     assert abs(cluster_agreement(random_a, random_b)) < 0.02
+
+
+def test_scores_count_each_method_on_the_same_cells_and_unmatched_answers_as_wrong():
+    truth = ["A", "A", "B", "B"]
+    cells = ["c1", "c2", "c3", "c4"]
+    generation = pd.DataFrame({"cell_name": cells, "label": truth, "answer": [" A.", " hm", " B.", " A."], "prediction": ["A", None, "B", "A"]})
+    scoring = pd.DataFrame({"cell_name": cells, "label": truth, "prediction": ["A", "A", "B", "B"]})
+    metrics, per_class, matrices, combined = score_predictions({"generation": generation, "label_scoring": scoring}, ["A", "B"])
+    assert list(metrics) == ["n_test_cells", "generation_accuracy", "generation_macro_f1", "label_scoring_accuracy",
+                             "label_scoring_macro_f1", "generation_answers_not_a_label"]
+    assert metrics["n_test_cells"] == 4 and metrics["generation_accuracy"] == 0.5 and metrics["label_scoring_accuracy"] == 1.0
+    assert metrics["generation_answers_not_a_label"] == 0.25 and "label_scoring_answers_not_a_label" not in metrics
+    # A: precision 1/2, recall 1/2; B: precision 1, recall 1/2
+    assert metrics["generation_macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+    np.testing.assert_array_equal(matrices["generation"], [[1, 0], [1, 1]])  # the unmatched answer is in no column
+    np.testing.assert_array_equal(matrices["label_scoring"], [[2, 0], [0, 2]])
+    rows = per_class.set_index(["method", "cell_type"])
+    assert rows.loc[("generation", "B"), "precision"] == 1.0 and rows.loc[("generation", "B"), "recall"] == 0.5
+    assert rows.loc[("generation", "A"), "support"] == 2
+    assert list(combined.columns) == ["cell_name", "label", "generation_prediction", "label_scoring_prediction", "generation_answer"]
+    assert combined["generation_answer"].tolist() == generation["answer"].tolist()
+
+
+def test_baseline_fits_on_train_cells_and_predicts_the_test_cells(counts_adata):
+    from c2s_kedro.core.preprocessing import normalize_log10
+
+    adata = normalize_log10(counts_adata)
+    names = list(adata.obs_names)
+    predicted = logistic_regression_baseline(adata, names[::3], names[1::3], "cell_type", C=1.0, max_iter=500)
+    assert predicted["cell_name"].tolist() == names[1::3]
+    assert predicted["label"].tolist() == adata[names[1::3]].obs["cell_type"].astype(str).tolist()
+    assert (predicted["prediction"] == predicted["label"]).all()  # marker genes separate the two types
+    one_type = logistic_regression_baseline(adata, names[: len(names) // 2 : 2] + names[-3:], names[1:5], "cell_type", C=1e-6)
+    assert set(one_type["prediction"]) == {"T cell"}  # almost no fit: the majority train label
+    with pytest.raises(KeyError, match="'annotation' not found"):
+        logistic_regression_baseline(adata, names[::2], names[1::2], "annotation")
+
+
+def test_test_prompts_take_labels_from_train_and_leave_room_for_every_answer(caplog):
+    from c2s_kedro.core.models import build_gpt_neox
+    from c2s_kedro.core.prompts import template_words
+    from c2s_kedro.core.tokenizer import build_gene_tokenizer
+
+    genes = [f"GENE{i}" for i in range(80)]
+    tokenizer = build_gene_tokenizer(genes, template_words() + ["T cell", "B cell", "NK"], model_max_length=64)
+    table = pd.DataFrame({
+        "cell_sentence": [" ".join(genes[i : i + 60]) for i in range(6)],
+        "cell_type": ["T cell", "B cell", "T cell", "NK", "B cell", None],
+    }, index=[f"c{i}" for i in range(6)])
+    prompts = cell_type_test_prompts(table, ["c0", "c1", "c2", "c5"], ["c3", "c4"], "cell_type", "organism", tokenizer, 64,
+                                     extra_new_tokens=2, seed=0)
+    assert prompts["labels"] == ["B cell", "T cell"] and prompts["cell_name"] == ["c3", "c4"] and prompts["label"] == ["NK", "B cell"]
+    room = max(len(tokenizer(f" {label}.")["input_ids"]) for label in prompts["labels"]) + 1 + 2
+    for prompt in prompts["prompt"]:
+        assert len(tokenizer(prompt)["input_ids"]) + room <= 64 and "Homo sapiens" in prompt
+    assert "never seen in training: ['NK']" in caplog.text
+    with pytest.raises(ValueError, match="no train cell has a 'cell_type' label"):
+        cell_type_test_prompts(table, ["c5"], ["c3"], "cell_type", None, tokenizer, 64, 2)
+
+
+def test_embedding_scores_need_the_label_column(counts_adata):
+    import anndata as ad
+
+    cells = ad.AnnData(obs=counts_adata.obs.copy(), obsm={"X_c2s": np.random.default_rng(0).normal(size=(counts_adata.n_obs, 4))})
+    cells.obs["genes_in_prompt"] = 7
+    scores = embedding_scores(cells, "cell_type", batch_key="tissue", k=5)
+    assert set(scores) == {"n_cells", "embedding_dim", "c2s_silhouette_label", "c2s_knn_label_accuracy", "mean_genes_in_prompt"}
+    assert scores["embedding_dim"] == 4 and scores["mean_genes_in_prompt"] == 7  # one tissue: no batch metric
+    with pytest.raises(KeyError, match="'annotation' not found"):
+        embedding_scores(cells, "annotation")

@@ -9,15 +9,21 @@ from datasets import Dataset
 from c2s_kedro.core.models import build_gpt_neox
 from c2s_kedro.core.prompts import template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
+from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipelines.evaluation.nodes import (
     build_evaluation_prompts,
     predict_by_baseline,
+    predict_by_generation,
     predict_by_label_scoring,
     score_predictions,
 )
-from tests.helpers import make_counts_adata
+from tests.helpers import load_parameters, make_counts_adata
 
 GENES = [f"GENE{i}" for i in range(60)]
+
+
+def _params(**changes) -> dict:
+    return {**load_parameters("evaluation")["evaluation"], **changes}
 
 
 @pytest.fixture()
@@ -37,20 +43,42 @@ def setting():
 
 def test_prompts_fit_with_room_for_the_answer_and_labels_come_from_train(setting):
     cells, model, split = setting
-    prompts = build_evaluation_prompts(cells, split, model, {"label_column": "cell_type", "organism_column": "organism"})
+    prompts = build_evaluation_prompts(cells, split, model, _params())
     assert prompts["cell_name"] == ["c7", "c8", "c9"] and prompts["labels"] == ["B cell", "T cell"]
     longest_answer = len(model.tokenizer(" T cell.")["input_ids"]) + 1
     for prompt in prompts["prompt"]:
         assert len(model.tokenizer(prompt)["input_ids"]) + longest_answer + 2 <= 80
-    scored = predict_by_label_scoring(prompts, model, {})
+    scored = predict_by_label_scoring(prompts, model, _params())
     assert set(scored["prediction"]) <= {"B cell", "T cell"}
     assert np.allclose(scored[["p(B cell)", "p(T cell)"]].sum(axis=1), 1.0)
+    picked = scored[["p(B cell)", "p(T cell)"]].to_numpy().argmax(axis=1)
+    assert scored["prediction"].tolist() == [prompts["labels"][i] for i in picked]
+
+
+def test_generation_answers_are_matched_to_the_labels_or_left_unmatched(setting):
+    cells, model, split = setting
+    prompts = build_evaluation_prompts(cells, split, model, _params())
+    generated = predict_by_generation(prompts, model, _params(batch_size=2))
+    assert list(generated.columns) == ["cell_name", "label", "answer", "prediction"]
+    assert generated["cell_name"].tolist() == prompts["cell_name"] and generated["label"].tolist() == prompts["label"]
+    for answer, prediction in zip(generated["answer"], generated["prediction"]):
+        named = answer.strip().rstrip(".").casefold()
+        assert prediction == next((label for label in prompts["labels"] if label.casefold() == named), None)
 
 
 def test_missing_label_column_names_the_setting(setting):
     cells, model, split = setting
-    with pytest.raises(KeyError, match="evaluation.label_column 'annotation'"):
-        build_evaluation_prompts(cells, split, model, {"label_column": "annotation"})
+    with pytest.raises(KeyError, match=r"'annotation' not in the cell-sentence dataset.*Change evaluation\.label_column"):
+        build_evaluation_prompts(cells, split, model, _params(label_column="annotation"))
+
+
+def test_parameters_are_read_once_and_checked(setting):
+    cells, model, split = setting
+    with pytest.raises(ParameterError, match="unknown parameter.*evaluation.batchsize"):
+        build_evaluation_prompts(cells, split, model, _params(batchsize=4))
+    with pytest.raises(ParameterError, match="evaluation.baseline_C missing"):
+        build_evaluation_prompts(cells, split, model, {k: v for k, v in _params().items() if k != "baseline_C"})
+    assert load_parameters("evaluation")["evaluation"]["batch_size"] == 8  # the YAML's value is the only default
 
 
 def test_baseline_and_scores_on_the_same_cells():
@@ -59,7 +87,7 @@ def test_baseline_and_scores_on_the_same_cells():
     adata = normalize_log10(make_counts_adata())
     names = list(adata.obs_names)
     split = {"train": names[::2], "val": [], "test": names[1::2]}
-    baseline = predict_by_baseline(adata, split, {"label_column": "cell_type"})
+    baseline = predict_by_baseline(adata, split, _params())
     assert list(baseline["cell_name"]) == split["test"]
     assert (baseline["prediction"] == baseline["label"]).mean() > 0.8  # two clearly separated types
     labels = sorted(adata.obs["cell_type"].astype(str).unique())
@@ -70,3 +98,6 @@ def test_baseline_and_scores_on_the_same_cells():
     assert set(per_class["method"]) == {"generation", "label_scoring", "baseline"}
     assert set(figures) == {"generation.png", "label_scoring.png", "baseline.png"}
     assert list(combined.columns[:2]) == ["cell_name", "label"] and len(combined) == len(baseline)
+    assert figures["baseline.png"].axes[0].get_title() == f"baseline: accuracy {metrics['baseline_accuracy']:.2f}"
+    with pytest.raises(KeyError, match=r"'annotation' not found.*Change evaluation\.label_column"):
+        predict_by_baseline(adata, split, _params(label_column="annotation"))

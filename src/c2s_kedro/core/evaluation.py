@@ -1,10 +1,31 @@
-"""Metrics that compare representations of the same cells."""
+"""Metrics and baselines: representations of the same cells compared, cell-type predictions scored."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anndata as ad
 import numpy as np
-from sklearn.metrics import adjusted_rand_score
-from sklearn.neighbors import NearestNeighbors
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    accuracy_score,
+    adjusted_rand_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    silhouette_score,
+)
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+from c2s_kedro.core.prompts import cell_type_prediction_prompts, label_answer_room
+from c2s_kedro.core.validation import require_obs_columns
+
+logger = logging.getLogger(__name__)
+NOT_A_LABEL = "<not a label>"
 
 
 def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 15) -> float:
@@ -33,10 +54,6 @@ def embedding_quality(
     neighbours, in 5-fold cross-validation (kNN classifier). ``silhouette_batch``: silhouette by
     batch (lower: batches better mixed), when batches are given and there are at least two.
     """
-    from sklearn.metrics import silhouette_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-
     scores: dict[str, float] = {}
     if len(set(labels)) > 1:
         scores["silhouette_label"] = float(silhouette_score(embedding, labels))
@@ -50,3 +67,111 @@ def embedding_quality(
     if batches is not None and len(set(batches)) > 1:
         scores["silhouette_batch"] = float(silhouette_score(embedding, batches))
     return scores
+
+
+def embedding_scores(
+    cell_embeddings: ad.AnnData, label_key: str, batch_key: str | None = None, k: int = 15, seed: int = 0
+) -> dict[str, float]:
+    """``embedding_quality`` of the C2S embedding (``obsm['X_c2s']``) and, where present, of the
+    expression PCA (``obsm['X_pca_expression']``), as ``c2s_*`` and ``pca_*``; the batch metric
+    only when ``batch_key`` is an obs column. Also the cell count, the embedding size and the mean
+    number of genes in the prompts (``obs['genes_in_prompt']``)."""
+    require_obs_columns(cell_embeddings, [label_key])
+    if batch_key and batch_key not in cell_embeddings.obs.columns:
+        logger.info("no obs column '%s': batch metrics skipped", batch_key)
+        batch_key = None
+    metrics: dict[str, float] = {"n_cells": float(cell_embeddings.n_obs), "embedding_dim": float(cell_embeddings.obsm["X_c2s"].shape[1])}
+    representations = {"c2s": cell_embeddings.obsm["X_c2s"]}
+    if "X_pca_expression" in cell_embeddings.obsm:
+        representations["pca"] = cell_embeddings.obsm["X_pca_expression"]
+    labels = cell_embeddings.obs[label_key].astype(str).to_numpy()
+    batches = cell_embeddings.obs[batch_key].astype(str).to_numpy() if batch_key else None
+    for name, matrix in representations.items():
+        scores = embedding_quality(matrix, labels, batches, k=k, seed=seed)
+        metrics.update({f"{name}_{key}": value for key, value in scores.items()})
+    metrics["mean_genes_in_prompt"] = float(cell_embeddings.obs["genes_in_prompt"].mean())
+    return metrics
+
+
+def cell_type_test_prompts(
+    table: pd.DataFrame,
+    train_cells: Sequence[str],
+    test_cells: Sequence[str],
+    label_column: str,
+    organism_column: str | None,
+    tokenizer,
+    context_length: int,
+    extra_new_tokens: int,
+    top_k_genes: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Cell-type-prediction prompts of the test cells of ``table`` (``cell_sentence``, the label and
+    optionally the organism, indexed by cell name), templates drawn with ``seed``, fitted to the
+    context with room for the longest answer (``prompts.label_answer_room``), and the label set: the
+    labels of the train cells, sorted. Test cells of a type no train cell has are logged."""
+    labels = sorted(table.loc[list(train_cells), label_column].dropna().astype(str).unique())
+    if not labels:
+        raise ValueError(f"no train cell has a '{label_column}' label: there is nothing to predict")
+    test = table.loc[list(test_cells)]
+    prompts, _, _ = cell_type_prediction_prompts(
+        test["cell_sentence"].tolist(),
+        test[organism_column].tolist() if organism_column in test.columns else None,
+        tokenizer,
+        context_length - label_answer_room(tokenizer, labels, extra_new_tokens),
+        template_index=None,
+        top_k_genes=top_k_genes,
+        seed=seed,
+    )
+    unseen = sorted(set(test[label_column].astype(str)) - set(labels))
+    if unseen:
+        logger.warning("test cells of types never seen in training: %s (they cannot be predicted right)", unseen)
+    return {"cell_name": list(test.index), "label": test[label_column].astype(str).tolist(), "prompt": prompts, "labels": labels}
+
+
+def logistic_regression_baseline(
+    adata: ad.AnnData, train_cells: Sequence[str], test_cells: Sequence[str], label_key: str, C: float = 1.0, max_iter: int = 2000
+) -> pd.DataFrame:
+    """Logistic regression on the expression of ``adata`` (log-normalized), fitted on the train
+    cells, predicting the test cells: ``cell_name``, ``label``, ``prediction``."""
+    require_obs_columns(adata, [label_key])
+    train, test = adata[list(train_cells)], adata[list(test_cells)]
+    classifier = LogisticRegression(max_iter=max_iter, C=C).fit(train.X, train.obs[label_key].astype(str))
+    return pd.DataFrame({
+        "cell_name": list(test.obs_names), "label": test.obs[label_key].astype(str).tolist(), "prediction": classifier.predict(test.X),
+    })
+
+
+def score_predictions(
+    predictions: Mapping[str, pd.DataFrame], labels: Sequence[str]
+) -> tuple[dict[str, float], pd.DataFrame, dict[str, np.ndarray], pd.DataFrame]:
+    """Accuracy and macro-F1 of each method's predictions (tables of ``cell_name``, ``label``,
+    ``prediction``, all on the same cells; ``prediction`` None for an answer that is no label, and
+    an ``answer`` column for methods that write their answer), scored against ``labels``.
+
+    Returns the metrics (``n_test_cells``, ``<method>_accuracy``, ``<method>_macro_f1`` and, for
+    methods with answers, ``<method>_answers_not_a_label``), a per-class table, the confusion
+    matrix of each method (rows: truth, columns: prediction, both in ``labels`` order) and every
+    prediction side by side.
+    """
+    labels = list(labels)
+    first = next(iter(predictions.values()))
+    metrics: dict[str, float] = {"n_test_cells": float(len(first))}
+    per_class, matrices = [], {}
+    for method, table in predictions.items():
+        truth = table["label"].astype(str)
+        predicted = table["prediction"].fillna(NOT_A_LABEL).astype(str)
+        metrics[f"{method}_accuracy"] = float(accuracy_score(truth, predicted))
+        metrics[f"{method}_macro_f1"] = float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0))
+        precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
+        per_class.append(pd.DataFrame({"method": method, "cell_type": labels, "precision": precision, "recall": recall, "f1": f1, "support": support}))
+        matrices[method] = confusion_matrix(truth, predicted, labels=labels)
+    answered = {method: table for method, table in predictions.items() if "answer" in table.columns}
+    for method, table in answered.items():
+        metrics[f"{method}_answers_not_a_label"] = float(table["prediction"].isna().mean())
+    combined = first[["cell_name", "label"]].copy()
+    for method, table in predictions.items():
+        combined[f"{method}_prediction"] = table["prediction"].to_numpy()
+    for method, table in answered.items():
+        combined[f"{method}_answer"] = table["answer"].to_numpy()
+    logger.info("test accuracy: %s", ", ".join(f"{method} {metrics[f'{method}_accuracy']:.3f}" for method in predictions))
+    return metrics, pd.concat(per_class, ignore_index=True), matrices, combined
