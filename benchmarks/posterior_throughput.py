@@ -37,19 +37,42 @@ from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sen
 from c2s_kedro.core.models import load_model  # noqa: E402
 from c2s_kedro.core.perturbation import sample_posterior  # noqa: E402
 from c2s_kedro.core.simulate_perturbseq import default_perturbseq  # noqa: E402
-from c2s_kedro.pipelines.perturbation import nodes  # noqa: E402
+from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
+from kedro.runner import SequentialRunner  # noqa: E402
+
+from c2s_kedro.pipeline_registry import register_pipelines  # noqa: E402
+
+
+class _Kept(MemoryDataset):
+    def _release(self) -> None:  # keep what the benchmark reads after the run
+        pass
+
+
+def _params_entries(name: str, value) -> dict:
+    entries = {f"params:{name}": value}
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            entries.update(_params_entries(f"{name}.{key}", inner))
+    return entries
 
 
 def setting(model_path: str | None):
+    """The default screen through the registered perturbation_data pipeline, in memory."""
     with open("conf/base/parameters_perturbation.yml") as stream:
         params = yaml.safe_load(stream)["perturbation"]
-    processed, _, _ = nodes.prepare_screen(default_perturbseq(), params)
-    sentences, vocabulary = nodes.screen_sentences(processed, params)
-    split = nodes.split_perturbation_screen(processed, params)
-    model = load_model(model_path) if model_path else nodes.initialize_perturbation_model(vocabulary, params)
+    pipeline = register_pipelines()["perturbation_data"]
+    datasets = {name: _Kept(copy_mode="assign") for name in pipeline.all_outputs()}
+    datasets["perturbseq_raw"] = MemoryDataset(default_perturbseq(), copy_mode="assign")
+    datasets.update({k: MemoryDataset(v, copy_mode="assign") for k, v in _params_entries("perturbation", params).items()})
+    if model_path:  # prompts fitted with the given model's tokenizer and context
+        pipeline = pipeline - pipeline.only_nodes_with_outputs("perturbation_base_model")
+        datasets["perturbation_base_model"] = MemoryDataset(load_model(model_path), copy_mode="assign")
+    catalog = DataCatalog(datasets=datasets)
+    SequentialRunner().run(pipeline, catalog)
+    vocabulary = catalog.load("perturbation.vocabulary")
+    model = catalog.load("perturbation_base_model")
     model.model.eval()
-    prompts = nodes.format_perturbation_prompts(sentences, split, model, params)["test"]
-    return model, prompts, list(vocabulary)
+    return model, catalog.load("perturbation_prompts")["test"], list(vocabulary)
 
 
 def reference_samples(language_model, prompt: str, genes, n: int, max_new_tokens: int, seed: int) -> list[str]:
