@@ -16,7 +16,11 @@ from c2s_kedro.pipelines.cell_generation.nodes import (
     generate_cells,
     reconstruct_generated_cells,
 )
-from tests.helpers import make_counts_adata
+from tests.helpers import load_parameters, make_counts_adata
+
+
+def _params(**changes) -> dict:
+    return {**load_parameters("cell_generation")["cell_generation"], **changes}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +40,13 @@ def setting():
     return adata, cells, model, split, {g: 1 for g in genes}
 
 
+RANK_FIT = {"slope": -0.5, "intercept": 2.0, "r2": 1.0, "pearson_r": -1.0, "spearman_r": -1.0,
+            "n_cells": 1, "n_points": 1, "log_rank_cutoff": 3.0}
+
+
 def test_generated_cells_are_vocabulary_genes_without_repeats_within_the_context(setting):
     adata, cells, model, split, vocabulary = setting
-    params = {"label_column": "cell_type", "n_cells_per_type": 4, "seed": 1, "temperature": 1.5}
+    params = _params(n_cells_per_type=4, seed=1, temperature=1.5)
     prompts = build_generation_prompts(cells, split, model, params)
     for prompt in prompts["prompt"]:
         assert len(model.tokenizer(prompt)["input_ids"]) + prompts["max_new_tokens"] <= 64
@@ -48,17 +56,45 @@ def test_generated_cells_are_vocabulary_genes_without_repeats_within_the_context
         words = sentence.split()
         assert words and set(words) <= set(vocabulary) and len(words) == len(set(words))
     assert generated["n_non_genes_dropped"].sum() == 0 and generated["n_repeats_merged"].sum() == 0
+    assert generated["cell_type"].tolist() == prompts["cell_type"]
 
-    rank_fit = {"slope": -0.5, "intercept": 2.0, "r2": 1.0, "pearson_r": -1.0, "spearman_r": -1.0,
-                "n_cells": 1, "n_points": 1, "log_rank_cutoff": 3.0}
-    generated_adata = reconstruct_generated_cells(generated, rank_fit, adata)
+    generated_adata = reconstruct_generated_cells(generated, RANK_FIT, adata)
     assert generated_adata.shape == (len(generated), adata.n_vars)
-    metrics, figures = compare_generated_with_real(adata, generated_adata, generated, {"label_column": "cell_type", "n_heatmap_genes": 10})
-    assert 0.0 <= metrics["real_vs_generated_classifier_accuracy"] <= 1.0
+    metrics, figures = compare_generated_with_real(adata, generated_adata, generated, _params(n_heatmap_genes=10, n_neighbors=10))
+    assert metrics["n_generated_cells"] == len(generated)
+    assert metrics["mean_genes_per_generated_cell"] == generated["n_genes"].mean() and metrics["share_non_gene_words"] == 0.0
+    assert {f"mean_expression_correlation[{t}]" for t in set(generated["cell_type"])} < set(metrics)
     assert set(figures) == {"umap_by_cell_type.png", "umap_by_origin.png", "mean_expression_heatmap.png"}
+
+
+def test_prompts_ask_for_the_median_number_of_genes_or_what_fits(setting):
+    _, cells, model, split, _ = setting
+    prompts = build_generation_prompts(cells, split, model, _params(n_cells_per_type=2))
+    assert prompts["cell_type"] == ["B cell", "B cell", "T cell", "T cell"]
+    assert prompts["genes_requested"] == [30] * 4  # every train cell has 30 genes, and they fit
+    genes = sorted(set(" ".join(cells["cell_sentence"]).split()))
+    tokenizer = build_gene_tokenizer(genes, template_words() + ["B cell", "T cell", "Homo sapiens"], model_max_length=48)
+    short = build_gpt_neox(tokenizer, {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 48})
+    prompts = build_generation_prompts(cells, split, short, _params(n_cells_per_type=2))
+    # 30 genes do not fit a context of 48 with the prompt: fewer are asked for, and the answer fits
+    for prompt, requested in zip(prompts["prompt"], prompts["genes_requested"]):
+        assert 0 < requested < 30 and f" {requested} most" in prompt
+        assert len(tokenizer(prompt)["input_ids"]) + requested + 2 <= 48  # genes, ".", EOS
+    assert prompts["max_new_tokens"] >= max(prompts["genes_requested"]) + 2
+
+
+def test_unconstrained_output_is_cleaned_and_counted(setting):
+    _, cells, model, split, vocabulary = setting
+    params = _params(n_cells_per_type=3, constrained=False, temperature=1.5, seed=2)
+    generated = generate_cells(build_generation_prompts(cells, split, model, params), model, vocabulary, params)
+    for row in generated.itertuples():
+        words = row.cell_sentence.split()
+        assert set(words) <= set(vocabulary) and len(words) == len(set(words)) and row.n_genes == len(words)
+        assert row.n_non_genes_dropped == sum(w.rstrip(".") not in vocabulary for w in row.raw_text.split() if w.rstrip("."))
+    assert generated["n_non_genes_dropped"].sum() > 0  # a random model writes other words too
 
 
 def test_missing_label_column_names_the_setting(setting):
     _, cells, model, split, _ = setting
-    with pytest.raises(KeyError, match="cell_generation.label_column 'annotation'"):
-        build_generation_prompts(cells, split, model, {"label_column": "annotation", "n_cells_per_type": 1})
+    with pytest.raises(KeyError, match=r"'annotation' not in the cell-sentence dataset.*Change cell_generation\.label_column"):
+        build_generation_prompts(cells, split, model, _params(label_column="annotation", n_cells_per_type=1))

@@ -43,4 +43,6 @@ class CellGenerationParameters:
     top_k: int | None
     batch_size: int
     seed: int
+    n_comps: int
+    n_neighbors: int
     n_heatmap_genes: int
