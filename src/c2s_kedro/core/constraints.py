@@ -70,6 +70,8 @@ class _SequenceState:
     used_below: dict[int, int] = field(default_factory=dict)  # node -> used genes ending at or under it
 
 
+# Hand-written: transformers' constraints (prefix_allowed_tokens_fn, force/bad words) keep no
+# per-row record of genes written, which "each gene at most once" over multi-token genes needs.
 class GeneVocabularyConstraint(LogitsProcessor):
     """Lets a model write only vocabulary genes, each at most once, then the stop.
 
