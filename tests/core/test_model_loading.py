@@ -105,6 +105,9 @@ def test_a_hub_id_is_recognised_whatever_made_the_path_absolute(tmp_path, monkey
     assert not model_source(root / "models" / "my_c2s_model_typo", root=root).is_hub
     assert not model_source("models/my_c2s_model_typo").is_hub
     assert model_source("models/mine").path == root / "models" / "mine"
+    shutil.rmtree(root / "models")  # the README's folder for local copies is local even before it exists
+    assert not model_source("models/my_c2s_model_typo").is_hub
+    assert model_source("checkpoints/run1").is_hub  # another owner/name without such a folder: tried on the hub
     # the project's default location (three parts), explicit relative paths, paths outside the root
     assert not model_source(root / "data" / "06_models" / "foundation_model", root=root).is_hub
     assert not model_source("./vandijklab/C2S-Pythia-410m").is_hub
@@ -137,10 +140,11 @@ def test_an_uncached_hub_id_offline_fails_at_once_with_both_possibilities(tmp_pa
     probes = no_probe(monkeypatch)
     monkeypatch.chdir(tmp_path)
     source = model_source("vandijklab/C2S-Pythia-410m-cell-type-prediction")
-    advice = (r"not a local model directory \(nothing at .*vandijklab/C2S-Pythia-410m-cell-type-prediction\).*"
-              r"not in this machine's Hugging Face cache .*empty_cache.*HF_HUB_OFFLINE is set.*"
+    advice = (r"'vandijklab/C2S-Pythia-410m-cell-type-prediction' is neither a local model directory "
+              r"\(nothing at .*vandijklab/C2S-Pythia-410m-cell-type-prediction\) nor.*Hugging Face cache "
+              r"\(.*empty_cache\).*HF_HUB_OFFLINE is set.*If it is a local directory, check the path.*"
               r"`hf download vandijklab/C2S-Pythia-410m-cell-type-prediction --local-dir "
-              r"models/C2S-Pythia-410m-cell-type-prediction`.*check the path")
+              r"models/C2S-Pythia-410m-cell-type-prediction`")
     with pytest.raises(ModelNotFoundError, match=advice) as error:
         hub_model_available(source)
     assert error.value.local_dir == "models/C2S-Pythia-410m-cell-type-prediction"
@@ -178,7 +182,6 @@ def test_a_reachable_hub_decides_whether_an_uncached_hub_id_exists(tmp_path, mon
 
 
 def test_a_missing_local_directory_is_named_and_not_tried_on_the_hub(tmp_path, monkeypatch):
-    (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
     probes = no_probe(monkeypatch)
     with pytest.raises(ModelNotFoundError, match=r"model directory not found: .*models/my_c2s_model_typo\.") as error:
@@ -287,6 +290,7 @@ def test_settings_this_machine_cannot_honour_stop_before_any_weight_is_read(tiny
     ({"device": "cuda:1", "device_map": "auto"}, "both set"),
     ({"low_cpu_mem_usage": "yes"}, "must be true or false"),
     ({"dtype": "int8"}, "unknown dtype 'int8'"),
+    ({"device": "gpu"}, "unknown device 'gpu'; use auto, cpu, cuda"),
 ])
 def test_malformed_settings_name_what_is_wrong(settings, message):
     with pytest.raises(UnsupportedLoadSettingError, match=message):

@@ -41,6 +41,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# huggingface.co/models is the hub's model index, so no hub user is called "models"; it is also
+# where local copies of hub models go (models/<name>)
+LOCAL_ONLY_OWNERS = ("models",)
 ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 _BNB_ARGUMENTS = tuple(p for p in inspect.signature(BitsAndBytesConfig.__init__).parameters if p not in ("self", "kwargs"))
 _BNB_DTYPE_ARGUMENTS = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
@@ -106,9 +109,10 @@ def model_source(source: str | os.PathLike | ModelSource, root: str | os.PathLik
     Something that exists at ``source`` is local. Otherwise ``source`` is read relative to
     ``root`` (default: the working directory); an absolute ``source`` inside ``root`` is read as
     the relative path it was before something made it absolute. That relative form is a hub id
-    when it has the shape ``owner/name`` and ``root`` has no folder ``owner``
-    (``models/my_model`` with a ``models/`` folder is a local path that does not exist yet);
-    anything else is a local path.
+    when it has the shape ``owner/name``, ``root`` has no folder ``owner`` and ``owner`` is not
+    ``models`` (no hub user has that name); anything else (``models/my_model``,
+    ``checkpoints/run1`` when there is a ``checkpoints/`` folder) is a local path that does not
+    exist (yet).
     """
     if isinstance(source, ModelSource):
         return source
@@ -125,7 +129,8 @@ def model_source(source: str | os.PathLike | ModelSource, root: str | os.PathLik
             relative = None
     else:
         relative = None if text.startswith((".", "~")) else path.as_posix()
-    if relative and HUB_ID.match(relative) and not (base / relative.split("/")[0]).is_dir():
+    owner = relative.split("/")[0] if relative else ""
+    if relative and HUB_ID.match(relative) and owner not in LOCAL_ONLY_OWNERS and not (base / owner).is_dir():
         return ModelSource(path=local, hub_id=relative)
     return ModelSource(path=local)
 
@@ -172,6 +177,13 @@ class LoadOptions:
 
     def validate(self) -> None:
         """Check the values themselves (not the machine: see ``check_machine``)."""
+        if self.device not in (None, "auto"):
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise UnsupportedLoadSettingError(
+                    f"unknown device '{self.device}'; use auto, cpu, cuda, cuda:<index> or mps"
+                ) from None
         if self.dtype not in (None, "auto") and self.dtype not in DTYPES:
             raise UnsupportedLoadSettingError(f"unknown dtype '{self.dtype}'; use one of auto, {', '.join(DTYPES)}")
         if self.device_map is not None and self.device not in (None, "auto"):
@@ -340,12 +352,11 @@ def _unreachable_reason() -> str:
 def _hub_unreachable_error(source: ModelSource, reason: str) -> ModelNotFoundError:
     hub_id, folder = source.hub_id, f"models/{source.hub_id.split('/')[-1]}"
     return ModelNotFoundError(
-        f"'{hub_id}' is not a local model directory (nothing at {source.path}), and as a Hugging Face hub id "
-        f"it is not in this machine's Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and could not be read "
-        f"from the hub ({reason}). To use the hub model without access to the hub, download it on a machine "
-        f"that has access (`hf download {hub_id} --local-dir {folder}`; `huggingface-cli download` with older "
-        f"huggingface_hub), copy the folder {folder} here and load it from that local directory. If you meant a "
-        "local directory, check the path.",
+        f"'{hub_id}' is neither a local model directory (nothing at {source.path}) nor, as a Hugging Face hub "
+        f"id, in this machine's Hugging Face cache ({hub_constants.HF_HUB_CACHE}), and the hub cannot be read "
+        f"({reason}). If it is a local directory, check the path. If it is a hub model, download it on a machine "
+        f"with access to the hub (`hf download {hub_id} --local-dir {folder}`; `huggingface-cli download` with "
+        f"older huggingface_hub), copy the folder {folder} here and load it from there.",
         hub_id=hub_id,
     )
 
