@@ -367,7 +367,7 @@ def hub_model_available(source: str | ModelSource) -> bool:
     False when the hub answers that there is no such model; raises ``ModelNotFoundError`` (with
     what to do) when it is not cached and the hub cannot be reached, so that a run stops at once.
     """
-    source = model_source(source) if not isinstance(source, ModelSource) else source
+    source = model_source(source)
     if not source.is_hub:
         raise ValueError(f"{source} is not a hub id")
     if in_hub_cache(source.hub_id):
