@@ -132,7 +132,7 @@ def test_generation_prompts_ask_for_the_median_cell_or_what_fits(tokenizer):
     assert _tokens(tokenizer, prompt + answer) + 1 <= 128
     assert tight["max_new_tokens"] == 128 - max(_tokens(tokenizer, p) for p in tight["prompt"])
     assert tight["max_new_tokens"] >= _tokens(tokenizer, answer) + 1
-    with pytest.raises(ValueError, match="template index 10 does not exist: cell_type_generation has 10 templates"):
+    with pytest.raises(IndexError, match="template index 10 does not exist: cell_type_generation has 10 templates"):
         cell_generation_prompts(sentences, types, tokenizer, max_tokens=128, n_per_type=1, template_index=10)
     with pytest.raises(ContextTooSmallError, match="instruction alone takes"):
         cell_generation_prompts(sentences, types, tokenizer, max_tokens=20, n_per_type=1)

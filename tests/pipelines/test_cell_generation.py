@@ -94,7 +94,9 @@ def test_unconstrained_output_is_cleaned_and_counted(setting):
     assert generated["n_non_genes_dropped"].sum() > 0  # a random model writes other words too
 
 
-def test_missing_label_column_names_the_setting(setting):
+def test_a_missing_label_column_or_template_names_the_setting(setting):
     _, cells, model, split, _ = setting
+    with pytest.raises(IndexError, match=r"template index 10 does not exist.*Change cell_generation\.template_index"):
+        build_generation_prompts(cells, split, model, _params(template_index=10))
     with pytest.raises(KeyError, match=r"'annotation' not in the cell-sentence dataset.*Change cell_generation\.label_column"):
         build_generation_prompts(cells, split, model, _params(label_column="annotation", n_cells_per_type=1))

@@ -64,7 +64,7 @@ def test_prompts_fit_the_context_and_use_the_fixed_template(sentences, model):
         assert f" {kept} genes" in prompt and kept <= available
     assert prompts["genes_available"] == [min(10 + i, 40) for i in range(sentences.num_rows)]  # 40 genes in all
     assert min(prompts["genes_kept"]) == 10 and max(prompts["genes_kept"]) < max(prompts["genes_available"])  # long ones cut
-    with pytest.raises(ValueError, match="template index 12 does not exist.*Change embedding.template_index"):
+    with pytest.raises(IndexError, match="template index 12 does not exist.*Change embedding.template_index"):
         build_embedding_prompts(sentences, model, _params(template_index=12))
 
 

@@ -154,7 +154,7 @@ def label_answer_room(tokenizer, labels: Sequence[str], extra_new_tokens: int) -
 def _template(task: str, index: int) -> str:
     inputs = load_templates(task).inputs
     if not 0 <= index < len(inputs):
-        raise ValueError(f"template index {index} does not exist: {task} has {len(inputs)} templates (0 to {len(inputs) - 1})")
+        raise IndexError(f"template index {index} does not exist: {task} has {len(inputs)} templates (0 to {len(inputs) - 1})")
     return inputs[index]
 
 

@@ -27,7 +27,7 @@ def build_generation_prompts(
     with setting_hint("cell_generation.label_column"):
         table = sentence_table(cell_sentences, [label])
     train = table.loc[data_split["train"]].dropna(subset=[label])
-    with setting_hint("cell_generation.template_index"):
+    with setting_hint("cell_generation.template_index", IndexError):
         return cell_generation_prompts(
             train["cell_sentence"].tolist(), train[label].astype(str).tolist(), finetuned_model.tokenizer,
             finetuned_model.context_length, settings.n_cells_per_type, settings.template_index, settings.organism,

@@ -30,7 +30,7 @@ def build_embedding_prompts(cell_sentences: Dataset, foundation_model: LanguageM
     """
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     organism_column = settings.organism_column
-    with setting_hint("embedding.template_index"):
+    with setting_hint("embedding.template_index", IndexError):
         prompts, kept, available = cell_type_prediction_prompts(
             cell_sentences["cell_sentence"],
             cell_sentences[organism_column] if organism_column in cell_sentences.column_names else None,

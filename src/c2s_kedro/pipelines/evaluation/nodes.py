@@ -27,11 +27,10 @@ def build_evaluation_prompts(
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
         table = sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
-    with setting_hint("evaluation.top_k_genes"):
-        return cell_type_test_prompts(
-            table, data_split["train"], data_split["test"], settings.label_column, settings.organism_column,
-            model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed,
-        )
+    return cell_type_test_prompts(
+        table, data_split["train"], data_split["test"], settings.label_column, settings.organism_column,
+        model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed,
+    )
 
 
 def predict_by_generation(evaluation_prompts: dict[str, Any], model: LanguageModel, params: dict[str, Any]) -> pd.DataFrame:
