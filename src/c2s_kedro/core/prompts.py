@@ -277,8 +277,8 @@ class PromptFormatter:
         if missing:
             raise KeyError(
                 f"{type(self).__name__} needs column(s) {missing} in the cell-sentence dataset; "
-                f"available: {', '.join(dataset.column_names)}. Add them to "
-                "sentence_conversion.label_columns or change the formatter's column settings."
+                f"available: {', '.join(dataset.column_names)}. Copy them into the sentences when converting the "
+                "cells, or change the formatter's column settings."
             )
         self.rng = np.random.default_rng(self.seed)
         return dataset.map(
