@@ -156,22 +156,25 @@ def _project_copy(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("path", ["models/my_c2s_model_typo", "vandijklab/C2S-Pythia-410m-cell-type-prediction"])
-def test_a_kedro_session_refuses_to_pretrain_into_a_model_entry_of_the_user(tmp_path, path):
+def test_a_kedro_session_refuses_to_pretrain_into_a_model_entry_of_the_user(tmp_path, path, monkeypatch):
     """As a user runs it: conf/local overrides foundation_model, `embedding` runs on a fresh
     project. Nothing may be pretrained into that location; the run fails at once, naming it."""
     import mlflow
-    from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
+
+    from c2s_kedro.runner import ProjectSession
 
     root = _project_copy(tmp_path)
     (root / "conf" / "local" / "catalog.yml").write_text(
         f"foundation_model:\n  type: c2s_kedro.datasets.HFModelDataset\n  path: {path}\n"
     )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: an uncached hub id must fail at once
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     bootstrap_project(root)
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        with KedroSession.create(project_path=root, env="test") as session:
+        with ProjectSession.create(project_path=root) as session:  # what `kedro run` creates (settings.SESSION_CLASS)
             with pytest.raises(Exception, match="foundation_model") as error:
                 session.run(pipeline_names=["embedding"])
     finally:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kedro.framework.session import KedroSession
+from kedro.io import DatasetError
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
@@ -37,9 +38,16 @@ def _is_parameter(name: str) -> bool:
     return name == "parameters" or name.startswith("params:")
 
 
+def _exists(catalog, name: str) -> bool:
+    try:
+        return catalog.exists(name)
+    except DatasetError as error:  # Kedro's message names the dataset class, not the entry
+        raise DatasetError(f"{name}: {error}") from error
+
+
 def missing_inputs(pipeline: Pipeline, catalog) -> set[str]:
     """Inputs of ``pipeline`` that are neither parameters nor saved."""
-    return {name for name in pipeline.inputs() if not _is_parameter(name) and not catalog.exists(name)}
+    return {name for name in pipeline.inputs() if not _is_parameter(name) and not _exists(catalog, name)}
 
 
 class UpstreamRunner(SequentialRunner):
@@ -93,7 +101,7 @@ class UpstreamRunner(SequentialRunner):
             for name in node.outputs:
                 if not self._user_entries.matches(name):
                     continue
-                state = "is not saved" if not catalog.exists(name) else "would be overwritten"
+                state = "is not saved" if not _exists(catalog, name) else "would be overwritten"
                 described = catalog.get(name)
                 raise UserEntryMissingError(
                     f"'{name}' {state}: the run needs it and its catalog entry comes from your environment "
