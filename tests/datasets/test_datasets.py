@@ -176,18 +176,3 @@ def test_metric_names_mlflow_refuses_are_made_safe_there_only(tmp_path):
         dataset.save({"correlation[CD14+ Monocyte]": 0.9})
     assert json.loads((tmp_path / "m.json").read_text()) == {"correlation[CD14+ Monocyte]": 0.9}
     assert MlflowClient().get_run(run.info.run_id).data.metrics == {"gen.correlation_CD14_ Monocyte_": 0.9}
-
-
-def test_model_dataset_hub_id_counts_as_existing_and_refuses_saves(tmp_path, monkeypatch):
-    """A hub id in the catalog must not be rebuilt upstream and shadowed by a local folder."""
-    from c2s_kedro.core.models import LanguageModel
-    from c2s_kedro.datasets import HFModelDataset
-
-    monkeypatch.chdir(tmp_path)
-    hub = HFModelDataset(path="vandijklab/C2S-Pythia-410m-cell-type-prediction")
-    assert hub.exists()
-    with pytest.raises(DatasetError, match="hub id"):
-        hub.save(LanguageModel(model=None, tokenizer=None))
-    assert not (tmp_path / "vandijklab").exists()
-    local = HFModelDataset(path=str(tmp_path / "models" / "mine"))
-    assert not local.exists()
