@@ -51,6 +51,19 @@ def make_counts_adata(n_cells: int = 60, n_genes: int = 40, seed: int = 0) -> ad
     return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
 
 
+def copy_project(root: Path) -> Path:
+    """A new project at ``root``: the project's conf/ (without conf/local, which is made empty),
+    pyproject.toml and .telemetry; the package itself is the installed one."""
+    import shutil
+
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy(PROJECT_ROOT / ".telemetry", root / ".telemetry")
+    (root / "src").mkdir()
+    return root
+
+
 def load_parameters(name: str) -> dict[str, Any]:
     """The project's parameters from conf/base/parameters_<name>.yml."""
     with open(PROJECT_ROOT / "conf" / "base" / f"parameters_{name}.yml") as stream:

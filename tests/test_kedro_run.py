@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,8 @@ import pandas as pd
 import pytest
 from datasets import load_from_disk
 
-PROJECT = Path(__file__).resolve().parents[1]
+from tests.helpers import copy_project
+
 
 
 def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -28,13 +28,7 @@ def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.Complete
 
 
 def _new_project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
-    return root
+    return copy_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +117,8 @@ def test_default_run_leaves_every_output(project: Path):
     assert (data / "08_reporting" / "perturbation" / "posterior_umap.png").stat().st_size > 10_000
     assert ad.read_h5ad(data / "07_model_output" / "posterior_statistics.h5ad").layers["variance"].shape[1] > 0
     for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation",
-                     "cell_generation", "perturbation_qc", "perturbation"):
+                     "zero_shot_evaluation", "cell_generation", "perturbation_data_processing", "perturbation_sentence_conversion",
+                     "perturbation_data", "perturbation"):
         metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
         assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
 
@@ -177,6 +172,10 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     assert {"plots/perturbation/posterior_pca.png", "plots/perturbation/loss_curves.png", "tables/perturbation_summary.csv"} <= artifacts
     assert "perturbation.linear_additive.pearson_delta" in run.data.metrics
     assert client.get_metric_history(run.info.run_id, "perturbation_finetuning.loss")
+    # the screen's namespaced processing logs under its own prefix and parameters
+    assert "perturbation_data_processing.cells_after" in run.data.metrics
+    assert run.data.params["perturbation.data_processing.qc.min_genes_per_cell"] == "500"
+    assert "plots/perturbation/expression_vs_log_rank.png" in artifacts
 
 
 def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
@@ -192,6 +191,11 @@ def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
                                                       "cell_generation", "perturbation_data", "perturbation_finetuning", "perturbation_posterior"}
     names = {n["name"] for n in main["nodes"]}
     assert {"raw_adata", "processed_adata", "cell_sentences", "vocabulary", "rank_fit", "reconstructed_adata", "foundation_model", "cell_embeddings", "data_split", "finetuned_model"} <= names
+    # the screen flows through the atlas's boxes, in its own namespace
+    screen = json.loads((project / "build" / "api" / "pipelines" / "perturbation_data").read_text())
+    screen_nodes = {n["name"] for n in screen["nodes"]}
+    assert {"perturbation.validate_raw_adata", "perturbation.convert_to_cell_sentences", "perturbation.fit_rank_to_expression",
+            "perturbation.processed_adata"} <= screen_nodes or "perturbation" in {n.get("modular_pipelines", [None])[0] for n in screen["nodes"] if n.get("modular_pipelines")}
 
 
 def _epochs_per_step(project: Path) -> float:

@@ -4,9 +4,7 @@ never produces what the user's environment points elsewhere."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 from kedro.framework.hooks import hook_impl
@@ -16,8 +14,8 @@ from kedro.pipeline import Pipeline, node
 from kedro_datasets.json import JSONDataset
 
 from c2s_kedro.runner import UpstreamRunner, UserEntryMissingError, environment_entries
+from tests.helpers import copy_project
 
-PROJECT = Path(__file__).resolve().parents[1]
 CALLS: list[str] = []
 
 
@@ -145,16 +143,6 @@ def test_environment_entries_are_the_keys_added_or_changed_against_base():
     assert environment_entries(base, base) == []
 
 
-def _project_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
-    return root
-
-
 @pytest.mark.parametrize("path", ["models/my_c2s_model_typo", "vandijklab/C2S-Pythia-410m-cell-type-prediction"])
 def test_a_kedro_session_refuses_to_pretrain_into_a_model_entry_of_the_user(tmp_path, path, monkeypatch):
     """As a user runs it: conf/local overrides foundation_model, `embedding` runs on a fresh
@@ -164,7 +152,7 @@ def test_a_kedro_session_refuses_to_pretrain_into_a_model_entry_of_the_user(tmp_
 
     from c2s_kedro.runner import ProjectSession
 
-    root = _project_copy(tmp_path)
+    root = copy_project(tmp_path / "project")
     (root / "conf" / "local" / "catalog.yml").write_text(
         f"foundation_model:\n  type: c2s_kedro.datasets.HFModelDataset\n  path: {path}\n"
     )

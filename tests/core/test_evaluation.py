@@ -93,7 +93,6 @@ def test_baseline_fits_on_train_cells_and_predicts_the_test_cells(counts_adata):
 
 
 def test_test_prompts_take_labels_from_train_and_leave_room_for_every_answer(caplog):
-    from c2s_kedro.core.models import build_gpt_neox
     from c2s_kedro.core.prompts import template_words
     from c2s_kedro.core.tokenizer import build_gene_tokenizer
 

@@ -20,10 +20,12 @@ from c2s_kedro.core.training import (
     format_split_prompts,
     pretraining_corpus,
     prompt_formatters,
+    require_task,
     sample_mean_loss,
     tokenize_dataset,
     tokenize_pairs,
     train_causal_lm,
+    trained_tasks,
     training_arguments,
 )
 
@@ -189,6 +191,12 @@ def test_finetune_trains_on_train_evaluates_on_val_and_never_reads_test(tokenize
     trained, history = finetune(base, prompts, _settings(tmp_path, training_arguments=arguments))
     assert [e["step"] for e in history if "eval_loss" in e] == [1, 2]
     assert any(not torch.equal(before[k], v) for k, v in trained.model.state_dict().items())
+    # the model remembers what it learnt, so generating cells with a prediction-only model is refused
+    assert trained_tasks(trained) == ["cell_type_prediction"]
+    require_task(trained, "cell_type_prediction")
+    with pytest.raises(ValueError, match="fine-tuned for cell_type_prediction only, not for cell_type_generation"):
+        require_task(trained, "cell_type_generation")
+    require_task(build_gpt_neox(tokenizer, ARCHITECTURE), "cell_type_generation")  # a model from elsewhere: not refused
 
 
 def test_custom_formatter_formats_each_cell_once_whatever_the_tasks(cells):

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.datasets import HFModelDataset
+from tests.helpers import copy_project
 from tests.core.test_model_loading import HUB_MODEL, no_probe, put_in_hub_cache, save_tiny_model, use_hub_cache
 
-PROJECT = Path(__file__).resolve().parents[2]
 C2S_410M = "vandijklab/C2S-Pythia-410m-cell-type-prediction"
 
 
@@ -142,13 +142,7 @@ def user_project(tmp_path):
     from kedro.framework.project import settings
     from kedro.framework.startup import bootstrap_project
 
-    root = tmp_path / "user_project"
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    if (PROJECT / ".telemetry").exists():
-        shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
+    root = copy_project(tmp_path / "user_project")
 
     def local_catalog(path: str) -> None:
         (root / "conf" / "local" / "catalog.yml").write_text(

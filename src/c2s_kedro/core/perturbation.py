@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.inference import sample_continuations
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import ContextTooSmallError, PromptFormatter, count_tokens, fit_prompt, load_templates
+from c2s_kedro.core.prompts import (
+    ContextTooSmallError,
+    PromptFormatter,
+    count_tokens,
+    fit_prompt,
+    load_templates,
+    response_tokens,
+)
 from c2s_kedro.core.sentences import RankFit, reconstruct_expression
 from c2s_kedro.core.splitting import split_names
 
@@ -313,9 +320,7 @@ def paired_sentences(pairs: pd.DataFrame, sentences: dict[str, str]) -> Dataset:
 
 def response_token_budget(tokenizer, responses: Sequence[str]) -> int:
     """Tokens to generate so the longest of ``responses`` and its EOS fit (``max_new_tokens``)."""
-    if not len(responses):
-        raise ValueError("no responses to size the generation budget from")
-    return int(count_tokens(tokenizer, [" " + r for r in responses]).max()) + 1
+    return response_tokens(tokenizer, responses) + 1
 
 
 def sample_posterior(

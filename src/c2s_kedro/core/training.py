@@ -258,7 +258,26 @@ def finetune(
     )
     if settings.lora:
         trained = LanguageModel(trained.model.merge_and_unload(), tokenizer, language_model.source)
+    if "sample_type" in prompts["train"].column_names:
+        # saved in config.json: what a later pipeline may ask of this model (cell generation checks it)
+        trained.model.config.c2s_trained_tasks = sorted(set(prompts["train"]["sample_type"]))
     return trained, log_history
+
+
+def trained_tasks(language_model: LanguageModel) -> list[str] | None:
+    """The prompt tasks a model was fine-tuned on here (None for a model from elsewhere)."""
+    return getattr(language_model.model.config, "c2s_trained_tasks", None)
+
+
+def require_task(language_model: LanguageModel, task: str) -> None:
+    """Refuse to ask a model fine-tuned here for a task it was not trained on."""
+    tasks = trained_tasks(language_model)
+    if tasks is not None and task not in tasks:
+        raise ValueError(
+            f"the model was fine-tuned for {', '.join(tasks)} only, not for {task}: its output would be "
+            f"noise. Fine-tune it with {task} among the tasks, or run only the pipelines its tasks serve "
+            "(e.g. cell_type_evaluation instead of evaluation)."
+        )
 
 
 def prompt_formatters(

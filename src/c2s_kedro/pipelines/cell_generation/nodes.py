@@ -13,6 +13,7 @@ from c2s_kedro.core import cell_generation
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import cell_generation_prompts, sentence_table
 from c2s_kedro.core.sentences import RankFit
+from c2s_kedro.core.training import require_task
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import CellGenerationParameters
 
@@ -23,6 +24,8 @@ def build_generation_prompts(
     """``n_cells_per_type`` cell-type-conditioned prompts per cell type of the train cells, each asking
     for the median number of genes of that type's cells, or fewer so that the answer fits the context."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
+    with setting_hint("finetuning.tasks"):
+        require_task(finetuned_model, "cell_type_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
         table = sentence_table(cell_sentences, [label])
