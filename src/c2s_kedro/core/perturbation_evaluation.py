@@ -26,7 +26,7 @@ from datasets import Dataset
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 
-from c2s_kedro.core.preprocessing import neighbors_umap
+from c2s_kedro.core.preprocessing import embed_expression
 from c2s_kedro.core.sentences import CELL_NAME, CELL_SENTENCE, RankFit, reconstruct_expression
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def posterior_embedding(
     seed: int = 0, n_neighbors: int = 15,
 ) -> ad.AnnData:
     """Posterior samples and real cells in one shared space (PCA, then kNN and UMAP with
-    ``preprocessing.neighbors_umap``), fitted on the samples of the first ``max_perturbations``
+    ``preprocessing.embed_expression``), fitted on the samples of the first ``max_perturbations``
     perturbations (sorted), their real cells and the real control cells.
 
     Returns those cells (sparse, samples first) with ``.obs`` ``perturbation``, ``temperature``
@@ -357,7 +357,5 @@ def posterior_embedding(
     obs.index = [f"sample-{i}" for i in range(chosen.n_obs)] + [f"real-{i}" for i in range(chosen_real.n_obs)]
     matrix = sp.vstack([sp.csr_matrix(chosen.X), sp.csr_matrix(chosen_real.X)]).tocsr().astype(np.float32)
     combined = ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=samples.var_names.astype(str)))
-    n_comps = max(2, min(30, combined.n_obs - 1, combined.n_vars - 1))
-    sc.pp.pca(combined, n_comps=n_comps, random_state=seed)
-    neighbors_umap(combined, "X_pca", n_neighbors=n_neighbors, seed=seed)
-    return combined
+    return embed_expression(combined, n_comps=max(2, min(30, combined.n_obs - 1, combined.n_vars - 1)),
+                            n_neighbors=n_neighbors, seed=seed)
