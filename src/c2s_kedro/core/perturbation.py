@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
@@ -35,6 +35,7 @@ from c2s_kedro.core.prompts import (
 )
 from c2s_kedro.core.sentences import RankFit, reconstruct_expression
 from c2s_kedro.core.splitting import split_names
+from c2s_kedro.core.validation import make_gene_names_unique, use_gene_symbols
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,75 @@ def check_screen(adata: ad.AnnData, columns: ScreenColumns) -> None:
             f"{', '.join(map(str, adata.var.columns)) or 'none'}); name it, or none when var_names are gene symbols.",
             "gene_symbol",
         )
+
+
+def screen_for_processing(adata: ad.AnnData, columns: ScreenColumns, truth_key: str) -> tuple[ad.AnnData, pd.DataFrame]:
+    """The screen ready for the atlas's processing: perturbation names upper-cased like the gene
+    vocabulary (the control label kept) and the simulator's truth (``varm[truth_key]``, genes x
+    perturbations, expected log2 fold change) taken out as a table with one row per gene, named as
+    processing will name it; no rows for a real screen. The counts are shared, not copied."""
+    labels = adata.obs[columns.perturbation].astype(str)
+    obs = adata.obs.copy()
+    obs[columns.perturbation] = labels.where(labels == columns.control_label, labels.str.upper())
+    varm = {key: value for key, value in adata.varm.items() if key != truth_key}
+    screen = ad.AnnData(X=adata.X, obs=obs, var=adata.var.copy(), varm=varm, layers=dict(adata.layers), uns=dict(adata.uns))
+    truth = pd.DataFrame({"gene": pd.Series([], dtype=str)})  # a real screen: no rows (still a readable CSV)
+    if truth_key in adata.varm:
+        table = pd.DataFrame(adata.varm[truth_key])
+        genes = make_gene_names_unique(use_gene_symbols(ad.AnnData(var=adata.var.copy()), columns.gene_symbol)).var_names
+        truth = pd.DataFrame(np.asarray(table), index=pd.Index(genes.astype(str), name="gene"),
+                             columns=[str(c).upper() for c in table.columns]).reset_index()
+    return screen, truth
+
+
+def control_pairs(
+    obs: pd.DataFrame, split: dict[str, Any], part: str, columns: ScreenColumns, seed: int, controls_per_cell: int = 1,
+    include_control_pairs: bool = True,
+) -> pd.DataFrame:
+    """The pairs of a part of the split: each perturbed cell with controls of its batch and, outside
+    the test part, control -> control pairs labelled with the control label (they teach the model
+    that "no perturbation" means "the same state")."""
+    pairs = pair_with_controls(obs, split[part], split[f"control_{part}"], columns, seed=seed, controls_per_cell=controls_per_cell)
+    if part != "test" and include_control_pairs:
+        controls = split[f"control_{part}"]
+        pairs = pd.concat([pairs, pair_with_controls(obs, controls, controls, columns, seed=seed + 1)], ignore_index=True)
+    return pairs
+
+
+def perturbation_prompts(
+    sentences: Dataset, split: dict[str, Any], columns: ScreenColumns, tokenizer, max_tokens: int,
+    top_k_genes: int | None, seed: int, controls_per_cell: int = 1, include_control_pairs: bool = True,
+    max_new_tokens: int | None = None, on_overflow: str = "shorten", max_eval_samples: int | None = None,
+) -> DatasetDict:
+    """Train, val and test prompts of the screen: pairs (perturbed cell, control of its batch) as
+    "control sentence + perturbation -> perturbed sentence". Training samples keep their response
+    whole; test prompts leave room for ``max_new_tokens`` (default: the longest training response
+    and its EOS), shortening the control sentence or refusing (``on_overflow``). ``sentences`` must
+    hold the perturbation (and batch) columns."""
+    keep = [c for c in ("cell_name", columns.perturbation, columns.batch) if c]
+    missing = [c for c in keep if c not in sentences.column_names]
+    if missing:
+        raise KeyError(f"column(s) {missing} are not in the screen's cell sentences; convert them with the sentences")
+    obs = sentences.select_columns(keep).to_pandas().set_index("cell_name")
+    table = sentences.select_columns(["cell_name", "cell_sentence"]).to_pandas()
+    lookup = dict(zip(table["cell_name"], table["cell_sentence"].fillna("")))
+    parts = {}
+    for offset, part in enumerate(("train", "val", "test")):
+        pairs = paired_sentences(control_pairs(obs, split, part, columns, seed + 10 * offset, controls_per_cell,
+                                               include_control_pairs), lookup)
+        if part != "test":
+            formatter = PerturbationPromptFormatter(top_k_genes=top_k_genes, seed=seed, tokenizer=tokenizer, max_tokens=max_tokens)
+            parts[part] = formatter.format_dataset(pairs).shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+    budget = max_new_tokens or response_token_budget(tokenizer, parts["train"]["response"])
+    formatter = PerturbationPromptFormatter(
+        top_k_genes=top_k_genes, seed=seed, tokenizer=tokenizer, max_tokens=max_tokens, response_budget=budget,
+        on_overflow=on_overflow,
+    )
+    test = formatter.format_dataset(pairs)
+    parts["test"] = test.add_column("max_new_tokens", [budget] * test.num_rows)
+    if max_eval_samples is not None and parts["val"].num_rows > max_eval_samples:
+        parts["val"] = parts["val"].select(range(max_eval_samples), keep_in_memory=True)
+    return DatasetDict(parts)
 
 
 def pair_with_controls(
