@@ -164,7 +164,7 @@ def test_a_plot_shows_at_most_max_plot_panels_perturbations(outputs, screen):
 def test_a_rank_fit_with_counts_as_floats_is_read_as_the_fit(outputs, screen):
     catalog, params = outputs
     as_floats = {k: float(v) for k, v in RANK_FIT.items()}
-    expression, _ = posterior_to_expression(catalog.load("posterior_samples"), screen["processed"], as_floats, params)
+    expression, _ = posterior_to_expression(catalog.load("posterior_samples"), screen["processed"], as_floats)
     assert expression.uns["rank_fit"] == RANK_FIT and isinstance(expression.uns["rank_fit"]["n_cells"], int)
 
 

@@ -51,12 +51,11 @@ def sample_perturbation_posterior(
 
 
 def posterior_to_expression(
-    posterior_samples: pd.DataFrame, processed_adata: ad.AnnData, rank_fit: dict[str, Any], params: dict[str, Any],
+    posterior_samples: pd.DataFrame, processed_adata: ad.AnnData, rank_fit: dict[str, Any],
 ) -> tuple[ad.AnnData, ad.AnnData]:
     """Each sample as expression (rank -> expression fit; a gene absent from a sample is 0) and,
     per perturbation and temperature, the posterior mean, variance and the share of samples that
     contain each gene. The caveat about absent genes is in ``.uns['caveat']`` of both."""
-    _settings(params)  # checked like every node's settings; none changes this step
     return posterior_expression(posterior_samples, list(processed_adata.var_names), RankFit.from_dict(rank_fit))
 
 

@@ -13,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                  ["perturbation_model", "perturbation_prompts", "perturbation.vocabulary", "params:perturbation"],
                  "posterior_samples", name="sample_perturbation_posterior"),
             node(nodes.posterior_to_expression,
-                 ["posterior_samples", "perturbation.processed_adata", "perturbation.rank_fit", "params:perturbation"],
+                 ["posterior_samples", "perturbation.processed_adata", "perturbation.rank_fit"],
                  ["posterior_samples_expression", "posterior_statistics"], name="posterior_to_expression"),
             node(nodes.plot_posterior,
                  ["posterior_samples_expression", "perturbation.cell_sentences", "perturbation_split",
