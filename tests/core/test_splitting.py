@@ -30,16 +30,6 @@ def test_the_atlas_split_of_the_default_cells_is_unchanged(pbmc_counts):
     assert {part: (len(names), _digest(names)) for part, names in parts.items()} == ATLAS_DIGESTS
 
 
-def test_the_same_parts_as_the_former_atlas_splitter_while_it_exists(pbmc_counts):
-    sentences = pytest.importorskip("c2s_kedro.core.sentences")
-    if not hasattr(sentences, "split_cells"):
-        pytest.skip("sentences.split_cells is gone; the digests above keep its split")
-    cell_types = pbmc_counts.obs["cell_type"].astype(str).tolist()
-    for seed, stratify in ((0, cell_types), (3, cell_types), (0, None), (7, None)):
-        assert split_names(pbmc_counts.obs_names, ATLAS, seed, stratify) == sentences.split_cells(
-            pbmc_counts.obs_names, ATLAS, seed, stratify)
-
-
 def test_parts_follow_cumulative_rounding_in_the_order_given():
     np.testing.assert_array_equal(part_sizes(24, np.array([0.65, 0.1, 0.25])), [16, 2, 6])
     # rounding each part alone gives 2 + 2 + 5 = 9 of 10; cumulative bounds always add up
