@@ -4,6 +4,9 @@ Templates are data (``prompt_templates/<task>.json``): several paraphrased input
 chosen at random per sample with a seed, and one response pattern. Placeholders: ``{num_genes}``,
 ``{organism}``, ``{cell_sentence}``, ``{cell_type}``. The full training text of a sample is
 ``model_input + " " + response``.
+
+A task may instead read a template file in the reference C2S format, ``{"model_input": [...],
+"response": [...]}`` (``read_template_file``): the prompts a hub C2S model was trained with.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+import string
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,33 +34,173 @@ PAIRED_TASKS = ("perturbation_response",)  # control cell + perturbation -> pert
 FORMATTED_COLUMNS = ("sample_type", "model_input", "response")
 
 
+_CELL_FIELDS = frozenset({"num_genes", "organism", "cell_sentence", "cell_type"})
+# Per task and field of a template file: the placeholders it may use, and those it must hold (a
+# prediction prompt without its cell, an answer without what it answers, say nothing).
+PLACEHOLDERS = {
+    "cell_type_prediction": {"model_input": (_CELL_FIELDS, {"cell_sentence"}), "response": (_CELL_FIELDS, {"cell_type"})},
+    "cell_type_generation": {"model_input": (_CELL_FIELDS, {"cell_type"}), "response": (_CELL_FIELDS, {"cell_sentence"})},
+    # the reference multi-cell files name the cells' lines {multi_cell_sentences}, ours {cell_sentences}
+    "tissue_prediction": {
+        "model_input": ({"num_cells", "num_genes", "organism", "cell_sentences", "multi_cell_sentences", "tissue"}, set()),
+        "response": ({"organism", "tissue"}, {"tissue"}),
+    },
+}
+
+
+class TemplateFileError(ValueError):
+    """A prompt template file is missing, not JSON, or not in the reference format."""
+
+
 @dataclass(frozen=True)
 class PromptTemplates:
-    """The input paraphrases and the response pattern of one task."""
+    """The input paraphrases and the response patterns of one task, and where they were read from
+    (``source``: None for the templates shipped with the package)."""
 
     task: str
     inputs: tuple[str, ...]
-    response: str
+    responses: tuple[str, ...]
+    source: str | None = None
+
+    @property
+    def response(self) -> str:
+        """The first response pattern: the one inference sizes answers with."""
+        return self.responses[0]
+
+    def pick_responses(self, rng: np.random.Generator, n: int) -> list[str]:
+        """One response pattern per sample: drawn with ``rng`` when there are several (right after
+        the inputs are drawn), so a file of one response leaves ``rng`` where it was."""
+        if len(self.responses) == 1:
+            return [self.responses[0]] * n
+        return [self.responses[i] for i in rng.integers(0, len(self.responses), size=n)]
 
 
 @cache
-def load_templates(task: str) -> PromptTemplates:
-    """Templates shipped with the package for ``task``."""
+def _packaged_templates(task: str) -> PromptTemplates:
     if task not in SUPPORTED_TASKS + MULTICELL_TASKS + PAIRED_TASKS:
         raise ValueError(
             f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS + MULTICELL_TASKS + PAIRED_TASKS)}"
         )
     text = resources.files("c2s_kedro.core").joinpath("prompt_templates", f"{task}.json").read_text()
     data = json.loads(text)
-    return PromptTemplates(task=data["task"], inputs=tuple(data["inputs"]), response=data["response"])
+    return PromptTemplates(task=data["task"], inputs=tuple(data["inputs"]), responses=(data["response"],))
 
 
-def template_words(tasks: Sequence[str] = SUPPORTED_TASKS + MULTICELL_TASKS) -> list[str]:
-    """Every whitespace-separated word of the templates, placeholders removed (for vocabularies)."""
+def load_templates(task: str, source: str | None = None) -> PromptTemplates:
+    """Templates of ``task``: those shipped with the package (``source`` None, the templates the
+    models trained here learn), or a template file in the reference format (``read_template_file``)."""
+    if source is None:
+        return _packaged_templates(task)
+    return read_template_file(task, source)
+
+
+def read_template_files(sources: Mapping[str, str | None] | None) -> dict[str, PromptTemplates]:
+    """The templates of every task that ``sources`` (task -> template file) gives a file for
+    (``read_template_file``); a task mapped to None keeps ours. A task that takes no template
+    file is an error."""
+    sources = dict(sources or {})
+    unknown = sorted(set(sources) - set(PLACEHOLDERS))
+    if unknown:
+        raise ValueError(
+            f"template files given for unknown task(s) {', '.join(unknown)}; template files can be given for "
+            f"{', '.join(PLACEHOLDERS)}"
+        )
+    return {task: read_template_file(task, source) for task, source in sources.items() if source is not None}
+
+
+def task_templates(task: str, templates: Mapping[str, PromptTemplates] | None) -> PromptTemplates:
+    """``templates[task]`` (from ``read_template_files``) where given, otherwise ours."""
+    return (templates or {}).get(task) or load_templates(task)
+
+
+def _template_text(source: str) -> str:
+    """The text of a template file: ``package:relative/path.json`` inside an installed package
+    (``importlib.resources``), otherwise a path on disk."""
+    package, colon, relative = source.partition(":")
+    if colon and package and all(part.isidentifier() for part in package.split(".")) and not Path(source).exists():
+        try:
+            location = resources.files(package).joinpath(*relative.split("/"))
+        except ModuleNotFoundError as error:
+            raise TemplateFileError(
+                f"template file {source}: package '{package}' is not installed (pip install it, or give a path)"
+            ) from error
+        if not location.is_file():
+            raise TemplateFileError(f"template file {source}: package '{package}' has no file '{relative}'")
+        return location.read_text(encoding="utf-8")
+    path = Path(source)
+    if not path.is_file():
+        raise TemplateFileError(
+            f"template file {source} does not exist (absolute: {path.resolve()}); give a path or package:relative/path.json"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def read_template_file(task: str, source: str) -> PromptTemplates:
+    """Templates of ``task`` from a file in the reference C2S format: a JSON object with
+    ``model_input`` (the input paraphrases) and ``response`` (one or more response patterns),
+    lists of strings with placeholders among ``PLACEHOLDERS[task]``.
+
+    ``source`` is a path or ``package:relative/path.json`` (a file inside an installed package).
+    These are for hub models that learnt their authors' prompts (BPE tokenizers read any word): a
+    gene-level model trained here knows only the words of its vocabulary, which pretraining builds
+    from our templates (``template_words``), so it needs the file's words in its vocabulary first.
+    Raises ``TemplateFileError`` naming the file and the field that is wrong.
+    """
+    if task not in PLACEHOLDERS:
+        raise ValueError(f"template files can be given for {', '.join(PLACEHOLDERS)}, not for '{task}'")
+    text = _template_text(source)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TemplateFileError(f"template file {source} is not JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise TemplateFileError(f"template file {source} must hold a JSON object with model_input and response")
+    fields = {}
+    for field, (allowed, needs) in PLACEHOLDERS[task].items():
+        if field not in data:
+            raise TemplateFileError(f"template file {source} has no field '{field}' (it has: {', '.join(data) or 'none'})")
+        texts = data[field]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise TemplateFileError(f"template file {source}: field '{field}' must be a list of strings")
+        if not texts:
+            raise TemplateFileError(f"template file {source}: field '{field}' is an empty list")
+        for i, text in enumerate(texts):
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+            except ValueError as error:
+                raise TemplateFileError(f"template file {source}: {field}[{i}] is not a valid template ({error})") from error
+            unknown = sorted(names - allowed)
+            if unknown:
+                raise TemplateFileError(
+                    f"template file {source}: {field}[{i}] has unknown placeholder(s) "
+                    f"{', '.join('{' + n + '}' for n in unknown)}; {task} fills {', '.join('{' + n + '}' for n in sorted(allowed))}"
+                )
+            missing = sorted(needs - names)
+            if missing:
+                raise TemplateFileError(
+                    f"template file {source}: {field}[{i}] lacks {', '.join('{' + n + '}' for n in missing)}, "
+                    f"which every {task} {field} needs"
+                )
+        fields[field] = tuple(texts)
+    answer = load_templates("cell_type_prediction").response  # "{cell_type}.", as label scoring reads answers
+    if task == "cell_type_prediction" and set(fields["response"]) != {answer}:
+        raise TemplateFileError(
+            f"template file {source}: field 'response' must be [\"{answer}\"] for cell_type_prediction "
+            "(label scoring and answer matching read answers in that form)"
+        )
+    return PromptTemplates(task=task, inputs=fields["model_input"], responses=fields["response"], source=source)
+
+
+def template_words(
+    tasks: Sequence[str] = SUPPORTED_TASKS + MULTICELL_TASKS, sources: Mapping[str, str | None] | None = None
+) -> list[str]:
+    """Every whitespace-separated word of the templates, placeholders removed (for vocabularies);
+    ``sources`` maps a task to a template file read instead of ours (``read_template_files``)."""
+    files = read_template_files(sources)
     words: list[str] = []
     for task in tasks:
-        templates = load_templates(task)
-        for text in (*templates.inputs, templates.response):
+        templates = task_templates(task, files)
+        for text in (*templates.inputs, *templates.responses):
             for word in text.replace("\n", " ").split():
                 if "{" not in word and word not in words:
                     words.append(word)
@@ -151,10 +296,13 @@ def label_answer_room(tokenizer, labels: Sequence[str], extra_new_tokens: int) -
     return response_tokens(tokenizer, [load_templates("cell_type_prediction").response.format(cell_type=label) for label in labels]) + 1 + extra_new_tokens
 
 
-def _template(task: str, index: int) -> str:
-    inputs = load_templates(task).inputs
+def _template(templates: PromptTemplates, index: int) -> str:
+    inputs = templates.inputs
     if not 0 <= index < len(inputs):
-        raise IndexError(f"template index {index} does not exist: {task} has {len(inputs)} templates (0 to {len(inputs) - 1})")
+        where = f" in {templates.source}" if templates.source else ""
+        raise IndexError(
+            f"template index {index} does not exist: {templates.task} has {len(inputs)} templates{where} (0 to {len(inputs) - 1})"
+        )
     return inputs[index]
 
 
@@ -180,19 +328,21 @@ def cell_type_prediction_prompts(
     top_k_genes: int | None = None,
     seed: int = 0,
     default_organism: str = "Homo sapiens",
+    templates: PromptTemplates | None = None,
 ) -> tuple[list[str], list[int], list[int]]:
     """Cell-type-prediction prompts without their answer, each fitted to ``max_tokens`` tokens.
 
     ``template_index`` fixes the paraphrase (reproducible embeddings); ``None`` draws one per cell
-    with ``seed``, as in training. Returns the prompts, the genes kept and the genes available
-    per cell; shortened prompts are counted in the log.
+    with ``seed``, as in training. ``templates`` (``load_templates``) default to ours. Returns the
+    prompts, the genes kept and the genes available per cell; shortened prompts are counted in the log.
     """
-    templates = load_templates("cell_type_prediction").inputs
+    templates = templates or load_templates("cell_type_prediction")
+    inputs = templates.inputs
     rng = np.random.default_rng(seed)
     prompts, kept, available = [], [], []
     for i, sentence in enumerate(sentences):
         genes = (sentence or "").split()[:top_k_genes]
-        template = templates[rng.integers(len(templates))] if template_index is None else _template("cell_type_prediction", template_index)
+        template = inputs[rng.integers(len(inputs))] if template_index is None else _template(templates, template_index)
         organism = (organisms[i] if organisms is not None else None) or default_organism
         prompt, n_kept = fit_prompt(template, genes, {"organism": organism}, tokenizer, max_tokens)
         prompts.append(prompt)
@@ -215,6 +365,7 @@ def cell_generation_prompts(
     n_per_type: int,
     template_index: int = 0,
     organism: str = "Homo sapiens",
+    templates: PromptTemplates | None = None,
 ) -> dict[str, Any]:
     """``n_per_type`` cell-type-conditioned generation prompts for each type of ``cell_types`` (one
     per cell of ``sentences``, the training cells), in sorted type order.
@@ -223,10 +374,12 @@ def cell_generation_prompts(
     prompt and its answer would not fit ``max_tokens``: the answer is sized on the type's median
     cell (the first with the fewest genes at or above the median), its first ``k`` genes, "." and
     EOS (``fit_generation``). Returns ``prompt``, ``cell_type``, ``genes_requested`` per prompt
-    and ``max_new_tokens``, all the room the longest prompt leaves.
+    and ``max_new_tokens``, all the room the longest prompt leaves. ``templates``
+    (``load_templates``) default to ours; their first response sizes the answer.
     """
-    template = _template("cell_type_generation", template_index)
-    response = load_templates("cell_type_generation").response
+    templates = templates or load_templates("cell_type_generation")
+    template = _template(templates, template_index)
+    response = templates.response
     table = pd.DataFrame({"cell_type": [str(t) for t in cell_types], "genes": [(s or "").split() for s in sentences]})
     table["n_genes"] = table["genes"].str.len()
     prompts, types, requested = [], [], []
@@ -301,6 +454,10 @@ class C2SPromptFormatter(PromptFormatter):
     With a ``tokenizer`` and ``max_tokens``, every sample fits ``max_tokens`` tokens including the
     response and EOS: a prediction prompt loses genes from the end of its sentence (the answer is
     never cut); a generation sample asks for, and answers with, as many genes as fit.
+    ``prompt_templates`` maps a task to templates read from a file (``read_template_files``);
+    tasks it does not name use ours. Each
+    sample draws its input paraphrase with the seeded rng and, when the file has several
+    responses, its response right after.
     """
 
     def __init__(
@@ -313,9 +470,10 @@ class C2SPromptFormatter(PromptFormatter):
         seed: int = 0,
         tokenizer=None,
         max_tokens: int | None = None,
+        prompt_templates: Mapping[str, PromptTemplates] | None = None,
     ) -> None:
         super().__init__(seed=seed)
-        self.templates = load_templates(task)
+        self.templates = task_templates(task, prompt_templates)
         self.task = task
         self.top_k_genes = top_k_genes
         self.label_column = label_column
@@ -332,22 +490,25 @@ class C2SPromptFormatter(PromptFormatter):
         n = len(batch["cell_sentence"])
         organisms = batch.get(self.organism_column) or [self.default_organism] * n
         choices = self.rng.integers(0, len(self.templates.inputs), size=n)
+        patterns = self.templates.pick_responses(self.rng, n)
         inputs, responses = [], []
-        for sentence, label, organism, choice in zip(batch["cell_sentence"], batch[self.label_column], organisms, choices):
+        for sentence, label, organism, choice, pattern in zip(
+            batch["cell_sentence"], batch[self.label_column], organisms, choices, patterns
+        ):
             genes = (sentence or "").split()[: self.top_k_genes]
             template = self.templates.inputs[choice]
             fields = {"organism": organism or self.default_organism, "cell_type": label}
             if self.max_tokens is not None:
                 if self.task == "cell_type_prediction":  # the answer and its EOS follow the prompt
-                    answer = response_tokens(self.tokenizer, [self.templates.response.format(**fields)]) + 1
+                    answer = response_tokens(self.tokenizer, [pattern.format(**fields)]) + 1
                     kept = fit_prompt(template, genes, fields, self.tokenizer, self.max_tokens, reserve=answer)[1]
                 else:  # the answer holds the genes the prompt asks for
-                    kept = fit_generation(template, self.templates.response, genes, fields, self.tokenizer, self.max_tokens)
+                    kept = fit_generation(template, pattern, genes, fields, self.tokenizer, self.max_tokens)
                 self.n_shortened += kept < len(genes)
                 genes = genes[:kept]
             values = {**fields, "num_genes": len(genes), "cell_sentence": " ".join(genes)}
             inputs.append(template.format(**values))
-            responses.append(self.templates.response.format(**values))
+            responses.append(pattern.format(**values))
         return {"sample_type": [self.task] * n, "model_input": inputs, "response": responses}
 
     def format_dataset(self, dataset: Dataset, batch_size: int = 1000) -> Dataset:
@@ -368,7 +529,8 @@ def build_formatter(
     dotted path (``my_package.prompts.MyFormatter``) and built with ``options``."""
     options = dict(options or {})
     if formatter is None and task in MULTICELL_TASKS:
-        keep = {k: v for k, v in common.items() if k in ("seed", "top_k_genes", "organism_column", "tokenizer", "max_tokens")}
+        keep = {k: v for k, v in common.items()
+                if k in ("seed", "top_k_genes", "organism_column", "tokenizer", "max_tokens", "prompt_templates")}
         return TissuePredictionFormatter(**keep, **options)
     if formatter is None:
         return C2SPromptFormatter(task=task, **common, **options)
@@ -391,7 +553,8 @@ class TissuePredictionFormatter(PromptFormatter):
 
     Cells are grouped by tissue in a seeded random order (a tissue's last group may be smaller).
     With a ``tokenizer`` and ``max_tokens`` every cell's sentence is cut to the same number of
-    genes so the whole prompt and its answer fit.
+    genes so the whole prompt and its answer fit. ``prompt_templates`` as in ``C2SPromptFormatter``;
+    a reference file's ``{multi_cell_sentences}`` receives the same lines as ``{cell_sentences}``.
     """
 
     task = "tissue_prediction"
@@ -406,9 +569,10 @@ class TissuePredictionFormatter(PromptFormatter):
         default_organism: str = "Homo sapiens",
         tokenizer=None,
         max_tokens: int | None = None,
+        prompt_templates: Mapping[str, PromptTemplates] | None = None,
     ) -> None:
         super().__init__(seed=seed)
-        self.templates = load_templates("tissue_prediction")
+        self.templates = task_templates("tissue_prediction", prompt_templates)
         self.cells_per_prompt = cells_per_prompt
         self.top_k_genes = top_k_genes
         self.tissue_column = tissue_column
@@ -422,13 +586,13 @@ class TissuePredictionFormatter(PromptFormatter):
 
     def _render(self, template: str, sentences: list[list[str]], k: int, fields: dict[str, Any]) -> str:
         lines = "\n".join(f"Cell {i + 1}: {' '.join(genes[:k])}." for i, genes in enumerate(sentences))
-        return template.format(num_cells=len(sentences), num_genes=k, cell_sentences=lines, **fields)
+        return template.format(num_cells=len(sentences), num_genes=k, cell_sentences=lines, multi_cell_sentences=lines, **fields)
 
-    def _prompt(self, template: str, sentences: list[list[str]], fields: dict[str, Any]) -> str:
+    def _prompt(self, template: str, response: str, sentences: list[list[str]], fields: dict[str, Any]) -> str:
         longest = max((len(genes) for genes in sentences), default=0)
         if self.max_tokens is None:
             return self._render(template, sentences, longest, fields)
-        answer = response_tokens(self.tokenizer, [self.templates.response.format(**fields)]) + 1  # and EOS
+        answer = response_tokens(self.tokenizer, [response]) + 1  # and EOS
         k = fit_to_context(lambda k: self._render(template, sentences, k, fields), longest, self.tokenizer, self.max_tokens,
                            reserve=answer, what=f"tissue_prediction prompt of {len(sentences)} cells")
         return self._render(template, sentences, k, fields)
@@ -448,6 +612,7 @@ class TissuePredictionFormatter(PromptFormatter):
                 sentences = [(batch["cell_sentence"][i] or "").split()[: self.top_k_genes] for i in chosen]
                 fields = {"tissue": tissue, "organism": organisms[chosen[0]] or self.default_organism}
                 template = self.templates.inputs[self.rng.integers(len(self.templates.inputs))]
-                inputs.append(self._prompt(template, sentences, fields))
-                responses.append(self.templates.response.format(**fields))
+                response = self.templates.pick_responses(self.rng, 1)[0].format(**fields)
+                inputs.append(self._prompt(template, response, sentences, fields))
+                responses.append(response)
         return {"sample_type": [self.task] * len(inputs), "model_input": inputs, "response": responses}
