@@ -52,15 +52,25 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[np.n
     return [order[start:end] for start, end in zip(starts, starts[1:] + [len(order)])]
 
 
-@torch.inference_mode()
-def embed_prompts(language_model: LanguageModel, prompts: Sequence[str], batch_size: int = 16) -> np.ndarray:
-    """One vector per prompt: the last hidden layer averaged over the prompt's real tokens.
+POOLINGS = ("mean", "last")
 
-    Padding positions are excluded from the mean (attention-masked), so a prompt's embedding does
-    not depend on the other prompts of its batch. Only the transformer body runs (no LM head), in
-    batches grouped by length, without gradients. Prompts must fit the model's context (see
-    ``prompts.fit_prompt``).
+
+@torch.inference_mode()
+def embed_prompts(
+    language_model: LanguageModel, prompts: Sequence[str], batch_size: int = 16, pooling: str = "mean"
+) -> np.ndarray:
+    """One vector per prompt from the last hidden layer: ``pooling="mean"`` averages it over the
+    prompt's real tokens, ``"last"`` takes the last real token (the one a causal model has read
+    the whole prompt at).
+
+    Prompts are padded on the tokenizer's ``padding_side`` with position ids counted from each
+    prompt's first token, and padding positions are left out of the pooling, so a prompt's
+    embedding does not depend on the other prompts of its batch. Only the transformer body runs
+    (no LM head), in batches grouped by length, without gradients. Prompts must fit the model's
+    context (see ``prompts.fit_prompt``).
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling '{pooling}'; choose one of: {', '.join(POOLINGS)}")
     tokenizer, model = language_model.tokenizer, language_model.model
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     too_long = [i for i, ids in enumerate(encoded) if len(ids) > language_model.context_length]
@@ -74,13 +84,19 @@ def embed_prompts(language_model: LanguageModel, prompts: Sequence[str], batch_s
         raise ValueError(f"{len(empty)} prompts are empty (e.g. prompt {empty[0]}); nothing to embed")
     body = model.base_model
     device = language_model.device
+    side = getattr(tokenizer, "padding_side", "right")
     embeddings = np.zeros((len(encoded), model.config.hidden_size), dtype=np.float32)
     batches = length_grouped_batches([len(ids) for ids in encoded], batch_size)
     for batch in tqdm(batches, desc="embedding", unit="batch", leave=False):
-        input_ids, mask = _padded(tokenizer, [encoded[i] for i in batch], "right", device)
-        hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        input_ids, mask = _padded(tokenizer, [encoded[i] for i in batch], side, device)
+        hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask)).last_hidden_state.float()
+        real = mask.bool().unsqueeze(-1)
+        if pooling == "mean":
+            # where, not a product: a left-padding position may hold NaN (it attends to nothing)
+            pooled = torch.where(real, hidden, 0.0).sum(dim=1) / real.sum(dim=1)
+        else:
+            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # the last real position, on either side
+            pooled = hidden[torch.arange(len(batch), device=device), last]
         embeddings[batch] = pooled.cpu().numpy()
     return embeddings
 
