@@ -100,3 +100,16 @@ def test_a_missing_label_column_or_template_names_the_setting(setting):
         build_generation_prompts(cells, split, model, _params(template_index=10))
     with pytest.raises(KeyError, match=r"'annotation' not in the cell-sentence dataset.*Change cell_generation\.label_column"):
         build_generation_prompts(cells, split, model, _params(label_column="annotation", n_cells_per_type=1))
+
+
+def test_generation_prompts_use_the_template_file(setting, tmp_path):
+    import json
+
+    adata, cells, model, split, vocabulary = setting
+    path = tmp_path / "generation.json"
+    path.write_text(json.dumps({"model_input": ["Blorb {num_genes} {cell_type}:"], "response": ["{cell_sentence}."]}))
+    prompts = build_generation_prompts(cells, split, model, _params(n_cells_per_type=2, prompt_templates={"cell_type_generation": str(path)}))
+    assert prompts["prompt"] == [f"Blorb {k} {t}:" for k, t in zip(prompts["genes_requested"], prompts["cell_type"])]
+    path.write_text(json.dumps({"model_input": ["Blorb {num_genes}:"], "response": ["{cell_sentence}."]}))
+    with pytest.raises(ValueError, match=r"model_input\[0\] lacks \{cell_type\}.*Change cell_generation.prompt_templates"):
+        build_generation_prompts(cells, split, model, _params(prompt_templates={"cell_type_generation": str(path)}))

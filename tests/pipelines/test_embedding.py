@@ -169,3 +169,24 @@ def test_embedding_pipeline_nodes_work_with_a_bpe_model_of_short_context(tmp_pat
     assert max(lengths) <= 256
     embeddings = embed_cells(prompts, loaded, _params(batch_size=2))
     assert embeddings.shape == (2, ARCHITECTURE["hidden_size"]) and np.isfinite(embeddings).all()
+
+
+def test_embedding_prompts_and_pooling_follow_the_parameters(sentences, model, tmp_path):
+    import json
+
+    path = tmp_path / "prediction.json"
+    path.write_text(json.dumps({"model_input": ["Quux {num_genes} genes: {cell_sentence}.\nKind:", "Zorp {cell_sentence}."],
+                                "response": ["{cell_type}."]}))
+    prompts = build_embedding_prompts(sentences, model, _params(prompt_templates={"cell_type_prediction": str(path)}, template_index=1))
+    assert prompts["prompt"][0] == f"Zorp {sentences[0]['cell_sentence']}."
+    assert all(p.startswith("Zorp ") for p in prompts["prompt"])
+    with pytest.raises(IndexError, match="template index 2 does not exist.*Change embedding.template_index"):
+        build_embedding_prompts(sentences, model, _params(prompt_templates={"cell_type_prediction": str(path)}, template_index=2))
+    with pytest.raises(ValueError, match="nowhere.json does not exist.*Change embedding.prompt_templates"):
+        build_embedding_prompts(sentences, model, _params(prompt_templates={"cell_type_prediction": str(tmp_path / "nowhere.json")}))
+    assert load_parameters("embedding")["embedding"]["pooling"] == "mean"
+    mean = embed_cells(prompts, model, _params())
+    last = embed_cells(prompts, model, _params(pooling="last"))
+    assert mean.shape == last.shape and np.abs(mean - last).max() > 1e-3
+    with pytest.raises(ValueError, match="unknown pooling 'max'.*Change embedding.pooling"):
+        embed_cells(prompts, model, _params(pooling="max"))

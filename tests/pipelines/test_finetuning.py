@@ -191,3 +191,33 @@ def test_the_finetuning_pipeline_runs_and_counts_its_samples(tokenizer, cells, t
     assert metrics["global_step"] == 3.0 and [metrics["train_loss_first"], metrics["train_loss_last"]] == [losses[0], losses[-1]]
     figure = catalog.load("finetuning_loss_plot")
     assert list(figure.axes[0].get_lines()[0].get_xdata()) == [1.0, 2.0, 3.0]  # the train loss of every logged step
+
+
+def test_a_template_file_drives_the_saved_prompt_dataset(tokenizer, cells, tmp_path):
+    import json
+
+    from kedro_datasets.huggingface import ArrowDataset
+
+    prediction = {"model_input": ["Zorp {num_genes} {organism} genes: {cell_sentence}.\nKind:"], "response": ["{cell_type}."]}
+    generation = {"model_input": ["Blorb a {organism} {cell_type} cell of {num_genes} genes.\nGenes:"],
+                  "response": ["{cell_sentence}.", "Here: {cell_sentence}."]}
+    (tmp_path / "p.json").write_text(json.dumps(prediction))
+    (tmp_path / "g.json").write_text(json.dumps(generation))
+    files = {"cell_type_prediction": str(tmp_path / "p.json"), "cell_type_generation": str(tmp_path / "g.json")}
+    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    prompts = format_finetuning_prompts(cells, SPLIT, model, _params(prompt_templates=files))
+    dataset = ArrowDataset(path=str(tmp_path / "finetuning_prompts"))
+    dataset.save(prompts)
+    saved = dataset.load()
+    for part in ("train", "val", "test"):
+        for row in saved[part]:
+            if row["sample_type"] == "cell_type_prediction":
+                assert row["model_input"].startswith("Zorp ") and row["response"] in ("T cell.", "B cell.")
+            else:
+                assert row["model_input"].startswith("Blorb a Homo sapiens ")
+                assert row["response"].removeprefix("Here: ").split()[0].startswith("GENE")
+    responses = saved["train"].filter(lambda r: r["sample_type"] == "cell_type_generation")["response"]
+    assert {r.startswith("Here: ") for r in responses} == {True, False}  # one of the file's responses per sample
+    (tmp_path / "p.json").write_text(json.dumps({"model_input": prediction["model_input"]}))
+    with pytest.raises(ValueError, match=r"p.json has no field 'response'.*Change finetuning.prompt_templates"):
+        format_finetuning_prompts(cells, SPLIT, model, _params(prompt_templates=files))

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class EmbeddingPipelineParameters:
     template_index: int
+    prompt_templates: dict[str, str | None]  # task -> template file in the reference format; null: ours
+    pooling: str  # mean | last
     top_k_genes: int | None
     organism_column: str
     default_organism: str
@@ -38,6 +40,7 @@ class CellGenerationParameters:
     organism: str
     n_cells_per_type: int
     template_index: int
+    prompt_templates: dict[str, str | None]  # task -> template file in the reference format; null: ours
     constrained: bool
     temperature: float
     top_k: int | None

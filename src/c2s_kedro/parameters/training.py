@@ -39,6 +39,7 @@ class FinetuningParameters(TrainingParameters):
     tasks: list[str]
     formatter: str | None
     formatter_options: dict[str, Any]
+    prompt_templates: dict[str, str | None]  # task -> template file in the reference format; null: ours
     top_k_genes: int | None
     label_column: str
     organism_column: str

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from c2s_kedro.core import cell_generation
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import cell_generation_prompts, sentence_table
+from c2s_kedro.core.prompts import cell_generation_prompts, read_template_files, sentence_table, task_templates
 from c2s_kedro.core.sentences import RankFit
 from c2s_kedro.core.training import require_task
 from c2s_kedro.parameters import read_parameters, setting_hint
@@ -30,10 +30,13 @@ def build_generation_prompts(
     with setting_hint("cell_generation.label_column"):
         table = sentence_table(cell_sentences, [label])
     train = table.loc[data_split["train"]].dropna(subset=[label])
+    with setting_hint("cell_generation.prompt_templates"):
+        templates = task_templates("cell_type_generation", read_template_files(settings.prompt_templates))
     with setting_hint("cell_generation.template_index", IndexError):
         return cell_generation_prompts(
             train["cell_sentence"].tolist(), train[label].astype(str).tolist(), finetuned_model.tokenizer,
             finetuned_model.context_length, settings.n_cells_per_type, settings.template_index, settings.organism,
+            templates=templates,
         )
 
 

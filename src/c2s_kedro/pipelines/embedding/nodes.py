@@ -15,7 +15,7 @@ from c2s_kedro.core.embedding import embedding_adata
 from c2s_kedro.core.evaluation import embedding_scores
 from c2s_kedro.core.inference import embed_prompts
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import cell_type_prediction_prompts
+from c2s_kedro.core.prompts import cell_type_prediction_prompts, read_template_files, task_templates
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import EmbeddingPipelineParameters
 
@@ -26,10 +26,13 @@ def build_embedding_prompts(cell_sentences: Dataset, foundation_model: LanguageM
     """The cell-type-prediction prompt of every cell, without the answer, fitted to the model's context.
 
     Genes beyond the model's context are dropped from the end of the sentence (logged); the
-    template is fixed (``template_index``) so that embeddings are reproducible.
+    template is fixed (``template_index``) so that embeddings are reproducible; it is one of
+    ours or of the ``prompt_templates`` file.
     """
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     organism_column = settings.organism_column
+    with setting_hint("embedding.prompt_templates"):
+        templates = task_templates("cell_type_prediction", read_template_files(settings.prompt_templates))
     with setting_hint("embedding.template_index", IndexError):
         prompts, kept, available = cell_type_prediction_prompts(
             cell_sentences["cell_sentence"],
@@ -39,14 +42,17 @@ def build_embedding_prompts(cell_sentences: Dataset, foundation_model: LanguageM
             template_index=settings.template_index,
             top_k_genes=settings.top_k_genes,
             default_organism=settings.default_organism,
+            templates=templates,
         )
     return {"cell_name": list(cell_sentences["cell_name"]), "prompt": prompts, "genes_kept": kept, "genes_available": available}
 
 
 def embed_cells(embedding_prompts: dict[str, Any], foundation_model: LanguageModel, params: dict[str, Any]) -> np.ndarray:
-    """Mean-pooled last hidden layer of each prompt (cells x hidden size)."""
+    """The last hidden layer of each prompt pooled by ``pooling`` (cells x hidden size)."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
-    return embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size)
+    with setting_hint("embedding.pooling"):
+        return embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size,
+                             pooling=settings.pooling)
 
 
 def build_embedding_adata(

@@ -9,6 +9,7 @@ from datasets import Dataset, DatasetDict
 
 from c2s_kedro.core import plotting
 from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.prompts import read_template_files
 from c2s_kedro.core.training import (
     TrainingSettingsError,
     finetune,
@@ -25,7 +26,8 @@ def format_finetuning_prompts(
 ) -> DatasetDict:
     """Prompts (``sample_type``, ``model_input``, ``response``) of each task for the train, val and
     test cells of ``data_split``, fitted to the model's context. Val is capped at
-    ``max_eval_samples``. A custom ``formatter`` formats each cell once."""
+    ``max_eval_samples``. A custom ``formatter`` formats each cell once; ``prompt_templates`` name
+    template files that replace ours per task."""
     settings = read_parameters(FinetuningParameters, params, "finetuning")
     label = settings.label_column
     if label not in cell_sentences.column_names:
@@ -34,11 +36,13 @@ def format_finetuning_prompts(
             f"{', '.join(cell_sentences.column_names)}. Add it to sentence_conversion.label_columns or change "
             f"finetuning.label_column {ENVIRONMENT_HINT} (defaults: {defaults_file('finetuning')})."
         )
+    with setting_hint("finetuning.prompt_templates"):
+        templates = read_template_files(settings.prompt_templates)
     with setting_hint("finetuning.formatter" if settings.formatter else "finetuning.tasks"):
         formatters = prompt_formatters(
             settings.tasks, settings.formatter, settings.formatter_options, seed=settings.seed,
             top_k_genes=settings.top_k_genes, label_column=label, organism_column=settings.organism_column,
-            tokenizer=foundation_model.tokenizer, max_tokens=foundation_model.context_length,
+            tokenizer=foundation_model.tokenizer, max_tokens=foundation_model.context_length, prompt_templates=templates,
         )
     return format_split_prompts(cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples)
 
