@@ -101,3 +101,23 @@ def test_baseline_and_scores_on_the_same_cells():
     assert figures["baseline.png"].axes[0].get_title() == f"baseline: accuracy {metrics['baseline_accuracy']:.2f}"
     with pytest.raises(KeyError, match=r"'annotation' not found.*Change evaluation\.label_column"):
         predict_by_baseline(adata, split, _params(label_column="annotation"))
+
+
+def test_evaluation_prompts_use_the_template_file(setting, tmp_path):
+    import json
+
+    cells, model, split = setting
+    path = tmp_path / "prediction.json"
+    path.write_text(json.dumps({"model_input": ["Zorp {num_genes} {organism} genes: {cell_sentence}.\nKind:",
+                                                "Quux {cell_sentence}.\nKind:"], "response": ["{cell_type}."]}))
+    prompts = build_evaluation_prompts(cells, split, model, _params(prompt_templates={"cell_type_prediction": str(path)}))
+    assert prompts["cell_name"] == ["c7", "c8", "c9"] and prompts["labels"] == ["B cell", "T cell"]
+    assert all(p.startswith(("Zorp ", "Quux ")) and p.endswith(".\nKind:") for p in prompts["prompt"])
+    longest_answer = len(model.tokenizer(" T cell.")["input_ids"]) + 1
+    for prompt in prompts["prompt"]:
+        assert len(model.tokenizer(prompt)["input_ids"]) + longest_answer + 2 <= 80
+    scored = predict_by_label_scoring(prompts, model, _params())
+    assert set(scored["prediction"]) <= {"B cell", "T cell"}
+    path.write_text(json.dumps({"model_input": ["Zorp {cell_sentence} {tissue}"], "response": ["{cell_type}."]}))
+    with pytest.raises(ValueError, match=r"unknown placeholder\(s\) \{tissue\}.*Change evaluation.prompt_templates"):
+        build_evaluation_prompts(cells, split, model, _params(prompt_templates={"cell_type_prediction": str(path)}))

@@ -21,7 +21,7 @@ from sklearn.metrics import (
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
-from c2s_kedro.core.prompts import cell_type_prediction_prompts, label_answer_room
+from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.validation import require_obs_columns
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,11 @@ def cell_type_test_prompts(
     extra_new_tokens: int,
     top_k_genes: int | None = None,
     seed: int = 0,
+    templates: PromptTemplates | None = None,
 ) -> dict[str, Any]:
     """Cell-type-prediction prompts of the test cells of ``table`` (``cell_sentence``, the label and
-    optionally the organism, indexed by cell name), templates drawn with ``seed``, fitted to the
+    optionally the organism, indexed by cell name), templates (ours, or ``templates`` read from a
+    file) drawn with ``seed``, fitted to the
     context with room for the longest answer (``prompts.label_answer_room``), and the label set: the
     labels of the train cells, sorted. Test cells of a type no train cell has are logged."""
     labels = sorted(table.loc[list(train_cells), label_column].dropna().astype(str).unique())
@@ -121,6 +123,7 @@ def cell_type_test_prompts(
         template_index=None,
         top_k_genes=top_k_genes,
         seed=seed,
+        templates=templates,
     )
     unseen = sorted(set(test[label_column].astype(str)) - set(labels))
     if unseen:

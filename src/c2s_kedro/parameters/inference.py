@@ -28,6 +28,7 @@ class EvaluationParameters:
     organism_column: str
     top_k_genes: int | None
     seed: int
+    prompt_templates: dict[str, str | None]  # task -> template file in the reference format; null: ours
     batch_size: int
     extra_new_tokens: int
     baseline_C: float

@@ -14,7 +14,7 @@ from c2s_kedro.core.evaluation import cell_type_test_prompts, logistic_regressio
 from c2s_kedro.core.evaluation import score_predictions as score_methods
 from c2s_kedro.core.inference import generate_labels, predict_labels
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import sentence_table
+from c2s_kedro.core.prompts import read_template_files, sentence_table, task_templates
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import EvaluationParameters
 
@@ -22,14 +22,17 @@ from c2s_kedro.parameters.inference import EvaluationParameters
 def build_evaluation_prompts(
     cell_sentences: Dataset, data_split: dict[str, Any], model: LanguageModel, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """Cell-type-prediction prompts of the test cells (templates drawn with the seed), fitted to
-    the context with room for the longest answer, plus the known label set (train labels)."""
+    """Cell-type-prediction prompts of the test cells (templates, ours or ``prompt_templates``'s,
+    drawn with the seed), fitted to the context with room for the longest answer, plus the known
+    label set (train labels)."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
         table = sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
+    with setting_hint("evaluation.prompt_templates"):
+        templates = task_templates("cell_type_prediction", read_template_files(settings.prompt_templates))
     return cell_type_test_prompts(
         table, data_split["train"], data_split["test"], settings.label_column, settings.organism_column,
-        model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed,
+        model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed, templates,
     )
 
 
