@@ -156,6 +156,8 @@ def test_a_kedro_session_refuses_to_pretrain_into_a_model_entry_of_the_user(tmp_
     (root / "conf" / "local" / "catalog.yml").write_text(
         f"foundation_model:\n  type: c2s_kedro.datasets.HFModelDataset\n  path: {path}\n"
     )
+    # an absolute store: MLflow caches stores by URI, and other tests of this process use sqlite:///mlflow.db
+    (root / "conf" / "local" / "mlflow.yml").write_text(f"server:\n  mlflow_tracking_uri: sqlite:///{root}/mlflow.db\n")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: an uncached hub id must fail at once
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     bootstrap_project(root)

@@ -72,6 +72,11 @@ class UpstreamRunner(SequentialRunner):
         self._user_entries = _EntryMatcher(user_entries)
         self._environment = environment
 
+    def __repr__(self) -> str:
+        # Recorded as the run's runner; kedro-viz tracks run status only for runs whose runner reads
+        # as a SequentialRunner object, which this is.
+        return f"<kedro.runner.sequential_runner.SequentialRunner object (c2s_kedro.runner.UpstreamRunner) at {id(self):#x}>"
+
     def _project(self) -> Pipeline:
         if isinstance(self._project_pipeline, Pipeline):
             return self._project_pipeline

@@ -160,7 +160,8 @@ def user_project(tmp_path):
 
 
 def _written_data(root: Path) -> set[str]:
-    return {p for p in _files(root) if not p.startswith(("conf/", "mlflow")) and p not in {"pyproject.toml", ".telemetry"}}
+    # kedro-viz keeps its run-status log in .viz/ (not a dataset)
+    return {p for p in _files(root) if not p.startswith(("conf/", "mlflow", ".viz/")) and p not in {"pyproject.toml", ".telemetry"}}
 
 
 def test_a_typo_in_a_local_model_path_stops_the_run_naming_the_entry_and_the_path(user_project, monkeypatch):
