@@ -51,6 +51,26 @@ def make_counts_adata(n_cells: int = 60, n_genes: int = 40, seed: int = 0) -> ad
     return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
 
 
+# Gene names of tiny hub-like vocabularies: dashes, dots and names that are prefixes of others.
+TRICKY_GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
+    f"GENE{i}" for i in range(200)
+]
+
+
+def tiny_cell_sentences(genes: list[str], n_cells: int = 12, seed: int = 0):
+    """``n_cells`` cell sentences of 20, 45, 70, ... random genes, two cell types, one tissue."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    return Dataset.from_dict({
+        "cell_name": [f"c{i}" for i in range(n_cells)],
+        "cell_sentence": [" ".join(rng.permutation(genes)[: 20 + 25 * i]) for i in range(n_cells)],
+        "cell_type": ["T cell", "B cell"] * (n_cells // 2),
+        "tissue": ["blood"] * n_cells,
+        "organism": ["Homo sapiens"] * n_cells,
+    })
+
+
 def copy_project(root: Path) -> Path:
     """A new project at ``root``: the project's conf/ (without conf/local, which is made empty),
     pyproject.toml and .telemetry; the package itself is the installed one."""

@@ -25,9 +25,9 @@ from c2s_kedro.core.prompts import (
 )
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
-GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
-    f"GENE{i}" for i in range(200)
-]
+from tests.helpers import TRICKY_GENES
+
+GENES = TRICKY_GENES
 LABELS = ["T cell", "B cell", "CD14+ Monocyte"]
 
 

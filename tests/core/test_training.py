@@ -29,6 +29,8 @@ from c2s_kedro.core.training import (
     training_arguments,
 )
 
+from tests.helpers import tiny_cell_sentences
+
 GENES = [f"GENE{i}" for i in range(300)]
 ARCHITECTURE = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
                 "max_position_embeddings": 96}
@@ -43,14 +45,7 @@ def tokenizer():
 
 @pytest.fixture()
 def cells():
-    rng = np.random.default_rng(0)
-    return Dataset.from_dict({
-        "cell_name": [f"c{i}" for i in range(12)],
-        "cell_sentence": [" ".join(rng.permutation(GENES)[: 20 + 25 * i]) for i in range(12)],
-        "cell_type": ["T cell", "B cell"] * 6,
-        "tissue": ["blood"] * 12,
-        "organism": ["Homo sapiens"] * 12,
-    })
+    return tiny_cell_sentences(GENES)
 
 
 def _settings(tmp_path, **changes) -> TrainingSettings:

@@ -18,11 +18,9 @@ from c2s_kedro.pipelines.embedding.nodes import (
     plot_embedding_umaps,
     score_embeddings,
 )
-from tests.helpers import load_parameters, make_counts_adata, params_entries, run_pipeline
+from tests.helpers import TRICKY_GENES, load_parameters, make_counts_adata, params_entries, run_pipeline
 
-GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
-    f"GENE{i}" for i in range(200)
-]
+GENES = TRICKY_GENES
 ARCHITECTURE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
 
 

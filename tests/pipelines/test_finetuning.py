@@ -14,7 +14,7 @@ from c2s_kedro.core.training import IGNORE_INDEX, tokenize_dataset
 from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipelines.finetuning import create_pipeline
 from c2s_kedro.pipelines.finetuning.nodes import finetune_model, format_finetuning_prompts
-from tests.helpers import load_parameters, params_entries, run_pipeline
+from tests.helpers import load_parameters, params_entries, run_pipeline, tiny_cell_sentences
 
 GENES = [f"GENE{i}" for i in range(300)]
 ARCHITECTURE = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 96}
@@ -39,14 +39,7 @@ def tokenizer():
 
 @pytest.fixture()
 def cells():
-    rng = np.random.default_rng(0)
-    return Dataset.from_dict({
-        "cell_name": [f"c{i}" for i in range(12)],
-        "cell_sentence": [" ".join(rng.permutation(GENES)[: 20 + 25 * i]) for i in range(12)],
-        "cell_type": ["T cell", "B cell"] * 6,
-        "tissue": ["blood"] * 12,
-        "organism": ["Homo sapiens"] * 12,
-    })
+    return tiny_cell_sentences(GENES)
 
 
 def test_prediction_prompts_lose_genes_never_the_answer(tokenizer, cells):
