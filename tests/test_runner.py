@@ -13,7 +13,7 @@ from kedro.io import DataCatalog
 from kedro.pipeline import Pipeline, node
 from kedro_datasets.json import JSONDataset
 
-from c2s_kedro.runner import UpstreamRunner, UserEntryMissingError, environment_entries
+from c2s_kedro.runner import UpstreamRunner, UserEntryMissingError, UserModelOverwriteError, environment_entries
 from tests.helpers import copy_project
 
 CALLS: list[str] = []
@@ -120,6 +120,23 @@ def test_an_existing_entry_of_the_user_is_used_and_never_overwritten(catalog):
     runner.run(FINETUNING, catalog)
     assert CALLS == ["make_raw", "process", "fine_tune"]
     assert catalog.load("model") == {"weights": 100} and catalog.load("finetuned") == {"weights": 101}
+
+
+def test_a_base_model_of_the_user_is_never_trained_into_even_by_the_pipelines_own_nodes(tmp_path):
+    """The default run (or --pipeline=pretraining) with conf/local's foundation_model: refused, not overwritten."""
+    CALLS.clear()
+    target = tmp_path / "foundation_model.json"
+    target.write_text('{"weights": "the user\'s"}')
+    catalog = DataCatalog(datasets={"processed": JSONDataset(filepath=str(tmp_path / "p.json")),
+                                    "foundation_model": JSONDataset(filepath=str(target))})
+    catalog.save("processed", {"values": [1]})
+    pretraining = Pipeline([node(_train, "processed", "foundation_model", name="pretrain")])
+    runner = UpstreamRunner(project_pipeline=pretraining, user_entries=["foundation_model"], environment="local")
+    with pytest.raises(UserModelOverwriteError, match="node 'pretrain' would write 'foundation_model'.*environment 'local'"):
+        runner.run(pretraining, catalog)
+    assert "the user's" in target.read_text() and CALLS == []
+    UpstreamRunner(project_pipeline=pretraining).run(pretraining, catalog)  # the project's own entry: trained
+    assert catalog.load("foundation_model") == {"weights": 1}
 
 
 def test_user_entries_match_dataset_factory_patterns(catalog):

@@ -29,6 +29,15 @@ from kedro.runner import SequentialRunner
 logger = logging.getLogger(__name__)
 
 
+# Models a user points the catalog at to *use* them: the project trains its own defaults into these
+# entries (pretraining, the screen's base model) only where conf/base puts them.
+BASE_MODELS = ("foundation_model", "perturbation_base_model")
+
+
+class UserModelOverwriteError(PermissionError):
+    """A node of the run would write a base model whose catalog entry is the user's."""
+
+
 class UserEntryMissingError(FileNotFoundError):
     """A dataset the run needs is missing and its catalog entry is the user's, so the project
     must not create it."""
@@ -116,6 +125,18 @@ class UpstreamRunner(SequentialRunner):
                     "override to use the project's default."
                 )
 
+    def _refuse_training_into_user_models(self, pipeline: Pipeline) -> None:
+        for node in pipeline.nodes:
+            for name in sorted(set(node.outputs) & set(BASE_MODELS)):
+                if self._user_entries.matches(name):
+                    raise UserModelOverwriteError(
+                        f"node '{node.name}' would write '{name}', whose catalog entry comes from your environment "
+                        f"'{self._environment or 'local'}': that is the model you chose to use, and the project only "
+                        f"builds its own default model where conf/base puts it. Run the pipelines that use {name} "
+                        "(e.g. --pipelines=embedding,finetuning,evaluation or perturbation_finetuning,"
+                        "perturbation_posterior), not the one that builds it, or remove the override."
+                    )
+
     def run(
         self,
         pipeline: Pipeline,
@@ -125,6 +146,7 @@ class UpstreamRunner(SequentialRunner):
         only_missing_outputs: bool = False,
     ) -> dict[str, Any]:
         upstream = self.upstream_of(pipeline, catalog)
+        self._refuse_training_into_user_models(upstream + pipeline)
         if upstream.nodes:
             produced = sorted(missing_inputs(pipeline, catalog) & upstream.all_outputs())
             logger.info(
