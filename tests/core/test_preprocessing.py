@@ -197,3 +197,13 @@ def test_embed_expression_is_reproducible_with_the_seed(normalized_adata):
     first = embed_expression(normalized_adata, n_comps=5, n_neighbors=8, seed=3)
     second = embed_expression(normalized_adata, n_comps=5, n_neighbors=8, seed=3)
     np.testing.assert_allclose(first.obsm["X_umap"], second.obsm["X_umap"])
+
+
+@pytest.mark.parametrize("max_pct_mito", [20.0, None])
+def test_cells_without_counts_are_counted_as_empty_not_as_a_filter(counts_adata, max_pct_mito):
+    dense = counts_adata.X.toarray()
+    dense[[2, 7]] = 0
+    adata = ad.AnnData(X=sp.csr_matrix(dense), obs=counts_adata.obs.copy(), var=counts_adata.var.copy())
+    filtered, counts = quality_control(adata, QCThresholds(**{**NO_FILTERS, "max_pct_mito": max_pct_mito}))
+    assert counts["cells_removed_no_counts"] == 2 and filtered.n_obs == counts_adata.n_obs - 2
+    assert counts.get("cells_removed_max_pct_mito", 0) == 0  # 0/0 mito share is not a mito failure

@@ -45,7 +45,11 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
         "max_counts_per_cell": (thresholds.max_counts_per_cell, "total_counts", "max"),
         "max_pct_mito": (thresholds.max_pct_mito, "pct_counts_mt", "max"),
     }
-    keep = np.ones(adata.n_obs, dtype=bool)
+    # A cell without counts has no mito share (0/0): count it as empty, not as removed by a filter.
+    keep = obs["total_counts"].to_numpy() > 0
+    if not keep.all():
+        counts["cells_removed_no_counts"] = int(np.count_nonzero(~keep))
+        logger.warning("%d cells have no counts at all and were removed", counts["cells_removed_no_counts"])
     for name, (threshold, column, bound) in filters.items():
         if threshold is None:
             continue
