@@ -57,6 +57,20 @@ TRICKY_GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5",
 ]
 
 
+def byte_level_bpe_tokenizer(corpus: list[str], vocab_size: int = 300):
+    """A hub-style tokenizer trained on ``corpus``: byte-level BPE as Pythia's, so a gene costs several
+    tokens and token counts do not add up gene by gene; an end-of-text token and no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
 def tiny_cell_sentences(genes: list[str], n_cells: int = 12, seed: int = 0):
     """``n_cells`` cell sentences of 20, 45, 70, ... random genes, two cell types, one tissue."""
     from datasets import Dataset

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from c2s_kedro.core import inference
@@ -25,6 +24,7 @@ from c2s_kedro.core.inference import (
 from c2s_kedro.core.models import build_gpt_neox
 from c2s_kedro.core.prompts import load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
+from tests.helpers import byte_level_bpe_tokenizer
 
 # prefix pairs (CD3/CD3D, AC009/AC009.1) exercise the multi-token trie of the BPE tokenizer
 GENES = ["CD3D", "CD3", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "AC009", "AC009.1"] + [f"GENE{i}" for i in range(60)]
@@ -34,13 +34,8 @@ ARCHITECTURE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads"
 
 
 def _bpe_tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = [" ".join(GENES), " ".join(LABELS)] + list(load_templates("cell_type_prediction").inputs)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")  # no pad token, like Pythia
+    tokenizer = byte_level_bpe_tokenizer(corpus)
     tokenizer.pad_token = tokenizer.eos_token  # as models.load_model sets it
     return tokenizer
 

@@ -23,6 +23,7 @@ from c2s_kedro.core.models import (
     model_source,
     save_model,
 )
+from tests.helpers import byte_level_bpe_tokenizer
 
 ARCHITECTURE = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32,
                 "max_position_embeddings": 64}
@@ -31,17 +32,8 @@ HUB_MODEL = "tiny-org/tiny-c2s"
 
 def bpe_tokenizer():
     """A byte-level BPE tokenizer without a pad token, like Pythia's."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as token_models
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(token_models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = ["CD3D CD8A MT-CO1 HLA-DRB1 GENE1 GENE12 The cell type corresponding to these genes is: T cell."]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    return byte_level_bpe_tokenizer(corpus, vocab_size=280)
 
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:

@@ -7,8 +7,6 @@ import re
 
 import pytest
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from c2s_kedro.core.prompts import (
     C2SPromptFormatter,
@@ -25,7 +23,7 @@ from c2s_kedro.core.prompts import (
 )
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
-from tests.helpers import TRICKY_GENES
+from tests.helpers import TRICKY_GENES, byte_level_bpe_tokenizer
 
 GENES = TRICKY_GENES
 LABELS = ["T cell", "B cell", "CD14+ Monocyte"]
@@ -39,13 +37,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """Several tokens per gene, and token counts that do not add up gene by gene."""
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = [" ".join(GENES)] + list(load_templates("cell_type_prediction").inputs) + list(load_templates("cell_type_generation").inputs)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    return byte_level_bpe_tokenizer(corpus)
 
 
 def _tokens(tokenizer, text: str) -> int:

@@ -18,7 +18,7 @@ from c2s_kedro.pipelines.embedding.nodes import (
     plot_embedding_umaps,
     score_embeddings,
 )
-from tests.helpers import TRICKY_GENES, load_parameters, make_counts_adata, params_entries, run_pipeline
+from tests.helpers import TRICKY_GENES, byte_level_bpe_tokenizer, load_parameters, make_counts_adata, params_entries, run_pipeline
 
 GENES = TRICKY_GENES
 ARCHITECTURE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
@@ -137,16 +137,8 @@ def test_the_embedding_pipeline_runs_on_a_tiny_model(processed, sentences, model
 def test_embedding_pipeline_nodes_work_with_a_bpe_model_of_short_context(tmp_path):
     """A hub-style model (byte-level BPE, several tokens per gene, short context) goes through the
     same embedding nodes; prompts are shortened to its context, never past it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = [" ".join(GENES)] + list(load_templates("cell_type_prediction").inputs)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")  # no pad token, like Pythia
+    tokenizer = byte_level_bpe_tokenizer(corpus)  # no pad token, like Pythia
     architecture = {**ARCHITECTURE, "max_position_embeddings": 256}
     model = build_gpt_neox(tokenizer, architecture).model
     model.save_pretrained(tmp_path / "bpe_model")
