@@ -173,6 +173,35 @@ def test_metric_names_mlflow_refuses_are_made_safe_there_only(tmp_path):
     mlflow.set_experiment("metric-names")  # a fresh store: do not reuse another test's experiment id
     dataset = MetricsDataset(filepath=str(tmp_path / "m.json"), prefix="gen")
     with mlflow.start_run() as run:
-        dataset.save({"correlation[CD14+ Monocyte]": 0.9})
-    assert json.loads((tmp_path / "m.json").read_text()) == {"correlation[CD14+ Monocyte]": 0.9}
-    assert MlflowClient().get_run(run.info.run_id).data.metrics == {"gen.correlation_CD14_ Monocyte_": 0.9}
+        dataset.save({"correlation[CD14+ Monocyte]": 0.9, "mean_expression_correlation[CD4+/CD25 T Reg]": 0.5,
+                      "model_T1.3.pearson_delta": 0.1})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"correlation[CD14+ Monocyte]": 0.9,
+                                                              "mean_expression_correlation[CD4+/CD25 T Reg]": 0.5,
+                                                              "model_T1.3.pearson_delta": 0.1}
+    assert MlflowClient().get_run(run.info.run_id).data.metrics == {
+        "gen.correlation_CD14_Monocyte": 0.9, "gen.mean_expression_correlation_CD4_CD25_T_Reg": 0.5,
+        "gen.model_T1_3.pearson_delta": 0.1}
+
+
+# ---- permissions: atomic writes respect the umask ----------------------------------------------
+
+
+@pytest.fixture
+def group_readable_umask():
+    previous = os.umask(0o027)
+    yield 0o027
+    os.umask(previous)
+
+
+def test_saved_files_get_the_umask_permissions_not_private_ones(tmp_path, counts_adata, group_readable_umask):
+    import stat
+
+    from c2s_kedro.datasets import NpyDataset
+
+    H5adDataset(filepath=str(tmp_path / "cells.h5ad")).save(counts_adata)
+    MetricsDataset(filepath=str(tmp_path / "metrics.json")).save({"r2": 0.5})
+    NpyDataset(filepath=str(tmp_path / "array.npy")).save(np.zeros(3))
+    for name in ("cells.h5ad", "metrics.json", "array.npy"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name  # 0o666 & ~0o027, not mkstemp's 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["array.npy", "cells.h5ad", "metrics.json"]
+

@@ -210,3 +210,17 @@ def test_a_cached_hub_id_is_what_the_embedding_pipeline_loads_and_is_never_produ
         loaded = catalog.load("foundation_model")
     assert loaded.source == HUB_MODEL and _same_weights(loaded, tiny_model_dir)
     assert not (root / "tiny-org").exists() and probes == []
+
+
+def test_a_saved_model_folder_gets_the_umask_permissions_not_a_private_one(tmp_path, tiny_model_dir):
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        target = tmp_path / "saved" / "model"
+        HFModelDataset(path=str(target)).save(HFModelDataset(path=str(tiny_model_dir)).load())
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750  # 0o777 & ~0o027, not mkdtemp's 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir() if p.is_file()} == {0o640}
+    assert [p.name for p in target.parent.iterdir()] == ["model"]

@@ -9,7 +9,6 @@ pretraining.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context
 from c2s_kedro.core.sentences import select_cells
+from c2s_kedro.core.tracking import log_metrics
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -110,17 +110,14 @@ class MlflowStepLogger(TrainerCallback):
         self.prefix = prefix
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        import mlflow
-
-        if not state.is_world_process_zero or mlflow.active_run() is None or not logs:
+        if not state.is_world_process_zero or not logs:
             return
         numbers = {
             f"{self.prefix}.{key}": float(value)
             for key, value in logs.items()
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if isinstance(value, int | float) and not isinstance(value, bool)
         }
-        if numbers:
-            mlflow.log_metrics(numbers, step=state.global_step)
+        log_metrics(numbers, step=state.global_step)
 
 
 def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArguments:

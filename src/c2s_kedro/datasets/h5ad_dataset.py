@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
 from kedro.io import AbstractDataset, DatasetError
 from kedro.utils import load_obj
+
+from c2s_kedro.datasets._atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +94,8 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
     def save(self, data: ad.AnnData) -> None:
         if not isinstance(data, ad.AnnData):
             raise DatasetError(f"H5adDataset saves AnnData objects, got {type(data).__name__}")
-        self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(suffix=".h5ad.tmp", dir=self._filepath.parent)
-        os.close(handle)
-        try:
+        with atomic_file(self._filepath, suffix=".h5ad.tmp") as temporary:
             data.write_h5ad(temporary, **self._save_args)
-            os.replace(temporary, self._filepath)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
     def _exists(self) -> bool:
         return self._filepath.exists()

@@ -5,22 +5,22 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import re
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from kedro.io import AbstractDataset, DatasetError
 
+from c2s_kedro.core.tracking import log_metrics
+from c2s_kedro.datasets._atomic import atomic_file
+
 
 class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
     """Saves a flat ``{name: number}`` dict as JSON and, when an MLflow run is active (kedro-mlflow
     starts one per ``kedro run``), logs every number as an MLflow metric with ``prefix``.
 
-    Non-finite numbers are written as ``null`` in JSON (JSON has no NaN) and not logged. Characters
-    MLflow refuses in metric names (``+``, ``[``...) become ``_`` there; the JSON keeps the names.
+    Non-finite numbers are written as ``null`` in JSON (JSON has no NaN) and not logged. In MLflow the
+    names are made MLflow-safe (``c2s_kedro.core.tracking``); the JSON keeps them as they are.
     """
 
     def __init__(self, *, filepath: str, prefix: str | None = None, metadata: dict[str, Any] | None = None):
@@ -41,21 +41,13 @@ class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
         if bad:
             raise DatasetError(f"metrics must be a flat dict of numbers; not numbers: {bad}")
         clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in data.items()}
-        self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(suffix=".json.tmp", dir=self._filepath.parent)
-        with os.fdopen(handle, "w") as stream:
+        with atomic_file(self._filepath, suffix=".json.tmp") as temporary, open(temporary, "w") as stream:
             json.dump(clean, stream, indent=2, sort_keys=True)
-        os.replace(temporary, self._filepath)
         self._log_to_mlflow(clean)
 
     def _log_to_mlflow(self, metrics: dict[str, float | None]) -> None:
-        import mlflow
-
-        if mlflow.active_run() is None:
-            return
         prefix = f"{self._prefix}." if self._prefix else ""
-        # MLflow names allow letters, digits, _ - . / and spaces; other characters become _
-        mlflow.log_metrics({re.sub(r"[^\w\-. /]", "_", f"{prefix}{k}"): v for k, v in metrics.items() if v is not None})
+        log_metrics({f"{prefix}{k}": v for k, v in metrics.items()})
 
     def _exists(self) -> bool:
         return self._filepath.exists()

@@ -21,6 +21,7 @@ from c2s_kedro.core.models import (
     model_source,
     save_model,
 )
+from c2s_kedro.datasets._atomic import share_tree_as_umask_allows
 
 
 class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
@@ -112,6 +113,7 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             save_model(data, staging)
+            share_tree_as_umask_allows(staging)
             if target.exists():
                 retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
                 retired.rmdir()

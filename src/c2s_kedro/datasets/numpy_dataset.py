@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from kedro.io import AbstractDataset, DatasetError
+
+from c2s_kedro.datasets._atomic import atomic_file
 
 
 class NpyDataset(AbstractDataset[np.ndarray, np.ndarray]):
@@ -27,11 +27,8 @@ class NpyDataset(AbstractDataset[np.ndarray, np.ndarray]):
         return np.load(self._filepath, allow_pickle=False)
 
     def save(self, data: np.ndarray) -> None:
-        self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(suffix=".npy", dir=self._filepath.parent)
-        with os.fdopen(handle, "wb") as stream:
+        with atomic_file(self._filepath, suffix=".npy.tmp") as temporary, open(temporary, "wb") as stream:
             np.save(stream, np.asarray(data), allow_pickle=False)
-        os.replace(temporary, self._filepath)
 
     def _exists(self) -> bool:
         return self._filepath.exists()
