@@ -41,3 +41,145 @@ def test_a_non_zero_rank_keeps_saves_in_memory(tmp_path):
     assert not kept.exists()
     kept.save(42)
     assert kept.load() == 42 and kept.exists() and not target.exists()
+
+
+# ---- the MLflow run: its name, killed runs, a moved project ------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh SQLite MLflow store in tmp_path, as the tracking URI of this test."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment("killed-runs").experiment_id
+    yield MlflowClient(uri), experiment
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def test_the_run_is_named_after_the_pipelines_run():
+    from c2s_kedro.hooks import run_name
+
+    assert run_name(["finetuning"]) == "finetuning"
+    assert run_name(["finetuning", "evaluation"]) == "finetuning + evaluation"
+    assert run_name(None) == run_name(["__default__"]) == "all pipelines"
+
+
+def test_the_name_hook_sets_the_name_only_when_mlflow_yml_leaves_it_out():
+    from types import SimpleNamespace
+
+    from c2s_kedro.hooks import MlflowRunNameHook
+
+    for configured, expected in ((None, "finetuning + evaluation"), ("my run", "my run")):
+        config = SimpleNamespace(tracking=SimpleNamespace(run=SimpleNamespace(name=configured)))
+        hook = MlflowRunNameHook()
+        hook.after_context_created(SimpleNamespace(mlflow=config))
+        hook.before_pipeline_run({"pipeline_names": ["finetuning", "evaluation"]})
+        assert config.tracking.run.name == expected
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_runs_left_running_by_a_killed_process_end_as_killed_when_the_next_run_starts(store):
+    from c2s_kedro.hooks import ENDED_TAG, HOST_TAG, PID_TAG, MlflowRunLivenessHook
+
+    client, experiment = store
+    host = socket.gethostname()
+    killed = client.create_run(experiment, tags={PID_TAG: str(_dead_pid()), HOST_TAG: host}).info.run_id
+    alive = client.create_run(experiment, tags={PID_TAG: str(os.getpid()), HOST_TAG: host}).info.run_id
+    elsewhere = client.create_run(experiment, tags={PID_TAG: str(_dead_pid()), HOST_TAG: "another-machine"}).info.run_id
+    with mlflow.start_run(experiment_id=experiment) as current:
+        MlflowRunLivenessHook().before_pipeline_run()
+        assert client.get_run(current.info.run_id).data.tags[PID_TAG] == str(os.getpid())
+    assert client.get_run(killed).info.status == "KILLED"
+    assert current.info.run_id in client.get_run(killed).data.tags[ENDED_TAG]
+    assert client.get_run(alive).info.status == "RUNNING"  # its process (this one) still runs
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # another machine's process cannot be checked from here
+    assert client.get_run(current.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
+def test_a_run_stopped_by_ctrl_c_or_sigterm_ends_as_killed(store, stop):
+    from c2s_kedro.runner import killed_runs_end_as_killed
+
+    client, experiment = store
+    expected = KeyboardInterrupt if stop == "ctrl_c" else SystemExit
+    with pytest.raises(expected) as raised:
+        with killed_runs_end_as_killed():
+            run = mlflow.start_run(experiment_id=experiment)
+            if stop == "ctrl_c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert mlflow.active_run() is None
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    if stop == "sigterm":
+        assert raised.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
+
+
+def test_an_orchestrators_run_is_left_open(store):
+    from c2s_kedro.runner import killed_runs_end_as_killed
+
+    client, experiment = store
+    with mlflow.start_run(experiment_id=experiment) as outer:
+        with pytest.raises(KeyboardInterrupt), killed_runs_end_as_killed():
+            raise KeyboardInterrupt
+        assert mlflow.active_run().info.run_id == outer.info.run_id
+    assert client.get_run(outer.info.run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_training_names_the_run_whose_checkpoints_it_continues(store, tmp_path):
+    from c2s_kedro.core.tracking import RESUMES_TAG, note_resumed_run, record_training_run
+
+    client, experiment = store
+    checkpoints = tmp_path / "checkpoints"
+    with mlflow.start_run(experiment_id=experiment) as first:
+        assert note_resumed_run(checkpoints) is None
+        record_training_run(checkpoints)
+    with mlflow.start_run(experiment_id=experiment) as second:
+        assert note_resumed_run(checkpoints) == first.info.run_id
+        record_training_run(checkpoints)
+    assert client.get_run(second.info.run_id).data.tags[RESUMES_TAG] == first.info.run_id
+    assert RESUMES_TAG not in client.get_run(first.info.run_id).data.tags
+
+
+def test_a_moved_project_keeps_its_plots(tmp_path):
+    from c2s_kedro.hooks import reroot_moved_artifacts
+
+    old, new = tmp_path / "old_place", tmp_path / "new_place"
+    old.mkdir()
+    cwd = os.getcwd()
+    os.chdir(old)
+    try:
+        mlflow.set_tracking_uri("sqlite:///mlflow.db")
+        experiment = mlflow.set_experiment("moved").experiment_id
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_text("a plot", "plots/loss.txt")
+        mlflow.set_tracking_uri(None)
+    finally:
+        os.chdir(cwd)
+    assert reroot_moved_artifacts("sqlite:///mlflow.db", old) == 0  # not moved: nothing changes
+    shutil.move(old, new)
+    assert reroot_moved_artifacts("sqlite:///mlflow.db", new) == 3  # the experiment, its run, the default experiment
+    client = MlflowClient(f"sqlite:///{new}/mlflow.db")
+    assert client.get_run(run.info.run_id).info.artifact_uri.startswith(str(new / "mlruns"))
+    assert client.get_experiment(experiment).artifact_location.startswith(str(new / "mlruns"))
+    downloaded = client.download_artifacts(run.info.run_id, "plots/loss.txt", str(tmp_path))
+    assert open(downloaded).read() == "a plot"
+    assert reroot_moved_artifacts("sqlite:///mlflow.db", new) == 0

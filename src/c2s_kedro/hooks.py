@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from kedro.framework.hooks import hook_impl
 from kedro.io import AbstractDataset, MemoryDataset
@@ -73,3 +78,141 @@ class DistributedRunHook:
             dataset = catalog.get(name)
             if not isinstance(dataset, MemoryDataset | _KeptInMemory):
                 catalog[name] = _KeptInMemory(dataset)
+
+
+# ---- the MLflow run of each `kedro run` ------------------------------------------------------------
+
+PID_TAG, HOST_TAG, ENDED_TAG = "c2s.pid", "c2s.host", "c2s.ended"
+
+
+def run_name(pipeline_names: Iterable[str] | None) -> str:
+    """The MLflow run's name: the pipelines run (``finetuning``, ``finetuning + evaluation``);
+    ``all pipelines`` for the default run."""
+    names = [name for name in (pipeline_names or []) if name]
+    if not names or names == ["__default__"]:
+        return "all pipelines"
+    return " + ".join("all pipelines" if name == "__default__" else name for name in names)
+
+
+class MlflowRunNameHook:
+    """Names the run kedro-mlflow opens after the pipelines run, not ``__default__`` (a ``name``
+    set in mlflow.yml wins). Runs before kedro-mlflow's ``before_pipeline_run``, which starts it."""
+
+    def __init__(self) -> None:
+        self._config = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._config = getattr(context, "mlflow", None)  # set by kedro-mlflow's hook, which runs first
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params) -> None:
+        if self._config is not None and self._config.tracking.run.name is None:
+            self._config.tracking.run.name = run_name(run_params.get("pipeline_names") or [run_params.get("pipeline_name")])
+
+
+def _process_exists(pid: int, started_ms: int | None) -> bool:
+    """Whether process ``pid`` still runs and is the one that started at ``started_ms`` (a pid
+    reused by a process started later is not it)."""
+    import psutil
+
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    return started_ms is None or created <= started_ms / 1000 + 1
+
+
+def end_runs_of_dead_processes(client, experiment_id: str, current_run_id: str | None = None) -> list[str]:
+    """Ends as KILLED the runs of the experiment left RUNNING by a process of this machine that no
+    longer exists (killed with SIGKILL, or the machine went down); returns their ids."""
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if run.info.run_id == current_run_id or tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
+            continue
+        if _process_exists(int(tags[PID_TAG]), run.info.start_time):
+            continue
+        client.set_tag(run.info.run_id, ENDED_TAG, f"its process {tags[PID_TAG]} on {host} no longer existed when run "
+                                                   f"{current_run_id or '(none)'} started")
+        client.set_terminated(run.info.run_id, "KILLED")
+        logger.warning("MLflow run %s (%s) was left RUNNING by process %s, which no longer exists: ended it as KILLED",
+                       run.info.run_id, run.info.run_name, tags[PID_TAG])
+        ended.append(run.info.run_id)
+    return ended
+
+
+class MlflowRunLivenessHook:
+    """Records which process owns the run (``c2s.pid``, ``c2s.host`` tags), and ends as KILLED
+    the runs whose process was killed without a chance to end them. Runs after kedro-mlflow's
+    ``before_pipeline_run``, once the run exists. (SIGTERM and Ctrl-C end the run as KILLED
+    themselves: ``c2s_kedro.runner.ProjectSession``.)"""
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            return
+        mlflow.set_tags({PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
+        try:
+            end_runs_of_dead_processes(mlflow.MlflowClient(), run.info.experiment_id, run.info.run_id)
+        except Exception as error:  # noqa: BLE001 - tidying other runs must never stop this one
+            logger.warning("could not check for runs left RUNNING by killed processes: %s", error)
+
+
+def reroot_moved_artifacts(tracking_uri: str | None, project_path: Path | str) -> int:
+    """After the project folder moved, points the local artifact locations recorded in its SQLite
+    MLflow store (absolute paths: MLflow resolves local artifact roots when it creates an
+    experiment) at the project's own ``mlruns/`` again, so that plots of earlier runs still open.
+    Only locations of the form ``<old project>/mlruns/...`` whose ``<old project>`` no longer holds
+    the store are changed. Returns how many records changed."""
+    parsed = urlparse(tracking_uri or "")
+    if parsed.scheme != "sqlite":
+        return 0
+    database = Path(unquote(parsed.path)[1:] if parsed.path.startswith("//") else unquote(parsed.path).lstrip("/"))
+    if not database.is_absolute():
+        database = Path(project_path) / database
+    if not database.is_file():
+        return 0
+    root = Path(project_path).resolve() / "mlruns"
+    changed = 0
+    with sqlite3.connect(database) as connection:
+        present = {row[0] for row in connection.execute("select name from sqlite_master where type='table'")}
+        columns = [(t, c) for t, c in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                                       ("logged_models", "artifact_location")) if t in present]
+        for (location,) in connection.execute("select artifact_location from experiments").fetchall():
+            if "/mlruns/" not in location:
+                continue
+            old = location[: location.rindex("/mlruns/") + len("/mlruns")]
+            as_uri = old.startswith("file:")
+            old_path = Path(unquote(urlparse(old).path)) if as_uri else Path(old)
+            if not old_path.is_absolute() or old_path == root or old_path.is_dir():
+                continue  # not moved, or the old folder is still there (another project's store)
+            new = root.as_uri() if as_uri else root.as_posix()
+            for table, column in columns:
+                changed += connection.execute(
+                    f"update {table} set {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
+                    f"where substr({column}, 1, ?) = ?",
+                    (new, len(old) + 1, len(old) + 1, old + "/"),
+                ).rowcount
+    if changed:
+        logger.info("the project moved: %d MLflow artifact locations now point at %s", changed, root)
+    return changed
+
+
+class MlflowArtifactsFollowTheProjectHook:
+    """Runs ``reroot_moved_artifacts`` on the project's store once kedro-mlflow has set it up."""
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        config = getattr(context, "mlflow", None)
+        if config is not None and process_rank() == 0:
+            try:
+                reroot_moved_artifacts(config.server.mlflow_tracking_uri, context.project_path)
+            except sqlite3.Error as error:
+                logger.warning("could not update the MLflow artifact locations after the project moved: %s", error)

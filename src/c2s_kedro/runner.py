@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from kedro.framework.session import KedroSession
@@ -183,7 +186,8 @@ class ProjectSession(KedroSession):
         if runner is None or type(runner) is SequentialRunner:
             is_async = bool(getattr(runner, "_is_async", False))
             runner = UpstreamRunner(is_async=is_async, **self._environment_settings())
-        return super().run(*args, runner=runner, **kwargs)
+        with killed_runs_end_as_killed():
+            return super().run(*args, runner=runner, **kwargs)
 
     def _environment_settings(self) -> dict[str, Any]:
         from kedro.framework.project import settings
@@ -195,3 +199,34 @@ class ProjectSession(KedroSession):
         merged = loader(conf_source=self._conf_source, env=env, runtime_params=self.store.get("runtime_params"), **arguments)
         base = loader(conf_source=self._conf_source, env=base_env, **arguments)
         return {"user_entries": environment_entries(merged["catalog"], base["catalog"]), "environment": env}
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # as the shell reports a process ended by the signal
+
+
+@contextmanager
+def killed_runs_end_as_killed() -> Iterator[None]:
+    """A run stopped by Ctrl-C or SIGTERM ends its MLflow run as KILLED instead of leaving it
+    RUNNING (kedro-mlflow ends runs only on errors, and MLflow's exit handler would call it
+    FINISHED). SIGTERM unwinds like Ctrl-C, so files being written are cleaned up. A run that was
+    already active before (an orchestrator's) is left to whoever opened it. SIGKILL cannot be
+    caught: c2s_kedro.hooks.MlflowRunLivenessHook ends such runs when the next run starts."""
+    import mlflow
+
+    opened_before = mlflow.active_run()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        def ours(run) -> bool:
+            return run is not None and (opened_before is None or run.info.run_id != opened_before.info.run_id)
+
+        while ours(run := mlflow.active_run()):
+            mlflow.end_run("KILLED")
+            logger.warning("the run was stopped: MLflow run %s (%s) ended as KILLED", run.info.run_id, run.info.run_name)
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -2,10 +2,22 @@
 
 from kedro.config import OmegaConfigLoader
 
-from c2s_kedro.hooks import DistributedRunHook, ParameterNamespaceHook
+from c2s_kedro.hooks import (
+    DistributedRunHook,
+    MlflowArtifactsFollowTheProjectHook,
+    MlflowRunLivenessHook,
+    MlflowRunNameHook,
+    ParameterNamespaceHook,
+)
 from c2s_kedro.runner import ProjectSession
 
-HOOKS = (DistributedRunHook(), ParameterNamespaceHook())
+HOOKS = (
+    DistributedRunHook(),
+    ParameterNamespaceHook(),
+    MlflowRunNameHook(),
+    MlflowRunLivenessHook(),
+    MlflowArtifactsFollowTheProjectHook(),
+)
 
 # Any pipeline runs alone: its missing upstream outputs are produced first, in the same run
 # (c2s_kedro.runner.UpstreamRunner, the default runner of this session class).

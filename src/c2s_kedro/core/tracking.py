@@ -13,6 +13,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +51,33 @@ def log_metrics(metrics: Mapping[str, float | None], step: int | None = None) ->
     safe = mlflow_metrics(metrics)
     if safe:
         mlflow.log_metrics(safe, step=step)
+
+
+RUN_FILE = "mlflow_run_id"  # in a checkpoint folder: the MLflow run whose training wrote the checkpoints
+RESUMES_TAG = "c2s.resumes_run"
+
+
+def note_resumed_run(checkpoint_dir: str | Path) -> str | None:
+    """Tags the active MLflow run with the run whose checkpoints it resumes (``c2s.resumes_run``),
+    as recorded by ``record_training_run``; returns that run's id."""
+    import mlflow
+
+    run = mlflow.active_run()
+    marker = Path(checkpoint_dir) / RUN_FILE
+    previous = marker.read_text().strip() if marker.is_file() else None
+    if run is not None and previous and previous != run.info.run_id:
+        mlflow.set_tag(RESUMES_TAG, previous)
+    return previous
+
+
+def record_training_run(checkpoint_dir: str | Path) -> None:
+    """Writes the active MLflow run's id into the checkpoint folder, so that a run resuming these
+    checkpoints after this one was killed can say which run it continues."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_FILE).write_text(run.info.run_id)

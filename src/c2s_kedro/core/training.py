@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context
 from c2s_kedro.core.sentences import select_cells
-from c2s_kedro.core.tracking import log_metrics
+from c2s_kedro.core.tracking import log_metrics, note_resumed_run, record_training_run
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -201,7 +201,10 @@ def train_causal_lm(
     )
     checkpoint = get_last_checkpoint(arguments.output_dir) if resume and Path(arguments.output_dir).is_dir() else None
     if checkpoint:
-        logger.info("resuming training from %s", checkpoint)
+        previous_run = note_resumed_run(arguments.output_dir)
+        logger.info("resuming training from %s%s", checkpoint, f" (checkpoints of MLflow run {previous_run})" if previous_run else "")
+    if trainer.is_world_process_zero():
+        record_training_run(arguments.output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.accelerator.wait_for_everyone()  # under torchrun, every rank has finished with the checkpoints
     if not keep_checkpoints and trainer.is_world_process_zero():
