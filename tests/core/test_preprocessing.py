@@ -207,3 +207,46 @@ def test_cells_without_counts_are_counted_as_empty_not_as_a_filter(counts_adata,
     filtered, counts = quality_control(adata, QCThresholds(**{**NO_FILTERS, "max_pct_mito": max_pct_mito}))
     assert counts["cells_removed_no_counts"] == 2 and filtered.n_obs == counts_adata.n_obs - 2
     assert counts.get("cells_removed_max_pct_mito", 0) == 0  # 0/0 mito share is not a mito failure
+
+
+class _ExactIndex:
+    def compress_index(self):
+        pass
+
+
+def _exact_fit(self, X, compress_index=True):
+    self._fitted, self.n_samples_fit, self.index_ = X, X.shape[0], _ExactIndex()
+    return self
+
+
+def _exact_transform_as_csr_array(self, X=None, y=None):
+    """pynndescent 0.7's output for its own neighbour graph: a csr_array with the cell itself
+    (distance 0) among its neighbours, found here exactly (no numba compilation)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n, k = self.n_samples_fit, self.n_neighbors
+    distances, indices = NearestNeighbors(n_neighbors=k).fit(self._fitted).kneighbors(self._fitted)
+    return sp.csr_array((distances.ravel().astype(np.float32), indices.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
+
+
+def test_embed_expression_past_the_approximate_knn_switch(normalized_adata, monkeypatch):
+    """From 8,192 cells scanpy searches neighbours with pynndescent, whose csr_array output scanpy
+    could not read ("'csr_array' object has no attribute 'getnnz'"). The same path at a tiny size:
+    the switch lowered, pynndescent's search replaced by an exact one returning what it returns."""
+    import pynndescent
+
+    from c2s_kedro.core import preprocessing
+
+    assert preprocessing._knn_transformer(preprocessing.APPROXIMATE_KNN_FROM_CELLS - 1, 15, 0) is None
+    monkeypatch.setattr(preprocessing, "APPROXIMATE_KNN_FROM_CELLS", 10)
+    monkeypatch.setattr(pynndescent.PyNNDescentTransformer, "fit", _exact_fit)
+    monkeypatch.setattr(pynndescent.PyNNDescentTransformer, "transform", _exact_transform_as_csr_array)
+    assert isinstance(preprocessing._knn_transformer(normalized_adata.n_obs, 8, 0), pynndescent.PyNNDescentTransformer)
+    embedded = embed_expression(normalized_adata, n_comps=10, n_neighbors=8, seed=0)
+    n = normalized_adata.n_obs
+    assert embedded.obsm["X_umap"].shape == (n, 2)
+    assert np.isfinite(embedded.obsm["X_umap"]).all()
+    assert embedded.obsp["distances"].shape == (n, n)
+    rows, cols = embedded.obsp["connectivities"].nonzero()
+    cell_type = embedded.obs["cell_type"].to_numpy()
+    assert np.mean(cell_type[rows] == cell_type[cols]) > 0.9

@@ -97,11 +97,45 @@ def normalize_log10(adata: ad.AnnData, target_sum: float | None = None, counts_l
     return adata
 
 
+# scanpy.pp.neighbors searches exactly (sklearn, brute force) below this many cells and switches
+# to approximate search (pynndescent) from it on (scanpy 1.11, euclidean metric).
+APPROXIMATE_KNN_FROM_CELLS = 8192
+
+
+def _knn_transformer(n_obs: int, n_neighbors: int, seed: int):
+    """``None`` (scanpy's exact search) for small data; otherwise the approximate search scanpy
+    would build (umap's defaults for the number of trees and iterations), returning a
+    ``csr_matrix``.
+
+    pynndescent 0.7 returns a scipy ``csr_array``, and scanpy 1.11 counts the neighbours per row
+    with ``getnnz``, which sparse arrays do not have: every embedding of 8,192 cells or more failed
+    with "'csr_array' object has no attribute 'getnnz'". pynndescent is imported here because its
+    import takes seconds and small data never needs it."""
+    if n_obs < APPROXIMATE_KNN_FROM_CELLS:
+        return None
+    from pynndescent import PyNNDescentTransformer
+
+    class NNDescentCSRMatrix(PyNNDescentTransformer):
+        # fit_transform goes through transform, so converting here covers both.
+        def transform(self, X, y=None):
+            return sp.csr_matrix(super().transform(X))
+
+    return NNDescentCSRMatrix(
+        n_neighbors=n_neighbors,
+        metric="euclidean",
+        random_state=seed,
+        n_jobs=sc.settings.n_jobs,
+        n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+        n_iters=max(5, round(np.log2(n_obs))),
+    )
+
+
 def neighbors_umap(adata: ad.AnnData, use_rep: str, n_neighbors: int = 15, seed: int = 0, key_added: str | None = None) -> None:
     """kNN graph on ``obsm[use_rep]`` and a UMAP of it, in place: the one kNN -> UMAP step of the
     project. The UMAP lands in ``obsm["X_umap"]`` or ``obsm[f"X_umap_{key_added}"]``."""
-    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=min(n_neighbors, adata.n_obs - 1), random_state=seed,
-                    key_added=key_added)
+    n_neighbors = min(n_neighbors, adata.n_obs - 1)
+    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, random_state=seed, key_added=key_added,
+                    transformer=_knn_transformer(adata.n_obs, n_neighbors, seed))
     sc.tl.umap(adata, random_state=seed, neighbors_key=key_added)
     if key_added:
         adata.obsm[f"X_umap_{key_added}"] = adata.obsm.pop("X_umap")
