@@ -9,6 +9,7 @@ model. Each registered pipeline also runs alone: c2s_kedro.runner produces its m
 from kedro.pipeline import Pipeline, pipeline
 
 from c2s_kedro.pipelines import (
+    annotation,
     benchmarking,
     cell_generation,
     data_processing,
@@ -71,6 +72,10 @@ def register_pipelines() -> dict[str, Pipeline]:
         "perturbation_data": _screen_data(),
         "perturbation_finetuning": perturbation_finetuning.create_pipeline(),
         "perturbation_posterior": perturbation_posterior.create_pipeline(),
+        # annotation_input writes the default annotation_raw_adata (the test split's counts); a run of
+        # annotation alone produces it first when it is missing, unless your environment defines it
+        "annotation_input": annotation.create_default_input_pipeline(),
+        "annotation": annotation.create_pipeline(),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

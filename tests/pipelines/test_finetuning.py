@@ -173,7 +173,9 @@ def test_finetune_model_averages_the_loss_as_the_parameters_say(tokenizer, cells
 
 
 def test_the_finetuning_pipeline_runs_and_counts_its_samples(tokenizer, cells, tmp_path):
-    params = {"finetuning": _params(tmp_path, max_eval_samples=3)}
+    params = {"finetuning": _params(tmp_path, max_eval_samples=3),
+              **{name: load_parameters(name)[name] for name in ("data_processing", "sentence_conversion")},
+              "annotation": {**load_parameters("annotation")["annotation"], "log_mlflow_model": False}}
     inputs = {"cell_sentences": cells, "data_split": SPLIT, "foundation_model": build_gpt_neox(tokenizer, ARCHITECTURE),
               **params_entries(params)}
     catalog = run_pipeline(create_pipeline(), inputs)
@@ -182,6 +184,8 @@ def test_the_finetuning_pipeline_runs_and_counts_its_samples(tokenizer, cells, t
         "n_train_samples": 16.0, "n_val_samples": 3.0, "n_test_samples": 4.0}
     losses = [e["loss"] for e in catalog.load("finetuning_log") if "loss" in e]
     assert metrics["global_step"] == 3.0 and [metrics["train_loss_first"], metrics["train_loss_last"]] == [losses[0], losses[-1]]
+    assert catalog.load("finetuned_model").model.config.c2s_annotator["labels"] == ["B cell", "T cell"]
+    assert catalog.load("annotator_mlflow_model")["logged"] is False  # switched off
     figure = catalog.load("finetuning_loss_plot")
     assert list(figure.axes[0].get_lines()[0].get_xdata()) == [1.0, 2.0, 3.0]  # the train loss of every logged step
 

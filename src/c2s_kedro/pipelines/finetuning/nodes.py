@@ -8,8 +8,10 @@ import matplotlib.pyplot as plt
 from datasets import Dataset, DatasetDict
 
 from c2s_kedro.core import plotting
+from c2s_kedro.core.annotation import AnnotatorRecord, record_annotator, training_genes, training_labels
+from c2s_kedro.core.annotator_model import ARTIFACT_PATH, log_annotator
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import read_template_files
+from c2s_kedro.core.prompts import read_template_files, task_templates
 from c2s_kedro.core.training import (
     TrainingSettingsError,
     finetune,
@@ -18,6 +20,8 @@ from c2s_kedro.core.training import (
     summarize_history,
 )
 from c2s_kedro.parameters import ENVIRONMENT_HINT, defaults_file, read_parameters, setting_hint
+from c2s_kedro.parameters.annotation import AnnotationParameters
+from c2s_kedro.parameters.atlas import DataProcessingParameters, SentenceConversionParameters, as_kwargs
 from c2s_kedro.parameters.training import FinetuningParameters
 
 
@@ -55,6 +59,38 @@ def finetune_model(
     settings = read_parameters(FinetuningParameters, params, "finetuning")
     with setting_hint("finetuning", TrainingSettingsError):
         return finetune(foundation_model, finetuning_prompts, settings.training_settings())
+
+
+def record_annotator_metadata(
+    trained_model: LanguageModel, cell_sentences: Dataset, data_split: dict[str, Any], params: dict[str, Any],
+    data_processing: dict[str, Any], sentence_conversion: dict[str, Any],
+) -> tuple[LanguageModel, LanguageModel]:
+    """The trained model with what annotating new cells needs in its config.json: the train
+    cells' label set and genes, and the settings its cells were processed and prompted with.
+    Returned twice: to save, and in memory for the MLflow logging (no reload of a large model)."""
+    settings = read_parameters(FinetuningParameters, params, "finetuning")
+    processing = read_parameters(DataProcessingParameters, data_processing, "data_processing")
+    conversion = read_parameters(SentenceConversionParameters, sentence_conversion, "sentence_conversion")
+    with setting_hint("finetuning.prompt_templates"):
+        templates = task_templates("cell_type_prediction", read_template_files(settings.prompt_templates))
+    record = AnnotatorRecord(
+        label_column=settings.label_column,
+        labels=training_labels(cell_sentences, data_split["train"], settings.label_column),
+        genes=training_genes(cell_sentences, data_split["train"], settings.top_k_genes),
+        qc=as_kwargs(processing.qc), target_sum=processing.normalization.target_sum,
+        sentence_layer=conversion.layer, sentence_seed=conversion.seed, top_k_genes=settings.top_k_genes,
+        organism_column=settings.organism_column, templates=list(templates.inputs),
+    )
+    recorded = record_annotator(trained_model, record)
+    return recorded, recorded
+
+
+def log_annotator_model(recorded_model: LanguageModel, params: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuned model with the annotation settings, logged as the MLflow model
+    ``c2s_annotator`` of this run unless ``annotation.log_mlflow_model`` is false."""
+    settings = read_parameters(AnnotationParameters, params, "annotation")
+    uri = log_annotator(recorded_model, settings.labelling_options()) if settings.log_mlflow_model else None
+    return {"logged": uri is not None, "model_uri": uri, "artifact_path": ARTIFACT_PATH}
 
 
 def plot_finetuning_loss(finetuning_log: list[dict[str, Any]]) -> plt.Figure:

@@ -1,0 +1,26 @@
+"""Settings of the annotation pipeline (and of the annotator the finetuning run logs to MLflow)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AnnotationParameters:
+    input_is_normalized: bool
+    gene_symbol_column: str | None
+    label_column: str | None  # obs column of known labels to score against; null: the model's training label column
+    min_probability: float
+    template_index: int | None
+    seed: int
+    default_organism: str
+    batch_size: int
+    log_mlflow_model: bool
+
+    def labelling_options(self) -> dict[str, object]:
+        """The keyword arguments of ``core.annotation.annotate_counts`` these settings give."""
+        return {
+            "min_probability": self.min_probability, "input_is_normalized": self.input_is_normalized,
+            "gene_symbol_column": self.gene_symbol_column, "template_index": self.template_index, "seed": self.seed,
+            "default_organism": self.default_organism, "batch_size": self.batch_size,
+        }

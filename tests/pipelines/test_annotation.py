@@ -1,0 +1,213 @@
+"""The annotation nodes and pipeline on tiny data and a tiny model, the annotator record that
+finetuning writes, and the bad inputs a user can hit."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from c2s_kedro.core.annotation import (
+    UNASSIGNED,
+    AnnotatorRecord,
+    AnnotatorRecordError,
+    annotate_counts,
+    annotator_record,
+    counts_adata,
+    known_gene_sentences,
+    prepare_cells,
+    record_annotator,
+)
+from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.prompts import load_templates, template_words
+from c2s_kedro.core.sentences import cell_sentences_from_adata
+from c2s_kedro.core.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.validation import NotCountsError
+from c2s_kedro.pipelines.annotation import create_default_input_pipeline, create_pipeline
+from c2s_kedro.pipelines.annotation.nodes import label_annotation_cells, prepare_annotation_cells, read_annotator
+from c2s_kedro.pipelines.finetuning.nodes import record_annotator_metadata
+from tests.helpers import load_parameters, make_counts_adata, params_entries, run_pipeline, tiny_cell_sentences
+
+LABELS = ["B cell", "T cell"]
+ARCHITECTURE = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 160}
+
+
+def _params(**changes) -> dict:
+    return {**load_parameters("annotation")["annotation"], **changes}
+
+
+def _record(genes, **changes) -> AnnotatorRecord:
+    qc = {**load_parameters("data_processing")["data_processing"]["qc"], "min_genes_per_cell": 5}
+    values = dict(label_column="cell_type", labels=LABELS, genes=sorted(genes), qc=qc, target_sum=None, sentence_layer=None,
+                  sentence_seed=1234, top_k_genes=None, organism_column="organism",
+                  templates=list(load_templates("cell_type_prediction").inputs))
+    return AnnotatorRecord(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return make_counts_adata(n_cells=24, n_genes=40)
+
+
+@pytest.fixture(scope="module")
+def model(counts):
+    """A tiny model that knows every gene of ``counts`` but the last five (GENE20..GENE24)."""
+    genes = list(counts.var_names)
+    tokenizer = build_gene_tokenizer(genes, template_words() + LABELS + ["Homo sapiens"], model_max_length=160)
+    return record_annotator(build_gpt_neox(tokenizer, ARCHITECTURE), _record(genes[:-5]))
+
+
+def test_cells_are_processed_as_training_and_sentences_keep_known_genes_only(counts, model):
+    record = annotator_record(model)
+    cells, qc = prepare_cells(counts, record)
+    assert qc["input_cells"] == list(counts.obs_names) and "counts" in cells.layers
+    assert cells.n_vars == counts.n_vars  # no gene filter: the model's genes decide
+    sentences = known_gene_sentences(cells, record)
+    assert sentences.n_genes == 40 and sentences.n_genes_known == 35
+    assert not {"GENE20", "GENE24"} & {g for s in sentences.sentences for g in s.split()}
+    # the training's conversion (seed, ties) over the same genes gives the same sentences
+    expected = cell_sentences_from_adata(cells[:, :-5], seed=record.sentence_seed).sentences["cell_sentence"]
+    assert sentences.sentences == expected
+    assert sentences.genes_matched == [len(s.split()) for s in expected]
+
+
+def test_a_cell_without_a_known_gene_is_reported_unassigned_not_a_crash(counts, model):
+    adata = counts.copy()
+    dense = adata.X.toarray()
+    dense[0, :] = 0
+    dense[0, -5:] = 5  # only genes the model does not know (and enough genes for QC)
+    dense[0, 3:8] = 0
+    adata.X = sp.csr_matrix(dense)
+    table = annotate_counts(model, adata, min_probability=0.0, batch_size=4)
+    first = table.iloc[0]
+    assert first["label"] == UNASSIGNED and np.isnan(first["confidence"]) and first[LABELS].isna().all()
+    rest = table.iloc[1:]
+    assert set(rest["label"]) <= set(LABELS) and np.allclose(rest[LABELS].sum(axis=1), 1.0)
+    assert (rest["confidence"] == rest[LABELS].max(axis=1)).all()
+
+
+def test_below_min_probability_a_cell_is_unassigned(counts, model):
+    table = annotate_counts(model, counts, min_probability=0.0, batch_size=4)
+    threshold = float(table["confidence"].median())
+    strict = annotate_counts(model, counts, min_probability=threshold, batch_size=4)
+    below = table["confidence"] < threshold
+    assert below.any() and (~below).any()
+    assert (strict.loc[below, "label"] == UNASSIGNED).all()
+    assert (strict.loc[~below, "label"] == table.loc[~below, "label"]).all()
+    assert np.allclose(strict[LABELS], table[LABELS])
+
+
+def test_cells_qc_removes_are_unassigned_rows_of_the_table(counts, model):
+    table = annotate_counts(model, counts, min_probability=0.0, batch_size=4)
+    strict_qc = record_annotator(build_gpt_neox(model.tokenizer, ARCHITECTURE), _record(
+        list(counts.var_names), qc={**annotator_record(model).qc, "min_genes_per_cell": 29}))
+    genes_per_cell = np.asarray((counts.X > 0).sum(axis=1)).ravel()
+    filtered = annotate_counts(strict_qc, counts, min_probability=0.0, batch_size=4)
+    assert filtered["cell"].tolist() == table["cell"].tolist() == list(counts.obs_names)
+    removed = genes_per_cell < 29
+    assert removed.any() and (~removed).any()
+    assert (filtered.loc[removed, "label"] == UNASSIGNED).all() and filtered.loc[removed, "confidence"].isna().all()
+    assert filtered.loc[~removed, "confidence"].notna().all()
+
+
+def test_normalized_input_is_refused_naming_the_setting_that_accepts_it(counts, model):
+    normalized = counts.copy()
+    normalized.X = np.log1p(normalized.X.toarray() / 3.0)
+    annotator = read_annotator(model)
+    with pytest.raises(NotCountsError, match=r"non-integer.*Change annotation\.input_is_normalized to true"):
+        prepare_annotation_cells(normalized, annotator, _params())
+    cells, _ = prepare_annotation_cells(normalized, annotator, _params(input_is_normalized=True))
+    assert np.allclose(cells.X, normalized.X)  # used as it is
+
+
+def test_no_gene_in_common_with_the_model_is_a_clear_error(counts, model):
+    renamed = counts.copy()
+    renamed.var_names = [f"OTHER{i}" for i in range(renamed.n_vars)]
+    with pytest.raises(ValueError, match=r"none of the 40 genes of the data is known to the model.*annotation\.gene_symbol_column"):
+        run_pipeline(create_pipeline(), _inputs(renamed, model))
+
+
+def test_a_model_without_a_label_set_is_refused(counts, model):
+    plain = build_gpt_neox(model.tokenizer, ARCHITECTURE)
+    with pytest.raises(AnnotatorRecordError, match=r"no label set.*kedro run --pipeline=finetuning"):
+        read_annotator(plain)
+    empty = record_annotator(build_gpt_neox(model.tokenizer, ARCHITECTURE), _record(list(counts.var_names), labels=[]))
+    with pytest.raises(AnnotatorRecordError, match="label set is empty"):
+        read_annotator(empty)
+    generation_only = build_gpt_neox(model.tokenizer, ARCHITECTURE)
+    generation_only.model.config.c2s_trained_tasks = ["cell_type_generation"]
+    with pytest.raises(ValueError, match="not for cell_type_prediction"):
+        read_annotator(record_annotator(generation_only, _record(list(counts.var_names))))
+
+
+def test_a_template_index_the_model_lacks_names_the_setting(counts, model):
+    annotator = read_annotator(model)
+    cells, _ = prepare_annotation_cells(counts, annotator, _params())
+    sentences = known_gene_sentences(cells, annotator_record(model)).to_dict()
+    with pytest.raises(IndexError, match=r"template index 99 does not exist.*Change annotation\.template_index"):
+        label_annotation_cells(sentences, cells, model, annotator, _params(template_index=99))
+
+
+def _inputs(raw: ad.AnnData, model, **changes) -> dict:
+    parameters = {"annotation": _params(batch_size=4, **changes), "embedding": load_parameters("embedding")["embedding"]}
+    return {"annotation_raw_adata": raw, "finetuned_model": model, "foundation_model": model, **params_entries(parameters)}
+
+
+def test_the_pipeline_annotates_embeds_and_scores_against_known_labels(counts, model):
+    catalog = run_pipeline(create_pipeline(), _inputs(counts, model, min_probability=0.0))
+    annotated = catalog.load("annotated_adata")
+    predictions = catalog.load("annotation_predictions")
+    assert list(predictions.columns) == ["cell", "label", "confidence", *LABELS]
+    assert predictions["cell"].tolist() == list(counts.obs_names)
+    assert annotated.uns["c2s_labels"] == LABELS and annotated.obsm["c2s_label_probabilities"].shape == (24, 2)
+    assert annotated.obsm["X_c2s"].shape == (24, 32) and annotated.obsm["X_umap_c2s"].shape == (24, 2)
+    assert annotated.obs["c2s_cell_type"].astype(str).tolist() == predictions["label"].tolist()
+    assert np.allclose(annotated.obs["c2s_confidence"], predictions["confidence"])
+    assert annotated.var["c2s_known_gene"].sum() == 35
+    # the MLflow model's one call gives the same numbers as the pipeline's nodes
+    direct = annotate_counts(model, counts, min_probability=0.0, batch_size=4)
+    pd.testing.assert_frame_equal(direct, predictions)
+    metrics = catalog.load("annotation_metrics")
+    truth = counts.obs["cell_type"].astype(str).to_numpy()
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(predictions["label"].to_numpy() == truth)))
+    assert metrics["n_cells"] == 24 and metrics["n_genes_matched"] == 35 and metrics["n_cells_annotated"] == 24
+    assert metrics["n_cells_B_cell"] + metrics["n_cells_T_cell"] == 24 and metrics["share_unassigned"] == 0.0
+    assert catalog.load("annotation_umap_plot").axes[0].get_title().startswith("C2S annotation")
+
+
+def test_another_gene_set_without_labels(counts, model):
+    other = counts[:, 5:].copy()  # no MT- genes, fewer TMARK genes, two genes the model never saw
+    other.var_names = [*other.var_names[:-2], "NEWGENE1", "NEWGENE2"]
+    other.obs = pd.DataFrame(index=[f"new_{i}" for i in range(other.n_obs)])
+    catalog = run_pipeline(create_pipeline(), _inputs(other, model, min_probability=0.99))
+    metrics = catalog.load("annotation_metrics")
+    assert "accuracy" not in metrics and metrics["n_genes"] == 35 and metrics["n_genes_matched"] == 30
+    predictions = catalog.load("annotation_predictions")
+    assert predictions["cell"].tolist() == list(other.obs_names)
+    assert metrics["share_unassigned"] == pytest.approx(float((predictions["label"] == UNASSIGNED).mean()))
+
+
+def test_the_default_input_is_the_test_splits_raw_counts(counts):
+    split = {"train": list(counts.obs_names[:16]), "val": [], "test": list(counts.obs_names[20:])}
+    catalog = run_pipeline(create_default_input_pipeline(), {"raw_adata": counts, "data_split": split})
+    default = catalog.load("annotation_raw_adata")
+    assert list(default.obs_names) == split["test"]
+    assert (default.X != counts[split["test"]].X).nnz == 0
+
+
+def test_finetuning_records_the_label_set_genes_and_processing(counts, model):
+    cells = tiny_cell_sentences([f"GENE{i}" for i in range(60)])
+    split = {"train": [f"c{i}" for i in range(8)], "val": ["c8"], "test": ["c9"]}
+    finetuning = {**load_parameters("finetuning")["finetuning"], "top_k_genes": 10}
+    processing = load_parameters("data_processing")["data_processing"]
+    conversion = load_parameters("sentence_conversion")["sentence_conversion"]
+    trained = build_gpt_neox(model.tokenizer, ARCHITECTURE)
+    saved, in_memory = record_annotator_metadata(trained, cells, split, finetuning, processing, conversion)
+    record = annotator_record(saved)
+    assert in_memory is saved and record.labels == LABELS and record.label_column == "cell_type"
+    first_ten = {g for s in cells.select(range(8))["cell_sentence"] for g in s.split()[:10]}
+    assert set(record.genes) == first_ten
+    assert record.qc == processing["qc"] and record.sentence_seed == conversion["seed"] and record.top_k_genes == 10
+    assert counts_adata(pd.DataFrame({"A": [1, 0]}, index=["x", "y"])).obs_names.tolist() == ["x", "y"]
