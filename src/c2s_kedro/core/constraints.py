@@ -116,6 +116,11 @@ class GeneVocabularyConstraint(LogitsProcessor):
         self.start_mask: torch.Tensor | None = None  # per row: first tokens of genes not yet written
         self._last: torch.Tensor | None = None  # last token of each row at the previous call
 
+    @property
+    def tokens_per_gene(self) -> float:
+        """Mean tokens of a vocabulary gene as written after another (``" " + gene``)."""
+        return float(np.mean([len(path) for path in self.trie.paths]))
+
     def _start(self, input_ids: torch.Tensor, vocab_size: int) -> None:
         rows = input_ids.shape[0]
         self.states = [_SequenceState() for _ in range(rows)]

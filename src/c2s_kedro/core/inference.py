@@ -282,6 +282,32 @@ def _check_room(encoded: Sequence[Sequence[int]], max_new_tokens: int, context: 
         )
 
 
+_last_room: tuple[int, float | None] | None = None
+
+
+def log_generation_room(
+    prompt_tokens: int, max_new_tokens: int, context: int, tokens_per_gene: float | None = None, repeat: bool = True
+) -> str:
+    """Log (and return) how many new tokens the longest prompt of ``prompt_tokens`` leaves in the
+    context and how many of them will be generated, both also in genes when ``tokens_per_gene``
+    is known: with a long prompt the room, not the request, decides how long a cell can be.
+    ``repeat=False`` logs at INFO only when ``max_new_tokens`` or ``tokens_per_gene`` changed since
+    the last call (one line per sampling run, not per prompt), at DEBUG otherwise."""
+    global _last_room
+    room = context - prompt_tokens
+    per_gene = f" ≈ {int(room / tokens_per_gene)} genes" if tokens_per_gene else ""
+    asked = f" ≈ {int(max_new_tokens / tokens_per_gene)} genes" if tokens_per_gene else ""
+    rate = f" ({tokens_per_gene:.2f} tokens per vocabulary gene)" if tokens_per_gene else ""
+    message = (
+        f"prompt of {prompt_tokens} tokens leaves room for {room} new tokens{per_gene} in the context of {context}; "
+        f"generating at most {max_new_tokens} new tokens{asked}{rate}"
+    )
+    key = (max_new_tokens, None if tokens_per_gene is None else round(tokens_per_gene, 3))
+    logger.log(logging.INFO if repeat or key != _last_room else logging.DEBUG, message)
+    _last_room = key
+    return message
+
+
 def _generation_config(tokenizer, max_new_tokens: int, do_sample: bool) -> GenerationConfig:
     settings = {}
     if do_sample:
@@ -374,10 +400,13 @@ def generate_texts(
     config = _generation_config(tokenizer, max_new_tokens, do_sample)
     texts: list[str] = [""] * len(encoded)
     with _seeded(seed, device):
-        for batch in tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size), desc="generating",
-                          unit="batch", leave=False):
+        for number, batch in enumerate(tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size),
+                                            desc="generating", unit="batch", leave=False)):
             input_ids, mask = _padded(tokenizer, [encoded[i] for i in batch], "left", device)
             constraint = logits_processor_factory() if logits_processor_factory is not None else None
+            if number == 0:  # the first batch holds the longest prompts
+                log_generation_room(input_ids.shape[1], max_new_tokens, language_model.context_length,
+                                    getattr(constraint, "tokens_per_gene", None))
             sequences = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -533,6 +562,8 @@ def sample_continuations(
     tokenizer, model = language_model.tokenizer, language_model.model
     ids = _encode_prompts(tokenizer, [prompt])[0]
     _check_room([ids], max_new_tokens, language_model.context_length)
+    log_generation_room(len(ids), max_new_tokens, language_model.context_length,
+                        getattr(logits_processor, "tokens_per_gene", None), repeat=False)
     device = language_model.device
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
     prefix = None
