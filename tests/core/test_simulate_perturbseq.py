@@ -4,10 +4,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from c2s_kedro.core import simulate_perturbseq as simulator
 from c2s_kedro.core.simulate_perturbseq import (
     CONTROL_LABEL,
     default_perturbseq,
     simulate_perturbseq,
+    write_perturbseq_h5ad,
 )
 
 OBS_COLUMNS = [
@@ -315,10 +317,44 @@ def test_round_trip_through_h5ad_keeps_the_truth(tmp_path):
         ({"doublet_fraction": 0.6, "high_mito_fraction": 0.6}, "must not exceed 1"),
         ({"median_umi": 0}, "median_umi must be positive"),
         ({"seed": -1}, "seed must be a non-negative integer"),
-        ({"n_perturbations": 500}, "n_perturbations=500 is more than the 200 genes eligible"),
+        ({"n_perturbations": 600}, "n_perturbations=600 is more than the 500 genes eligible"),
         ({"n_genes": 60, "n_perturbations": 2}, "n_genes=60 is too small"),
     ],
 )
 def test_bad_arguments_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
         simulate_perturbseq(**arguments)
+
+
+def test_more_perturbations_than_the_200_most_abundant_genes_each_with_its_truth():
+    adata = simulate_perturbseq(n_genes=1200, n_perturbations=260, cells_per_perturbation=1, n_control_cells=40, seed=1)
+    truth = adata.varm["perturbation_truth_log2fc"]
+    perturbations = adata.uns["perturbation_truth"]["perturbation"]
+    assert len(set(perturbations)) == 260 and list(truth.columns) == perturbations
+    symbol_of = dict(zip(adata.var_names, adata.var["gene_name"]))
+    for name, target in zip(perturbations, adata.uns["perturbation_truth"]["target_gene_id"]):
+        assert symbol_of[target] == name
+        assert truth.at[target, name] < 0  # its knockdown
+    assert set(adata.obs["gene"]) == set(perturbations) | {CONTROL_LABEL}
+
+
+def test_written_chunk_by_chunk_equals_the_screen_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(simulator, "_BLOCK_ENTRIES", 400 * 30)  # 30 cells a block
+    monkeypatch.setattr(simulator, "_WRITE_CHUNK_CELLS", 50)  # an append every other block
+    expected = simulate_perturbseq(**SMALL, seed=4)
+    expected.write_h5ad(tmp_path / "expected.h5ad")
+    expected = ad.read_h5ad(tmp_path / "expected.h5ad")
+    written = ad.read_h5ad(write_perturbseq_h5ad(tmp_path / "chunks.h5ad", **SMALL, seed=4))
+    assert written.X.format == "csr" and written.X.dtype == np.float32
+    assert (written.X != expected.X).nnz == 0
+    pd.testing.assert_frame_equal(written.obs, expected.obs)
+    pd.testing.assert_frame_equal(written.var, expected.var)
+    pd.testing.assert_frame_equal(written.varm["perturbation_truth_log2fc"], expected.varm["perturbation_truth_log2fc"])
+    for section in ("perturbation_truth", "qc_truth", "simulation"):
+        for key, values in expected.uns[section].items():
+            np.testing.assert_array_equal(written.uns[section][key], values)
+
+
+def test_writer_names_its_arguments():
+    with pytest.raises(TypeError, match="write_perturbseq_h5ad .*arguments of simulate_perturbseq"):
+        write_perturbseq_h5ad("unused.h5ad", n_cells=10)

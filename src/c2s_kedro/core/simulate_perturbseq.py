@@ -26,11 +26,14 @@ kept in ``.varm["perturbation_truth_log2fc"]``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import numbers
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -59,12 +62,15 @@ _COMPLEX_SIZE = 3
 _COMPLEX_ACTIVITY_SIGMA = 0.25
 _EFFECT_LOG2FC = (0.5, 2.0)
 _KNOCKDOWN_RESIDUAL = (0.05, 0.40)
-# Targets are drawn from the most abundant genes, so that a cell's top-ranked genes include them.
+# Targets are drawn from the most abundant genes (the top 200, or as many as there are
+# perturbations), so that a cell's top-ranked genes include them.
 _TARGET_RANK_LIMIT = 200
 _CELLS_PER_CONTROL_GUIDE = 40
 _MAX_CONTROL_GUIDES = 20
 # Dense sampling block: cells x genes entries held at once.
 _BLOCK_ENTRIES = 2**21
+# Cells gathered before one append to the file (write_perturbseq_h5ad).
+_WRITE_CHUNK_CELLS = 10_000
 
 
 @dataclass(frozen=True)
@@ -154,13 +160,15 @@ def _build_model(
     # Abundance rank among nuclear genes (0 = most abundant).
     nuclear = np.flatnonzero(~is_mito)
     by_abundance = nuclear[np.argsort(-baseline[nuclear], kind="stable")]
-    eligible = by_abundance[: min(_TARGET_RANK_LIMIT, max(1, n_genes // 4))]
+    # A large screen reaches further down the abundance ranking, never below a quarter of genes.
+    n_eligible = min(max(_TARGET_RANK_LIMIT, n_perturbations), max(1, n_genes // 4))
+    eligible = by_abundance[:n_eligible]
     if n_perturbations > eligible.size:
         raise ValueError(
             f"n_perturbations={n_perturbations} is more than the {eligible.size} genes eligible as "
             f"targets with n_genes={n_genes} (targets are drawn from the most abundant "
-            f"{_TARGET_RANK_LIMIT} nuclear genes, or a quarter of the genes if fewer); ask for "
-            "fewer perturbations or more genes"
+            f"max({_TARGET_RANK_LIMIT}, n_perturbations) nuclear genes, at most a quarter of the "
+            "genes); ask for fewer perturbations or more genes (at least 4 per perturbation)"
         )
     target = rng.choice(eligible, size=n_perturbations, replace=False)
 
@@ -387,16 +395,21 @@ def _block_counts(
     return sp.csr_matrix(counts)
 
 
+def _cell_sums(model: _ScreenModel, counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """UMI and MT- counts per cell (row by row, so a block gives its rows' values)."""
+    umi_count = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    mito_count = np.asarray(counts[:, model.is_mito].sum(axis=1), dtype=np.float64).ravel()
+    return umi_count, mito_count
+
+
 def _screen_obs(
-    model: _ScreenModel, cells: _ScreenCells, counts: sp.csr_matrix
+    model: _ScreenModel, cells: _ScreenCells, umi_count: np.ndarray, mito_count: np.ndarray
 ) -> pd.DataFrame:
     n_perturbations = model.target.size
     is_control = cells.label == n_perturbations
     target_names = np.append(model.perturbations, CONTROL_LABEL).astype(object)
     target_ids = np.append(model.gene_ids[model.target], CONTROL_LABEL).astype(object)
 
-    umi_count = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    mito_count = np.asarray(counts[:, model.is_mito].sum(axis=1), dtype=np.float64).ravel()
     mitopercent = 100.0 * mito_count / np.maximum(umi_count, 1.0)
 
     # Depth normalised across gem groups, on the control cells' medians (all cells of a gem
@@ -473,32 +486,46 @@ def simulate_perturbseq(
         "median_umi": median_umi,
         "seed": seed,
     }
+    model, cells = _screen_design(parameters)
+    counts = sp.vstack(list(_count_blocks(model, cells, seed)), format="csr")
+    counts.sort_indices()
+    adata = _screen_adata(counts, _screen_obs(model, cells, *_cell_sums(model, counts)), model, cells, parameters)
+    _log_screen(model, cells)
+    return adata
+
+
+def _screen_design(parameters: dict) -> tuple[_ScreenModel, _ScreenCells]:
+    """The checked settings -> gene/perturbation parameters and per-cell factors."""
     _check_arguments(**parameters)
     model = _build_model(
-        n_genes, n_perturbations, n_control_cells, n_gem_groups, fraction_no_effect, seed
+        parameters["n_genes"], parameters["n_perturbations"], parameters["n_control_cells"],
+        parameters["n_gem_groups"], parameters["fraction_no_effect"], parameters["seed"],
     )
     cells = _draw_cells(
-        model,
-        cells_per_perturbation,
-        n_control_cells,
-        doublet_fraction,
-        high_mito_fraction,
-        median_umi,
-        seed,
+        model, parameters["cells_per_perturbation"], parameters["n_control_cells"],
+        parameters["doublet_fraction"], parameters["high_mito_fraction"], parameters["median_umi"],
+        parameters["seed"],
     )
+    return model, cells
 
-    n_cells = cells.label.size
+
+def _count_blocks(model: _ScreenModel, cells: _ScreenCells, seed: int):
+    """The counts, block after block of cells (each block has its own seeded stream, so the
+    matrix does not depend on how the blocks are gathered)."""
+    n_cells, n_genes = cells.label.size, model.gene_names.size
     block_cells = max(1, _BLOCK_ENTRIES // n_genes)
     blocks = list(enumerate(range(0, n_cells, block_cells)))
     fold = np.vstack([np.exp2(model.log2fc), np.ones(n_genes)])
-    matrices = []
     for block, start in tqdm(blocks, desc="simulated blocks", unit="block", leave=False):
         rows = slice(start, min(start + block_cells, n_cells))
         rng = np.random.default_rng([seed, 2, block])
-        matrices.append(_block_counts(model, cells, fold, rows, rng))
-    counts = sp.vstack(matrices, format="csr")
-    counts.sort_indices()
+        yield _block_counts(model, cells, fold, rows, rng)
 
+
+def _screen_adata(
+    counts: sp.csr_matrix, obs: pd.DataFrame, model: _ScreenModel, cells: _ScreenCells, parameters: dict
+) -> ad.AnnData:
+    """Counts, obs, gene annotations and the truth as one AnnData."""
     perturbations = model.perturbations.astype(str)
     var_names = pd.Index(model.gene_ids.astype(str))
     var = pd.DataFrame(
@@ -527,21 +554,72 @@ def simulate_perturbseq(
             "n_complexes": model.n_complexes,
         },
     }
-    adata = ad.AnnData(
-        X=counts,
-        obs=_screen_obs(model, cells, counts),
-        var=var,
-        varm={"perturbation_truth_log2fc": truth},
-        uns=uns,
-    )
+    return ad.AnnData(X=counts, obs=obs, var=var, varm={"perturbation_truth_log2fc": truth}, uns=uns)
+
+
+def _log_screen(model: _ScreenModel, cells: _ScreenCells) -> None:
     logger.info(
         "simulated a Perturb-seq screen: %d cells x %d genes, %d perturbations in %d complexes",
-        n_cells,
-        n_genes,
-        n_perturbations,
-        model.n_complexes,
+        cells.label.size, model.gene_names.size, model.target.size, model.n_complexes,
     )
-    return adata
+
+
+def write_perturbseq_h5ad(path: str | Path, **kwargs) -> Path:
+    """Simulate a screen straight into an ``.h5ad`` file, ``_WRITE_CHUNK_CELLS`` cells at a time.
+
+    Only one chunk of counts is held in memory (plus the per-cell factors): the file is created
+    from the first chunk and later chunks are appended to ``X`` on disk; ``.obs`` (which needs
+    every cell's UMI count) is written last. The file equals ``simulate_perturbseq(**kwargs)``.
+
+    Args:
+        path: the ``.h5ad`` file to write (overwritten).
+        **kwargs: the arguments of ``simulate_perturbseq``.
+    """
+    try:
+        settings = inspect.signature(simulate_perturbseq).bind(**kwargs)
+    except TypeError as error:
+        raise TypeError(f"write_perturbseq_h5ad {error}; it takes the arguments of simulate_perturbseq") from None
+    settings.apply_defaults()
+    parameters = dict(settings.arguments)
+    model, cells = _screen_design(parameters)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    umi_parts, mito_parts, pending = [], [], []
+    written = 0
+
+    def flush() -> None:
+        nonlocal pending, written
+        chunk = sp.vstack(pending, format="csr")
+        chunk.sort_indices()
+        pending = []
+        if written == 0:
+            # A 64-bit indptr lets later appends pass 2**31 stored values.
+            chunk.indptr = chunk.indptr.astype(np.int64)
+            placeholder = pd.DataFrame(index=pd.Index(cells.barcode[: chunk.shape[0]].astype(str)))
+            _screen_adata(chunk, placeholder, model, cells, parameters).write_h5ad(path)
+        else:
+            with h5py.File(path, "r+") as store:
+                ad.io.sparse_dataset(store["X"]).append(chunk)
+        written += chunk.shape[0]
+
+    pending_cells = 0
+    for block in _count_blocks(model, cells, parameters["seed"]):
+        umi, mito = _cell_sums(model, block)
+        umi_parts.append(umi)
+        mito_parts.append(mito)
+        pending.append(block)
+        pending_cells += block.shape[0]
+        if pending_cells >= _WRITE_CHUNK_CELLS:
+            flush()
+            pending_cells = 0
+    if pending:
+        flush()
+    obs = _screen_obs(model, cells, np.concatenate(umi_parts), np.concatenate(mito_parts))
+    with h5py.File(path, "r+") as store:
+        del store["obs"]
+        ad.io.write_elem(store, "obs", obs)
+    _log_screen(model, cells)
+    return path
 
 
 def default_perturbseq() -> ad.AnnData:
