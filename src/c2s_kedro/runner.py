@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 # Models a user points the catalog at to *use* them: the project trains its own defaults into these
 # entries (pretraining, the screen's base model) only where conf/base puts them.
 BASE_MODELS = ("foundation_model", "perturbation_base_model")
+# Inputs a node of the project writes a default for (the test split's cells to annotate). Where the
+# environment defines the entry, that node is left out of the run, the default run included, so the
+# user's file is read and never overwritten.
+DEFAULT_INPUTS = ("annotation_raw_adata",)
 
 
 class UserModelOverwriteError(PermissionError):
@@ -140,6 +144,17 @@ class UpstreamRunner(SequentialRunner):
                         "perturbation_posterior), not the one that builds it, or remove the override."
                     )
 
+    def _without_default_writers(self, pipeline: Pipeline) -> Pipeline:
+        writers = [n for n in pipeline.nodes if any(self._user_entries.matches(o) for o in set(n.outputs) & set(DEFAULT_INPUTS))]
+        if not writers:
+            return pipeline
+        logger.info(
+            "%s comes from your environment '%s': node(s) %s that write the project's default are skipped",
+            ", ".join(sorted({o for n in writers for o in n.outputs if o in DEFAULT_INPUTS})),
+            self._environment or "local", ", ".join(n.name for n in writers),
+        )
+        return pipeline - Pipeline(writers)
+
     def run(
         self,
         pipeline: Pipeline,
@@ -148,6 +163,7 @@ class UpstreamRunner(SequentialRunner):
         run_id: str | None = None,
         only_missing_outputs: bool = False,
     ) -> dict[str, Any]:
+        pipeline = self._without_default_writers(pipeline)
         upstream = self.upstream_of(pipeline, catalog)
         self._refuse_training_into_user_models(upstream + pipeline)
         if upstream.nodes:

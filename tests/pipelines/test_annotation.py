@@ -211,3 +211,24 @@ def test_finetuning_records_the_label_set_genes_and_processing(counts, model):
     assert set(record.genes) == first_ten
     assert record.qc == processing["qc"] and record.sentence_seed == conversion["seed"] and record.top_k_genes == 10
     assert counts_adata(pd.DataFrame({"A": [1, 0]}, index=["x", "y"])).obs_names.tolist() == ["x", "y"]
+
+
+def test_a_users_annotation_input_is_never_overwritten_by_the_default_writer(counts, tmp_path):
+    from kedro.io import DataCatalog, MemoryDataset
+
+    from c2s_kedro.datasets import H5adDataset
+    from c2s_kedro.runner import UpstreamRunner
+
+    users = tmp_path / "mine.h5ad"
+    counts[:3].write_h5ad(users)
+    split = {"train": [], "val": [], "test": list(counts.obs_names[20:])}
+    project = create_default_input_pipeline()
+    catalog = DataCatalog(datasets={
+        "raw_adata": MemoryDataset(counts, copy_mode="assign"), "data_split": MemoryDataset(split),
+        "annotation_raw_adata": H5adDataset(filepath=str(users)),
+    })
+    before = users.stat().st_mtime_ns
+    UpstreamRunner(project_pipeline=project, user_entries=["annotation_raw_adata"]).run(project, catalog)
+    assert users.stat().st_mtime_ns == before and ad.read_h5ad(users).n_obs == 3
+    UpstreamRunner(project_pipeline=project).run(project, catalog)  # the project's own entry: written
+    assert ad.read_h5ad(users).n_obs == 4
