@@ -66,8 +66,19 @@ def test_missing_h5ad_names_the_path_and_the_fix(tmp_path):
 def test_unreadable_h5ad_raises_dataset_error(tmp_path):
     path = tmp_path / "broken.h5ad"
     path.write_bytes(b"not an hdf5 file")
-    with pytest.raises(DatasetError, match="broken.h5ad"):
+    with pytest.raises(DatasetError, match="broken.h5ad") as error:
         H5adDataset(filepath=str(path)).load()
+    assert "Copy it again" in str(error.value) and "filepath" in str(error.value)
+
+
+def test_a_truncated_h5ad_names_the_file_and_the_fix(tmp_path, counts_adata):
+    whole = tmp_path / "whole.h5ad"
+    H5adDataset(filepath=str(whole)).save(counts_adata)
+    cut = tmp_path / "cut.h5ad"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    with pytest.raises(DatasetError, match="incomplete or not an h5ad file") as error:
+        H5adDataset(filepath=str(cut)).load()
+    assert str(cut) in str(error.value) and "Copy it again, or point the catalog entry's filepath" in str(error.value)
 
 
 def test_create_if_missing_builds_the_file_once(tmp_path):

@@ -89,7 +89,11 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
         try:
             return ad.read_h5ad(self._filepath, **self._load_args)
         except OSError as error:
-            raise DatasetError(f"cannot read {self._filepath} as h5ad: {error}") from error
+            raise DatasetError(
+                f"cannot read {self._filepath.resolve()} as h5ad ({error}): the file is incomplete or not an h5ad file, "
+                "e.g. a download or copy that did not finish. Copy it again, or point the catalog entry's filepath "
+                "at another file (e.g. in conf/local/catalog.yml)."
+            ) from error
 
     def save(self, data: ad.AnnData) -> None:
         if not isinstance(data, ad.AnnData):

@@ -1,0 +1,95 @@
+"""The project's ``kedro`` commands (Kedro loads ``<package>.cli`` and its commands override the
+built-in ones of the same name).
+
+``kedro run`` is Kedro's own command, except that an error the project raises on purpose (a
+setting to change, a missing input with the fix, a refused overwrite) reaches the user as its
+message, one line, instead of pages of traceback through Kedro's internals; Kedro has already
+logged which node failed. Any other error (a bug, a library's failure) keeps its full traceback,
+as does every error with ``C2S_TRACEBACK=1`` in the environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import linecache
+import os
+import sys
+from pathlib import Path
+
+import click
+from kedro.framework.cli.project import run as kedro_run
+from kedro.io import DatasetError
+
+PACKAGE = Path(__file__).resolve().parent
+# What the project raises for a user to act on; an exception of another kind (TypeError,
+# AttributeError, ...) raised in the project is a bug and keeps its traceback.
+DELIBERATE = (ValueError, LookupError, OSError, DatasetError)
+
+
+def _innermost_frame(error: BaseException):
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
+def raised_on_purpose(error: BaseException) -> bool:
+    """Whether ``error`` comes from a ``raise`` statement of this package (a message written for
+    the user) rather than from a failing expression or a library."""
+    if not isinstance(error, DELIBERATE):
+        return False
+    tb = _innermost_frame(error)
+    if tb is None:
+        return False
+    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not filename.is_relative_to(PACKAGE):
+        return False
+    return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise")
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The outermost error of ``error``'s cause chain that the project raised on purpose (Kedro
+    wraps a dataset's error in its own), or None."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if raised_on_purpose(current):
+            return current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a KeyError's message without the quotes repr adds)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(message).split()) or type(error).__name__
+
+
+def quiet_errors(command: click.Command) -> click.Command:
+    """A copy of ``command`` that prints an error raised on purpose as one line and exits with 1."""
+    quiet = copy.copy(command)
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run_quietly(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except Exception as error:
+            cause = user_error(error)
+            if cause is None or os.environ.get("C2S_TRACEBACK"):
+                raise
+            click.secho(f"Error: {one_line(cause)}", fg="red", err=True)
+            sys.exit(1)
+
+    quiet.callback = run_quietly
+    return quiet
+
+
+@click.group(name="c2s_kedro")
+def cli() -> None:
+    """The project's commands."""
+
+
+cli.add_command(quiet_errors(kedro_run), "run")
