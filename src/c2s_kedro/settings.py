@@ -2,6 +2,10 @@
 
 from kedro.config import OmegaConfigLoader
 
+from c2s_kedro.library_warnings import ignore_library_noise
+
+ignore_library_noise()  # also for sessions created outside the `kedro` command (notebooks, tests)
+
 from c2s_kedro.hooks import (
     DistributedRunHook,
     MlflowArtifactsFollowTheProjectHook,
