@@ -250,3 +250,35 @@ def test_embed_expression_past_the_approximate_knn_switch(normalized_adata, monk
     rows, cols = embedded.obsp["connectivities"].nonzero()
     cell_type = embedded.obs["cell_type"].to_numpy()
     assert np.mean(cell_type[rows] == cell_type[cols]) > 0.9
+
+
+def test_quality_control_in_chunks_equals_scanpys_filters(counts_adata, monkeypatch):
+    """Cells and genes are cut a chunk of rows at a time (never the screen twice in memory); the
+    result is scanpy's: cells filtered, then filter_genes(min_cells) on the cells left."""
+    import scanpy as sc
+
+    from c2s_kedro.core import preprocessing
+
+    thresholds = QCThresholds(**{**NO_FILTERS, "min_genes_per_cell": 27, "min_cells_per_gene": 30})
+    monkeypatch.setattr(preprocessing, "_ROW_CHUNK", 7)
+    filtered, counts = quality_control(counts_adata, thresholds)
+    expected = counts_adata.copy()
+    sc.pp.filter_cells(expected, min_genes=27)
+    sc.pp.filter_genes(expected, min_cells=30)
+    assert counts["genes_after"] == expected.n_vars < counts_adata.n_vars
+    assert counts["cells_after"] == expected.n_obs < counts_adata.n_obs
+    assert list(filtered.obs_names) == list(expected.obs_names)
+    assert list(filtered.var_names) == list(expected.var_names)
+    assert (filtered.X != expected.X).nnz == 0
+    np.testing.assert_array_equal(filtered.var["n_cells"], expected.var["n_cells"])
+
+
+def test_normalize_and_embed_leave_the_input_counts_untouched(counts_adata):
+    before = counts_adata.X.copy()
+    normalized = normalize_log10(counts_adata)
+    assert (counts_adata.X != before).nnz == 0
+    assert (normalized.layers["counts"] != before).nnz == 0
+    assert (normalized.X != before).nnz > 0
+    embedded = embed_expression(normalized, n_comps=5, n_neighbors=8, seed=0)
+    assert embedded.X is normalized.X  # shared, not copied
+    assert "X_pca" not in normalized.obsm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     ``cells_after``, ``genes_before``, ``genes_after``). Raises ``ValueError`` when no cell or no
     gene is left, naming the thresholds to relax.
     """
-    adata = adata.copy()
+    adata = shallow_copy(adata)
     adata.var["mt"] = adata.var_names.str.upper().str.startswith(thresholds.mito_prefix.upper())
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     counts = {"cells_before": adata.n_obs, "genes_before": adata.n_vars}
@@ -59,17 +60,24 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
         keep &= passes
     if not keep.any():
         raise ValueError(f"QC removed all {adata.n_obs} cells ({_removed_summary(counts)}); relax the thresholds.")
-    adata = adata[keep].copy()
+    genes = np.ones(adata.n_vars, dtype=bool)
     if thresholds.min_cells_per_gene:
-        sc.pp.filter_genes(adata, min_cells=thresholds.min_cells_per_gene)
+        # scanpy's filter_genes(min_cells): cells with a positive count per gene, kept as var["n_cells"]
+        n_cells = _expressing_cells(adata.X, np.flatnonzero(keep))
+        genes = n_cells >= thresholds.min_cells_per_gene
+        adata.var["n_cells"] = n_cells
+        logger.info("filtered out %d genes that are detected in less than %d cells",
+                    int(np.count_nonzero(~genes)), thresholds.min_cells_per_gene)
+    adata = _subset(adata, np.flatnonzero(keep), np.flatnonzero(genes))
     if adata.n_vars == 0:
         raise ValueError(
             f"QC removed every gene (min_cells_per_gene={thresholds.min_cells_per_gene} with "
             f"{adata.n_obs} cells left); lower min_cells_per_gene."
         )
-    n_empty = int(np.count_nonzero(np.asarray((adata.X > 0).sum(axis=1)).ravel() == 0))
+    expressed = _expressed_genes(adata.X)
+    n_empty = int(np.count_nonzero(expressed == 0))
     if n_empty:
-        adata = adata[np.asarray((adata.X > 0).sum(axis=1)).ravel() > 0].copy()
+        adata = adata[expressed > 0].copy()
         counts["cells_removed_empty_after_gene_filter"] = n_empty
         logger.warning("%d cells had no expressed gene left after gene filtering and were removed", n_empty)
         if adata.n_obs == 0:
@@ -80,6 +88,70 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     return adata, counts
 
 
+def shallow_copy(adata: ad.AnnData) -> ad.AnnData:
+    """A new AnnData around the same matrices (``X``, layers, obsm, ...): annotations (obs, var,
+    uns) are copied, the expression is not. For steps that add annotations or replace ``X``
+    without writing into the matrices they were given; a screen's counts are GBs."""
+    if adata.is_view:
+        return adata.copy()
+    return ad.AnnData(
+        X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=copy.deepcopy(dict(adata.uns)),
+        obsm=dict(adata.obsm), varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp),
+        layers=dict(adata.layers),
+    )
+
+
+_ROW_CHUNK = 8192  # cells per step of the chunked QC passes
+
+
+def _expressing_cells(matrix, rows: np.ndarray) -> np.ndarray:
+    """Cells among ``rows`` with a positive value, per gene; a chunk of rows at a time."""
+    total = np.zeros(matrix.shape[1], dtype=np.int64)
+    for start in range(0, rows.size, _ROW_CHUNK):
+        total += np.asarray((matrix[rows[start : start + _ROW_CHUNK]] > 0).sum(axis=0)).ravel()
+    return total
+
+
+def _expressed_genes(matrix) -> np.ndarray:
+    """Genes with a positive value, per cell; a chunk of rows at a time."""
+    return np.concatenate([
+        np.asarray((matrix[start : start + _ROW_CHUNK] > 0).sum(axis=1)).ravel()
+        for start in range(0, max(matrix.shape[0], 1), _ROW_CHUNK)
+    ])
+
+
+def _subset(adata: ad.AnnData, rows: np.ndarray, columns: np.ndarray) -> ad.AnnData:
+    """``adata[rows, columns].copy()``, with a CSR ``X`` written straight into the result a chunk of
+    rows at a time: scipy's two-step indexing holds the rows, then the rows and columns, next to
+    the input (three screens' worth of counts at once)."""
+    if not isinstance(adata.X, sp.csr_matrix | sp.csr_array):
+        return adata[rows, columns].copy()
+    matrix = adata.X
+    annotations = ad.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns, obsm=dict(adata.obsm), varm=dict(adata.varm),
+                             obsp=dict(adata.obsp), varp=dict(adata.varp), layers=dict(adata.layers))
+    result = annotations[rows, columns].copy()
+
+    def pieces():
+        for start in range(0, rows.size, _ROW_CHUNK):
+            yield matrix[rows[start : start + _ROW_CHUNK]][:, columns]
+
+    # Two passes (count, then fill) so that only the result and one chunk are held at a time.
+    nnz = sum(piece.nnz for piece in pieces())
+    wide = nnz > np.iinfo(np.int32).max
+    data = np.empty(nnz, dtype=matrix.dtype)
+    indices = np.empty(nnz, dtype=np.int64 if wide else matrix.indices.dtype)
+    indptr = np.zeros(rows.size + 1, dtype=np.int64 if wide else matrix.indptr.dtype)
+    offset, row = 0, 0
+    for piece in pieces():
+        data[offset : offset + piece.nnz] = piece.data
+        indices[offset : offset + piece.nnz] = piece.indices
+        indptr[row + 1 : row + piece.shape[0] + 1] = piece.indptr[1:] + offset
+        offset += piece.nnz
+        row += piece.shape[0]
+    result.X = type(matrix)((data, indices, indptr), shape=(rows.size, columns.size))
+    return result
+
+
 def _removed_summary(counts: dict[str, int]) -> str:
     removed = ", ".join(f"{k.removeprefix('cells_removed_')}: -{v}" for k, v in counts.items() if k.startswith("cells_removed_"))
     return f"{counts['cells_before']} cells" + (f" ({removed})" if removed else "")
@@ -88,10 +160,10 @@ def _removed_summary(counts: dict[str, int]) -> str:
 def normalize_log10(adata: ad.AnnData, target_sum: float | None = None, counts_layer: str = "counts") -> ad.AnnData:
     """Keep raw counts in ``layers[counts_layer]``, ``normalize_total`` (``None``: each cell scaled
     to the median library size, scanpy's default and the C2S tutorials'), then log10(1 + x)."""
-    adata = adata.copy()
-    adata.layers[counts_layer] = adata.X.copy()
-    if sp.issparse(adata.X) or adata.X.dtype != np.float32:
-        adata.X = adata.X.astype(np.float32)
+    adata = shallow_copy(adata)
+    # the counts layer is the input's matrix itself; normalization writes into a float32 copy
+    adata.layers[counts_layer] = adata.X
+    adata.X = adata.X.astype(np.float32, copy=True)
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata, base=10)
     return adata
@@ -148,8 +220,9 @@ def embed_expression(
     n_top_genes: int | None = None,
     seed: int = 0,
 ) -> ad.AnnData:
-    """PCA (optionally on highly variable genes) -> kNN graph -> UMAP, stored in a copy of the AnnData."""
-    adata = adata.copy()
+    """PCA (optionally on highly variable genes) -> kNN graph -> UMAP, stored in a copy of the
+    AnnData's annotations (the expression matrices are shared, not copied)."""
+    adata = shallow_copy(adata)
     use_hvg = False
     if n_top_genes:
         if n_top_genes >= adata.n_vars:

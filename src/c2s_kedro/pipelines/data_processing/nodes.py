@@ -9,7 +9,7 @@ import anndata as ad
 import matplotlib.pyplot as plt
 
 from c2s_kedro.core import plotting
-from c2s_kedro.core.preprocessing import QCThresholds, embed_expression, normalize_log10, quality_control
+from c2s_kedro.core.preprocessing import QCThresholds, embed_expression, normalize_log10, quality_control, shallow_copy
 from c2s_kedro.core.validation import NotCountsError, check_raw_counts, make_gene_names_unique, require_obs_columns, use_gene_symbols
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataProcessingParameters, QCParameters, as_kwargs
@@ -21,7 +21,8 @@ def validate_raw_adata(raw_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnD
     """Check the raw data and tidy gene names: counts (unless declared normalized), the obs keys
     to plot, gene symbols instead of Ensembl IDs, unique gene names."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
-    adata = raw_adata.to_memory() if raw_adata.isbacked else raw_adata.copy()
+    # the checks below only rename genes: the counts are shared with raw_adata, not copied
+    adata = raw_adata.to_memory() if raw_adata.isbacked else shallow_copy(raw_adata)
     with setting_hint(f"{SECTION}.umap_color_keys"):
         require_obs_columns(adata, settings.umap_color_keys)
     if not settings.input_is_normalized:
