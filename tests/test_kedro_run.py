@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,27 +37,51 @@ def project(tmp_path_factory) -> Path:
     """A copy of the project's configuration in a temporary folder (the package is installed),
     after the default `kedro run` of the test environment."""
     root = _new_project(tmp_path_factory)
-    _kedro(root, "run", "--env", "test")
+    result = _kedro(root, "run", "--env", "test")
+    (root / "run.log").write_text(result.stdout + result.stderr)
     return root
+
+
+def test_the_run_starts_without_library_warnings(project: Path):
+    """What a user cannot act on is left out (c2s_kedro.library_warnings)."""
+    output = (project / "run.log").read_text()
+    for noise in ("register_new_resolver", "Add type hints to the `predict` method", "dataset names contain '.'",
+                  "'--pipeline' is deprecated"):
+        assert noise not in output
+
+
+def test_an_error_of_the_project_is_one_line_with_its_fix(tmp_path_factory):
+    root = _new_project(tmp_path_factory)
+    (root / "conf" / "local" / "catalog.yml").write_text(
+        "raw_adata:\n  type: c2s_kedro.datasets.H5adDataset\n  filepath: data/01_raw/my_cells.h5ad\n")
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
+    env.pop("C2S_TRACEBACK", None)
+    result = subprocess.run([sys.executable, "-m", "kedro", "run", "--pipelines=data_processing"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: h5ad file not found: {root / 'data' / '01_raw' / 'my_cells.h5ad'}. Put the file there, or point the "
+        "catalog entry's filepath at your data (e.g. in conf/local/catalog.yml).")
 
 
 def test_finetuning_alone_on_a_fresh_project_produces_its_upstream_once(tmp_path_factory):
     root = _new_project(tmp_path_factory)
-    _kedro(root, "run", "--env", "test", "--pipeline", "finetuning")
+    _kedro(root, "run", "--env", "test", "--pipelines", "finetuning")
     data = root / "data"
     upstream = [data / "03_primary" / "processed_adata.h5ad", data / "06_models" / "foundation_model" / "model.safetensors"]
     model = data / "06_models" / "finetuned_model" / "model.safetensors"
     assert all(p.exists() for p in upstream) and model.exists()
     before = [p.stat().st_mtime_ns for p in upstream]
     model_before = model.stat().st_mtime_ns
-    _kedro(root, "run", "--env", "test", "--pipeline", "finetuning")
+    _kedro(root, "run", "--env", "test", "--pipelines", "finetuning")
     assert [p.stat().st_mtime_ns for p in upstream] == before  # upstream not redone
     assert model.stat().st_mtime_ns != model_before  # the fine-tuning itself runs again
 
 
 def test_perturbation_posterior_alone_on_a_fresh_project_simulates_trains_and_scores(tmp_path_factory):
     root = _new_project(tmp_path_factory)
-    _kedro(root, "run", "--env", "test", "--pipeline", "perturbation_posterior")
+    _kedro(root, "run", "--env", "test", "--pipelines", "perturbation_posterior")
     data = root / "data"
     screen = data / "01_raw" / "perturbseq_simulated.h5ad"
     model = data / "06_models" / "perturbation_model" / "model.safetensors"
@@ -64,7 +89,7 @@ def test_perturbation_posterior_alone_on_a_fresh_project_simulates_trains_and_sc
     summary = pd.read_csv(data / "08_reporting" / "perturbation_summary.csv")
     assert len(summary) == 5 and summary["n_perturbations"].nunique() == 1  # every method, same perturbations
     before = [screen.stat().st_mtime_ns, model.stat().st_mtime_ns]
-    _kedro(root, "run", "--env", "test", "--pipeline", "perturbation_posterior")
+    _kedro(root, "run", "--env", "test", "--pipelines", "perturbation_posterior")
     assert [screen.stat().st_mtime_ns, model.stat().st_mtime_ns] == before  # upstream not redone
 
 
@@ -146,10 +171,15 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = MlflowClient()
     experiment = client.get_experiment_by_name("c2s_kedro_test")
-    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "__default__"]
-    assert len(runs) == 1
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "all pipelines"]
+    assert len(runs) == 1  # named after what ran, not __default__
     run = runs[0]
     assert run.info.status == "FINISHED"
+    assert run.data.tags["c2s.pid"].isdigit()
+    # MLflow-safe names: no chart sections from "/", nothing MLflow refuses, no dot inside a temperature
+    assert all(re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", name) for name in run.data.metrics)
+    assert "perturbation.model_T1_3.pearson_delta" in run.data.metrics
+    assert run.info.artifact_uri.startswith(str(project / "mlruns"))
     assert run.data.params["data_processing.qc.min_genes_per_cell"] == "50"
     written = json.loads((project / "data" / "08_reporting" / "benchmarking_metrics.json").read_text())
     assert run.data.metrics["benchmarking.rank_fit_slope"] == pytest.approx(written["rank_fit_slope"])
@@ -183,12 +213,16 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
 
 def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):
     before = (project / "data" / "03_primary" / "processed_adata.h5ad").stat().st_mtime_ns
-    _kedro(project, "run", "--env", "test", "--pipeline", "benchmarking")
+    _kedro(project, "run", "--env", "test", "--pipelines", "benchmarking")
     assert (project / "data" / "03_primary" / "processed_adata.h5ad").stat().st_mtime_ns == before
 
 
 def test_kedro_viz_build_shows_every_pipeline_offline(project: Path):
-    _kedro(project, "viz", "build")
+    result = _kedro(project, "viz", "build")
+    assert "Layers visualisation is disabled" not in result.stdout + result.stderr
+    for view in (project / "build" / "api" / "pipelines").iterdir():
+        shown = json.loads(view.read_text())
+        assert shown["layers"] and all(n.get("layer") for n in shown["nodes"] if n["type"] == "data"), view.name
     main = json.loads((project / "build" / "api" / "main").read_text())
     assert {p["id"] for p in main["pipelines"]} >= {"data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation", "cell_type_evaluation", "zero_shot_annotation",
                                                       "cell_generation", "perturbation_data", "perturbation_finetuning", "perturbation_posterior"}
@@ -226,7 +260,7 @@ def test_torchrun_trains_with_ddp_on_cpu_and_writes_once(project: Path):
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [str(executables / "torchrun"), "--nproc_per_node=2", str(executables / "kedro"), "run", "--env", "test",
-         "--pipeline", "finetuning"],
+         "--pipelines", "finetuning"],
         cwd=project, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Running one pipeline alone on a fresh clone: what it needs and nobody saved yet is produced
 first, in the same run.
 
-``kedro run --pipeline=finetuning`` needs processed data, sentences, a split and a foundation
+``kedro run --pipelines=finetuning`` needs processed data, sentences, a split and a foundation
 model. ``UpstreamRunner`` adds to the pipeline the nodes of the project's ``__default__``
 pipeline that lead to its missing inputs, keeps of those only the ones Kedro's own
 missing-outputs rule says must run, and runs everything as one pipeline: node hooks fire for
