@@ -282,3 +282,15 @@ def test_normalize_and_embed_leave_the_input_counts_untouched(counts_adata):
     embedded = embed_expression(normalized, n_comps=5, n_neighbors=8, seed=0)
     assert embedded.X is normalized.X  # shared, not copied
     assert "X_pca" not in normalized.obsm
+
+
+def test_quality_control_of_a_file_written_in_chunks(tmp_path):
+    """write_atlas_h5ad appends to X on disk with a 64-bit indptr beside 32-bit indices; scanpy's
+    QC metrics (scipy's eliminate_zeros) reject the mix unless QC aligns them."""
+    from c2s_kedro.core.simulate import write_atlas_h5ad
+
+    adata = ad.read_h5ad(write_atlas_h5ad(tmp_path / "atlas.h5ad", n_cells=300, n_genes=200, chunk_size=100, seed=1))
+    assert adata.X.indptr.dtype != adata.X.indices.dtype
+    filtered, counts = quality_control(adata, QCThresholds(**{**NO_FILTERS, "min_genes_per_cell": 5}))
+    assert counts["cells_after"] == filtered.n_obs > 0
+    assert filtered.X.indptr.dtype == filtered.X.indices.dtype

@@ -35,6 +35,7 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     gene is left, naming the thresholds to relax.
     """
     adata = shallow_copy(adata)
+    adata.X = _one_index_dtype(adata.X)
     adata.var["mt"] = adata.var_names.str.upper().str.startswith(thresholds.mito_prefix.upper())
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     counts = {"cells_before": adata.n_obs, "genes_before": adata.n_vars}
@@ -99,6 +100,19 @@ def shallow_copy(adata: ad.AnnData) -> ad.AnnData:
         obsm=dict(adata.obsm), varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp),
         layers=dict(adata.layers),
     )
+
+
+def _one_index_dtype(matrix):
+    """A CSR/CSC matrix whose ``indptr`` and ``indices`` share one integer type, around the same
+    arrays. Files written in chunks (core.simulate) carry a 64-bit indptr next to 32-bit indices,
+    which scipy's in-place routines (``eliminate_zeros``, called by scanpy's QC metrics) reject."""
+    if not sp.issparse(matrix) or matrix.format not in ("csr", "csc") or matrix.indptr.dtype == matrix.indices.dtype:
+        return matrix
+    if matrix.nnz <= np.iinfo(np.int32).max and matrix.indices.dtype == np.int32:
+        indptr = matrix.indptr.astype(np.int32)  # one entry per cell: cheap, the indices are not copied
+    else:
+        indptr = matrix.indptr
+    return type(matrix)((matrix.data, matrix.indices, indptr), shape=matrix.shape, copy=False)
 
 
 _ROW_CHUNK = 8192  # cells per step of the chunked QC passes
