@@ -120,6 +120,58 @@ class MlflowStepLogger(TrainerCallback):
         log_metrics(numbers, step=state.global_step)
 
 
+def _model_names(model, checkpoint_keys) -> dict[str, str]:
+    """Checkpoint weight names -> the model's own, by transformers' renaming on load."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return {key: rename_source_key(key, renamings, converters)[0] for key in checkpoint_keys}
+
+
+class CheckpointNamesTrainer(Trainer):
+    """``Trainer`` whose checkpoint loads (resuming, the best model at the end) read every weight.
+
+    ``save_pretrained`` writes weights under their hub names (GPT-NeoX's output head as
+    ``embed_out``, which transformers 5 calls ``lm_head``), but the Trainer loads a checkpoint
+    with the model's names, so it skipped the head ("missing keys in the checkpoint model loaded:
+    ['lm_head.weight']") and kept the last step's head (or the base model's, on resume). The
+    renamed weights are loaded too, and only keys still missing are reported.
+    """
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        if not hasattr(load_result, "_replace"):
+            return super()._issue_warnings_after_load(load_result)
+        names = _model_names(self.model, load_result.unexpected_keys)
+        renamed = {key for key in load_result.unexpected_keys if names[key] in load_result.missing_keys}
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[k for k in load_result.missing_keys if k not in {names[r] for r in renamed}],
+            unexpected_keys=[k for k in load_result.unexpected_keys if k not in renamed],
+        ))
+
+    def _load_renamed(self, model, checkpoint: str | None) -> None:
+        weights = Path(checkpoint or "") / "model.safetensors"
+        if not weights.is_file():  # sharded, FSDP or adapter-only checkpoints: the Trainer's own load
+            return
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights), device="cpu")
+        names, own = _model_names(model, state), model.state_dict()
+        renamed = {names[key]: value for key, value in state.items() if names[key] != key and names[key] in own and key not in own}
+        if renamed:
+            model.load_state_dict(renamed, strict=False)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_renamed(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._load_renamed(self.model, self.state.best_model_checkpoint)
+
+
 def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArguments:
     """``TrainingArguments`` from a dict of its keys; every key passes through unchanged."""
     # use_cpu without CUDA also lets torchrun on CPU train with DDP (gloo) instead of N copies
@@ -190,7 +242,7 @@ def train_causal_lm(
             steps = getattr(trainer, "current_gradient_accumulation_steps", arguments.gradient_accumulation_steps)
             return sample_mean_loss(outputs.logits, labels) / steps
 
-    trainer = Trainer(
+    trainer = CheckpointNamesTrainer(
         model=language_model.model,
         args=arguments,
         train_dataset=train_dataset,

@@ -1,0 +1,58 @@
+"""Checkpoints read back whole: GPT-NeoX's output head, saved under its hub name ``embed_out``,
+is restored on resume and with the best model at the end (transformers 5's Trainer skipped it)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from safetensors.torch import load_file
+
+from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.prompts import C2SPromptFormatter, template_words
+from c2s_kedro.core.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.training import tokenize_dataset, train_causal_lm, training_arguments
+from tests.helpers import tiny_cell_sentences
+
+GENES = [f"GENE{i}" for i in range(120)]
+ARCHITECTURE = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                "max_position_embeddings": 96}
+
+
+def _data():
+    tokenizer = build_gene_tokenizer(GENES, template_words() + ["T cell", "B cell", "Homo sapiens", "blood"], model_max_length=96)
+    formatted = C2SPromptFormatter(task="cell_type_prediction", tokenizer=tokenizer, max_tokens=96).format_dataset(
+        tiny_cell_sentences(GENES, n_cells=8))
+    return tokenizer, tokenize_dataset(formatted, tokenizer, max_length=96)
+
+
+def test_the_best_model_at_the_end_has_the_best_checkpoints_output_head(tmp_path, caplog):
+    tokenizer, data = _data()
+    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    assert model.model.lm_head.weight.data_ptr() != model.model.gpt_neox.embed_in.weight.data_ptr()  # not tied
+    arguments = training_arguments({
+        "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-2, "logging_steps": 1, "eval_strategy": "steps",
+        "eval_steps": 1, "save_strategy": "steps", "save_steps": 1, "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss", "use_cpu": True}, str(tmp_path / "checkpoints"))
+    with caplog.at_level(logging.WARNING):
+        trained, history = train_causal_lm(model, data, data, arguments, "test", keep_checkpoints=True)
+    assert "missing keys" not in caplog.text and "unexpected keys" not in caplog.text
+    best = min((e for e in history if "eval_loss" in e), key=lambda e: e["eval_loss"])["step"]
+    saved = load_file(str(tmp_path / "checkpoints" / f"checkpoint-{best}" / "model.safetensors"))
+    assert "embed_out.weight" in saved  # the hub name, as save_pretrained writes it
+    assert torch.equal(trained.model.lm_head.weight.detach(), saved["embed_out.weight"])
+    assert torch.equal(trained.model.gpt_neox.embed_in.weight.detach(), saved["gpt_neox.embed_in.weight"])
+
+
+def test_a_resumed_training_starts_from_the_checkpoints_output_head(tmp_path):
+    tokenizer, data = _data()
+    settings = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 0.0, "logging_steps": 1,
+                "save_strategy": "steps", "save_steps": 2, "use_cpu": True}
+    first = build_gpt_neox(tokenizer, ARCHITECTURE)
+    with torch.no_grad():
+        first.model.lm_head.weight.fill_(0.25)  # a head that differs from any fresh model's
+    train_causal_lm(first, data, None, training_arguments({**settings, "max_steps": 2}, str(tmp_path / "checkpoints")),
+                    "test", keep_checkpoints=True)
+    fresh = build_gpt_neox(tokenizer, ARCHITECTURE)
+    resumed, _ = train_causal_lm(fresh, data, None, training_arguments(settings, str(tmp_path / "checkpoints")), "test")
+    assert torch.all(resumed.model.lm_head.weight == 0.25)  # learning rate 0: the checkpoint's head, not the fresh one
