@@ -56,3 +56,24 @@ def test_a_resumed_training_starts_from_the_checkpoints_output_head(tmp_path):
     fresh = build_gpt_neox(tokenizer, ARCHITECTURE)
     resumed, _ = train_causal_lm(fresh, data, None, training_arguments(settings, str(tmp_path / "checkpoints")), "test")
     assert torch.all(resumed.model.lm_head.weight == 0.25)  # learning rate 0: the checkpoint's head, not the fresh one
+
+
+def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
+    from datasets import DatasetDict, concatenate_datasets
+
+    from c2s_kedro.core.training import TrainingSettings, finetune
+
+    tokenizer, _ = _data()
+    cells = tiny_cell_sentences(GENES, n_cells=8)
+    prompts = concatenate_datasets([
+        C2SPromptFormatter(task=task, tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
+        for task in ("cell_type_prediction", "cell_type_generation")])
+    settings = TrainingSettings(
+        training_arguments={"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                            "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "no", "use_cpu": True},
+        checkpoint_dir=str(tmp_path / "checkpoints"), loss_on_response_only=True, loss_average="sample", mlflow_prefix="test")
+    _, history = finetune(build_gpt_neox(tokenizer, ARCHITECTURE), DatasetDict(train=prompts, val=prompts), settings)
+    evaluated = {key for entry in history for key in entry if key.startswith("eval_") and key.endswith("_loss")}
+    assert evaluated == {"eval_loss", "eval_cell_type_prediction_loss", "eval_cell_type_generation_loss"}
+    losses = {key: entry[key] for entry in history for key in entry if key in evaluated}
+    assert losses["eval_cell_type_prediction_loss"] != losses["eval_cell_type_generation_loss"]

@@ -131,8 +131,14 @@ def _model_names(model, checkpoint_keys) -> dict[str, str]:
     return {key: rename_source_key(key, renamings, converters)[0] for key in checkpoint_keys}
 
 
-class CheckpointNamesTrainer(Trainer):
-    """``Trainer`` whose checkpoint loads (resuming, the best model at the end) read every weight.
+class C2STrainer(Trainer):
+    """``Trainer`` that also evaluates each task of a mixed-task eval set on its own, and whose
+    checkpoint loads (resuming, the best model at the end) read every weight.
+
+    Per task: with several tasks the training loss alternates between them (batches are grouped
+    by length, so most batches hold one task; a short cell-type answer and a 200-gene sentence
+    have very different losses), so ``eval_<task>_loss`` is logged next to ``eval_loss`` at every
+    evaluation (``task_eval_datasets``); the best model is still chosen by the whole eval set.
 
     ``save_pretrained`` writes weights under their hub names (GPT-NeoX's output head as
     ``embed_out``, which transformers 5 calls ``lm_head``), but the Trainer loads a checkpoint
@@ -140,6 +146,15 @@ class CheckpointNamesTrainer(Trainer):
     ['lm_head.weight']") and kept the last step's head (or the base model's, on resume). The
     renamed weights are loaded too, and only keys still missing are reported.
     """
+
+    task_eval_datasets: dict[str, Dataset] = {}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and metric_key_prefix == "eval":
+            for task, subset in self.task_eval_datasets.items():
+                metrics.update(super().evaluate(subset, ignore_keys, f"eval_{task}"))
+        return metrics
 
     def _issue_warnings_after_load(self, load_result) -> None:
         if not hasattr(load_result, "_replace"):
@@ -189,19 +204,19 @@ def sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
     The Trainer's default averages over all labelled tokens of a batch, so a sample with a long
     answer (a 200-gene sentence) outweighs one with a short answer (a cell type) a hundredfold;
-    here every sample counts the same.
+    here every sample counts the same. Only the labelled positions are upcast and go through the
+    softmax: with the loss on a few answer tokens after a 700-token prompt, float32 copies of every
+    position's logits (8 x 700 x 50k for Pythia-410m) took GBs for positions that count for nothing.
     """
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:].to(shifted_logits.device)
-    per_token = torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    ).view(shifted_labels.shape)
-    counted = (shifted_labels != IGNORE_INDEX).float()
-    tokens = counted.sum(dim=1)
+    shifted_labels = labels[:, 1:].to(logits.device)
+    rows, positions = (shifted_labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    picked = logits[:, :-1][rows, positions].float()
+    per_token = torch.nn.functional.cross_entropy(picked, shifted_labels[rows, positions], reduction="none")
+    tokens = torch.bincount(rows, minlength=labels.shape[0])
+    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=logits.device).index_add(0, rows, per_token)
     has_tokens = tokens > 0
-    per_sample = (per_token * counted).sum(dim=1)[has_tokens] / tokens[has_tokens]
-    return per_sample.mean() if per_sample.numel() else per_token.sum() * 0.0
+    per_sample = sums[has_tokens] / tokens[has_tokens]
+    return per_sample.mean() if per_sample.numel() else picked.sum() * 0.0
 
 
 def train_causal_lm(
@@ -214,8 +229,10 @@ def train_causal_lm(
     keep_checkpoints: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     loss_average: str = "token",
+    task_eval_datasets: dict[str, Dataset] | None = None,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
+    ``task_eval_datasets`` (task -> its part of the eval set) are evaluated on their own as well.
 
     Datasets hold ``input_ids``, ``attention_mask`` and ``labels``. ``loss_average="sample"``
     weighs every sample the same (``sample_mean_loss``) instead of every token; with gradient
@@ -242,7 +259,7 @@ def train_causal_lm(
             steps = getattr(trainer, "current_gradient_accumulation_steps", arguments.gradient_accumulation_steps)
             return sample_mean_loss(outputs.logits, labels) / steps
 
-    trainer = CheckpointNamesTrainer(
+    trainer = C2STrainer(
         model=language_model.model,
         args=arguments,
         train_dataset=train_dataset,
@@ -251,6 +268,7 @@ def train_causal_lm(
         callbacks=[MlflowStepLogger(mlflow_prefix), *(callbacks or [])],
         compute_loss_func=compute_loss,
     )
+    trainer.task_eval_datasets = dict(task_eval_datasets or {})
     checkpoint = get_last_checkpoint(arguments.output_dir) if resume and Path(arguments.output_dir).is_dir() else None
     if checkpoint:
         previous_run = note_resumed_run(arguments.output_dir)
@@ -302,11 +320,18 @@ def finetune(
     val = None
     if "val" in prompts and prompts["val"].num_rows:
         val = tokenize_dataset(prompts["val"], tokenizer, context, settings.loss_on_response_only)
+    per_task = {}
+    if val is not None and val.num_rows and "sample_type" in prompts["val"].column_names:
+        tasks = sorted(set(prompts["val"]["sample_type"]))
+        if len(tasks) > 1:  # eval_<task>_loss next to eval_loss (C2STrainer)
+            per_task = {task: tokenize_dataset(prompts["val"].filter(lambda t, task=task: t == task, input_columns="sample_type",
+                                                                    keep_in_memory=True),
+                                               tokenizer, context, settings.loss_on_response_only) for task in tasks}
     trainable = _with_lora(language_model, settings.lora) if settings.lora else language_model
     trained, log_history = train_causal_lm(
         trainable, train, val if val is not None and val.num_rows else None, arguments, settings.mlflow_prefix,
         resume=settings.resume, keep_checkpoints=settings.keep_checkpoints, callbacks=callbacks,
-        loss_average=settings.loss_average,
+        loss_average=settings.loss_average, task_eval_datasets=per_task,
     )
     if settings.lora:
         trained = LanguageModel(trained.model.merge_and_unload(), tokenizer, language_model.source)
