@@ -84,6 +84,26 @@ def test_sample_mean_loss_weighs_a_short_answer_like_a_long_one():
     assert sample_mean_loss(logits, torch.full_like(labels, IGNORE_INDEX)).item() == 0.0
 
 
+def test_sample_mean_loss_upcasts_only_the_labelled_positions():
+    # conf/gpu at Pythia-410m's shape: float32 copies of all logits took GBs beyond the 10 GB the run had
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, 50, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.full((3, 40), IGNORE_INDEX)
+    labels[0, 37:] = torch.tensor([1, 2, 3])
+    labels[2, 30:] = torch.arange(10)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = sample_mean_loss(logits, labels)
+    assert max(t.numel() for t in saved if t.dtype == torch.float32) <= 13 * 50  # the 13 labelled positions
+    loss.backward()
+    reference = logits.detach().float().requires_grad_()
+    per_token = torch.nn.functional.cross_entropy(reference[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                                  ignore_index=IGNORE_INDEX, reduction="none").view(3, 39)
+    expected = (per_token[0].sum() / 3 + per_token[2].sum() / 10) / 2
+    expected.backward()
+    assert torch.allclose(loss, expected) and torch.allclose(logits.grad.float(), reference.grad, atol=1e-3)
+
+
 def test_samples_that_do_not_fit_are_dropped_not_cut(tokenizer, cells, caplog):
     unfitted = C2SPromptFormatter(task="cell_type_prediction").format_dataset(cells)
     tokenized = tokenize_dataset(unfitted, tokenizer, max_length=96)
