@@ -232,3 +232,16 @@ def test_a_users_annotation_input_is_never_overwritten_by_the_default_writer(cou
     assert users.stat().st_mtime_ns == before and ad.read_h5ad(users).n_obs == 3
     UpstreamRunner(project_pipeline=project).run(project, catalog)  # the project's own entry: written
     assert ad.read_h5ad(users).n_obs == 4
+
+
+def test_the_same_counts_get_the_same_labels_however_they_are_stored(counts, model):
+    matrix = counts.X.tocsr()
+    indices, data = matrix.indices.copy(), matrix.data.copy()
+    for row in range(matrix.shape[0]):  # each row's entries stored in reverse order
+        start, end = matrix.indptr[row], matrix.indptr[row + 1]
+        indices[start:end], data[start:end] = indices[start:end][::-1], data[start:end][::-1]
+    reversed_storage = counts.copy()
+    reversed_storage.X = sp.csr_matrix((data, indices, matrix.indptr.copy()), shape=matrix.shape)
+    assert not reversed_storage.X.has_sorted_indices
+    pd.testing.assert_frame_equal(annotate_counts(model, reversed_storage, min_probability=0.0, batch_size=4),
+                                  annotate_counts(model, counts, min_probability=0.0, batch_size=4))
