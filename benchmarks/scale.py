@@ -1,0 +1,210 @@
+"""The user's sizes and the user's wait: whole `kedro run`s on simulated data at 1/4, 1/2 and full size.
+
+Makes the atlas (``core.simulate.write_atlas_h5ad``, default 30,000 cells x 36,000 genes, ~2,300
+expressed genes per cell) and the screen (``core.simulate_perturbseq.write_perturbseq_h5ad``,
+default 2,000 perturbations x 124 cells + 12,000 controls = 260,000 cells x 8,500 genes, 4 gem
+groups), each written chunk by chunk. For every size it copies the project (conf/ without
+conf/local, pyproject.toml) into ``--workdir``, adds a Kedro environment ``scale`` whose catalog
+points ``raw_adata`` / ``perturbseq_raw`` at the files and whose parameters cap training at
+``--max-steps`` (finetuning, and pretraining, which builds the default foundation model the
+embedding and zero-shot pipelines need), and runs each pipeline with ``kedro run --env scale``,
+one after the other in that copy. Wall time and peak RSS are measured on the ``kedro run``
+process tree (psutil, polled every 0.2 s). The exponent is the log-log slope of wall time (and of
+peak RSS) against cells over the sizes that finished.
+
+    python benchmarks/scale.py                                   # everything, user's sizes
+    python benchmarks/scale.py --skip-screen --fractions 0.25    # the atlas pipelines at 1/4 size
+    python benchmarks/scale.py --atlas-pipelines data_processing,sentence_conversion --skip-screen
+
+Prints one JSON object. Generated files (several GB at full size) stay under ``--workdir``; pass
+``--clean`` to delete each size's files once it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+KEDRO = Path(sys.executable).with_name("kedro")
+ATLAS_PIPELINES = ("data_processing", "sentence_conversion", "benchmarking", "embedding", "finetuning",
+                   "zero_shot_annotation", "cell_type_evaluation")
+SCREEN_PIPELINES = ("perturbation_data",)
+logger = logging.getLogger("scale")
+
+
+def measure(command: list[str], cwd: Path, log: Path, poll_s: float = 0.2) -> dict[str, float]:
+    """Run ``command``; wall time and the peak of the summed RSS of its process tree."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        root = psutil.Process(process.pid)
+        peak = 0
+        while process.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(poll_s)
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak / 2**30, 2),
+            "returncode": process.returncode}
+
+
+def make_project(root: Path, data: dict[str, Path], max_steps: int) -> Path:
+    """A copy of the project (as tests/helpers.copy_project) with the ``scale`` environment."""
+    if root.exists():
+        shutil.rmtree(root)
+    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
+    if (PROJECT / ".telemetry").exists():
+        shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
+    (root / "src").mkdir()
+    env = root / "conf" / "scale"
+    env.mkdir()
+    catalog = {name: {"type": "c2s_kedro.datasets.H5adDataset", "filepath": str(path), "metadata": {"kedro-viz": {"layer": "raw"}}}
+               for name, path in data.items()}
+    (env / "catalog.yml").write_text(yaml.safe_dump(catalog))
+    steps = {"training_arguments": {"max_steps": max_steps}}
+    parameters = {"finetuning": steps, "pretraining": steps, "perturbation": {"finetuning": steps}}
+    (env / "parameters.yml").write_text(yaml.safe_dump(parameters))
+    return root
+
+
+def finetuning_figures(project: Path) -> dict[str, float]:
+    """s/step of the capped run and the epoch it projects (prompts / batch size steps)."""
+    log_path = project / "data" / "08_reporting" / "finetuning_log.json"
+    prompts = project / "data" / "05_model_input" / "finetuning_prompts"
+    if not log_path.exists() or not prompts.exists():
+        return {}
+    from datasets import load_from_disk
+
+    log = json.loads(log_path.read_text())
+    history = log.get("log_history", log) if isinstance(log, dict) else log
+    final = next((e for e in reversed(history) if isinstance(e, dict) and "train_runtime" in e), None)
+    if not final:
+        return {}
+    train = load_from_disk(str(prompts))["train"]
+    base = yaml.safe_load((PROJECT / "conf" / "base" / "parameters_finetuning.yml").read_text())["finetuning"]
+    batch = int(base["training_arguments"]["per_device_train_batch_size"])
+    s_per_step = float(final["train_runtime"]) / max(1, int(final.get("step", 1)))
+    steps_per_epoch = int(np.ceil(train.num_rows / batch))
+    return {"s_per_step": round(s_per_step, 3), "train_prompts": train.num_rows, "steps_per_epoch": steps_per_epoch,
+            "projected_epoch_s": round(s_per_step * steps_per_epoch, 1)}
+
+
+def slope(cells: list[int], values: list[float]) -> float | None:
+    """Log-log slope: 1 is linear in cells."""
+    points = [(c, v) for c, v in zip(cells, values) if v and v > 0]
+    if len(points) < 2:
+        return None
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return round(float(np.polyfit(x, y, 1)[0]), 2)
+
+
+def run_dataset(kind: str, fraction: float, args: argparse.Namespace) -> dict:
+    from c2s_kedro.core.simulate import write_atlas_h5ad
+    from c2s_kedro.core.simulate_perturbseq import write_perturbseq_h5ad
+
+    workdir = Path(args.workdir) / f"{kind}_{fraction:g}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{kind}.h5ad"
+    if kind == "atlas":
+        n_cells = int(round(args.atlas_cells * fraction))
+        make = lambda: write_atlas_h5ad(path, n_cells, args.atlas_genes, expressed_genes_per_cell=args.genes_per_cell)
+        data, pipelines = {"raw_adata": path}, args.atlas_pipelines
+    else:
+        n_perturbations = int(round(args.perturbations * fraction))
+        n_controls = int(round(args.controls * fraction))
+        n_cells = n_perturbations * args.cells_per_perturbation + n_controls
+        make = lambda: write_perturbseq_h5ad(
+            path, n_genes=args.screen_genes, n_perturbations=n_perturbations, cells_per_perturbation=args.cells_per_perturbation,
+            n_control_cells=n_controls, n_gem_groups=args.gem_groups)
+        data, pipelines = {"perturbseq_raw": path}, args.screen_pipelines
+    result: dict = {"fraction": fraction, "n_cells": n_cells, "pipelines": {}}
+    if path.exists() and args.reuse_data:
+        result["simulation"] = "reused"
+    else:
+        start = time.perf_counter()
+        make()
+        result["simulation_s"] = round(time.perf_counter() - start, 1)
+    result["file_gb"] = round(path.stat().st_size / 2**30, 2)
+    project = make_project(workdir / "project", data, args.max_steps)
+    for name in pipelines:
+        logger.info("%s %g: kedro run --pipelines=%s", kind, fraction, name)
+        figures = measure([str(KEDRO), "run", "--env", "scale", f"--pipelines={name}"], project, workdir / f"{name}.log")
+        if name == "finetuning":
+            figures.update(finetuning_figures(project))
+        result["pipelines"][name] = figures
+        logger.info("%s %g %s: %s", kind, fraction, name, figures)
+        print(json.dumps({kind: {str(fraction): {name: figures}}}), file=sys.stderr, flush=True)
+    if args.clean:
+        shutil.rmtree(workdir)
+    return result
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per pipeline: the sizes' figures and the growth exponents."""
+    summary: dict = {}
+    names = {name for run in runs for name in run["pipelines"]}
+    for name in sorted(names):
+        done = [r for r in runs if name in r["pipelines"] and r["pipelines"][name]["returncode"] == 0]
+        cells = [r["n_cells"] for r in done]
+        summary[name] = {
+            "time_exponent": slope(cells, [r["pipelines"][name]["wall_s"] for r in done]),
+            "memory_exponent": slope(cells, [r["pipelines"][name]["peak_rss_gb"] for r in done]),
+        }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/scale")
+    parser.add_argument("--fractions", default="0.25,0.5,1", help="sizes as fractions of the full size")
+    parser.add_argument("--atlas-cells", type=int, default=30_000)
+    parser.add_argument("--atlas-genes", type=int, default=36_000)
+    parser.add_argument("--genes-per-cell", type=int, default=2_300)
+    parser.add_argument("--perturbations", type=int, default=2_000)
+    parser.add_argument("--cells-per-perturbation", type=int, default=124)
+    parser.add_argument("--controls", type=int, default=12_000)
+    parser.add_argument("--screen-genes", type=int, default=8_500)
+    parser.add_argument("--gem-groups", type=int, default=4)
+    parser.add_argument("--max-steps", type=int, default=20, help="finetuning (and pretraining) steps")
+    parser.add_argument("--atlas-pipelines", default=",".join(ATLAS_PIPELINES))
+    parser.add_argument("--screen-pipelines", default=",".join(SCREEN_PIPELINES))
+    parser.add_argument("--skip-atlas", action="store_true")
+    parser.add_argument("--skip-screen", action="store_true")
+    parser.add_argument("--reuse-data", action="store_true", help="keep a simulated file already in the workdir")
+    parser.add_argument("--clean", action="store_true", help="delete each size's files once measured")
+    args = parser.parse_args()
+    args.atlas_pipelines = [p for p in args.atlas_pipelines.split(",") if p]
+    args.screen_pipelines = [p for p in args.screen_pipelines.split(",") if p]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    report: dict = {"machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
+                    "max_steps": args.max_steps}
+    for kind, skip in (("atlas", args.skip_atlas), ("screen", args.skip_screen)):
+        if skip:
+            continue
+        runs = [run_dataset(kind, f, args) for f in fractions]
+        report[kind] = {"runs": runs, "growth": summarize(runs)}
+        full = max(runs, key=lambda r: r["n_cells"])
+        report[kind]["total_wall_s_largest"] = round(sum(p["wall_s"] for p in full["pipelines"].values()), 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
