@@ -239,9 +239,12 @@ def killed_runs_end_as_killed() -> Iterator[None]:
         def ours(run) -> bool:
             return run is not None and (opened_before is None or run.info.run_id != opened_before.info.run_id)
 
-        while ours(run := mlflow.active_run()):
+        ended = {}
+        while ours(run := mlflow.active_run()):  # the run may be on MLflow's stack more than once
             mlflow.end_run("KILLED")
-            logger.warning("the run was stopped: MLflow run %s (%s) ended as KILLED", run.info.run_id, run.info.run_name)
+            ended.setdefault(run.info.run_id, run.info.run_name)
+        for run_id, name in ended.items():
+            logger.warning("the run was stopped: MLflow run %s (%s) ended as KILLED", run_id, name)
         raise
     finally:
         if in_main_thread:
