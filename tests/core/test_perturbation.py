@@ -276,6 +276,27 @@ def test_test_prompts_are_drawn_per_perturbation_and_seeded():
         choose_test_prompts(_test_prompts({"A": 1}), 0)
 
 
+def test_a_subset_of_heldout_perturbations_is_sampled_by_number_or_by_name():
+    prompts = _test_prompts({"B": 5, "A": 3, "C": 4})
+    everything = choose_test_prompts(prompts, 2, seed=0)
+    assert choose_test_prompts(prompts, 2, seed=0, perturbations=None).equals(everything)
+    two = choose_test_prompts(prompts, 2, seed=0, perturbations=2)
+    assert two["perturbation"].nunique() == 2 and len(two) == 4
+    assert two.equals(choose_test_prompts(prompts, 2, seed=0, perturbations=2))
+    # a perturbation's prompts are the same whichever others are sampled
+    for name, rows in two.groupby("perturbation"):
+        assert rows["perturbed_cell"].tolist() == everything[everything["perturbation"] == name]["perturbed_cell"].tolist()
+    assert choose_test_prompts(prompts, 2, seed=0, perturbations=10).equals(everything)
+    named = choose_test_prompts(prompts, 1, seed=0, perturbations=["c", "A"])
+    assert named["perturbation"].tolist() == ["A", "C"]
+    with pytest.raises(ValueError, match=r"\['Z'\] are not among the 3 held-out perturbations"):
+        choose_test_prompts(prompts, 1, perturbations=["Z"])
+    with pytest.raises(ValueError, match="at least 1"):
+        choose_test_prompts(prompts, 1, perturbations=0)
+    with pytest.raises(ValueError, match="null \\(all\\), a number or a list"):
+        choose_test_prompts(prompts, 1, perturbations="A")
+
+
 def test_calibration_counts_true_means_inside_the_central_interval():
     predicted = np.tile(np.arange(101, dtype=float)[:, None], (1, 4))  # 5%..95% interval = [5, 95]
     assert calibration(predicted, np.array([50.0, 4.0, 96.0, 5.0])) == pytest.approx(0.5)
@@ -395,7 +416,9 @@ def test_the_posterior_is_scored_with_the_baselines_on_its_perturbations_only():
     assert metrics["observed_cells.pearson_delta_simulated_truth"] > 0.9  # the held-out cells follow the truth
     assert metrics["model_T1.3.pearson_delta"] == pytest.approx(by_method.loc["model_T1.3", "pearson_delta"])
     assert metrics["model_T0.7.n_predicted_cells"] == 25
-    assert all(key.count(".") >= 1 for key in metrics if key not in ("n_genes_scored", "n_heldout_perturbations"))
+    assert metrics["n_heldout_perturbations_not_sampled"] == 1  # D
+    assert all(key.count(".") >= 1 for key in metrics
+               if key not in ("n_genes_scored", "n_heldout_perturbations", "n_heldout_perturbations_not_sampled"))
     _, _, without_truth = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth.iloc[:0], top_n_de=5,
                                              baseline_pca_components=3, threads=1)
     assert "observed_cells.pearson_delta_simulated_truth" not in without_truth

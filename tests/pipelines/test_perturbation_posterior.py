@@ -182,3 +182,20 @@ def test_settings_are_checked_and_errors_name_the_setting(outputs, screen):
     no_samples["posterior"]["n_samples"] = 0
     with pytest.raises(ValueError, match="n_samples must be at least 1.*Change perturbation.posterior"):
         sample_perturbation_posterior(screen["model"], screen["prompts"], screen["vocabulary"], no_samples)
+
+
+def test_posterior_perturbations_samples_a_subset_and_every_method_is_scored_on_it(screen):
+    params = _params()["perturbation"]
+    params["posterior"]["perturbations"] = ["g5"]
+    samples = sample_perturbation_posterior(screen["model"], screen["prompts"], screen["vocabulary"], params)
+    assert set(samples["perturbation"]) == {"G5"}
+    assert (samples["seconds_per_sample"] > 0).all()
+    expression, _ = posterior_to_expression(samples, screen["processed"], RANK_FIT)
+    scores, _, metrics = evaluate_perturbation_predictions(expression, screen["sentences"], screen["split"], RANK_FIT,
+                                                           screen["truth"], params)
+    assert all(group.tolist() == ["G5"] for _, group in scores.groupby("method")["perturbation"])
+    assert metrics["n_heldout_perturbations"] == 1 and metrics["n_heldout_perturbations_not_sampled"] == 1
+    assert metrics["posterior.seconds_per_sample"] > 0 and metrics["posterior.n_samples"] == len(samples)
+    params["posterior"]["perturbations"] = ["G1"]  # a training perturbation
+    with pytest.raises(ValueError, match=r"\['G1'\] are not among.*Change perturbation.posterior"):
+        sample_perturbation_posterior(screen["model"], screen["prompts"], screen["vocabulary"], params)

@@ -10,6 +10,7 @@ the code reads is named in ``ScreenColumns``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -443,9 +444,38 @@ def sample_posterior(
                                        "n_unknown", "n_repeated"])
 
 
-def choose_test_prompts(test_prompts: Dataset, n_per_perturbation: int, seed: int = 0) -> pd.DataFrame:
+def choose_perturbations(available: Sequence[str], which: int | Sequence[str] | None, seed: int = 0) -> list[str]:
+    """The held-out perturbations to sample, sorted: all of ``available`` (``which`` None), that many
+    drawn at random (an integer; seeded), or the ones named (a list; matched upper-cased, as the
+    screen's perturbation names are)."""
+    available = sorted({str(name) for name in available})
+    if which is None:
+        return available
+    if isinstance(which, bool) or not isinstance(which, int | list | tuple):
+        raise ValueError(f"the perturbations to sample must be null (all), a number or a list of names, got {which!r}")
+    if isinstance(which, int):
+        if which < 1:
+            raise ValueError(f"the number of perturbations to sample must be at least 1, got {which}")
+        if which >= len(available):
+            return available
+        # its own stream, so that the prompts drawn for a perturbation do not depend on this choice
+        return sorted(np.random.default_rng([seed, 7]).choice(available, size=which, replace=False).tolist())
+    names = sorted({str(name).upper() for name in which})
+    unknown = [name for name in names if name not in set(available)]
+    if unknown or not names:
+        raise ValueError(
+            f"perturbations {unknown or '[]'} are not among the {len(available)} held-out perturbations with test prompts "
+            f"(e.g. {', '.join(available[:5])}); name held-out ones, or give a number or null"
+        )
+    return names
+
+
+def choose_test_prompts(
+    test_prompts: Dataset, n_per_perturbation: int, seed: int = 0, perturbations: int | Sequence[str] | None = None,
+) -> pd.DataFrame:
     """``n_per_perturbation`` test prompts of each perturbation drawn at random (seeded), in their
-    order within the perturbation, perturbations sorted."""
+    order within the perturbation, perturbations sorted; only the perturbations
+    ``choose_perturbations`` picks (None: every held-out one)."""
     if n_per_perturbation < 1:
         raise ValueError(f"prompts per perturbation must be at least 1, got {n_per_perturbation}")
     needed = ["perturbation", "control_cell", "perturbed_cell", "model_input", "n_control_genes", "max_new_tokens"]
@@ -455,6 +485,8 @@ def choose_test_prompts(test_prompts: Dataset, n_per_perturbation: int, seed: in
     table = test_prompts.select_columns(needed).to_pandas()
     if table.empty:
         raise ValueError("there are no test prompts to sample from")
+    chosen_names = choose_perturbations(table["perturbation"].astype(str), perturbations, seed)
+    table = table[table["perturbation"].astype(str).isin(chosen_names)]
     rng = np.random.default_rng(seed)
     chosen = [rows.iloc[np.sort(rng.permutation(len(rows))[:n_per_perturbation])]
               for _, rows in table.groupby("perturbation", sort=True)]
@@ -470,17 +502,22 @@ def sample_test_posterior(
     temperatures: Sequence[float] = (0.7, 1.0, 1.3),
     seed: int = 0,
     batch_size: int | None = None,
+    perturbations: int | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """``sample_posterior`` on ``prompts_per_perturbation`` test prompts of each held-out
-    perturbation (``choose_test_prompts``), generating the prompts' ``max_new_tokens``; each
-    sample row also names its ``perturbation``, ``control_cell``, ``perturbed_cell`` and the
-    prompt's ``n_control_genes``."""
-    prompts = choose_test_prompts(test_prompts, prompts_per_perturbation, seed)
+    perturbation chosen (``perturbations``: None for all, a number, or names; see
+    ``choose_test_prompts``), generating the prompts' ``max_new_tokens``; each sample row also
+    names its ``perturbation``, ``control_cell``, ``perturbed_cell``, the prompt's
+    ``n_control_genes`` and the run's wall seconds per sample (``seconds_per_sample``)."""
+    prompts = choose_test_prompts(test_prompts, prompts_per_perturbation, seed, perturbations)
+    logger.info("sampling %d prompts of %d held-out perturbations", len(prompts), prompts["perturbation"].nunique())
+    started = time.perf_counter()
     samples = sample_posterior(
         language_model, prompts["model_input"].tolist(), list(genes), n_samples=n_samples, temperatures=temperatures,
         max_new_tokens=int(prompts["max_new_tokens"].iloc[0]), seed=seed, batch_size=batch_size,
     )
     samples = samples.join(prompts[["perturbation", "control_cell", "perturbed_cell", "n_control_genes"]], on="prompt_index")
+    samples["seconds_per_sample"] = (time.perf_counter() - started) / max(1, len(samples))
     if samples["n_unknown"].sum() or samples["n_repeated"].sum():
         logger.warning("constrained samples contained %d unknown and %d repeated genes", samples["n_unknown"].sum(),
                        samples["n_repeated"].sum())

@@ -317,7 +317,11 @@ def evaluate_posterior(
         top_n_de=top_n_de, interval=interval, truth=truth, threads=threads,
     )
     summary = summarize_scores(scores)
-    metrics = {"n_genes_scored": float(len(keep)), "n_heldout_perturbations": float(len(evaluated))}
+    metrics = {"n_genes_scored": float(len(keep)), "n_heldout_perturbations": float(len(evaluated)),
+               "n_heldout_perturbations_not_sampled": float(len(set(labels) - set(evaluated) - {control_label}))}
+    if "seconds_per_sample" in samples.obs.columns:  # the sampling run's cost, as sample_test_posterior records it
+        metrics["posterior.seconds_per_sample"] = float(samples.obs["seconds_per_sample"].astype(float).mean())
+        metrics["posterior.n_samples"] = float(samples.n_obs)
     if truth is not None:
         # top-k sentences hide genes below rank k, so even the real cells do not reach the truth
         observed = score_methods(real[:, keep], {"observed": real[:, keep]}, column, control_label,

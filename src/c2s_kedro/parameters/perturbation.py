@@ -39,6 +39,9 @@ class PosteriorParameters:
     on_overflow: str  # shorten | error
     batch_size: int | None
     seed: int
+    # held-out perturbations sampled (and scored): null = all, a number drawn at random, or a list
+    # of names (Any: one of three kinds; core.perturbation.choose_perturbations checks it)
+    perturbations: Any
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,16 @@ def sample_perturbation_posterior(
     perturbation_model: LanguageModel, perturbation_prompts: DatasetDict, vocabulary: dict[str, int],
     params: dict[str, Any],
 ) -> pd.DataFrame:
-    """For ``prompts_per_perturbation`` test prompts of each held-out perturbation: ``n_samples``
-    constrained samples at each temperature, one prefill per prompt."""
+    """For ``prompts_per_perturbation`` test prompts of each held-out perturbation chosen by
+    ``posterior.perturbations`` (all by default): ``n_samples`` constrained samples at each
+    temperature, one prefill per prompt."""
     posterior = _settings(params).posterior
     with setting_hint(f"{SECTION}.posterior"):
         return sample_test_posterior(
             perturbation_model, perturbation_prompts["test"], list(vocabulary),
             prompts_per_perturbation=posterior.prompts_per_perturbation, n_samples=posterior.n_samples,
             temperatures=posterior.temperatures, seed=posterior.seed, batch_size=posterior.batch_size,
+            perturbations=posterior.perturbations,
         )
 
 
