@@ -116,10 +116,10 @@ def test_runs_left_running_by_a_killed_process_end_as_killed_when_the_next_run_s
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
 def test_a_run_stopped_by_ctrl_c_or_sigterm_ends_as_killed(store, stop):
-    from c2s_kedro.runner import killed_runs_end_as_killed
+    from c2s_kedro.runner import Terminated, killed_runs_end_as_killed
 
     client, experiment = store
-    expected = KeyboardInterrupt if stop == "ctrl_c" else SystemExit
+    expected = KeyboardInterrupt if stop == "ctrl_c" else Terminated
     with pytest.raises(expected) as raised:
         with killed_runs_end_as_killed():
             run = mlflow.start_run(experiment_id=experiment)

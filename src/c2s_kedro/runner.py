@@ -217,8 +217,13 @@ class ProjectSession(KedroSession):
         return {"user_entries": environment_entries(merged["catalog"], base["catalog"]), "environment": env}
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the run is so that it unwinds like Ctrl-C; exits with 128 + 15, as
+    the shell reports a process ended by the signal."""
+
+
 def _terminate(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # as the shell reports a process ended by the signal
+    raise Terminated(128 + signum)
 
 
 @contextmanager
@@ -235,7 +240,7 @@ def killed_runs_end_as_killed() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, Terminated):
         def ours(run) -> bool:
             return run is not None and (opened_before is None or run.info.run_id != opened_before.info.run_id)
 
