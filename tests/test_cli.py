@@ -62,3 +62,11 @@ def test_run_keeps_the_traceback_of_anything_else(monkeypatch, tmp_path):
     monkeypatch.setenv("C2S_TRACEBACK", "1")  # and of the project's errors too, when asked for
     result = CliRunner().invoke(_command(lambda: H5adDataset(filepath=str(tmp_path / "nope.h5ad")).load()))
     assert isinstance(result.exception, DatasetError)
+
+
+def test_python_m_c2s_kedro_runs_the_same_command():
+    from kedro.framework.cli.utils import find_run_command
+
+    from c2s_kedro import cli
+
+    assert find_run_command("c2s_kedro") is cli.run is cli.cli.commands["run"]

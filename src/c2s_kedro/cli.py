@@ -92,4 +92,5 @@ def cli() -> None:
     """The project's commands."""
 
 
-cli.add_command(quiet_errors(kedro_run), "run")
+run = quiet_errors(kedro_run)  # also what `python -m c2s_kedro` runs (kedro's find_run_command)
+cli.add_command(run, "run")
