@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 CELL_EVAL_METRICS = ("pearson_delta", "mse", "mse_delta", "overlap_at_N", "de_direction_match", "discrimination_score_l1")
 SAMPLE_PERTURBATION = "perturbation"  # the posterior samples' .obs column naming their perturbation
+EMBEDDING_CELLS = 4000  # training controls (at most) whose PCA gives the linear baseline's gene embedding
 
 
 def _dense_rows(matrix) -> np.ndarray:
@@ -89,25 +90,31 @@ class LinearAdditiveBaseline:
 
 def sentence_space_cells(
     cell_sentences: Dataset, names: Sequence[str], column: str, genes: Sequence[str], rank_fit: RankFit,
-    top_k_genes: int | None, prefix: str,
+    top_k_genes: int | None, prefix: str, batch_size: int = 4096,
 ) -> ad.AnnData:
     """The cells ``names`` as the model sees them: each cell sentence cut to its first
     ``top_k_genes`` genes (None: every gene) and turned back into expression with ``rank_fit``,
-    labelled with the sentences' ``column`` (cell names ``prefix-i``)."""
+    labelled with the sentences' ``column`` (cell names ``prefix-i``). Read ``batch_size`` rows at
+    a time from the Arrow table (a screen's whole sentences as Python strings are GBs)."""
     missing = [c for c in (CELL_NAME, CELL_SENTENCE, column) if c not in cell_sentences.column_names]
     if missing:
         raise KeyError(f"column(s) {missing} are not in the cell sentences (columns: {', '.join(cell_sentences.column_names)})")
-    table = cell_sentences.select_columns([CELL_NAME, CELL_SENTENCE, column]).to_pandas().set_index(CELL_NAME)
-    absent = pd.Index(names).difference(table.index)
-    if len(absent):
+    index = pd.Index(cell_sentences.select_columns([CELL_NAME]).with_format("arrow")[:].column(CELL_NAME).to_pylist())
+    positions = index.get_indexer(list(names))
+    if (positions < 0).any():
+        absent = [name for name, at in zip(names, positions) if at < 0]
         raise ValueError(
             f"{len(absent)} of the {len(names)} cells asked for have no cell sentence (e.g. {', '.join(absent[:3])}): "
             "the split and the sentences are not of the same cells"
         )
-    rows = table.loc[list(names)]
-    sentences = [" ".join(sentence.split()[:top_k_genes]) for sentence in rows[CELL_SENTENCE].fillna("")]
-    matrix = reconstruct_expression(sentences, genes, rank_fit)[0]
-    return labelled_cells(matrix, rows[column].astype(str).tolist(), genes, prefix, column)
+    table = cell_sentences.select_columns([CELL_SENTENCE, column]).with_format("arrow")
+    matrices, labels = [], []
+    for start in range(0, len(positions), batch_size):
+        rows = table[positions[start : start + batch_size].tolist()]
+        matrices.append(reconstruct_expression(rows.column(CELL_SENTENCE), genes, rank_fit, top_k=top_k_genes)[0])
+        labels += [str(label) for label in rows.column(column).to_pylist()]
+    matrix = sp.vstack(matrices, format="csr") if matrices else sp.csr_matrix((0, len(genes)), dtype=np.float32)
+    return labelled_cells(matrix, labels, genes, prefix, column)
 
 
 def group_means(adata: ad.AnnData, column: str) -> dict[str, np.ndarray]:
@@ -138,17 +145,22 @@ def baseline_predictions(
     control_mean = means[control_label]
     deltas = {name: means[name] - control_mean for name in np.unique(labels[~is_control])}
     # The gene embedding is scikit-learn's PCA of the training controls; on dense input it picks the
-    # randomized solver (sparse input would switch it to ARPACK and change the baseline's numbers).
-    linear = LinearAdditiveBaseline(n_components=n_components).fit(_dense_rows(train.X[is_control]), deltas, genes)
-    controls_x = test_controls.X
-    perturbed_x = train.X[~is_control]
+    # randomized solver (sparse input would switch it to ARPACK and change the baseline's numbers),
+    # so at most EMBEDDING_CELLS of them are densified: a sample when a screen has more.
+    controls = np.flatnonzero(is_control)
+    if controls.size > EMBEDDING_CELLS:
+        controls = np.sort(np.random.default_rng([seed, 3]).choice(controls, size=EMBEDDING_CELLS, replace=False))
+    linear = LinearAdditiveBaseline(n_components=n_components).fit(_dense_rows(train.X[controls]), deltas, genes)
+    controls_x = sp.csr_matrix(test_controls.X)
+    perturbed_x = sp.csr_matrix(train.X)[~is_control]
     parts: dict[str, list[ad.AnnData]] = {"control_mean": [], "train_perturbed_mean": [], "linear_additive": []}
     for name, n in test_counts.items():
-        drawn = _dense_rows(controls_x[rng.integers(0, controls_x.shape[0], size=n)])
+        drawn = controls_x[rng.integers(0, controls_x.shape[0], size=n)]  # sparse, as the cells are
         parts["control_mean"].append(labelled_cells(drawn, name, genes, f"control_mean-{name}", column))
         pooled = perturbed_x[rng.integers(0, perturbed_x.shape[0], size=n)]
         parts["train_perturbed_mean"].append(labelled_cells(pooled, name, genes, f"train_mean-{name}", column))
-        shifted = np.maximum(drawn + linear.predict(name)[None, :], 0.0)
+        # a shift of every gene: these cells are dense by nature, one perturbation's at a time
+        shifted = np.maximum(_dense_rows(drawn) + linear.predict(name)[None, :], 0.0)
         parts["linear_additive"].append(labelled_cells(shifted, name, genes, f"linear-{name}", column))
     return {method: ad.concat(cells + [test_controls]) for method, cells in parts.items()}
 

@@ -466,13 +466,14 @@ def fit_rank_expression(
 
 
 def reconstruct_expression(
-    sentences: Sequence[str] | pa.Array, gene_names: Sequence[str], rank_fit: RankFit
+    sentences: Sequence[str] | pa.Array, gene_names: Sequence[str], rank_fit: RankFit, top_k: int | None = None,
 ) -> tuple[sp.csr_matrix, int]:
     """Expression matrix (cells x ``gene_names``) predicted from each gene's position.
 
     A gene absent from a sentence gets 0, so a sentence cut to its top-k genes yields zeros
-    beyond k. Words that are not in ``gene_names`` are skipped; a gene repeated in one sentence
-    keeps its first position. Returns the matrix and the number of skipped words.
+    beyond k; ``top_k`` cuts each sentence to its first ``top_k`` words here. Words that are not
+    in ``gene_names`` are skipped; a gene repeated in one sentence keeps its first position.
+    Returns the matrix and the number of skipped words (within the first ``top_k``).
     """
     array = sentences if isinstance(sentences, pa.Array) else pa.array(list(sentences), pa.string())
     if isinstance(array, pa.ChunkedArray):
@@ -489,6 +490,9 @@ def reconstruct_expression(
     genes = pc.index_in(flat, value_set=pa.array(upper, pa.string())).to_numpy(zero_copy_only=False)
     non_empty = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
     known = ~np.isnan(genes.astype(float)) if genes.dtype == object else ~np.isnan(genes)
+    if top_k is not None:
+        within = positions < top_k
+        known, non_empty = known & within, non_empty & within
     n_unknown = int(np.count_nonzero(non_empty & ~known))
     keep = known & non_empty
     rows, positions = rows[keep], positions[keep]
