@@ -42,3 +42,19 @@ def test_gpu_training_arguments_are_accepted_by_the_trainer(tmp_path):
     arguments = training_arguments(_config("gpu")["parameters"]["finetuning"]["training_arguments"], str(tmp_path))
     assert arguments.bf16 and arguments.gradient_accumulation_steps == 4
     assert arguments.get_warmup_steps(1000) == 50  # 5% of the steps, as the notes warm up
+
+
+def test_max_test_cells_scores_the_same_seeded_subset_for_every_method():
+    # a 410m-shaped model on this CPU takes ~25 s a test cell; benchmarks/gpu_env_on_cpu.py scores a subset
+    import pytest
+
+    from c2s_kedro.core.evaluation import evaluated_test_cells
+
+    cells = [f"c{i}" for i in range(70)]
+    chosen = evaluated_test_cells(cells, 8, seed=0)
+    assert len(chosen) == 8 and chosen == [c for c in cells if c in chosen]  # split order kept
+    assert chosen == evaluated_test_cells(cells, 8, seed=0) != evaluated_test_cells(cells, 8, seed=1)
+    assert evaluated_test_cells(cells, None) == cells == evaluated_test_cells(cells, 500)
+    assert _config("base")["parameters"]["evaluation"]["max_test_cells"] is None
+    with pytest.raises(ValueError, match="max_test_cells must be at least 1"):
+        evaluated_test_cells(cells, 0)

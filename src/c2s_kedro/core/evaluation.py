@@ -93,6 +93,20 @@ def embedding_scores(
     return metrics
 
 
+def evaluated_test_cells(test_cells: Sequence[str], max_cells: int | None, seed: int = 0) -> list[str]:
+    """The test cells an evaluation scores: all of them, or ``max_cells`` drawn with ``seed`` (in
+    their split order), so that a large model on a slow machine is evaluated in minutes and every
+    method still sees the same cells."""
+    cells = list(test_cells)
+    if max_cells is None or max_cells >= len(cells):
+        return cells
+    if max_cells < 1:
+        raise ValueError(f"max_test_cells must be at least 1 (or null for all test cells), got {max_cells}")
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(cells))[:max_cells])
+    logger.info("evaluating %d of %d test cells (max_test_cells)", max_cells, len(cells))
+    return [cells[i] for i in chosen]
+
+
 def cell_type_test_prompts(
     table: pd.DataFrame,
     train_cells: Sequence[str],

@@ -33,6 +33,7 @@ class EvaluationParameters:
     extra_new_tokens: int
     baseline_C: float
     baseline_max_iter: int
+    max_test_cells: int | None  # test cells scored, drawn with the seed (null: all)
 
 
 @dataclass(frozen=True)

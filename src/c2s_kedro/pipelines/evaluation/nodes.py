@@ -10,7 +10,7 @@ import pandas as pd
 from datasets import Dataset
 
 from c2s_kedro.core import plotting
-from c2s_kedro.core.evaluation import cell_type_test_prompts, logistic_regression_baseline
+from c2s_kedro.core.evaluation import cell_type_test_prompts, evaluated_test_cells, logistic_regression_baseline
 from c2s_kedro.core.evaluation import score_predictions as score_methods
 from c2s_kedro.core.inference import generate_labels, predict_labels
 from c2s_kedro.core.models import LanguageModel
@@ -30,8 +30,10 @@ def build_evaluation_prompts(
         table = sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
     with setting_hint("evaluation.prompt_templates"):
         templates = task_templates("cell_type_prediction", read_template_files(settings.prompt_templates))
+    with setting_hint("evaluation.max_test_cells"):
+        test = evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
     return cell_type_test_prompts(
-        table, data_split["train"], data_split["test"], settings.label_column, settings.organism_column,
+        table, data_split["train"], test, settings.label_column, settings.organism_column,
         model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed, templates,
     )
 
@@ -60,9 +62,11 @@ def predict_by_label_scoring(evaluation_prompts: dict[str, Any], model: Language
 def predict_by_baseline(processed_adata: ad.AnnData, data_split: dict[str, Any], params: dict[str, Any]) -> pd.DataFrame:
     """Logistic regression on the log-normalized expression, fit on train cells, applied to test."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
+    with setting_hint("evaluation.max_test_cells"):
+        test = evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
     with setting_hint("evaluation.label_column"):
         return logistic_regression_baseline(
-            processed_adata, data_split["train"], data_split["test"], settings.label_column,
+            processed_adata, data_split["train"], test, settings.label_column,
             C=settings.baseline_C, max_iter=settings.baseline_max_iter,
         )
 
