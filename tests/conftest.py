@@ -39,3 +39,21 @@ def pbmc_counts() -> ad.AnnData:
     from c2s_kedro.core.data import pbmc68k_counts
 
     return pbmc68k_counts()
+
+
+@pytest.fixture(scope="session")
+def default_run_project(tmp_path_factory):
+    """A copy of the project after the default `kedro run --env test`, made once per test session
+    (the end-to-end checks and the notebooks read it)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import copy_project
+
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run([sys.executable, "-m", "kedro", "run", "--env", "test"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"kedro run --env test failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    (root / "run.log").write_text(result.stdout + result.stderr)
+    return root

@@ -33,13 +33,11 @@ def _new_project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(default_run_project) -> Path:
     """A copy of the project's configuration in a temporary folder (the package is installed),
-    after the default `kedro run` of the test environment."""
-    root = _new_project(tmp_path_factory)
-    result = _kedro(root, "run", "--env", "test")
-    (root / "run.log").write_text(result.stdout + result.stderr)
-    return root
+    after the default `kedro run` of the test environment, its output in run.log (conftest.py:
+    made once per session, the notebook tests read it too)."""
+    return default_run_project
 
 
 def test_the_run_starts_without_library_warnings(project: Path):
