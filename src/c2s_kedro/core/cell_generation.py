@@ -95,21 +95,6 @@ def _type_means(adata: ad.AnnData, labels: np.ndarray, types: Sequence[str]) -> 
     return table.reindex(list(types)).to_numpy()
 
 
-def _dense_rows(matrices: Sequence) -> np.ndarray:
-    """The rows of ``matrices`` stacked in one dense array, each sparse block written in place."""
-    dtype = np.result_type(*(m.dtype for m in matrices))
-    out = np.empty((sum(m.shape[0] for m in matrices), matrices[0].shape[1]), dtype=dtype)
-    start = 0
-    for matrix in matrices:
-        block = out[start : start + matrix.shape[0]]
-        if sp.issparse(matrix) and matrix.dtype == dtype:
-            sp.csr_matrix(matrix).toarray(out=block)
-        else:
-            block[:] = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-        start += matrix.shape[0]
-    return out
-
-
 def compare_generated_with_real(
     real: ad.AnnData,
     generated: ad.AnnData,
@@ -138,8 +123,9 @@ def compare_generated_with_real(
     types = sorted(set(fake_labels))
     real_means, fake_means = _type_means(real, real_labels, types), _type_means(generated, fake_labels, types)
     correlations = [float(np.corrcoef(r, f)[0, 1]) for r, f in zip(real_means, fake_means)]
-    # the classifiers and the PCA read dense rows: one dense copy of both sets, the real cells first
-    both = _dense_rows([real.X, generated.X])
+    # the classifiers and the PCA read the sparse rows of both sets, the real cells first (a dense
+    # copy of an atlas's test cells x 36,000 genes is GBs)
+    both = sp.vstack([sp.csr_matrix(real.X), sp.csr_matrix(generated.X)], format="csr")
     n_real = real.n_obs
     type_classifier = LogisticRegression(max_iter=2000).fit(both[:n_real], real_labels)
     origin = np.array(["real"] * n_real + ["generated"] * generated.n_obs)
@@ -155,8 +141,9 @@ def compare_generated_with_real(
     }
     for cell_type, value in zip(types, correlations):
         metrics[f"mean_expression_correlation[{cell_type}]"] = value
-    pca = PCA(n_components=min(n_comps, both.shape[1] - 1, n_real - 1), random_state=seed).fit(both[:n_real])
-    joint = ad.AnnData(obs=pd.DataFrame(index=[f"cell_{i}" for i in range(len(both))]), obsm={"X_pca_real": pca.transform(both)})
+    # ARPACK: scikit-learn's PCA solver for sparse input (centring implicitly)
+    pca = PCA(n_components=min(n_comps, both.shape[1] - 1, n_real - 1), svd_solver="arpack", random_state=seed).fit(both[:n_real])
+    joint = ad.AnnData(obs=pd.DataFrame(index=[f"cell_{i}" for i in range(both.shape[0])]), obsm={"X_pca_real": pca.transform(both)})
     del both
     neighbors_umap(joint, "X_pca_real", n_neighbors=n_neighbors, seed=seed)
     logger.info(
