@@ -366,6 +366,10 @@ def test_sentence_space_cells_cut_each_sentence_to_the_top_k_and_keep_the_labels
         sentence_space_cells(_sentences(), ["a"], "guide", GENES[:3], FIT, 2, "x")
     with pytest.raises(ValueError, match="1 of the 2 cells"):
         sentence_space_cells(_sentences(), ["a", "zz"], "gene", GENES[:3], FIT, 2, "x")
+    # read a batch of rows at a time: the same cells, in the order asked for
+    in_batches = sentence_space_cells(_sentences(), ["c", "a", "b"], "gene", GENES[:3], FIT, top_k_genes=2, prefix="real-test",
+                                      batch_size=1)
+    assert (in_batches.X != cells.X).nnz == 0 and in_batches.obs.equals(cells.obs)
 
 
 def test_group_means_are_the_dense_means_of_each_label():
