@@ -1,7 +1,8 @@
-"""End to end in a copy of the project (test environment): `kedro run --pipeline=finetuning` then
-`--pipeline=annotation`; the run's MLflow model c2s_annotator gives the pipeline's numbers through
-`mlflow.pyfunc.load_model`, `mlflow models predict` and `mlflow models serve`; another raw-count
-h5ad (another gene set, no labels) is annotated through the catalog alone."""
+"""End to end on the copy of the project after the default `kedro run --env test` (conftest.py, shared
+with test_kedro_run and the notebooks): the annotation's outputs; the run's MLflow model c2s_annotator
+gives the pipeline's numbers through `mlflow.pyfunc.load_model`, `mlflow models predict` and
+`mlflow models serve`; another raw-count h5ad (another gene set, no labels) is annotated through the
+catalog alone. (test_kedro_run checks `--pipelines=finetuning` alone on a fresh project.)"""
 
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-
-from tests.helpers import copy_project
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -44,11 +43,8 @@ def _kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = copy_project(tmp_path_factory.mktemp("annotation_project"))
-    _kedro(root, "--pipeline", "finetuning")
-    _kedro(root, "--pipeline", "annotation")
-    return root
+def project(default_run_project) -> Path:
+    return default_run_project
 
 
 def _model_uri(project: Path) -> str:
@@ -78,7 +74,7 @@ def _assert_same(predicted: pd.DataFrame, expected: pd.DataFrame) -> None:
                        equal_nan=True), f"largest difference {difference}"
 
 
-def test_finetuning_then_annotation_leave_the_outputs_and_a_loadable_annotator(project: Path):
+def test_the_annotation_leaves_its_outputs_and_the_run_a_loadable_annotator(project: Path):
     import mlflow
 
     annotated = ad.read_h5ad(project / "data" / "07_model_output" / "annotated_adata.h5ad")
@@ -153,7 +149,7 @@ def test_another_gene_set_without_labels_through_the_catalog_alone(project: Path
     local = project / "conf" / "test" / "catalog.yml"  # the run's environment (conf/local is read only by the default one)
     local.write_text(f"annotation_raw_adata:\n  type: c2s_kedro.datasets.H5adDataset\n  filepath: {tmp_path / 'other.h5ad'}\n")
     try:
-        _kedro(project, "--pipeline", "annotation")
+        _kedro(project, "--pipelines", "annotation")
     finally:
         local.unlink()
     assert default.stat().st_mtime_ns == before
