@@ -173,7 +173,7 @@ def test_the_pipeline_annotates_embeds_and_scores_against_known_labels(counts, m
     truth = counts.obs["cell_type"].astype(str).to_numpy()
     assert metrics["accuracy"] == pytest.approx(float(np.mean(predictions["label"].to_numpy() == truth)))
     assert metrics["n_cells"] == 24 and metrics["n_genes_matched"] == 35 and metrics["n_cells_annotated"] == 24
-    assert metrics["n_cells_B_cell"] + metrics["n_cells_T_cell"] == 24 and metrics["share_unassigned"] == 0.0
+    assert metrics["n_cells_B cell"] + metrics["n_cells_T cell"] == 24 and metrics["share_unassigned"] == 0.0
     assert catalog.load("annotation_umap_plot").axes[0].get_title().startswith("C2S annotation")
 
 
