@@ -106,7 +106,7 @@ def test_a_custom_formatter_with_several_tasks_formats_each_cell_once(tokenizer,
     assert all("blood" in p for p in prompts["train"]["model_input"])  # the custom template, not the built-in
     with pytest.raises(ValueError, match="cannot be imported.*Change finetuning.formatter"):
         format_finetuning_prompts(cells, SPLIT, model, _params(formatter="no_such_module.Formatter"))
-    with pytest.raises(ValueError, match="unknown prompt task.*Change finetuning.tasks"):
+    with pytest.raises(ValueError, match=r"unknown prompt task[^\n]*perturbation_response\. Change finetuning.tasks"):
         format_finetuning_prompts(cells, SPLIT, model, _params(tasks=["tissue_folding"]))
 
 

@@ -140,7 +140,9 @@ def setting_hint(setting: str, *errors: type[Exception]) -> Iterator[None]:
     except ParameterError:
         raise
     except kinds as error:
-        message = error.args[0] if error.args else str(error)
+        message = str(error.args[0] if error.args else error).rstrip()
+        if not message.endswith((".", "!", "?")):
+            message += "."  # the hint is a sentence of its own
         setting = qualified(setting)
         # the same exception (type, attributes, traceback) with the setting added to its message
         error.args = (f"{message} Change {setting} {ENVIRONMENT_HINT}; defaults are in {defaults_file(setting)}.", *error.args[1:])
