@@ -86,6 +86,21 @@ def test_fit_to_context_searches_only_when_the_whole_text_does_not_fit(tokenizer
         fit_to_context(lambda k: "", 5, tokenizer, max_tokens=2, reserve=3, what="sentence")
 
 
+def test_fitting_a_long_prompt_does_not_print_the_tokenizers_length_warning(bpe_tokenizer, capsys, caplog):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()  # transformers' own handler writes to stderr; pytest sees both
+    short = bpe_tokenizer.model_max_length
+    bpe_tokenizer.model_max_length = 16
+    bpe_tokenizer.deprecation_warnings.pop("sequence-length-is-longer-than-the-specified-maximum", None)  # warned once
+    try:
+        assert fit_to_context(lambda k: " ".join(GENES[:k]), len(GENES), bpe_tokenizer, max_tokens=16) < len(GENES)
+    finally:
+        bpe_tokenizer.model_max_length = short
+        hf_logging.disable_propagation()
+    assert "longer than the specified maximum" not in capsys.readouterr().err + caplog.text
+
+
 def test_generation_samples_ask_for_and_answer_with_the_genes_that_fit(tokenizer):
     templates = load_templates("cell_type_generation")
     fields = {"organism": "Homo sapiens", "cell_type": "CD14+ Monocyte"}

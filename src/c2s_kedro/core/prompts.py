@@ -209,7 +209,9 @@ def template_words(
 
 def count_tokens(tokenizer, texts: Sequence[str]) -> np.ndarray:
     """Number of tokens of each text, without special tokens."""
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    # texts longer than the model's context are expected here (they are counted to be shortened),
+    # so the tokenizer's "sequence length is longer than the maximum" warning would only alarm
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     return np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(texts))
 
 
