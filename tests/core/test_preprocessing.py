@@ -294,3 +294,18 @@ def test_quality_control_of_a_file_written_in_chunks(tmp_path):
     filtered, counts = quality_control(adata, QCThresholds(**{**NO_FILTERS, "min_genes_per_cell": 5}))
     assert counts["cells_after"] == filtered.n_obs > 0
     assert filtered.X.indptr.dtype == filtered.X.indices.dtype
+
+
+def test_normalization_in_chunks_of_cells_gives_scanpys_values(counts_adata, monkeypatch):
+    import scanpy as sc
+
+    from c2s_kedro.core import preprocessing
+
+    monkeypatch.setattr(preprocessing, "_ROW_CHUNK", 7)
+    for target_sum in (None, 1e4):
+        expected = counts_adata.copy()
+        sc.pp.normalize_total(expected, target_sum=target_sum)
+        sc.pp.log1p(expected, base=10)
+        normalized = normalize_log10(counts_adata, target_sum=target_sum)
+        assert normalized.X.dtype == np.float32
+        np.testing.assert_array_equal(normalized.X.toarray(), expected.X.toarray())
