@@ -18,6 +18,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import scanpy as sc
 import scipy.sparse as sp
 from datasets import Dataset, DatasetDict
@@ -153,8 +154,7 @@ def perturbation_prompts(
     if missing:
         raise KeyError(f"column(s) {missing} are not in the screen's cell sentences; convert them with the sentences")
     obs = sentences.select_columns(keep).to_pandas().set_index("cell_name")
-    table = sentences.select_columns(["cell_name", "cell_sentence"]).to_pandas()
-    lookup = dict(zip(table["cell_name"], table["cell_sentence"].fillna("")))
+    lookup = top_k_sentences(sentences, top_k_genes)
     parts = {}
     for offset, part in enumerate(("train", "val", "test")):
         pairs = paired_sentences(control_pairs(obs, split, part, columns, seed + 10 * offset, controls_per_cell,
@@ -172,6 +172,21 @@ def perturbation_prompts(
     if max_eval_samples is not None and parts["val"].num_rows > max_eval_samples:
         parts["val"] = parts["val"].select(range(max_eval_samples), keep_in_memory=True)
     return DatasetDict(parts)
+
+
+def top_k_sentences(sentences: Dataset, top_k_genes: int | None, batch_size: int = 8192) -> dict[str, str]:
+    """Each cell's sentence cut to its first ``top_k_genes`` genes (None: whole), by cell name.
+    Prompts never use more (``PerturbationPromptFormatter`` cuts both sentences there), and a
+    screen's whole sentences as Python strings are GBs: the cut runs in Arrow, a batch at a time."""
+    table = sentences.select_columns(["cell_name", "cell_sentence"]).with_format("arrow")
+    lookup: dict[str, str] = {}
+    for start in range(0, table.num_rows, batch_size):
+        batch = table[start : start + batch_size]
+        text = pc.fill_null(batch.column("cell_sentence"), "")
+        if top_k_genes is not None:
+            text = pc.binary_join(pc.list_slice(pc.split_pattern(text, " "), 0, top_k_genes), " ")
+        lookup.update(zip(batch.column("cell_name").to_pylist(), text.to_pylist()))
+    return lookup
 
 
 def pair_with_controls(
