@@ -381,3 +381,16 @@ def test_sentences_are_exact_for_short_and_long_gene_names(longest):
         assert sorted(words) == sorted(expressed)
         values = [expressed[w] for w in words]
         assert values == sorted(values, reverse=True)
+
+
+def test_reconstruct_expression_in_batches_of_sentences_equals_one_pass(monkeypatch):
+    from c2s_kedro.core import sentences as module
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(genes + ["NOT_A_GENE"], size=rng.integers(0, 30))) for _ in range(50)] + [""]
+    whole, unknown = reconstruct_expression(texts, genes, _fit(), top_k=12)
+    monkeypatch.setattr(module, "RECONSTRUCTION_BATCH", 7)
+    batched, batched_unknown = reconstruct_expression(texts, genes, _fit(), top_k=12)
+    assert batched.shape == whole.shape == (51, 40) and (batched != whole).nnz == 0
+    assert batched_unknown == unknown > 0

@@ -475,9 +475,22 @@ def reconstruct_expression(
     in ``gene_names`` are skipped; a gene repeated in one sentence keeps its first position.
     Returns the matrix and the number of skipped words (within the first ``top_k``).
     """
-    array = sentences if isinstance(sentences, pa.Array) else pa.array(list(sentences), pa.string())
+    array = sentences if isinstance(sentences, pa.Array | pa.ChunkedArray) else pa.array(list(sentences), pa.string())
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
+    if len(array) > RECONSTRUCTION_BATCH:
+        # a batch of sentences at a time: the word-level arrays (several int64 per word) of a
+        # 30,000-cell atlas's whole sentences took ~6 GB; each row's values do not depend on the others
+        parts = [_reconstruct_batch(array.slice(start, RECONSTRUCTION_BATCH), gene_names, rank_fit, top_k)
+                 for start in range(0, len(array), RECONSTRUCTION_BATCH)]
+        return sp.vstack([matrix for matrix, _ in parts], format="csr"), sum(n for _, n in parts)
+    return _reconstruct_batch(array, gene_names, rank_fit, top_k)
+
+
+RECONSTRUCTION_BATCH = 4096  # sentences rebuilt at once by reconstruct_expression
+
+
+def _reconstruct_batch(array: pa.Array, gene_names: Sequence[str], rank_fit: RankFit, top_k: int | None) -> tuple[sp.csr_matrix, int]:
     array = pc.fill_null(array, "")
     words = pc.split_pattern(array, " ")
     flat = pc.list_flatten(words)
