@@ -6,9 +6,9 @@ parallel residual, untied embeddings) with a byte-level BPE of ~50k tokens train
 ``tokenizers`` on gene names, prompt text and filler words (so that a gene costs about as many
 tokens as in Pythia's own tokenizer), saved as safetensors. Then, in a copy of the project:
 
-    kedro run --env gpu --pipelines=finetuning --params finetuning.training_arguments.max_steps=3
-    kedro run --env gpu --pipelines=cell_type_evaluation --params evaluation.max_test_cells=8
-    kedro run --env gpu --pipelines=evaluation --params evaluation.max_test_cells=8   # must stop: the model only predicts
+    kedro run --env gpu --pipelines=finetuning --params finetuning.training_arguments.max_steps=1
+    kedro run --env gpu --pipelines=cell_type_evaluation --params evaluation.max_test_cells=4
+    kedro run --env gpu --pipelines=evaluation --params evaluation.max_test_cells=4   # must stop: the model only predicts
 
 The only changes to conf/gpu: the model path (in the copy's conf/gpu/catalog.yml), max_steps and
 the number of test cells scored (runtime --params); the device stays ``auto``, which is the CPU here. Everything else (bf16, batch
@@ -16,11 +16,12 @@ sizes, gradient accumulation with the per-sample loss, top-200 genes, checkpoint
 at most) is what a GPU run uses.
 
 Prints one JSON object: tokens per gene, parameters, and per run the exit status, wall time, peak
-memory of the kedro process tree (RSS summed and PSS summed, polled by psutil every 0.5 s; and
-/usr/bin/time's max RSS of the main process), seconds per training step (the Trainer's
+memory of the kedro process tree (PSS summed, polled by psutil every 0.5 s; summed RSS is also
+printed but counts the forked dataloader workers' shared pages many times) and /usr/bin/time's max
+RSS of the main process, seconds per training step (the Trainer's
 ``train_runtime`` / steps).
 
-    .venv/bin/python benchmarks/gpu_env_on_cpu.py --work /tmp/me/gpu_env     # ~30-60 min on 2 cores
+    .venv/bin/python benchmarks/gpu_env_on_cpu.py --work /tmp/me/gpu_env     # ~20-40 min on 2 shared cores
 """
 
 from __future__ import annotations
@@ -188,11 +189,12 @@ def training_figures(project: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the model and the project copy")
-    parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=1,
+                        help="optimizer steps (each 8-20 min and 12-14 GB here; 3 ran out of memory beside other jobs)")
     parser.add_argument("--gene-sentences", type=int, default=50,
                         help="200-gene sentences in the tokenizer's corpus (more: fewer tokens per gene; 50: ~3.4)")
     parser.add_argument("--skip-finetuning", action="store_true", help="evaluate the model a previous run trained")
-    parser.add_argument("--test-cells", type=int, default=8,
+    parser.add_argument("--test-cells", type=int, default=4,
                         help="evaluation.max_test_cells: test cells scored (~25 s each for this model on 2 busy cores)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ Prints one JSON object: tokens per gene, peak RSS (process, MB) and seconds per 
 and what the guards did. ``--save-model DIR`` keeps the model directory (for a ``kedro run`` with a
 Kedro environment pointing ``foundation_model`` / ``perturbation_base_model`` at it).
 
-    .venv/bin/python benchmarks/long_context.py                 # ~10 min on 2 cores
+    .venv/bin/python benchmarks/long_context.py                 # ~15 min on 2 shared cores
     .venv/bin/python benchmarks/long_context.py --save-model /tmp/me/long_model --skip-stages
 """
 
