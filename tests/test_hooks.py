@@ -167,7 +167,9 @@ def test_a_moved_project_keeps_its_plots(tmp_path):
     cwd = os.getcwd()
     os.chdir(old)
     try:
-        mlflow.set_tracking_uri("sqlite:///mlflow.db")
+        # an absolute URI: mlflow caches its SQL store per URI, so a relative one could reach another
+        # test's database; the artifact root is still the default ./mlruns of the project's folder
+        mlflow.set_tracking_uri(f"sqlite:///{old}/mlflow.db")
         experiment = mlflow.set_experiment("moved").experiment_id
         with mlflow.start_run(experiment_id=experiment) as run:
             mlflow.log_text("a plot", "plots/loss.txt")
