@@ -146,6 +146,8 @@ def run_dataset(kind: str, fraction: float, args: argparse.Namespace) -> dict:
         make()
         result["simulation_s"] = round(time.perf_counter() - start, 1)
     result["file_gb"] = round(path.stat().st_size / 2**30, 2)
+    if args.simulate_only:
+        return result
     project = make_project(workdir / "project", data, args.max_steps)
     for name in pipelines:
         logger.info("%s %g: kedro run --pipelines=%s", kind, fraction, name)
@@ -193,6 +195,8 @@ def main() -> None:
     parser.add_argument("--skip-screen", action="store_true")
     parser.add_argument("--reuse-data", action="store_true", help="keep a simulated file already in the workdir")
     parser.add_argument("--clean", action="store_true", help="delete each size's files once measured")
+    parser.add_argument("--simulate-only", action="store_true",
+                        help="write the datasets and stop (then measure with --reuse-data)")
     args = parser.parse_args()
     args.atlas_pipelines = [p for p in args.atlas_pipelines.split(",") if p]
     args.screen_pipelines = [p for p in args.screen_pipelines.split(",") if p]
@@ -205,6 +209,8 @@ def main() -> None:
             continue
         runs = [run_dataset(kind, f, args) for f in fractions]
         report[kind] = {"runs": runs, "growth": summarize(runs)}
+        if args.simulate_only:
+            continue
         full = max(runs, key=lambda r: r["n_cells"])
         report[kind]["total_wall_s_largest"] = round(sum(p["wall_s"] for p in full["pipelines"].values()), 1)
     print(json.dumps(report, indent=2))
