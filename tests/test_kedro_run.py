@@ -205,7 +205,7 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     assert run.data.params["perturbation.data_processing.qc.min_genes_per_cell"] == "500"
     assert "plots/perturbation/expression_vs_log_rank.png" in artifacts
     # folders of plots land once under their own name, not twice
-    assert {"plots/perturbation/expression_umap/gem_group.png", "plots/confusion/label_scoring.png",
+    assert {"plots/perturbation/expression_umap/not_embedded.png", "plots/confusion/label_scoring.png",
             "plots/zero_shot_confusion/label_scoring.png", "plots/cell_generation/umap_by_cell_type.png"} <= artifacts
 
 

@@ -164,6 +164,19 @@ def test_plot_expression_umaps_one_figure_per_key(counts_adata, params):
     assert sorted(t.get_text() for t in legend.get_texts()) == ["B cell", "T cell"]
 
 
+def test_embed_false_skips_the_embedding_and_the_plot_says_so(counts_adata, params):
+    """The screen's default: normalized cells without PCA/UMAP, one figure naming the setting."""
+    section = {**params["data_processing"], "embed": False}
+    processed = normalize_and_embed(counts_adata, section)
+    assert "X_pca" not in processed.obsm and "X_umap" not in processed.obsm
+    np.testing.assert_allclose(processed.X.toarray(), normalize_counts(counts_adata, section).X.toarray())
+    figures = plot_expression_umaps(processed, ["cell_type"])
+    assert list(figures) == ["not_embedded.png"]
+    text = " ".join(t.get_text() for t in figures["not_embedded.png"].axes[0].texts)
+    assert "data_processing.embed is false" in text
+    assert summarize_processing({"cells_after": 60}, processed)["n_pcs"] == 0.0
+
+
 def test_summarize_processing():
     adata = ad.AnnData(X=sp.csr_matrix((3, 2), dtype=np.float32))
     adata.obsm["X_pca"] = np.zeros((3, 7))

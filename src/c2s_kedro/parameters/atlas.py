@@ -41,6 +41,7 @@ class DataProcessingParameters:
     gene_symbol_column: str | None
     qc: QCParameters
     normalization: NormalizationParameters
+    embed: bool  # PCA -> kNN -> UMAP of the processed cells (for the UMAP plots and benchmarking)
     embedding: EmbeddingParameters
     umap_color_keys: list[str]
 

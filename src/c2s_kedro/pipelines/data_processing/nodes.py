@@ -3,6 +3,7 @@ nodes under the ``perturbation`` namespace."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anndata as ad
@@ -14,6 +15,7 @@ from c2s_kedro.core.validation import NotCountsError, check_raw_counts, make_gen
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataProcessingParameters, QCParameters, as_kwargs
 
+logger = logging.getLogger(__name__)
 SECTION = "data_processing"
 
 
@@ -50,16 +52,31 @@ def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
 
 
 def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
-    """PCA -> kNN -> UMAP of the normalized expression."""
+    """PCA -> kNN -> UMAP of the normalized expression; the cells as they are when ``embed`` is false."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
+    if not settings.embed:
+        logger.info("%s.embed is false: no PCA, kNN graph or UMAP of the %d cells", SECTION, normalized_adata.n_obs)
+        return normalized_adata
     return embed_expression(normalized_adata, **as_kwargs(settings.embedding))
 
 
+NOT_EMBEDDED = "not_embedded.png"  # the one figure when the cells were not embedded
+
+
 def plot_expression_umaps(processed_adata: ad.AnnData, umap_color_keys: list[str]) -> dict[str, plt.Figure]:
-    """One UMAP per configured obs key, in a file named after the key."""
+    """One UMAP per configured obs key, in a file named after the key; without a UMAP (``embed``
+    false) one figure that says so."""
+    if "X_umap" not in processed_adata.obsm:
+        fig, ax = plt.subplots(figsize=(7.5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No expression UMAP: {SECTION}.embed is false, so the {processed_adata.n_obs:,} cells were not\n"
+                f"embedded. Set {SECTION}.embed to true to draw it (a screen's: perturbation.{SECTION}.embed).",
+                ha="center", va="center")
+        return {NOT_EMBEDDED: fig}
     return {f"{key}.png": plotting.umap_plot(processed_adata, key, title=f"Expression UMAP: {key}") for key in umap_color_keys}
 
 
 def summarize_processing(qc_counts: dict[str, int], processed_adata: ad.AnnData) -> dict[str, float]:
-    """Headline numbers of the run."""
-    return {**{k: float(v) for k, v in qc_counts.items()}, "n_pcs": float(processed_adata.obsm["X_pca"].shape[1])}
+    """Headline numbers of the run (``n_pcs`` 0 when the cells were not embedded)."""
+    n_pcs = processed_adata.obsm["X_pca"].shape[1] if "X_pca" in processed_adata.obsm else 0
+    return {**{k: float(v) for k, v in qc_counts.items()}, "n_pcs": float(n_pcs)}
