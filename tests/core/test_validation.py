@@ -63,6 +63,25 @@ def test_log_normalized_data_is_refused(counts_adata):
         check_raw_counts(adata)
 
 
+def test_counts_are_checked_a_chunk_at_a_time(monkeypatch):
+    """Chunks of 4 stored values: the counts of every chunk add up, the minimum and the example
+    come from the chunk that holds them, and a NaN in a late chunk still wins over the rest."""
+    import c2s_kedro.core.validation as validation
+
+    monkeypatch.setattr(validation, "_VALUE_CHUNK", 4)
+    values = np.arange(1, 13, dtype=np.float32)  # 12 stored values: 3 chunks
+    values[[1, 9]] = [-2.0, -7.0]
+    with pytest.raises(NotCountsError, match=r"2 negative values \(min -7\)"):
+        check_raw_counts(ad.AnnData(X=sp.csr_matrix(values[None, :])))
+    values = np.arange(1, 13, dtype=np.float32)
+    values[[6, 10]] = [0.25, 3.5]
+    with pytest.raises(NotCountsError, match=r"2 non-integer values \(e.g. 0.25\)"):
+        check_raw_counts(ad.AnnData(X=sp.csr_matrix(values[None, :])))
+    values[11] = np.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        check_raw_counts(ad.AnnData(X=sp.csr_matrix(values[None, :])))
+
+
 def test_checks_the_named_layer():
     adata = _adata([[1, 2]])
     adata.layers["normalized"] = sp.csr_matrix(np.array([[0.5, 1.5]], dtype=np.float32))

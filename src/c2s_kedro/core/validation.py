@@ -36,40 +36,56 @@ def _stored_values(matrix) -> np.ndarray:
     return np.asarray(matrix).ravel()
 
 
+_VALUE_CHUNK = 1 << 24  # stored values checked per step (64 MB of float32)
+
+
 def check_raw_counts(adata: ad.AnnData, layer: str | None = None, tolerance: float = 1e-6) -> None:
     """Raise ``ValueError`` unless the matrix holds raw counts (finite, non-negative integers).
 
     NaN or infinite values are a plain ``ValueError`` (no setting makes them usable); negative or
-    fractional values raise ``NotCountsError`` (the data looks normalized).
+    fractional values raise ``NotCountsError`` (the data looks normalized). The values are checked
+    a chunk at a time: whole-matrix temporaries (``values - round(values)`` and its mask) cost a
+    screen's counts twice over (GBs).
     """
     matrix = adata.X if layer is None else adata.layers[layer]
     values = _stored_values(matrix)
     hint = " Raw counts are required for QC and normalization."
-    if values.size == 0:
-        return
-    if np.issubdtype(values.dtype, np.floating):
-        n_nan = int(np.count_nonzero(~np.isfinite(values)))
-        if n_nan:
-            raise ValueError(
-                f"the expression matrix holds {n_nan} NaN or infinite values; counts are never NaN, so the file "
-                "is damaged or was produced by a tool that writes NaN for missing values. Fix or drop those "
-                "entries (e.g. adata.X.data[~np.isfinite(adata.X.data)] = 0) and save the h5ad again."
-            )
-    n_negative = int(np.count_nonzero(values < 0))
+    floating = np.issubdtype(values.dtype, np.floating)
+    n_nan = n_negative = n_fractional = 0
+    minimum, example = None, None
+    for start in range(0, values.size, _VALUE_CHUNK):
+        chunk = values[start : start + _VALUE_CHUNK]
+        if floating:
+            n_nan += int(np.count_nonzero(~np.isfinite(chunk)))
+            if n_nan:
+                continue  # reported as damaged below, whatever else the values hold
+        negative = int(np.count_nonzero(chunk < 0))
+        if negative:
+            n_negative += negative
+            low = chunk.min()
+            minimum = low if minimum is None else min(minimum, low)
+        if floating:
+            fractional = np.abs(chunk - np.round(chunk)) > tolerance
+            count = int(np.count_nonzero(fractional))
+            if count and example is None:
+                example = chunk[fractional][0]
+            n_fractional += count
+    if n_nan:
+        raise ValueError(
+            f"the expression matrix holds {n_nan} NaN or infinite values; counts are never NaN, so the file "
+            "is damaged or was produced by a tool that writes NaN for missing values. Fix or drop those "
+            "entries (e.g. adata.X.data[~np.isfinite(adata.X.data)] = 0) and save the h5ad again."
+        )
     if n_negative:
         raise NotCountsError(
-            f"the expression matrix holds {n_negative} negative values (min {values.min():.3g}); "
+            f"the expression matrix holds {n_negative} negative values (min {minimum:.3g}); "
             f"this looks scaled, not counts.{hint}"
         )
-    if np.issubdtype(values.dtype, np.floating):
-        fractional = np.abs(values - np.round(values)) > tolerance
-        n_fractional = int(np.count_nonzero(fractional))
-        if n_fractional:
-            example = values[fractional][0]
-            raise NotCountsError(
-                f"the expression matrix holds {n_fractional} non-integer values (e.g. {example:.4g}); "
-                f"this looks normalized, not counts.{hint}"
-            )
+    if n_fractional:
+        raise NotCountsError(
+            f"the expression matrix holds {n_fractional} non-integer values (e.g. {example:.4g}); "
+            f"this looks normalized, not counts.{hint}"
+        )
 
 
 def looks_like_ensembl(names: Sequence[str], share: float = 0.5) -> bool:
