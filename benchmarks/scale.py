@@ -40,7 +40,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 KEDRO = Path(sys.executable).with_name("kedro")
 ATLAS_PIPELINES = ("data_processing", "sentence_conversion", "benchmarking", "embedding", "finetuning",
                    "zero_shot_annotation", "cell_type_evaluation")
-SCREEN_PIPELINES = ("perturbation_data",)
+SCREEN_PIPELINES = ("perturbation_data", "perturbation_finetuning", "perturbation_posterior")
 logger = logging.getLogger("scale")
 
 
@@ -50,16 +50,23 @@ def measure(command: list[str], cwd: Path, log: Path, poll_s: float = 0.2) -> di
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
     start = time.perf_counter()
     first_node = None
-    with open(log, "w") as out:
+    # the tree's RSS once a second next to the log (<log>.rss.tsv: unix time, GB), to tell which
+    # node the peak belongs to from the log's timestamps
+    with open(log, "w") as out, open(log.with_suffix(".rss.tsv"), "w") as trace:
         process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         root = psutil.Process(process.pid)
-        peak = 0
+        peak, traced = 0, 0.0
         while process.poll() is None:
             if first_node is None and "Running node" in log.read_text(errors="replace"):
                 first_node = time.perf_counter() - start
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                rss = sum(p.memory_info().rss for p in tree if p.is_running())
+                peak = max(peak, rss)
+                if time.time() - traced >= 1.0:
+                    traced = time.time()
+                    trace.write(f"{traced:.0f}\t{rss / 2**30:.2f}\n")
+                    trace.flush()
             except psutil.Error:
                 pass
             time.sleep(poll_s)
@@ -67,16 +74,21 @@ def measure(command: list[str], cwd: Path, log: Path, poll_s: float = 0.2) -> di
             "first_node_s": None if first_node is None else round(first_node, 1), "returncode": process.returncode}
 
 
-def make_project(root: Path, data: dict[str, Path], max_steps: int) -> Path:
-    """A copy of the project (as tests/helpers.copy_project) with the ``scale`` environment."""
-    if root.exists():
+def make_project(root: Path, data: dict[str, Path], max_steps: int, posterior: dict | None = None,
+                 keep_data: bool = False) -> Path:
+    """A copy of the project (as tests/helpers.copy_project) with the ``scale`` environment; with
+    ``keep_data`` an earlier copy's data/ (and MLflow store) stays, so a later pipeline reads what
+    an earlier invocation wrote."""
+    if root.exists() and not keep_data:
         shutil.rmtree(root)
+    if (root / "conf").exists():
+        shutil.rmtree(root / "conf")
     shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
     shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
     if (PROJECT / ".telemetry").exists():
         shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
+    (root / "src").mkdir(exist_ok=True)
     env = root / "conf" / "scale"
     env.mkdir()
     catalog = {name: {"type": "c2s_kedro.datasets.H5adDataset", "filepath": str(path), "metadata": {"kedro-viz": {"layer": "raw"}}}
@@ -84,6 +96,8 @@ def make_project(root: Path, data: dict[str, Path], max_steps: int) -> Path:
     (env / "catalog.yml").write_text(yaml.safe_dump(catalog))
     steps = {"training_arguments": {"max_steps": max_steps}}
     parameters = {"finetuning": steps, "pretraining": steps, "perturbation": {"finetuning": steps}}
+    if posterior:  # which held-out perturbations are sampled, and how much (posterior sampling is GPU work)
+        parameters["perturbation"]["posterior"] = posterior
     (env / "parameters.yml").write_text(yaml.safe_dump(parameters))
     return root
 
@@ -108,6 +122,20 @@ def finetuning_figures(project: Path) -> dict[str, float]:
     steps_per_epoch = int(np.ceil(train.num_rows / batch))
     return {"s_per_step": round(s_per_step, 3), "train_prompts": train.num_rows, "steps_per_epoch": steps_per_epoch,
             "projected_epoch_s": round(s_per_step * steps_per_epoch, 1)}
+
+
+def posterior_figures(project: Path) -> dict[str, float]:
+    """The posterior's cost per sample and what the scoring compared, from perturbation_metrics.json."""
+    path = project / "data" / "08_reporting" / "perturbation_metrics.json"
+    if not path.exists():
+        return {}
+    metrics = json.loads(path.read_text())
+    keys = ("posterior.seconds_per_sample", "posterior.n_samples", "n_heldout_perturbations",
+            "n_heldout_perturbations_not_sampled", "all_heldout.n_perturbations")
+    figures = {key: metrics[key] for key in keys if key in metrics}
+    if "posterior.seconds_per_sample" in figures:
+        figures["seconds_per_sample"] = figures.pop("posterior.seconds_per_sample")
+    return figures
 
 
 def slope(cells: list[int], values: list[float]) -> float | None:
@@ -148,12 +176,16 @@ def run_dataset(kind: str, fraction: float, args: argparse.Namespace) -> dict:
     result["file_gb"] = round(path.stat().st_size / 2**30, 2)
     if args.simulate_only:
         return result
-    project = make_project(workdir / "project", data, args.max_steps)
+    posterior = {"perturbations": args.posterior_perturbations, "n_samples": args.posterior_samples,
+                 "prompts_per_perturbation": args.posterior_prompts} if kind == "screen" else None
+    project = make_project(workdir / "project", data, args.max_steps, posterior, keep_data=args.reuse_project)
     for name in pipelines:
         logger.info("%s %g: kedro run --pipelines=%s", kind, fraction, name)
         figures = measure([str(KEDRO), "run", "--env", "scale", f"--pipelines={name}"], project, workdir / f"{name}.log")
         if name == "finetuning":
             figures.update(finetuning_figures(project))
+        if name == "perturbation_posterior":
+            figures.update(posterior_figures(project))
         result["pipelines"][name] = figures
         logger.info("%s %g %s: %s", kind, fraction, name, figures)
         print(json.dumps({kind: {str(fraction): {name: figures}}}), file=sys.stderr, flush=True)
@@ -189,11 +221,18 @@ def main() -> None:
     parser.add_argument("--screen-genes", type=int, default=8_500)
     parser.add_argument("--gem-groups", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=20, help="finetuning (and pretraining) steps")
+    parser.add_argument("--posterior-perturbations", type=int, default=8,
+                        help="held-out perturbations sampled by perturbation_posterior (perturbation.posterior.perturbations)")
+    parser.add_argument("--posterior-samples", type=int, default=10, help="samples per prompt and temperature")
+    parser.add_argument("--posterior-prompts", type=int, default=1, help="prompts per sampled perturbation")
     parser.add_argument("--atlas-pipelines", default=",".join(ATLAS_PIPELINES))
     parser.add_argument("--screen-pipelines", default=",".join(SCREEN_PIPELINES))
     parser.add_argument("--skip-atlas", action="store_true")
     parser.add_argument("--skip-screen", action="store_true")
     parser.add_argument("--reuse-data", action="store_true", help="keep a simulated file already in the workdir")
+    parser.add_argument("--reuse-project", action="store_true",
+                        help="keep the project copy's data/ from an earlier invocation (e.g. run perturbation_posterior "
+                             "after perturbation_data without redoing it)")
     parser.add_argument("--clean", action="store_true", help="delete each size's files once measured")
     parser.add_argument("--simulate-only", action="store_true",
                         help="write the datasets and stop (then measure with --reuse-data)")
