@@ -4,16 +4,22 @@ nodes under the ``perturbation`` namespace."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import matplotlib.pyplot as plt
+import lazy_loader as lazy
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.preprocessing import QCThresholds, embed_expression, normalize_log10, quality_control, shallow_copy
-from c2s_kedro.core.validation import NotCountsError, check_raw_counts, make_gene_names_unique, require_obs_columns, use_gene_symbols
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataProcessingParameters, QCParameters, as_kwargs
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import matplotlib.pyplot as plt
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+preprocessing = lazy.load("c2s_kedro.core.preprocessing", suppress_warning=True)
+validation = lazy.load("c2s_kedro.core.validation", suppress_warning=True)
 
 logger = logging.getLogger(__name__)
 SECTION = "data_processing"
@@ -24,22 +30,22 @@ def validate_raw_adata(raw_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnD
     to plot, gene symbols instead of Ensembl IDs, unique gene names."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
     # the checks below only rename genes: the counts are shared with raw_adata, not copied
-    adata = raw_adata.to_memory() if raw_adata.isbacked else shallow_copy(raw_adata)
+    adata = raw_adata.to_memory() if raw_adata.isbacked else preprocessing.shallow_copy(raw_adata)
     with setting_hint(f"{SECTION}.umap_color_keys"):
-        require_obs_columns(adata, settings.umap_color_keys)
+        validation.require_obs_columns(adata, settings.umap_color_keys)
     if not settings.input_is_normalized:
-        with setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", NotCountsError):
-            check_raw_counts(adata)
+        with setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", validation.NotCountsError):
+            validation.check_raw_counts(adata)
     with setting_hint(f"{SECTION}.gene_symbol_column", KeyError):
-        adata = use_gene_symbols(adata, settings.gene_symbol_column)
-    return make_gene_names_unique(adata)
+        adata = validation.use_gene_symbols(adata, settings.gene_symbol_column)
+    return validation.make_gene_names_unique(adata)
 
 
 def filter_cells_and_genes(adata: ad.AnnData, qc: dict[str, Any]) -> tuple[ad.AnnData, dict[str, int]]:
     """QC filters from parameters; returns the filtered data and cell/gene counts per filter."""
     thresholds = read_parameters(QCParameters, qc, f"{SECTION}.qc")
     with setting_hint(f"{SECTION}.qc", ValueError):
-        return quality_control(adata, QCThresholds(**as_kwargs(thresholds)))
+        return preprocessing.quality_control(adata, preprocessing.QCThresholds(**as_kwargs(thresholds)))
 
 
 def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
@@ -48,7 +54,7 @@ def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
     settings = read_parameters(DataProcessingParameters, params, SECTION)
     if settings.input_is_normalized:
         return adata
-    return normalize_log10(adata, target_sum=settings.normalization.target_sum)
+    return preprocessing.normalize_log10(adata, target_sum=settings.normalization.target_sum)
 
 
 def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
@@ -57,7 +63,7 @@ def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any])
     if not settings.embed:
         logger.info("%s.embed is false: no PCA, kNN graph or UMAP of the %d cells", SECTION, normalized_adata.n_obs)
         return normalized_adata
-    return embed_expression(normalized_adata, **as_kwargs(settings.embedding))
+    return preprocessing.embed_expression(normalized_adata, **as_kwargs(settings.embedding))
 
 
 NOT_EMBEDDED = "not_embedded.png"  # the one figure when the cells were not embedded
@@ -67,7 +73,7 @@ def plot_expression_umaps(processed_adata: ad.AnnData, umap_color_keys: list[str
     """One UMAP per configured obs key, in a file named after the key; without a UMAP (``embed``
     false) one figure that says so."""
     if "X_umap" not in processed_adata.obsm:
-        fig, ax = plt.subplots(figsize=(7.5, 2))
+        fig, ax = plotting.plt.subplots(figsize=(7.5, 2))  # pyplot of core.plotting: its backend
         ax.axis("off")
         ax.text(0.5, 0.5, f"No expression UMAP: {SECTION}.embed is false, so the {processed_adata.n_obs:,} cells were not\n"
                 f"embedded. Set {SECTION}.embed to true to draw it (a screen's: perturbation.{SECTION}.embed).",

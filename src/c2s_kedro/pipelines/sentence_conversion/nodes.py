@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
+import lazy_loader as lazy
 import numpy as np
-import pyarrow.compute as pc
-from datasets import Dataset
 
-from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, concatenate_sentence_datasets
 from c2s_kedro.core.splitting import split_names
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataSplitParameters, SentenceConversionParameters
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+ad = lazy.load("anndata")
+pc = lazy.load("pyarrow.compute", suppress_warning=True)
+sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
 
 logger = logging.getLogger(__name__)
 
 
 def _convert(adata: ad.AnnData, settings: SentenceConversionParameters):
     with setting_hint("sentence_conversion.label_columns"):
-        return cell_sentences_from_adata(
+        return sentences.cell_sentences_from_adata(
             adata, label_columns=settings.label_columns, layer=settings.layer, seed=settings.seed,
             chunk_size=settings.chunk_size,
         )
@@ -47,15 +53,16 @@ def convert_to_cell_sentences(
         result = _convert(adata, settings)
         logger.info("converted %s: %d cells", name, result.sentences.num_rows)
         parts.append((name, result.sentences, result.vocabulary))
-    return concatenate_sentence_datasets(parts)
+    return sentences.concatenate_sentence_datasets(parts)
 
 
 def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> dict[str, float]:
     """Cells, vocabulary size, genes per sentence, empty sentences."""
     # with_format("arrow") honours a selection (select/filter/shuffle), unlike Dataset.data
-    sentences = cell_sentences.select_columns([CELL_SENTENCE]).with_format("arrow")[:].column(CELL_SENTENCE)
-    lengths = pc.list_value_length(pc.split_pattern(pc.fill_null(sentences, ""), " ")).to_numpy(zero_copy_only=False)
-    empty = pc.equal(pc.fill_null(sentences, ""), "").to_numpy(zero_copy_only=False)
+    column = sentences.CELL_SENTENCE
+    texts = cell_sentences.select_columns([column]).with_format("arrow")[:].column(column)
+    lengths = pc.list_value_length(pc.split_pattern(pc.fill_null(texts, ""), " ")).to_numpy(zero_copy_only=False)
+    empty = pc.equal(pc.fill_null(texts, ""), "").to_numpy(zero_copy_only=False)
     lengths = np.where(empty, 0, lengths)
     return {
         "n_cells": float(cell_sentences.num_rows),
