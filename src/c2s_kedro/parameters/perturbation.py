@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from c2s_kedro.core.perturbation import ScreenColumns
 from c2s_kedro.parameters.atlas import DataProcessingParameters, RankFitParameters, SentenceConversionParameters
 from c2s_kedro.parameters.training import TrainingParameters
+
+if TYPE_CHECKING:  # core.perturbation imports torch: settings are read by runs that use no model
+    from c2s_kedro.core.perturbation import ScreenColumns
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class PerturbationParameters:
 
     def columns(self) -> ScreenColumns:
         """Where the screen keeps what the pipelines read."""
+        from c2s_kedro.core.perturbation import ScreenColumns
+
         return ScreenColumns(
             perturbation=self.perturbation_column, control_label=str(self.control_label), batch=self.batch_column,
             gene_symbol=self.data_processing.gene_symbol_column,

@@ -5,25 +5,26 @@ are the screen's own steps around them. They read the settings once and wire cor
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import pandas as pd
-from datasets import Dataset, DatasetDict
+import lazy_loader as lazy
 
-from c2s_kedro.core.models import LanguageModel, build_gpt_neox
-from c2s_kedro.core.perturbation import (
-    PERTURBATION_TASK,
-    ScreenLayoutError,
-    check_screen,
-    perturbation_prompts,
-    screen_for_processing,
-    split_screen,
-)
-from c2s_kedro.core.prompts import template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.perturbation import PerturbationParameters
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import pandas as pd
+    from datasets import Dataset, DatasetDict
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+models = lazy.load("c2s_kedro.core.models", suppress_warning=True)
+perturbation = lazy.load("c2s_kedro.core.perturbation", suppress_warning=True)
+prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
+tokenizers = lazy.load("c2s_kedro.core.tokenizer", suppress_warning=True)
 
 logger = logging.getLogger(__name__)
 SECTION = "perturbation"
@@ -43,11 +44,11 @@ def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> t
     the simulator's truth taken out of ``.varm`` (no rows for a real screen)."""
     columns = _settings(params).columns()
     try:
-        check_screen(perturbseq_raw, columns)
-    except ScreenLayoutError as error:
-        with setting_hint(SCREEN_SETTINGS[error.field], ScreenLayoutError):
+        perturbation.check_screen(perturbseq_raw, columns)
+    except perturbation.ScreenLayoutError as error:
+        with setting_hint(SCREEN_SETTINGS[error.field], perturbation.ScreenLayoutError):
             raise
-    return screen_for_processing(perturbseq_raw, columns, TRUTH_KEY)
+    return perturbation.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY)
 
 
 def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any
     settings = _settings(params)
     split = settings.split
     with setting_hint(f"{SECTION}.split"):
-        return split_screen(
+        return perturbation.split_screen(
             processed_adata.obs, settings.columns(), mode=split.mode, fractions=split.fractions, seed=split.seed,
             test_perturbations=split.test_perturbations,
         )
@@ -75,11 +76,11 @@ def initialize_perturbation_model(vocabulary: dict[str, int], params: dict[str, 
     """A gene-level tokenizer over the screen's genes and the prompt words, and an untrained
     GPT-NeoX sized by ``model.architecture`` (the offline default base model)."""
     settings = _settings(params)
-    words = template_words((PERTURBATION_TASK,)) + [str(settings.control_label).upper()]
+    words = prompts.template_words((perturbation.PERTURBATION_TASK,)) + [str(settings.control_label).upper()]
     architecture = settings.model.architecture
-    tokenizer = build_gene_tokenizer(vocabulary, words, model_max_length=architecture["max_position_embeddings"])
+    tokenizer = tokenizers.build_gene_tokenizer(vocabulary, words, model_max_length=architecture["max_position_embeddings"])
     with setting_hint(f"{SECTION}.model.architecture"):
-        model = build_gpt_neox(tokenizer, architecture, seed=settings.seed)
+        model = models.build_gpt_neox(tokenizer, architecture, seed=settings.seed)
     logger.info("perturbation base model: %s parameters, %d tokens", f"{model.model.num_parameters():,}", len(tokenizer))
     return model
 
@@ -93,7 +94,7 @@ def format_perturbation_prompts(
     answer (``posterior.max_new_tokens``, ``posterior.on_overflow``)."""
     settings = _settings(params)
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns, top_k_genes or posterior.on_overflow"):
-        return perturbation_prompts(
+        return perturbation.perturbation_prompts(
             cell_sentences, perturbation_split, settings.columns(), perturbation_base_model.tokenizer,
             perturbation_base_model.context_length, settings.top_k_genes, settings.pairing.seed,
             controls_per_cell=settings.pairing.controls_per_cell, include_control_pairs=settings.pairing.include_control_pairs,

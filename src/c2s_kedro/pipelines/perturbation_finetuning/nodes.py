@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
-from datasets import DatasetDict
+import lazy_loader as lazy
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.training import TrainingSettingsError, finetune
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.perturbation import PerturbationParameters
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+    from datasets import DatasetDict
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
 
 
 def finetune_perturbation_model(
@@ -21,8 +28,8 @@ def finetune_perturbation_model(
     ``perturbation_prompts`` (loss on the perturbed sentence only, averaged as
     ``perturbation.finetuning.loss_average`` says)."""
     settings = read_parameters(PerturbationParameters, params, "perturbation").finetuning
-    with setting_hint("perturbation.finetuning", TrainingSettingsError):
-        return finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
+    with setting_hint("perturbation.finetuning", training.TrainingSettingsError):
+        return training.finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
 
 
 def plot_perturbation_loss(perturbation_finetuning_log: list[dict[str, Any]]) -> plt.Figure:

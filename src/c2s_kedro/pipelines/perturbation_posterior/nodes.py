@@ -3,20 +3,27 @@ settings once and wire core.perturbation and core.perturbation_evaluation."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import matplotlib.pyplot as plt
-import pandas as pd
-from datasets import Dataset, DatasetDict
+import lazy_loader as lazy
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.perturbation import posterior_expression, sample_test_posterior
-from c2s_kedro.core.perturbation_evaluation import evaluate_posterior, posterior_embedding, sentence_space_cells
-from c2s_kedro.core.sentences import RankFit
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.perturbation import PerturbationParameters
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from datasets import Dataset, DatasetDict
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+perturbation = lazy.load("c2s_kedro.core.perturbation", suppress_warning=True)
+perturbation_evaluation = lazy.load("c2s_kedro.core.perturbation_evaluation", suppress_warning=True)
+sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
 
 SECTION = "perturbation"
 
@@ -29,9 +36,9 @@ def _part_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes
                  settings: PerturbationParameters) -> ad.AnnData:
     """The perturbed and control cells of ``part`` in the model's space (top-k sentences)."""
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns", KeyError):  # the perturbation column
-        return sentence_space_cells(
+        return perturbation_evaluation.sentence_space_cells(
             cell_sentences, list(split[part]) + list(split[f"control_{part}"]), settings.columns().perturbation, genes,
-            RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
+            sentences.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
         )
 
 
@@ -44,7 +51,7 @@ def sample_perturbation_posterior(
     temperature, one prefill per prompt."""
     posterior = _settings(params).posterior
     with setting_hint(f"{SECTION}.posterior"):
-        return sample_test_posterior(
+        return perturbation.sample_test_posterior(
             perturbation_model, perturbation_prompts["test"], list(vocabulary),
             prompts_per_perturbation=posterior.prompts_per_perturbation, n_samples=posterior.n_samples,
             temperatures=posterior.temperatures, seed=posterior.seed, batch_size=posterior.batch_size,
@@ -58,7 +65,7 @@ def posterior_to_expression(
     """Each sample as expression (rank -> expression fit; a gene absent from a sample is 0) and,
     per perturbation and temperature, the posterior mean, variance and the share of samples that
     contain each gene. The caveat about absent genes is in ``.uns['caveat']`` of both."""
-    return posterior_expression(posterior_samples, list(processed_adata.var_names), RankFit.from_dict(rank_fit))
+    return perturbation.posterior_expression(posterior_samples, list(processed_adata.var_names), sentences.RankFit.from_dict(rank_fit))
 
 
 def plot_posterior(
@@ -72,7 +79,7 @@ def plot_posterior(
     genes = list(posterior_samples_expression.var_names)
     real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
     with setting_hint(f"{SECTION}.evaluation.max_plot_panels"):
-        embedding = posterior_embedding(
+        embedding = perturbation_evaluation.posterior_embedding(
             posterior_samples_expression, real, columns.perturbation, columns.control_label,
             max_perturbations=settings.evaluation.max_plot_panels, seed=settings.seed,
         )
@@ -92,7 +99,7 @@ def evaluate_perturbation_predictions(
     real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
     train = _part_cells(cell_sentences, perturbation_split, "train", genes, rank_fit, settings)
     with setting_hint(f"{SECTION}.evaluation"):
-        return evaluate_posterior(
+        return perturbation_evaluation.evaluate_posterior(
             posterior_samples_expression, real, train, columns.perturbation, columns.control_label,
             truth=perturbation_truth, top_n_de=evaluation.top_n_de, interval=evaluation.interval,
             baseline_pca_components=evaluation.baseline_pca_components, seed=settings.seed,
