@@ -199,3 +199,22 @@ def test_benchmarking_pipeline_on_pbmc(pbmc_processed, params):
     assert catalog.load("rank_fit")["slope"] == metrics["rank_fit_slope"]
     for plot in ["rank_expression_plot", "reconstruction_plot", "umap_comparison_plot"]:
         assert catalog.load(plot).axes[0].collections  # points drawn
+
+
+def test_leiden_labels_are_those_of_the_whole_data_and_leave_it_unchanged(line_adata):
+    """Leiden runs on an AnnData of the graph only (not a copy of the matrices): same labels."""
+    import scanpy as sc
+
+    from c2s_kedro.core.reconstruction import leiden_labels
+
+    whole = line_adata.copy()
+    sc.tl.leiden(whole, resolution=1.0, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    labels = leiden_labels(line_adata, 1.0, 0)
+    np.testing.assert_array_equal(labels, whole.obs["leiden"].to_numpy())
+    assert "leiden" not in line_adata.obs
+
+
+def test_compare_refuses_data_processed_without_embedding(line_adata, params):
+    bare = ad.AnnData(line_adata.X, obs=line_adata.obs)
+    with pytest.raises(KeyError, match=r"data_processing.embed is false\): set data_processing.embed to true"):
+        compare_reconstruction(bare, line_adata, params["benchmarking"])

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from scipy import stats
@@ -68,10 +69,17 @@ def expressed_pairs(original: ad.AnnData, reconstructed: ad.AnnData, n_cells: in
 
 
 def leiden_labels(adata: ad.AnnData, resolution: float, seed: int) -> np.ndarray:
-    """Leiden clusters on the kNN graph already in ``adata`` (the data is not changed)."""
-    copy = adata.copy()
-    sc.tl.leiden(copy, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
-    return copy.obs["leiden"].to_numpy()
+    """Leiden clusters on the kNN graph already in ``adata`` (the data is not changed). Leiden
+    writes its labels into the AnnData it is given: that is one holding only the graph, not a copy
+    of ``adata`` (its matrices and layers are GBs for an atlas)."""
+    neighbors = adata.uns.get("neighbors")
+    if neighbors is None or neighbors.get("connectivities_key", "connectivities") not in adata.obsp:
+        raise KeyError("no kNN graph in the data (uns['neighbors'], obsp['connectivities']): embed it first (embed_expression)")
+    key = neighbors.get("connectivities_key", "connectivities")
+    graph = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.astype(str)), obsp={key: adata.obsp[key]},
+                       uns={"neighbors": dict(neighbors)})
+    sc.tl.leiden(graph, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+    return graph.obs["leiden"].to_numpy()
 
 
 def reconstruction_agreement(
@@ -81,6 +89,11 @@ def reconstruction_agreement(
     """Expression correlation over expressed genes, Leiden ARI between the two, kNN overlap in PCA,
     and with ``label_key`` the ARI of each clustering with the labels. Both need PCA and a kNN
     graph (``embed_expression``). Returns the metrics and the (original, rebuilt) value pairs."""
+    if "X_pca" not in original.obsm:
+        raise KeyError(
+            "the processed data has no PCA and kNN graph (data_processing.embed is false): set data_processing.embed "
+            "to true and re-run data_processing before benchmarking"
+        )
     reconstructed = reconstructed[original.obs_names]
     values, rebuilt = expressed_pairs(original, reconstructed, n_cells, seed)
     clusterings = [leiden_labels(adata, leiden_resolution, seed) for adata in (original, reconstructed)]
