@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import matplotlib.pyplot as plt
-import pandas as pd
-from datasets import Dataset
+import lazy_loader as lazy
 
-from c2s_kedro.core import cell_generation
-from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import cell_generation_prompts, read_template_files, sentence_table, task_templates
-from c2s_kedro.core.sentences import RankFit
-from c2s_kedro.core.training import require_task
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import CellGenerationParameters
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from datasets import Dataset
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+cell_generation = lazy.load("c2s_kedro.core.cell_generation", suppress_warning=True)
+core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
+sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
+training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
 
 
 def build_generation_prompts(
@@ -25,15 +32,15 @@ def build_generation_prompts(
     for the median number of genes of that type's cells, or fewer so that the answer fits the context."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("finetuning.tasks"):
-        require_task(finetuned_model, "cell_type_generation")
+        training.require_task(finetuned_model, "cell_type_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
-        table = sentence_table(cell_sentences, [label])
+        table = core_prompts.sentence_table(cell_sentences, [label])
     train = table.loc[data_split["train"]].dropna(subset=[label])
     with setting_hint("cell_generation.prompt_templates"):
-        templates = task_templates("cell_type_generation", read_template_files(settings.prompt_templates))
+        templates = core_prompts.task_templates("cell_type_generation", core_prompts.read_template_files(settings.prompt_templates))
     with setting_hint("cell_generation.template_index", IndexError):
-        return cell_generation_prompts(
+        return core_prompts.cell_generation_prompts(
             train["cell_sentence"].tolist(), train[label].astype(str).tolist(), finetuned_model.tokenizer,
             finetuned_model.context_length, settings.n_cells_per_type, settings.template_index, settings.organism,
             templates=templates,
@@ -58,7 +65,7 @@ def reconstruct_generated_cells(
     generated_cells: pd.DataFrame, rank_fit: dict[str, float], processed_adata: ad.AnnData
 ) -> ad.AnnData:
     """Expression of the generated cells from their gene ranks (the benchmarking fit)."""
-    return cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, RankFit.from_dict(rank_fit))
+    return cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, sentences.RankFit.from_dict(rank_fit))
 
 
 def compare_generated_with_real(

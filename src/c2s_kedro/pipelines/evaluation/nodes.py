@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import matplotlib.pyplot as plt
+import lazy_loader as lazy
 import pandas as pd
-from datasets import Dataset
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.evaluation import cell_type_test_prompts, evaluated_test_cells, logistic_regression_baseline
-from c2s_kedro.core.evaluation import score_predictions as score_methods
-from c2s_kedro.core.inference import generate_labels, predict_labels
-from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import read_template_files, sentence_table, task_templates
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import EvaluationParameters
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    from datasets import Dataset
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+evaluation = lazy.load("c2s_kedro.core.evaluation", suppress_warning=True)
+inference = lazy.load("c2s_kedro.core.inference", suppress_warning=True)
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
 
 
 def build_evaluation_prompts(
@@ -27,12 +33,12 @@ def build_evaluation_prompts(
     label set (train labels)."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
-        table = sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
+        table = core_prompts.sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
     with setting_hint("evaluation.prompt_templates"):
-        templates = task_templates("cell_type_prediction", read_template_files(settings.prompt_templates))
+        templates = core_prompts.task_templates("cell_type_prediction", core_prompts.read_template_files(settings.prompt_templates))
     with setting_hint("evaluation.max_test_cells"):
-        test = evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
-    return cell_type_test_prompts(
+        test = evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
+    return evaluation.cell_type_test_prompts(
         table, data_split["train"], test, settings.label_column, settings.organism_column,
         model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed, templates,
     )
@@ -42,7 +48,7 @@ def predict_by_generation(evaluation_prompts: dict[str, Any], model: LanguageMod
     """Greedy batched generation of the answer, normalized and matched to the label set (None
     when the answer is not a known label)."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
-    answers, predictions = generate_labels(
+    answers, predictions = inference.generate_labels(
         model, evaluation_prompts["prompt"], evaluation_prompts["labels"], settings.extra_new_tokens, settings.batch_size
     )
     return pd.DataFrame({
@@ -54,7 +60,7 @@ def predict_by_label_scoring(evaluation_prompts: dict[str, Any], model: Language
     """The most likely known label of each cell, with the probability of every label."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     labels = evaluation_prompts["labels"]
-    predicted, probabilities = predict_labels(model, evaluation_prompts["prompt"], labels, batch_size=settings.batch_size)
+    predicted, probabilities = inference.predict_labels(model, evaluation_prompts["prompt"], labels, batch_size=settings.batch_size)
     table = pd.DataFrame({"cell_name": evaluation_prompts["cell_name"], "label": evaluation_prompts["label"], "prediction": predicted})
     return pd.concat([table, pd.DataFrame(probabilities, columns=[f"p({name})" for name in labels])], axis=1)
 
@@ -63,9 +69,9 @@ def predict_by_baseline(processed_adata: ad.AnnData, data_split: dict[str, Any],
     """Logistic regression on the log-normalized expression, fit on train cells, applied to test."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.max_test_cells"):
-        test = evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
+        test = evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
     with setting_hint("evaluation.label_column"):
-        return logistic_regression_baseline(
+        return evaluation.logistic_regression_baseline(
             processed_adata, data_split["train"], test, settings.label_column,
             C=settings.baseline_C, max_iter=settings.baseline_max_iter,
         )
@@ -77,7 +83,7 @@ def score_predictions(
     """Accuracy and macro-F1 of each method on the same cells, a per-class table, confusion
     matrices, and all predictions side by side."""
     labels = evaluation_prompts["labels"]
-    metrics, per_class, matrices, combined = score_methods(
+    metrics, per_class, matrices, combined = evaluation.score_predictions(
         {"generation": generation, "label_scoring": label_scoring, "baseline": baseline}, labels
     )
     figures = {
