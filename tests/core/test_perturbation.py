@@ -28,9 +28,11 @@ from c2s_kedro.core.perturbation_evaluation import (
     LinearAdditiveBaseline,
     baseline_predictions,
     calibration,
+    cell_eval_ceiling,
     evaluate_posterior,
     group_means,
     labelled_cells,
+    normalized_scores,
     posterior_embedding,
     score_methods,
     sentence_space_cells,
@@ -325,6 +327,39 @@ def test_a_perfect_prediction_beats_no_change_and_baselines_are_scored_on_the_sa
     assert best.loc[("perfect", "A"), "mse"] < best.loc[("control_mean", "A"), "mse"]
 
 
+def test_scores_normalized_to_the_mean_baseline_are_vcc_s():
+    summary = pd.DataFrame({
+        "method": ["model", "worse", "train_perturbed_mean"],
+        "pearson_delta": [0.75, 0.2, 0.5], "mse": [0.01, 0.04, 0.02], "overlap_at_N": [float("nan"), 0.1, 0.0],
+        "calibration": [0.9, 0.9, 0.9],  # not a cell-eval metric: not normalized
+    })
+    scores = normalized_scores(summary)
+    assert scores["model.pearson_delta_normalized"] == pytest.approx(0.5)  # (0.75 - 0.5) / (1 - 0.5)
+    assert scores["model.mse_normalized"] == pytest.approx(0.5)  # 1 - 0.01 / 0.02: half the baseline's error
+    assert scores["model.overlap_at_N_normalized"] == 0.0  # undefined scores 0
+    assert scores["worse.pearson_delta_normalized"] == 0.0 and scores["worse.mse_normalized"] == 0.0  # clipped at 0
+    assert scores["worse.overlap_at_N_normalized"] == pytest.approx(0.1)
+    assert scores["model.mean_normalized_score"] == pytest.approx(1.0 / 3)
+    assert not any(key.startswith("train_perturbed_mean.") or "calibration" in key for key in scores)
+    with pytest.raises(ValueError, match="no 'train_perturbed_mean' among the methods"):
+        normalized_scores(summary[summary["method"] != "train_perturbed_mean"])
+
+
+def test_cell_eval_s_ceiling_is_high_for_clear_effects_and_absent_without_any():
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(30)]
+    base = np.linspace(0.5, 2.0, 30)
+    shift = {"A": np.r_[np.linspace(0.3, 1.5, 5), np.zeros(25)], "B": np.r_[np.zeros(5), np.linspace(-0.2, -0.8, 5), np.zeros(20)]}
+    controls = _cells(rng, 40, base, "non-targeting", genes, "ctrl")
+    clear = ad.concat([_cells(rng, 30, base + shift[p], p, genes, f"real-{p}") for p in shift] + [controls])
+    ceiling = cell_eval_ceiling(clear, "gene", "non-targeting")
+    assert ceiling["cell_eval_ceiling.pearson_delta"] > 0.9 and "cell_eval_ceiling.mse" not in ceiling  # no ceiling of an error
+    # perturbations that change nothing: the two halves' changes are noise, far from any ceiling
+    none = ad.concat([_cells(rng, 30, base, p, genes, f"real-{p}") for p in shift] + [controls])
+    assert ceiling["cell_eval_ceiling.pearson_delta"] - cell_eval_ceiling(none, "gene", "non-targeting").get(
+        "cell_eval_ceiling.pearson_delta", 0.0) > 0.4
+
+
 def test_linear_additive_baseline_repeats_a_seen_perturbation_and_predicts_an_unseen_one():
     rng = np.random.default_rng(1)
     controls = rng.normal(1.0, 0.2, size=(50, 6))
@@ -421,6 +456,10 @@ def test_the_posterior_is_scored_with_the_baselines_on_its_perturbations_only():
     assert metrics["model_T1.3.pearson_delta"] == pytest.approx(by_method.loc["model_T1.3", "pearson_delta"])
     assert metrics["model_T0.7.n_predicted_cells"] == 25
     assert metrics["n_heldout_perturbations_not_sampled"] == 1  # D
+    # ceilings and normalized scores beside the raw metrics
+    assert metrics["cell_eval_ceiling.pearson_delta"] > 0.9
+    assert metrics["model_T0.7.pearson_delta_normalized"] > 0.5 and "train_perturbed_mean.pearson_delta_normalized" not in metrics
+    assert {"model_T1.3.mse_normalized", "control_mean.mean_normalized_score"} < set(metrics)
     assert all(key.count(".") >= 1 for key in metrics
                if key not in ("n_genes_scored", "n_heldout_perturbations", "n_heldout_perturbations_not_sampled"))
     _, _, without_truth = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth.iloc[:0], top_n_de=5,

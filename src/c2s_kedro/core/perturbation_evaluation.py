@@ -32,6 +32,9 @@ from c2s_kedro.core.sentences import CELL_NAME, CELL_SENTENCE, RankFit, reconstr
 logger = logging.getLogger(__name__)
 
 CELL_EVAL_METRICS = ("pearson_delta", "mse", "mse_delta", "overlap_at_N", "de_direction_match", "discrimination_score_l1")
+# clustering_agreement and pearson_edistance need many cells per perturbation; not reported here
+CELL_EVAL_SKIPPED = ["clustering_agreement", "pearson_edistance"]
+MEAN_BASELINE = "train_perturbed_mean"  # VCC's baseline: the mean of the training perturbed cells
 SAMPLE_PERTURBATION = "perturbation"  # the posterior samples' .obs column naming their perturbation
 EMBEDDING_CELLS = 4000  # training controls (at most) whose PCA gives the linear baseline's gene embedding
 
@@ -124,17 +127,15 @@ def group_means(adata: ad.AnnData, column: str) -> dict[str, np.ndarray]:
     return {str(name): np.asarray(row, dtype=np.float64) for name, row in zip(means.obs_names, means.layers["mean"])}
 
 
-def baseline_predictions(
+BASELINE_PREFIXES = {"control_mean": "control_mean", "train_perturbed_mean": "train_mean", "linear_additive": "linear"}
+
+
+def _baseline_cells(
     train: ad.AnnData, test_controls: ad.AnnData, test_counts: dict[str, int], column: str, control_label: str,
     seed: int = 0, n_components: int = 10,
-) -> dict[str, ad.AnnData]:
-    """Predicted cells of each held-out perturbation (``test_counts``: name -> cells to predict)
-    for the three baselines, each with ``test_controls`` as its control cells:
-
-    - ``control_mean``: no change; control cells stand in for the perturbed ones.
-    - ``train_perturbed_mean``: cells drawn from every perturbed cell of the training part.
-    - ``linear_additive``: control cells shifted by ``LinearAdditiveBaseline``'s change.
-    """
+):
+    """(method, perturbation, predicted cells) of the three baselines, one perturbation at a time
+    in the order of ``test_counts`` (``baseline_predictions`` describes them)."""
     rng = np.random.default_rng(seed)
     genes = list(train.var_names)
     labels = train.obs[column].astype(str).to_numpy()
@@ -153,15 +154,29 @@ def baseline_predictions(
     linear = LinearAdditiveBaseline(n_components=n_components).fit(_dense_rows(train.X[controls]), deltas, genes)
     controls_x = sp.csr_matrix(test_controls.X)
     perturbed_x = sp.csr_matrix(train.X)[~is_control]
-    parts: dict[str, list[ad.AnnData]] = {"control_mean": [], "train_perturbed_mean": [], "linear_additive": []}
     for name, n in test_counts.items():
         drawn = controls_x[rng.integers(0, controls_x.shape[0], size=n)]  # sparse, as the cells are
-        parts["control_mean"].append(labelled_cells(drawn, name, genes, f"control_mean-{name}", column))
-        pooled = perturbed_x[rng.integers(0, perturbed_x.shape[0], size=n)]
-        parts["train_perturbed_mean"].append(labelled_cells(pooled, name, genes, f"train_mean-{name}", column))
+        yield "control_mean", name, drawn
+        yield "train_perturbed_mean", name, perturbed_x[rng.integers(0, perturbed_x.shape[0], size=n)]
         # a shift of every gene: these cells are dense by nature, one perturbation's at a time
-        shifted = np.maximum(_dense_rows(drawn) + linear.predict(name)[None, :], 0.0)
-        parts["linear_additive"].append(labelled_cells(shifted, name, genes, f"linear-{name}", column))
+        yield "linear_additive", name, np.maximum(_dense_rows(drawn) + linear.predict(name)[None, :], 0.0)
+
+
+def baseline_predictions(
+    train: ad.AnnData, test_controls: ad.AnnData, test_counts: dict[str, int], column: str, control_label: str,
+    seed: int = 0, n_components: int = 10,
+) -> dict[str, ad.AnnData]:
+    """Predicted cells of each held-out perturbation (``test_counts``: name -> cells to predict)
+    for the three baselines, each with ``test_controls`` as its control cells:
+
+    - ``control_mean``: no change; control cells stand in for the perturbed ones.
+    - ``train_perturbed_mean``: cells drawn from every perturbed cell of the training part.
+    - ``linear_additive``: control cells shifted by ``LinearAdditiveBaseline``'s change.
+    """
+    genes = list(train.var_names)
+    parts: dict[str, list[ad.AnnData]] = {method: [] for method in BASELINE_PREFIXES}
+    for method, name, cells in _baseline_cells(train, test_controls, test_counts, column, control_label, seed, n_components):
+        parts[method].append(labelled_cells(cells, name, genes, f"{BASELINE_PREFIXES[method]}-{name}", column))
     return {method: ad.concat(cells + [test_controls]) for method, cells in parts.items()}
 
 
@@ -192,10 +207,59 @@ def _cell_eval(pred: ad.AnnData, real: ad.AnnData, column: str, control_label: s
             adata_pred=pred, adata_real=real, de_real=de_real, control_pert=control_label, pert_col=column,
             num_threads=threads, outdir=os.path.join(scratch, "cell-eval"),
         )
-        # clustering_agreement and pearson_edistance need many cells per perturbation; not reported here
-        results, _ = evaluator.compute(profile="full", write_csv=False,
-                                       skip_metrics=["clustering_agreement", "pearson_edistance"])
+        results, _ = evaluator.compute(profile="full", write_csv=False, skip_metrics=CELL_EVAL_SKIPPED)
     return results.to_pandas().set_index("perturbation"), evaluator.de_comparison.real.data
+
+
+def cell_eval_ceiling(real: ad.AnnData, column: str, control_label: str, threads: int = 1, seed: int = 0) -> dict[str, float]:
+    """cell-eval's data ceiling of its metrics on the held-out cells ``real`` (perturbed and
+    control cells): each perturbation's cells split in two disjoint halves, one scored as the
+    prediction of the other, corrected to full depth (Spearman-Brown). The most any method could
+    reach given the cells' own noise; cell-eval defines it for the agreement metrics only
+    (``pearson_delta``, ``overlap_at_N``, ``de_direction_match``, ``discrimination_score_l1``), not
+    for errors such as MSE, and not where the halves do not agree at all. Returns
+    ``cell_eval_ceiling.<metric>`` for the metrics it defines."""
+    from cell_eval import MetricsEvaluator
+
+    with tempfile.TemporaryDirectory() as scratch:
+        evaluator = MetricsEvaluator(adata_pred=None, adata_real=real, control_pert=control_label, pert_col=column,
+                                     num_threads=threads, outdir=os.path.join(scratch, "cell-eval"))
+        _, ceiling = evaluator.compute_ceiling(profile="full", write_csv=False, skip_metrics=CELL_EVAL_SKIPPED, seed=seed)
+    row = ceiling.row(0, named=True)
+    return {f"cell_eval_ceiling.{metric}": float(row[metric]) for metric in CELL_EVAL_METRICS
+            if row.get(metric) is not None and np.isfinite(row[metric])}
+
+
+def normalized_scores(summary: pd.DataFrame, baseline: str = MEAN_BASELINE) -> dict[str, float]:
+    """VCC-style scores of every method but ``baseline`` (a ``summarize_scores`` table): each
+    cell-eval metric's mean against the baseline's, with cell-eval's own scoring
+    (``score_agg_metrics``). A metric best at 1 (``pearson_delta``, ...) scores
+    (u - b) / (1 - b); an error best at 0 (``mse``, ``mse_delta``) scores 1 - u / b, the share of
+    the baseline's error the method removes. Both are clipped at 0 (no better than the baseline)
+    and 1 is perfect; an undefined metric (the Pearson of "no change") scores 0. Returns
+    ``<method>.<metric>_normalized`` and their mean, ``<method>.mean_normalized_score``."""
+    import polars as pl
+    from cell_eval import score_agg_metrics
+
+    table = summary.set_index("method")
+    if baseline not in table.index:
+        raise ValueError(f"no '{baseline}' among the methods ({', '.join(map(str, table.index))}): nothing to normalize to")
+    metrics = [metric for metric in CELL_EVAL_METRICS if metric in table.columns]
+
+    def aggregate(method: str) -> pl.DataFrame:  # the shape cell-eval's aggregate results have
+        return pl.DataFrame({"statistic": ["mean"], **{metric: [float(table.at[method, metric])] for metric in metrics}})
+
+    reference = aggregate(baseline)
+    scores: dict[str, float] = {}
+    for method in table.index:
+        if method == baseline:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):  # an error of 0 or a NaN in the baseline scores 0
+            scored = score_agg_metrics(aggregate(method), reference)
+        for metric, value in zip(scored["metric"], scored["from_baseline"]):
+            name = "mean_normalized_score" if metric == "avg_score" else f"{metric}_normalized"
+            scores[f"{method}.{name}"] = float(value)
+    return scores
 
 
 def score_methods(
@@ -261,6 +325,68 @@ def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
+MEAN_METRICS = ("pearson_delta", "mse", "mse_delta", "discrimination_score_l1")  # cell-eval's, from group means
+
+
+def _used_genes(*matrices) -> np.ndarray:
+    """Positions of the genes some cell of ``matrices`` expresses (all have the same genes)."""
+    used = sum(np.asarray((m != 0).sum(axis=0)).ravel() for m in matrices)
+    return np.flatnonzero(used > 0)
+
+
+def baseline_mean_scores(
+    real: ad.AnnData, train: ad.AnnData, column: str, control_label: str, truth: pd.DataFrame | None = None,
+    interval: float = 0.9, seed: int = 0, n_components: int = 10,
+) -> pd.DataFrame:
+    """The baselines on every held-out perturbation of ``real`` (its perturbed and control cells),
+    with the metrics that need only each perturbation's mean: cell-eval's ``pearson_delta``,
+    ``mse``, ``mse_delta`` and ``discrimination_score_l1`` computed as cell-eval does (pseudobulk
+    means, the change from the controls' mean, L1 ranks without the target gene), ``calibration``
+    and, with ``truth`` (indexed by gene), ``pearson_delta_simulated_truth``. Predicted cells are
+    made and reduced one perturbation at a time, so a screen's hundreds of held-out perturbations
+    never hold every baseline's cells (the linear baseline's are dense) at once; cell-eval's
+    DE-based metrics (a test per gene and perturbation) are not computed here. One row per
+    (method, perturbation), on the genes some real test or training cell expresses."""
+    labels = real.obs[column].astype(str)
+    is_control = (labels == control_label).to_numpy()
+    if not is_control.any():
+        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+    names = sorted(set(labels[~is_control]))
+    counts = labels.value_counts()
+    keep = _used_genes(real.X, train.X)
+    genes = real.var_names[keep].astype(str)
+    real_means = group_means(real[:, keep], column)
+    control = real_means[control_label]  # the baselines' controls are these cells too, as in evaluate_posterior
+    real_delta = np.vstack([real_means[name] - control for name in names])
+    position = {name: i for i, name in enumerate(names)}
+    predicted: dict[str, np.ndarray] = {}
+    rows: dict[tuple[str, str], dict] = {}
+    controls = real[is_control]
+    for method, name, cells in _baseline_cells(train, controls, {n: int(counts[n]) for n in names}, column, control_label,
+                                               seed, n_components):
+        cells = _dense_rows(cells[:, keep])  # one perturbation's predicted cells
+        mean = cells.mean(axis=0)
+        delta = mean - control
+        predicted.setdefault(method, np.zeros_like(real_delta))[position[name]] = delta
+        row = {"method": method, "perturbation": name,
+               "pearson_delta": _pearson(delta, real_delta[position[name]]),
+               "mse": float(np.mean((mean - real_means[name]) ** 2)),
+               "mse_delta": float(np.mean((delta - real_delta[position[name]]) ** 2)),
+               "calibration": calibration(cells, real_means[name], interval)}
+        if truth is not None and name in truth.columns:
+            shared = [i for i, g in enumerate(genes) if g in truth.index]
+            row["pearson_delta_simulated_truth"] = _pearson(delta[shared], truth.loc[genes[shared], name].to_numpy())
+        row["n_predicted_cells"] = int(cells.shape[0])
+        rows[method, name] = row
+    for method, deltas in predicted.items():
+        for name in names:
+            include = np.flatnonzero(genes != name)  # as cell-eval: without the target gene
+            distances = np.abs(real_delta[:, include] - deltas[position[name], include]).sum(axis=1)
+            rank = int(np.flatnonzero(np.argsort(distances) == position[name])[0])
+            rows[method, name]["discrimination_score_l1"] = 1.0 - rank / len(names)
+    return pd.DataFrame(list(rows.values()))
+
+
 def _truth_by_gene(truth: pd.DataFrame | None) -> pd.DataFrame | None:
     """The simulator's truth (a ``gene`` column, one column per perturbation) indexed by gene; None
     for a real screen (no rows)."""
@@ -293,8 +419,10 @@ def evaluate_posterior(
     real or sampled cell expresses (genes absent everywhere would add (0, 0) points). With the
     simulator's ``truth`` (a ``gene`` column and one column per perturbation) the held-out cells
     themselves are scored against it too: the ceiling of ``pearson_delta_simulated_truth`` in this
-    space. Returns the scores (method x perturbation), their summary per method and the flat
-    metrics (``<method>.<metric>``).
+    space. Beside the raw metrics: cell-eval's data ceiling of the held-out cells
+    (``cell_eval_ceiling.<metric>``) and every method's VCC-style score against the mean baseline
+    (``<method>.<metric>_normalized``, ``normalized_scores``). Returns the scores (method x
+    perturbation), their summary per method and the flat metrics (``<method>.<metric>``).
     """
     threads = threads or min(2, os.cpu_count() or 1)
     genes = list(samples.var_names)
@@ -305,6 +433,7 @@ def evaluate_posterior(
     unseen = sorted(set(evaluated) - set(labels))
     if unseen:
         raise ValueError(f"perturbations {unseen} have samples but no real test cells")
+    every_heldout = real
     real = real[labels.isin(evaluated + [control_label]).to_numpy()].copy()
     is_control = (real.obs[column].astype(str) == control_label).to_numpy()
     if not is_control.any():
@@ -339,10 +468,19 @@ def evaluate_posterior(
         observed = score_methods(real[:, keep], {"observed": real[:, keep]}, column, control_label,
                                  top_n_de=top_n_de, truth=truth, threads=threads)
         metrics["observed_cells.pearson_delta_simulated_truth"] = float(observed["pearson_delta_simulated_truth"].mean())
+    metrics.update(cell_eval_ceiling(real[:, keep].copy(), column, control_label, threads=threads, seed=seed))
+    metrics.update(normalized_scores(summary))
     for _, row in summary.iterrows():
         for metric, value in row.items():
             if metric != "method":
                 metrics[f"{row['method']}.{metric}"] = float(value)
+    # the baselines on every held-out perturbation, sampled or not (their mean-based metrics)
+    every = baseline_mean_scores(every_heldout, train, column, control_label, truth=truth, interval=interval, seed=seed,
+                                 n_components=baseline_pca_components)
+    metrics["all_heldout.n_perturbations"] = float(every["perturbation"].nunique())
+    for method, row in summarize_scores(every).set_index("method").iterrows():
+        for metric, value in row.items():
+            metrics[f"all_heldout.{method}.{metric}"] = float(value)
     return scores, summary, metrics
 
 
