@@ -47,7 +47,7 @@ def _screen_data() -> Pipeline:
 
 def _zero_shot() -> Pipeline:
     """The evaluation's prediction part with the foundation model, outputs as ``zero_shot.*``."""
-    shared = {"cell_sentences", "data_split", "baseline_predictions"}
+    shared = {"cell_sentences", "data_split", "baseline_predictions", "vocabulary", "rank_fit"}
     return evaluation.create_baseline_pipeline() + pipeline(
         evaluation.create_prediction_pipeline(), namespace=ZERO_SHOT,
         inputs={"finetuned_model": "foundation_model", **{name: name for name in shared}},

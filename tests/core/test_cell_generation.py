@@ -8,7 +8,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core.cell_generation import comparison_figures, compare_generated_with_real, reconstruct_generated_cells
+from c2s_kedro.core.cell_generation import (
+    comparison_figures,
+    compare_generated_with_real,
+    real_cells_as_generated,
+    reconstruct_generated_cells,
+)
 from c2s_kedro.core.preprocessing import normalize_log10
 from c2s_kedro.core.sentences import RankFit
 
@@ -69,3 +74,44 @@ def test_generated_expression_follows_the_rank_fit(real):
     dense = generated.X.toarray()
     assert dense[0, 3] == pytest.approx(2.0) and dense[0, 0] == pytest.approx(2.0 - np.log10(2.0))  # ranks 0 and 1
     assert dense[1, 5] == pytest.approx(2.0) and np.count_nonzero(dense) == 3
+
+
+def _sentences(adata: ad.AnnData) -> list[str]:
+    """Each cell's expressed genes by descending expression (ties in gene order)."""
+    names = np.array([g.upper() for g in adata.var_names])
+    return [" ".join(names[np.argsort(-row, kind="stable")][: np.count_nonzero(row)]) for row in adata.X.toarray()]
+
+
+RANK_FIT = RankFit(slope=-1.0, intercept=2.0, r2=1.0, pearson_r=-1.0, spearman_r=-1.0, n_cells=1, n_points=1, log_rank_cutoff=3.0)
+
+
+def test_real_test_cells_rebuilt_like_generated_ones_are_the_ceiling_of_the_type_accuracy(real):
+    names, types, sentences = list(real.obs_names), real.obs["cell_type"].astype(str).tolist(), _sentences(real)
+    train, test = names[::2], list(range(1, len(names), 2))
+    asked = {"T cell": 8, "B cell": 10}
+    rebuilt = real_cells_as_generated([sentences[i] for i in test], [types[i] for i in test], [names[i] for i in test],
+                                      asked, real.var_names, RANK_FIT)
+    assert list(rebuilt.obs_names) == [names[i] for i in test] and list(rebuilt.var_names) == list(real.var_names)
+    counts = np.diff(rebuilt.X.indptr)
+    assert (counts == np.where(rebuilt.obs["cell_type"] == "T cell", 8, 10)).all()  # each cut to its type's k
+    generated, stats = _generated(real, list(real.obs_names), types)
+    metrics, _ = compare_generated_with_real(real, generated, stats, "cell_type", n_neighbors=10,
+                                             train_cells=train, reconstructed_real=rebuilt)
+    # the markers lead every sentence: the classifier of real train cells names every rebuilt cell
+    assert metrics["real_classifier_accuracy_on_reconstructed_real"] == 1.0
+    assert metrics["n_reconstructed_real_cells"] == len(test)
+    # the same cells under the other type's name: the ceiling says so
+    swapped = rebuilt.copy()
+    swapped.obs["cell_type"] = np.where(rebuilt.obs["cell_type"] == "T cell", "B cell", "T cell")
+    metrics, _ = compare_generated_with_real(real, generated, stats, "cell_type", n_neighbors=10,
+                                             train_cells=train, reconstructed_real=swapped)
+    assert metrics["real_classifier_accuracy_on_reconstructed_real"] == 0.0
+
+
+def test_the_ceiling_leaves_out_types_not_asked_for_and_refuses_cells_the_classifier_saw(real):
+    names, types, sentences = list(real.obs_names), real.obs["cell_type"].astype(str).tolist(), _sentences(real)
+    rebuilt = real_cells_as_generated(sentences, types, names, {"T cell": 5}, real.var_names, RANK_FIT)
+    assert set(rebuilt.obs["cell_type"]) == {"T cell"} and rebuilt.n_obs == types.count("T cell")
+    generated, stats = _generated(real, names, types)
+    with pytest.raises(ValueError, match="among the cells the classifier was trained on"):
+        compare_generated_with_real(real, generated, stats, "cell_type", n_neighbors=10, reconstructed_real=rebuilt)

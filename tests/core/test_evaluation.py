@@ -9,6 +9,7 @@ from c2s_kedro.core.evaluation import (
     knn_overlap,
     logistic_regression_baseline,
     score_predictions,
+    sentence_rank_baseline,
 )
 
 
@@ -90,6 +91,30 @@ def test_baseline_fits_on_train_cells_and_predicts_the_test_cells(counts_adata):
     assert set(one_type["prediction"]) == {"T cell"}  # almost no fit: the majority train label
     with pytest.raises(KeyError, match="'annotation' not found"):
         logistic_regression_baseline(adata, names[::2], names[1::2], "annotation")
+
+
+def test_sentence_baseline_reads_only_the_genes_each_prompt_carries(counts_adata):
+    from c2s_kedro.core.preprocessing import normalize_log10
+    from c2s_kedro.core.sentences import RankFit
+
+    adata = normalize_log10(counts_adata)
+    genes = np.array(adata.var_names)
+    # sentences: expressed genes by descending expression; the first half's markers are T-cell ones
+    table = pd.DataFrame({
+        "cell_sentence": [" ".join(genes[np.argsort(-row, kind="stable")][: np.count_nonzero(row)]) for row in adata.X.toarray()],
+        "cell_type": adata.obs["cell_type"].astype(str).to_numpy(),
+    }, index=adata.obs_names)
+    fit = RankFit(slope=-1.0, intercept=2.0, r2=1.0, pearson_r=-1.0, spearman_r=-1.0, n_cells=1, n_points=1, log_rank_cutoff=3.0)
+    names = list(adata.obs_names)
+    train, test = names[::2], names[1::2]
+    predicted = sentence_rank_baseline(table, train, test, [10] * len(test), "cell_type", genes, fit)
+    assert predicted["cell_name"].tolist() == test and predicted["label"].tolist() == table.loc[test, "cell_type"].tolist()
+    assert (predicted["prediction"] == predicted["label"]).all()  # the leading genes are the markers
+    # prompts that carry no gene: nothing to read, one answer for every cell, half of them wrong
+    empty = sentence_rank_baseline(table, train, test, [0] * len(test), "cell_type", genes, fit)
+    assert empty["prediction"].nunique() == 1 and (empty["prediction"] == empty["label"]).mean() == 0.5
+    with pytest.raises(ValueError, match="gene counts for 30 test cells"):
+        sentence_rank_baseline(table, train, test, [10], "cell_type", genes, fit)
 
 
 def test_test_prompts_take_labels_from_train_and_leave_room_for_every_answer(caplog):

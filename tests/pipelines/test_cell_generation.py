@@ -15,6 +15,7 @@ from c2s_kedro.pipelines.cell_generation.nodes import (
     compare_generated_with_real,
     generate_cells,
     reconstruct_generated_cells,
+    reconstruct_real_test_cells,
 )
 from tests.helpers import load_parameters, make_counts_adata
 
@@ -60,7 +61,14 @@ def test_generated_cells_are_vocabulary_genes_without_repeats_within_the_context
 
     generated_adata = reconstruct_generated_cells(generated, RANK_FIT, adata)
     assert generated_adata.shape == (len(generated), adata.n_vars)
-    metrics, figures = compare_generated_with_real(adata, generated_adata, generated, _params(n_heatmap_genes=10, n_neighbors=10))
+    rebuilt = reconstruct_real_test_cells(cells, split, prompts, RANK_FIT, adata, params)
+    assert list(rebuilt.obs_names) == split["test"] and list(rebuilt.var_names) == list(adata.var_names)
+    asked = dict(zip(prompts["cell_type"], prompts["genes_requested"]))
+    assert (np.diff(rebuilt.X.indptr) == [asked[t] for t in rebuilt.obs["cell_type"]]).all()
+    metrics, figures = compare_generated_with_real(adata, generated_adata, generated, rebuilt, split,
+                                                   _params(n_heatmap_genes=10, n_neighbors=10))
+    assert 0.0 <= metrics["real_classifier_accuracy_on_reconstructed_real"] <= 1.0
+    assert metrics["n_reconstructed_real_cells"] == len(split["test"])
     assert metrics["n_generated_cells"] == len(generated)
     assert metrics["mean_genes_per_generated_cell"] == generated["n_genes"].mean() and metrics["share_non_gene_words"] == 0.0
     assert {f"mean_expression_correlation[{t}]" for t in set(generated["cell_type"])} < set(metrics)

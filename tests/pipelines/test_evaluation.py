@@ -15,6 +15,7 @@ from c2s_kedro.pipelines.evaluation.nodes import (
     predict_by_baseline,
     predict_by_generation,
     predict_by_label_scoring,
+    predict_by_sentence_baseline,
     score_predictions,
 )
 from tests.helpers import load_parameters, make_counts_adata
@@ -66,6 +67,21 @@ def test_generation_answers_are_matched_to_the_labels_or_left_unmatched(setting)
         assert prediction == next((label for label in prompts["labels"] if label.casefold() == named), None)
 
 
+def test_sentence_baseline_reads_the_prompts_genes_of_the_prompts_cells(setting):
+    cells, model, split = setting
+    prompts = build_evaluation_prompts(cells, split, model, _params())
+    assert len(prompts["genes_in_prompt"]) == 3 and all(0 < k <= 40 for k in prompts["genes_in_prompt"])
+    for prompt, k in zip(prompts["prompt"], prompts["genes_in_prompt"]):
+        assert len(prompt.split("Cell sentence: ")[1].split(".\n")[0].split()) == k  # the genes the prompt carries
+    fit = {"slope": -0.5, "intercept": 2.0, "r2": 1.0, "pearson_r": -1.0, "spearman_r": -1.0, "n_cells": 1, "n_points": 1,
+           "log_rank_cutoff": 3.0}
+    predicted = predict_by_sentence_baseline(cells, split, prompts, {g: 1 for g in GENES}, fit, _params())
+    assert predicted["cell_name"].tolist() == prompts["cell_name"] and predicted["label"].tolist() == prompts["label"]
+    assert set(predicted["prediction"]) <= {"B cell", "T cell"}
+    with pytest.raises(KeyError, match=r"'annotation' not in the cell-sentence dataset.*Change evaluation\.label_column"):
+        predict_by_sentence_baseline(cells, split, prompts, {g: 1 for g in GENES}, fit, _params(label_column="annotation"))
+
+
 def test_missing_label_column_names_the_setting(setting):
     cells, model, split = setting
     with pytest.raises(KeyError, match=r"'annotation' not in the cell-sentence dataset.*Change evaluation\.label_column"):
@@ -92,11 +108,13 @@ def test_baseline_and_scores_on_the_same_cells():
     assert (baseline["prediction"] == baseline["label"]).mean() > 0.8  # two clearly separated types
     labels = sorted(adata.obs["cell_type"].astype(str).unique())
     wrong = baseline.assign(prediction=None, answer="Cell sentence")  # a model answering nonsense
-    metrics, per_class, figures, combined = score_predictions(wrong, baseline, baseline, {"labels": labels})
+    metrics, per_class, figures, combined = score_predictions(wrong, baseline, baseline, wrong.drop(columns="answer"),
+                                                              {"labels": labels})
     assert metrics["generation_accuracy"] == 0.0 and metrics["generation_answers_not_a_label"] == 1.0
     assert metrics["baseline_accuracy"] == pytest.approx((baseline["prediction"] == baseline["label"]).mean())
-    assert set(per_class["method"]) == {"generation", "label_scoring", "baseline"}
-    assert set(figures) == {"generation.png", "label_scoring.png", "baseline.png"}
+    assert metrics["sentence_baseline_accuracy"] == 0.0 and "sentence_baseline_macro_f1" in metrics
+    assert set(per_class["method"]) == {"generation", "label_scoring", "baseline", "sentence_baseline"}
+    assert set(figures) == {"generation.png", "label_scoring.png", "baseline.png", "sentence_baseline.png"}
     assert list(combined.columns[:2]) == ["cell_name", "label"] and len(combined) == len(baseline)
     assert figures["baseline.png"].axes[0].get_title() == f"baseline: accuracy {metrics['baseline_accuracy']:.2f}"
     with pytest.raises(KeyError, match=r"'annotation' not found.*Change evaluation\.label_column"):

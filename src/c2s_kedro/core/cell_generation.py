@@ -4,7 +4,7 @@ with real cells of the same types."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -68,6 +68,27 @@ def reconstruct_generated_cells(generated_cells: pd.DataFrame, var_names: Sequen
     return ad.AnnData(X=matrix, obs=generated_cells[["cell_type", *GENERATED_STATS]].copy(), var=pd.DataFrame(index=list(var_names)))
 
 
+def real_cells_as_generated(
+    sentences: Sequence[str | None], cell_types: Sequence[str], names: Sequence[str], genes_requested: Mapping[str, int],
+    var_names: Sequence[str], rank_fit: RankFit,
+) -> ad.AnnData:
+    """Real cells in the generated cells' representation: each cell sentence cut to the number of
+    genes generation asks for its type (``genes_requested``: type -> genes), turned back into
+    expression with ``rank_fit`` (cells ``names`` x ``var_names``, ``obs['cell_type']``). What a
+    classifier of real cells recognises in them is the most it can recognise in generated cells of
+    that length. Cells of a type generation does not ask for are left out."""
+    table = pd.DataFrame({"sentence": list(sentences), "cell_type": [str(t) for t in cell_types]}, index=list(names))
+    asked = table["cell_type"].isin(list(genes_requested)).to_numpy()
+    if not asked.all():
+        logger.info("%d real cells of types generation does not ask for are not rebuilt: %s",
+                    int((~asked).sum()), sorted(set(table.loc[~asked, "cell_type"])))
+    table = table[asked]
+    cut = [" ".join((sentence or "").split()[: int(genes_requested[cell_type])])
+           for sentence, cell_type in zip(table["sentence"], table["cell_type"])]
+    matrix, _ = reconstruct_expression(cut, var_names, rank_fit)
+    return ad.AnnData(X=matrix, obs=table[["cell_type"]].copy(), var=pd.DataFrame(index=list(var_names)))
+
+
 @dataclass(frozen=True)
 class GenerationComparison:
     """What the comparison figures show: per-type mean expression of real and generated cells, and
@@ -103,14 +124,20 @@ def compare_generated_with_real(
     seed: int = 0,
     n_comps: int = 30,
     n_neighbors: int = 15,
+    train_cells: Sequence[str] | None = None,
+    reconstructed_real: ad.AnnData | None = None,
 ) -> tuple[dict[str, float], GenerationComparison]:
     """How close generated cells (``obs['cell_type']``) are to the real cells of their types
     (``obs[label_key]``), both log-normalized on the same genes.
 
     Metrics: counts of ``generated_cells`` (genes per cell, share of non-gene words), per-type
     correlation of mean expression, the accuracy on the generated cells of a logistic regression
-    trained on the real cells' types, and the cross-validated accuracy of one telling real from
-    generated (0.5: indistinguishable). The comparison holds per-type means and a UMAP of both:
+    trained on the real cells' types (the ``train_cells``; None: all real cells), and the
+    cross-validated accuracy of one telling real from generated (0.5: indistinguishable). With
+    ``reconstructed_real`` (real cells not among the training cells, in the generated cells'
+    representation: ``real_cells_as_generated``), the same classifier's accuracy on them,
+    ``real_classifier_accuracy_on_reconstructed_real``: the ceiling of the accuracy on generated
+    cells. The comparison holds per-type means and a UMAP of both:
     PCA fitted on the real cells, the generated cells projected into it, then the one kNN -> UMAP
     step on that representation.
     """
@@ -127,7 +154,10 @@ def compare_generated_with_real(
     # copy of an atlas's test cells x 36,000 genes is GBs)
     both = sp.vstack([sp.csr_matrix(real.X), sp.csr_matrix(generated.X)], format="csr")
     n_real = real.n_obs
-    type_classifier = LogisticRegression(max_iter=2000).fit(both[:n_real], real_labels)
+    fitted = np.ones(n_real, dtype=bool) if train_cells is None else real.obs_names.isin(list(train_cells))
+    if not fitted.any():
+        raise ValueError("none of the train cells is among the real cells: the split and the data are not of the same cells")
+    type_classifier = LogisticRegression(max_iter=2000).fit(both[:n_real][fitted], real_labels[fitted])
     origin = np.array(["real"] * n_real + ["generated"] * generated.n_obs)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     n_words = generated_cells["n_genes"].sum() + generated_cells["n_non_genes_dropped"].sum()
@@ -139,6 +169,8 @@ def compare_generated_with_real(
         "real_classifier_accuracy_on_generated_types": float((type_classifier.predict(both[n_real:]) == fake_labels).mean()),
         "real_vs_generated_classifier_accuracy": float(cross_val_score(LogisticRegression(max_iter=2000), both, origin, cv=folds).mean()),
     }
+    if reconstructed_real is not None:
+        metrics.update(_reconstructed_real_accuracy(type_classifier, reconstructed_real, real, fitted))
     for cell_type, value in zip(types, correlations):
         metrics[f"mean_expression_correlation[{cell_type}]"] = value
     # ARPACK: scikit-learn's PCA solver for sparse input (centring implicitly)
@@ -147,14 +179,33 @@ def compare_generated_with_real(
     del both
     neighbors_umap(joint, "X_pca_real", n_neighbors=n_neighbors, seed=seed)
     logger.info(
-        "generated cells: mean per-type correlation %.2f, real-vs-generated classifier accuracy %.2f",
+        "generated cells: mean per-type correlation %.2f, real-vs-generated classifier accuracy %.2f, "
+        "real-cell classifier names the asked type for %.2f (on real test cells rebuilt the same way: %s)",
         metrics["mean_per_type_correlation_of_mean_expression"], metrics["real_vs_generated_classifier_accuracy"],
+        metrics["real_classifier_accuracy_on_generated_types"],
+        f"{metrics['real_classifier_accuracy_on_reconstructed_real']:.2f}" if reconstructed_real is not None else "not measured",
     )
     comparison = GenerationComparison(
         types=types, genes=list(real.var_names), real_means=real_means, generated_means=fake_means,
         coordinates=np.asarray(joint.obsm["X_umap"]), real_labels=real_labels, generated_labels=fake_labels,
     )
     return metrics, comparison
+
+
+def _reconstructed_real_accuracy(classifier: LogisticRegression, reconstructed: ad.AnnData, real: ad.AnnData,
+                                 fitted: np.ndarray) -> dict[str, float]:
+    """The classifier of real types on real cells in the generated cells' representation."""
+    if list(reconstructed.var_names) != list(real.var_names):
+        raise ValueError("the rebuilt real cells must have the real cells' genes in the same order")
+    seen = sorted(set(reconstructed.obs_names) & set(real.obs_names[fitted]))
+    if seen:
+        raise ValueError(
+            f"{len(seen)} rebuilt real cells (e.g. {', '.join(seen[:3])}) are among the cells the classifier was trained on: "
+            "rebuild held-out (test) cells, or the ceiling reads cells the classifier has seen"
+        )
+    truth = reconstructed.obs["cell_type"].astype(str).to_numpy()
+    accuracy = float((classifier.predict(sp.csr_matrix(reconstructed.X)) == truth).mean()) if len(truth) else float("nan")
+    return {"real_classifier_accuracy_on_reconstructed_real": accuracy, "n_reconstructed_real_cells": float(len(truth))}
 
 
 def comparison_figures(comparison: GenerationComparison, n_heatmap_genes: int = 40) -> dict[str, plt.Figure]:

@@ -22,6 +22,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
+from c2s_kedro.core.sentences import RankFit, reconstruct_expression
 from c2s_kedro.core.validation import require_obs_columns
 
 logger = logging.getLogger(__name__)
@@ -123,13 +124,14 @@ def cell_type_test_prompts(
     """Cell-type-prediction prompts of the test cells of ``table`` (``cell_sentence``, the label and
     optionally the organism, indexed by cell name), templates (ours, or ``templates`` read from a
     file) drawn with ``seed``, fitted to the
-    context with room for the longest answer (``prompts.label_answer_room``), and the label set: the
-    labels of the train cells, sorted. Test cells of a type no train cell has are logged."""
+    context with room for the longest answer (``prompts.label_answer_room``), the genes each prompt
+    carries (``genes_in_prompt``), and the label set: the labels of the train cells, sorted. Test
+    cells of a type no train cell has are logged."""
     labels = sorted(table.loc[list(train_cells), label_column].dropna().astype(str).unique())
     if not labels:
         raise ValueError(f"no train cell has a '{label_column}' label: there is nothing to predict")
     test = table.loc[list(test_cells)]
-    prompts, _, _ = cell_type_prediction_prompts(
+    prompts, kept, _ = cell_type_prediction_prompts(
         test["cell_sentence"].tolist(),
         test[organism_column].tolist() if organism_column in test.columns else None,
         tokenizer,
@@ -142,7 +144,8 @@ def cell_type_test_prompts(
     unseen = sorted(set(test[label_column].astype(str)) - set(labels))
     if unseen:
         logger.warning("test cells of types never seen in training: %s (they cannot be predicted right)", unseen)
-    return {"cell_name": list(test.index), "label": test[label_column].astype(str).tolist(), "prompt": prompts, "labels": labels}
+    return {"cell_name": list(test.index), "label": test[label_column].astype(str).tolist(), "prompt": prompts, "labels": labels,
+            "genes_in_prompt": [int(k) for k in kept]}
 
 
 def logistic_regression_baseline(
@@ -155,6 +158,31 @@ def logistic_regression_baseline(
     classifier = LogisticRegression(max_iter=max_iter, C=C).fit(train.X, train.obs[label_key].astype(str))
     return pd.DataFrame({
         "cell_name": list(test.obs_names), "label": test.obs[label_key].astype(str).tolist(), "prediction": classifier.predict(test.X),
+    })
+
+
+def sentence_rank_baseline(
+    table: pd.DataFrame, train_cells: Sequence[str], test_cells: Sequence[str], genes_in_prompt: Sequence[int],
+    label_key: str, gene_names: Sequence[str], rank_fit: RankFit, C: float = 1.0, max_iter: int = 2000,
+) -> pd.DataFrame:
+    """Logistic regression on what a prompt's cell sentence carries: the ranks of its leading genes,
+    as expression from the rank fit (absent genes 0), the representation the language model reads.
+    Each test cell keeps the ``genes_in_prompt`` genes its prompt carries; the train cells keep as
+    many as the longest prompt. ``table``: ``cell_sentence`` and ``label_key`` by cell name.
+    Returns ``cell_name``, ``label``, ``prediction``; beside the expression baseline it tells what
+    the sentences lose and what a model reading them could reach."""
+    test_cells, kept = list(test_cells), [int(k) for k in genes_in_prompt]
+    if len(kept) != len(test_cells):
+        raise ValueError(f"{len(kept)} gene counts for {len(test_cells)} test cells: the prompts are not of these cells")
+    train = table.loc[list(train_cells)].dropna(subset=[label_key])
+    test = table.loc[test_cells]
+    room = max(kept, default=0)
+    train_x, _ = reconstruct_expression(train["cell_sentence"].fillna("").tolist(), gene_names, rank_fit, top_k=room)
+    cut = [" ".join((sentence or "").split()[:k]) for sentence, k in zip(test["cell_sentence"], kept)]
+    test_x, _ = reconstruct_expression(cut, gene_names, rank_fit)
+    classifier = LogisticRegression(max_iter=max_iter, C=C).fit(train_x, train[label_key].astype(str))
+    return pd.DataFrame({
+        "cell_name": test_cells, "label": test[label_key].astype(str).tolist(), "prediction": classifier.predict(test_x),
     })
 
 

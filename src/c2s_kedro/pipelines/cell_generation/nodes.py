@@ -68,16 +68,37 @@ def reconstruct_generated_cells(
     return cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, sentences.RankFit.from_dict(rank_fit))
 
 
+def reconstruct_real_test_cells(
+    cell_sentences: Dataset, data_split: dict[str, Any], generation_prompts: dict[str, Any], rank_fit: dict[str, float],
+    processed_adata: ad.AnnData, params: dict[str, Any],
+) -> ad.AnnData:
+    """The real test cells as generated cells are: each sentence cut to the genes generation asks
+    for its type, expression from the ranks (the benchmarking fit)."""
+    settings = read_parameters(CellGenerationParameters, params, "cell_generation")
+    label = settings.label_column
+    with setting_hint("cell_generation.label_column"):
+        table = core_prompts.sentence_table(cell_sentences, [label])
+    test = table.loc[list(data_split["test"])].dropna(subset=[label])
+    return cell_generation.real_cells_as_generated(
+        test["cell_sentence"].tolist(), test[label].astype(str).tolist(), list(test.index),
+        dict(zip(generation_prompts["cell_type"], generation_prompts["genes_requested"])),
+        processed_adata.var_names, sentences.RankFit.from_dict(rank_fit),
+    )
+
+
 def compare_generated_with_real(
-    processed_adata: ad.AnnData, generated_adata: ad.AnnData, generated_cells: pd.DataFrame, params: dict[str, Any]
+    processed_adata: ad.AnnData, generated_adata: ad.AnnData, generated_cells: pd.DataFrame,
+    reconstructed_real_adata: ad.AnnData, data_split: dict[str, Any], params: dict[str, Any],
 ) -> tuple[dict[str, float], dict[str, plt.Figure]]:
     """Real and generated cells in one PCA/UMAP space, mean expression per type side by side, and
     how close they are: per-type correlation of mean expression, how well a classifier trained on
-    real cells recognises the generated cells' types, and how well one tells real from generated."""
+    the real train cells recognises the generated cells' types (and, its ceiling, the types of real
+    test cells rebuilt the same way), and how well one tells real from generated."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("cell_generation.label_column"):
         metrics, comparison = cell_generation.compare_generated_with_real(
             processed_adata, generated_adata, generated_cells, settings.label_column,
             seed=settings.seed, n_comps=settings.n_comps, n_neighbors=settings.n_neighbors,
+            train_cells=data_split["train"], reconstructed_real=reconstructed_real_adata,
         )
     return metrics, cell_generation.comparison_figures(comparison, settings.n_heatmap_genes)

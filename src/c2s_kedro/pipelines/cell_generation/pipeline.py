@@ -1,4 +1,5 @@
-"""cell_generation: finetuned_model -> generated cells per type, their expression, comparison with real cells."""
+"""cell_generation: finetuned_model -> generated cells per type, their expression, comparison with real cells
+(and with real test cells rebuilt from sentences of the same length: the ceiling)."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -27,8 +28,15 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="reconstruct_generated_cells",
             ),
             node(
+                nodes.reconstruct_real_test_cells,
+                ["cell_sentences", "data_split", "generation_prompts", "rank_fit", "processed_adata", "params:cell_generation"],
+                "reconstructed_real_adata",
+                name="reconstruct_real_test_cells",
+            ),
+            node(
                 nodes.compare_generated_with_real,
-                ["processed_adata", "generated_adata", "generated_cells", "params:cell_generation"],
+                ["processed_adata", "generated_adata", "generated_cells", "reconstructed_real_adata", "data_split",
+                 "params:cell_generation"],
                 ["cell_generation_metrics", "cell_generation_plots"],
                 name="compare_generated_with_real",
             ),

@@ -23,6 +23,7 @@ evaluation = lazy.load("c2s_kedro.core.evaluation", suppress_warning=True)
 inference = lazy.load("c2s_kedro.core.inference", suppress_warning=True)
 plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
 core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
+sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
 
 
 def build_evaluation_prompts(
@@ -77,14 +78,34 @@ def predict_by_baseline(processed_adata: ad.AnnData, data_split: dict[str, Any],
         )
 
 
+def predict_by_sentence_baseline(
+    cell_sentences: Dataset, data_split: dict[str, Any], evaluation_prompts: dict[str, Any], vocabulary: dict[str, int],
+    rank_fit: dict[str, float], params: dict[str, Any],
+) -> pd.DataFrame:
+    """Logistic regression on what each prompt's sentence carries (the ranks of its genes, through
+    the rank fit), fit on train cells, applied to the prompts' test cells: the ceiling of a model
+    reading the same sentences."""
+    settings = read_parameters(EvaluationParameters, params, "evaluation")
+    with setting_hint("evaluation.label_column"):
+        table = core_prompts.sentence_table(cell_sentences, [settings.label_column])
+    return evaluation.sentence_rank_baseline(
+        table, data_split["train"], evaluation_prompts["cell_name"], evaluation_prompts["genes_in_prompt"],
+        settings.label_column, list(vocabulary), sentences.RankFit.from_dict(rank_fit),
+        C=settings.baseline_C, max_iter=settings.baseline_max_iter,
+    )
+
+
 def score_predictions(
-    generation: pd.DataFrame, label_scoring: pd.DataFrame, baseline: pd.DataFrame, evaluation_prompts: dict[str, Any]
+    generation: pd.DataFrame, label_scoring: pd.DataFrame, baseline: pd.DataFrame, sentence_baseline: pd.DataFrame,
+    evaluation_prompts: dict[str, Any],
 ) -> tuple[dict[str, float], pd.DataFrame, dict[str, plt.Figure], pd.DataFrame]:
-    """Accuracy and macro-F1 of each method on the same cells, a per-class table, confusion
-    matrices, and all predictions side by side."""
+    """Accuracy and macro-F1 of each method on the same cells (the model two ways, logistic
+    regression on the full expression and on what the prompts' sentences carry), a per-class
+    table, confusion matrices, and all predictions side by side."""
     labels = evaluation_prompts["labels"]
     metrics, per_class, matrices, combined = evaluation.score_predictions(
-        {"generation": generation, "label_scoring": label_scoring, "baseline": baseline}, labels
+        {"generation": generation, "label_scoring": label_scoring, "baseline": baseline, "sentence_baseline": sentence_baseline},
+        labels,
     )
     figures = {
         f"{method}.png": plotting.confusion_matrix_plot(matrix, labels, f"{method}: accuracy {metrics[f'{method}_accuracy']:.2f}")

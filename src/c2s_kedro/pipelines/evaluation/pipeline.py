@@ -16,7 +16,8 @@ def create_baseline_pipeline(**kwargs) -> Pipeline:
 
 
 def create_prediction_pipeline(**kwargs) -> Pipeline:
-    """``finetuned_model`` on the test cells: generated answers, label scoring, scores beside the baseline."""
+    """``finetuned_model`` on the test cells: generated answers, label scoring, scores beside the
+    baselines (logistic regression on the expression, and on what the prompts' sentences carry)."""
     return pipeline([
         node(nodes.build_evaluation_prompts, ["cell_sentences", "data_split", "finetuned_model", "params:evaluation"],
              "evaluation_prompts", name="build_evaluation_prompts"),
@@ -24,8 +25,12 @@ def create_prediction_pipeline(**kwargs) -> Pipeline:
              "generation_predictions", name="predict_by_generation"),
         node(nodes.predict_by_label_scoring, ["evaluation_prompts", "finetuned_model", "params:evaluation"],
              "label_scoring_predictions", name="predict_by_label_scoring"),
+        node(nodes.predict_by_sentence_baseline,
+             ["cell_sentences", "data_split", "evaluation_prompts", "vocabulary", "rank_fit", "params:evaluation"],
+             "sentence_baseline_predictions", name="predict_by_sentence_baseline"),
         node(nodes.score_predictions,
-             ["generation_predictions", "label_scoring_predictions", "baseline_predictions", "evaluation_prompts"],
+             ["generation_predictions", "label_scoring_predictions", "baseline_predictions", "sentence_baseline_predictions",
+              "evaluation_prompts"],
              ["evaluation_metrics", "per_class_scores", "confusion_matrices", "cell_type_predictions"],
              name="score_predictions"),
     ])
