@@ -1,8 +1,17 @@
-"""Kedro dataset classes the catalog needs and kedro-datasets lacks."""
+"""Kedro dataset classes the catalog needs and kedro-datasets lacks.
 
-from c2s_kedro.datasets.h5ad_dataset import H5adDataset
-from c2s_kedro.datasets.metrics_dataset import MetricsDataset
-from c2s_kedro.datasets.model_dataset import HFModelDataset
-from c2s_kedro.datasets.numpy_dataset import NpyDataset
+Each class is imported when the catalog first names it: ``HFModelDataset`` needs torch and
+transformers, which a run without a model does not import.
+"""
 
-__all__ = ["H5adDataset", "HFModelDataset", "MetricsDataset", "NpyDataset"]
+import lazy_loader as lazy
+
+__getattr__, __dir__, __all__ = lazy.attach(
+    __name__,
+    submod_attrs={
+        "h5ad_dataset": ["H5adDataset"],
+        "metrics_dataset": ["MetricsDataset"],
+        "model_dataset": ["HFModelDataset"],
+        "numpy_dataset": ["NpyDataset"],
+    },
+)

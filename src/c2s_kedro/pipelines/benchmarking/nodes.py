@@ -3,19 +3,25 @@ serves the screen, under the ``perturbation`` namespace."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import matplotlib.pyplot as plt
-from datasets import Dataset
+import lazy_loader as lazy
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.preprocessing import embed_expression
-from c2s_kedro.core.reconstruction import cells_of_parts, fit_rank_on_cells, reconstructed_adata, reconstruction_agreement
-from c2s_kedro.core.sentences import CELL_NAME, CELL_SENTENCE, RankFit
-from c2s_kedro.core.validation import require_obs_columns
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import BenchmarkingParameters, RankFitParameters, as_kwargs
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    from datasets import Dataset
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+preprocessing = lazy.load("c2s_kedro.core.preprocessing", suppress_warning=True)
+reconstruction = lazy.load("c2s_kedro.core.reconstruction", suppress_warning=True)
+sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
+validation = lazy.load("c2s_kedro.core.validation", suppress_warning=True)
 
 
 def fit_rank_to_expression(
@@ -25,9 +31,9 @@ def fit_rank_to_expression(
     every cell); return the fit and its plot."""
     settings = read_parameters(RankFitParameters, params, "benchmarking.rank_fit")
     with setting_hint("benchmarking.rank_fit.fit_on"):
-        cells = cells_of_parts(processed_adata, data_split, settings.fit_on)
+        cells = reconstruction.cells_of_parts(processed_adata, data_split, settings.fit_on)
     with setting_hint("benchmarking.rank_fit (n_cells, layer)"):
-        fit, log_rank, expression = fit_rank_on_cells(cells, settings.n_cells, settings.seed, settings.log_rank_cutoff, settings.layer)
+        fit, log_rank, expression = reconstruction.fit_rank_on_cells(cells, settings.n_cells, settings.seed, settings.log_rank_cutoff, settings.layer)
     figure = plotting.rank_expression_plot(log_rank, expression, fit.slope, fit.intercept, fit.log_rank_cutoff, fit.r2)
     return fit.to_dict(), figure
 
@@ -37,10 +43,12 @@ def reconstruct_adata(
 ) -> ad.AnnData:
     """Expression rebuilt from the sentences with the rank fit, embedded like the original."""
     settings = read_parameters(BenchmarkingParameters, params, "benchmarking")
-    table = cell_sentences.select_columns([CELL_NAME, CELL_SENTENCE]).with_format("arrow")[:]
-    rebuilt = reconstructed_adata(table.column(CELL_NAME).to_pylist(), table.column(CELL_SENTENCE), processed_adata,
-                                  RankFit.from_dict(rank_fit))
-    return embed_expression(rebuilt, **as_kwargs(settings.embedding))
+    table = cell_sentences.select_columns([sentences.CELL_NAME, sentences.CELL_SENTENCE]).with_format("arrow")[:]
+    rebuilt = reconstruction.reconstructed_adata(
+        table.column(sentences.CELL_NAME).to_pylist(), table.column(sentences.CELL_SENTENCE), processed_adata,
+        sentences.RankFit.from_dict(rank_fit),
+    )
+    return preprocessing.embed_expression(rebuilt, **as_kwargs(settings.embedding))
 
 
 def compare_reconstruction(
@@ -54,8 +62,8 @@ def compare_reconstruction(
     label = settings.label_key
     if label:
         with setting_hint("benchmarking.label_key"):
-            require_obs_columns(processed_adata, [label])
-    metrics, values, rebuilt = reconstruction_agreement(
+            validation.require_obs_columns(processed_adata, [label])
+    metrics, values, rebuilt = reconstruction.reconstruction_agreement(
         processed_adata, reconstructed_adata, settings.n_cells, settings.leiden_resolution, settings.knn_k, settings.seed, label,
     )
     scatter = plotting.reconstruction_plot(values, rebuilt, metrics["reconstruction_pearson_r"])

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
-import matplotlib.pyplot as plt
-import numpy as np
-from datasets import Dataset
+import lazy_loader as lazy
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.embedding import embedding_adata
-from c2s_kedro.core.evaluation import embedding_scores
-from c2s_kedro.core.inference import embed_prompts
-from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import cell_type_prediction_prompts, read_template_files, task_templates
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import EmbeddingPipelineParameters
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from datasets import Dataset
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+embedding = lazy.load("c2s_kedro.core.embedding", suppress_warning=True)
+evaluation = lazy.load("c2s_kedro.core.evaluation", suppress_warning=True)
+inference = lazy.load("c2s_kedro.core.inference", suppress_warning=True)
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)  # `prompts` names the nodes' prompts
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +39,9 @@ def build_embedding_prompts(cell_sentences: Dataset, foundation_model: LanguageM
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     organism_column = settings.organism_column
     with setting_hint("embedding.prompt_templates"):
-        templates = task_templates("cell_type_prediction", read_template_files(settings.prompt_templates))
+        templates = core_prompts.task_templates("cell_type_prediction", core_prompts.read_template_files(settings.prompt_templates))
     with setting_hint("embedding.template_index", IndexError):
-        prompts, kept, available = cell_type_prediction_prompts(
+        prompts, kept, available = core_prompts.cell_type_prediction_prompts(
             cell_sentences["cell_sentence"],
             cell_sentences[organism_column] if organism_column in cell_sentences.column_names else None,
             foundation_model.tokenizer,
@@ -51,7 +58,7 @@ def embed_cells(embedding_prompts: dict[str, Any], foundation_model: LanguageMod
     """The last hidden layer of each prompt pooled by ``pooling`` (cells x hidden size)."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.pooling"):
-        return embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size,
+        return inference.embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size,
                              pooling=settings.pooling)
 
 
@@ -61,7 +68,7 @@ def build_embedding_adata(
     """The cells with ``obsm['X_c2s']``, a kNN graph and UMAP on it (``obsm['X_umap_c2s']``, no PCA),
     and the expression PCA/UMAP kept beside it for comparison."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
-    return embedding_adata(
+    return embedding.embedding_adata(
         processed_adata, embedding_prompts["cell_name"], embeddings, embedding_prompts["genes_kept"],
         n_neighbors=settings.n_neighbors, seed=settings.seed,
     )
@@ -87,4 +94,4 @@ def score_embeddings(cell_embeddings: ad.AnnData, params: dict[str, Any]) -> dic
     """Silhouette by label and by batch, kNN label accuracy: C2S embedding and expression PCA side by side."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.label_key"):
-        return embedding_scores(cell_embeddings, settings.label_key, settings.batch_key, k=settings.knn_k, seed=settings.seed)
+        return evaluation.embedding_scores(cell_embeddings, settings.label_key, settings.batch_key, k=settings.knn_k, seed=settings.seed)

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
-from datasets import Dataset, DatasetDict
+import lazy_loader as lazy
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.annotation import AnnotatorRecord, record_annotator, training_genes, training_labels
-from c2s_kedro.core.annotator_model import ARTIFACT_PATH, log_annotator
-from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import read_template_files, task_templates
-from c2s_kedro.core.training import (
-    TrainingSettingsError,
-    finetune,
-    format_split_prompts,
-    prompt_formatters,
-    summarize_history,
-)
 from c2s_kedro.parameters import ENVIRONMENT_HINT, defaults_file, read_parameters, setting_hint
 from c2s_kedro.parameters.annotation import AnnotationParameters
 from c2s_kedro.parameters.atlas import DataProcessingParameters, SentenceConversionParameters, as_kwargs
 from c2s_kedro.parameters.training import FinetuningParameters
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+    from datasets import Dataset, DatasetDict
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+annotation = lazy.load("c2s_kedro.core.annotation", suppress_warning=True)
+annotator_model = lazy.load("c2s_kedro.core.annotator_model", suppress_warning=True)
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
+training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
 
 
 def format_finetuning_prompts(
@@ -41,14 +42,14 @@ def format_finetuning_prompts(
             f"finetuning.label_column {ENVIRONMENT_HINT} (defaults: {defaults_file('finetuning')})."
         )
     with setting_hint("finetuning.prompt_templates"):
-        templates = read_template_files(settings.prompt_templates)
+        templates = core_prompts.read_template_files(settings.prompt_templates)
     with setting_hint("finetuning.formatter" if settings.formatter else "finetuning.tasks"):
-        formatters = prompt_formatters(
+        formatters = training.prompt_formatters(
             settings.tasks, settings.formatter, settings.formatter_options, seed=settings.seed,
             top_k_genes=settings.top_k_genes, label_column=label, organism_column=settings.organism_column,
             tokenizer=foundation_model.tokenizer, max_tokens=foundation_model.context_length, prompt_templates=templates,
         )
-    return format_split_prompts(cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples)
+    return training.format_split_prompts(cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples)
 
 
 def finetune_model(
@@ -57,8 +58,8 @@ def finetune_model(
     """Causal-LM fine-tuning with the HF Trainer (loss on the response only by default); optional
     LoRA adapters, merged into the weights afterwards so the result is a plain model directory."""
     settings = read_parameters(FinetuningParameters, params, "finetuning")
-    with setting_hint("finetuning", TrainingSettingsError):
-        return finetune(foundation_model, finetuning_prompts, settings.training_settings())
+    with setting_hint("finetuning", training.TrainingSettingsError):
+        return training.finetune(foundation_model, finetuning_prompts, settings.training_settings())
 
 
 def record_annotator_metadata(
@@ -72,16 +73,16 @@ def record_annotator_metadata(
     processing = read_parameters(DataProcessingParameters, data_processing, "data_processing")
     conversion = read_parameters(SentenceConversionParameters, sentence_conversion, "sentence_conversion")
     with setting_hint("finetuning.prompt_templates"):
-        templates = task_templates("cell_type_prediction", read_template_files(settings.prompt_templates))
-    record = AnnotatorRecord(
+        templates = core_prompts.task_templates("cell_type_prediction", core_prompts.read_template_files(settings.prompt_templates))
+    record = annotation.AnnotatorRecord(
         label_column=settings.label_column,
-        labels=training_labels(cell_sentences, data_split["train"], settings.label_column),
-        genes=training_genes(cell_sentences, data_split["train"], settings.top_k_genes),
+        labels=annotation.training_labels(cell_sentences, data_split["train"], settings.label_column),
+        genes=annotation.training_genes(cell_sentences, data_split["train"], settings.top_k_genes),
         qc=as_kwargs(processing.qc), target_sum=processing.normalization.target_sum,
         sentence_layer=conversion.layer, sentence_seed=conversion.seed, top_k_genes=settings.top_k_genes,
         organism_column=settings.organism_column, templates=list(templates.inputs),
     )
-    recorded = record_annotator(trained_model, record)
+    recorded = annotation.record_annotator(trained_model, record)
     return recorded, recorded
 
 
@@ -89,8 +90,8 @@ def log_annotator_model(recorded_model: LanguageModel, params: dict[str, Any]) -
     """The fine-tuned model with the annotation settings, logged as the MLflow model
     ``c2s_annotator`` of this run unless ``annotation.log_mlflow_model`` is false."""
     settings = read_parameters(AnnotationParameters, params, "annotation")
-    uri = log_annotator(recorded_model, settings.labelling_options()) if settings.log_mlflow_model else None
-    return {"logged": uri is not None, "model_uri": uri, "artifact_path": ARTIFACT_PATH}
+    uri = annotator_model.log_annotator(recorded_model, settings.labelling_options()) if settings.log_mlflow_model else None
+    return {"logged": uri is not None, "model_uri": uri, "artifact_path": annotator_model.ARTIFACT_PATH}
 
 
 def plot_finetuning_loss(finetuning_log: list[dict[str, Any]]) -> plt.Figure:
@@ -101,6 +102,6 @@ def plot_finetuning_loss(finetuning_log: list[dict[str, Any]]) -> plt.Figure:
 def summarize_finetuning(finetuning_log: list[dict[str, Any]], finetuning_prompts: DatasetDict) -> dict[str, float]:
     """Losses, runtime, and how many samples each part had."""
     return {
-        **summarize_history(finetuning_log),
+        **training.summarize_history(finetuning_log),
         **{f"n_{part}_samples": float(finetuning_prompts[part].num_rows) for part in finetuning_prompts},
     }

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
-from datasets import Dataset, DatasetDict
+import lazy_loader as lazy
 
-from c2s_kedro.core import plotting
-from c2s_kedro.core.models import LanguageModel, build_gpt_neox
-from c2s_kedro.core.prompts import template_words
-from c2s_kedro.core.sentences import select_cells
-from c2s_kedro.core.tokenizer import build_gene_tokenizer, label_words
-from c2s_kedro.core.training import TrainingSettingsError, finetune, pretraining_corpus, summarize_history
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.training import PretrainingParameters
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+    from datasets import Dataset
+
+    from c2s_kedro.core.models import LanguageModel
+
+# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
+# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
+hf_datasets = lazy.load("datasets")
+models = lazy.load("c2s_kedro.core.models", suppress_warning=True)
+plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
+core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
+sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
+tokenizers = lazy.load("c2s_kedro.core.tokenizer", suppress_warning=True)  # `tokenizer` names the nodes' tokenizer
+training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +32,10 @@ logger = logging.getLogger(__name__)
 def initialize_foundation_model(vocabulary: dict[str, int], cell_sentences: Dataset, params: dict[str, Any]) -> LanguageModel:
     """Gene-level tokenizer (genes, template words, label values) and an untrained GPT-NeoX."""
     settings = read_parameters(PretrainingParameters, params, "pretraining")
-    words = template_words() + label_words(cell_sentences, [settings.label_column, settings.organism_column])
-    tokenizer = build_gene_tokenizer(vocabulary, words)
+    words = core_prompts.template_words() + tokenizers.label_words(cell_sentences, [settings.label_column, settings.organism_column])
+    tokenizer = tokenizers.build_gene_tokenizer(vocabulary, words)
     with setting_hint("pretraining.architecture"):  # the model sets the tokenizer's model_max_length to its context
-        language_model = build_gpt_neox(tokenizer, settings.architecture, seed=settings.seed)
+        language_model = models.build_gpt_neox(tokenizer, settings.architecture, seed=settings.seed)
     logger.info(
         "foundation model: %s parameters, %d tokens in the vocabulary",
         f"{language_model.model.num_parameters():,}", len(tokenizer),
@@ -41,8 +50,8 @@ def build_pretraining_corpus(
     cell-type-conditioned generation prompt, fitted to the context. Test cells are never used."""
     settings = read_parameters(PretrainingParameters, params, "pretraining")
     return tuple(
-        pretraining_corpus(
-            select_cells(cell_sentences, data_split[part]), initial_model.tokenizer, initial_model.context_length,
+        training.pretraining_corpus(
+            sentences.select_cells(cell_sentences, data_split[part]), initial_model.tokenizer, initial_model.context_length,
             max_genes=settings.max_genes, label_column=settings.label_column,
             organism_column=settings.organism_column, seed=settings.seed,
         )
@@ -55,8 +64,8 @@ def pretrain_foundation_model(
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Next-token prediction on the whole text (loss on prompt and sentence) with the HF Trainer."""
     settings = read_parameters(PretrainingParameters, params, "pretraining")
-    with setting_hint("pretraining", TrainingSettingsError):
-        return finetune(initial_model, DatasetDict({"train": train_corpus, "val": val_corpus}), settings.training_settings())
+    with setting_hint("pretraining", training.TrainingSettingsError):
+        return training.finetune(initial_model, hf_datasets.DatasetDict({"train": train_corpus, "val": val_corpus}), settings.training_settings())
 
 
 def plot_pretraining_loss(training_log: list[dict[str, Any]]) -> plt.Figure:
@@ -67,7 +76,7 @@ def plot_pretraining_loss(training_log: list[dict[str, Any]]) -> plt.Figure:
 def summarize_pretraining(training_log: list[dict[str, Any]], foundation_model: LanguageModel) -> dict[str, float]:
     """Losses, runtime and model size."""
     return {
-        **summarize_history(training_log),
+        **training.summarize_history(training_log),
         "n_parameters": float(foundation_model.model.num_parameters()),
         "vocabulary_size": float(len(foundation_model.tokenizer)),
         "context_length": float(foundation_model.context_length),

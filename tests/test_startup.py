@@ -1,0 +1,45 @@
+"""What a run imports before its first node (issue 13, item 4).
+
+Every ``kedro run`` imports every pipeline's nodes (c2s_kedro.runner looks up the producers of
+missing inputs), so a module-level import of torch in any nodes module made a run of
+sentence_conversion wait for torch, transformers and cell-eval. Checked in a fresh interpreter:
+this test process has long imported them all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# What a pipeline without a model never needs before its first node.
+MODEL_AND_PLOTTING_LIBRARIES = ("torch", "transformers", "cell_eval", "sklearn", "scanpy", "matplotlib.pyplot")
+
+LOADED_AFTER_REGISTRY = """
+import importlib.util, json, sys
+import c2s_kedro.settings
+from c2s_kedro.datasets import H5adDataset, MetricsDataset
+from c2s_kedro.pipeline_registry import register_pipelines
+pipelines = register_pipelines()
+# a module that lazy_loader has only promised (importlib.util._LazyModule) is not imported yet
+loaded = [name for name, module in sys.modules.items() if not isinstance(module, importlib.util._LazyModule)]
+print(json.dumps({"loaded": loaded, "pipelines": sorted(pipelines)}))
+"""
+
+
+def _loaded_after_registry() -> dict:
+    result = subprocess.run([sys.executable, "-c", LOADED_AFTER_REGISTRY], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_registering_the_pipelines_imports_no_model_or_plotting_library():
+    state = _loaded_after_registry()
+    assert {"sentence_conversion", "data_processing", "perturbation_data", "finetuning"} <= set(state["pipelines"])
+    imported = sorted(set(MODEL_AND_PLOTTING_LIBRARIES) & set(state["loaded"]))
+    assert not imported, (
+        f"registering the pipelines (and the settings and the catalog's h5ad/metrics datasets) imported {imported}: "
+        "a nodes module (or what it imports at module level) loads them; load them lazily (lazy_loader.load or an "
+        "import in the node), so that runs which do not use them do not wait for them"
+    )
+    assert "c2s_kedro.core.models" not in state["loaded"]
