@@ -1,9 +1,8 @@
-"""Project hooks: the parameter namespace of the running node, and torchrun's non-zero ranks."""
+"""Project hooks: the parameter namespace of the running node, and the MLflow run."""
 
-from kedro.io import MemoryDataset
 from kedro.pipeline import node, pipeline
 
-from c2s_kedro.hooks import ParameterNamespaceHook, _KeptInMemory
+from c2s_kedro.hooks import ParameterNamespaceHook
 from c2s_kedro.parameters import PARAMETER_NAMESPACE, qualified
 
 
@@ -28,19 +27,6 @@ def test_a_namespace_whose_parameters_are_shared_keeps_the_plain_setting():
     ParameterNamespaceHook().before_node_run(zero_shot.nodes[0])
     assert PARAMETER_NAMESPACE.get() is None
     assert qualified("evaluation.batch_size") == "evaluation.batch_size"
-
-
-def test_a_non_zero_rank_keeps_saves_in_memory(tmp_path):
-    target = tmp_path / "never_written.txt"
-
-    class _File(MemoryDataset):
-        def save(self, data):
-            target.write_text(str(data))
-
-    kept = _KeptInMemory(_File())
-    assert not kept.exists()
-    kept.save(42)
-    assert kept.load() == 42 and kept.exists() and not target.exists()
 
 
 # ---- the MLflow run: its name, killed runs, a moved project ------------------------------------------

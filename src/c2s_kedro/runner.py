@@ -12,20 +12,30 @@ It never produces a dataset whose catalog entry the run's environment defines (`
 pointing ``foundation_model`` at a hub id, a model directory of the user's, a typo'd path):
 missing, such an entry is an error that names it. ``ProjectSession`` (settings.py) makes this
 the runner of ``kedro run`` and of ``KedroSession.run`` when no other runner is asked for.
+
+Under ``torchrun`` (or ``accelerate launch``) every process runs the same nodes, so that the HF
+Trainer's collective steps line up, and only rank 0 writes: rank 0 decides which nodes run from
+the files as they are and sends that list to the other ranks before anything is written (so a
+file rank 0 is still writing is never mistaken for a saved input), and the other ranks keep
+every save in memory (``KeptInMemory``). Their Kedro plugins' hooks are off
+(``plugins_off_this_rank``, settings.py): one process creates the MLflow store and records the run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from kedro.framework.session import KedroSession
-from kedro.io import DatasetError
+from kedro.io import AbstractDataset, DatasetError, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
@@ -155,6 +165,43 @@ class UpstreamRunner(SequentialRunner):
         )
         return pipeline - Pipeline(writers)
 
+    def plan(self, pipeline: Pipeline, catalog, only_missing_outputs: bool = False) -> Pipeline:
+        """The nodes this run runs: ``pipeline``'s own and the upstream ones that produce its
+        missing inputs (``only_missing_outputs``: Kedro's flag, those whose outputs are missing)."""
+        upstream = self.upstream_of(pipeline, catalog)
+        self._refuse_training_into_user_models(upstream + pipeline)
+        if upstream.nodes:
+            produced = sorted(missing_inputs(pipeline, catalog) & upstream.all_outputs())
+            logger.info(
+                "%s not saved yet: running %d upstream node(s) first in this run (%s)",
+                ", ".join(produced), len(upstream.nodes), ", ".join(n.name for n in upstream.nodes),
+            )
+        planned = upstream + pipeline
+        return self._filter_pipeline_for_missing_outputs(planned, catalog) if only_missing_outputs else planned
+
+    def _plan_of_rank_zero(self, pipeline: Pipeline, catalog, only_missing_outputs: bool) -> Pipeline:
+        """Under torchrun: rank 0 plans and sends its node list; the other ranks run that list and
+        keep their saves in memory."""
+        if process_rank() == 0:
+            try:
+                planned = self.plan(pipeline, catalog, only_missing_outputs)
+            except Exception:
+                share_plan(None)  # the other ranks stop instead of waiting for a plan
+                raise
+            share_plan([n.name for n in planned.nodes])
+            return planned
+        names = share_plan(None)
+        if names is None:
+            logger.error("rank 0 stopped before running any node (its message says why); rank %d stops too", process_rank())
+            raise SystemExit(1)
+        own = {n.name for n in pipeline.nodes}
+        known = pipeline if set(names) <= own else (self._project() - pipeline) + pipeline
+        planned = known.only_nodes(*names)
+        keep_saves_in_memory(catalog, planned.datasets())
+        logger.info("rank %d of %d runs rank 0's %d node(s) and keeps their outputs in memory; rank 0 writes them",
+                    process_rank(), world_size(), len(planned.nodes))
+        return planned
+
     def run(
         self,
         pipeline: Pipeline,
@@ -164,15 +211,11 @@ class UpstreamRunner(SequentialRunner):
         only_missing_outputs: bool = False,
     ) -> dict[str, Any]:
         pipeline = self._without_default_writers(pipeline)
-        upstream = self.upstream_of(pipeline, catalog)
-        self._refuse_training_into_user_models(upstream + pipeline)
-        if upstream.nodes:
-            produced = sorted(missing_inputs(pipeline, catalog) & upstream.all_outputs())
-            logger.info(
-                "%s not saved yet: running %d upstream node(s) first in this run (%s)",
-                ", ".join(produced), len(upstream.nodes), ", ".join(n.name for n in upstream.nodes),
-            )
-        return super().run(upstream + pipeline, catalog, hook_manager, run_id, only_missing_outputs)
+        if world_size() > 1:
+            planned = self._plan_of_rank_zero(pipeline, catalog, only_missing_outputs)
+        else:
+            planned = self.plan(pipeline, catalog, only_missing_outputs)
+        return super().run(planned, catalog, hook_manager, run_id)
 
 
 class _EntryMatcher:
@@ -185,6 +228,105 @@ class _EntryMatcher:
 
     def matches(self, name: str) -> bool:
         return name in self._literal or any(p.match(name) for p in self._patterns)
+
+
+# ---- several processes: torchrun, accelerate launch ----------------------------------------------
+
+# As long as the Trainer waits by default (TrainingArguments.ddp_timeout): how long a rank waits for
+# rank 0's plan, a file rank 0 makes on first load, or a collective step.
+DDP_TIMEOUT_S = 1800
+# Kedro plugins whose hooks only rank 0 runs: kedro-mlflow (one process creates the SQLite store and
+# records the one MLflow run), kedro-viz (rank 0 writes its run-status and dataset-statistics files),
+# telemetry. Both spellings of kedro-mlflow's distribution name.
+RANK_ZERO_PLUGINS = ("kedro_mlflow", "kedro-mlflow", "kedro-viz", "kedro-telemetry")
+
+
+def process_rank() -> int:
+    """This process's rank under ``torchrun`` or ``accelerate launch`` (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """How many processes run the pipeline together (1 when not distributed)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def plugins_off_this_rank() -> tuple[str, ...]:
+    """``settings.DISABLE_HOOKS_FOR_PLUGINS``: ``RANK_ZERO_PLUGINS`` on a non-zero rank, none otherwise."""
+    return RANK_ZERO_PLUGINS if process_rank() > 0 else ()
+
+
+def _process_group():
+    """``torch.distributed``, with the default process group open. The Trainer (accelerate) uses a
+    group that is already open: gloo on a CPU; on GPUs NCCL for CUDA tensors and gloo for CPU ones
+    (what accelerate opens for FSDP with CPU offload), each rank on its own GPU (``LOCAL_RANK``)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "cuda:nccl,cpu:gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    return dist
+
+
+def share_plan(node_names: list[str] | None) -> list[str] | None:
+    """Rank 0's ``node_names`` on every rank (None: rank 0 could not plan the run)."""
+    import torch
+
+    box = [node_names if process_rank() == 0 else None]
+    _process_group().broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    return box[0]
+
+
+class KeptInMemory(AbstractDataset):
+    """A dataset on a non-zero rank: saves stay in this process and loads read them back; what this
+    process did not save is read from the wrapped dataset, once it exists (a file that rank 0 makes
+    on its first load, the default raw counts, is waited for rather than made twice)."""
+
+    def __init__(self, wrapped: AbstractDataset, timeout_s: float = DDP_TIMEOUT_S, poll_s: float = 1.0):
+        self._wrapped = wrapped
+        self._timeout_s, self._poll_s = timeout_s, poll_s
+        self._data = None
+        self._saved = False
+
+    def _describe(self) -> dict:
+        return {"kept_in_memory_on_this_rank": repr(self._wrapped)}
+
+    def load(self):
+        if self._saved:
+            return self._data
+        deadline = time.monotonic() + self._timeout_s
+        while not self._wrapped.exists():
+            if time.monotonic() > deadline:
+                raise DatasetError(
+                    f"rank {process_rank()} waited {self._timeout_s:.0f} s for rank 0 to write {self._wrapped}; "
+                    "rank 0 makes it on its first load. See rank 0's log for why it did not."
+                )
+            time.sleep(self._poll_s)
+        return self._wrapped.load()
+
+    def save(self, data) -> None:
+        self._data, self._saved = data, True
+
+    def _exists(self) -> bool:
+        return self._saved or self._wrapped.exists()
+
+
+def keep_saves_in_memory(catalog, names: Iterable[str]) -> None:
+    """Wraps the catalog's datasets ``names`` (dataset-factory patterns resolved) in ``KeptInMemory``."""
+    catalog_logger = logging.getLogger("kedro.io.data_catalog")
+    level = catalog_logger.level
+    catalog_logger.setLevel(logging.ERROR)  # its "Replacing dataset" warning, once per dataset: replacing is the point
+    try:
+        for name in names:
+            dataset = catalog.get(name)
+            if dataset is not None and not isinstance(dataset, MemoryDataset | KeptInMemory):
+                catalog[name] = KeptInMemory(dataset)
+    finally:
+        catalog_logger.setLevel(level)
 
 
 def environment_entries(merged: Mapping[str, Any], base: Mapping[str, Any]) -> list[str]:

@@ -7,21 +7,23 @@ from c2s_kedro.library_warnings import ignore_library_noise
 ignore_library_noise()  # also for sessions created outside the `kedro` command (notebooks, tests)
 
 from c2s_kedro.hooks import (
-    DistributedRunHook,
     MlflowArtifactsFollowTheProjectHook,
     MlflowRunLivenessHook,
     MlflowRunNameHook,
     ParameterNamespaceHook,
 )
-from c2s_kedro.runner import ProjectSession
+from c2s_kedro.runner import ProjectSession, plugins_off_this_rank
 
 HOOKS = (
-    DistributedRunHook(),
     ParameterNamespaceHook(),
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
     MlflowArtifactsFollowTheProjectHook(),
 )
+
+# Under torchrun only rank 0 runs the plugins' hooks (kedro-mlflow: one process creates the store and
+# records the one run); c2s_kedro.runner runs the same nodes on every rank and keeps their saves in memory.
+DISABLE_HOOKS_FOR_PLUGINS = plugins_off_this_rank()
 
 # Any pipeline runs alone: its missing upstream outputs are produced first, in the same run
 # (c2s_kedro.runner.UpstreamRunner, the default runner of this session class).

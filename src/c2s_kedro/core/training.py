@@ -8,6 +8,7 @@ pretraining.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from collections.abc import Sequence
@@ -187,10 +188,45 @@ class C2STrainer(Trainer):
         self._load_renamed(self.model, self.state.best_model_checkpoint)
 
 
+def data_fingerprint(*datasets: Dataset | None) -> str:
+    """A hash of each dataset's row count and of every row's token count, in order (Arrow batches,
+    no Python lists of tokens)."""
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        if dataset is None:
+            digest.update(b"none")
+            continue
+        digest.update(str(dataset.num_rows).encode())
+        for batch in dataset.with_format("arrow").iter(batch_size=8192):
+            digest.update(pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
+
+
+def require_same_data_on_every_rank(train_dataset: Dataset, eval_dataset: Dataset | None) -> None:
+    """Under torchrun each process builds its training set itself (c2s_kedro.runner: the same nodes
+    on every rank); DDP needs them equal, or one rank waits for a step the other never takes. Compares
+    ``data_fingerprint`` across ranks and stops every rank with the same message when they differ."""
+    from accelerate.utils import gather_object
+
+    fingerprints = gather_object([data_fingerprint(train_dataset, eval_dataset)])
+    if len(set(fingerprints)) > 1:
+        raise ValueError(
+            f"the {len(fingerprints)} training processes built different training or eval sets (token counts differ "
+            "between ranks), so their DDP steps would not line up. Run the upstream pipelines once in a single process "
+            "(e.g. kedro run --pipelines=finetuning --to-outputs=finetuning_prompts) and start torchrun again: every "
+            "rank then reads the same saved prompts."
+        )
+
+
 def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArguments:
     """``TrainingArguments`` from a dict of its keys; every key passes through unchanged."""
-    # use_cpu without CUDA also lets torchrun on CPU train with DDP (gloo) instead of N copies
-    settings = {"report_to": "none", "use_cpu": not torch.cuda.is_available(), **settings, "output_dir": output_dir}
+    # use_cpu without CUDA also lets torchrun on CPU train with DDP (gloo) instead of N copies. Every
+    # weight of a causal LM takes part in its loss, so DDP need not search the graph for unused ones
+    # each step (the Trainer's default for a model without gradient checkpointing)
+    settings = {"report_to": "none", "use_cpu": not torch.cuda.is_available(), "ddp_find_unused_parameters": False,
+                **settings, "output_dir": output_dir}
     try:
         return TrainingArguments(**settings)
     except (TypeError, ValueError) as error:
@@ -273,6 +309,8 @@ def train_causal_lm(
     if checkpoint:
         previous_run = note_resumed_run(arguments.output_dir)
         logger.info("resuming training from %s%s", checkpoint, f" (checkpoints of MLflow run {previous_run})" if previous_run else "")
+    if arguments.world_size > 1:
+        require_same_data_on_every_rank(train_dataset, eval_dataset)
     if trainer.is_world_process_zero():
         record_training_run(arguments.output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
