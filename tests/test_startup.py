@@ -43,3 +43,19 @@ def test_registering_the_pipelines_imports_no_model_or_plotting_library():
         "import in the node), so that runs which do not use them do not wait for them"
     )
     assert "c2s_kedro.core.models" not in state["loaded"]
+
+
+def test_what_loads_late_still_loads_after_the_registry():
+    """The model libraries load when first used, whatever else was loaded before: torch's import
+    inspects every module in sys.modules (inspect.getmodule), so a module that sys.modules only
+    promised (lazy_loader.load) was loaded in the middle of it and broke on its own import cycle."""
+    code = (
+        "from c2s_kedro.pipeline_registry import register_pipelines\n"
+        "register_pipelines()\n"
+        "from c2s_kedro.datasets import HFModelDataset\n"
+        "from c2s_kedro import core\n"
+        "print(HFModelDataset.__name__, core.annotation.AnnotatorRecord.__name__, core.models.LanguageModel.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["HFModelDataset", "AnnotatorRecord", "LanguageModel"]

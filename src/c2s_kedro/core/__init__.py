@@ -1,1 +1,17 @@
-"""The C2S library: plain Python on anndata, numpy, datasets and transformers (no Kedro)."""
+"""The C2S library: plain Python on anndata, numpy, datasets and transformers (no Kedro).
+
+Each module is imported when first used (``core.models`` imports torch and transformers): the
+pipelines' nodes call ``core.<module>.<name>``, so a run imports only what its nodes use.
+"""
+
+import lazy_loader as lazy
+
+__getattr__, __dir__, __all__ = lazy.attach(
+    __name__,
+    submodules=[
+        "annotation", "annotator_model", "cell_generation", "constraints", "data", "embedding", "evaluation",
+        "example_formatters", "inference", "kernels", "models", "perturbation", "perturbation_evaluation", "plotting",
+        "preprocessing", "prompts", "reconstruction", "sentences", "simulate", "simulate_perturbseq", "splitting",
+        "tokenizer", "tracking", "training", "validation",
+    ],
+)

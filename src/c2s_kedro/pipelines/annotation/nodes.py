@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 import numpy as np
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.annotation import AnnotationParameters
 from c2s_kedro.parameters.inference import EmbeddingPipelineParameters
@@ -19,18 +21,9 @@ if TYPE_CHECKING:
 
     from c2s_kedro.core.models import LanguageModel
 
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-annotation = lazy.load("c2s_kedro.core.annotation", suppress_warning=True)
-inference = lazy.load("c2s_kedro.core.inference", suppress_warning=True)
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-preprocessing = lazy.load("c2s_kedro.core.preprocessing", suppress_warning=True)
-core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)  # `prompts` names the nodes' prompts
-training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
-validation = lazy.load("c2s_kedro.core.validation", suppress_warning=True)
-
 SECTION = "annotation"
 MIN_CELLS_FOR_UMAP = 3  # a kNN graph needs at least two neighbours per cell
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,8 +39,8 @@ def select_test_cells(raw_adata: ad.AnnData, data_split: dict[str, Any]) -> ad.A
 def read_annotator(finetuned_model: LanguageModel) -> dict[str, Any]:
     """The model's annotator record (labels, genes, the training's processing); a model not
     fine-tuned here, or not for cell-type prediction, is refused."""
-    training.require_task(finetuned_model, "cell_type_prediction")
-    return annotation.annotator_record(finetuned_model).to_dict()
+    core.training.require_task(finetuned_model, "cell_type_prediction")
+    return core.annotation.annotator_record(finetuned_model).to_dict()
 
 
 def prepare_annotation_cells(
@@ -55,18 +48,18 @@ def prepare_annotation_cells(
 ) -> tuple[ad.AnnData, dict[str, Any]]:
     """The new cells checked, QC-filtered and normalized as the model's training cells were."""
     settings = read_parameters(AnnotationParameters, params, SECTION)
-    record = annotation.AnnotatorRecord.from_dict(annotator)
+    record = core.annotation.AnnotatorRecord.from_dict(annotator)
     with (
-        setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", validation.NotCountsError),
+        setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.validation.NotCountsError),
         setting_hint(f"{SECTION}.gene_symbol_column", KeyError),
     ):
-        return annotation.prepare_cells(annotation_raw_adata, record, settings.input_is_normalized, settings.gene_symbol_column)
+        return core.annotation.prepare_cells(annotation_raw_adata, record, settings.input_is_normalized, settings.gene_symbol_column)
 
 
 def build_annotation_sentences(annotation_cells: ad.AnnData, annotator: dict[str, Any]) -> dict[str, Any]:
     """Each cell's sentence over the genes the model knows; unknown genes dropped and counted."""
     with setting_hint(f"{SECTION}.gene_symbol_column"):
-        return annotation.known_gene_sentences(annotation_cells, annotation.AnnotatorRecord.from_dict(annotator)).to_dict()
+        return core.annotation.known_gene_sentences(annotation_cells, core.annotation.AnnotatorRecord.from_dict(annotator)).to_dict()
 
 
 def label_annotation_cells(
@@ -76,13 +69,13 @@ def label_annotation_cells(
     """Label scoring of every cell with the model's label set: best label (or Unassigned below
     ``min_probability``), its probability and every label's."""
     settings = read_parameters(AnnotationParameters, params, SECTION)
-    record = annotation.AnnotatorRecord.from_dict(annotator)
-    sentences = annotation.KnownGeneSentences(**annotation_sentences)
+    record = core.annotation.AnnotatorRecord.from_dict(annotator)
+    sentences = core.annotation.KnownGeneSentences(**annotation_sentences)
     with setting_hint(f"{SECTION}.template_index", IndexError):
-        prompts = annotation.labelling_prompts(sentences, annotation.organisms_of(annotation_cells, record.organism_column), finetuned_model,
+        prompts = core.annotation.labelling_prompts(sentences, core.annotation.organisms_of(annotation_cells, record.organism_column), finetuned_model,
                                     record, settings.template_index, settings.seed, settings.default_organism)
     with setting_hint(f"{SECTION}.min_probability"):
-        return annotation.label_cells(finetuned_model, prompts, sentences, record.labels, settings.min_probability, settings.batch_size)
+        return core.annotation.label_cells(finetuned_model, prompts, sentences, record.labels, settings.min_probability, settings.batch_size)
 
 
 def embed_annotation_cells(
@@ -92,15 +85,15 @@ def embed_annotation_cells(
     pipeline's (``embedding`` settings), so they compare with ``cell_embeddings``."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.prompt_templates"):
-        templates = core_prompts.task_templates("cell_type_prediction", core_prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
     with setting_hint("embedding.template_index", IndexError):
-        prompts, _, _ = core_prompts.cell_type_prediction_prompts(
-            annotation_sentences["sentences"], annotation.organisms_of(annotation_cells, settings.organism_column),
+        prompts, _, _ = core.prompts.cell_type_prediction_prompts(
+            annotation_sentences["sentences"], core.annotation.organisms_of(annotation_cells, settings.organism_column),
             foundation_model.tokenizer, foundation_model.context_length, template_index=settings.template_index,
             top_k_genes=settings.top_k_genes, default_organism=settings.default_organism, templates=templates,
         )
     with setting_hint("embedding.pooling"):
-        return inference.embed_prompts(foundation_model, prompts, batch_size=settings.batch_size, pooling=settings.pooling)
+        return core.inference.embed_prompts(foundation_model, prompts, batch_size=settings.batch_size, pooling=settings.pooling)
 
 
 def build_annotated_adata(
@@ -110,12 +103,12 @@ def build_annotated_adata(
     """The processed new cells with their labels, confidences, label probabilities, the
     foundation model's embedding (``obsm['X_c2s']``) and a UMAP of it (``obsm['X_umap_c2s']``)."""
     settings = read_parameters(EmbeddingPipelineParameters, embedding_params, "embedding")
-    record = annotation.AnnotatorRecord.from_dict(annotator)
-    adata = annotation.annotated_cells(annotation_cells, annotation_labels, annotation.KnownGeneSentences(**annotation_sentences),
+    record = core.annotation.AnnotatorRecord.from_dict(annotator)
+    adata = core.annotation.annotated_cells(annotation_cells, annotation_labels, core.annotation.KnownGeneSentences(**annotation_sentences),
                             record.labels, record.genes)
     adata.obsm["X_c2s"] = np.asarray(annotation_embeddings, dtype=np.float32)
     if adata.n_obs >= MIN_CELLS_FOR_UMAP:
-        preprocessing.neighbors_umap(adata, "X_c2s", n_neighbors=settings.n_neighbors, seed=settings.seed, key_added="c2s")
+        core.preprocessing.neighbors_umap(adata, "X_c2s", n_neighbors=settings.n_neighbors, seed=settings.seed, key_added="c2s")
     else:
         logger.warning("%d cells: too few for a kNN graph and UMAP of the embedding", adata.n_obs)
     return adata
@@ -124,18 +117,18 @@ def build_annotated_adata(
 def tabulate_predictions(annotation_labels: pd.DataFrame, annotation_qc: dict[str, Any]) -> pd.DataFrame:
     """cell, label, confidence and one probability column per label, for every input cell (those
     QC removed are Unassigned without probabilities)."""
-    return annotation.prediction_table(annotation_labels, annotation_qc["input_cells"])
+    return core.annotation.prediction_table(annotation_labels, annotation_qc["input_cells"])
 
 
 def plot_annotation_umap(annotated_adata: ad.AnnData) -> plt.Figure:
     """The UMAP of the C2S embedding coloured by the predicted cell type (an empty figure saying
     so when there were too few cells for one)."""
     if "X_umap_c2s" not in annotated_adata.obsm:
-        figure, ax = plotting.plt.subplots(figsize=(5, 2))  # pyplot of core.plotting: its backend
+        figure, ax = core.plotting.plt.subplots(figsize=(5, 2))  # pyplot of core.plotting: its backend
         ax.axis("off")
         ax.text(0.5, 0.5, f"{annotated_adata.n_obs} cells: too few for a UMAP", ha="center", va="center")
         return figure
-    return plotting.umap_plot(annotated_adata, "c2s_cell_type", basis="X_umap_c2s", title="C2S annotation (UMAP of the embedding)")
+    return core.plotting.umap_plot(annotated_adata, "c2s_cell_type", basis="X_umap_c2s", title="C2S annotation (UMAP of the embedding)")
 
 
 def summarize_annotation(
@@ -145,6 +138,6 @@ def summarize_annotation(
     """Cells annotated, share unassigned, cells per label, genes matched and, when the cells carry
     the label column, accuracy and macro-F1."""
     settings = read_parameters(AnnotationParameters, params, SECTION)
-    record = annotation.AnnotatorRecord.from_dict(annotator)
-    return annotation.annotation_metrics(annotated_adata, annotation_qc, annotation.KnownGeneSentences(**annotation_sentences), len(record.genes),
+    record = core.annotation.AnnotatorRecord.from_dict(annotator)
+    return core.annotation.annotation_metrics(annotated_adata, annotation_qc, core.annotation.KnownGeneSentences(**annotation_sentences), len(record.genes),
                               settings.label_column or record.label_column)

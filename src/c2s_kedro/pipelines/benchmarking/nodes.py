@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import BenchmarkingParameters, RankFitParameters, as_kwargs
 
@@ -14,14 +16,6 @@ if TYPE_CHECKING:
     import anndata as ad
     import matplotlib.pyplot as plt
     from datasets import Dataset
-
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-preprocessing = lazy.load("c2s_kedro.core.preprocessing", suppress_warning=True)
-reconstruction = lazy.load("c2s_kedro.core.reconstruction", suppress_warning=True)
-sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
-validation = lazy.load("c2s_kedro.core.validation", suppress_warning=True)
 
 
 def fit_rank_to_expression(
@@ -31,10 +25,10 @@ def fit_rank_to_expression(
     every cell); return the fit and its plot."""
     settings = read_parameters(RankFitParameters, params, "benchmarking.rank_fit")
     with setting_hint("benchmarking.rank_fit.fit_on"):
-        cells = reconstruction.cells_of_parts(processed_adata, data_split, settings.fit_on)
+        cells = core.reconstruction.cells_of_parts(processed_adata, data_split, settings.fit_on)
     with setting_hint("benchmarking.rank_fit (n_cells, layer)"):
-        fit, log_rank, expression = reconstruction.fit_rank_on_cells(cells, settings.n_cells, settings.seed, settings.log_rank_cutoff, settings.layer)
-    figure = plotting.rank_expression_plot(log_rank, expression, fit.slope, fit.intercept, fit.log_rank_cutoff, fit.r2)
+        fit, log_rank, expression = core.reconstruction.fit_rank_on_cells(cells, settings.n_cells, settings.seed, settings.log_rank_cutoff, settings.layer)
+    figure = core.plotting.rank_expression_plot(log_rank, expression, fit.slope, fit.intercept, fit.log_rank_cutoff, fit.r2)
     return fit.to_dict(), figure
 
 
@@ -43,12 +37,12 @@ def reconstruct_adata(
 ) -> ad.AnnData:
     """Expression rebuilt from the sentences with the rank fit, embedded like the original."""
     settings = read_parameters(BenchmarkingParameters, params, "benchmarking")
-    table = cell_sentences.select_columns([sentences.CELL_NAME, sentences.CELL_SENTENCE]).with_format("arrow")[:]
-    rebuilt = reconstruction.reconstructed_adata(
-        table.column(sentences.CELL_NAME).to_pylist(), table.column(sentences.CELL_SENTENCE), processed_adata,
-        sentences.RankFit.from_dict(rank_fit),
+    table = cell_sentences.select_columns([core.sentences.CELL_NAME, core.sentences.CELL_SENTENCE]).with_format("arrow")[:]
+    rebuilt = core.reconstruction.reconstructed_adata(
+        table.column(core.sentences.CELL_NAME).to_pylist(), table.column(core.sentences.CELL_SENTENCE), processed_adata,
+        core.sentences.RankFit.from_dict(rank_fit),
     )
-    return preprocessing.embed_expression(rebuilt, **as_kwargs(settings.embedding))
+    return core.preprocessing.embed_expression(rebuilt, **as_kwargs(settings.embedding))
 
 
 def compare_reconstruction(
@@ -62,12 +56,12 @@ def compare_reconstruction(
     label = settings.label_key
     if label:
         with setting_hint("benchmarking.label_key"):
-            validation.require_obs_columns(processed_adata, [label])
-    metrics, values, rebuilt = reconstruction.reconstruction_agreement(
+            core.validation.require_obs_columns(processed_adata, [label])
+    metrics, values, rebuilt = core.reconstruction.reconstruction_agreement(
         processed_adata, reconstructed_adata, settings.n_cells, settings.leiden_resolution, settings.knn_k, settings.seed, label,
     )
-    scatter = plotting.reconstruction_plot(values, rebuilt, metrics["reconstruction_pearson_r"])
-    umaps = plotting.umap_side_by_side(
+    scatter = core.plotting.reconstruction_plot(values, rebuilt, metrics["reconstruction_pearson_r"])
+    umaps = core.plotting.umap_side_by_side(
         [("original expression", processed_adata.obsm["X_umap"]),
          ("reconstructed from cell sentences", reconstructed_adata[processed_adata.obs_names].obsm["X_umap"])],
         processed_adata.obs[label] if label else None,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import CellGenerationParameters
 
@@ -17,13 +19,6 @@ if TYPE_CHECKING:
 
     from c2s_kedro.core.models import LanguageModel
 
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-cell_generation = lazy.load("c2s_kedro.core.cell_generation", suppress_warning=True)
-core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
-sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
-training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
-
 
 def build_generation_prompts(
     cell_sentences: Dataset, data_split: dict[str, Any], finetuned_model: LanguageModel, params: dict[str, Any]
@@ -32,15 +27,15 @@ def build_generation_prompts(
     for the median number of genes of that type's cells, or fewer so that the answer fits the context."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("finetuning.tasks"):
-        training.require_task(finetuned_model, "cell_type_generation")
+        core.training.require_task(finetuned_model, "cell_type_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
-        table = core_prompts.sentence_table(cell_sentences, [label])
+        table = core.prompts.sentence_table(cell_sentences, [label])
     train = table.loc[data_split["train"]].dropna(subset=[label])
     with setting_hint("cell_generation.prompt_templates"):
-        templates = core_prompts.task_templates("cell_type_generation", core_prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.task_templates("cell_type_generation", core.prompts.read_template_files(settings.prompt_templates))
     with setting_hint("cell_generation.template_index", IndexError):
-        return core_prompts.cell_generation_prompts(
+        return core.prompts.cell_generation_prompts(
             train["cell_sentence"].tolist(), train[label].astype(str).tolist(), finetuned_model.tokenizer,
             finetuned_model.context_length, settings.n_cells_per_type, settings.template_index, settings.organism,
             templates=templates,
@@ -53,7 +48,7 @@ def generate_cells(
     """Sampled cell sentences, constrained to vocabulary genes without repeats when ``constrained``;
     otherwise free text cleaned afterwards (non-genes dropped, repeats merged) and counted."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
-    return cell_generation.generate_cells(
+    return core.cell_generation.generate_cells(
         finetuned_model, generation_prompts["prompt"], generation_prompts["cell_type"],
         [gene for gene, count in vocabulary.items() if count > 0], generation_prompts["max_new_tokens"],
         constrained=settings.constrained, batch_size=settings.batch_size, temperature=settings.temperature,
@@ -65,7 +60,7 @@ def reconstruct_generated_cells(
     generated_cells: pd.DataFrame, rank_fit: dict[str, float], processed_adata: ad.AnnData
 ) -> ad.AnnData:
     """Expression of the generated cells from their gene ranks (the benchmarking fit)."""
-    return cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, sentences.RankFit.from_dict(rank_fit))
+    return core.cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, core.sentences.RankFit.from_dict(rank_fit))
 
 
 def reconstruct_real_test_cells(
@@ -77,12 +72,12 @@ def reconstruct_real_test_cells(
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
-        table = core_prompts.sentence_table(cell_sentences, [label])
+        table = core.prompts.sentence_table(cell_sentences, [label])
     test = table.loc[list(data_split["test"])].dropna(subset=[label])
-    return cell_generation.real_cells_as_generated(
+    return core.cell_generation.real_cells_as_generated(
         test["cell_sentence"].tolist(), test[label].astype(str).tolist(), list(test.index),
         dict(zip(generation_prompts["cell_type"], generation_prompts["genes_requested"])),
-        processed_adata.var_names, sentences.RankFit.from_dict(rank_fit),
+        processed_adata.var_names, core.sentences.RankFit.from_dict(rank_fit),
     )
 
 
@@ -96,9 +91,9 @@ def compare_generated_with_real(
     test cells rebuilt the same way), and how well one tells real from generated."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("cell_generation.label_column"):
-        metrics, comparison = cell_generation.compare_generated_with_real(
+        metrics, comparison = core.cell_generation.compare_generated_with_real(
             processed_adata, generated_adata, generated_cells, settings.label_column,
             seed=settings.seed, n_comps=settings.n_comps, n_neighbors=settings.n_neighbors,
             train_cells=data_split["train"], reconstructed_real=reconstructed_real_adata,
         )
-    return metrics, cell_generation.comparison_figures(comparison, settings.n_heatmap_genes)
+    return metrics, core.cell_generation.comparison_figures(comparison, settings.n_heatmap_genes)

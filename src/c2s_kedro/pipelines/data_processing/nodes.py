@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataProcessingParameters, QCParameters, as_kwargs
 
@@ -15,13 +17,8 @@ if TYPE_CHECKING:
     import anndata as ad
     import matplotlib.pyplot as plt
 
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-preprocessing = lazy.load("c2s_kedro.core.preprocessing", suppress_warning=True)
-validation = lazy.load("c2s_kedro.core.validation", suppress_warning=True)
-
 logger = logging.getLogger(__name__)
+
 SECTION = "data_processing"
 
 
@@ -30,31 +27,33 @@ def validate_raw_adata(raw_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnD
     to plot, gene symbols instead of Ensembl IDs, unique gene names."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
     # the checks below only rename genes: the counts are shared with raw_adata, not copied
-    adata = raw_adata.to_memory() if raw_adata.isbacked else preprocessing.shallow_copy(raw_adata)
+    adata = raw_adata.to_memory() if raw_adata.isbacked else core.preprocessing.shallow_copy(raw_adata)
     with setting_hint(f"{SECTION}.umap_color_keys"):
-        validation.require_obs_columns(adata, settings.umap_color_keys)
+        core.validation.require_obs_columns(adata, settings.umap_color_keys)
     if not settings.input_is_normalized:
-        with setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", validation.NotCountsError):
-            validation.check_raw_counts(adata)
+        with setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.validation.NotCountsError):
+            core.validation.check_raw_counts(adata)
     with setting_hint(f"{SECTION}.gene_symbol_column", KeyError):
-        adata = validation.use_gene_symbols(adata, settings.gene_symbol_column)
-    return validation.make_gene_names_unique(adata)
+        adata = core.validation.use_gene_symbols(adata, settings.gene_symbol_column)
+    return core.validation.make_gene_names_unique(adata)
 
 
 def filter_cells_and_genes(adata: ad.AnnData, qc: dict[str, Any]) -> tuple[ad.AnnData, dict[str, int]]:
     """QC filters from parameters; returns the filtered data and cell/gene counts per filter."""
     thresholds = read_parameters(QCParameters, qc, f"{SECTION}.qc")
     with setting_hint(f"{SECTION}.qc", ValueError):
-        return preprocessing.quality_control(adata, preprocessing.QCThresholds(**as_kwargs(thresholds)))
+        return core.preprocessing.quality_control(adata, core.preprocessing.QCThresholds(**as_kwargs(thresholds)))
 
 
 def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
-    """normalize_total (median library size by default) + log10, raw counts kept in layers['counts'];
+    """normalize_total (median library size by default) + log10, raw counts kept in the layer
+    ``normalization.counts_layer`` (null: not kept);
     data declared normalized is used as it is."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
     if settings.input_is_normalized:
         return adata
-    return preprocessing.normalize_log10(adata, target_sum=settings.normalization.target_sum)
+    return core.preprocessing.normalize_log10(adata, target_sum=settings.normalization.target_sum,
+                                              counts_layer=settings.normalization.counts_layer)
 
 
 def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
@@ -63,8 +62,7 @@ def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any])
     if not settings.embed:
         logger.info("%s.embed is false: no PCA, kNN graph or UMAP of the %d cells", SECTION, normalized_adata.n_obs)
         return normalized_adata
-    return preprocessing.embed_expression(normalized_adata, **as_kwargs(settings.embedding))
-
+    return core.preprocessing.embed_expression(normalized_adata, **as_kwargs(settings.embedding))
 
 NOT_EMBEDDED = "not_embedded.png"  # the one figure when the cells were not embedded
 
@@ -73,13 +71,13 @@ def plot_expression_umaps(processed_adata: ad.AnnData, umap_color_keys: list[str
     """One UMAP per configured obs key, in a file named after the key; without a UMAP (``embed``
     false) one figure that says so."""
     if "X_umap" not in processed_adata.obsm:
-        fig, ax = plotting.plt.subplots(figsize=(7.5, 2))  # pyplot of core.plotting: its backend
+        fig, ax = core.plotting.plt.subplots(figsize=(7.5, 2))  # pyplot of core.plotting: its backend
         ax.axis("off")
         ax.text(0.5, 0.5, f"No expression UMAP: {SECTION}.embed is false, so the {processed_adata.n_obs:,} cells were not\n"
                 f"embedded. Set {SECTION}.embed to true to draw it (a screen's: perturbation.{SECTION}.embed).",
                 ha="center", va="center")
         return {NOT_EMBEDDED: fig}
-    return {f"{key}.png": plotting.umap_plot(processed_adata, key, title=f"Expression UMAP: {key}") for key in umap_color_keys}
+    return {f"{key}.png": core.plotting.umap_plot(processed_adata, key, title=f"Expression UMAP: {key}") for key in umap_color_keys}
 
 
 def summarize_processing(qc_counts: dict[str, int], processed_adata: ad.AnnData) -> dict[str, float]:

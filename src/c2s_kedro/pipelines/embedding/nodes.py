@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import EmbeddingPipelineParameters
 
@@ -17,14 +19,6 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from c2s_kedro.core.models import LanguageModel
-
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-embedding = lazy.load("c2s_kedro.core.embedding", suppress_warning=True)
-evaluation = lazy.load("c2s_kedro.core.evaluation", suppress_warning=True)
-inference = lazy.load("c2s_kedro.core.inference", suppress_warning=True)
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)  # `prompts` names the nodes' prompts
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +33,9 @@ def build_embedding_prompts(cell_sentences: Dataset, foundation_model: LanguageM
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     organism_column = settings.organism_column
     with setting_hint("embedding.prompt_templates"):
-        templates = core_prompts.task_templates("cell_type_prediction", core_prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
     with setting_hint("embedding.template_index", IndexError):
-        prompts, kept, available = core_prompts.cell_type_prediction_prompts(
+        prompts, kept, available = core.prompts.cell_type_prediction_prompts(
             cell_sentences["cell_sentence"],
             cell_sentences[organism_column] if organism_column in cell_sentences.column_names else None,
             foundation_model.tokenizer,
@@ -58,7 +52,7 @@ def embed_cells(embedding_prompts: dict[str, Any], foundation_model: LanguageMod
     """The last hidden layer of each prompt pooled by ``pooling`` (cells x hidden size)."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.pooling"):
-        return inference.embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size,
+        return core.inference.embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size,
                              pooling=settings.pooling)
 
 
@@ -68,7 +62,7 @@ def build_embedding_adata(
     """The cells with ``obsm['X_c2s']``, a kNN graph and UMAP on it (``obsm['X_umap_c2s']``, no PCA),
     and the expression PCA/UMAP kept beside it for comparison."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
-    return embedding.embedding_adata(
+    return core.embedding.embedding_adata(
         processed_adata, embedding_prompts["cell_name"], embeddings, embedding_prompts["genes_kept"],
         n_neighbors=settings.n_neighbors, seed=settings.seed,
     )
@@ -86,7 +80,7 @@ def plot_embedding_umaps(cell_embeddings: ad.AnnData, params: dict[str, Any]) ->
         panels = [("C2S embedding", cell_embeddings.obsm["X_umap_c2s"])]
         if "X_umap_expression" in cell_embeddings.obsm:
             panels.insert(0, ("expression (PCA)", cell_embeddings.obsm["X_umap_expression"]))
-        figures[f"{key}.png"] = plotting.umap_side_by_side(panels, cell_embeddings.obs[key], f"UMAP coloured by {key}")
+        figures[f"{key}.png"] = core.plotting.umap_side_by_side(panels, cell_embeddings.obs[key], f"UMAP coloured by {key}")
     return figures
 
 
@@ -94,4 +88,4 @@ def score_embeddings(cell_embeddings: ad.AnnData, params: dict[str, Any]) -> dic
     """Silhouette by label and by batch, kNN label accuracy: C2S embedding and expression PCA side by side."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.label_key"):
-        return evaluation.embedding_scores(cell_embeddings, settings.label_key, settings.batch_key, k=settings.knn_k, seed=settings.seed)
+        return core.evaluation.embedding_scores(cell_embeddings, settings.label_key, settings.batch_key, k=settings.knn_k, seed=settings.seed)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 import pandas as pd
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import EvaluationParameters
 
@@ -17,14 +19,6 @@ if TYPE_CHECKING:
 
     from c2s_kedro.core.models import LanguageModel
 
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-evaluation = lazy.load("c2s_kedro.core.evaluation", suppress_warning=True)
-inference = lazy.load("c2s_kedro.core.inference", suppress_warning=True)
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
-sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
-
 
 def build_evaluation_prompts(
     cell_sentences: Dataset, data_split: dict[str, Any], model: LanguageModel, params: dict[str, Any]
@@ -34,12 +28,12 @@ def build_evaluation_prompts(
     label set (train labels)."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
-        table = core_prompts.sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
+        table = core.prompts.sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
     with setting_hint("evaluation.prompt_templates"):
-        templates = core_prompts.task_templates("cell_type_prediction", core_prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
     with setting_hint("evaluation.max_test_cells"):
-        test = evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
-    return evaluation.cell_type_test_prompts(
+        test = core.evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
+    return core.evaluation.cell_type_test_prompts(
         table, data_split["train"], test, settings.label_column, settings.organism_column,
         model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed, templates,
     )
@@ -49,7 +43,7 @@ def predict_by_generation(evaluation_prompts: dict[str, Any], model: LanguageMod
     """Greedy batched generation of the answer, normalized and matched to the label set (None
     when the answer is not a known label)."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
-    answers, predictions = inference.generate_labels(
+    answers, predictions = core.inference.generate_labels(
         model, evaluation_prompts["prompt"], evaluation_prompts["labels"], settings.extra_new_tokens, settings.batch_size
     )
     return pd.DataFrame({
@@ -61,7 +55,7 @@ def predict_by_label_scoring(evaluation_prompts: dict[str, Any], model: Language
     """The most likely known label of each cell, with the probability of every label."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     labels = evaluation_prompts["labels"]
-    predicted, probabilities = inference.predict_labels(model, evaluation_prompts["prompt"], labels, batch_size=settings.batch_size)
+    predicted, probabilities = core.inference.predict_labels(model, evaluation_prompts["prompt"], labels, batch_size=settings.batch_size)
     table = pd.DataFrame({"cell_name": evaluation_prompts["cell_name"], "label": evaluation_prompts["label"], "prediction": predicted})
     return pd.concat([table, pd.DataFrame(probabilities, columns=[f"p({name})" for name in labels])], axis=1)
 
@@ -70,9 +64,9 @@ def predict_by_baseline(processed_adata: ad.AnnData, data_split: dict[str, Any],
     """Logistic regression on the log-normalized expression, fit on train cells, applied to test."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.max_test_cells"):
-        test = evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
+        test = core.evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
     with setting_hint("evaluation.label_column"):
-        return evaluation.logistic_regression_baseline(
+        return core.evaluation.logistic_regression_baseline(
             processed_adata, data_split["train"], test, settings.label_column,
             C=settings.baseline_C, max_iter=settings.baseline_max_iter,
         )
@@ -87,10 +81,10 @@ def predict_by_sentence_baseline(
     reading the same sentences."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
-        table = core_prompts.sentence_table(cell_sentences, [settings.label_column])
-    return evaluation.sentence_rank_baseline(
+        table = core.prompts.sentence_table(cell_sentences, [settings.label_column])
+    return core.evaluation.sentence_rank_baseline(
         table, data_split["train"], evaluation_prompts["cell_name"], evaluation_prompts["genes_in_prompt"],
-        settings.label_column, list(vocabulary), sentences.RankFit.from_dict(rank_fit),
+        settings.label_column, list(vocabulary), core.sentences.RankFit.from_dict(rank_fit),
         C=settings.baseline_C, max_iter=settings.baseline_max_iter,
     )
 
@@ -103,12 +97,12 @@ def score_predictions(
     regression on the full expression and on what the prompts' sentences carry), a per-class
     table, confusion matrices, and all predictions side by side."""
     labels = evaluation_prompts["labels"]
-    metrics, per_class, matrices, combined = evaluation.score_predictions(
+    metrics, per_class, matrices, combined = core.evaluation.score_predictions(
         {"generation": generation, "label_scoring": label_scoring, "baseline": baseline, "sentence_baseline": sentence_baseline},
         labels,
     )
     figures = {
-        f"{method}.png": plotting.confusion_matrix_plot(matrix, labels, f"{method}: accuracy {metrics[f'{method}_accuracy']:.2f}")
+        f"{method}.png": core.plotting.confusion_matrix_plot(matrix, labels, f"{method}: accuracy {metrics[f'{method}_accuracy']:.2f}")
         for method, matrix in matrices.items()
     }
     return metrics, per_class, figures, combined

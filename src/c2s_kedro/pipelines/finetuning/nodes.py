@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import ENVIRONMENT_HINT, defaults_file, read_parameters, setting_hint
 from c2s_kedro.parameters.annotation import AnnotationParameters
 from c2s_kedro.parameters.atlas import DataProcessingParameters, SentenceConversionParameters, as_kwargs
@@ -16,14 +18,6 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
     from c2s_kedro.core.models import LanguageModel
-
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-annotation = lazy.load("c2s_kedro.core.annotation", suppress_warning=True)
-annotator_model = lazy.load("c2s_kedro.core.annotator_model", suppress_warning=True)
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-core_prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
-training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
 
 
 def format_finetuning_prompts(
@@ -42,14 +36,14 @@ def format_finetuning_prompts(
             f"finetuning.label_column {ENVIRONMENT_HINT} (defaults: {defaults_file('finetuning')})."
         )
     with setting_hint("finetuning.prompt_templates"):
-        templates = core_prompts.read_template_files(settings.prompt_templates)
+        templates = core.prompts.read_template_files(settings.prompt_templates)
     with setting_hint("finetuning.formatter" if settings.formatter else "finetuning.tasks"):
-        formatters = training.prompt_formatters(
+        formatters = core.training.prompt_formatters(
             settings.tasks, settings.formatter, settings.formatter_options, seed=settings.seed,
             top_k_genes=settings.top_k_genes, label_column=label, organism_column=settings.organism_column,
             tokenizer=foundation_model.tokenizer, max_tokens=foundation_model.context_length, prompt_templates=templates,
         )
-    return training.format_split_prompts(cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples)
+    return core.training.format_split_prompts(cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples)
 
 
 def finetune_model(
@@ -58,8 +52,8 @@ def finetune_model(
     """Causal-LM fine-tuning with the HF Trainer (loss on the response only by default); optional
     LoRA adapters, merged into the weights afterwards so the result is a plain model directory."""
     settings = read_parameters(FinetuningParameters, params, "finetuning")
-    with setting_hint("finetuning", training.TrainingSettingsError):
-        return training.finetune(foundation_model, finetuning_prompts, settings.training_settings())
+    with setting_hint("finetuning", core.training.TrainingSettingsError):
+        return core.training.finetune(foundation_model, finetuning_prompts, settings.training_settings())
 
 
 def record_annotator_metadata(
@@ -73,16 +67,16 @@ def record_annotator_metadata(
     processing = read_parameters(DataProcessingParameters, data_processing, "data_processing")
     conversion = read_parameters(SentenceConversionParameters, sentence_conversion, "sentence_conversion")
     with setting_hint("finetuning.prompt_templates"):
-        templates = core_prompts.task_templates("cell_type_prediction", core_prompts.read_template_files(settings.prompt_templates))
-    record = annotation.AnnotatorRecord(
+        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
+    record = core.annotation.AnnotatorRecord(
         label_column=settings.label_column,
-        labels=annotation.training_labels(cell_sentences, data_split["train"], settings.label_column),
-        genes=annotation.training_genes(cell_sentences, data_split["train"], settings.top_k_genes),
+        labels=core.annotation.training_labels(cell_sentences, data_split["train"], settings.label_column),
+        genes=core.annotation.training_genes(cell_sentences, data_split["train"], settings.top_k_genes),
         qc=as_kwargs(processing.qc), target_sum=processing.normalization.target_sum,
         sentence_layer=conversion.layer, sentence_seed=conversion.seed, top_k_genes=settings.top_k_genes,
         organism_column=settings.organism_column, templates=list(templates.inputs),
     )
-    recorded = annotation.record_annotator(trained_model, record)
+    recorded = core.annotation.record_annotator(trained_model, record)
     return recorded, recorded
 
 
@@ -90,18 +84,18 @@ def log_annotator_model(recorded_model: LanguageModel, params: dict[str, Any]) -
     """The fine-tuned model with the annotation settings, logged as the MLflow model
     ``c2s_annotator`` of this run unless ``annotation.log_mlflow_model`` is false."""
     settings = read_parameters(AnnotationParameters, params, "annotation")
-    uri = annotator_model.log_annotator(recorded_model, settings.labelling_options()) if settings.log_mlflow_model else None
-    return {"logged": uri is not None, "model_uri": uri, "artifact_path": annotator_model.ARTIFACT_PATH}
+    uri = core.annotator_model.log_annotator(recorded_model, settings.labelling_options()) if settings.log_mlflow_model else None
+    return {"logged": uri is not None, "model_uri": uri, "artifact_path": core.annotator_model.ARTIFACT_PATH}
 
 
 def plot_finetuning_loss(finetuning_log: list[dict[str, Any]]) -> plt.Figure:
     """Train and eval loss against the step."""
-    return plotting.loss_curve_plot(finetuning_log, "Fine-tuning")
+    return core.plotting.loss_curve_plot(finetuning_log, "Fine-tuning")
 
 
 def summarize_finetuning(finetuning_log: list[dict[str, Any]], finetuning_prompts: DatasetDict) -> dict[str, float]:
     """Losses, runtime, and how many samples each part had."""
     return {
-        **training.summarize_history(finetuning_log),
+        **core.training.summarize_history(finetuning_log),
         **{f"n_{part}_samples": float(finetuning_prompts[part].num_rows) for part in finetuning_prompts},
     }

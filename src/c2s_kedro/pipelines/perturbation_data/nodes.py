@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.perturbation import PerturbationParameters
 
@@ -19,14 +21,8 @@ if TYPE_CHECKING:
 
     from c2s_kedro.core.models import LanguageModel
 
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-models = lazy.load("c2s_kedro.core.models", suppress_warning=True)
-perturbation = lazy.load("c2s_kedro.core.perturbation", suppress_warning=True)
-prompts = lazy.load("c2s_kedro.core.prompts", suppress_warning=True)
-tokenizers = lazy.load("c2s_kedro.core.tokenizer", suppress_warning=True)
-
 logger = logging.getLogger(__name__)
+
 SECTION = "perturbation"
 TRUTH_KEY = "perturbation_truth_log2fc"  # where the simulator stores its expected log2 fold changes
 SCREEN_SETTINGS = {  # ScreenColumns field -> the setting that names it
@@ -44,11 +40,11 @@ def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> t
     the simulator's truth taken out of ``.varm`` (no rows for a real screen)."""
     columns = _settings(params).columns()
     try:
-        perturbation.check_screen(perturbseq_raw, columns)
-    except perturbation.ScreenLayoutError as error:
-        with setting_hint(SCREEN_SETTINGS[error.field], perturbation.ScreenLayoutError):
+        core.perturbation.check_screen(perturbseq_raw, columns)
+    except core.perturbation.ScreenLayoutError as error:
+        with setting_hint(SCREEN_SETTINGS[error.field], core.perturbation.ScreenLayoutError):
             raise
-    return perturbation.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY)
+    return core.perturbation.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY)
 
 
 def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +52,7 @@ def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any
     settings = _settings(params)
     split = settings.split
     with setting_hint(f"{SECTION}.split"):
-        return perturbation.split_screen(
+        return core.perturbation.split_screen(
             processed_adata.obs, settings.columns(), mode=split.mode, fractions=split.fractions, seed=split.seed,
             test_perturbations=split.test_perturbations,
         )
@@ -76,11 +72,11 @@ def initialize_perturbation_model(vocabulary: dict[str, int], params: dict[str, 
     """A gene-level tokenizer over the screen's genes and the prompt words, and an untrained
     GPT-NeoX sized by ``model.architecture`` (the offline default base model)."""
     settings = _settings(params)
-    words = prompts.template_words((perturbation.PERTURBATION_TASK,)) + [str(settings.control_label).upper()]
+    words = core.prompts.template_words((core.perturbation.PERTURBATION_TASK,)) + [str(settings.control_label).upper()]
     architecture = settings.model.architecture
-    tokenizer = tokenizers.build_gene_tokenizer(vocabulary, words, model_max_length=architecture["max_position_embeddings"])
+    tokenizer = core.tokenizer.build_gene_tokenizer(vocabulary, words, model_max_length=architecture["max_position_embeddings"])
     with setting_hint(f"{SECTION}.model.architecture"):
-        model = models.build_gpt_neox(tokenizer, architecture, seed=settings.seed)
+        model = core.models.build_gpt_neox(tokenizer, architecture, seed=settings.seed)
     logger.info("perturbation base model: %s parameters, %d tokens", f"{model.model.num_parameters():,}", len(tokenizer))
     return model
 
@@ -94,7 +90,7 @@ def format_perturbation_prompts(
     answer (``posterior.max_new_tokens``, ``posterior.on_overflow``)."""
     settings = _settings(params)
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns, top_k_genes or posterior.on_overflow"):
-        return perturbation.perturbation_prompts(
+        return core.perturbation.perturbation_prompts(
             cell_sentences, perturbation_split, settings.columns(), perturbation_base_model.tokenizer,
             perturbation_base_model.context_length, settings.top_k_genes, settings.pairing.seed,
             controls_per_cell=settings.pairing.controls_per_cell, include_control_pairs=settings.pairing.include_control_pairs,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.perturbation import PerturbationParameters
 
@@ -15,11 +17,6 @@ if TYPE_CHECKING:
 
     from c2s_kedro.core.models import LanguageModel
 
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-training = lazy.load("c2s_kedro.core.training", suppress_warning=True)
-
 
 def finetune_perturbation_model(
     perturbation_base_model: LanguageModel, perturbation_prompts: DatasetDict, params: dict[str, Any]
@@ -28,10 +25,10 @@ def finetune_perturbation_model(
     ``perturbation_prompts`` (loss on the perturbed sentence only, averaged as
     ``perturbation.finetuning.loss_average`` says)."""
     settings = read_parameters(PerturbationParameters, params, "perturbation").finetuning
-    with setting_hint("perturbation.finetuning", training.TrainingSettingsError):
-        return training.finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
+    with setting_hint("perturbation.finetuning", core.training.TrainingSettingsError):
+        return core.training.finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
 
 
 def plot_perturbation_loss(perturbation_finetuning_log: list[dict[str, Any]]) -> plt.Figure:
     """Train and eval loss against the step."""
-    return plotting.loss_curve_plot(perturbation_finetuning_log, "Perturbation-response fine-tuning")
+    return core.plotting.loss_curve_plot(perturbation_finetuning_log, "Perturbation-response fine-tuning")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.perturbation import PerturbationParameters
 
@@ -17,13 +19,6 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
     from c2s_kedro.core.models import LanguageModel
-
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-plotting = lazy.load("c2s_kedro.core.plotting", suppress_warning=True)
-perturbation = lazy.load("c2s_kedro.core.perturbation", suppress_warning=True)
-perturbation_evaluation = lazy.load("c2s_kedro.core.perturbation_evaluation", suppress_warning=True)
-sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
 
 SECTION = "perturbation"
 
@@ -36,9 +31,9 @@ def _part_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes
                  settings: PerturbationParameters) -> ad.AnnData:
     """The perturbed and control cells of ``part`` in the model's space (top-k sentences)."""
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns", KeyError):  # the perturbation column
-        return perturbation_evaluation.sentence_space_cells(
+        return core.perturbation_evaluation.sentence_space_cells(
             cell_sentences, list(split[part]) + list(split[f"control_{part}"]), settings.columns().perturbation, genes,
-            sentences.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
+            core.sentences.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
         )
 
 
@@ -51,7 +46,7 @@ def sample_perturbation_posterior(
     temperature, one prefill per prompt."""
     posterior = _settings(params).posterior
     with setting_hint(f"{SECTION}.posterior"):
-        return perturbation.sample_test_posterior(
+        return core.perturbation.sample_test_posterior(
             perturbation_model, perturbation_prompts["test"], list(vocabulary),
             prompts_per_perturbation=posterior.prompts_per_perturbation, n_samples=posterior.n_samples,
             temperatures=posterior.temperatures, seed=posterior.seed, batch_size=posterior.batch_size,
@@ -65,7 +60,7 @@ def posterior_to_expression(
     """Each sample as expression (rank -> expression fit; a gene absent from a sample is 0) and,
     per perturbation and temperature, the posterior mean, variance and the share of samples that
     contain each gene. The caveat about absent genes is in ``.uns['caveat']`` of both."""
-    return perturbation.posterior_expression(posterior_samples, list(processed_adata.var_names), sentences.RankFit.from_dict(rank_fit))
+    return core.perturbation.posterior_expression(posterior_samples, list(processed_adata.var_names), core.sentences.RankFit.from_dict(rank_fit))
 
 
 def plot_posterior(
@@ -79,11 +74,11 @@ def plot_posterior(
     genes = list(posterior_samples_expression.var_names)
     real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
     with setting_hint(f"{SECTION}.evaluation.max_plot_panels"):
-        embedding = perturbation_evaluation.posterior_embedding(
+        embedding = core.perturbation_evaluation.posterior_embedding(
             posterior_samples_expression, real, columns.perturbation, columns.control_label,
             max_perturbations=settings.evaluation.max_plot_panels, seed=settings.seed,
         )
-    return plotting.posterior_embedding_plots(embedding, columns.control_label)
+    return core.plotting.posterior_embedding_plots(embedding, columns.control_label)
 
 
 def evaluate_perturbation_predictions(
@@ -99,7 +94,7 @@ def evaluate_perturbation_predictions(
     real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
     train = _part_cells(cell_sentences, perturbation_split, "train", genes, rank_fit, settings)
     with setting_hint(f"{SECTION}.evaluation"):
-        return perturbation_evaluation.evaluate_posterior(
+        return core.perturbation_evaluation.evaluate_posterior(
             posterior_samples_expression, real, train, columns.perturbation, columns.control_label,
             truth=perturbation_truth, top_n_de=evaluation.top_n_de, interval=evaluation.interval,
             baseline_pca_components=evaluation.baseline_pca_components, seed=settings.seed,

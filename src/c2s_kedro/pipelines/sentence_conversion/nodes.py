@@ -6,28 +6,25 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import lazy_loader as lazy
 import numpy as np
 
+# each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
+# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro import core
 from c2s_kedro.core.splitting import split_names
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataSplitParameters, SentenceConversionParameters
 
 if TYPE_CHECKING:
+    import anndata as ad
     from datasets import Dataset
-
-# Loaded when a node first uses them: every run imports every pipeline's nodes (c2s_kedro.runner
-# looks up the producers of missing inputs), and a run pays only for the libraries its nodes use.
-ad = lazy.load("anndata")
-pc = lazy.load("pyarrow.compute", suppress_warning=True)
-sentences = lazy.load("c2s_kedro.core.sentences", suppress_warning=True)
 
 logger = logging.getLogger(__name__)
 
 
 def _convert(adata: ad.AnnData, settings: SentenceConversionParameters):
     with setting_hint("sentence_conversion.label_columns"):
-        return sentences.cell_sentences_from_adata(
+        return core.sentences.cell_sentences_from_adata(
             adata, label_columns=settings.label_columns, layer=settings.layer, seed=settings.seed,
             chunk_size=settings.chunk_size,
         )
@@ -42,6 +39,8 @@ def convert_to_cell_sentences(
     ``PartitionedDataset`` of h5ad files gives): each is converted on its own, rows are tagged
     with their source in ``source_dataset``, and the vocabularies are merged.
     """
+    import anndata as ad  # loaded when the node runs, as core is
+
     settings = read_parameters(SentenceConversionParameters, params, "sentence_conversion")
     if isinstance(processed_adata, ad.AnnData):
         result = _convert(processed_adata, settings)
@@ -53,13 +52,15 @@ def convert_to_cell_sentences(
         result = _convert(adata, settings)
         logger.info("converted %s: %d cells", name, result.sentences.num_rows)
         parts.append((name, result.sentences, result.vocabulary))
-    return sentences.concatenate_sentence_datasets(parts)
+    return core.sentences.concatenate_sentence_datasets(parts)
 
 
 def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> dict[str, float]:
     """Cells, vocabulary size, genes per sentence, empty sentences."""
+    import pyarrow.compute as pc
+
     # with_format("arrow") honours a selection (select/filter/shuffle), unlike Dataset.data
-    column = sentences.CELL_SENTENCE
+    column = core.sentences.CELL_SENTENCE
     texts = cell_sentences.select_columns([column]).with_format("arrow")[:].column(column)
     lengths = pc.list_value_length(pc.split_pattern(pc.fill_null(texts, ""), " ")).to_numpy(zero_copy_only=False)
     empty = pc.equal(pc.fill_null(texts, ""), "").to_numpy(zero_copy_only=False)
