@@ -309,3 +309,39 @@ def test_normalization_in_chunks_of_cells_gives_scanpys_values(counts_adata, mon
         normalized = normalize_log10(counts_adata, target_sum=target_sum)
         assert normalized.X.dtype == np.float32
         np.testing.assert_array_equal(normalized.X.toarray(), expected.X.toarray())
+
+
+def test_qc_metrics_in_chunks_of_cells_are_scanpys(counts_adata, monkeypatch):
+    """The per-cell and per-gene QC columns computed 7 cells at a time equal scanpy's on the whole
+    matrix (what the filters read, and what processed_adata keeps in obs/var)."""
+    import scanpy as sc
+
+    from c2s_kedro.core import preprocessing
+
+    adata = counts_adata.copy()
+    adata.var_names = ["MT-A", "MT-B", *adata.var_names[2:]]  # two mitochondrial genes
+    adata.var["mt"] = adata.var_names.str.startswith("MT-")
+    expected = adata.copy()
+    sc.pp.calculate_qc_metrics(expected, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    monkeypatch.setattr(preprocessing, "_ROW_CHUNK", 7)
+    assert adata.n_obs > 7
+    preprocessing._qc_metrics(adata)
+    assert list(adata.obs.columns) == list(expected.obs.columns)
+    assert list(adata.var.columns) == list(expected.var.columns)
+    for frame, reference, before in ((adata.obs, expected.obs, counts_adata.obs), (adata.var, expected.var, counts_adata.var)):
+        for column in set(reference.columns) - set(before.columns) - {"mt"}:
+            np.testing.assert_allclose(frame[column].to_numpy(dtype=float), reference[column].to_numpy(dtype=float),
+                                       rtol=1e-6, err_msg=column)
+
+
+def test_normalization_without_a_counts_layer_shares_the_input_indices(counts_adata):
+    """counts_layer None (the screen's default): the same values, no layer, the input's index
+    arrays shared rather than copied, and the input left as it was."""
+    before = counts_adata.X.copy()
+    kept = normalize_log10(counts_adata)
+    bare = normalize_log10(counts_adata, counts_layer=None)
+    assert "counts" not in bare.layers and "counts" in kept.layers
+    np.testing.assert_array_equal(bare.X.toarray(), kept.X.toarray())
+    assert np.shares_memory(bare.X.indices, counts_adata.X.indices)
+    assert not np.shares_memory(kept.X.indices, counts_adata.X.indices)
+    assert (counts_adata.X != before).nnz == 0

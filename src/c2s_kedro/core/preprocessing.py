@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
@@ -37,7 +38,7 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     adata = shallow_copy(adata)
     adata.X = _one_index_dtype(adata.X)
     adata.var["mt"] = adata.var_names.str.upper().str.startswith(thresholds.mito_prefix.upper())
-    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    _qc_metrics(adata)
     counts = {"cells_before": adata.n_obs, "genes_before": adata.n_vars}
     obs = adata.obs
     filters = {  # name: (threshold, obs column, keep cells at least / at most the threshold)
@@ -87,6 +88,33 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     counts["genes_after"] = adata.n_vars
     logger.info("QC: %s", _removed_summary(counts))
     return adata, counts
+
+
+def _qc_metrics(adata: ad.AnnData) -> None:
+    """scanpy's ``calculate_qc_metrics`` (``mt`` genes, no top-gene shares, no log1p) into
+    ``adata.obs`` / ``adata.var``, a chunk of cells at a time: on the whole matrix its temporaries
+    are larger than the matrix (a 594M-value screen's QC rose by ~4 GB). Per-cell metrics are each
+    chunk's; per-gene ones are sums over the chunks, the means and dropout shares derived from them
+    as scanpy derives them."""
+    if not isinstance(adata.X, sp.csr_matrix | sp.csr_array) or adata.n_obs <= _ROW_CHUNK:
+        sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+        return
+    obs_parts, n_cells, total = [], np.zeros(adata.n_vars, dtype=np.int64), np.zeros(adata.n_vars, dtype=np.float64)
+    var = adata.var[["mt"]]
+    for start in range(0, adata.n_obs, _ROW_CHUNK):
+        chunk = ad.AnnData(adata.X[start : start + _ROW_CHUNK], var=var)
+        obs, chunk_var = sc.pp.calculate_qc_metrics(chunk, qc_vars=["mt"], percent_top=None, log1p=False, inplace=False)
+        obs_parts.append(obs)
+        n_cells += chunk_var["n_cells_by_counts"].to_numpy(dtype=np.int64)
+        total += chunk_var["total_counts"].to_numpy(dtype=np.float64)
+    obs = pd.concat(obs_parts)
+    obs.index = adata.obs_names
+    for column in obs.columns:
+        adata.obs[column] = obs[column].to_numpy()
+    adata.var["n_cells_by_counts"] = n_cells
+    adata.var["mean_counts"] = total / adata.n_obs
+    adata.var["pct_dropout_by_counts"] = (1 - n_cells / adata.n_obs) * 100
+    adata.var["total_counts"] = total
 
 
 def shallow_copy(adata: ad.AnnData) -> ad.AnnData:
@@ -171,17 +199,21 @@ def _removed_summary(counts: dict[str, int]) -> str:
     return f"{counts['cells_before']} cells" + (f" ({removed})" if removed else "")
 
 
-def normalize_log10(adata: ad.AnnData, target_sum: float | None = None, counts_layer: str = "counts") -> ad.AnnData:
-    """Keep raw counts in ``layers[counts_layer]``, ``normalize_total`` (``None``: each cell scaled
-    to the median library size, scanpy's default and the C2S tutorials'), then log10(1 + x).
+def normalize_log10(adata: ad.AnnData, target_sum: float | None = None, counts_layer: str | None = "counts") -> ad.AnnData:
+    """Keep raw counts in ``layers[counts_layer]`` (``None``: not kept), ``normalize_total``
+    (``None``: each cell scaled to the median library size, scanpy's default and the C2S
+    tutorials'), then log10(1 + x).
 
     A CSR matrix is normalized a chunk of rows at a time into a new float32 matrix: scanpy's
     row scaling builds two float64 arrays as long as the matrix (a 594M-value screen peaked at
-    14.7 GB). Each cell's scaling does not depend on the others, so the values are scanpy's."""
+    14.7 GB). Each cell's scaling does not depend on the others, so the values are scanpy's.
+    Without a counts layer the result shares the input's (never modified) index arrays instead
+    of copying them: a screen's are GBs."""
     adata = shallow_copy(adata)
     # the counts layer is the input's matrix itself; normalization writes into a float32 copy
     counts = adata.X
-    adata.layers[counts_layer] = counts
+    if counts_layer is not None:
+        adata.layers[counts_layer] = counts
     if not isinstance(counts, sp.csr_matrix | sp.csr_array):
         adata.X = counts.astype(np.float32, copy=True)
         sc.pp.normalize_total(adata, target_sum=target_sum)
@@ -196,7 +228,10 @@ def normalize_log10(adata: ad.AnnData, target_sum: float | None = None, counts_l
         sc.pp.normalize_total(chunk, target_sum=target_sum)
         sc.pp.log1p(chunk, base=10)
         data[counts.indptr[start] : counts.indptr[end]] = chunk.X.data
-    adata.X = type(counts)((data, counts.indices.copy(), counts.indptr.copy()), shape=counts.shape)
+    shared = counts_layer is None  # with the counts kept, X gets its own index arrays (as scanpy's copy)
+    indices = counts.indices if shared else counts.indices.copy()
+    indptr = counts.indptr if shared else counts.indptr.copy()
+    adata.X = type(counts)((data, indices, indptr), shape=counts.shape, copy=False)
     adata.uns["log1p"] = chunk.uns["log1p"]  # what log1p records (its base), as on the whole matrix
     return adata
 

@@ -23,6 +23,7 @@ class QCParameters:
 @dataclass(frozen=True)
 class NormalizationParameters:
     target_sum: float | None  # null: scanpy's default, each cell scaled to the median library size
+    counts_layer: str | None  # layer of processed_adata keeping the raw counts; null: not kept
 
 
 @dataclass(frozen=True)
