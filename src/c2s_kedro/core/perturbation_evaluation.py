@@ -421,7 +421,10 @@ def evaluate_posterior(
     themselves are scored against it too: the ceiling of ``pearson_delta_simulated_truth`` in this
     space. Beside the raw metrics: cell-eval's data ceiling of the held-out cells
     (``cell_eval_ceiling.<metric>``) and every method's VCC-style score against the mean baseline
-    (``<method>.<metric>_normalized``, ``normalized_scores``). Returns the scores (method x
+    (``<method>.<metric>_normalized``, ``normalized_scores``). The baselines are also scored on
+    every held-out perturbation, sampled or not, with their mean-based metrics
+    (``baseline_mean_scores``: ``all_heldout.<method>.<metric>``, ``all_heldout.n_perturbations``).
+    Returns the scores (method x
     perturbation), their summary per method and the flat metrics (``<method>.<metric>``).
     """
     threads = threads or min(2, os.cpu_count() or 1)
