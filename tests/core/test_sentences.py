@@ -1,4 +1,5 @@
 import logging
+import os
 
 import anndata as ad
 import numpy as np
@@ -394,3 +395,25 @@ def test_reconstruct_expression_in_batches_of_sentences_equals_one_pass(monkeypa
     batched, batched_unknown = reconstruct_expression(texts, genes, _fit(), top_k=12)
     assert batched.shape == whole.shape == (51, 40) and (batched != whole).nnz == 0
     assert batched_unknown == unknown > 0
+
+
+def test_the_default_cache_directory_is_removed_when_the_process_ends(tmp_path):
+    """Without ``cache_dir`` the Arrow files go to a new temporary directory: it exists while the
+    dataset is in use and is gone once the process has ended (it used to stay in /tmp for good)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, numpy as np, anndata as ad, scipy.sparse as sp\n"
+        "from c2s_kedro.core.sentences import cell_sentences_from_adata\n"
+        "adata = ad.AnnData(sp.csr_matrix(np.array([[1.0, 2.0, 0.0], [0.0, 3.0, 1.0]], dtype=np.float32)))\n"
+        "result = cell_sentences_from_adata(adata)\n"
+        "directory = os.path.dirname(result.sentences.cache_files[0]['filename'])\n"
+        "assert os.path.isdir(directory) and result.sentences['cell_sentence'] == ['1 0', '1 2']\n"
+        "print(directory)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    directory = done.stdout.strip().splitlines()[-1]
+    assert directory.startswith(str(tmp_path)) and not os.path.exists(directory)

@@ -8,8 +8,10 @@ converts in bounded memory.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -265,8 +267,9 @@ def cell_sentences_from_adata(
         layer: layer to rank instead of ``.X``.
         seed: seed of the random tie-break.
         chunk_size: cells per chunk; bounds memory.
-        cache_dir: where the Arrow file backing the returned dataset is written (a new
-            temporary directory by default).
+        cache_dir: where the Arrow files backing the returned dataset are written. By default a
+            new temporary directory, removed when the process ends: save the dataset (the
+            catalog's ``cell_sentences`` does) to keep it.
         n_threads: threads converting chunks (default: the CPUs available, at most 4).
 
     Returns:
@@ -289,8 +292,14 @@ def cell_sentences_from_adata(
         [(CELL_NAME, pa.string()), (CELL_SENTENCE, pa.string())]
         + [(column, pa.string()) for column in label_columns]
     )
-    directory = Path(cache_dir or tempfile.mkdtemp(prefix="c2s_sentences_"))
-    directory.mkdir(parents=True, exist_ok=True)
+    if cache_dir is None:
+        # The dataset is memory-mapped from these files, so they stay while the process runs; they
+        # used to stay for good (one copy of the sentences in /tmp per conversion).
+        directory = Path(tempfile.mkdtemp(prefix="c2s_sentences_"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    else:
+        directory = Path(cache_dir)
+        directory.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
 
     def convert(index: int, start: int, chunk: sp.csr_matrix, labels: dict[str, pa.Array]):
