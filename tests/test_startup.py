@@ -9,6 +9,7 @@ this test process has long imported them all.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,57 @@ def test_what_loads_late_still_loads_after_the_registry():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-3:] == ["HFModelDataset", "AnnotatorRecord", "LanguageModel"]
+
+
+def test_kedro_parameter_validator_does_not_warn_about_type_checking_only_hints(caplog):
+    """Kedro reads every node's type hints each run; the data types they name are imported for
+    type checkers only (so that a run does not import torch for them), and the validator's one
+    warning per node that it cannot resolve them is left out (c2s_kedro.library_warnings)."""
+    from kedro.pipeline import node, pipeline
+    from kedro.validation.type_extractor import TypeExtractor
+
+    from c2s_kedro.library_warnings import ignore_library_noise
+    from c2s_kedro.pipeline_registry import register_pipelines
+    from c2s_kedro.pipelines.sentence_conversion import nodes
+
+    ignore_library_noise()
+    with caplog.at_level("WARNING"):
+        assert TypeExtractor(register_pipelines()).extract_types_from_pipelines() == {}
+    assert not [record for record in caplog.records if "type hints" in record.getMessage()]
+    with caplog.at_level("WARNING"):  # a hint that fails for another reason still warns
+        TypeExtractor({"x": pipeline([node(_bad_hint, "params:x", "y")])}).extract_types_from_pipelines()
+    assert any("_bad_hint" in record.getMessage() for record in caplog.records)
+    assert nodes.convert_to_cell_sentences.__annotations__["processed_adata"].startswith("ad.AnnData")
+
+
+def _bad_hint(x: "list[int"):  # noqa: F722 - a syntax error in a hint: not a type-checking-only name
+    return x
+
+
+SESSION_CATALOG = """
+import json, sys
+from pathlib import Path
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+bootstrap_project(Path.cwd())
+with KedroSession.create(env="test") as session:
+    catalog = session.load_context().catalog
+    print(json.dumps({"key": catalog["lazy_check_metric"].key, "items_restored": "items" not in vars(catalog),
+                      "built": sorted(m for m in ("torch", "transformers", "matplotlib.pyplot", "c2s_kedro.datasets.model_dataset")
+                                      if m in sys.modules)}))
+"""
+
+
+def test_the_catalog_stays_lazy_and_kedro_mlflow_still_names_its_metric_datasets(tmp_path):
+    """kedro-mlflow's after_catalog_created built every catalog entry (importing torch for the
+    model datasets, pyplot for the plots); CatalogStaysLazyHook shows it only its metric datasets,
+    which it still names after their entry."""
+    from tests.helpers import copy_project
+
+    project = copy_project(tmp_path / "project")
+    (project / "conf" / "test" / "catalog_lazy_check.yml").write_text("lazy_check_metric:\n  type: kedro_mlflow.io.metrics.MlflowMetricDataset\n")
+    result = subprocess.run([sys.executable, "-c", SESSION_CATALOG], cwd=project, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state == {"key": "lazy_check_metric", "items_restored": True, "built": []}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sqlite3
 from collections.abc import Iterable
@@ -166,3 +167,29 @@ class MlflowArtifactsFollowTheProjectHook:
                 reroot_moved_artifacts(config.server.mlflow_tracking_uri, context.project_path)
             except sqlite3.Error as error:
                 logger.warning("could not update the MLflow artifact locations after the project moved: %s", error)
+
+
+# kedro-mlflow's metric datasets, which its after_catalog_created names after their catalog entries
+MLFLOW_METRIC_TYPE = re.compile(r"kedro_mlflow\.io\.metrics\.")
+
+
+class CatalogStaysLazyHook:
+    """Keeps the catalog's entries unbuilt until a run uses them.
+
+    kedro-mlflow's ``after_catalog_created`` looks at every entry (``catalog.items()``) to find its
+    metric datasets, which builds every dataset and imports its library: torch and transformers
+    for the model datasets and kedro-datasets' huggingface package, pyplot for the plots, in a run
+    of sentence_conversion too (~40% of its start-up). Around the plugins' implementations,
+    ``items()`` lists only the entries whose configured type is one of kedro-mlflow's metric
+    datasets (``catalog.get_type`` would import every class to tell).
+    """
+
+    @hook_impl(hookwrapper=True)
+    def after_catalog_created(self, catalog, conf_catalog):
+        names = [name for name, entry in conf_catalog.items()
+                 if isinstance(entry, dict) and MLFLOW_METRIC_TYPE.match(str(entry.get("type", ""))) and name in catalog]
+        catalog.items = lambda: [(name, catalog[name]) for name in names]
+        try:
+            yield
+        finally:
+            del catalog.items

@@ -7,6 +7,7 @@ from c2s_kedro.library_warnings import ignore_library_noise
 ignore_library_noise()  # also for sessions created outside the `kedro` command (notebooks, tests)
 
 from c2s_kedro.hooks import (
+    CatalogStaysLazyHook,
     MlflowArtifactsFollowTheProjectHook,
     MlflowRunLivenessHook,
     MlflowRunNameHook,
@@ -15,6 +16,7 @@ from c2s_kedro.hooks import (
 from c2s_kedro.runner import ProjectSession, plugins_off_this_rank
 
 HOOKS = (
+    CatalogStaysLazyHook(),
     ParameterNamespaceHook(),
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
