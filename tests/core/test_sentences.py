@@ -417,3 +417,16 @@ def test_the_default_cache_directory_is_removed_when_the_process_ends(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     directory = done.stdout.strip().splitlines()[-1]
     assert directory.startswith(str(tmp_path)) and not os.path.exists(directory)
+
+
+def test_rank_points_of_a_view_are_those_of_its_copy():
+    """The rank fit samples cells of split parts (a view): the sampled rows are read from the view
+    without materializing all of it, with the same points as from a copy."""
+    from c2s_kedro.core.sentences import rank_expression_points
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(sp.random(60, 25, density=0.3, random_state=1, format="csr", dtype=np.float32))
+    view = adata[rng.permutation(60)[:40]]
+    assert view.is_view
+    for got, expected in zip(rank_expression_points(view, 10, seed=3), rank_expression_points(view.copy(), 10, seed=3)):
+        np.testing.assert_array_equal(got, expected)

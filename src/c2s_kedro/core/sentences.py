@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -276,6 +277,7 @@ def cell_sentences_from_adata(
         The Hugging Face dataset (memory-mapped from disk), the vocabulary (upper-cased gene ->
         number of cells expressing it, in ``.var`` order) and the number of empty cells.
     """
+    started = time.perf_counter()
     label_columns = list(label_columns)
     reserved = sorted(set(label_columns) & set(RESERVED_COLUMNS))
     if reserved:
@@ -348,6 +350,8 @@ def cell_sentences_from_adata(
     else:
         sentences = Dataset.from_dict({field.name: [] for field in schema}, features=Features.from_arrow_schema(schema))
 
+    seconds = time.perf_counter() - started
+    logger.info("cell sentences of %d cells in %.2f s (%.0f cells/s)", adata.n_obs, seconds, adata.n_obs / max(seconds, 1e-9))
     if n_empty:
         logger.warning(
             "%d of %d cells express no gene and got an empty cell sentence", n_empty, adata.n_obs
@@ -433,8 +437,9 @@ def rank_expression_points(
     rng = np.random.default_rng(seed)
     n = min(n_cells, adata.n_obs)
     cells = np.sort(rng.choice(adata.n_obs, size=n, replace=False))
-    matrix = adata.X if layer is None else adata.layers[layer]
-    chunk = matrix[cells]
+    # the sampled cells first: a view's whole .X would be materialized (a screen's training part: GBs)
+    sampled = adata[cells]
+    chunk = sampled.X if layer is None else sampled.layers[layer]
     chunk = _expressed_entries(sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr(), 0)
     gene_indices, offsets = rank_genes(chunk, seed)
     counts = np.diff(offsets)
