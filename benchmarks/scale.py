@@ -75,7 +75,8 @@ def measure(command: list[str], cwd: Path, log: Path, poll_s: float = 0.2) -> di
 
 
 def make_project(root: Path, data: dict[str, Path], max_steps: int, posterior: dict | None = None,
-                 keep_data: bool = False) -> Path:
+                 keep_data: bool = False, pretraining_steps: int | None = None,
+                 max_test_cells: int | None = None) -> Path:
     """A copy of the project (as tests/helpers.copy_project) with the ``scale`` environment; with
     ``keep_data`` an earlier copy's data/ (and MLflow store) stays, so a later pipeline reads what
     an earlier invocation wrote."""
@@ -96,6 +97,10 @@ def make_project(root: Path, data: dict[str, Path], max_steps: int, posterior: d
     (env / "catalog.yml").write_text(yaml.safe_dump(catalog))
     steps = {"training_arguments": {"max_steps": max_steps}}
     parameters = {"finetuning": steps, "pretraining": steps, "perturbation": {"finetuning": steps}}
+    if pretraining_steps is not None:  # the foundation model only has to exist for embedding/zero-shot
+        parameters["pretraining"] = {"training_arguments": {"max_steps": pretraining_steps}}
+    if max_test_cells is not None:  # label scoring of every test cell of a large atlas is GPU work
+        parameters["evaluation"] = {"max_test_cells": max_test_cells}
     if posterior:  # which held-out perturbations are sampled, and how much (posterior sampling is GPU work)
         parameters["perturbation"]["posterior"] = posterior
     (env / "parameters.yml").write_text(yaml.safe_dump(parameters))
@@ -178,7 +183,8 @@ def run_dataset(kind: str, fraction: float, args: argparse.Namespace) -> dict:
         return result
     posterior = {"perturbations": args.posterior_perturbations, "n_samples": args.posterior_samples,
                  "prompts_per_perturbation": args.posterior_prompts} if kind == "screen" else None
-    project = make_project(workdir / "project", data, args.max_steps, posterior, keep_data=args.reuse_project)
+    project = make_project(workdir / "project", data, args.max_steps, posterior, keep_data=args.reuse_project,
+                           pretraining_steps=args.pretraining_steps, max_test_cells=args.max_test_cells)
     for name in pipelines:
         logger.info("%s %g: kedro run --pipelines=%s", kind, fraction, name)
         figures = measure([str(KEDRO), "run", "--env", "scale", f"--pipelines={name}"], project, workdir / f"{name}.log")
@@ -221,6 +227,10 @@ def main() -> None:
     parser.add_argument("--screen-genes", type=int, default=8_500)
     parser.add_argument("--gem-groups", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=20, help="finetuning (and pretraining) steps")
+    parser.add_argument("--pretraining-steps", type=int, default=None,
+                        help="steps of the foundation model's pretraining (default: --max-steps)")
+    parser.add_argument("--max-test-cells", type=int, default=None,
+                        help="evaluation.max_test_cells for the atlas's label scoring (default: all test cells)")
     parser.add_argument("--posterior-perturbations", type=int, default=8,
                         help="held-out perturbations sampled by perturbation_posterior (perturbation.posterior.perturbations)")
     parser.add_argument("--posterior-samples", type=int, default=10, help="samples per prompt and temperature")
