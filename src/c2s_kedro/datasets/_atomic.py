@@ -8,6 +8,7 @@ less the umask, so collaborators on a shared project directory can read it as th
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,3 +58,26 @@ def atomic_file(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """A new folder next to ``target`` to write into; when the block completes it gets the umask's
+    permissions and takes ``target``'s place (the previous folder is removed after the swap), so
+    an interrupted save leaves the previous one untouched; otherwise it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        share_tree_as_umask_allows(staging)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            retired.rmdir()
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

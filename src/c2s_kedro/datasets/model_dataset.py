@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from c2s_kedro.core.models import (
     model_source,
     save_model,
 )
-from c2s_kedro.datasets._atomic import share_tree_as_umask_allows
+from c2s_kedro.datasets._atomic import atomic_folder
 
 
 class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
@@ -108,23 +106,8 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
                 "a model to it. Point this catalog entry's path at a local directory to save, or run only "
                 "the pipelines that read this model."
             )
-        target = source.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_folder(source.path) as staging:
             save_model(data, staging)
-            share_tree_as_umask_allows(staging)
-            if target.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                retired.rmdir()
-                target.rename(retired)
-                staging.rename(target)
-                shutil.rmtree(retired)
-            else:
-                staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
 
     def _exists(self) -> bool:
         self._check_machine()
