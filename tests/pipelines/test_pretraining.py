@@ -88,6 +88,18 @@ def test_the_corpus_never_uses_test_cells_and_fits_the_context(vocabulary, cell_
     assert longest == CONTEXT - 1  # long sentences are cut to what fits with the EOS, not dropped
 
 
+def test_the_eval_texts_are_capped_at_max_eval_samples_train_texts_never(vocabulary, cell_sentences, tmp_path):
+    whole = _params(tmp_path, max_eval_samples=None)
+    model = initialize_foundation_model(vocabulary, cell_sentences, whole)
+    train_all, val_all = build_pretraining_corpus(cell_sentences, SPLIT, model, whole)
+    capped = _params(tmp_path, max_eval_samples=3)
+    train, val = build_pretraining_corpus(cell_sentences, SPLIT, model, capped)
+    assert val_all.num_rows == 5 and val.num_rows == 3 and train.num_rows == train_all.num_rows
+    texts = lambda corpus: {(i, r) for i, r in zip(corpus["model_input"], corpus["response"])}
+    assert texts(val) < texts(val_all)  # a subset of the val texts, none from elsewhere
+    assert build_pretraining_corpus(cell_sentences, SPLIT, model, capped)[1]["response"] == val["response"]  # seeded
+
+
 def test_pretraining_changes_the_weights_and_returns_its_history(vocabulary, cell_sentences, tmp_path):
     params = _params(tmp_path)
     model = initialize_foundation_model(vocabulary, cell_sentences, params)

@@ -50,6 +50,7 @@ class FinetuningParameters(TrainingParameters):
 class PretrainingParameters:
     architecture: dict[str, Any]  # GPTNeoXConfig keys
     max_genes: int
+    max_eval_samples: int | None
     label_column: str
     organism_column: str
     seed: int

@@ -41,7 +41,7 @@ def build_pretraining_corpus(
     """Train and val texts: each cell's plain sentence and, where it has a label, a
     cell-type-conditioned generation prompt, fitted to the context. Test cells are never used."""
     settings = read_parameters(PretrainingParameters, params, "pretraining")
-    return tuple(
+    train, val = (
         core.training.pretraining_corpus(
             core.sentences.select_cells(cell_sentences, data_split[part]), initial_model.tokenizer, initial_model.context_length,
             max_genes=settings.max_genes, label_column=settings.label_column,
@@ -49,6 +49,12 @@ def build_pretraining_corpus(
         )
         for part in ("train", "val")
     )
+    if settings.max_eval_samples is not None and val.num_rows > settings.max_eval_samples:
+        # drawn from both kinds of text (plain sentences come first in the corpus)
+        logger.info("pretraining eval loss on %d of %d val texts (pretraining.max_eval_samples)",
+                    settings.max_eval_samples, val.num_rows)
+        val = val.shuffle(seed=settings.seed, keep_in_memory=True).select(range(settings.max_eval_samples), keep_in_memory=True)
+    return train, val
 
 
 def pretrain_foundation_model(
