@@ -1,0 +1,207 @@
+"""Training levers for the atlas's fine-tuned model, measured side by side (issue 15, item 2).
+
+Each lever is a set of ``--params`` overrides of the project's own ``kedro run
+--pipelines=finetuning,evaluation`` (fine-tuning of the foundation model on both tasks, then label
+scoring, generation-based annotation, cell generation and its real-cell classifier), run in a fresh
+project copy per lever and seed. Every copy starts from the same inputs, copied from a finished
+default run (``--source``): cell sentences, data split, foundation model, processed AnnData, rank fit
+and vocabulary, so the levers differ only in what they override. Prints one JSON object per lever
+and seed, then a summary (mean and spread over seeds), and writes them to ``--out``.
+
+Generated cells are fewer than the default's 20 per type when ``--cells-per-type`` says so: then
+``real_classifier_accuracy_on_generated_types`` is a proxy on that many cells per type (the same
+classifier and ceiling; a noisier estimate), named so in the output.
+
+Example (the figures in benchmarks/README.md, section "Levers (issue 15)"):
+    .venv/bin/python benchmarks/levers.py --source /tmp/lead/full --work /tmp/h5/levers \\
+        --levers default,epochs6 --seeds 0 --cells-per-type 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("levers")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# What the finetuning and evaluation pipelines read that neither makes (paths as in conf/base/catalog.yml).
+INPUTS = [
+    "data/04_feature/cell_sentences",
+    "data/04_feature/vocabulary.json",
+    "data/05_model_input/data_split.json",
+    "data/03_primary/processed_adata.h5ad",
+    "data/06_models/rank_fit.json",
+    "data/06_models/foundation_model",
+]
+
+# Lever name -> what it runs. params: kedro --params overrides (dotted keys, OmegaConf dotlist values;
+# conf/base is never edited). base: the model the run starts from, from the source run:
+# foundation_model (fine-tune the pretrained model, as the default run does) or finetuned_model (the
+# source run's fine-tuned model: with pipelines=evaluation it is the default lever without re-training,
+# with finetuning it continues training it, i.e. more epochs with the cosine schedule restarted).
+LEVERS: dict[str, dict[str, object]] = {
+    "default": {"params": {}},
+    # the default, scored without re-training: the source run's finetuned_model (same data, seed, settings)
+    "default_source_model": {"params": {}, "base": "finetuned_model", "pipelines": "evaluation"},
+    # the issue's evidence: more generation epochs made NK / monocyte prompts lead with their markers
+    # while eval loss crept up, so the last model is kept rather than the best-eval-loss checkpoint
+    "epochs6": {"params": {
+        "finetuning.training_arguments.num_train_epochs": 6,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+    }},
+    # the source's fine-tuned model (3 epochs) trained N more epochs: more epochs without paying the first 3 again
+    **{f"continue_plus{n}": {"base": "finetuned_model", "params": {
+        "finetuning.training_arguments.num_train_epochs": n,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+    }} for n in (1, 2, 3)},
+    # shorter sentences (the top genes, where the signal is): cheaper steps; evaluation prompts cut the same way
+    "top100": {"params": {"finetuning.top_k_genes": 100, "evaluation.top_k_genes": 100}},
+    "top100_epochs6": {"params": {
+        "finetuning.top_k_genes": 100,
+        "evaluation.top_k_genes": 100,
+        "finetuning.training_arguments.num_train_epochs": 6,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+    }},
+    "lr1e-3": {"params": {"finetuning.training_arguments.learning_rate": 0.001}},
+    "token_loss": {"params": {"finetuning.loss_average": "token"}},
+}
+
+
+def make_project(root: Path, source: Path, base: str) -> None:
+    """A project copy as tests/helpers.py copy_project makes it, with the source run's inputs; the
+    source's ``base`` model directory becomes its foundation_model (finetuned_model too)."""
+    if root.exists():
+        shutil.rmtree(root)
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy(PROJECT_ROOT / ".telemetry", root / ".telemetry")
+    (root / "src").mkdir()
+    copies = {relative: relative for relative in INPUTS}
+    copies["data/06_models/foundation_model"] = f"data/06_models/{base}"
+    copies["data/06_models/finetuned_model"] = f"data/06_models/{base}"
+    for relative, from_relative in copies.items():
+        origin, target = source / from_relative, root / relative
+        if not origin.exists():
+            raise FileNotFoundError(f"{origin} is missing: --source must be a project copy after a default `kedro run`")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if origin.is_dir() else shutil.copy)(origin, target)
+
+
+def peak_rss_mb(time_log: Path) -> float | None:
+    for line in time_log.read_text().splitlines():
+        if "Maximum resident set size" in line:
+            return int(line.split(":")[1]) / 1024
+    return None
+
+
+def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, object]:
+    root = args.work / f"{name}_seed{seed}"
+    lever = LEVERS[name]
+    make_project(root, args.source, str(lever.get("base", "foundation_model")))
+    overrides = dict(lever["params"])
+    overrides.update({
+        "finetuning.seed": seed,
+        "finetuning.training_arguments.seed": seed,
+        "cell_generation.n_cells_per_type": args.cells_per_type,
+    })
+    if args.max_test_cells is not None:
+        overrides["evaluation.max_test_cells"] = args.max_test_cells
+    params = ",".join(f"{key}={value}" for key, value in overrides.items())
+    command = [str(PROJECT_ROOT / ".venv/bin/kedro"), "run", f"--pipelines={lever.get('pipelines', 'finetuning,evaluation')}", "--params", params]
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", MPLBACKEND="Agg")
+    time_log = root / "time.log"
+    logger.info("%s seed %d: %s", name, seed, " ".join(command))
+    start = time.perf_counter()
+    with open(root / "run.log", "w") as log:
+        completed = subprocess.run(["/usr/bin/time", "-v", "-o", str(time_log), *command], cwd=root, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed} failed (rc {completed.returncode}); see {root / 'run.log'}")
+    reporting = root / "data/08_reporting"
+    evaluation = json.loads((reporting / "evaluation_metrics.json").read_text())
+    generation = json.loads((reporting / "cell_generation_metrics.json").read_text())
+    finetuning_file = reporting / "finetuning_metrics.json"  # absent when only evaluation ran
+    finetuning = json.loads(finetuning_file.read_text()) if finetuning_file.exists() else {}
+    generated_key = "real_classifier_accuracy_on_generated_types"
+    if args.cells_per_type != 20:
+        generated_key += f"_proxy_{args.cells_per_type}_per_type"
+    return {
+        "lever": name,
+        "seed": seed,
+        "lever_settings": lever,
+        "label_scoring_accuracy": evaluation["label_scoring_accuracy"],
+        "label_scoring_macro_f1": evaluation["label_scoring_macro_f1"],
+        "generation_accuracy": evaluation.get("generation_accuracy"),
+        "generation_macro_f1": evaluation.get("generation_macro_f1"),
+        "baseline_accuracy": evaluation.get("baseline_accuracy"),
+        "n_test_cells": evaluation.get("n_test_cells"),
+        generated_key: generation["real_classifier_accuracy_on_generated_types"],
+        "real_classifier_accuracy_on_reconstructed_real": generation.get(
+            "real_classifier_accuracy_on_reconstructed_real"),
+        "real_vs_generated_classifier_accuracy": generation.get("real_vs_generated_classifier_accuracy"),
+        "n_generated_cells": generation.get("n_generated_cells"),
+        "training_seconds": finetuning.get("train_runtime_s"),
+        "eval_loss_best": finetuning.get("eval_loss_best"),
+        "eval_loss_last": finetuning.get("eval_loss_last"),
+        "global_step": finetuning.get("global_step"),
+        "run_wall_seconds": round(wall, 1),
+        "peak_rss_mb": peak_rss_mb(time_log),
+        "project": str(root),
+    }
+
+
+def summarize(results: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    """Mean, and min-max spread over seeds, of every numeric score per lever."""
+    summary: dict[str, dict[str, object]] = {}
+    for name in dict.fromkeys(r["lever"] for r in results):
+        rows = [r for r in results if r["lever"] == name]
+        entry: dict[str, object] = {"n_seeds": len(rows)}
+        for key, value in rows[0].items():
+            if isinstance(value, (int, float)) and key != "seed" and all(r.get(key) is not None for r in rows):
+                values = [float(r[key]) for r in rows]
+                entry[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        summary[name] = entry
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, required=True, help="a project copy after a default `kedro run`")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/levers"), help="where the project copies go")
+    parser.add_argument("--levers", default="default,epochs6", help=f"comma-separated, of {sorted(LEVERS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
+    parser.add_argument("--cells-per-type", type=int, default=20, help="generated cells per type (default run: 20)")
+    parser.add_argument("--max-test-cells", type=int, default=None, help="evaluation.max_test_cells (null: all)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    names = args.levers.split(",")
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        parser.error(f"unknown --levers {unknown}; choose from {sorted(LEVERS)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in names:
+            result = run_lever(name, seed, args)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            if args.out:  # after every run: a late lever must not lose the earlier ones
+                args.out.write_text(json.dumps({"results": results, "summary": summarize(results)}, indent=2))
+    print(json.dumps({"summary": summarize(results)}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
