@@ -109,6 +109,26 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
     root = args.work / f"{name}_seed{seed}"
     lever = LEVERS[name]
     make_project(root, args.source, str(lever.get("base", "foundation_model")))
+    if args.model is not None:  # e.g. another lever's fine-tuned model, scored again without generation
+        for entry in ("foundation_model", "finetuned_model"):
+            shutil.rmtree(root / "data/06_models" / entry)
+            shutil.copytree(args.model, root / "data/06_models" / entry)
+    pipelines = str(lever.get("pipelines", "finetuning,evaluation"))
+    nodes = None
+    if args.annotation_only:
+        # annotation only (no cell generation, the slow part on a loaded CPU); the logistic regressions
+        # do not depend on the model, so their predictions are taken from --source when it has them
+        pipelines = pipelines.replace("evaluation", "cell_type_evaluation")
+        nodes = ["build_evaluation_prompts", "predict_by_generation", "predict_by_label_scoring", "score_predictions"]
+        if "finetuning" in pipelines:
+            nodes += ["format_finetuning_prompts", "finetune_model", "record_annotator_metadata", "summarize_finetuning"]
+        for baseline in ("baseline", "sentence_baseline"):
+            made = args.source / f"data/07_model_output/{baseline}_predictions.csv"
+            if made.exists():
+                (root / "data/07_model_output").mkdir(parents=True, exist_ok=True)
+                shutil.copy(made, root / "data/07_model_output" / made.name)
+            else:
+                nodes.append(f"predict_by_{baseline}")
     overrides = dict(lever["params"])
     overrides.update({
         "finetuning.seed": seed,
@@ -118,7 +138,9 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
     if args.max_test_cells is not None:
         overrides["evaluation.max_test_cells"] = args.max_test_cells
     params = ",".join(f"{key}={value}" for key, value in overrides.items())
-    command = [str(PROJECT_ROOT / ".venv/bin/kedro"), "run", f"--pipelines={lever.get('pipelines', 'finetuning,evaluation')}", "--params", params]
+    command = [str(PROJECT_ROOT / ".venv/bin/kedro"), "run", f"--pipelines={pipelines}", "--params", params]
+    if nodes:
+        command.append("--nodes=" + ",".join(nodes))
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", MPLBACKEND="Agg")
     time_log = root / "time.log"
     logger.info("%s seed %d: %s", name, seed, " ".join(command))
@@ -131,7 +153,8 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
         raise RuntimeError(f"{name} seed {seed} failed (rc {completed.returncode}); see {root / 'run.log'}")
     reporting = root / "data/08_reporting"
     evaluation = json.loads((reporting / "evaluation_metrics.json").read_text())
-    generation = json.loads((reporting / "cell_generation_metrics.json").read_text())
+    generation_file = reporting / "cell_generation_metrics.json"  # absent with --annotation-only
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
     finetuning_file = reporting / "finetuning_metrics.json"  # absent when only evaluation ran
     finetuning = json.loads(finetuning_file.read_text()) if finetuning_file.exists() else {}
     generated_key = "real_classifier_accuracy_on_generated_types"
@@ -141,13 +164,15 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
         "lever": name,
         "seed": seed,
         "lever_settings": lever,
+        "model": str(args.model) if args.model else None,
+        "annotation_only": args.annotation_only,
         "label_scoring_accuracy": evaluation["label_scoring_accuracy"],
         "label_scoring_macro_f1": evaluation["label_scoring_macro_f1"],
         "generation_accuracy": evaluation.get("generation_accuracy"),
         "generation_macro_f1": evaluation.get("generation_macro_f1"),
         "baseline_accuracy": evaluation.get("baseline_accuracy"),
         "n_test_cells": evaluation.get("n_test_cells"),
-        generated_key: generation["real_classifier_accuracy_on_generated_types"],
+        generated_key: generation.get("real_classifier_accuracy_on_generated_types"),
         "real_classifier_accuracy_on_reconstructed_real": generation.get(
             "real_classifier_accuracy_on_reconstructed_real"),
         "real_vs_generated_classifier_accuracy": generation.get("real_vs_generated_classifier_accuracy"),
@@ -184,6 +209,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
     parser.add_argument("--cells-per-type", type=int, default=20, help="generated cells per type (default run: 20)")
     parser.add_argument("--max-test-cells", type=int, default=None, help="evaluation.max_test_cells (null: all)")
+    parser.add_argument("--model", type=Path, default=None, help="a model directory to start from instead of the lever's base")
+    parser.add_argument("--annotation-only", action="store_true", help="no cell generation: label scoring and generation-based annotation only")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
