@@ -86,6 +86,23 @@ def test_fit_to_context_searches_only_when_the_whole_text_does_not_fit(tokenizer
         fit_to_context(lambda k: "", 5, tokenizer, max_tokens=2, reserve=3, what="sentence")
 
 
+def test_fit_to_context_never_tokenizes_more_genes_than_the_context_has_tokens(tokenizer, bpe_tokenizer):
+    genes = GENES * 40  # a long sentence for a short context (an atlas cell's 2,300 genes, 512 tokens)
+    for tok in (tokenizer, bpe_tokenizer):
+        rendered: list[int] = []
+
+        def render(k: int) -> str:
+            rendered.append(k)
+            return " ".join(genes[:k])
+
+        kept = fit_to_context(render, len(genes), tok, max_tokens=64)
+        assert _tokens(tok, " ".join(genes[:kept])) <= 64 < _tokens(tok, " ".join(genes[: kept + 1]))
+        assert max(rendered) <= 65
+    # items of no tokens past the cap: the search goes on above it (found, not assumed)
+    padded = lambda k: " ".join(GENES[: min(k, 10)])
+    assert fit_to_context(padded, 500, tokenizer, max_tokens=64) == 500
+
+
 def test_fitting_a_long_prompt_does_not_print_the_tokenizers_length_warning(bpe_tokenizer, capsys, caplog):
     from transformers.utils import logging as hf_logging
 

@@ -237,16 +237,25 @@ def fit_to_context(
     def fits(k: int) -> bool:
         return int(count_tokens(tokenizer, [render(k)])[0]) + reserve <= max_tokens
 
-    if fits(n_items):
+    # Each gene takes at least one token, so max_tokens + 1 genes never fit: search below that
+    # instead of tokenizing a 2,300-gene sentence a dozen times for a 512-token context (checked,
+    # not assumed: if that many do fit, the search goes on above them)
+    cap = min(n_items, max(max_tokens, 0) + 1)
+    if cap < n_items and fits(cap):
+        if fits(n_items):
+            return n_items
+        low, high = cap, n_items
+    elif cap == n_items and fits(n_items):
         return n_items
-    if not fits(0):
+    elif not fits(0):
         overhead = int(count_tokens(tokenizer, [render(0)])[0])
         raise ContextTooSmallError(
             f"{what}: the instruction alone takes {overhead} tokens without genes (+{reserve} reserved for what "
             f"follows), but the model's context allows {max_tokens}; use a model with a longer context "
             "(max_position_embeddings) or a shorter template"
         )
-    low, high = 0, n_items  # fits(low), not fits(high)
+    else:
+        low, high = 0, cap  # fits(low), not fits(high)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
