@@ -344,6 +344,22 @@ def test_reconstruct_top_k_sentence_gives_zeros_beyond_k():
     assert np.all(rebuilt[1, [0, 1, 2, 4]] == 0)
 
 
+def test_reconstruct_cuts_each_sentence_to_its_own_top_k_across_batches(monkeypatch):
+    import c2s_kedro.core.sentences as sentences_module
+
+    monkeypatch.setattr(sentences_module, "RECONSTRUCTION_BATCH", 2)  # the cut follows each batch's sentences
+    genes = [f"g{i}" for i in range(6)]
+    sentences = ["G5 G3 G1 G0 G2 G4", "G0 G1 G2", "G4 G2 G0 G1", "G3 G2", None]
+    kept = [2, 3, 1, 0, 4]
+    matrix, _ = reconstruct_expression(sentences, genes, _fit(slope=-0.5), top_k=kept)
+    cut = [" ".join((s or "").split()[:k]) for s, k in zip(sentences, kept)]
+    expected, _ = reconstruct_expression(cut, genes, _fit(slope=-0.5))
+    np.testing.assert_allclose(matrix.toarray(), expected.toarray(), rtol=1e-6)
+    assert (matrix.getnnz(axis=1) == [2, 3, 1, 0, 0]).all()
+    with pytest.raises(ValueError, match="2 values of top_k for 5 sentences"):
+        reconstruct_expression(sentences, genes, _fit(), top_k=[1, 2])
+
+
 def test_reconstruct_accepts_arrow_column_and_null_sentence():
     column = pa.chunked_array([pa.array(["B A", None], pa.string())])
     matrix, n_unknown = reconstruct_expression(column, ["A", "B"], _fit())

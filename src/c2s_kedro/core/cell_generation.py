@@ -83,9 +83,8 @@ def real_cells_as_generated(
         logger.info("%d real cells of types generation does not ask for are not rebuilt: %s",
                     int((~asked).sum()), sorted(set(table.loc[~asked, "cell_type"])))
     table = table[asked]
-    cut = [" ".join((sentence or "").split()[: int(genes_requested[cell_type])])
-           for sentence, cell_type in zip(table["sentence"], table["cell_type"])]
-    matrix, _ = reconstruct_expression(cut, var_names, rank_fit)
+    kept = [int(genes_requested[cell_type]) for cell_type in table["cell_type"]]
+    matrix, _ = reconstruct_expression(table["sentence"].fillna("").tolist(), var_names, rank_fit, top_k=kept)
     return ad.AnnData(X=matrix, obs=table[["cell_type"]].copy(), var=pd.DataFrame(index=list(var_names)))
 
 

@@ -178,8 +178,7 @@ def sentence_rank_baseline(
     test = table.loc[test_cells]
     room = max(kept, default=0)
     train_x, _ = reconstruct_expression(train["cell_sentence"].fillna("").tolist(), gene_names, rank_fit, top_k=room)
-    cut = [" ".join((sentence or "").split()[:k]) for sentence, k in zip(test["cell_sentence"], kept)]
-    test_x, _ = reconstruct_expression(cut, gene_names, rank_fit)
+    test_x, _ = reconstruct_expression(test["cell_sentence"].fillna("").tolist(), gene_names, rank_fit, top_k=kept)
     classifier = LogisticRegression(max_iter=max_iter, C=C).fit(train_x, train[label_key].astype(str))
     return pd.DataFrame({
         "cell_name": test_cells, "label": test[label_key].astype(str).tolist(), "prediction": classifier.predict(test_x),

@@ -480,22 +480,29 @@ def fit_rank_expression(
 
 
 def reconstruct_expression(
-    sentences: Sequence[str] | pa.Array, gene_names: Sequence[str], rank_fit: RankFit, top_k: int | None = None,
+    sentences: Sequence[str] | pa.Array, gene_names: Sequence[str], rank_fit: RankFit,
+    top_k: int | Sequence[int] | None = None,
 ) -> tuple[sp.csr_matrix, int]:
     """Expression matrix (cells x ``gene_names``) predicted from each gene's position.
 
     A gene absent from a sentence gets 0, so a sentence cut to its top-k genes yields zeros
-    beyond k; ``top_k`` cuts each sentence to its first ``top_k`` words here. Words that are not
+    beyond k; ``top_k`` cuts each sentence to its first ``top_k`` words here (one number for all,
+    or one per sentence). Words that are not
     in ``gene_names`` are skipped; a gene repeated in one sentence keeps its first position.
     Returns the matrix and the number of skipped words (within the first ``top_k``).
     """
     array = sentences if isinstance(sentences, pa.Array | pa.ChunkedArray) else pa.array(list(sentences), pa.string())
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
+    if top_k is not None and not np.isscalar(top_k):
+        top_k = np.asarray(top_k, dtype=np.int64)
+        if top_k.shape != (len(array),):
+            raise ValueError(f"{top_k.size} values of top_k for {len(array)} sentences: give one per sentence, or one number")
     if len(array) > RECONSTRUCTION_BATCH:
         # a batch of sentences at a time: the word-level arrays (several int64 per word) of a
         # 30,000-cell atlas's whole sentences took ~6 GB; each row's values do not depend on the others
-        parts = [_reconstruct_batch(array.slice(start, RECONSTRUCTION_BATCH), gene_names, rank_fit, top_k)
+        parts = [_reconstruct_batch(array.slice(start, RECONSTRUCTION_BATCH), gene_names, rank_fit,
+                                    top_k if top_k is None or np.isscalar(top_k) else top_k[start : start + RECONSTRUCTION_BATCH])
                  for start in range(0, len(array), RECONSTRUCTION_BATCH)]
         return sp.vstack([matrix for matrix, _ in parts], format="csr"), sum(n for _, n in parts)
     return _reconstruct_batch(array, gene_names, rank_fit, top_k)
@@ -504,7 +511,8 @@ def reconstruct_expression(
 RECONSTRUCTION_BATCH = 4096  # sentences rebuilt at once by reconstruct_expression
 
 
-def _reconstruct_batch(array: pa.Array, gene_names: Sequence[str], rank_fit: RankFit, top_k: int | None) -> tuple[sp.csr_matrix, int]:
+def _reconstruct_batch(array: pa.Array, gene_names: Sequence[str], rank_fit: RankFit,
+                       top_k: int | np.ndarray | None) -> tuple[sp.csr_matrix, int]:
     array = pc.fill_null(array, "")
     words = pc.split_pattern(array, " ")
     flat = pc.list_flatten(words)
@@ -518,7 +526,7 @@ def _reconstruct_batch(array: pa.Array, gene_names: Sequence[str], rank_fit: Ran
     non_empty = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
     known = ~np.isnan(genes.astype(float)) if genes.dtype == object else ~np.isnan(genes)
     if top_k is not None:
-        within = positions < top_k
+        within = positions < (top_k if np.isscalar(top_k) else top_k[rows])
         known, non_empty = known & within, non_empty & within
     n_unknown = int(np.count_nonzero(non_empty & ~known))
     keep = known & non_empty
