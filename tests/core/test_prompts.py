@@ -9,6 +9,7 @@ import pytest
 from datasets import Dataset
 
 from c2s_kedro.core.prompts import (
+    word_tokens,
     C2SPromptFormatter,
     ContextTooSmallError,
     build_formatter,
@@ -101,6 +102,37 @@ def test_fit_to_context_never_tokenizes_more_genes_than_the_context_has_tokens(t
     # items of no tokens past the cap: the search goes on above it (found, not assumed)
     padded = lambda k: " ".join(GENES[: min(k, 10)])
     assert fit_to_context(padded, 500, tokenizer, max_tokens=64) == 500
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "bpe_tokenizer"])
+def test_a_guess_of_each_genes_tokens_changes_the_cost_of_fitting_never_the_answer(name, request):
+    tok = request.getfixturevalue(name)
+    genes = GENES * 8
+    template = load_templates("cell_type_prediction").inputs[0]
+    render = lambda k: template.format(num_genes=k, cell_sentence=" ".join(genes[:k]), organism="Homo sapiens")
+    exact = word_tokens(tok, genes)
+    overhead = _tokens(tok, render(0))
+    for max_tokens in (overhead + 3, overhead + 37, overhead + 90, overhead + 300, 5000):
+        for reserve in (0, 3):
+            truth = fit_to_context(render, len(genes), tok, max_tokens, reserve=reserve)
+            for guess in (exact, exact * 0, exact * 7, exact[:5], [1] * len(genes)):
+                assert fit_to_context(render, len(genes), tok, max_tokens, reserve=reserve, item_tokens=guess) == truth
+    with pytest.raises(ContextTooSmallError, match="instruction alone takes"):
+        fit_to_context(render, len(genes), tok, overhead - 1, item_tokens=exact)
+    assert fit_to_context(lambda k: " ".join(genes[:k]), 0, tok, 10, item_tokens=[]) == 0
+
+
+def test_a_right_guess_fits_a_long_sentence_with_three_tokenizations(tokenizer):
+    genes = GENES * 40
+    rendered: list[int] = []
+
+    def render(k: int) -> str:
+        rendered.append(k)
+        return " ".join(genes[:k])
+
+    kept = fit_to_context(render, len(genes), tokenizer, 64, item_tokens=word_tokens(tokenizer, genes))
+    assert _tokens(tokenizer, render(kept)) <= 64 < _tokens(tokenizer, render(kept + 1))
+    assert rendered[:3] == [0, kept, kept + 1] and len(rendered) == 5  # the search's three, then the two checks above
 
 
 def test_fitting_a_long_prompt_does_not_print_the_tokenizers_length_warning(bpe_tokenizer, capsys, caplog):

@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import string
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -219,47 +220,111 @@ class ContextTooSmallError(ValueError):
     """The model's context cannot hold even the prompt's instruction."""
 
 
+def word_tokens(tokenizer, words: Sequence[str]) -> np.ndarray:
+    """Tokens each of ``words`` takes after a space, counted once per tokenizer and word.
+
+    A guess of what each gene adds to a sentence (exact for tokenizers that split on whitespace
+    first, as the byte-level BPEs of the hub models do) that lets ``fit_to_context`` start its
+    search next to the answer; that search checks by tokenizing either way.
+    """
+    try:
+        cache = _WORD_TOKENS.setdefault(tokenizer, {})
+    except TypeError:  # an object that cannot be weakly referenced: count without remembering
+        cache = {}
+    missing = [w for w in dict.fromkeys(words) if w not in cache]
+    if missing:
+        cache.update(zip(missing, count_tokens(tokenizer, [" " + w for w in missing]).tolist()))
+    return np.fromiter((cache[w] for w in words), dtype=np.int64, count=len(words))
+
+
+_WORD_TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def fit_to_context(
-    render: Callable[[int], str], n_items: int, tokenizer, max_tokens: int | None, reserve: int = 0, what: str = "prompt"
+    render: Callable[[int], str],
+    n_items: int,
+    tokenizer,
+    max_tokens: int | None,
+    reserve: int = 0,
+    what: str = "prompt",
+    item_tokens: Sequence[int] | np.ndarray | None = None,
 ) -> int:
     """The largest ``k`` in ``[0, n_items]`` for which ``render(k)`` plus ``reserve`` tokens fits
     ``max_tokens``: the one routine that fits a text to a model's context.
 
     ``render(k)`` builds the text with ``k`` genes (per cell, per sentence: whatever the caller
     shortens); its token count must not decrease as ``k`` grows. ``reserve`` counts tokens that
-    come after the text (an answer, EOS, tokens still to be generated). The common case (all
-    ``n_items`` fit) costs one tokenization, otherwise a binary search. Raises
-    ``ContextTooSmallError`` when not even ``render(0)`` fits.
+    come after the text (an answer, EOS, tokens still to be generated). ``item_tokens`` (what
+    each item adds, e.g. ``word_tokens`` of the genes) only guides the search: the answer is
+    always checked by tokenizing ``render(k)`` and ``render(k + 1)``, so a wrong guess costs time,
+    never a wrong ``k``. Without it, a binary search. Raises ``ContextTooSmallError`` when not even
+    ``render(0)`` fits.
     """
     if max_tokens is None:
         return n_items
+    budget = max_tokens - reserve
 
-    def fits(k: int) -> bool:
-        return int(count_tokens(tokenizer, [render(k)])[0]) + reserve <= max_tokens
+    def tokens(*ks: int) -> list[int]:
+        return count_tokens(tokenizer, [render(k) for k in ks]).tolist()
 
-    # Each gene takes at least one token, so max_tokens + 1 genes never fit: search below that
-    # instead of tokenizing a 2,300-gene sentence a dozen times for a 512-token context (checked,
-    # not assumed: if that many do fit, the search goes on above them)
-    cap = min(n_items, max(max_tokens, 0) + 1)
-    if cap < n_items and fits(cap):
-        if fits(n_items):
-            return n_items
-        low, high = cap, n_items
-    elif cap == n_items and fits(n_items):
-        return n_items
-    elif not fits(0):
-        overhead = int(count_tokens(tokenizer, [render(0)])[0])
-        raise ContextTooSmallError(
-            f"{what}: the instruction alone takes {overhead} tokens without genes (+{reserve} reserved for what "
-            f"follows), but the model's context allows {max_tokens}; use a model with a longer context "
-            "(max_position_embeddings) or a shorter template"
-        )
+    # Invariant of the search: render(low) fits; render(high) does not (high = n_items + 1 is a
+    # text that does not exist)
+    low, high = 0, n_items + 1
+    if item_tokens is not None and n_items:
+        guessed = np.ones(n_items, dtype=np.int64)  # items without a guess: at least one token each
+        given = np.asarray(item_tokens, dtype=np.int64)[:n_items]
+        guessed[: len(given)] = given
+        added = np.concatenate([[0], np.cumsum(guessed)])
+        overhead = tokens(0)[0]
+        if overhead > budget:
+            _raise_too_small(overhead, reserve, max_tokens, what)
+        for _ in range(3):  # the guess, corrected by what the last check measured
+            guess = int(np.searchsorted(added + overhead, budget, side="right")) - 1
+            guess = min(max(guess, low), high - 1)
+            if guess == n_items:
+                at = tokens(guess)[0]
+                if at <= budget:
+                    return n_items
+                high, overhead = guess, at - int(added[guess])
+                continue
+            at, after = tokens(guess, guess + 1)
+            if at <= budget < after:
+                return guess
+            if after <= budget:
+                low, overhead = guess + 1, after - int(added[guess + 1])
+            else:
+                high, overhead = guess, at - int(added[guess])
+            if high - low <= 1:
+                return low
     else:
-        low, high = 0, cap  # fits(low), not fits(high)
+        # Each gene takes at least one token, so max_tokens + 1 genes never fit: look below that
+        # first instead of tokenizing a 2,300-gene sentence a dozen times for a 512-token context
+        # (checked, not assumed: if that many do fit, the search goes on above them)
+        cap = min(n_items, max(max_tokens, 0) + 1)
+        at_cap = tokens(cap)[0]
+        if at_cap <= budget:
+            if cap == n_items:
+                return n_items
+            low = cap
+        elif cap == 0 or tokens(0)[0] > budget:
+            _raise_too_small(tokens(0)[0], reserve, max_tokens, what)
+        else:
+            high = cap
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        if tokens(middle)[0] <= budget:
+            low = middle
+        else:
+            high = middle
     return low
+
+
+def _raise_too_small(overhead: int, reserve: int, max_tokens: int, what: str) -> None:
+    raise ContextTooSmallError(
+        f"{what}: the instruction alone takes {overhead} tokens without genes (+{reserve} reserved for what "
+        f"follows), but the model's context allows {max_tokens}; use a model with a longer context "
+        "(max_position_embeddings) or a shorter template"
+    )
 
 
 def fit_prompt(
@@ -276,7 +341,8 @@ def fit_prompt(
     def render(k: int) -> str:
         return template.format(num_genes=k, cell_sentence=" ".join(genes[:k]), **fields)
 
-    kept = fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=reserve)
+    kept = fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=reserve,
+                          item_tokens=word_tokens(tokenizer, genes))
     return render(kept), kept
 
 
@@ -290,7 +356,8 @@ def fit_generation(
         values = {**fields, "num_genes": k, "cell_sentence": " ".join(genes[:k])}
         return template.format(**values) + " " + response.format(**values)
 
-    return fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=1, what="cell_type_generation sample")
+    return fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=1, what="cell_type_generation sample",
+                          item_tokens=word_tokens(tokenizer, genes))
 
 
 def response_tokens(tokenizer, responses: Sequence[str]) -> int:
