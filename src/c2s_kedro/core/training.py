@@ -455,7 +455,7 @@ def pretraining_corpus(
             genes = (sentence or "").split()[:max_genes]
             # tokenize_pairs reads an empty prompt and " " + the response; one token more for the EOS
             kept = fit_to_context(lambda k: " " + " ".join(genes[:k]) if k else "", len(genes), tokenizer, max_tokens,
-                                  reserve=1, what="cell sentence", item_tokens=word_tokens(tokenizer, genes))
+                                  reserve=1, what="cell sentence", item_tokens=word_tokens(tokenizer, genes[: max_tokens + 1]))
             responses.append(" ".join(genes[:kept]))
         n = len(responses)
         return {"sample_type": ["cell_sentence"] * n, "model_input": [""] * n, "response": responses}
