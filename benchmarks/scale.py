@@ -76,7 +76,7 @@ def measure(command: list[str], cwd: Path, log: Path, poll_s: float = 0.2) -> di
 
 def make_project(root: Path, data: dict[str, Path], max_steps: int, posterior: dict | None = None,
                  keep_data: bool = False, pretraining_steps: int | None = None,
-                 max_test_cells: int | None = None) -> Path:
+                 max_test_cells: int | None = None, max_eval_samples: int | None = None) -> Path:
     """A copy of the project (as tests/helpers.copy_project) with the ``scale`` environment; with
     ``keep_data`` an earlier copy's data/ (and MLflow store) stays, so a later pipeline reads what
     an earlier invocation wrote."""
@@ -96,9 +96,12 @@ def make_project(root: Path, data: dict[str, Path], max_steps: int, posterior: d
                for name, path in data.items()}
     (env / "catalog.yml").write_text(yaml.safe_dump(catalog))
     steps = {"training_arguments": {"max_steps": max_steps}}
-    parameters = {"finetuning": steps, "pretraining": steps, "perturbation": {"finetuning": steps}}
+    parameters = {"finetuning": dict(steps), "pretraining": dict(steps), "perturbation": {"finetuning": dict(steps)}}
     if pretraining_steps is not None:  # the foundation model only has to exist for embedding/zero-shot
         parameters["pretraining"] = {"training_arguments": {"max_steps": pretraining_steps}}
+    if max_eval_samples is not None:  # an evaluation over a 36,000-gene vocabulary costs many training steps
+        for section in (parameters["finetuning"], parameters["pretraining"]):
+            section["max_eval_samples"] = max_eval_samples
     if max_test_cells is not None:  # label scoring of every test cell of a large atlas is GPU work
         parameters["evaluation"] = {"max_test_cells": max_test_cells}
     if posterior:  # which held-out perturbations are sampled, and how much (posterior sampling is GPU work)
@@ -184,7 +187,8 @@ def run_dataset(kind: str, fraction: float, args: argparse.Namespace) -> dict:
     posterior = {"perturbations": args.posterior_perturbations, "n_samples": args.posterior_samples,
                  "prompts_per_perturbation": args.posterior_prompts} if kind == "screen" else None
     project = make_project(workdir / "project", data, args.max_steps, posterior, keep_data=args.reuse_project,
-                           pretraining_steps=args.pretraining_steps, max_test_cells=args.max_test_cells)
+                           pretraining_steps=args.pretraining_steps, max_test_cells=args.max_test_cells,
+                           max_eval_samples=args.max_eval_samples)
     for name in pipelines:
         logger.info("%s %g: kedro run --pipelines=%s", kind, fraction, name)
         figures = measure([str(KEDRO), "run", "--env", "scale", f"--pipelines={name}"], project, workdir / f"{name}.log")
@@ -235,6 +239,8 @@ def main() -> None:
                         help="held-out perturbations sampled by perturbation_posterior (perturbation.posterior.perturbations)")
     parser.add_argument("--posterior-samples", type=int, default=10, help="samples per prompt and temperature")
     parser.add_argument("--posterior-prompts", type=int, default=1, help="prompts per sampled perturbation")
+    parser.add_argument("--max-eval-samples", type=int, default=None,
+                        help="val samples evaluated by finetuning and pretraining (default: the pipelines' own, 500)")
     parser.add_argument("--atlas-pipelines", default=",".join(ATLAS_PIPELINES))
     parser.add_argument("--screen-pipelines", default=",".join(SCREEN_PIPELINES))
     parser.add_argument("--skip-atlas", action="store_true")
