@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -72,8 +73,16 @@ def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
         training_arguments={"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                             "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "no", "use_cpu": True},
         checkpoint_dir=str(tmp_path / "checkpoints"), loss_on_response_only=True, loss_average="sample", mlflow_prefix="test")
-    _, history = finetune(build_gpt_neox(tokenizer, ARCHITECTURE), DatasetDict(train=prompts, val=prompts), settings)
+    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    evaluated_samples = []
+    model.model.register_forward_hook(lambda module, args, kwargs, output: None if module.training else
+                                evaluated_samples.append(len(kwargs["input_ids"])), with_kwargs=True)
+    _, history = finetune(model, DatasetDict(train=prompts, val=prompts), settings)
     evaluated = {key for entry in history for key in entry if key.startswith("eval_") and key.endswith("_loss")}
     assert evaluated == {"eval_loss", "eval_cell_type_prediction_loss", "eval_cell_type_generation_loss"}
     losses = {key: entry[key] for entry in history for key in entry if key in evaluated}
     assert losses["eval_cell_type_prediction_loss"] != losses["eval_cell_type_generation_loss"]
+    # every val sample once, and the whole set's loss is the tasks' weighted by their samples (8 each)
+    assert sum(evaluated_samples) == prompts.num_rows
+    halves = (losses["eval_cell_type_prediction_loss"] + losses["eval_cell_type_generation_loss"]) / 2
+    assert losses["eval_loss"] == pytest.approx(halves, rel=1e-6)

@@ -139,7 +139,8 @@ class C2STrainer(Trainer):
     Per task: with several tasks the training loss alternates between them (batches are grouped
     by length, so most batches hold one task; a short cell-type answer and a 200-gene sentence
     have very different losses), so ``eval_<task>_loss`` is logged next to ``eval_loss`` at every
-    evaluation (``task_eval_datasets``); the best model is still chosen by the whole eval set.
+    evaluation (``task_eval_datasets``, which must split the eval set); ``eval_loss``, by which the
+    best model is chosen, is their mean weighted by samples.
 
     ``save_pretrained`` writes weights under their hub names (GPT-NeoX's output head as
     ``embed_out``, which transformers 5 calls ``lm_head``), but the Trainer loads a checkpoint
@@ -151,10 +152,25 @@ class C2STrainer(Trainer):
     task_eval_datasets: dict[str, Dataset] = {}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if eval_dataset is None and metric_key_prefix == "eval":
-            for task, subset in self.task_eval_datasets.items():
-                metrics.update(super().evaluate(subset, ignore_keys, f"eval_{task}"))
+        if eval_dataset is not None or metric_key_prefix != "eval" or len(self.task_eval_datasets) < 2:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        # Each task on its own, and the whole set's loss from theirs, weighted by their samples:
+        # every sample is evaluated once, not once in the whole set and again in its task (the
+        # same number with per-sample loss averaging; an evaluation over a 36,000-gene vocabulary
+        # costs minutes)
+        metrics, sizes = {}, {}
+        for task, subset in self.task_eval_datasets.items():
+            metrics.update(super().evaluate(subset, ignore_keys, f"eval_{task}"))
+            sizes[task] = len(subset)
+        total, runtime = sum(sizes.values()), sum(metrics[f"eval_{task}_runtime"] for task in sizes)
+        whole = {
+            "eval_loss": sum(metrics[f"eval_{task}_loss"] * n for task, n in sizes.items()) / total,
+            "eval_runtime": round(runtime, 4),
+            "eval_samples_per_second": round(total / runtime, 3) if runtime else float("nan"),
+        }
+        self.log(whole)
+        metrics.update(whole)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def _issue_warnings_after_load(self, load_result) -> None:
