@@ -160,8 +160,12 @@ def perturbation_prompts(
         pairs = paired_sentences(control_pairs(obs, split, part, columns, seed + 10 * offset, controls_per_cell,
                                                include_control_pairs), lookup)
         if part != "test":
+            # shuffled before formatting, so that only the val pairs kept are formatted
+            pairs = pairs.shuffle(seed=seed, keep_in_memory=True)
+            if part == "val" and max_eval_samples is not None and pairs.num_rows > max_eval_samples:
+                pairs = pairs.select(range(max_eval_samples), keep_in_memory=True)
             formatter = PerturbationPromptFormatter(top_k_genes=top_k_genes, seed=seed, tokenizer=tokenizer, max_tokens=max_tokens)
-            parts[part] = formatter.format_dataset(pairs).shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+            parts[part] = formatter.format_dataset(pairs.flatten_indices(keep_in_memory=True))
     budget = max_new_tokens or response_token_budget(tokenizer, parts["train"]["response"])
     formatter = PerturbationPromptFormatter(
         top_k_genes=top_k_genes, seed=seed, tokenizer=tokenizer, max_tokens=max_tokens, response_budget=budget,
@@ -169,8 +173,6 @@ def perturbation_prompts(
     )
     test = formatter.format_dataset(pairs)
     parts["test"] = test.add_column("max_new_tokens", [budget] * test.num_rows)
-    if max_eval_samples is not None and parts["val"].num_rows > max_eval_samples:
-        parts["val"] = parts["val"].select(range(max_eval_samples), keep_in_memory=True)
     return DatasetDict(parts)
 
 
@@ -343,34 +345,39 @@ class PerturbationPromptFormatter(PromptFormatter):
     def required_columns(self) -> list[str]:
         return ["control_sentence", "perturbed_sentence", "perturbation"]
 
-    def _budget(self, response: str) -> int:
+    def _budgets(self, responses: list[str]) -> list[int]:
+        """Tokens left for each prompt: the context less the response and its EOS (or less
+        ``response_budget``); a batch's responses are counted in one call."""
         if self.response_budget is not None:
-            return self.max_tokens - self.response_budget
-        return self.max_tokens - int(count_tokens(self.tokenizer, [" " + response])[0]) - 1  # EOS
+            return [self.max_tokens - self.response_budget] * len(responses)
+        if not responses:
+            return []
+        return (self.max_tokens - count_tokens(self.tokenizer, [" " + r for r in responses]) - 1).tolist()  # EOS
 
     def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["control_sentence"])
         choices = self.rng.integers(0, len(self.templates.inputs), size=n)
-        inputs, responses, kept = [], [], []
-        for control, perturbed, name, choice in zip(batch["control_sentence"], batch["perturbed_sentence"],
-                                                     batch["perturbation"], choices):
+        inputs, kept = [], []
+        responses = [self.templates.response.format(perturbed_sentence=" ".join((perturbed or "").split()[: self.top_k_genes]))
+                     for perturbed in batch["perturbed_sentence"]]
+        budgets = self._budgets(responses) if self.max_tokens is not None else [None] * n
+        for control, response, budget, name, choice in zip(batch["control_sentence"], responses, budgets,
+                                                           batch["perturbation"], choices):
             genes = (control or "").split()[: self.top_k_genes]
-            response = self.templates.response.format(perturbed_sentence=" ".join((perturbed or "").split()[: self.top_k_genes]))
             template = self.templates.inputs[choice]
             fields = {"perturbation": str(name).upper()}
             if self.max_tokens is None:
                 prompt, n_kept = template.format(num_genes=len(genes), cell_sentence=" ".join(genes), **fields), len(genes)
             else:
-                prompt, n_kept = fit_prompt(template, genes, fields, self.tokenizer, self._budget(response))
+                prompt, n_kept = fit_prompt(template, genes, fields, self.tokenizer, budget)
                 if n_kept < len(genes) and self.on_overflow == "error":
                     raise ContextTooSmallError(
                         f"a {self.task} prompt with {len(genes)} control genes does not fit the model's context of "
-                        f"{self.max_tokens} tokens with {self._budget(response)} tokens left for it; only {n_kept} genes "
+                        f"{self.max_tokens} tokens with {budget} tokens left for it; only {n_kept} genes "
                         "fit. Lower top_k_genes (or max_new_tokens), or set on_overflow: shorten"
                     )
             self.n_shortened += n_kept < len(genes)
             inputs.append(prompt)
-            responses.append(response)
             kept.append(n_kept)
         return {"sample_type": [self.task] * n, "model_input": inputs, "response": responses, "n_control_genes": kept}
 
