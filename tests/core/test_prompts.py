@@ -123,6 +123,7 @@ def test_a_guess_of_each_genes_tokens_changes_the_cost_of_fitting_never_the_answ
 
 
 def test_a_right_guess_fits_a_long_sentence_with_three_tokenizations(tokenizer):
+    """The first look at max_tokens + 1 genes, then the guess and the one after it."""
     genes = GENES * 40
     rendered: list[int] = []
 
@@ -132,7 +133,7 @@ def test_a_right_guess_fits_a_long_sentence_with_three_tokenizations(tokenizer):
 
     kept = fit_to_context(render, len(genes), tokenizer, 64, item_tokens=word_tokens(tokenizer, genes))
     assert _tokens(tokenizer, render(kept)) <= 64 < _tokens(tokenizer, render(kept + 1))
-    assert rendered[:3] == [0, kept, kept + 1] and len(rendered) == 5  # the search's three, then the two checks above
+    assert rendered[:3] == [65, kept, kept + 1] and len(rendered) == 5  # the search's three, then the two checks above
 
 
 def test_fitting_a_long_prompt_does_not_print_the_tokenizers_length_warning(bpe_tokenizer, capsys, caplog):

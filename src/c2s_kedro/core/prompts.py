@@ -267,18 +267,29 @@ def fit_to_context(
     def tokens(*ks: int) -> list[int]:
         return count_tokens(tokenizer, [render(k) for k in ks]).tolist()
 
-    # Invariant of the search: render(low) fits; render(high) does not (high = n_items + 1 is a
-    # text that does not exist)
-    low, high = 0, n_items + 1
+    # The search keeps render(low) fitting (once tokenized: ``low_fits``) and render(high) not
+    # (high = n_items + 1 is a text that does not exist)
+    low, high, low_fits = 0, n_items + 1, False
+    # Each gene takes at least one token, so max_tokens + 1 genes never fit: the first look is at
+    # no more than that, not at a 2,300-gene sentence for a 512-token context (checked, not
+    # assumed: if that many do fit, the search goes on above them)
+    first = min(n_items, max(max_tokens, 0) + 1)
+    at = tokens(first)[0]
+    if at <= budget:
+        if first == n_items:  # most prompts end here, after one tokenization
+            return n_items
+        low, low_fits = first, True
+    else:
+        high = first
     if item_tokens is not None and n_items:
         guessed = np.ones(n_items, dtype=np.int64)  # items without a guess: at least one token each
         given = np.asarray(item_tokens, dtype=np.int64)[:n_items]
         guessed[: len(given)] = given
         added = np.concatenate([[0], np.cumsum(guessed)])
-        overhead = tokens(0)[0]
-        if overhead > budget:
-            _raise_too_small(overhead, reserve, max_tokens, what)
+        overhead = at - int(added[first])  # what the text takes besides its items, as measured
         for _ in range(3):  # the guess, corrected by what the last check measured
+            if high - low <= 1:
+                break
             guess = int(np.searchsorted(added + overhead, budget, side="right")) - 1
             guess = min(max(guess, low), high - 1)
             if guess == n_items:
@@ -291,31 +302,19 @@ def fit_to_context(
             if at <= budget < after:
                 return guess
             if after <= budget:
-                low, overhead = guess + 1, after - int(added[guess + 1])
+                low, low_fits, overhead = guess + 1, True, after - int(added[guess + 1])
             else:
                 high, overhead = guess, at - int(added[guess])
-            if high - low <= 1:
-                return low
-    else:
-        # Each gene takes at least one token, so max_tokens + 1 genes never fit: look below that
-        # first instead of tokenizing a 2,300-gene sentence a dozen times for a 512-token context
-        # (checked, not assumed: if that many do fit, the search goes on above them)
-        cap = min(n_items, max(max_tokens, 0) + 1)
-        at_cap = tokens(cap)[0]
-        if at_cap <= budget:
-            if cap == n_items:
-                return n_items
-            low = cap
-        elif cap == 0 or tokens(0)[0] > budget:
-            _raise_too_small(tokens(0)[0], reserve, max_tokens, what)
-        else:
-            high = cap
     while high - low > 1:
         middle = (low + high) // 2
         if tokens(middle)[0] <= budget:
-            low = middle
+            low, low_fits = middle, True
         else:
             high = middle
+    if not low_fits:  # nothing fitted yet: does the instruction alone?
+        overhead = tokens(0)[0]
+        if overhead > budget:
+            _raise_too_small(overhead, reserve, max_tokens, what)
     return low
 
 
