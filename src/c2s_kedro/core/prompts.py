@@ -240,6 +240,12 @@ def word_tokens(tokenizer, words: Sequence[str]) -> np.ndarray:
 _WORD_TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def gene_tokens_guess(tokenizer, genes: Sequence[str], max_tokens: int | None) -> np.ndarray:
+    """``word_tokens`` of the genes that can fit ``max_tokens`` (each takes at least one token, so
+    no more than ``max_tokens + 1``): the ``item_tokens`` guess for ``fit_to_context``."""
+    return word_tokens(tokenizer, genes if max_tokens is None else genes[: max(max_tokens, 0) + 1])
+
+
 def fit_to_context(
     render: Callable[[int], str],
     n_items: int,
@@ -318,11 +324,6 @@ def fit_to_context(
     return low
 
 
-def _most_items(max_tokens: int | None) -> int | None:
-    """Genes worth guessing tokens for: each takes at least one, so no more than max_tokens + 1 fit."""
-    return None if max_tokens is None else max(max_tokens, 0) + 1
-
-
 def _raise_too_small(overhead: int, reserve: int, max_tokens: int, what: str) -> None:
     raise ContextTooSmallError(
         f"{what}: the instruction alone takes {overhead} tokens without genes (+{reserve} reserved for what "
@@ -346,7 +347,7 @@ def fit_prompt(
         return template.format(num_genes=k, cell_sentence=" ".join(genes[:k]), **fields)
 
     kept = fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=reserve,
-                          item_tokens=word_tokens(tokenizer, genes[: _most_items(max_tokens)]))
+                          item_tokens=gene_tokens_guess(tokenizer, genes, max_tokens))
     return render(kept), kept
 
 
@@ -361,7 +362,7 @@ def fit_generation(
         return template.format(**values) + " " + response.format(**values)
 
     return fit_to_context(render, len(genes), tokenizer, max_tokens, reserve=1, what="cell_type_generation sample",
-                          item_tokens=word_tokens(tokenizer, genes[: _most_items(max_tokens)]))
+                          item_tokens=gene_tokens_guess(tokenizer, genes, max_tokens))
 
 
 def response_tokens(tokenizer, responses: Sequence[str]) -> int:

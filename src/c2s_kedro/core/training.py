@@ -23,7 +23,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_utils import get_last_checkpoint
 
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context, word_tokens
+from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context, gene_tokens_guess
 from c2s_kedro.core.sentences import select_cells
 from c2s_kedro.core.tracking import log_metrics, note_resumed_run, record_training_run
 
@@ -471,7 +471,7 @@ def pretraining_corpus(
             genes = (sentence or "").split()[:max_genes]
             # tokenize_pairs reads an empty prompt and " " + the response; one token more for the EOS
             kept = fit_to_context(lambda k: " " + " ".join(genes[:k]) if k else "", len(genes), tokenizer, max_tokens,
-                                  reserve=1, what="cell sentence", item_tokens=word_tokens(tokenizer, genes[: max_tokens + 1]))
+                                  reserve=1, what="cell sentence", item_tokens=gene_tokens_guess(tokenizer, genes, max_tokens))
             responses.append(" ".join(genes[:kept]))
         n = len(responses)
         return {"sample_type": ["cell_sentence"] * n, "model_input": [""] * n, "response": responses}
