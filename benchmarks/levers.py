@@ -72,6 +72,13 @@ LEVERS: dict[str, dict[str, object]] = {
         "finetuning.training_arguments.num_train_epochs": 6,
         "finetuning.training_arguments.load_best_model_at_end": "false",
     }},
+    # generation-only epochs on top of the source's fine-tuned model (the issue's evidence for generation),
+    # scored by cell generation only: the model then knows one task, so annotation is not asked of it
+    **{f"generation_only_plus{n}": {"base": "finetuned_model", "pipelines": "finetuning,cell_generation", "params": {
+        "finetuning.tasks": "[cell_type_generation]",
+        "finetuning.training_arguments.num_train_epochs": n,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+    }} for n in (1, 2)},
     "lr1e-3": {"params": {"finetuning.training_arguments.learning_rate": 0.001}},
     "token_loss": {"params": {"finetuning.loss_average": "token"}},
 }
@@ -105,14 +112,17 @@ def peak_rss_mb(time_log: Path) -> float | None:
     return None
 
 
-def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, object]:
-    root = args.work / f"{name}_seed{seed}"
+def run_lever(name: str, seed: int, args: argparse.Namespace, model: Path | None = None,
+              link: int | None = None) -> dict[str, object]:
+    """One lever and seed in its own project copy; ``model`` replaces the lever's base model
+    (another lever's model, or the previous link of a ``--chain``)."""
+    root = args.work / (f"{name}_seed{seed}" + (f"_link{link}" if link is not None else ""))
     lever = LEVERS[name]
     make_project(root, args.source, str(lever.get("base", "foundation_model")))
-    if args.model is not None:  # e.g. another lever's fine-tuned model, scored again without generation
+    if model is not None:  # e.g. another lever's fine-tuned model, scored again without generation
         for entry in ("foundation_model", "finetuned_model"):
             shutil.rmtree(root / "data/06_models" / entry)
-            shutil.copytree(args.model, root / "data/06_models" / entry)
+            shutil.copytree(model, root / "data/06_models" / entry)
     pipelines = str(lever.get("pipelines", "finetuning,evaluation"))
     nodes = None
     if args.annotation_only:
@@ -152,7 +162,8 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
     if completed.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (rc {completed.returncode}); see {root / 'run.log'}")
     reporting = root / "data/08_reporting"
-    evaluation = json.loads((reporting / "evaluation_metrics.json").read_text())
+    evaluation_file = reporting / "evaluation_metrics.json"  # absent when only cell_generation scored the model
+    evaluation = json.loads(evaluation_file.read_text()) if evaluation_file.exists() else {}
     generation_file = reporting / "cell_generation_metrics.json"  # absent with --annotation-only
     generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
     finetuning_file = reporting / "finetuning_metrics.json"  # absent when only evaluation ran
@@ -164,10 +175,11 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
         "lever": name,
         "seed": seed,
         "lever_settings": lever,
-        "model": str(args.model) if args.model else None,
+        "model": str(model) if model else None,
+        "link": link,
         "annotation_only": args.annotation_only,
-        "label_scoring_accuracy": evaluation["label_scoring_accuracy"],
-        "label_scoring_macro_f1": evaluation["label_scoring_macro_f1"],
+        "label_scoring_accuracy": evaluation.get("label_scoring_accuracy"),
+        "label_scoring_macro_f1": evaluation.get("label_scoring_macro_f1"),
         "generation_accuracy": evaluation.get("generation_accuracy"),
         "generation_macro_f1": evaluation.get("generation_macro_f1"),
         "baseline_accuracy": evaluation.get("baseline_accuracy"),
@@ -188,10 +200,11 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
 
 
 def summarize(results: list[dict[str, object]]) -> dict[str, dict[str, object]]:
-    """Mean, and min-max spread over seeds, of every numeric score per lever."""
+    """Mean, and min-max spread over seeds, of every numeric score per lever (and link of a chain)."""
     summary: dict[str, dict[str, object]] = {}
-    for name in dict.fromkeys(r["lever"] for r in results):
-        rows = [r for r in results if r["lever"] == name]
+    key = lambda r: str(r["lever"]) + (f" link {r['link']}" if r.get("link") is not None else "")
+    for name in dict.fromkeys(key(r) for r in results):
+        rows = [r for r in results if key(r) == name]
         entry: dict[str, object] = {"n_seeds": len(rows)}
         for key, value in rows[0].items():
             if isinstance(value, (int, float)) and key != "seed" and all(r.get(key) is not None for r in rows):
@@ -210,6 +223,9 @@ def main() -> None:
     parser.add_argument("--cells-per-type", type=int, default=20, help="generated cells per type (default run: 20)")
     parser.add_argument("--max-test-cells", type=int, default=None, help="evaluation.max_test_cells (null: all)")
     parser.add_argument("--model", type=Path, default=None, help="a model directory to start from instead of the lever's base")
+    parser.add_argument("--chain", type=int, default=1,
+                        help="run each lever this many times, each link starting from the previous link's fine-tuned "
+                             "model (a learning curve: scores against cumulative training time)")
     parser.add_argument("--annotation-only", action="store_true", help="no cell generation: label scoring and generation-based annotation only")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -222,11 +238,17 @@ def main() -> None:
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in names:
-            result = run_lever(name, seed, args)
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            if args.out:  # after every run: a late lever must not lose the earlier ones
-                args.out.write_text(json.dumps({"results": results, "summary": summarize(results)}, indent=2))
+            model, seconds, steps = args.model, 0.0, 0
+            for link in range(1, args.chain + 1):
+                result = run_lever(name, seed, args, model=model, link=link if args.chain > 1 else None)
+                seconds += float(result["training_seconds"] or 0)
+                steps += int(result["global_step"] or 0)
+                result.update(cumulative_training_seconds=round(seconds, 1), cumulative_steps=steps)
+                model = Path(str(result["project"])) / "data/06_models/finetuned_model"
+                print(json.dumps(result), flush=True)
+                results.append(result)
+                if args.out:  # after every run: a late lever must not lose the earlier ones
+                    args.out.write_text(json.dumps({"results": results, "summary": summarize(results)}, indent=2))
     print(json.dumps({"summary": summarize(results)}, indent=2))
 
 

@@ -14,6 +14,7 @@ from c2s_kedro.core.prompts import C2SPromptFormatter, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer, label_words
 from c2s_kedro.core.training import (
     IGNORE_INDEX,
+    balanced_rows,
     TrainingSettings,
     TrainingSettingsError,
     finetune,
@@ -231,6 +232,28 @@ def test_custom_formatter_formats_each_cell_once_whatever_the_tasks(cells):
     assert set(both["train"]["sample_type"]) == set(tasks)
     with pytest.raises(ValueError, match="no prompt task"):
         prompt_formatters([])
+
+
+def test_class_balanced_sampling_repeats_rare_labels_train_cells_only(cells):
+    assert balanced_rows(["a", "a", "a", "b", None], 3) == [0, 1, 2, 3, 3, 3, 4]
+    assert balanced_rows(["a", "b", "b"], 1) == [0, 1, 2]  # every label already has one
+    assert balanced_rows(["a", "b", "b", "b", "b"], 3) == [0, 0, 0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="at least 1"):
+        balanced_rows(["a"], 0)
+    # train: 7 T cells (c0, c2, ..., c12) and 1 B cell (c1); each B copy draws its own template
+    big = tiny_cell_sentences(GENES, n_cells=16)
+    split = {"train": [f"c{i}" for i in range(0, 14, 2)] + ["c1"], "val": ["c3", "c5"], "test": ["c7", "c9"]}
+    formatter = prompt_formatters(["cell_type_prediction"], seed=0, label_column="cell_type")
+    plain = format_split_prompts(big, split, formatter, seed=0)
+    balanced = format_split_prompts(big, split, formatter, seed=0, min_train_cells_per_label=4, label_column="cell_type")
+    assert plain["train"].num_rows == 8 and balanced["train"].num_rows == 11
+    assert sorted(balanced["train"]["response"]).count("B cell.") == 4
+    b_prompts = [p for p, r in zip(balanced["train"]["model_input"], balanced["train"]["response"]) if r == "B cell."]
+    assert len(set(b_prompts)) > 1
+    for part in ("val", "test"):
+        assert balanced[part]["model_input"] == plain[part]["model_input"]
+    with pytest.raises(KeyError, match="label column 'tissue_type'"):
+        format_split_prompts(big, split, formatter, seed=0, min_train_cells_per_label=4, label_column="tissue_type")
 
 
 def test_pretraining_corpus_fits_the_context_and_labels_add_generation_prompts(tokenizer, cells):

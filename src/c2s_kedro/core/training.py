@@ -432,18 +432,47 @@ def prompt_formatters(
     return [build_formatter(task, None, options, **common) for task in tasks]
 
 
+def balanced_rows(labels: Sequence[Any], min_per_label: int) -> list[int]:
+    """Row indices that repeat every row of a label with fewer than ``min_per_label`` rows until
+    it has at least that many (whole copies: ``ceil(min_per_label / n)`` of each row); rows of
+    other labels, and rows without a label, once. Class-balanced sampling for rare labels."""
+    if min_per_label < 1:
+        raise ValueError(f"min_per_label must be at least 1, got {min_per_label}")
+    counts: dict[Any, int] = {}
+    for label in labels:
+        if label is not None:
+            counts[label] = counts.get(label, 0) + 1
+    rows: list[int] = []
+    for i, label in enumerate(labels):
+        n = counts.get(label, 0) if label is not None else 0
+        rows.extend([i] * (-(-min_per_label // n) if 0 < n < min_per_label else 1))
+    return rows
+
+
 def format_split_prompts(
     cell_sentences: Dataset,
     data_split: dict[str, Sequence[str]],
     formatters: Sequence[PromptFormatter],
     seed: int,
     max_eval_samples: int | None = None,
+    min_train_cells_per_label: int | None = None,
+    label_column: str | None = None,
 ) -> DatasetDict:
     """The prompts of every formatter for the ``train``, ``val`` and ``test`` cells of
-    ``data_split``, each part shuffled with ``seed``; ``val`` keeps at most ``max_eval_samples``."""
+    ``data_split``, each part shuffled with ``seed``; ``val`` keeps at most ``max_eval_samples``.
+    With ``min_train_cells_per_label``, train cells of a ``label_column`` value with fewer cells
+    are repeated (``balanced_rows``; each copy draws its own template), val and test unchanged."""
+    if min_train_cells_per_label is not None and (label_column is None or label_column not in cell_sentences.column_names):
+        raise KeyError(f"class-balanced sampling needs the label column '{label_column}' in cell_sentences; "
+                       f"available: {', '.join(cell_sentences.column_names)}")
     parts = {}
     for part in ("train", "val", "test"):
         cells = select_cells(cell_sentences, data_split[part])
+        if part == "train" and min_train_cells_per_label is not None:
+            rows = balanced_rows(cells[label_column], min_train_cells_per_label)
+            logger.info("class-balanced train cells: %d rows for %d cells (each label at least %d)",
+                        len(rows), cells.num_rows, min_train_cells_per_label)
+            cells = cells.select(rows, keep_in_memory=True)
         formatted = concatenate_datasets([formatter.format_dataset(cells) for formatter in formatters])
         parts[part] = formatted.shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
     if max_eval_samples is not None and parts["val"].num_rows > max_eval_samples:

@@ -44,6 +44,7 @@ class FinetuningParameters(TrainingParameters):
     label_column: str
     organism_column: str
     seed: int
+    min_train_cells_per_label: int | None  # class-balanced sampling: rare labels' train cells repeated
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,10 @@ def format_finetuning_prompts(
             top_k_genes=settings.top_k_genes, label_column=label, organism_column=settings.organism_column,
             tokenizer=foundation_model.tokenizer, max_tokens=foundation_model.context_length, prompt_templates=templates,
         )
-    return core.training.format_split_prompts(cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples)
+    return core.training.format_split_prompts(
+        cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples,
+        min_train_cells_per_label=settings.min_train_cells_per_label, label_column=label,
+    )
 
 
 def finetune_model(
