@@ -79,6 +79,13 @@ LEVERS: dict[str, dict[str, object]] = {
         "finetuning.training_arguments.num_train_epochs": n,
         "finetuning.training_arguments.load_best_model_at_end": "false",
     }} for n in (1, 2)},
+    # class-balanced sampling: every cell type at least 50 train cells (the rare T subtypes have 6-34)
+    "balanced50": {"params": {"finetuning.min_train_cells_per_label": 50}},
+    "balanced50_epochs6": {"params": {
+        "finetuning.min_train_cells_per_label": 50,
+        "finetuning.training_arguments.num_train_epochs": 6,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+    }},
     "lr1e-3": {"params": {"finetuning.training_arguments.learning_rate": 0.001}},
     "token_loss": {"params": {"finetuning.loss_average": "token"}},
 }

@@ -218,8 +218,31 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
+def combine(reports: list[dict]) -> dict:
+    """One report from several invocations' JSON objects (e.g. the CPU pipelines and the model
+    pipelines run separately): each dataset's runs merged by size (a pipeline measured twice at
+    one size keeps the later report's figures), then the growth exponents and the largest size's
+    total computed again over every size."""
+    combined: dict = {"machine": reports[0].get("machine"), "max_steps": reports[0].get("max_steps"),
+                      "combined_from": len(reports)}
+    for kind in ("atlas", "screen"):
+        by_cells: dict[int, dict] = {}
+        for report in reports:
+            for run in report.get(kind, {}).get("runs", []):
+                merged = by_cells.setdefault(run["n_cells"], {**run, "pipelines": {}})
+                merged["pipelines"].update(run["pipelines"])
+        if not by_cells:
+            continue
+        runs = [by_cells[n] for n in sorted(by_cells)]
+        combined[kind] = {"runs": runs, "growth": summarize(runs),
+                          "total_wall_s_largest": round(sum(p["wall_s"] for p in runs[-1]["pipelines"].values()), 1)}
+    return combined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="merge the JSON objects of earlier invocations into one (runs nothing)")
     parser.add_argument("--workdir", default="/tmp/scale")
     parser.add_argument("--fractions", default="0.25,0.5,1", help="sizes as fractions of the full size")
     parser.add_argument("--atlas-cells", type=int, default=30_000)
@@ -253,6 +276,9 @@ def main() -> None:
     parser.add_argument("--simulate-only", action="store_true",
                         help="write the datasets and stop (then measure with --reuse-data)")
     args = parser.parse_args()
+    if args.combine:
+        print(json.dumps(combine([json.loads(path.read_text()) for path in args.combine]), indent=2))
+        return
     args.atlas_pipelines = [p for p in args.atlas_pipelines.split(",") if p]
     args.screen_pipelines = [p for p in args.screen_pipelines.split(",") if p]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
