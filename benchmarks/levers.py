@@ -79,6 +79,9 @@ LEVERS: dict[str, dict[str, object]] = {
         "finetuning.training_arguments.num_train_epochs": n,
         "finetuning.training_arguments.load_best_model_at_end": "false",
     }} for n in (1, 2)},
+    # sampling, not training: the source's (or --model's) fine-tuned model generating at a lower temperature
+    **{f"generate_T{t}": {"base": "finetuned_model", "pipelines": "cell_generation",
+                           "params": {"cell_generation.temperature": t}} for t in (0.5, 0.7)},
     # class-balanced sampling: every cell type at least 50 train cells (the rare T subtypes have 6-34)
     "balanced50": {"params": {"finetuning.min_train_cells_per_label": 50}},
     "balanced50_epochs6": {"params": {

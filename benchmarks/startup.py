@@ -177,6 +177,80 @@ def kedro_run_first_node(project: Path, pipeline: str, log: Path) -> float:
     return round(json.loads(marks_file.read_text())["first_node"] - started_wall, 2)
 
 
+FLOOR_PIPELINE = """from kedro.pipeline import Pipeline, node, pipeline
+
+
+def nothing():
+    return None
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    return {"__default__": pipeline([node(nothing, None, "nothing_done", name="nothing")])}
+"""
+
+
+def make_floor_project(root: Path) -> Path:
+    """The smallest Kedro project this environment can run: one node that does nothing, none of
+    our code, the installed plugins (kedro-mlflow with our mlflow.yml, kedro-viz, ...): what
+    Kedro and its plugins cost before any project's first node."""
+    shutil.rmtree(root, ignore_errors=True)
+    package = root / "src" / "startup_floor"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "settings.py").write_text("")
+    (package / "pipeline_registry.py").write_text(FLOOR_PIPELINE)
+    (root / "pyproject.toml").write_text(
+        '[tool.kedro]\npackage_name = "startup_floor"\nproject_name = "startup_floor"\n'
+        f'kedro_init_version = "{_kedro_version()}"\nsource_dir = "src"\n')
+    (root / ".telemetry").write_text("consent: false\n")
+    for env in ("base", "local"):
+        (root / "conf" / env).mkdir(parents=True)
+    shutil.copy(PROJECT / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
+    return root
+
+
+def _kedro_version() -> str:
+    from importlib.metadata import version
+
+    return version("kedro")
+
+
+def floor_first_node(root: Path, log: Path) -> float:
+    """Seconds from ``kedro run`` to the floor project's one node."""
+    marks_file = log.with_suffix(".marks.json")
+    marks_file.unlink(missing_ok=True)
+    started_wall = time.time()
+    measure([sys.executable, "-c", PRELUDE, "run"], root, log, {"C2S_MARKS": str(marks_file), "C2S_FIRST_NODE_ONLY": "1"})
+    return round(json.loads(marks_file.read_text())["first_node"] - started_wall, 2)
+
+
+def import_seconds(module: str) -> float:
+    """Seconds a fresh interpreter takes to import ``module`` (interpreter start-up excluded)."""
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    return round(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout), 2)
+
+
+def framework_floor(work: Path, repeats: int, pipelines: list[str], project: Path | None) -> dict:
+    """The floor project's first node beside ours (side by side, ``repeats`` times in turn), and
+    the imports that make most of it."""
+    floor_root = make_floor_project(work / "floor_project")
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    floor, ours = [], {name: [] for name in pipelines}
+    floor_first_node(floor_root, logs / "floor_warmup.log")  # creates its MLflow database (ours exists already)
+    for repeat in range(repeats):
+        floor.append(floor_first_node(floor_root, logs / f"floor_{repeat}.log"))
+        if project is not None:
+            for name in pipelines:
+                ours[name].append(kedro_run_first_node(project, name, logs / f"first_node_{name}_{repeat}.log"))
+    report = {"floor_first_node_s": floor, "floor_first_node_median_s": statistics.median(floor),
+              "imports_s": {m: import_seconds(m) for m in ("kedro.framework.cli", "mlflow", "kedro_mlflow.framework.hooks")}}
+    if project is not None:
+        report["ours_first_node_median_s"] = {name: statistics.median(v) for name, v in ours.items()}
+        report["ours_first_node_s"] = ours
+    return report
+
+
 def reference_command(python: str) -> tuple[list[str], str]:
     """The reference package's conversion when ``python`` imports cell2sentence, else the loop."""
     has_package = subprocess.run([python, "-c", "import cell2sentence"], capture_output=True).returncode == 0
@@ -196,7 +270,17 @@ def main() -> None:
                         help="a Python that imports cell2sentence (default: this one; the loop when it does not)")
     parser.add_argument("--pipelines", nargs="+", default=list(FIRST_NODE_PIPELINES), help="first-node timings")
     parser.add_argument("--reuse-data", action="store_true", help="keep an existing atlas and processed data")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="only the framework floor (a one-node Kedro project with the installed plugins) beside our "
+                             "pipelines' first nodes (needs the project copy in --workdir from an earlier run)")
     args = parser.parse_args()
+    if args.floor_only:
+        project = args.workdir / "project"
+        if (project / "conf").exists():  # today's conf/ over the earlier run's data/
+            make_project(project, args.workdir / "atlas.h5ad")
+        print(json.dumps(framework_floor(args.workdir, args.repeats, args.pipelines,
+                                         project if (project / "conf").exists() else None), indent=2))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     from c2s_kedro.core.simulate import write_atlas_h5ad
 
@@ -227,8 +311,9 @@ def main() -> None:
         [sys.executable, "-c", "import sys, anndata; print(anndata.read_h5ad(sys.argv[1], backed='r').n_obs)", str(processed)],
         capture_output=True, text=True, check=True).stdout))
 
-    logger.info("first nodes")
-    first_node = {name: kedro_run_first_node(project, name, logs / f"first_node_{name}.log") for name in args.pipelines}
+    logger.info("first nodes, beside the framework floor")
+    floor = framework_floor(work, args.repeats, args.pipelines, project)
+    first_node = floor.pop("ours_first_node_median_s")
 
     logger.info("kernel rate")
     kernel = json.loads(subprocess.run(
@@ -250,6 +335,7 @@ def main() -> None:
         "ratio_reference_over_ours": round(theirs_wall / ours_wall, 2),
         "runs": {"ours": ours, "reference": theirs},
         "first_node_s": first_node,
+        "framework_floor": floor,  # a one-node Kedro project with the same plugins: the first node no project can beat
         "in_pipeline_cells_per_s": round(n_cells / node_s),
         "convert_task_cells_per_s": round(n_cells / task_s),  # with the h5ad load, first imports and the save
         "kernel_cells_per_s": round(n_cells / kernel_s),
