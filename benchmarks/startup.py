@@ -206,6 +206,8 @@ def make_floor_project(root: Path) -> Path:
     for env in ("base", "local"):
         (root / "conf" / env).mkdir(parents=True)
     shutil.copy(PROJECT / "conf" / "base" / "mlflow.yml", root / "conf" / "base" / "mlflow.yml")
+    for config in ("catalog.yml", "parameters.yml"):
+        (root / "conf" / "base" / config).write_text("{}\n")
     return root
 
 
@@ -227,7 +229,8 @@ def floor_first_node(root: Path, log: Path) -> float:
 def import_seconds(module: str) -> float:
     """Seconds a fresh interpreter takes to import ``module`` (interpreter start-up excluded)."""
     code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
-    return round(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout), 2)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return round(float(out.strip().splitlines()[-1]), 2)  # kedro logs its logging set-up on stdout first
 
 
 def framework_floor(work: Path, repeats: int, pipelines: list[str], project: Path | None) -> dict:
