@@ -82,6 +82,9 @@ LEVERS: dict[str, dict[str, object]] = {
     # sampling, not training: the source's (or --model's) fine-tuned model generating at a lower temperature
     **{f"generate_T{t}": {"base": "finetuned_model", "pipelines": "cell_generation",
                            "params": {"cell_generation.temperature": t}} for t in (0.5, 0.7)},
+    # classifier-free guidance towards the asked type (cell_generation.guidance_scale), same model
+    **{f"generate_cfg{g:g}": {"base": "finetuned_model", "pipelines": "cell_generation",
+                              "params": {"cell_generation.guidance_scale": g}} for g in (1.5, 2.0, 3.0, 5.0)},
     # class-balanced sampling: every cell type at least 50 train cells (the rare T subtypes have 6-34)
     "balanced50": {"params": {"finetuning.min_train_cells_per_label": 50}},
     "balanced50_epochs6": {"params": {
@@ -212,9 +215,9 @@ def run_lever(name: str, seed: int, args: argparse.Namespace, model: Path | None
 def summarize(results: list[dict[str, object]]) -> dict[str, dict[str, object]]:
     """Mean, and min-max spread over seeds, of every numeric score per lever (and link of a chain)."""
     summary: dict[str, dict[str, object]] = {}
-    key = lambda r: str(r["lever"]) + (f" link {r['link']}" if r.get("link") is not None else "")
-    for name in dict.fromkeys(key(r) for r in results):
-        rows = [r for r in results if key(r) == name]
+    group = lambda r: str(r["lever"]) + (f" link {r['link']}" if r.get("link") is not None else "")
+    for name in dict.fromkeys(group(r) for r in results):
+        rows = [r for r in results if group(r) == name]
         entry: dict[str, object] = {"n_seeds": len(rows)}
         for key, value in rows[0].items():
             if isinstance(value, (int, float)) and key != "seed" and all(r.get(key) is not None for r in rows):

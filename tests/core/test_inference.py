@@ -293,3 +293,46 @@ def test_answers_match_labels_after_normalization():
     assert match_answer("Dendritic", labels) == "Dendritic"
     assert match_answer("Cell sentence", labels) is None
     assert match_answer("CD19+ B cells.", labels) is None
+
+
+def test_guidance_pushes_each_step_away_from_the_prompts_last_token_alone(gene_model):
+    tokenizer, model = gene_model.tokenizer, gene_model.model
+    prompts = PROMPTS[:3]  # different lengths: one left-padded batch
+    scale = 3.0
+    guided = generate_texts(gene_model, prompts, max_new_tokens=1, batch_size=3, guidance_scale=scale)
+    plain = generate_texts(gene_model, prompts, max_new_tokens=1, batch_size=3)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            conditional = torch.log_softmax(model(ids).logits[0, -1], dim=-1)
+            unconditional = torch.log_softmax(model(ids[:, -1:]).logits[0, -1], dim=-1)
+            token = int(torch.argmax(unconditional + scale * (conditional - unconditional)))
+            expected.append(tokenizer.decode([token], skip_special_tokens=True))
+    assert [text.strip() for text in guided] == [text.strip() for text in expected]
+    assert guided != plain  # the random model's choice moves under guidance on at least one prompt
+    # against given unconditional prompts (of other lengths than the prompts: both left-padded)
+    unconditional = [PROMPTS[6], PROMPTS[0], PROMPTS[4]]
+    against = generate_texts(gene_model, prompts, max_new_tokens=1, batch_size=3, guidance_scale=scale,
+                             unconditional_prompts=unconditional)
+    expected = []
+    with torch.no_grad():
+        for prompt, negative in zip(prompts, unconditional):
+            conditional = torch.log_softmax(model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1], dim=-1)
+            base = torch.log_softmax(model(torch.tensor([tokenizer(negative)["input_ids"]])).logits[0, -1], dim=-1)
+            expected.append(tokenizer.decode([int(torch.argmax(base + scale * (conditional - base)))], skip_special_tokens=True))
+    assert [text.strip() for text in against] == [text.strip() for text in expected]
+    assert against != guided  # the unconditional prompts are what guidance pushes away from, not the last token
+    with pytest.raises(ValueError, match="2 unconditional prompts for 3 prompts"):
+        generate_texts(gene_model, prompts, max_new_tokens=1, guidance_scale=scale, unconditional_prompts=unconditional[:2])
+    # sampling with guidance (same seed) samples other genes, and still only vocabulary genes, each once
+    genes = GENES[:24]
+    sampled = {scale: generate_texts(gene_model, PROMPTS[:4], max_new_tokens=40, do_sample=True, seed=0, guidance_scale=scale,
+                                     logits_processor_factory=lambda: GeneVocabularyConstraint(tokenizer, genes))
+               for scale in (1.0, 8.0)}
+    assert sampled[8.0] != sampled[1.0]
+    for text in sampled[8.0]:
+        words = _words(text)
+        assert words and set(words) <= set(genes) and len(words) == len(set(words)), text
+    with pytest.raises(ValueError, match="guidance_scale must be at least 1"):
+        generate_texts(gene_model, prompts, max_new_tokens=1, guidance_scale=0.5)

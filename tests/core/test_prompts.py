@@ -179,6 +179,10 @@ def test_generation_prompts_ask_for_the_median_cell_or_what_fits(tokenizer):
     assert roomy["genes_requested"] == [160, 160, 20, 20]  # the median number of genes of each type
     assert "Generate the 160 most" in roomy["prompt"][0] and roomy["prompt"][0] == roomy["prompt"][1]
     assert roomy["max_new_tokens"] == 1000 - max(_tokens(tokenizer, p) for p in roomy["prompt"])
+    # what guidance pushes away from: the same prompt (same number of genes) without its cell type
+    assert roomy["unconditional_prompt"][0] == roomy["prompt"][0].replace(" B cell", "")
+    assert roomy["unconditional_prompt"][2] == roomy["prompt"][2].replace(" T cell", "")
+    assert "cell" in roomy["unconditional_prompt"][0] and "B cell" not in roomy["unconditional_prompt"][0]
 
     tight = cell_generation_prompts(sentences, types, tokenizer, max_tokens=128, n_per_type=1, template_index=2)
     b_cell = tight["genes_requested"][0]

@@ -39,16 +39,20 @@ def generate_cells(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
+    guidance_scale: float = 1.0,
+    unconditional_prompts: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """One sampled cell sentence per prompt: with ``constrained`` only genes of ``genes``, each at
     most once; otherwise free text, cleaned afterwards (non-genes dropped, repeats merged, both
-    counted). Rows ``generated_<i>``: ``cell_type``, ``cell_sentence``, ``raw_text`` and the counts
+    counted). ``guidance_scale`` > 1: classifier-free guidance towards the prompt against
+    ``unconditional_prompts`` (e.g. the prompts without their cell type; ``inference.generate_texts``). Rows ``generated_<i>``: ``cell_type``, ``cell_sentence``, ``raw_text`` and the counts
     ``n_genes``, ``n_non_genes_dropped``, ``n_repeats_merged``."""
     genes = list(genes)
     factory = (lambda: GeneVocabularyConstraint(language_model.tokenizer, genes)) if constrained else None
     texts = generate_texts(
         language_model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
-        temperature=temperature, top_k=top_k, seed=seed, logits_processor_factory=factory,
+        temperature=temperature, top_k=top_k, seed=seed, logits_processor_factory=factory, guidance_scale=guidance_scale,
+        unconditional_prompts=unconditional_prompts,
     )
     known = set(genes)
     rows = []

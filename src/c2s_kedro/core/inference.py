@@ -308,13 +308,15 @@ def log_generation_room(
     return message
 
 
-def _generation_config(tokenizer, max_new_tokens: int, do_sample: bool) -> GenerationConfig:
+def _generation_config(tokenizer, max_new_tokens: int, do_sample: bool, guidance_scale: float = 1.0) -> GenerationConfig:
     settings = {}
+    if guidance_scale != 1.0:  # transformers' classifier-free guidance, before any other logits processor
+        settings["guidance_scale"] = guidance_scale
     if do_sample:
         # Pinned to "off" and applied by our own warpers after any constraint: generate() would
         # otherwise fill unset values from the model's and global defaults (top_k=50) and run
         # its warpers before a custom logits processor.
-        settings = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        settings.update(temperature=1.0, top_k=0, top_p=1.0)
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -367,6 +369,8 @@ def generate_texts(
     seed: int = 0,
     logits_processor_factory: Callable[[], LogitsProcessor] | None = None,
     expected_answers: Sequence[str] | None = None,
+    guidance_scale: float = 1.0,
+    unconditional_prompts: Sequence[str] | None = None,
 ) -> list[str]:
     """The text each prompt's model continues with (new tokens only, special tokens skipped), in
     the order of ``prompts``.
@@ -385,19 +389,33 @@ def generate_texts(
     (up to EOS) is proposed and checked in one forward pass, and kept as far as the model's own
     greedy choice at each position agrees with it. An answer that is not expected is generated
     token by token.
+
+    ``guidance_scale`` > 1 is classifier-free guidance (transformers' ``guidance_scale`` and
+    ``negative_prompt_ids``): each step's log-probabilities ``c`` become ``u + scale * (c - u)``,
+    ``u`` those of the same continuation after the prompt's ``unconditional_prompts`` entry (e.g.
+    the prompt without its cell type; without them, the prompt's last token alone), computed in
+    one more forward pass per step, so what the prompt says beyond that weighs more. 1: off.
     """
+    if guidance_scale < 1.0:
+        raise ValueError(f"guidance_scale must be at least 1 (1: no guidance), got {guidance_scale}")
+    if unconditional_prompts is not None and len(unconditional_prompts) != len(prompts):
+        raise ValueError(f"{len(unconditional_prompts)} unconditional prompts for {len(prompts)} prompts: give one per prompt")
     tokenizer, model = language_model.tokenizer, language_model.model
     encoded = _encode_prompts(tokenizer, prompts)
     _check_room(encoded, max_new_tokens, language_model.context_length)
     device = language_model.device
     if expected_answers is not None:
-        if do_sample or logits_processor_factory is not None:
+        if do_sample or logits_processor_factory is not None or guidance_scale != 1.0:
             raise ValueError(
-                "expected_answers speed up greedy decoding only; leave them out when sampling or when "
-                "a logits processor is given"
+                "expected_answers speed up greedy decoding only; leave them out when sampling, with "
+                "guidance or when a logits processor is given"
             )
         return _generate_with_drafts(language_model, encoded, max_new_tokens, batch_size, expected_answers)
-    config = _generation_config(tokenizer, max_new_tokens, do_sample)
+    config = _generation_config(tokenizer, max_new_tokens, do_sample, guidance_scale)
+    guided = guidance_scale != 1.0 and unconditional_prompts is not None
+    negatives = _encode_prompts(tokenizer, unconditional_prompts) if guided else None
+    if negatives is not None:
+        _check_room(negatives, max_new_tokens, language_model.context_length)
     texts: list[str] = [""] * len(encoded)
     with _seeded(seed, device):
         for number, batch in enumerate(tqdm(length_grouped_batches([len(ids) for ids in encoded], batch_size),
@@ -407,9 +425,14 @@ def generate_texts(
             if number == 0:  # the first batch holds the longest prompts
                 log_generation_room(input_ids.shape[1], max_new_tokens, language_model.context_length,
                                     getattr(constraint, "tokens_per_gene", None))
+            negative = {}
+            if negatives is not None:  # left-padded too; rotary positions only count relative offsets
+                negative_ids, negative_mask = _padded(tokenizer, [negatives[i] for i in batch], "left", device)
+                negative = {"negative_prompt_ids": negative_ids, "negative_prompt_attention_mask": negative_mask}
             sequences = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
+                **negative,
                 # written in place; the default DynamicCache copies the whole batch's cache at every step
                 cache=StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens),
                 generation_config=config,

@@ -457,7 +457,9 @@ def cell_generation_prompts(
     prompt and its answer would not fit ``max_tokens``: the answer is sized on the type's median
     cell (the first with the fewest genes at or above the median), its first ``k`` genes, "." and
     EOS (``fit_generation``). Returns ``prompt``, ``cell_type``, ``genes_requested`` per prompt
-    and ``max_new_tokens``, all the room the longest prompt leaves. ``templates``
+    and ``max_new_tokens``, all the room the longest prompt leaves, and ``unconditional_prompt``:
+    each prompt without its cell type (the template with ``{cell_type}`` and the space before it
+    left out), what classifier-free guidance pushes away from. ``templates``
     (``load_templates``) default to ours; their first response sizes the answer.
     """
     templates = templates or load_templates("cell_type_generation")
@@ -465,7 +467,8 @@ def cell_generation_prompts(
     response = templates.response
     table = pd.DataFrame({"cell_type": [str(t) for t in cell_types], "genes": [(s or "").split() for s in sentences]})
     table["n_genes"] = table["genes"].str.len()
-    prompts, types, requested = [], [], []
+    prompts, types, requested, type_free = [], [], [], []
+    without_type = template.replace(" {cell_type}", "").replace("{cell_type}", "")
     for cell_type, cells in table.groupby("cell_type", sort=True):
         median = int(cells["n_genes"].median())
         typical = cells.loc[cells["n_genes"] >= median].sort_values("n_genes", kind="stable")["genes"].iloc[0][:median]
@@ -477,12 +480,14 @@ def cell_generation_prompts(
                 f"model's context of {max_tokens} tokens; use a model with a longer context or a shorter template"
             )
         prompts += [template.format(num_genes=k, **fields)] * n_per_type
+        type_free += [without_type.format(num_genes=k, organism=organism)] * n_per_type
         types += [cell_type] * n_per_type
         requested += [k] * n_per_type
     if not prompts:
         raise ValueError("no training cell has a cell type: nothing to condition generation on")
     room = max_tokens - int(count_tokens(tokenizer, list(dict.fromkeys(prompts))).max())
-    return {"prompt": prompts, "cell_type": types, "genes_requested": requested, "max_new_tokens": room}
+    return {"prompt": prompts, "cell_type": types, "genes_requested": requested, "max_new_tokens": room,
+            "unconditional_prompt": type_free}
 
 
 class PromptFormatter:

@@ -46,6 +46,7 @@ class CellGenerationParameters:
     constrained: bool
     temperature: float
     top_k: int | None
+    guidance_scale: float  # classifier-free guidance towards the asked cell type; 1: off
     batch_size: int
     seed: int
     n_comps: int

@@ -52,7 +52,8 @@ def generate_cells(
         finetuned_model, generation_prompts["prompt"], generation_prompts["cell_type"],
         [gene for gene, count in vocabulary.items() if count > 0], generation_prompts["max_new_tokens"],
         constrained=settings.constrained, batch_size=settings.batch_size, temperature=settings.temperature,
-        top_k=settings.top_k, seed=settings.seed,
+        top_k=settings.top_k, seed=settings.seed, guidance_scale=settings.guidance_scale,
+        unconditional_prompts=generation_prompts["unconditional_prompt"],
     )
 
 
