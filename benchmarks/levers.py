@@ -79,6 +79,14 @@ LEVERS: dict[str, dict[str, object]] = {
         "finetuning.training_arguments.num_train_epochs": n,
         "finetuning.training_arguments.load_best_model_at_end": "false",
     }} for n in (1, 2)},
+    # what reached the generation target in the chain (8 generation-only epochs after the default's
+    # 3 joint ones, then guidance 5), as one run with one cosine schedule, for the spread over seeds
+    "generation_only_plus8_guidance5": {"base": "finetuned_model", "pipelines": "finetuning,cell_generation", "params": {
+        "finetuning.tasks": "[cell_type_generation]",
+        "finetuning.training_arguments.num_train_epochs": 8,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+        "cell_generation.guidance_scale": 5.0,
+    }},
     # sampling, not training: the source's (or --model's) fine-tuned model generating at a lower temperature
     **{f"generate_T{t}": {"base": "finetuned_model", "pipelines": "cell_generation",
                            "params": {"cell_generation.temperature": t}} for t in (0.5, 0.7)},
