@@ -184,3 +184,27 @@ def test_dataset_factory_patterns_are_kept_in_memory_too(tmp_path):
     assert catalog.load("perturbation.rank_fit") == {"slope": -1.0}
     assert not (tmp_path / "perturbation_rank_fit.json").exists()
 
+
+
+def test_the_process_group_opened_for_the_plan_is_closed_at_exit(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:  # a free port for the one-rank group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    at_exit = []
+    monkeypatch.setattr(runner_module.atexit, "register", at_exit.append)
+    assert not dist.is_initialized()
+    try:
+        assert runner_module.share_plan(["a", "b"]) == ["a", "b"]
+        assert dist.is_initialized() and len(at_exit) == 1
+        at_exit[0]()  # what the interpreter runs at exit
+        assert not dist.is_initialized()
+        at_exit[0]()  # closed already (e.g. by the Trainer): nothing to do
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

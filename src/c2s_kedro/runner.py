@@ -23,6 +23,7 @@ every save in memory (``KeptInMemory``). Their Kedro plugins' hooks are off
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -269,7 +270,18 @@ def _process_group():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "cuda:nccl,cpu:gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=DDP_TIMEOUT_S))
+        # a group left open at interpreter exit can abort the process after a finished run
+        # ("terminate called without an active exception", exit -6): close what was opened here
+        atexit.register(_close_process_group)
     return dist
+
+
+def _close_process_group() -> None:
+    """Close the default process group if it is still open (the Trainer may have closed it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share_plan(node_names: list[str] | None) -> list[str] | None:
