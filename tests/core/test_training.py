@@ -256,6 +256,32 @@ def test_class_balanced_sampling_repeats_rare_labels_train_cells_only(cells):
         format_split_prompts(big, split, formatter, seed=0, min_train_cells_per_label=4, label_column="tissue_type")
 
 
+def test_task_repeats_give_train_cells_more_prompts_of_one_task_only():
+    big = tiny_cell_sentences(GENES, n_cells=12)
+    split = {"train": [f"c{i}" for i in range(8)], "val": ["c8", "c9"], "test": ["c10", "c11"]}
+    formatters = prompt_formatters(["cell_type_prediction", "cell_type_generation"], seed=0, label_column="cell_type")
+    plain = format_split_prompts(big, split, formatters, seed=0)
+    repeated = format_split_prompts(big, split, formatters, seed=0, task_repeats={"cell_type_generation": 3})
+    kinds = lambda part: sorted(part["sample_type"])
+    assert kinds(plain["train"]).count("cell_type_generation") == 8
+    assert kinds(repeated["train"]).count("cell_type_generation") == 24
+    assert kinds(repeated["train"]).count("cell_type_prediction") == 8
+    # every train cell's sentence is the answer of 3 generation prompts, not all with the same template
+    generation = [(p, r) for p, r, t in zip(repeated["train"]["model_input"], repeated["train"]["response"],
+                                            repeated["train"]["sample_type"]) if t == "cell_type_generation"]
+    by_answer: dict[str, list[str]] = {}
+    for prompt, answer in generation:
+        by_answer.setdefault(answer, []).append(prompt)
+    assert all(len(prompts) == 3 for prompts in by_answer.values())
+    assert any(len(set(prompts)) > 1 for prompts in by_answer.values())
+    for part in ("val", "test"):
+        assert repeated[part]["model_input"] == plain[part]["model_input"]
+    with pytest.raises(ValueError, match="no prompt formatter trains"):
+        format_split_prompts(big, split, formatters, seed=0, task_repeats={"tissue_prediction": 2})
+    with pytest.raises(ValueError, match="at least 1"):
+        format_split_prompts(big, split, formatters, seed=0, task_repeats={"cell_type_generation": 0})
+
+
 def test_pretraining_corpus_fits_the_context_and_labels_add_generation_prompts(tokenizer, cells):
     corpus = pretraining_corpus(cells, tokenizer, max_tokens=96, max_genes=60, label_column="cell_type",
                                 organism_column="organism", seed=0)

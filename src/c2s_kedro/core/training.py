@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -449,6 +449,11 @@ def balanced_rows(labels: Sequence[Any], min_per_label: int) -> list[int]:
     return rows
 
 
+def _repeated(cells: Dataset, n: int) -> Dataset:
+    """Every row ``n`` times (whole copies, in order)."""
+    return cells if n == 1 else cells.select(list(range(cells.num_rows)) * n, keep_in_memory=True)
+
+
 def format_split_prompts(
     cell_sentences: Dataset,
     data_split: dict[str, Sequence[str]],
@@ -457,14 +462,25 @@ def format_split_prompts(
     max_eval_samples: int | None = None,
     min_train_cells_per_label: int | None = None,
     label_column: str | None = None,
+    task_repeats: Mapping[str, int] | None = None,
 ) -> DatasetDict:
     """The prompts of every formatter for the ``train``, ``val`` and ``test`` cells of
     ``data_split``, each part shuffled with ``seed``; ``val`` keeps at most ``max_eval_samples``.
     With ``min_train_cells_per_label``, train cells of a ``label_column`` value with fewer cells
-    are repeated (``balanced_rows``; each copy draws its own template), val and test unchanged."""
+    are repeated (``balanced_rows``; each copy draws its own template), val and test unchanged.
+    ``task_repeats`` (task -> n) gives each train cell n prompts of that task per epoch, each with
+    its own template draw (more passes of one task inside the same run); val and test unchanged."""
     if min_train_cells_per_label is not None and (label_column is None or label_column not in cell_sentences.column_names):
         raise KeyError(f"class-balanced sampling needs the label column '{label_column}' in cell_sentences; "
                        f"available: {', '.join(cell_sentences.column_names)}")
+    repeats = dict(task_repeats or {})
+    unknown = sorted(set(repeats) - {formatter.task for formatter in formatters})
+    if unknown:
+        raise ValueError(f"task_repeats names {unknown}, which no prompt formatter trains; "
+                         f"tasks here: {sorted({formatter.task for formatter in formatters})}")
+    bad = {task: n for task, n in repeats.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+    if bad:
+        raise ValueError(f"task_repeats must be whole numbers of at least 1 per task, got {bad}")
     parts = {}
     for part in ("train", "val", "test"):
         cells = select_cells(cell_sentences, data_split[part])
@@ -473,7 +489,10 @@ def format_split_prompts(
             logger.info("class-balanced train cells: %d rows for %d cells (each label at least %d)",
                         len(rows), cells.num_rows, min_train_cells_per_label)
             cells = cells.select(rows, keep_in_memory=True)
-        formatted = concatenate_datasets([formatter.format_dataset(cells) for formatter in formatters])
+        formatted = concatenate_datasets([
+            formatter.format_dataset(_repeated(cells, repeats.get(formatter.task, 1) if part == "train" else 1))
+            for formatter in formatters
+        ])
         parts[part] = formatted.shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
     if max_eval_samples is not None and parts["val"].num_rows > max_eval_samples:
         parts["val"] = parts["val"].select(range(max_eval_samples), keep_in_memory=True)

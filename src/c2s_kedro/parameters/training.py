@@ -45,6 +45,7 @@ class FinetuningParameters(TrainingParameters):
     organism_column: str
     seed: int
     min_train_cells_per_label: int | None  # class-balanced sampling: rare labels' train cells repeated
+    task_repeats: dict[str, int] | None  # task -> prompts of that task per train cell and epoch
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,12 @@ def format_finetuning_prompts(
             top_k_genes=settings.top_k_genes, label_column=label, organism_column=settings.organism_column,
             tokenizer=foundation_model.tokenizer, max_tokens=foundation_model.context_length, prompt_templates=templates,
         )
-    return core.training.format_split_prompts(
-        cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples,
-        min_train_cells_per_label=settings.min_train_cells_per_label, label_column=label,
-    )
+    with setting_hint("finetuning.min_train_cells_per_label or task_repeats"):
+        return core.training.format_split_prompts(
+            cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples,
+            min_train_cells_per_label=settings.min_train_cells_per_label, label_column=label,
+            task_repeats=settings.task_repeats,
+        )
 
 
 def finetune_model(
