@@ -99,9 +99,16 @@ def copy_project(root: Path) -> Path:
 
 
 def load_parameters(name: str) -> dict[str, Any]:
-    """The project's parameters from conf/base/parameters_<name>.yml."""
-    with open(PROJECT_ROOT / "conf" / "base" / f"parameters_{name}.yml") as stream:
-        return yaml.safe_load(stream)
+    """The project's parameters from conf/base/parameters_<name>.yml, with ``${...}`` references to
+    other parameter files resolved as Kedro's OmegaConfigLoader resolves them."""
+    from omegaconf import OmegaConf
+
+    base = PROJECT_ROOT / "conf" / "base"
+    with open(base / f"parameters_{name}.yml") as stream:
+        own = yaml.safe_load(stream)
+    merged = OmegaConf.merge(*(OmegaConf.load(path) for path in sorted(base.glob("parameters_*.yml"))))
+    resolved = OmegaConf.to_container(merged, resolve=True)
+    return {key: resolved[key] for key in own}
 
 
 def params_entries(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -200,6 +200,20 @@ def test_generation_prompts_ask_for_the_median_cell_or_what_fits(tokenizer):
         cell_generation_prompts(sentences, types, tokenizer, max_tokens=20, n_per_type=1)
 
 
+def test_generation_prompts_ask_at_most_the_fine_tuned_length(tokenizer):
+    sentences = [" ".join(GENES[:n]) for n in (10, 30, 20, 200, 150, 160)]
+    types = ["T cell", "T cell", "T cell", "B cell", "B cell", "B cell"]
+    capped = cell_generation_prompts(sentences, types, tokenizer, max_tokens=1000, n_per_type=1, max_genes=100)
+    # B cells' median (160) is cut to the cap; T cells' (20) is below it and stays
+    assert capped["genes_requested"] == [100, 20]
+    assert "Generate the 100 most" in capped["prompt"][0]
+    assert cell_generation_prompts(sentences, types, tokenizer, max_tokens=1000, n_per_type=1,
+                                   max_genes=None)["genes_requested"] == [160, 20]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_genes must be a whole number"):
+            cell_generation_prompts(sentences, types, tokenizer, max_tokens=1000, n_per_type=1, max_genes=bad)
+
+
 def test_answer_room_is_the_longest_label_answer_with_eos_and_the_extra_tokens(tokenizer):
     longest = max(_tokens(tokenizer, f" {label}.") for label in LABELS)
     assert label_answer_room(tokenizer, LABELS, extra_new_tokens=2) == longest + 1 + 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from c2s_kedro.core.models import build_gpt_neox
 from c2s_kedro.core.preprocessing import normalize_log10
@@ -16,6 +16,7 @@ from c2s_kedro.pipelines.cell_generation.nodes import (
     generate_cells,
     reconstruct_generated_cells,
     reconstruct_real_test_cells,
+    train_generation_model,
 )
 from tests.helpers import load_parameters, make_counts_adata
 
@@ -121,3 +122,57 @@ def test_generation_prompts_use_the_template_file(setting, tmp_path):
     path.write_text(json.dumps({"model_input": ["Blorb {num_genes}:"], "response": ["{cell_sentence}."]}))
     with pytest.raises(ValueError, match=r"model_input\[0\] lacks \{cell_type\}.*Change cell_generation.prompt_templates"):
         build_generation_prompts(cells, split, model, _params(prompt_templates={"cell_type_generation": str(path)}))
+
+
+def _finetuning_params(tmp_path) -> dict:
+    params = load_parameters("finetuning")["finetuning"]
+    arguments = {**params["training_arguments"], "per_device_train_batch_size": 4, "logging_steps": 1,
+                 "eval_steps": 5, "save_steps": 5, "warmup_steps": 0, "max_steps": 1}
+    return {**params, "checkpoint_dir": str(tmp_path / "ft"), "training_arguments": arguments}
+
+
+def _prompts(n: int) -> DatasetDict:
+    def part(k: int) -> Dataset:
+        kinds = ["cell_type_generation", "cell_type_prediction"] * k
+        return Dataset.from_dict({"sample_type": kinds, "model_input": ["Generate a T cell:"] * (2 * k),
+                                  "response": ["GENE1 GENE2 GENE3", "T cell."] * k})
+    return DatasetDict({"train": part(n), "val": part(2), "test": part(1)})
+
+
+def _own_model(setting):
+    """A model of the fixture's shape of its own: training changes weights in place."""
+    tokenizer = setting[2].tokenizer
+    return build_gpt_neox(tokenizer, {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 64})
+
+
+def test_generation_training_trains_generation_prompts_for_its_epochs_and_keeps_finetuned_model(setting, tmp_path):
+    model = _own_model(setting)
+    model.model.config.c2s_trained_tasks = ["cell_type_generation", "cell_type_prediction"]
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    params = _params(training={"epochs": 2, "checkpoint_dir": str(tmp_path / "gen"), "mlflow_prefix": "generation_training"})
+    trained, log = train_generation_model(model, _prompts(8), _finetuning_params(tmp_path), params)
+    # 8 generation prompts of 16 at batch 4 for 2 epochs: 4 steps, not the fine-tuning's max_steps (1)
+    assert max(row.get("step", 0) for row in log) == 4
+    assert trained.model.config.c2s_trained_tasks == ["cell_type_generation"]
+    assert any("eval_loss" in row for row in log)
+    changed = any(not np.array_equal(before[k].numpy(), v.detach().numpy()) for k, v in trained.model.state_dict().items())
+    assert changed
+    # 0 epochs: the fine-tuned model itself, untrained
+    same, empty = train_generation_model(model, _prompts(8), _finetuning_params(tmp_path),
+                                         _params(training={**params["training"], "epochs": 0}))
+    assert same is model and empty == []
+
+
+def test_generation_training_refuses_prompts_or_models_without_generation(setting, tmp_path):
+    model = _own_model(setting)
+    params = _params(training={"epochs": 1, "checkpoint_dir": str(tmp_path / "gen"), "mlflow_prefix": "generation_training"})
+    prediction_only = DatasetDict({part: ds.filter(lambda t: t == "cell_type_prediction", input_columns="sample_type")
+                                   for part, ds in _prompts(4).items()})
+    model.model.config.c2s_trained_tasks = ["cell_type_generation", "cell_type_prediction"]
+    with pytest.raises(ValueError, match="no cell_type_generation train prompts.*Change finetuning.tasks"):
+        train_generation_model(model, prediction_only, _finetuning_params(tmp_path), params)
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        train_generation_model(model, _prompts(4), _finetuning_params(tmp_path), _params(training={**params["training"], "epochs": -1}))
+    model.model.config.c2s_trained_tasks = ["cell_type_prediction"]
+    with pytest.raises(ValueError, match="finetuning.tasks"):
+        train_generation_model(model, _prompts(4), _finetuning_params(tmp_path), params)

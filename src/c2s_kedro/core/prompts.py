@@ -449,11 +449,13 @@ def cell_generation_prompts(
     template_index: int = 0,
     organism: str = "Homo sapiens",
     templates: PromptTemplates | None = None,
+    max_genes: int | None = None,
 ) -> dict[str, Any]:
     """``n_per_type`` cell-type-conditioned generation prompts for each type of ``cell_types`` (one
     per cell of ``sentences``, the training cells), in sorted type order.
 
-    Each prompt asks for the median number of genes of its type's cells, or for fewer when the
+    Each prompt asks for the median number of genes of its type's cells (at most ``max_genes``:
+    a model fine-tuned on top-k sentences has only been asked for k), or for fewer when the
     prompt and its answer would not fit ``max_tokens``: the answer is sized on the type's median
     cell (the first with the fewest genes at or above the median), its first ``k`` genes, "." and
     EOS (``fit_generation``). Returns ``prompt``, ``cell_type``, ``genes_requested`` per prompt
@@ -462,6 +464,8 @@ def cell_generation_prompts(
     left out), what classifier-free guidance pushes away from. ``templates``
     (``load_templates``) default to ours; their first response sizes the answer.
     """
+    if max_genes is not None and (isinstance(max_genes, bool) or not isinstance(max_genes, int) or max_genes < 1):
+        raise ValueError(f"max_genes must be a whole number of at least 1 (or null for no cap), got {max_genes!r}")
     templates = templates or load_templates("cell_type_generation")
     template = _template(templates, template_index)
     response = templates.response
@@ -471,6 +475,8 @@ def cell_generation_prompts(
     without_type = template.replace(" {cell_type}", "").replace("{cell_type}", "")
     for cell_type, cells in table.groupby("cell_type", sort=True):
         median = int(cells["n_genes"].median())
+        if max_genes is not None:
+            median = min(median, max_genes)
         typical = cells.loc[cells["n_genes"] >= median].sort_values("n_genes", kind="stable")["genes"].iloc[0][:median]
         fields = {"cell_type": cell_type, "organism": organism}
         k = fit_generation(template, response, typical, fields, tokenizer, max_tokens)

@@ -499,6 +499,21 @@ def format_split_prompts(
     return DatasetDict(parts)
 
 
+def task_prompts(prompts: DatasetDict, task: str, parts: Sequence[str] = ("train", "val")) -> DatasetDict:
+    """The ``parts`` of ``prompts`` (``format_split_prompts``) kept to the prompts of one ``task``.
+    Raises ``ValueError`` when the train part has none (the prompts were made for other tasks)."""
+    kept = {}
+    for part in parts:
+        if part in prompts:
+            kept[part] = prompts[part].filter(lambda kinds: [k == task for k in kinds], input_columns="sample_type",
+                                              batched=True, keep_in_memory=True)
+    if "train" in parts and (not kept.get("train") or kept["train"].num_rows == 0):
+        made = sorted(set(prompts["train"]["sample_type"])) if "train" in prompts else []
+        raise ValueError(f"the prompts have no {task} train prompts (they hold {made or 'no train part'}); "
+                         f"format them with {task} among the tasks")
+    return DatasetDict(kept)
+
+
 def pretraining_corpus(
     cell_sentences: Dataset,
     tokenizer,

@@ -37,6 +37,15 @@ class EvaluationParameters:
 
 
 @dataclass(frozen=True)
+class GenerationTrainingParameters:
+    """Generation-only training of the fine-tuned model before it writes cells (cell_generation.training)."""
+
+    epochs: float  # 0: generate with finetuned_model as it is
+    checkpoint_dir: str
+    mlflow_prefix: str
+
+
+@dataclass(frozen=True)
 class CellGenerationParameters:
     label_column: str
     organism: str
@@ -46,7 +55,9 @@ class CellGenerationParameters:
     constrained: bool
     temperature: float
     top_k: int | None
+    training: GenerationTrainingParameters
     guidance_scale: float  # classifier-free guidance towards the asked cell type; 1: off
+    max_genes: int | None  # cap of genes asked per generated cell (the fine-tuned length); null: the type's median
     batch_size: int
     seed: int
     n_comps: int

@@ -8,23 +8,64 @@ from typing import TYPE_CHECKING, Any
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
 from c2s_kedro import core
-from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters import ENVIRONMENT_HINT, read_parameters, setting_hint
 from c2s_kedro.parameters.inference import CellGenerationParameters
+from c2s_kedro.parameters.training import FinetuningParameters
 
 if TYPE_CHECKING:
     import anndata as ad
     import matplotlib.pyplot as plt
     import pandas as pd
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
 
     from c2s_kedro.core.models import LanguageModel
+
+
+GENERATION_TASK = "cell_type_generation"
+
+
+def train_generation_model(
+    finetuned_model: LanguageModel, finetuning_prompts: DatasetDict, finetuning_params: dict[str, Any], params: dict[str, Any]
+) -> tuple[LanguageModel, list[dict[str, Any]]]:
+    """The fine-tuned model trained ``cell_generation.training.epochs`` more epochs on the
+    fine-tuning's generation prompts only (its train and val cells; the other settings of
+    ``finetuning`` but its ``max_steps``, the last model kept): generation learns the asked type from generation passes,
+    which the joint fine-tuning gives too few of (benchmarks/README.md, "Levers"). The annotation
+    pipelines keep using ``finetuned_model``. With 0 epochs the fine-tuned model is returned as it is."""
+    from dataclasses import replace
+
+    settings = read_parameters(CellGenerationParameters, params, "cell_generation").training
+    finetuning = read_parameters(FinetuningParameters, finetuning_params, "finetuning")
+    with setting_hint("finetuning.tasks"):
+        core.training.require_task(finetuned_model, GENERATION_TASK)
+    if settings.epochs == 0:
+        return finetuned_model, []
+    if settings.epochs < 0:
+        raise ValueError(
+            f"cell_generation.training.epochs must be 0 or more, got {settings.epochs:g}; change it {ENVIRONMENT_HINT}"
+        )
+    with setting_hint("finetuning.tasks"):
+        prompts = core.training.task_prompts(finetuning_prompts, GENERATION_TASK)
+    # epochs, not the fine-tuning's step cap, say how long (max_steps would override num_train_epochs)
+    arguments = {key: value for key, value in finetuning.training_arguments.items() if key != "max_steps"}
+    arguments.update(num_train_epochs=settings.epochs, load_best_model_at_end=False)
+    training = replace(finetuning, training_arguments=arguments, checkpoint_dir=settings.checkpoint_dir,
+                       mlflow_prefix=settings.mlflow_prefix, lora=None)
+    with setting_hint("finetuning", core.training.TrainingSettingsError):
+        return core.training.finetune(finetuned_model, prompts, training.training_settings())
+
+
+def plot_generation_training_loss(generation_training_log: list[dict[str, Any]]) -> plt.Figure:
+    """Train and eval loss of the generation-only training against the step."""
+    return core.plotting.loss_curve_plot(generation_training_log, "Generation-only training")
 
 
 def build_generation_prompts(
     cell_sentences: Dataset, data_split: dict[str, Any], finetuned_model: LanguageModel, params: dict[str, Any]
 ) -> dict[str, Any]:
     """``n_cells_per_type`` cell-type-conditioned prompts per cell type of the train cells, each asking
-    for the median number of genes of that type's cells, or fewer so that the answer fits the context."""
+    for the median number of genes of that type's cells (at most ``max_genes``), or fewer so that the
+    answer fits the context."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("finetuning.tasks"):
         core.training.require_task(finetuned_model, "cell_type_generation")
@@ -34,11 +75,11 @@ def build_generation_prompts(
     train = table.loc[data_split["train"]].dropna(subset=[label])
     with setting_hint("cell_generation.prompt_templates"):
         templates = core.prompts.task_templates("cell_type_generation", core.prompts.read_template_files(settings.prompt_templates))
-    with setting_hint("cell_generation.template_index", IndexError):
+    with setting_hint("cell_generation.template_index or max_genes", IndexError, ValueError):
         return core.prompts.cell_generation_prompts(
             train["cell_sentence"].tolist(), train[label].astype(str).tolist(), finetuned_model.tokenizer,
             finetuned_model.context_length, settings.n_cells_per_type, settings.template_index, settings.organism,
-            templates=templates,
+            templates=templates, max_genes=settings.max_genes,
         )
 
 

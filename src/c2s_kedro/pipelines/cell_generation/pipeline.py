@@ -1,4 +1,4 @@
-"""cell_generation: finetuned_model -> generated cells per type, their expression, comparison with real cells
+"""cell_generation: finetuned_model -> generation-only training -> generation_model -> generated cells per type, their expression, comparison with real cells
 (and with real test cells rebuilt from sentences of the same length: the ceiling)."""
 
 from kedro.pipeline import Pipeline, node, pipeline
@@ -10,14 +10,26 @@ def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
             node(
+                nodes.train_generation_model,
+                ["finetuned_model", "finetuning_prompts", "params:finetuning", "params:cell_generation"],
+                ["generation_model", "generation_training_log"],
+                name="train_generation_model",
+            ),
+            node(
+                nodes.plot_generation_training_loss,
+                "generation_training_log",
+                "generation_training_loss_plot",
+                name="plot_generation_training_loss",
+            ),
+            node(
                 nodes.build_generation_prompts,
-                ["cell_sentences", "data_split", "finetuned_model", "params:cell_generation"],
+                ["cell_sentences", "data_split", "generation_model", "params:cell_generation"],
                 "generation_prompts",
                 name="build_generation_prompts",
             ),
             node(
                 nodes.generate_cells,
-                ["generation_prompts", "finetuned_model", "vocabulary", "params:cell_generation"],
+                ["generation_prompts", "generation_model", "vocabulary", "params:cell_generation"],
                 "generated_cells",
                 name="generate_cells",
             ),
