@@ -39,6 +39,8 @@ INPUTS = [
     "data/04_feature/cell_sentences",
     "data/04_feature/vocabulary.json",
     "data/05_model_input/data_split.json",
+    # read by cell_generation's generation-only training (a lever that fine-tunes formats its own again)
+    "data/05_model_input/finetuning_prompts",
     "data/03_primary/processed_adata.h5ad",
     "data/06_models/rank_fit.json",
     "data/06_models/foundation_model",
@@ -76,6 +78,7 @@ LEVERS: dict[str, dict[str, object]] = {
     # scored by cell generation only: the model then knows one task, so annotation is not asked of it
     **{f"generation_only_plus{n}": {"base": "finetuned_model", "pipelines": "finetuning,cell_generation", "params": {
         "finetuning.tasks": "[cell_type_generation]",
+        "cell_generation.training.epochs": 0,
         "finetuning.training_arguments.num_train_epochs": n,
         "finetuning.training_arguments.load_best_model_at_end": "false",
     }} for n in (1, 2)},
@@ -83,16 +86,42 @@ LEVERS: dict[str, dict[str, object]] = {
     # 3 joint ones, then guidance 5), as one run with one cosine schedule, for the spread over seeds
     "generation_only_plus8_guidance5": {"base": "finetuned_model", "pipelines": "finetuning,cell_generation", "params": {
         "finetuning.tasks": "[cell_type_generation]",
+        "cell_generation.training.epochs": 0,
+        "finetuning.training_arguments.num_train_epochs": 8,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+        "cell_generation.guidance_scale": 5.0,
+    }},
+    # generation passes inside the joint run (finetuning.task_repeats) on the top 100 genes (2.6x cheaper
+    # steps), the last model kept, generation guided at 5: what the default could afford of the chain above
+    **{f"top100_epochs{e}_gen{r}_guidance5": {"params": {
+        "finetuning.top_k_genes": 100,
+        "evaluation.top_k_genes": 100,
+        "finetuning.training_arguments.num_train_epochs": e,
+        "finetuning.training_arguments.load_best_model_at_end": "false",
+        "finetuning.task_repeats": f"{{cell_type_generation: {r}}}",
+        "cell_generation.guidance_scale": 5.0,
+    }} for e, r in ((6, 2), (4, 3), (5, 2))},
+    # the same on the top 100 genes (2.6x cheaper steps; generation then asks for at most 100 genes),
+    # e.g. from top100_epochs6's model (--model): the candidate default's separate generation training
+    "top100_generation_only_plus8_guidance5": {"base": "finetuned_model", "pipelines": "finetuning,cell_generation", "params": {
+        "finetuning.top_k_genes": 100,
+        "finetuning.tasks": "[cell_type_generation]",
+        "cell_generation.training.epochs": 0,
         "finetuning.training_arguments.num_train_epochs": 8,
         "finetuning.training_arguments.load_best_model_at_end": "false",
         "cell_generation.guidance_scale": 5.0,
     }},
     # sampling, not training: the source's (or --model's) fine-tuned model generating at a lower temperature
     **{f"generate_T{t}": {"base": "finetuned_model", "pipelines": "cell_generation",
-                           "params": {"cell_generation.temperature": t}} for t in (0.5, 0.7)},
+                           "params": {"cell_generation.temperature": t, "cell_generation.training.epochs": 0}} for t in (0.5, 0.7)},
     # classifier-free guidance towards the asked type (cell_generation.guidance_scale), same model
     **{f"generate_cfg{g:g}": {"base": "finetuned_model", "pipelines": "cell_generation",
-                              "params": {"cell_generation.guidance_scale": g}} for g in (1.5, 2.0, 3.0, 5.0)},
+                              "params": {"cell_generation.guidance_scale": g, "cell_generation.training.epochs": 0}}
+       for g in (1.5, 2.0, 3.0, 5.0)},
+    # the same on a model fine-tuned on the top 100 genes (generation asks for at most 100)
+    **{f"top100_generate_cfg{g:g}": {"base": "finetuned_model", "pipelines": "cell_generation", "params": {
+        "finetuning.top_k_genes": 100, "cell_generation.guidance_scale": g, "cell_generation.training.epochs": 0}}
+       for g in (5.0, 7.0, 10.0)},
     # class-balanced sampling: every cell type at least 50 train cells (the rare T subtypes have 6-34)
     "balanced50": {"params": {"finetuning.min_train_cells_per_label": 50}},
     "balanced50_epochs6": {"params": {

@@ -1,0 +1,210 @@
+"""Perturbation-response levers (issue 15, item 2), measured side by side.
+
+Each lever is a ``kedro run --pipelines=perturbation_finetuning,perturbation_posterior`` (the
+project's own nodes: pair fine-tuning of the perturbation base model, posterior sampling on the
+held-out perturbations, scoring against the baselines and the simulator's truth) in its own
+project copy, with the lever's settings in the copy's ``conf/local/parameters.yml`` (conf/base is
+not changed). Every copy starts from the same inputs, copied from a finished default run
+(``--source``): the screen's processed AnnData, cell sentences, vocabulary, split, rank fit,
+truth, prompts and untrained base model, so the levers differ only in what they change.
+
+One lever is not a setting: ``pretrain_screen*`` first trains the base model on the screen's
+plain cell sentences (next-token prediction on every gene, as the atlas's foundation model is
+pretrained: the pretraining pipeline's corpus and training functions, its conf/base training
+arguments with the lever's epochs), on the train and control-train cells only, val and
+control-val for the eval loss; the held-out perturbations' cells are never read. Then the pair
+fine-tuning starts from that model.
+
+Prints one JSON object per lever and seed (the best temperature's scores, the baselines, training
+and sampling seconds, peak RSS), then a summary (mean and min-max over seeds), and writes them to
+``--out`` after every run.
+
+Example (figures in benchmarks/README.md, "Perturbation levers"):
+    .venv/bin/python benchmarks/perturbation_levers.py --source <a default run's project copy> \\
+        --work /tmp/pl --levers default,epochs1,pretrain_screen --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from levers import peak_rss_mb, summarize  # noqa: E402  (same output shape as the atlas's levers)
+
+logger = logging.getLogger("perturbation_levers")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# What perturbation_finetuning and perturbation_posterior read (paths as in conf/base/catalog.yml).
+INPUTS = [
+    "data/03_primary/perturbation_processed_adata.h5ad",
+    "data/04_feature/perturbation_cell_sentences",
+    "data/04_feature/perturbation_vocabulary.json",
+    "data/05_model_input/perturbation_split.json",
+    "data/05_model_input/perturbation_prompts",
+    "data/06_models/perturbation_base_model",
+    "data/06_models/perturbation_rank_fit.json",
+    "data/02_intermediate/perturbation_truth.csv",
+]
+
+# Lever name -> settings. params: the ``perturbation`` block's overrides (nested, merged into
+# conf/base by Kedro); pretrain_epochs: epochs of screen-sentence pretraining before pair fine-tuning.
+_ONE_EPOCH = {"finetuning": {"training_arguments": {"num_train_epochs": 1}}}
+_CHEAP_POSTERIOR = {"posterior": {"n_samples": 50, "temperatures": [0.7, 1.0]}}
+LEVERS: dict[str, dict[str, object]] = {
+    "default": {"params": {}},
+    # eval loss levels off after ~1 epoch of the default's 2 (5.455 at epoch 1.1, 5.443 at 2)
+    "epochs1": {"params": _ONE_EPOCH},
+    # the budget's posterior: half the samples, the two temperatures that scored best
+    "epochs1_samples50": {"params": {**_ONE_EPOCH, **_CHEAP_POSTERIOR}},
+    # more control cells per held-out perturbation, fewer samples each (same number of draws)
+    "prompts10": {"params": {"posterior": {"prompts_per_perturbation": 10, "n_samples": 20}}},
+    "pretrain_screen": {"params": {}, "pretrain_epochs": 2},
+    "pretrain_screen_epochs1_samples50": {"params": {**_ONE_EPOCH, **_CHEAP_POSTERIOR}, "pretrain_epochs": 2},
+}
+
+
+def make_project(root: Path, source: Path) -> None:
+    """A project copy as tests/helpers.py copy_project makes it, with the source run's screen inputs."""
+    if root.exists():
+        shutil.rmtree(root)
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy(PROJECT_ROOT / ".telemetry", root / ".telemetry")
+    (root / "src").mkdir()
+    for relative in INPUTS:
+        origin, target = source / relative, root / relative
+        if not origin.exists():
+            raise FileNotFoundError(f"{origin} is missing: --source must be a project copy after a default `kedro run`")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if origin.is_dir() else shutil.copy)(origin, target)
+
+
+def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
+    """The copy's base model trained on the screen's plain sentences (train + control-train cells;
+    val + control-val for the eval loss), saved over it. Returns seconds and losses."""
+    from datasets import DatasetDict
+
+    from c2s_kedro import core
+    from c2s_kedro.datasets import ArrowDataset, HFModelDataset
+    from c2s_kedro.parameters import read_parameters
+    from c2s_kedro.parameters.training import PretrainingParameters
+
+    base_entry = HFModelDataset(path=str(root / "data/06_models/perturbation_base_model"))
+    base = base_entry.load()
+    sentences = ArrowDataset(path=str(root / "data/04_feature/perturbation_cell_sentences")).load()
+    split = json.loads((root / "data/05_model_input/perturbation_split.json").read_text())
+    conf = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_pretraining.yml").read_text())["pretraining"]
+    screen = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
+    conf["training_arguments"].update(num_train_epochs=epochs, seed=seed)
+    conf.update(seed=seed, checkpoint_dir=str(root / "data/06_models/screen_pretraining_checkpoints"), resume=False)
+    settings = read_parameters(PretrainingParameters, conf, "pretraining")
+    max_genes = screen["top_k_genes"] or settings.max_genes  # the prompts' sentence length
+    corpus = {
+        part: core.training.pretraining_corpus(
+            core.sentences.select_cells(sentences, split[part] + split[f"control_{part}"]), base.tokenizer,
+            base.context_length, max_genes=max_genes, label_column="__no_label__", organism_column="organism", seed=seed,
+        )
+        for part in ("train", "val")
+    }
+    start = time.perf_counter()
+    trained, history = core.training.finetune(base, DatasetDict(corpus), settings.training_settings())
+    seconds = time.perf_counter() - start
+    base_entry.save(trained)
+    summary = core.training.summarize_history(history)
+    return {"pretrain_seconds": round(seconds, 1), "pretrain_texts": corpus["train"].num_rows,
+            **{f"pretrain_{k}": v for k, v in summary.items() if k.startswith("eval_loss")}}
+
+
+def best_temperature(metrics: dict[str, float]) -> str:
+    """The sampling temperature whose posterior scores the highest ``pearson_delta``."""
+    methods = {key.removesuffix(".pearson_delta") for key in metrics if key.startswith("model_T") and key.endswith(".pearson_delta")}
+    return max(sorted(methods), key=lambda method: metrics[f"{method}.pearson_delta"])
+
+
+def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, object]:
+    root = args.work / f"{name}_seed{seed}"
+    lever = LEVERS[name]
+    make_project(root, args.source)
+    params = json.loads(json.dumps(lever["params"]))  # a copy: the seeds go in below
+    params.setdefault("finetuning", {}).setdefault("training_arguments", {})["seed"] = seed
+    params.setdefault("posterior", {})["seed"] = seed
+    (root / "conf/local/parameters.yml").write_text(yaml.safe_dump({"perturbation": params}))
+    result: dict[str, object] = {"lever": name, "seed": seed, "lever_settings": lever}
+    start = time.perf_counter()
+    if lever.get("pretrain_epochs"):
+        result.update(pretrain_on_screen(root, int(lever["pretrain_epochs"]), seed))
+    command = [str(PROJECT_ROOT / ".venv/bin/kedro"), "run", "--pipelines=perturbation_finetuning,perturbation_posterior"]
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", MPLBACKEND="Agg")
+    time_log = root / "time.log"
+    logger.info("%s seed %d: %s", name, seed, " ".join(command))
+    with open(root / "run.log", "w") as log:
+        completed = subprocess.run(["/usr/bin/time", "-v", "-o", str(time_log), *command], cwd=root, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed} failed (rc {completed.returncode}); see {root / 'run.log'}")
+    reporting = root / "data/08_reporting"
+    metrics = json.loads((reporting / "perturbation_metrics.json").read_text())
+    history = json.loads((reporting / "perturbation_finetuning_log.json").read_text())
+    best = best_temperature(metrics)
+    train_rows = [row for row in history if "train_runtime" in row]
+    evals = [row["eval_loss"] for row in history if "eval_loss" in row]
+    result.update({
+        "best_temperature": best,
+        **{f"best.{metric}": metrics[f"{best}.{metric}"] for metric in
+           ("pearson_delta", "pearson_delta_simulated_truth", "mse", "pearson_delta_top_de", "discrimination_score_l1")},
+        **{f"{method}.{metric}": metrics.get(f"{method}.{metric}") for method in ("train_perturbed_mean", "linear_additive")
+           for metric in ("pearson_delta", "pearson_delta_simulated_truth", "mse")},
+        "observed_cells.pearson_delta_simulated_truth": metrics.get("observed_cells.pearson_delta_simulated_truth"),
+        "cell_eval_ceiling.pearson_delta": metrics.get("cell_eval_ceiling.pearson_delta"),
+        "finetune_seconds": train_rows[-1]["train_runtime"] if train_rows else None,
+        "eval_loss_best": min(evals) if evals else None,
+        "eval_loss_last": evals[-1] if evals else None,
+        "posterior_seconds_per_sample": metrics.get("posterior.seconds_per_sample"),
+        "posterior_n_samples": metrics.get("posterior.n_samples"),
+        "run_wall_seconds": round(wall, 1),
+        "peak_rss_mb": peak_rss_mb(time_log),
+        "project": str(root),
+    })
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, required=True, help="a project copy after a default `kedro run`")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/perturbation_levers"), help="where the project copies go")
+    parser.add_argument("--levers", default="default,pretrain_screen", help=f"comma-separated, of {sorted(LEVERS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning (and pretraining, sampling) seeds")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    names = args.levers.split(",")
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        parser.error(f"unknown --levers {unknown}; choose from {sorted(LEVERS)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in names:
+            result = run_lever(name, seed, args)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            if args.out:  # after every run: a late lever must not lose the earlier ones
+                args.out.write_text(json.dumps({"results": results, "summary": summarize(results)}, indent=2))
+    print(json.dumps({"summary": summarize(results)}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
