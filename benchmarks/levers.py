@@ -111,6 +111,9 @@ LEVERS: dict[str, dict[str, object]] = {
         "finetuning.training_arguments.load_best_model_at_end": "false",
         "cell_generation.guidance_scale": 5.0,
     }},
+    # the default's generation-only training (cell_generation.training) made longer, on a default fine-tuned model (--model)
+    **{f"generation_epochs{n}": {"base": "finetuned_model", "pipelines": "cell_generation",
+                                 "params": {"cell_generation.training.epochs": n}} for n in (8, 12)},
     # sampling, not training: the source's (or --model's) fine-tuned model generating at a lower temperature
     **{f"generate_T{t}": {"base": "finetuned_model", "pipelines": "cell_generation",
                            "params": {"cell_generation.temperature": t, "cell_generation.training.epochs": 0}} for t in (0.5, 0.7)},
