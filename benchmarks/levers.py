@@ -137,9 +137,8 @@ LEVERS: dict[str, dict[str, object]] = {
 }
 
 
-def make_project(root: Path, source: Path, base: str) -> None:
-    """A project copy as tests/helpers.py copy_project makes it, with the source run's inputs; the
-    source's ``base`` model directory becomes its foundation_model (finetuned_model too)."""
+def empty_project(root: Path) -> None:
+    """A project copy as tests/helpers.py copy_project makes it (conf without conf/local, no data)."""
     if root.exists():
         shutil.rmtree(root)
     shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
@@ -147,6 +146,31 @@ def make_project(root: Path, source: Path, base: str) -> None:
     shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
     shutil.copy(PROJECT_ROOT / ".telemetry", root / ".telemetry")
     (root / "src").mkdir()
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, levers: dict, default_levers: str, work: str) -> None:
+    """--source, --work, --levers, --seeds and --out, as both lever scripts take them."""
+    parser.add_argument("--source", type=Path, required=True, help="a project copy after a default `kedro run`")
+    parser.add_argument("--work", type=Path, default=Path(work), help="where the project copies go")
+    parser.add_argument("--levers", default=default_levers, help=f"comma-separated, of {sorted(levers)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+
+
+def chosen_levers(parser: argparse.ArgumentParser, args: argparse.Namespace, levers: dict) -> list[str]:
+    """The --levers names, each checked against ``levers``; --work made."""
+    names = args.levers.split(",")
+    unknown = [n for n in names if n not in levers]
+    if unknown:
+        parser.error(f"unknown --levers {unknown}; choose from {sorted(levers)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    return names
+
+
+def make_project(root: Path, source: Path, base: str) -> None:
+    """A project copy as tests/helpers.py copy_project makes it, with the source run's inputs; the
+    source's ``base`` model directory becomes its foundation_model (finetuned_model too)."""
+    empty_project(root)
     copies = {relative: relative for relative in INPUTS}
     copies["data/06_models/foundation_model"] = f"data/06_models/{base}"
     copies["data/06_models/finetuned_model"] = f"data/06_models/{base}"
@@ -269,10 +293,7 @@ def summarize(results: list[dict[str, object]]) -> dict[str, dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, required=True, help="a project copy after a default `kedro run`")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/levers"), help="where the project copies go")
-    parser.add_argument("--levers", default="default,epochs6", help=f"comma-separated, of {sorted(LEVERS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
+    add_common_arguments(parser, LEVERS, "default,epochs6", "/tmp/levers")
     parser.add_argument("--cells-per-type", type=int, default=20, help="generated cells per type (default run: 20)")
     parser.add_argument("--max-test-cells", type=int, default=None, help="evaluation.max_test_cells (null: all)")
     parser.add_argument("--model", type=Path, default=None, help="a model directory to start from instead of the lever's base")
@@ -280,14 +301,9 @@ def main() -> None:
                         help="run each lever this many times, each link starting from the previous link's fine-tuned "
                              "model (a learning curve: scores against cumulative training time)")
     parser.add_argument("--annotation-only", action="store_true", help="no cell generation: label scoring and generation-based annotation only")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    names = args.levers.split(",")
-    unknown = [n for n in names if n not in LEVERS]
-    if unknown:
-        parser.error(f"unknown --levers {unknown}; choose from {sorted(LEVERS)}")
-    args.work.mkdir(parents=True, exist_ok=True)
+    names = chosen_levers(parser, args, LEVERS)
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in names:

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from levers import peak_rss_mb, summarize  # noqa: E402  (same output shape as the atlas's levers)
+from levers import add_common_arguments, chosen_levers, empty_project, peak_rss_mb, summarize  # noqa: E402
 
 logger = logging.getLogger("perturbation_levers")
 
@@ -62,7 +62,10 @@ INPUTS = [
 _ONE_EPOCH = {"finetuning": {"training_arguments": {"num_train_epochs": 1}}}
 _CHEAP_POSTERIOR = {"posterior": {"n_samples": 50, "temperatures": [0.7, 1.0]}}
 LEVERS: dict[str, dict[str, object]] = {
-    "default": {"params": {}},
+    "default": {"params": {}},  # conf/base as it is (since bc73937: what epochs1_samples50 sets)
+    # the defaults before bc73937: 2 epochs; 100 samples at T 0.7 / 1.0 / 1.3
+    "old_default": {"params": {"finetuning": {"training_arguments": {"num_train_epochs": 2}},
+                               "posterior": {"n_samples": 100, "temperatures": [0.7, 1.0, 1.3]}}},
     # eval loss levels off after ~1 epoch of the default's 2 (5.455 at epoch 1.1, 5.443 at 2)
     "epochs1": {"params": _ONE_EPOCH},
     # the budget's posterior: half the samples, the two temperatures that scored best
@@ -76,13 +79,7 @@ LEVERS: dict[str, dict[str, object]] = {
 
 def make_project(root: Path, source: Path) -> None:
     """A project copy as tests/helpers.py copy_project makes it, with the source run's screen inputs."""
-    if root.exists():
-        shutil.rmtree(root)
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(PROJECT_ROOT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
+    empty_project(root)
     for relative in INPUTS:
         origin, target = source / relative, root / relative
         if not origin.exists():
@@ -183,18 +180,10 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, required=True, help="a project copy after a default `kedro run`")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/perturbation_levers"), help="where the project copies go")
-    parser.add_argument("--levers", default="default,pretrain_screen", help=f"comma-separated, of {sorted(LEVERS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning (and pretraining, sampling) seeds")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_common_arguments(parser, LEVERS, "default,pretrain_screen", "/tmp/perturbation_levers")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    names = args.levers.split(",")
-    unknown = [n for n in names if n not in LEVERS]
-    if unknown:
-        parser.error(f"unknown --levers {unknown}; choose from {sorted(LEVERS)}")
-    args.work.mkdir(parents=True, exist_ok=True)
+    names = chosen_levers(parser, args, LEVERS)
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in names:
