@@ -378,8 +378,7 @@ def finetune(
     if val is not None and val.num_rows and "sample_type" in prompts["val"].column_names:
         tasks = sorted(set(prompts["val"]["sample_type"]))
         if len(tasks) > 1:  # eval_<task>_loss next to eval_loss (C2STrainer)
-            per_task = {task: tokenize_dataset(prompts["val"].filter(lambda t, task=task: t == task, input_columns="sample_type",
-                                                                    keep_in_memory=True),
+            per_task = {task: tokenize_dataset(task_prompts(prompts, task, parts=("val",))["val"],
                                                tokenizer, context, settings.loss_on_response_only) for task in tasks}
     trainable = _with_lora(language_model, settings.lora) if settings.lora else language_model
     trained, log_history = train_causal_lm(
