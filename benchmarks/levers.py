@@ -133,6 +133,10 @@ LEVERS: dict[str, dict[str, object]] = {
         "finetuning.training_arguments.load_best_model_at_end": "false",
     }},
     "lr1e-3": {"params": {"finetuning.training_arguments.learning_rate": 0.001}},
+    # the learning curve's answer (benchmarks/learning_curve.py): the targets at 8-12 epochs; with
+    # --model a foundation model pretrained on the top 100 genes (pretraining.max_genes: 100, the
+    # fine-tuned length; cheaper) so that 10 epochs fit the finetuning pipeline's 7 minutes
+    "epochs10": {"params": {"finetuning.training_arguments.num_train_epochs": 10}},
     "token_loss": {"params": {"finetuning.loss_average": "token"}},
 }
 
