@@ -175,15 +175,9 @@ def perturbation_curve(seed: int, args: argparse.Namespace) -> list[dict[str, ob
             shutil.copytree(as_model_dir(checkpoint, kept), final)
             posterior_wall = kedro_run(root, "perturbation_posterior", f"posterior_{checkpoint.name}.log")
             metrics = json.loads((root / "data/08_reporting/perturbation_metrics.json").read_text())
-            best = perturbation_levers.best_temperature(metrics)
             point = points[int(checkpoint.name.split("-")[1])]
             rows.append({
-                "task": "perturbation", "seed": seed, **point, "best_temperature": best,
-                **{f"best.{name}": metrics[f"{best}.{name}"] for name in ("pearson_delta", "pearson_delta_simulated_truth", "mse")},
-                **{f"{method}.{name}": metrics.get(f"{method}.{name}") for method in ("train_perturbed_mean", "linear_additive")
-                   for name in ("pearson_delta", "pearson_delta_simulated_truth")},
-                "observed_cells.pearson_delta_simulated_truth": metrics.get("observed_cells.pearson_delta_simulated_truth"),
-                "cell_eval_ceiling.pearson_delta": metrics.get("cell_eval_ceiling.pearson_delta"),
+                "task": "perturbation", "seed": seed, **point, **perturbation_levers.headline_scores(metrics),
                 "posterior_wall_seconds": round(posterior_wall, 1), "run_wall_seconds": wall,
             })
             logger.info("perturbation seed %d %s", seed, json.dumps(rows[-1]))

@@ -130,6 +130,20 @@ def best_temperature(metrics: dict[str, float]) -> str:
     return max(sorted(methods), key=lambda method: metrics[f"{method}.pearson_delta"])
 
 
+def headline_scores(metrics: dict[str, float]) -> dict[str, object]:
+    """The best temperature and its scores, the two baselines' and the ceilings, from perturbation_metrics.json."""
+    best = best_temperature(metrics)
+    return {
+        "best_temperature": best,
+        **{f"best.{metric}": metrics[f"{best}.{metric}"] for metric in
+           ("pearson_delta", "pearson_delta_simulated_truth", "mse", "pearson_delta_top_de", "discrimination_score_l1")},
+        **{f"{method}.{metric}": metrics.get(f"{method}.{metric}") for method in ("train_perturbed_mean", "linear_additive")
+           for metric in ("pearson_delta", "pearson_delta_simulated_truth", "mse")},
+        "observed_cells.pearson_delta_simulated_truth": metrics.get("observed_cells.pearson_delta_simulated_truth"),
+        "cell_eval_ceiling.pearson_delta": metrics.get("cell_eval_ceiling.pearson_delta"),
+    }
+
+
 def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, object]:
     root = args.work / f"{name}_seed{seed}"
     lever = LEVERS[name]
@@ -155,17 +169,10 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
     reporting = root / "data/08_reporting"
     metrics = json.loads((reporting / "perturbation_metrics.json").read_text())
     history = json.loads((reporting / "perturbation_finetuning_log.json").read_text())
-    best = best_temperature(metrics)
     train_rows = [row for row in history if "train_runtime" in row]
     evals = [row["eval_loss"] for row in history if "eval_loss" in row]
     result.update({
-        "best_temperature": best,
-        **{f"best.{metric}": metrics[f"{best}.{metric}"] for metric in
-           ("pearson_delta", "pearson_delta_simulated_truth", "mse", "pearson_delta_top_de", "discrimination_score_l1")},
-        **{f"{method}.{metric}": metrics.get(f"{method}.{metric}") for method in ("train_perturbed_mean", "linear_additive")
-           for metric in ("pearson_delta", "pearson_delta_simulated_truth", "mse")},
-        "observed_cells.pearson_delta_simulated_truth": metrics.get("observed_cells.pearson_delta_simulated_truth"),
-        "cell_eval_ceiling.pearson_delta": metrics.get("cell_eval_ceiling.pearson_delta"),
+        **headline_scores(metrics),
         "finetune_seconds": train_rows[-1]["train_runtime"] if train_rows else None,
         "eval_loss_best": min(evals) if evals else None,
         "eval_loss_last": evals[-1] if evals else None,
