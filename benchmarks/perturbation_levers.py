@@ -74,6 +74,13 @@ LEVERS: dict[str, dict[str, object]] = {
     "prompts10": {"params": {"posterior": {"prompts_per_perturbation": 10, "n_samples": 20}}},
     "pretrain_screen": {"params": {}, "pretrain_epochs": 2},
     "pretrain_screen_epochs1_samples50": {"params": {**_ONE_EPOCH, **_CHEAP_POSTERIOR}, "pretrain_epochs": 2},
+    # the control sentence of every perturbed pair replaced by a training cell of one of the 3 seen
+    # perturbations whose target is most co-expressed with this one's (control-train cells)
+    # every posterior sample as long as the training responses (200 genes) before it may end
+    "min_genes200": {"params": {"posterior": {"min_genes": 200}}},
+    "neighbour_context": {"params": {}, "context_neighbours": 3},
+    "neighbour_context_epochs4": {"params": {"finetuning": {"training_arguments": {"num_train_epochs": 4}}},
+                                  "context_neighbours": 3},
 }
 
 
@@ -124,6 +131,135 @@ def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
             **{f"pretrain_{k}": v for k, v in summary.items() if k.startswith("eval_loss")}}
 
 
+def coexpression_neighbours(processed, split: dict, column: str, k: int) -> dict[str, list[str]]:
+    """Each perturbation's ``k`` training perturbations (itself excluded) whose target gene
+    correlates most with its own across the control-train cells (log expression)."""
+    import numpy as np
+
+    seen = [name for name in split["train_perturbations"] if name in processed.var_names]
+    names = sorted(set(processed.obs[column].astype(str)) & set(processed.var_names))
+    controls = processed[split["control_train"]]
+    genes = list(dict.fromkeys(names + seen))
+    x = controls[:, genes].X
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    corr = np.nan_to_num(np.corrcoef(x.T))
+    at = {gene: i for i, gene in enumerate(genes)}
+    neighbours = {}
+    for name in names:
+        candidates = [other for other in seen if other != name]
+        order = np.argsort([-corr[at[name], at[other]] for other in candidates], kind="stable")
+        neighbours[name] = [candidates[i] for i in order[:k]]
+    return neighbours
+
+
+def neighbour_prompts(root: Path, k: int, seed: int) -> dict[str, object]:
+    """The copy's prompts rebuilt with the project's prompt function, each perturbed cell paired
+    with a training cell (same batch when there is one) of one of its ``k`` co-expression
+    neighbours (``coexpression_neighbours``) instead of a control cell; control pairs unchanged."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from c2s_kedro import core
+    from c2s_kedro.datasets import ArrowDataset, HFModelDataset
+    from c2s_kedro.pipelines.perturbation_data import nodes
+
+    screen = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
+    column, batch, control = screen["perturbation_column"], screen["batch_column"], screen["control_label"]
+    processed = ad.read_h5ad(root / "data/03_primary/perturbation_processed_adata.h5ad")
+    split = json.loads((root / "data/05_model_input/perturbation_split.json").read_text())
+    neighbours = coexpression_neighbours(processed, split, column, k)
+    obs = processed.obs.loc[split["train"], [column, batch]].astype(str)
+    pools = {key: np.asarray(group.index) for key, group in obs.groupby([column, batch])}
+    anywhere = {name: np.asarray(group.index) for name, group in obs.groupby(column)}
+    rng = np.random.default_rng([seed, 7])
+    original = core.perturbation.control_pairs
+
+    def with_neighbours(*args, **kwargs) -> pd.DataFrame:
+        pairs = original(*args, **kwargs)
+        cells = []
+        for name, group, own in zip(pairs["perturbation"], pairs["batch"], pairs["control_cell"]):
+            if name == control or name not in neighbours:
+                cells.append(own)
+                continue
+            other = neighbours[name][rng.integers(len(neighbours[name]))]
+            pool = pools.get((other, str(group)), anywhere[other])
+            cells.append(str(rng.choice(pool)))
+        return pairs.assign(control_cell=cells)
+
+    sentences = ArrowDataset(path=str(root / "data/04_feature/perturbation_cell_sentences")).load()
+    base = HFModelDataset(path=str(root / "data/06_models/perturbation_base_model")).load()
+    core.perturbation.control_pairs = with_neighbours
+    try:
+        prompts = nodes.format_perturbation_prompts(sentences, split, base, screen)
+    finally:
+        core.perturbation.control_pairs = original
+    ArrowDataset(path=str(root / "data/05_model_input/perturbation_prompts")).save(prompts)
+    test = split["test_perturbations"]
+    return {"context_neighbours": {name: neighbours[name] for name in test if name in neighbours}}
+
+
+def perturbation_signal(root: Path) -> dict[str, float]:
+    """What of the posterior is specific to a perturbation, per temperature (means over the
+    sampled held-out perturbations, in the evaluation's sentence space): the correlation of each
+    perturbation's posterior mean minus the mean over all sampled perturbations with the same for
+    its real test cells (``centered_pearson``) and with the simulator's truth (``centered_truth``);
+    the norm of the gap between the posteriors' mean and the real perturbed cells' mean (``bias``)
+    beside the mean norm of a real change from control (``real_change``), and genes per sample;
+    the centered measures of the co-expression neighbours' training mean (``neighbour_mean``)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from c2s_kedro.datasets import ArrowDataset
+    from c2s_kedro.pipelines.perturbation_posterior import nodes
+
+    screen = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
+    settings = nodes._settings(screen)
+    column, control = settings.columns().perturbation, settings.columns().control_label
+    samples = ad.read_h5ad(root / "data/07_model_output/posterior_samples_expression.h5ad")
+    genes = list(samples.var_names)
+    sentences = ArrowDataset(path=str(root / "data/04_feature/perturbation_cell_sentences")).load()
+    split = json.loads((root / "data/05_model_input/perturbation_split.json").read_text())
+    rank_fit = json.loads((root / "data/06_models/perturbation_rank_fit.json").read_text())
+    real = nodes._part_cells(sentences, split, "test", genes, rank_fit, settings)
+    truth = pd.read_csv(root / "data/02_intermediate/perturbation_truth.csv", index_col=0).reindex(genes).fillna(0.0)
+    dense = lambda m: np.asarray(m.toarray() if hasattr(m, "toarray") else m, dtype=np.float64)  # noqa: E731
+    labels, x = real.obs[column].astype(str).to_numpy(), dense(real.X)
+    control_mean = x[labels == control].mean(axis=0)
+    signal: dict[str, float] = {}
+    for temperature in sorted(samples.obs["temperature"].unique()):
+        part = samples[(samples.obs["temperature"] == temperature).to_numpy()]
+        names, y = part.obs["perturbation"].astype(str).to_numpy(), dense(part.X)
+        sampled = sorted(set(names))
+        predicted = {name: y[names == name].mean(axis=0) for name in sampled}
+        observed = {name: x[labels == name].mean(axis=0) for name in sampled}
+        predicted_mean = np.mean(list(predicted.values()), axis=0)
+        observed_mean = np.mean(list(observed.values()), axis=0)
+        key = f"signal_T{temperature:g}"
+        signal[f"{key}.centered_pearson"] = float(np.mean(
+            [np.corrcoef(predicted[n] - predicted_mean, observed[n] - observed_mean)[0, 1] for n in sampled]))
+        signal[f"{key}.centered_truth"] = float(np.mean(
+            [np.corrcoef(predicted[n] - predicted_mean, truth[n].to_numpy())[0, 1] for n in sampled]))
+        signal[f"{key}.bias"] = float(np.linalg.norm(predicted_mean - observed_mean))
+        signal[f"{key}.real_change"] = float(np.mean([np.linalg.norm(observed[n] - control_mean) for n in sampled]))
+        signal[f"{key}.genes_per_sample"] = float((y > 0).sum(axis=1).mean())
+    signal["real_genes_per_cell"] = float((x[labels != control] > 0).sum(axis=1).mean())
+    # the same measures for a predictor with no language model: the mean of the training cells of
+    # each perturbation's 3 co-expression neighbours (what neighbour_context puts in the prompts)
+    train = nodes._part_cells(sentences, split, "train", genes, rank_fit, settings)
+    neighbours = coexpression_neighbours(ad.read_h5ad(root / "data/03_primary/perturbation_processed_adata.h5ad"),
+                                         split, column, 3)
+    train_labels, train_x = train.obs[column].astype(str).to_numpy(), dense(train.X)
+    reference = {n: np.mean([train_x[train_labels == m].mean(axis=0) for m in neighbours[n]], axis=0) for n in sampled}
+    reference_mean = np.mean(list(reference.values()), axis=0)
+    signal["neighbour_mean.centered_pearson"] = float(np.mean(
+        [np.corrcoef(reference[n] - reference_mean, observed[n] - observed_mean)[0, 1] for n in sampled]))
+    signal["neighbour_mean.centered_truth"] = float(np.mean(
+        [np.corrcoef(reference[n] - reference_mean, truth[n].to_numpy())[0, 1] for n in sampled]))
+    return signal
+
+
 def best_temperature(metrics: dict[str, float]) -> str:
     """The sampling temperature whose posterior scores the highest ``pearson_delta``."""
     methods = {key.removesuffix(".pearson_delta") for key in metrics if key.startswith("model_T") and key.endswith(".pearson_delta")}
@@ -156,6 +292,8 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
     start = time.perf_counter()
     if lever.get("pretrain_epochs"):
         result.update(pretrain_on_screen(root, int(lever["pretrain_epochs"]), seed))
+    if lever.get("context_neighbours"):
+        result.update(neighbour_prompts(root, int(lever["context_neighbours"]), seed))
     command = [str(PROJECT_ROOT / ".venv/bin/kedro"), "run", "--pipelines=perturbation_finetuning,perturbation_posterior"]
     env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", MPLBACKEND="Agg")
     time_log = root / "time.log"
@@ -180,6 +318,7 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
         "posterior_n_samples": metrics.get("posterior.n_samples"),
         "run_wall_seconds": round(wall, 1),
         "peak_rss_mb": peak_rss_mb(time_log),
+        **perturbation_signal(root),
         "project": str(root),
     })
     return result

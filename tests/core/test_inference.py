@@ -256,6 +256,32 @@ def test_a_sequence_that_has_written_every_gene_can_only_stop(model_name, reques
         assert 1 <= len(words) <= 3 and set(words) <= set(genes) and len(set(words)) == len(words), text
 
 
+@pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
+def test_min_genes_keeps_a_sequence_going_until_it_has_written_that_many(model_name, request):
+    language_model = request.getfixturevalue(model_name)
+    genes = GENES[:40]
+
+    def lengths(**constraint) -> list[int]:
+        texts = sample_continuations(
+            language_model, PROMPTS[2], n_samples=16, max_new_tokens=60, temperature=1.5, seed=1,
+            logits_processor=GeneVocabularyConstraint(language_model.tokenizer, genes, **constraint),
+        )
+        for text in texts:
+            words = _words(text)
+            assert set(words) <= set(genes) and len(words) == len(set(words)), text
+        return [len(_words(text)) for text in texts]
+
+    assert min(lengths()) < 8  # the untrained model ends early on its own
+    assert min(lengths(min_genes=8)) >= 8
+    # a vocabulary smaller than min_genes: every gene, then the end
+    few = sample_continuations(language_model, PROMPTS[1], n_samples=4, max_new_tokens=40, temperature=1.5, seed=0,
+                               logits_processor=GeneVocabularyConstraint(language_model.tokenizer, ["CD3", "CD3D", "AC009.1"],
+                                                                         min_genes=10))
+    assert all(sorted(_words(text)) == ["AC009.1", "CD3", "CD3D"] for text in few), few
+    with pytest.raises(ValueError, match="min_genes must be at least 1"):
+        GeneVocabularyConstraint(language_model.tokenizer, genes, min_genes=0)
+
+
 def test_sample_continuations_reads_the_prompt_once(gene_model):
     calls: list[tuple[int, int]] = []
 

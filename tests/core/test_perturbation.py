@@ -384,6 +384,12 @@ def test_test_posterior_names_each_sample_s_prompt_and_perturbation(tiny_model):
     assert samples.groupby("perturbation")["prompt_index"].nunique().to_dict() == {"G3": 1, "G5": 1}
     assert set(samples.loc[samples["perturbation"] == "G3", "perturbed_cell"]) == {"p0"}
     assert samples["n_genes"].max() <= 24 and (samples["n_unknown"] == 0).all()
+    # min_genes: every sample as long as asked; more genes than max_new_tokens can hold is refused
+    longer = sample_test_posterior(tiny_model, test, GENES, prompts_per_perturbation=1, n_samples=3,
+                                   temperatures=[1.3], seed=0, min_genes=15)
+    assert (longer["n_genes"] >= 15).all() and samples["n_genes"].min() < 15
+    with pytest.raises(ValueError, match="min_genes=30 needs about 31 new tokens .* max_new_tokens is 24"):
+        sample_test_posterior(tiny_model, test, GENES, n_samples=3, temperatures=[1.3], min_genes=30)
 
 
 def _sentences() -> Dataset:

@@ -78,9 +78,12 @@ class GeneVocabularyConstraint(LogitsProcessor):
     At each step a sequence may take a token that continues a gene it has not written yet, or,
     at a word boundary after at least one gene, the stop: the tokens of ``stop_text`` followed by
     EOS, or EOS directly. Every other token gets ``-inf``. A sequence that has written every gene
-    may only stop. Genes are matched as token paths of ``" " + gene``, so the same constraint
-    works for the gene-level tokenizer (one token per gene) and for byte-level BPE tokenizers
-    (several tokens per gene).
+    may only stop. With ``min_genes`` a sequence may stop only once it has written that many
+    genes (or every gene, when the vocabulary has fewer): a model whose EOS comes too early still
+    writes sentences as long as the cells it learned from; a sequence also needs room for them
+    (``max_new_tokens``). Genes are matched as token paths of ``" " + gene``, so the same
+    constraint works for the gene-level tokenizer (one token per gene) and for byte-level BPE
+    tokenizers (several tokens per gene).
 
     State is kept per batch row and advanced with the tokens generated since the previous call
     (``input_ids[:, prompt_length:]``); it is rebuilt from the generated ids whenever the rows
@@ -89,7 +92,10 @@ class GeneVocabularyConstraint(LogitsProcessor):
     width in ``model.generate``. Use one instance per generation call.
     """
 
-    def __init__(self, tokenizer, genes: Sequence[str], stop_text: str = ".", prompt_length: int | None = None):
+    def __init__(self, tokenizer, genes: Sequence[str], stop_text: str = ".", prompt_length: int | None = None,
+                 min_genes: int | None = None):
+        if min_genes is not None and min_genes < 1:
+            raise ValueError(f"min_genes must be at least 1 (or None: a sequence may stop after any gene), got {min_genes}")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; constrained decoding needs one to end sentences")
         self.eos_token_id = int(tokenizer.eos_token_id)
@@ -109,6 +115,7 @@ class GeneVocabularyConstraint(LogitsProcessor):
             logger.warning("%d genes cannot be written by this tokenizer (unknown tokens) and are left out", skipped)
         if not self.genes:
             raise ValueError("none of the genes can be written with this tokenizer; check the gene names")
+        self.min_genes = min(min_genes, len(self.genes)) if min_genes is not None else 1
         self.fixed_prompt_length = prompt_length
         self.prompt_length = prompt_length
         self.states: list[_SequenceState] = []
@@ -210,8 +217,9 @@ class GeneVocabularyConstraint(LogitsProcessor):
                 first = self.trie.paths[gene][0]
                 if state.used_below.get(first, 0) + 1 == self.trie.genes_below[first]:
                     blocked.append((row, self.trie.first_tokens[gene]))  # writing this gene exhausts its first token
-                rows.extend([row] * (1 + bool(self.stop_ids)))
-                tokens.extend([self.eos_token_id, *self.stop_ids[:1]])
+                if len(state.used) + 1 >= self.min_genes:  # the gene in progress counts
+                    rows.extend([row] * (1 + bool(self.stop_ids)))
+                    tokens.extend([self.eos_token_id, *self.stop_ids[:1]])
         if boundary_rows:
             index = torch.tensor(boundary_rows, device=device)
             allowed[index] = self.start_mask[index]

@@ -425,9 +425,11 @@ def sample_posterior(
     max_new_tokens: int = 202,
     seed: int = 0,
     batch_size: int | None = None,
+    min_genes: int | None = None,
 ) -> pd.DataFrame:
     """``n_samples`` responses per prompt at each temperature, with constrained decoding (only
-    genes of ``genes``, none twice) and one pass over each prompt shared by all its samples.
+    genes of ``genes``, none twice; with ``min_genes``, at least that many before the end) and
+    one pass over each prompt shared by all its samples.
 
     Refuses (before sampling anything) a prompt whose length plus ``max_new_tokens`` exceeds the
     model's context. Returns one row per sample: ``prompt_index``, ``temperature``,
@@ -450,11 +452,20 @@ def sample_posterior(
             "Nothing was sampled. Format the prompts with response_budget=max_new_tokens so the control sentence "
             "is shortened to fit, or lower top_k_genes"
         )
+    if min_genes is not None:
+        constraint = GeneVocabularyConstraint(tokenizer, genes, min_genes=min_genes)
+        needed = int(np.ceil(constraint.min_genes * constraint.tokens_per_gene)) + 1  # and EOS
+        if needed > max_new_tokens:
+            raise ValueError(
+                f"min_genes={min_genes} needs about {needed} new tokens ({constraint.tokens_per_gene:.2f} per gene and "
+                f"EOS) but max_new_tokens is {max_new_tokens}: samples would be cut short. Nothing was sampled. Raise "
+                "max_new_tokens or lower min_genes"
+            )
     vocabulary = set(genes)
     rows = []
     jobs = [(i, t) for i in range(len(prompts)) for t in temperatures]
     for job, (index, temperature) in enumerate(tqdm(jobs, desc="posterior samples", unit="prompt x temperature")):
-        constraint = GeneVocabularyConstraint(tokenizer, genes)
+        constraint = GeneVocabularyConstraint(tokenizer, genes, min_genes=min_genes)
         texts = sample_continuations(
             language_model, prompts[index], n_samples, max_new_tokens, temperature=temperature,
             seed=seed + job, logits_processor=constraint, batch_size=batch_size,
@@ -525,10 +536,12 @@ def sample_test_posterior(
     seed: int = 0,
     batch_size: int | None = None,
     perturbations: int | Sequence[str] | None = None,
+    min_genes: int | None = None,
 ) -> pd.DataFrame:
     """``sample_posterior`` on ``prompts_per_perturbation`` test prompts of each held-out
     perturbation chosen (``perturbations``: None for all, a number, or names; see
-    ``choose_test_prompts``), generating the prompts' ``max_new_tokens``; each sample row also
+    ``choose_test_prompts``), generating the prompts' ``max_new_tokens`` (at least ``min_genes``
+    genes each, when set: ``sample_posterior``); each sample row also
     names its ``perturbation``, ``control_cell``, ``perturbed_cell``, the prompt's
     ``n_control_genes`` and the run's wall seconds per sample (``seconds_per_sample``)."""
     prompts = choose_test_prompts(test_prompts, prompts_per_perturbation, seed, perturbations)
@@ -536,7 +549,7 @@ def sample_test_posterior(
     started = time.perf_counter()
     samples = sample_posterior(
         language_model, prompts["model_input"].tolist(), list(genes), n_samples=n_samples, temperatures=temperatures,
-        max_new_tokens=int(prompts["max_new_tokens"].iloc[0]), seed=seed, batch_size=batch_size,
+        max_new_tokens=int(prompts["max_new_tokens"].iloc[0]), seed=seed, batch_size=batch_size, min_genes=min_genes,
     )
     samples = samples.join(prompts[["perturbation", "control_cell", "perturbed_cell", "n_control_genes"]], on="prompt_index")
     samples["seconds_per_sample"] = (time.perf_counter() - started) / max(1, len(samples))

@@ -44,6 +44,7 @@ class PosteriorParameters:
     # held-out perturbations sampled (and scored): null = all, a number drawn at random, or a list
     # of names (Any: one of three kinds; core.perturbation.choose_perturbations checks it)
     perturbations: Any
+    min_genes: int | None  # genes a sample writes before it may end; null: it may end after any gene
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def sample_perturbation_posterior(
             perturbation_model, perturbation_prompts["test"], list(vocabulary),
             prompts_per_perturbation=posterior.prompts_per_perturbation, n_samples=posterior.n_samples,
             temperatures=posterior.temperatures, seed=posterior.seed, batch_size=posterior.batch_size,
-            perturbations=posterior.perturbations,
+            perturbations=posterior.perturbations, min_genes=posterior.min_genes,
         )
 
 
