@@ -15,6 +15,12 @@ arguments with the lever's epochs), on the train and control-train cells only, v
 control-val for the eval loss; the held-out perturbations' cells are never read. Then the pair
 fine-tuning starts from that model.
 
+Nor is ``neighbour_context*``: the copy's prompts are rebuilt with each perturbed pair's control
+sentence replaced by a training cell of one of the perturbation's 3 co-expression neighbours
+(``coexpression_neighbours``). Every run also reports ``perturbation_signal``: what of the
+posterior is specific to a perturbation, the gap between the posterior and the real cells, and the
+same centered scores for the neighbours' mean training cells.
+
 Prints one JSON object per lever and seed (the best temperature's scores, the baselines, training
 and sampling seconds, peak RSS), then a summary (mean and min-max over seeds), and writes them to
 ``--out`` after every run.
