@@ -90,6 +90,18 @@ LEVERS: dict[str, dict[str, object]] = {
 }
 
 
+def screen_settings() -> dict:
+    """The ``perturbation`` block of conf/base (what every lever copy starts from)."""
+    return yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
+
+
+def dense(matrix):
+    """A (small) matrix of cells as a float64 array, sparse or not."""
+    import numpy as np
+
+    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
+
+
 def make_project(root: Path, source: Path) -> None:
     """A project copy as tests/helpers.py copy_project makes it, with the source run's screen inputs."""
     empty_project(root)
@@ -116,7 +128,7 @@ def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
     sentences = ArrowDataset(path=str(root / "data/04_feature/perturbation_cell_sentences")).load()
     split = json.loads((root / "data/05_model_input/perturbation_split.json").read_text())
     conf = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_pretraining.yml").read_text())["pretraining"]
-    screen = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
+    screen = screen_settings()
     conf["training_arguments"].update(num_train_epochs=epochs, seed=seed)
     conf.update(seed=seed, checkpoint_dir=str(root / "data/06_models/screen_pretraining_checkpoints"), resume=False)
     settings = read_parameters(PretrainingParameters, conf, "pretraining")
@@ -146,8 +158,7 @@ def coexpression_neighbours(processed, split: dict, column: str, k: int) -> dict
     names = sorted(set(processed.obs[column].astype(str)) & set(processed.var_names))
     controls = processed[split["control_train"]]
     genes = list(dict.fromkeys(names + seen))
-    x = controls[:, genes].X
-    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+    x = dense(controls[:, genes].X)
     corr = np.nan_to_num(np.corrcoef(x.T))
     at = {gene: i for i, gene in enumerate(genes)}
     neighbours = {}
@@ -170,7 +181,7 @@ def neighbour_prompts(root: Path, k: int, seed: int) -> dict[str, object]:
     from c2s_kedro.datasets import ArrowDataset, HFModelDataset
     from c2s_kedro.pipelines.perturbation_data import nodes
 
-    screen = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
+    screen = screen_settings()
     column, batch, control = screen["perturbation_column"], screen["batch_column"], screen["control_label"]
     processed = ad.read_h5ad(root / "data/03_primary/perturbation_processed_adata.h5ad")
     split = json.loads((root / "data/05_model_input/perturbation_split.json").read_text())
@@ -220,7 +231,7 @@ def perturbation_signal(root: Path) -> dict[str, float]:
     from c2s_kedro.datasets import ArrowDataset
     from c2s_kedro.pipelines.perturbation_posterior import nodes
 
-    screen = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
+    screen = screen_settings()
     settings = nodes._settings(screen)
     column, control = settings.columns().perturbation, settings.columns().control_label
     samples = ad.read_h5ad(root / "data/07_model_output/posterior_samples_expression.h5ad")
@@ -230,7 +241,6 @@ def perturbation_signal(root: Path) -> dict[str, float]:
     rank_fit = json.loads((root / "data/06_models/perturbation_rank_fit.json").read_text())
     real = nodes._part_cells(sentences, split, "test", genes, rank_fit, settings)
     truth = pd.read_csv(root / "data/02_intermediate/perturbation_truth.csv", index_col=0).reindex(genes).fillna(0.0)
-    dense = lambda m: np.asarray(m.toarray() if hasattr(m, "toarray") else m, dtype=np.float64)  # noqa: E731
     labels, x = real.obs[column].astype(str).to_numpy(), dense(real.X)
     control_mean = x[labels == control].mean(axis=0)
     signal: dict[str, float] = {}
