@@ -16,13 +16,16 @@ from c2s_kedro.core.perturbation import (
     ScreenColumns,
     ScreenLayoutError,
     check_screen,
-    choose_test_prompts,
+    choose_posterior_prompts,
+    knockdown_drop_share,
     pair_with_controls,
+    posterior_prompt_pairs,
     posterior_expression,
     posterior_statistics,
     sample_posterior,
     sample_test_posterior,
     split_screen,
+    synthetic_knockdown_pairs,
 )
 from c2s_kedro.core.perturbation_evaluation import (
     LinearAdditiveBaseline,
@@ -260,43 +263,50 @@ def test_posterior_expression_rebuilds_each_sample_and_summarises_each_group():
         posterior_expression(samples.drop(columns=["temperature"]), GENES[:5], FIT)
 
 
-def _test_prompts(n_per: dict[str, int]) -> Dataset:
-    rows = [(name, f"ctrl-{i}", f"{name}-{i}", f"prompt {name} {i}", 10, 12) for name, n in n_per.items() for i in range(n)]
-    return Dataset.from_dict(dict(zip(["perturbation", "control_cell", "perturbed_cell", "model_input", "n_control_genes",
-                                       "max_new_tokens"], map(list, zip(*rows)))))
+def _posterior_prompts(heldout: dict[str, int], seen: tuple[str, ...] = (), n_controls: int = 2) -> Dataset:
+    rows = [("heldout", name, f"ctrl-{i}") for name in heldout for i in range(n_controls)]
+    rows += [("seen", name, f"ctrl-{i}") for name in seen for i in range(n_controls)]
+    rows += [("control", "non-targeting", f"ctrl-{i}") for i in range(n_controls)]
+    return Dataset.from_dict({
+        "evaluation": [r[0] for r in rows], "perturbation": [r[1] for r in rows], "control_cell": [r[2] for r in rows],
+        "model_input": [f"prompt {r[1]} {r[2]}" for r in rows], "n_control_genes": [10] * len(rows),
+        "max_new_tokens": [12] * len(rows),
+    })
 
 
-def test_test_prompts_are_drawn_per_perturbation_and_seeded():
-    chosen = choose_test_prompts(_test_prompts({"B": 5, "A": 3, "C": 1}), 2, seed=0)
-    assert chosen["perturbation"].tolist() == ["A", "A", "B", "B", "C"]
-    assert chosen.equals(choose_test_prompts(_test_prompts({"B": 5, "A": 3, "C": 1}), 2, seed=0))
-    picks = {tuple(choose_test_prompts(_test_prompts({"B": 20}), 2, seed=s)["perturbed_cell"]) for s in range(5)}
-    assert len(picks) > 1
-    with pytest.raises(KeyError, match="max_new_tokens"):
-        choose_test_prompts(_test_prompts({"A": 1}).remove_columns("max_new_tokens"), 1)
-    with pytest.raises(ValueError, match="at least 1"):
-        choose_test_prompts(_test_prompts({"A": 1}), 0)
+def test_posterior_prompts_share_their_control_cells_and_hold_the_control_label():
+    lookup = {**{f"ctrl-{i}": f"G{i} G{i + 1}" for i in range(12)}, **{f"{p}-{i}": "G0" for p in "ABCDE" for i in range(6)}}
+    split = split_screen(_obs(), COLUMNS, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=0, seen_test_fraction=0.3)
+    pairs = posterior_prompt_pairs(split, COLUMNS, lookup, n_controls=2, seed=0).to_pandas()
+    controls = sorted(set(pairs["control_cell"]))
+    assert len(controls) == 2 and set(controls) <= set(split["control_test"])
+    for (evaluation, name), rows in pairs.groupby(["evaluation", "perturbation"]):
+        assert sorted(rows["control_cell"]) == controls  # every perturbation on the same control cells
+    assert set(pairs.loc[pairs["evaluation"] == "heldout", "perturbation"]) == set(split["test_perturbations"])
+    assert set(pairs.loc[pairs["evaluation"] == "seen", "perturbation"]) == set(split["test_seen_perturbations"])
+    assert set(pairs.loc[pairs["evaluation"] == "control", "perturbation"]) == {"non-targeting"}
+    assert pairs.equals(posterior_prompt_pairs(split, COLUMNS, lookup, n_controls=2, seed=0).to_pandas())
+    with pytest.raises(ValueError, match="positive number"):
+        posterior_prompt_pairs(split, COLUMNS, lookup, n_controls=0)
 
 
-def test_a_subset_of_heldout_perturbations_is_sampled_by_number_or_by_name():
-    prompts = _test_prompts({"B": 5, "A": 3, "C": 4})
-    everything = choose_test_prompts(prompts, 2, seed=0)
-    assert choose_test_prompts(prompts, 2, seed=0, perturbations=None).equals(everything)
-    two = choose_test_prompts(prompts, 2, seed=0, perturbations=2)
-    assert two["perturbation"].nunique() == 2 and len(two) == 4
-    assert two.equals(choose_test_prompts(prompts, 2, seed=0, perturbations=2))
-    # a perturbation's prompts are the same whichever others are sampled
-    for name, rows in two.groupby("perturbation"):
-        assert rows["perturbed_cell"].tolist() == everything[everything["perturbation"] == name]["perturbed_cell"].tolist()
-    assert choose_test_prompts(prompts, 2, seed=0, perturbations=10).equals(everything)
-    named = choose_test_prompts(prompts, 1, seed=0, perturbations=["c", "A"])
-    assert named["perturbation"].tolist() == ["A", "C"]
+def test_posterior_prompts_are_chosen_per_evaluation_by_number_or_by_name():
+    prompts = _posterior_prompts({"B": 1, "A": 1, "C": 1}, seen=("D", "E", "F"))
+    everything = choose_posterior_prompts(prompts, seed=0)
+    assert len(everything) == 2 * 7 and (everything["evaluation"] == "control").sum() == 2
+    two = choose_posterior_prompts(prompts, seed=0, perturbations=2, seen_perturbations=1)
+    assert two.groupby("evaluation")["perturbation"].nunique().to_dict() == {"control": 1, "heldout": 2, "seen": 1}
+    assert two.equals(choose_posterior_prompts(prompts, seed=0, perturbations=2, seen_perturbations=1))
+    named = choose_posterior_prompts(prompts, seed=0, perturbations=["c", "A"], seen_perturbations=["E"])
+    assert sorted(set(named["perturbation"])) == ["A", "C", "E", "non-targeting"]
     with pytest.raises(ValueError, match=r"\['Z'\] are not among the 3 held-out perturbations"):
-        choose_test_prompts(prompts, 1, perturbations=["Z"])
+        choose_posterior_prompts(prompts, perturbations=["Z"])
     with pytest.raises(ValueError, match="at least 1"):
-        choose_test_prompts(prompts, 1, perturbations=0)
+        choose_posterior_prompts(prompts, perturbations=0)
     with pytest.raises(ValueError, match="null \\(all\\), a number or a list"):
-        choose_test_prompts(prompts, 1, perturbations="A")
+        choose_posterior_prompts(prompts, perturbations="A")
+    with pytest.raises(KeyError, match="evaluation.*Rerun perturbation_data"):
+        choose_posterior_prompts(prompts.remove_columns("evaluation"))
 
 
 def test_calibration_counts_true_means_inside_the_central_interval():
@@ -371,25 +381,85 @@ def test_linear_additive_baseline_repeats_a_seen_perturbation_and_predicts_an_un
     np.testing.assert_allclose(model.predict("not-a-gene"), np.mean(list(deltas.values()), axis=0))
 
 
-def test_test_posterior_names_each_sample_s_prompt_and_perturbation(tiny_model):
+def test_test_posterior_names_each_sample_s_prompt_perturbation_and_evaluation(tiny_model):
     tokenizer, context = tiny_model.tokenizer, tiny_model.context_length
-    pairs = _pairs(n=3, n_genes=20).add_column("perturbed_cell", ["p0", "p1", "p2"])
-    pairs = pairs.map(lambda row, i: {"perturbation": ["G3", "G5", "G5"][i]}, with_indices=True)
+    pairs = _pairs(n=4, n_genes=20)
+    pairs = pairs.map(lambda row, i: {"perturbation": ["G3", "G5", "G7", "non-targeting"][i],
+                                      "evaluation": ["heldout", "heldout", "seen", "control"][i]}, with_indices=True)
     test = PerturbationPromptFormatter(top_k_genes=20, tokenizer=tokenizer, max_tokens=context,
                                        response_budget=24).format_dataset(pairs)
     test = test.add_column("max_new_tokens", [24] * test.num_rows)
-    samples = sample_test_posterior(tiny_model, test, GENES, prompts_per_perturbation=1, n_samples=3,
-                                    temperatures=[0.7, 1.3], seed=0)
-    assert len(samples) == 2 * 2 * 3
-    assert samples.groupby("perturbation")["prompt_index"].nunique().to_dict() == {"G3": 1, "G5": 1}
-    assert set(samples.loc[samples["perturbation"] == "G3", "perturbed_cell"]) == {"p0"}
+    samples = sample_test_posterior(tiny_model, test, GENES, n_samples=3, temperatures=[0.7, 1.3], seed=0)
+    assert len(samples) == 4 * 2 * 3
+    assert samples.groupby("perturbation")["evaluation"].first().to_dict() == {
+        "G3": "heldout", "G5": "heldout", "G7": "seen", "non-targeting": "control"}
+    assert set(samples.loc[samples["perturbation"] == "G3", "control_cell"]) == {"c0"}
     assert samples["n_genes"].max() <= 24 and (samples["n_unknown"] == 0).all()
     # min_genes: every sample as long as asked; more genes than max_new_tokens can hold is refused
-    longer = sample_test_posterior(tiny_model, test, GENES, prompts_per_perturbation=1, n_samples=3,
-                                   temperatures=[1.3], seed=0, min_genes=15)
+    longer = sample_test_posterior(tiny_model, test, GENES, n_samples=3, temperatures=[1.3], seed=0, min_genes=15)
     assert (longer["n_genes"] >= 15).all() and samples["n_genes"].min() < 15
     with pytest.raises(ValueError, match="min_genes=30 needs about 31 new tokens .* max_new_tokens is 24"):
         sample_test_posterior(tiny_model, test, GENES, n_samples=3, temperatures=[1.3], min_genes=30)
+
+
+def test_seen_perturbations_keep_most_cells_in_training_and_hold_out_the_rest():
+    obs = _obs(n_per=10, perturbations=tuple("ABCDEFGHIJ"))
+    split = split_screen(obs, COLUMNS, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=0, seen_test_fraction=0.3)
+    assert split["test_seen_perturbations"] == split["train_perturbations"]
+    assert not set(split["test_seen"]) & set(split["train"])  # no cell in both
+    for name in split["train_perturbations"]:
+        held = [c for c in split["test_seen"] if obs.at[c, "gene"] == name]
+        trained = [c for c in split["train"] if obs.at[c, "gene"] == name]
+        assert len(held) == 3 and len(trained) == 7
+    assert not set(split["test_perturbations"]) & set(split["train_perturbations"])
+    plain = split_screen(obs, COLUMNS, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+    assert "test_seen" not in plain and plain["test_perturbations"] == split["test_perturbations"]
+    with pytest.raises(ValueError, match="needs mode 'perturbations'"):
+        split_screen(obs, COLUMNS, mode="cells", seen_test_fraction=0.2)
+    with pytest.raises(ValueError, match="at least 0 and below 1"):
+        split_screen(obs, COLUMNS, seen_test_fraction=1.0)
+
+
+def test_synthetic_knockdown_pairs_name_a_gene_of_the_response_and_drop_it_at_the_given_rate():
+    obs = _obs(n_controls=30)
+    controls = list(obs.index[obs["gene"] == "non-targeting"])
+    lookup = {c: " ".join(f"G{(i * 7 + k) % 40}" for k in range(12)) for i, c in enumerate(controls)}
+    always = synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=2, drop_share=1.0, seed=0).to_pandas()
+    assert len(always) == 60 and always["perturbation"].nunique() > 10  # many targets
+    for row in always.itertuples():
+        original = lookup[row.perturbed_cell].split()
+        assert row.perturbation in original and row.perturbation not in row.perturbed_sentence.split()
+        assert row.perturbed_sentence.split() == [g for g in original if g != row.perturbation]  # nothing else moves
+        assert obs.at[row.control_cell, "gem_group"] == obs.at[row.perturbed_cell, "gem_group"]
+    never = synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=1, drop_share=0.0, seed=0).to_pandas()
+    assert all(row.perturbed_sentence == lookup[row.perturbed_cell] for row in never.itertuples())
+    with pytest.raises(ValueError, match="0 or more"):
+        synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=-1, drop_share=0.5)
+
+
+def test_the_drop_share_is_measured_on_the_training_knockdowns():
+    obs = _obs(n_per=4, perturbations=("G1", "G2"), n_controls=4)
+    split = {"train": list(obs.index[obs["gene"] != "non-targeting"]),
+             "control_train": list(obs.index[obs["gene"] == "non-targeting"])}
+    lookup = {c: "G1 G2 G3" for c in split["control_train"]}  # both targets in every control
+    lookup.update({"G1-0": "G1 G3", "G1-1": "G3", "G1-2": "G3", "G1-3": "G3", "G2-0": "G3", "G2-1": "G3", "G2-2": "G3",
+                   "G2-3": "G3"})
+    assert knockdown_drop_share(obs, split, COLUMNS, lookup) == pytest.approx(1 - 1 / 8)
+
+
+def test_one_template_and_a_shorter_control_sentence_when_asked(tiny_model):
+    pairs = _pairs(n=6, n_genes=20)
+    formatted = PerturbationPromptFormatter(top_k_genes=20, control_top_k_genes=5, template=2).format_dataset(pairs)
+    assert set(formatted["n_control_genes"]) == {5}
+    assert all(len(r.rstrip(".").split()) == 20 for r in formatted["response"])  # the response keeps top_k_genes
+    firsts = {prompt.split("\n")[0].replace("G3", "") for prompt in formatted["model_input"]}
+    assert len(firsts) == 1  # one template
+    drawn = PerturbationPromptFormatter(top_k_genes=20).format_dataset(pairs)
+    assert len({prompt.split("\n")[0] for prompt in drawn["model_input"]}) > 1
+    with pytest.raises(ValueError, match="index of one of the 6"):
+        PerturbationPromptFormatter(template=6)
+    with pytest.raises(ValueError, match="control_top_k_genes must be null or a positive"):
+        PerturbationPromptFormatter(control_top_k_genes=0)
 
 
 def _sentences() -> Dataset:

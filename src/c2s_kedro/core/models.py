@@ -454,7 +454,7 @@ def build_gpt_neox(tokenizer, architecture: dict[str, Any], seed: int = 0) -> La
 
     Keys: ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``, ``intermediate_size``
     (default 4 x hidden), ``max_position_embeddings`` (the context length); any other
-    ``GPTNeoXConfig`` key passes through.
+    ``GPTNeoXConfig`` key passes through (``tie_word_embeddings`` is off unless set).
     """
     settings = dict(architecture)
     missing = [key for key in ARCHITECTURE_KEYS if key not in settings]
@@ -471,8 +471,7 @@ def build_gpt_neox(tokenizer, architecture: dict[str, Any], seed: int = 0) -> La
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **settings,
+        **{"tie_word_embeddings": False, **settings},
     )
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(config)

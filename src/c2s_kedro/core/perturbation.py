@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import scanpy as sc
 import scipy.sparse as sp
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from tqdm.auto import tqdm
 
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
@@ -129,12 +129,12 @@ def control_pairs(
     obs: pd.DataFrame, split: dict[str, Any], part: str, columns: ScreenColumns, seed: int, controls_per_cell: int = 1,
     include_control_pairs: bool = True,
 ) -> pd.DataFrame:
-    """The pairs of a part of the split: each perturbed cell with controls of its batch and, outside
-    the test part, control -> control pairs labelled with the control label (they teach the model
+    """The pairs of a part of the split: each perturbed cell with controls of its batch and, in the
+    train and val parts, control -> control pairs labelled with the control label (they teach the model
     that "no perturbation" means "the same state")."""
-    pairs = pair_with_controls(obs, split[part], split[f"control_{part}"], columns, seed=seed, controls_per_cell=controls_per_cell)
-    if part != "test" and include_control_pairs:
-        controls = split[f"control_{part}"]
+    controls = split[f"control_{'test' if part == 'test_seen' else part}"]  # both test sets pair with the test controls
+    pairs = pair_with_controls(obs, split[part], controls, columns, seed=seed, controls_per_cell=controls_per_cell)
+    if part in ("train", "val") and include_control_pairs:
         pairs = pd.concat([pairs, pair_with_controls(obs, controls, controls, columns, seed=seed + 1)], ignore_index=True)
     return pairs
 
@@ -143,37 +143,138 @@ def perturbation_prompts(
     sentences: Dataset, split: dict[str, Any], columns: ScreenColumns, tokenizer, max_tokens: int,
     top_k_genes: int | None, seed: int, controls_per_cell: int = 1, include_control_pairs: bool = True,
     max_new_tokens: int | None = None, on_overflow: str = "shorten", max_eval_samples: int | None = None,
+    control_top_k_genes: int | None = None, template: int | None = None, synthetic_pairs_per_control: int = 0,
+    synthetic_drop_share: float | None = None, posterior_controls: int = 2,
 ) -> DatasetDict:
     """Train, val and test prompts of the screen: pairs (perturbed cell, control of its batch) as
     "control sentence + perturbation -> perturbed sentence". Training samples keep their response
     whole; test prompts leave room for ``max_new_tokens`` (default: the longest training response
     and its EOS), shortening the control sentence or refusing (``on_overflow``). ``sentences`` must
-    hold the perturbation (and batch) columns."""
+    hold the perturbation (and batch) columns.
+
+    ``control_top_k_genes`` cuts the control sentence shorter than the response (None: ``top_k_genes``);
+    ``template`` uses one prompt template for every pair (its index; None: one drawn per pair).
+    ``synthetic_pairs_per_control`` adds that many synthetic knockdown pairs per training control
+    cell (``synthetic_knockdown_pairs``; the drop share estimated from the training cells unless
+    ``synthetic_drop_share`` is given).
+
+    Beside ``test`` (pairs of held-out perturbations' cells with test controls) and, when the split
+    has one, ``test_seen`` (the same for held-out cells of seen perturbations), the ``posterior``
+    part holds the prompts to sample (``posterior_prompt_pairs``): every perturbation of both test
+    sets, and the control label, on the same ``posterior_controls`` test control cells."""
     keep = [c for c in ("cell_name", columns.perturbation, columns.batch) if c]
     missing = [c for c in keep if c not in sentences.column_names]
     if missing:
         raise KeyError(f"column(s) {missing} are not in the screen's cell sentences; convert them with the sentences")
     obs = sentences.select_columns(keep).to_pandas().set_index("cell_name")
     lookup = top_k_sentences(sentences, top_k_genes)
+    options = {"top_k_genes": top_k_genes, "control_top_k_genes": control_top_k_genes, "template": template, "seed": seed,
+               "tokenizer": tokenizer, "max_tokens": max_tokens}
     parts = {}
-    for offset, part in enumerate(("train", "val", "test")):
+    for offset, part in enumerate(("train", "val")):
         pairs = paired_sentences(control_pairs(obs, split, part, columns, seed + 10 * offset, controls_per_cell,
                                                include_control_pairs), lookup)
-        if part != "test":
-            # shuffled before formatting, so that only the val pairs kept are formatted
-            pairs = pairs.shuffle(seed=seed, keep_in_memory=True)
-            if part == "val" and max_eval_samples is not None and pairs.num_rows > max_eval_samples:
-                pairs = pairs.select(range(max_eval_samples), keep_in_memory=True)
-            formatter = PerturbationPromptFormatter(top_k_genes=top_k_genes, seed=seed, tokenizer=tokenizer, max_tokens=max_tokens)
-            parts[part] = formatter.format_dataset(pairs.flatten_indices(keep_in_memory=True))
+        if part == "train" and synthetic_pairs_per_control:
+            drop = synthetic_drop_share if synthetic_drop_share is not None else knockdown_drop_share(obs, split, columns, lookup)
+            synthetic = synthetic_knockdown_pairs(obs, split["control_train"], lookup, columns, synthetic_pairs_per_control,
+                                                  drop, seed=seed + 5)
+            pairs = concatenate_datasets([pairs, synthetic])
+        # shuffled before formatting, so that only the val pairs kept are formatted
+        pairs = pairs.shuffle(seed=seed, keep_in_memory=True)
+        if part == "val" and max_eval_samples is not None and pairs.num_rows > max_eval_samples:
+            pairs = pairs.select(range(max_eval_samples), keep_in_memory=True)
+        parts[part] = PerturbationPromptFormatter(**options).format_dataset(pairs.flatten_indices(keep_in_memory=True))
     budget = max_new_tokens or response_token_budget(tokenizer, parts["train"]["response"])
-    formatter = PerturbationPromptFormatter(
-        top_k_genes=top_k_genes, seed=seed, tokenizer=tokenizer, max_tokens=max_tokens, response_budget=budget,
-        on_overflow=on_overflow,
-    )
-    test = formatter.format_dataset(pairs)
-    parts["test"] = test.add_column("max_new_tokens", [budget] * test.num_rows)
+    tests = {part: paired_sentences(control_pairs(obs, split, part, columns, seed + 10 * offset, controls_per_cell,
+                                                  include_control_pairs), lookup)
+             for offset, part in ((2, "test"), (3, "test_seen")) if part in split}
+    tests["posterior"] = posterior_prompt_pairs(split, columns, lookup, posterior_controls, seed)
+    for part, pairs in tests.items():
+        formatter = PerturbationPromptFormatter(**options, response_budget=budget, on_overflow=on_overflow)
+        formatted = formatter.format_dataset(pairs)
+        parts[part] = formatted.add_column("max_new_tokens", [budget] * formatted.num_rows)
     return DatasetDict(parts)
+
+
+EVALUATIONS = {"heldout": "test", "seen": "test_seen"}  # evaluation -> the part of the split it scores
+
+
+def posterior_prompt_pairs(split: dict[str, Any], columns: ScreenColumns, sentences: dict[str, str], n_controls: int,
+                           seed: int = 0) -> Dataset:
+    """What the posterior samples: each perturbation of the held-out perturbations (``evaluation``
+    ``heldout``) and of the seen ones with held-out cells (``seen``, when the split has them), and
+    the control label (``control``: the model's own "no perturbation" answer), each on the same
+    ``n_controls`` test control cells drawn at random (seeded). Sharing the control cells makes a
+    perturbation's samples comparable with the control label's: the difference is the name alone.
+    Columns as ``paired_sentences`` (no perturbed cell) plus ``evaluation``."""
+    if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 1:
+        raise ValueError(f"the control cells of the posterior prompts must be a positive number, got {n_controls!r}")
+    pool = list(split["control_test"])
+    if not pool:
+        raise ValueError("the split has no test control cell to build posterior prompts on")
+    rng = np.random.default_rng([seed, 11])
+    controls = [pool[i] for i in np.sort(rng.choice(len(pool), size=min(n_controls, len(pool)), replace=False))]
+    names = [(evaluation, name) for evaluation, part in EVALUATIONS.items() if part in split
+             for name in split[f"{part}_perturbations"]] + [("control", columns.control_label)]
+    rows = [(evaluation, name, control) for evaluation, name in names for control in controls]
+    return Dataset.from_dict({
+        "evaluation": [r[0] for r in rows], "perturbation": [r[1] for r in rows], "control_cell": [r[2] for r in rows],
+        "perturbed_cell": [""] * len(rows), "control_sentence": [sentences[r[2]] for r in rows],
+        "perturbed_sentence": [""] * len(rows),
+    })
+
+
+def knockdown_drop_share(obs: pd.DataFrame, split: dict[str, Any], columns: ScreenColumns, sentences: dict[str, str]) -> float:
+    """How often a knockdown takes its target out of a top-k sentence, measured on the training
+    cells: 1 - (share of perturbed cells whose sentence holds their target) / (share of control
+    cells whose sentence holds it), pooled over the training perturbations whose target is a gene
+    of the sentences (0 when none is). CRISPRi on the default screen: about 0.97."""
+    labels = obs[columns.perturbation].astype(str)
+    perturbed = pd.Index(split["train"])
+    controls = [set(sentences[c].split()) for c in split["control_train"]]
+    held, expected = 0.0, 0.0
+    for name, cells in pd.Series(perturbed, index=perturbed).groupby(labels.loc[perturbed].to_numpy()):
+        in_controls = float(np.mean([name in genes for genes in controls])) if controls else 0.0
+        if in_controls == 0.0:
+            continue  # not a gene of the sentences, or never in a control's top k: nothing to measure
+        held += sum(name in sentences[c].split() for c in cells)
+        expected += in_controls * len(cells)
+    return float(np.clip(1.0 - held / expected, 0.0, 1.0)) if expected else 0.0
+
+
+def synthetic_knockdown_pairs(
+    obs: pd.DataFrame, controls: Sequence[str], sentences: dict[str, str], columns: ScreenColumns, per_control: int,
+    drop_share: float, seed: int = 0,
+) -> Dataset:
+    """Synthetic CRISPRi pairs: each control cell paired (``pair_with_controls``: another control
+    of its batch, as a real pair) ``per_control`` times with a target drawn from the response
+    cell's genes; the response is that cell's sentence with the target taken out (with probability
+    ``drop_share``, the screen's own rate; otherwise left as it is). Many targets with a few cells
+    each, so that a model learns to knock down whatever gene is named rather than the few targets of
+    the screen. Columns as ``paired_sentences``."""
+    if per_control < 0:
+        raise ValueError(f"synthetic pairs per control cell must be 0 or more, got {per_control}")
+    rng = np.random.default_rng(seed)
+    pairs = pd.concat([pair_with_controls(obs, controls, controls, columns, seed=seed + k) for k in range(per_control)],
+                      ignore_index=True)
+    rows: dict[str, list[str]] = {key: [] for key in ("perturbation", "control_cell", "perturbed_cell", "control_sentence",
+                                                       "perturbed_sentence")}
+    for control, response in zip(pairs["control_cell"], pairs["perturbed_cell"]):
+        genes = sentences[response].split()
+        if not genes:
+            continue
+        target = int(rng.integers(len(genes)))
+        name = genes[target]
+        if rng.random() < drop_share:
+            genes = genes[:target] + genes[target + 1 :]
+        rows["perturbation"].append(name)
+        rows["control_cell"].append(str(control))
+        rows["perturbed_cell"].append(str(response))
+        rows["control_sentence"].append(sentences[control])
+        rows["perturbed_sentence"].append(" ".join(genes))
+    logger.info("%d synthetic knockdown pairs (%d targets; target dropped with probability %.2f)",
+                len(rows["perturbation"]), len(set(rows["perturbation"])), drop_share)
+    return Dataset.from_dict(rows)
 
 
 def top_k_sentences(sentences: Dataset, top_k_genes: int | None, batch_size: int = 8192) -> dict[str, str]:
@@ -240,6 +341,7 @@ def split_screen(
     fractions: dict[str, float] | None = None,
     seed: int = 0,
     test_perturbations: Sequence[str] | None = None,
+    seen_test_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Train/val/test parts of a screen's cells, cut by ``core.splitting.split_names`` from one
     seeded generator (controls of each batch in sorted batch order, then the perturbations).
@@ -250,6 +352,10 @@ def split_screen(
     held-out cells of perturbations seen in training. Control cells are always split by cells,
     within each batch, so that every part can pair its cells with controls of their own batch.
     Every list is sorted, except the controls: sorted within each batch, batches in sorted order.
+
+    ``seen_test_fraction`` (held-out perturbations only) also holds out that share of each training
+    perturbation's cells as ``test_seen``, the second evaluation: held-out cells of perturbations
+    seen in training (``test_seen_perturbations``). Both test sets pair with ``control_test``.
     """
     fractions = dict(fractions or {"train": 0.8, "val": 0.1, "test": 0.1})
     if mode not in ("perturbations", "cells"):
@@ -257,6 +363,11 @@ def split_screen(
     if sorted(fractions) != sorted(SPLIT_PARTS):
         raise ValueError(f"split fractions must name exactly train, val and test; got {fractions}")
     fractions = {part: float(fractions[part]) for part in SPLIT_PARTS}
+    if isinstance(seen_test_fraction, bool) or not 0.0 <= float(seen_test_fraction) < 1.0:
+        raise ValueError(f"seen_test_fraction must be at least 0 and below 1, got {seen_test_fraction!r}")
+    if seen_test_fraction and mode != "perturbations":
+        raise ValueError("seen_test_fraction holds out cells of seen perturbations beside held-out perturbations: it needs "
+                         "mode 'perturbations' (mode 'cells' already tests held-out cells of seen perturbations); set it to 0")
     cut = {part: fractions[part] for part in _SCREEN_CUT_ORDER}
     labels = obs[columns.perturbation].astype(str)
     rng = np.random.default_rng(seed)
@@ -289,6 +400,15 @@ def split_screen(
             keep = labels.isin(chosen[part]).to_numpy() & ~is_control
             parts[part] = sorted(obs.index[keep])
         perturbations = {part: sorted(chosen[part]) for part in SPLIT_PARTS}
+        if seen_test_fraction:
+            seen = {"test_seen": seen_test_fraction, "train": 1.0 - seen_test_fraction}
+            train, held = [], []
+            for name in perturbations["train"]:
+                cells = split_names(obs.index[(labels == name).to_numpy()], seen, rng)
+                train += cells["train"]
+                held += cells["test_seen"]
+            parts["train"], parts["test_seen"] = sorted(train), sorted(held)
+            perturbations["test_seen"] = sorted(labels.loc[held].unique())
     else:
         for name in names:
             cells = split_names(obs.index[(labels == name).to_numpy()], cut, rng)
@@ -298,10 +418,14 @@ def split_screen(
     parts = {part: sorted(cells) for part, cells in parts.items()}
     if not parts["test"] or not parts["train"]:
         raise ValueError("the split left no training or no test cells; use more cells or other fractions")
+    if seen_test_fraction and not parts["test_seen"]:
+        raise ValueError(f"seen_test_fraction {seen_test_fraction} holds out no cell of the seen perturbations (too few "
+                         "cells each); raise it, or set it to 0")
     return {
         "mode": mode,
         "seed": seed,
         "fractions": fractions,
+        **({"seen_test_fraction": float(seen_test_fraction)} if seen_test_fraction else {}),
         **parts,
         **{f"control_{part}": cells for part, cells in control_parts.items()},
         **{f"{part}_perturbations": list(values) for part, values in perturbations.items()},
@@ -313,7 +437,9 @@ class PerturbationPromptFormatter(PromptFormatter):
     the input, the perturbed cell's sentence as the response.
 
     Input columns: ``control_sentence``, ``perturbed_sentence``, ``perturbation`` (the others, e.g.
-    cell names, are kept). ``top_k_genes`` cuts both sentences (None keeps every expressed gene).
+    cell names, are kept). ``top_k_genes`` cuts both sentences (None keeps every expressed gene),
+    ``control_top_k_genes`` the control sentence shorter still; ``template`` picks one template for
+    every sample (its index) instead of one drawn per sample.
     With a ``tokenizer`` and ``max_tokens`` every sample fits the context: with ``response_budget``
     None (training) the response is kept whole and the control sentence loses genes from its end;
     with ``response_budget`` set (generation: ``max_new_tokens``) the prompt is fitted to
@@ -330,12 +456,22 @@ class PerturbationPromptFormatter(PromptFormatter):
         max_tokens: int | None = None,
         response_budget: int | None = None,
         on_overflow: str = "shorten",
+        control_top_k_genes: int | None = None,
+        template: int | None = None,
     ) -> None:
         super().__init__(seed=seed)
         if on_overflow not in ("shorten", "error"):
             raise ValueError(f"on_overflow must be 'shorten' or 'error', got '{on_overflow}'")
         self.templates = load_templates(PERTURBATION_TASK)
+        if template is not None and not (isinstance(template, int) and 0 <= template < len(self.templates.inputs)):
+            raise ValueError(f"template must be null or the index of one of the {len(self.templates.inputs)} "
+                             f"{PERTURBATION_TASK} templates (0-{len(self.templates.inputs) - 1}), got {template!r}")
+        for name, value in (("top_k_genes", top_k_genes), ("control_top_k_genes", control_top_k_genes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be null or a positive number of genes, got {value!r}")
+        self.template = template
         self.top_k_genes = top_k_genes
+        self.control_top_k_genes = control_top_k_genes if control_top_k_genes is not None else top_k_genes
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens if tokenizer is not None else None
         self.response_budget = response_budget
@@ -356,14 +492,16 @@ class PerturbationPromptFormatter(PromptFormatter):
 
     def format_batch(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["control_sentence"])
-        choices = self.rng.integers(0, len(self.templates.inputs), size=n)
+        choices = self.rng.integers(0, len(self.templates.inputs), size=n)  # drawn even for one template: same stream
+        if self.template is not None:
+            choices[:] = self.template
         inputs, kept = [], []
         responses = [self.templates.response.format(perturbed_sentence=" ".join((perturbed or "").split()[: self.top_k_genes]))
                      for perturbed in batch["perturbed_sentence"]]
         budgets = self._budgets(responses) if self.max_tokens is not None else [None] * n
         for control, response, budget, name, choice in zip(batch["control_sentence"], responses, budgets,
                                                            batch["perturbation"], choices):
-            genes = (control or "").split()[: self.top_k_genes]
+            genes = (control or "").split()[: self.control_top_k_genes]
             template = self.templates.inputs[choice]
             fields = {"perturbation": str(name).upper()}
             if self.max_tokens is None:
@@ -503,55 +641,55 @@ def choose_perturbations(available: Sequence[str], which: int | Sequence[str] | 
     return names
 
 
-def choose_test_prompts(
-    test_prompts: Dataset, n_per_perturbation: int, seed: int = 0, perturbations: int | Sequence[str] | None = None,
+def choose_posterior_prompts(
+    posterior_prompts: Dataset, seed: int = 0, perturbations: int | Sequence[str] | None = None,
+    seen_perturbations: int | Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """``n_per_perturbation`` test prompts of each perturbation drawn at random (seeded), in their
-    order within the perturbation, perturbations sorted; only the perturbations
-    ``choose_perturbations`` picks (None: every held-out one)."""
-    if n_per_perturbation < 1:
-        raise ValueError(f"prompts per perturbation must be at least 1, got {n_per_perturbation}")
-    needed = ["perturbation", "control_cell", "perturbed_cell", "model_input", "n_control_genes", "max_new_tokens"]
-    missing = [c for c in needed if c not in test_prompts.column_names]
+    """The rows of the ``posterior`` prompts to sample: the held-out perturbations that
+    ``choose_perturbations`` picks with ``perturbations`` (None: every one), the seen ones it picks
+    with ``seen_perturbations`` (its own draw), and every control-label row."""
+    needed = ["evaluation", "perturbation", "control_cell", "model_input", "n_control_genes", "max_new_tokens"]
+    missing = [c for c in needed if c not in posterior_prompts.column_names]
     if missing:
-        raise KeyError(f"the test prompts lack column(s) {missing}; they have {', '.join(test_prompts.column_names)}")
-    table = test_prompts.select_columns(needed).to_pandas()
-    if table.empty:
-        raise ValueError("there are no test prompts to sample from")
-    chosen_names = choose_perturbations(table["perturbation"].astype(str), perturbations, seed)
-    table = table[table["perturbation"].astype(str).isin(chosen_names)]
-    rng = np.random.default_rng(seed)
-    chosen = [rows.iloc[np.sort(rng.permutation(len(rows))[:n_per_perturbation])]
-              for _, rows in table.groupby("perturbation", sort=True)]
-    return pd.concat(chosen, ignore_index=True)
+        raise KeyError(f"the posterior prompts lack column(s) {missing}; they have {', '.join(posterior_prompts.column_names)}. "
+                       "Rerun perturbation_data so its prompts have a posterior part")
+    table = posterior_prompts.select_columns(needed).to_pandas()
+    if not (table["evaluation"] == "heldout").any():
+        raise ValueError("there are no held-out perturbation prompts to sample from")
+    keep = table["evaluation"] == "control"
+    for evaluation, which, stream in (("heldout", perturbations, seed), ("seen", seen_perturbations, seed + 1)):
+        rows = table["evaluation"] == evaluation
+        if rows.any():
+            keep |= rows & table["perturbation"].isin(choose_perturbations(table.loc[rows, "perturbation"], which, stream))
+    return table[keep].reset_index(drop=True)
 
 
 def sample_test_posterior(
     language_model: LanguageModel,
-    test_prompts: Dataset,
+    posterior_prompts: Dataset,
     genes: Sequence[str],
-    prompts_per_perturbation: int = 1,
     n_samples: int = 100,
-    temperatures: Sequence[float] = (0.7, 1.0, 1.3),
+    temperatures: Sequence[float] = (0.7, 1.0),
     seed: int = 0,
     batch_size: int | None = None,
     perturbations: int | Sequence[str] | None = None,
+    seen_perturbations: int | Sequence[str] | None = None,
     min_genes: int | None = None,
 ) -> pd.DataFrame:
-    """``sample_posterior`` on ``prompts_per_perturbation`` test prompts of each held-out
-    perturbation chosen (``perturbations``: None for all, a number, or names; see
-    ``choose_test_prompts``), generating the prompts' ``max_new_tokens`` (at least ``min_genes``
-    genes each, when set: ``sample_posterior``); each sample row also
-    names its ``perturbation``, ``control_cell``, ``perturbed_cell``, the prompt's
+    """``sample_posterior`` on the ``posterior`` prompts that ``choose_posterior_prompts`` picks
+    (held-out perturbations, seen ones, and the control label on the same control cells),
+    generating the prompts' ``max_new_tokens`` (at least ``min_genes`` genes each, when set); each
+    sample row also names its ``evaluation``, ``perturbation``, ``control_cell``, the prompt's
     ``n_control_genes`` and the run's wall seconds per sample (``seconds_per_sample``)."""
-    prompts = choose_test_prompts(test_prompts, prompts_per_perturbation, seed, perturbations)
-    logger.info("sampling %d prompts of %d held-out perturbations", len(prompts), prompts["perturbation"].nunique())
+    prompts = choose_posterior_prompts(posterior_prompts, seed, perturbations, seen_perturbations)
+    logger.info("sampling %d prompts: %s", len(prompts),
+                ", ".join(f"{n} {e}" for e, n in prompts.groupby("evaluation")["perturbation"].nunique().items()))
     started = time.perf_counter()
     samples = sample_posterior(
         language_model, prompts["model_input"].tolist(), list(genes), n_samples=n_samples, temperatures=temperatures,
         max_new_tokens=int(prompts["max_new_tokens"].iloc[0]), seed=seed, batch_size=batch_size, min_genes=min_genes,
     )
-    samples = samples.join(prompts[["perturbation", "control_cell", "perturbed_cell", "n_control_genes"]], on="prompt_index")
+    samples = samples.join(prompts[["evaluation", "perturbation", "control_cell", "n_control_genes"]], on="prompt_index")
     samples["seconds_per_sample"] = (time.perf_counter() - started) / max(1, len(samples))
     if samples["n_unknown"].sum() or samples["n_repeated"].sum():
         logger.warning("constrained samples contained %d unknown and %d repeated genes", samples["n_unknown"].sum(),

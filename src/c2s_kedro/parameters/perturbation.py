@@ -18,6 +18,7 @@ class ScreenSplitParameters:
     fractions: dict[str, float]
     test_perturbations: list[str] | None
     seed: int
+    seen_test_fraction: float  # of each training perturbation's cells, held out as the seen evaluation (0: none)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class PairingParameters:
     controls_per_cell: int
     include_control_pairs: bool
     seed: int
+    synthetic_pairs_per_control: int  # synthetic knockdown pairs per training control cell (0: none)
+    synthetic_drop_share: float | None  # null: measured on the training cells
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class PosteriorParameters:
     # held-out perturbations sampled (and scored): null = all, a number drawn at random, or a list
     # of names (Any: one of three kinds; core.perturbation.choose_perturbations checks it)
     perturbations: Any
+    seen_perturbations: Any  # the same, for the seen perturbations with held-out cells
     min_genes: int | None  # genes a sample writes before it may end; null: it may end after any gene
 
 
@@ -53,6 +57,7 @@ class PerturbationEvaluationParameters:
     interval: float
     baseline_pca_components: int
     max_plot_panels: int
+    sensitivity_pairs: int  # test pairs of the input-sensitivity probe
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class PerturbationParameters:
     sentence_conversion: SentenceConversionParameters
     benchmarking: ScreenBenchmarkingParameters
     top_k_genes: int | None
+    control_top_k_genes: int | None  # the control sentence of a prompt (null: top_k_genes)
+    prompt_template: int | None  # one template for every prompt (its index); null: one drawn per prompt
     split: ScreenSplitParameters
     pairing: PairingParameters
     seed: int

@@ -54,17 +54,20 @@ def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any
     with setting_hint(f"{SECTION}.split"):
         return core.perturbation.split_screen(
             processed_adata.obs, settings.columns(), mode=split.mode, fractions=split.fractions, seed=split.seed,
-            test_perturbations=split.test_perturbations,
+            test_perturbations=split.test_perturbations, seen_test_fraction=split.seen_test_fraction,
         )
 
 
 def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
     """Perturbations and cells of each part of the split."""
     metrics: dict[str, float] = {}
-    for part in ("train", "val", "test"):
+    for part in ("train", "val", "test", "test_seen"):
+        if part not in perturbation_split:
+            continue
         metrics[f"n_{part}_perturbations"] = float(len(perturbation_split[f"{part}_perturbations"]))
         metrics[f"n_{part}_perturbed_cells"] = float(len(perturbation_split[part]))
-        metrics[f"n_{part}_control_cells"] = float(len(perturbation_split[f"control_{part}"]))
+        if f"control_{part}" in perturbation_split:  # test_seen pairs with control_test
+            metrics[f"n_{part}_control_cells"] = float(len(perturbation_split[f"control_{part}"]))
     return metrics
 
 
@@ -86,14 +89,20 @@ def format_perturbation_prompts(
     params: dict[str, Any],
 ) -> DatasetDict:
     """Pairs (perturbed cell, control cell of the same batch) of each part as prompts: the control
-    sentence and the perturbation in, the perturbed sentence out; test prompts leave room for the
+    sentence and the perturbation in, the perturbed sentence out, plus synthetic knockdown pairs
+    in training (``pairing.synthetic_pairs_per_control``) and the posterior's prompts (every test
+    perturbation and the control label on the same control cells); test prompts leave room for the
     answer (``posterior.max_new_tokens``, ``posterior.on_overflow``)."""
     settings = _settings(params)
-    with setting_hint(f"{SECTION}.sentence_conversion.label_columns, top_k_genes or posterior.on_overflow"):
+    pairing = settings.pairing
+    with setting_hint(f"{SECTION}.sentence_conversion.label_columns, top_k_genes, control_top_k_genes, prompt_template, "
+                      "pairing, posterior.prompts_per_perturbation or posterior.on_overflow"):
         return core.perturbation.perturbation_prompts(
             cell_sentences, perturbation_split, settings.columns(), perturbation_base_model.tokenizer,
-            perturbation_base_model.context_length, settings.top_k_genes, settings.pairing.seed,
-            controls_per_cell=settings.pairing.controls_per_cell, include_control_pairs=settings.pairing.include_control_pairs,
+            perturbation_base_model.context_length, settings.top_k_genes, pairing.seed,
+            controls_per_cell=pairing.controls_per_cell, include_control_pairs=pairing.include_control_pairs,
             max_new_tokens=settings.posterior.max_new_tokens, on_overflow=settings.posterior.on_overflow,
-            max_eval_samples=settings.finetuning.max_eval_samples,
+            max_eval_samples=settings.finetuning.max_eval_samples, control_top_k_genes=settings.control_top_k_genes,
+            template=settings.prompt_template, synthetic_pairs_per_control=pairing.synthetic_pairs_per_control,
+            synthetic_drop_share=pairing.synthetic_drop_share, posterior_controls=settings.posterior.prompts_per_perturbation,
         )
