@@ -6,8 +6,13 @@ samples; a baseline: the cells it would predict), in the same expression space a
 Real cells enter that space as the model sees them (``sentence_space_cells``: top-k sentences
 turned back into expression). `cell-eval` computes the metrics it has (Pearson of the change,
 MSE, DE-gene overlap, ...); the top-20-DE Pearson, the posterior's calibration and the agreement
-with a simulator's truth are computed here. ``evaluate_posterior`` scores the model and the
-baselines; ``posterior_embedding`` puts samples and real cells in one PCA/UMAP space for plotting.
+with a simulator's truth are computed here, and the diagnostics that tell a model that listens to
+the perturbation from one that writes the same cell whatever it is asked: changes centred on the
+mean perturbed cell (Systema), changes against the model's own samples for "no perturbation"
+(``scores_vs_own_control``), the E-distance between predicted and real cells (``energy_distance``)
+and whether the target's own knockdown is reproduced (``knockdown_diagnostics``).
+``evaluate_posterior`` scores the model and the baselines; ``posterior_embedding`` puts samples and
+real cells in one PCA/UMAP space for plotting.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -91,6 +97,91 @@ class LinearAdditiveBaseline:
         return delta
 
 
+class KnockdownOnlyBaseline:
+    """The target gene changed, nothing else: a target seen in training by its mean training
+    self-effect (mean of the target in that perturbation's training cells minus the training
+    control mean); an unseen target is scaled by the screen's average *ratio* (target's mean in its
+    perturbation's training cells / its training control mean, over the seen targets a control
+    expresses). A ratio, not a difference, because targets differ in abundance, and not a log
+    change, because a target knocked out of every cell has mean 0 (log -inf) while its ratio is 0.
+    A target not among the genes is left as it is. Values are clipped at 0."""
+
+    def fit(self, control_mean: np.ndarray, means: dict[str, np.ndarray], genes: Sequence[str]) -> KnockdownOnlyBaseline:
+        self.index = {g: i for i, g in enumerate(genes)}
+        seen = [name for name in means if name in self.index]
+        self.self_effects = {name: float(means[name][self.index[name]] - control_mean[self.index[name]]) for name in seen}
+        ratios = [means[name][self.index[name]] / control_mean[self.index[name]] for name in seen
+                  if control_mean[self.index[name]] > 0]
+        self.mean_ratio = float(np.mean(ratios)) if ratios else 1.0  # nothing to learn a ratio from: no change
+        return self
+
+    def predict_cells(self, cells, name: str) -> sp.csr_matrix:
+        """``cells`` (control cells, cells x genes) with only the target's column changed."""
+        cells = sp.csr_matrix(cells, dtype=np.float32, copy=True)
+        i = self.index.get(name)
+        if i is None:
+            return cells
+        target = cells[:, i].toarray().ravel()
+        changed = target + self.self_effects[name] if name in self.self_effects else target * self.mean_ratio
+        cells = cells.tolil()  # one column of a few cells: lil sets it without densifying the rest
+        cells[:, i] = np.maximum(changed, 0.0)[:, None]
+        cells = cells.tocsr()
+        cells.eliminate_zeros()
+        return cells
+
+
+class CoexpressionNeighboursBaseline:
+    """Predicted change of a perturbation = the mean training change of the ``n_neighbours`` seen
+    training perturbations (itself excluded) whose targets are most co-expressed with its target:
+    highest Pearson correlation over the training control cells. A target that is not a gene, or
+    that does not vary in the controls (its correlation is undefined), gets the mean training
+    change. Correlations are computed on the sparse controls (never densified)."""
+
+    def __init__(self, n_neighbours: int = 3) -> None:
+        if n_neighbours < 1:
+            raise ValueError(f"n_neighbours must be at least 1, not {n_neighbours}")
+        self.n_neighbours = n_neighbours
+
+    def fit(self, controls, deltas: dict[str, np.ndarray], genes: Sequence[str]) -> CoexpressionNeighboursBaseline:
+        self.index = {g: i for i, g in enumerate(genes)}
+        self.deltas = deltas
+        self.mean_delta = np.mean([deltas[name] for name in deltas], axis=0)
+        self.controls = sp.csc_matrix(controls, dtype=np.float64)  # columns are read one target at a time
+        n = self.controls.shape[0]
+        self.gene_mean = np.asarray(self.controls.mean(axis=0)).ravel()
+        squares = np.asarray(self.controls.multiply(self.controls).mean(axis=0)).ravel()
+        self.gene_std = np.sqrt(np.maximum(squares - self.gene_mean**2, 0.0))
+        self.candidates = sorted(name for name in deltas if name in self.index)
+        columns = [self.index[name] for name in self.candidates]
+        self.candidate_cells = self.controls[:, columns].tocsr() if columns else sp.csr_matrix((n, 0))
+        self.candidate_columns = np.array(columns, dtype=np.int64)
+        return self
+
+    def correlations(self, name: str) -> pd.Series:
+        """Pearson correlation over the training controls of ``name``'s target with each seen
+        training target (NaN where a gene does not vary); empty when ``name`` is not a gene."""
+        i = self.index.get(name)
+        if i is None or not self.candidates:
+            return pd.Series(dtype=float)
+        target = self.controls[:, i].toarray().ravel()
+        covariance = self.candidate_cells.T @ target / self.controls.shape[0] - self.gene_mean[self.candidate_columns] * self.gene_mean[i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            correlation = covariance / (self.gene_std[self.candidate_columns] * self.gene_std[i])
+        correlation[self.gene_std[self.candidate_columns] * self.gene_std[i] == 0] = np.nan
+        return pd.Series(correlation, index=self.candidates)
+
+    def neighbours(self, name: str) -> list[str]:
+        """The seen training perturbations whose change is borrowed (most co-expressed first; ties
+        by name); empty when there is no defined correlation."""
+        correlation = self.correlations(name).drop(labels=[name], errors="ignore").dropna()
+        order = sorted(correlation.index, key=lambda other: (-correlation[other], other))
+        return order[: self.n_neighbours]
+
+    def predict(self, name: str) -> np.ndarray:
+        chosen = self.neighbours(name)
+        return np.mean([self.deltas[other] for other in chosen], axis=0) if chosen else self.mean_delta
+
+
 def sentence_space_cells(
     cell_sentences: Dataset, names: Sequence[str], column: str, genes: Sequence[str], rank_fit: RankFit,
     top_k_genes: int | None, prefix: str, batch_size: int = 4096,
@@ -127,15 +218,16 @@ def group_means(adata: ad.AnnData, column: str) -> dict[str, np.ndarray]:
     return {str(name): np.asarray(row, dtype=np.float64) for name, row in zip(means.obs_names, means.layers["mean"])}
 
 
-BASELINE_PREFIXES = {"control_mean": "control_mean", "train_perturbed_mean": "train_mean", "linear_additive": "linear"}
+BASELINE_PREFIXES = {"control_mean": "control_mean", "train_perturbed_mean": "train_mean", "linear_additive": "linear",
+                     "knockdown_only": "knockdown", "coexpression_neighbours": "coexpression"}
 
 
 def _baseline_cells(
     train: ad.AnnData, test_controls: ad.AnnData, test_counts: dict[str, int], column: str, control_label: str,
-    seed: int = 0, n_components: int = 10,
+    seed: int = 0, n_components: int = 10, n_coexpression_neighbours: int = 3,
 ):
-    """(method, perturbation, predicted cells) of the three baselines, one perturbation at a time
-    in the order of ``test_counts`` (``baseline_predictions`` describes them)."""
+    """(method, perturbation, predicted cells) of the baselines, one perturbation at a time in the
+    order of ``test_counts`` (``baseline_predictions`` describes them)."""
     rng = np.random.default_rng(seed)
     genes = list(train.var_names)
     labels = train.obs[column].astype(str).to_numpy()
@@ -152,6 +244,8 @@ def _baseline_cells(
     if controls.size > EMBEDDING_CELLS:
         controls = np.sort(np.random.default_rng([seed, 3]).choice(controls, size=EMBEDDING_CELLS, replace=False))
     linear = LinearAdditiveBaseline(n_components=n_components).fit(_dense_rows(train.X[controls]), deltas, genes)
+    knockdown = KnockdownOnlyBaseline().fit(control_mean, {name: means[name] for name in deltas}, genes)
+    coexpression = CoexpressionNeighboursBaseline(n_coexpression_neighbours).fit(sp.csr_matrix(train.X)[is_control], deltas, genes)
     controls_x = sp.csr_matrix(test_controls.X)
     perturbed_x = sp.csr_matrix(train.X)[~is_control]
     for name, n in test_counts.items():
@@ -160,29 +254,41 @@ def _baseline_cells(
         yield "train_perturbed_mean", name, perturbed_x[rng.integers(0, perturbed_x.shape[0], size=n)]
         # a shift of every gene: these cells are dense by nature, one perturbation's at a time
         yield "linear_additive", name, np.maximum(_dense_rows(drawn) + linear.predict(name)[None, :], 0.0)
+        # the same control cells as the others (no further draws: the first three keep their numbers)
+        yield "knockdown_only", name, knockdown.predict_cells(drawn, name)
+        yield "coexpression_neighbours", name, np.maximum(_dense_rows(drawn) + coexpression.predict(name)[None, :], 0.0)
 
 
 def baseline_predictions(
     train: ad.AnnData, test_controls: ad.AnnData, test_counts: dict[str, int], column: str, control_label: str,
-    seed: int = 0, n_components: int = 10,
+    seed: int = 0, n_components: int = 10, n_coexpression_neighbours: int = 3,
 ) -> dict[str, ad.AnnData]:
     """Predicted cells of each held-out perturbation (``test_counts``: name -> cells to predict)
-    for the three baselines, each with ``test_controls`` as its control cells:
+    for the baselines, each with ``test_controls`` as its control cells:
 
     - ``control_mean``: no change; control cells stand in for the perturbed ones.
     - ``train_perturbed_mean``: cells drawn from every perturbed cell of the training part.
     - ``linear_additive``: control cells shifted by ``LinearAdditiveBaseline``'s change.
+    - ``knockdown_only``: the same control cells with only the target gene changed
+      (``KnockdownOnlyBaseline``): the rule "knock the target down, change nothing else".
+    - ``coexpression_neighbours``: the same control cells shifted by the mean training change of the
+      ``n_coexpression_neighbours`` perturbations whose targets are most co-expressed with this
+      one's (``CoexpressionNeighboursBaseline``).
+
+    A perturbation seen in training (held-out cells of a seen perturbation) uses its own training
+    change in ``linear_additive`` and its own self-effect in ``knockdown_only``.
     """
     genes = list(train.var_names)
     parts: dict[str, list[ad.AnnData]] = {method: [] for method in BASELINE_PREFIXES}
-    for method, name, cells in _baseline_cells(train, test_controls, test_counts, column, control_label, seed, n_components):
+    for method, name, cells in _baseline_cells(train, test_controls, test_counts, column, control_label, seed, n_components,
+                                               n_coexpression_neighbours):
         parts[method].append(labelled_cells(cells, name, genes, f"{BASELINE_PREFIXES[method]}-{name}", column))
     return {method: ad.concat(cells + [test_controls]) for method, cells in parts.items()}
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
-        return float("nan")  # undefined for a constant prediction (e.g. "no change")
+    if a.size < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()) or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")  # undefined for a constant prediction (e.g. "no change") or an undefined change
     return float(np.corrcoef(a, b)[0, 1])
 
 
@@ -271,6 +377,7 @@ def score_methods(
     interval: float = 0.9,
     truth: pd.DataFrame | None = None,
     threads: int = 1,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """One row per (method, held-out perturbation) with the metrics.
 
@@ -282,11 +389,23 @@ def score_methods(
     same Pearson on the ``top_n_de`` genes most DE in the real cells), ``calibration`` (share of
     genes whose true mean falls in the predicted cells' central ``interval``), and with a
     simulator's ``truth`` (genes x perturbations, expected log2 fold change)
-    ``pearson_delta_simulated_truth``.
+    ``pearson_delta_simulated_truth``. Beside them: ``centered_pearson_delta`` (Systema: the Pearson
+    of the predicted vs the real mean, each minus its centroid over the scored perturbations,
+    ``centred_means``; a shift every perturbation shares cannot pass as signal; NaN with one
+    perturbation), ``centered_pearson_delta_simulated_truth`` (the same against the truth centred
+    on its mean over those perturbations) and ``energy_distance`` (predicted vs real cells of the
+    perturbation, ``energy_distance``).
     """
     real = real[:, sorted(real.var_names)].copy()
     real_means = group_means(real, column)
     perturbations = sorted(set(real_means) - {control_label})
+    real_labels = real.obs[column].astype(str).to_numpy()
+    real_centred = centred_means(real_means, perturbations)
+    if truth is not None:
+        truth_genes = [real.var_names.get_loc(g) for g in real.var_names if g in truth.index]
+        truth_values = truth.loc[real.var_names[truth_genes]]
+        in_truth = [name for name in perturbations if name in truth.columns]
+        truth_centred = truth_values[in_truth].sub(truth_values[in_truth].mean(axis=1), axis=0)
     rows = []
     de_real = None
     for method, predicted in predictions.items():
@@ -297,6 +416,7 @@ def score_methods(
         results, de_real = _cell_eval(predicted, real, column, control_label, de_real, threads)
         de_table = de_real.to_pandas()
         predicted_means = group_means(predicted, column)
+        predicted_centred = centred_means(predicted_means, perturbations)
         labels = predicted.obs[column].astype(str).to_numpy()
         for name in perturbations:
             true_delta = real_means[name] - real_means[control_label]
@@ -307,13 +427,58 @@ def score_methods(
                 row[metric] = float(results.at[name, metric]) if metric in results.columns and name in results.index else float("nan")
             row["pearson_delta_top_de"] = _pearson(predicted_delta[top], true_delta[top])
             row["calibration"] = calibration(_dense_rows(predicted.X[labels == name]), real_means[name], interval)
+            row["centered_pearson_delta"] = _pearson(predicted_centred[name], real_centred[name])
             if truth is not None and name in truth.columns:
-                shared = [g for g in real.var_names if g in truth.index]
-                index = [real.var_names.get_loc(g) for g in shared]
-                row["pearson_delta_simulated_truth"] = _pearson(predicted_delta[index], truth.loc[shared, name].to_numpy())
+                row["pearson_delta_simulated_truth"] = _pearson(predicted_delta[truth_genes], truth_values[name].to_numpy())
+                row["centered_pearson_delta_simulated_truth"] = _pearson(predicted_centred[name][truth_genes],
+                                                                         truth_centred[name].to_numpy())
+            row["energy_distance"] = energy_distance(predicted.X[labels == name], real.X[real_labels == name], seed=seed)
             row["n_predicted_cells"] = int(np.count_nonzero(labels == name))
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def centred_means(means: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each of ``names``' mean minus the mean of their means (Systema's centring on the perturbed
+    centroid: a shift common to every perturbation cancels). Each perturbation weighs once, so the
+    centroid of a method that predicts 30 cells of one perturbation and 3 of another is comparable
+    with the real cells' one. With fewer than two perturbations the centred change is undefined:
+    NaN vectors."""
+    stacked = np.vstack([means[name] for name in names])
+    if len(names) < 2:
+        return {name: np.full(stacked.shape[1], np.nan) for name in names}
+    centroid = stacked.mean(axis=0)
+    return {name: row - centroid for name, row in zip(names, stacked)}
+
+
+ENERGY_DISTANCE_COMPONENTS = 50  # scPerturb computes E-distances on (at most) 50 principal components
+
+
+def energy_distance(predicted, real, n_comps: int = ENERGY_DISTANCE_COMPONENTS, seed: int = 0) -> float:
+    """E-distance between ``predicted`` and ``real`` cells of one perturbation (cells x genes,
+    sparse or dense), as scPerturb computes it (``scperturb.edist``: squared Euclidean distances,
+    sample-corrected within-group means) on a PCA (scanpy) of both sets of cells together with at
+    most ``n_comps`` components. 0 for identical distributions (up to sampling noise, which can
+    make it slightly negative), larger the further apart; NaN when either side has fewer than two
+    cells (its within-group spread is undefined)."""
+    import scperturb
+
+    cells = np.vstack([_dense_rows(predicted), _dense_rows(real)])  # one perturbation's cells: small
+    n_predicted = predicted.shape[0]
+    if min(n_predicted, real.shape[0]) < 2:
+        return float("nan")
+    if not np.any(cells != cells[0]):
+        return 0.0  # every cell the same: no spread to take components of
+    groups = pd.DataFrame({"group": ["predicted"] * n_predicted + ["real"] * real.shape[0]},
+                          index=[f"cell-{i}" for i in range(cells.shape[0])])
+    both = ad.AnnData(cells.astype(np.float32), obs=groups)
+    n_comps = min(n_comps, both.n_obs - 1, both.n_vars - 1)
+    if n_comps >= 1:
+        sc.pp.pca(both, n_comps=n_comps, random_state=seed)
+    else:
+        both.obsm["X_pca"] = cells  # a single gene: the cells are their own coordinates
+    distances = scperturb.edist(both, obs_key="group", obsm_key="X_pca", n_jobs=1, verbose=False)
+    return float(distances.loc["predicted", "real"])
 
 
 def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -336,13 +501,15 @@ def _used_genes(*matrices) -> np.ndarray:
 
 def baseline_mean_scores(
     real: ad.AnnData, train: ad.AnnData, column: str, control_label: str, truth: pd.DataFrame | None = None,
-    interval: float = 0.9, seed: int = 0, n_components: int = 10,
+    interval: float = 0.9, seed: int = 0, n_components: int = 10, n_coexpression_neighbours: int = 3,
 ) -> pd.DataFrame:
     """The baselines on every held-out perturbation of ``real`` (its perturbed and control cells),
     with the metrics that need only each perturbation's mean: cell-eval's ``pearson_delta``,
     ``mse``, ``mse_delta`` and ``discrimination_score_l1`` computed as cell-eval does (pseudobulk
     means, the change from the controls' mean, L1 ranks without the target gene), ``calibration``
-    and, with ``truth`` (indexed by gene), ``pearson_delta_simulated_truth``. Predicted cells are
+    and, with ``truth`` (indexed by gene), ``pearson_delta_simulated_truth``; and
+    ``centered_pearson_delta`` (with the truth: ``centered_pearson_delta_simulated_truth``) as
+    ``score_methods`` computes it. Predicted cells are
     made and reduced one perturbation at a time, so a screen's hundreds of held-out perturbations
     never hold every baseline's cells (the linear baseline's are dense) at once; cell-eval's
     DE-based metrics (a test per gene and perturbation) are not computed here. One row per
@@ -363,7 +530,7 @@ def baseline_mean_scores(
     rows: dict[tuple[str, str], dict] = {}
     controls = real[is_control]
     for method, name, cells in _baseline_cells(train, controls, {n: int(counts[n]) for n in names}, column, control_label,
-                                               seed, n_components):
+                                               seed, n_components, n_coexpression_neighbours):
         cells = _dense_rows(cells[:, keep])  # one perturbation's predicted cells
         mean = cells.mean(axis=0)
         delta = mean - control
@@ -378,12 +545,24 @@ def baseline_mean_scores(
             row["pearson_delta_simulated_truth"] = _pearson(delta[shared], truth.loc[genes[shared], name].to_numpy())
         row["n_predicted_cells"] = int(cells.shape[0])
         rows[method, name] = row
+    # centred on the perturbed centroid (score_methods): the control mean cancels, so the changes serve
+    real_centred = centred_means(dict(zip(names, real_delta)), names)
+    truth_names = [name for name in names if truth is not None and name in truth.columns]
+    if truth_names:
+        shared = [i for i, g in enumerate(genes) if g in truth.index]
+        truth_values = truth.loc[genes[shared], truth_names]
+        truth_centred = truth_values.sub(truth_values.mean(axis=1), axis=0)
     for method, deltas in predicted.items():
+        predicted_centred = centred_means(dict(zip(names, deltas)), names)
         for name in names:
             include = np.flatnonzero(genes != name)  # as cell-eval: without the target gene
             distances = np.abs(real_delta[:, include] - deltas[position[name], include]).sum(axis=1)
             rank = int(np.flatnonzero(np.argsort(distances) == position[name])[0])
             rows[method, name]["discrimination_score_l1"] = 1.0 - rank / len(names)
+            rows[method, name]["centered_pearson_delta"] = _pearson(predicted_centred[name], real_centred[name])
+            if name in truth_names:
+                rows[method, name]["centered_pearson_delta_simulated_truth"] = _pearson(
+                    predicted_centred[name][shared], truth_centred[name].to_numpy())
     return pd.DataFrame(list(rows.values()))
 
 
@@ -395,6 +574,227 @@ def _truth_by_gene(truth: pd.DataFrame | None) -> pd.DataFrame | None:
     if "gene" not in truth.columns:
         raise KeyError(f"the simulated truth needs a 'gene' column; it has {', '.join(map(str, truth.columns))}")
     return truth.set_index("gene")
+
+
+def model_method(temperature: float) -> str:
+    """The method name of the model's samples at ``temperature`` (``model_T0.7``)."""
+    return f"model_T{float(temperature):g}"
+
+
+def _require_sample_columns(samples: ad.AnnData, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in samples.obs.columns]
+    if missing:
+        raise KeyError(f"the posterior samples lack .obs column(s) {missing}; they have {', '.join(map(str, samples.obs.columns))}"
+                       " (posterior_expression writes them from the samples table)")
+
+
+def _column_means(matrix) -> np.ndarray:
+    """Mean of each column (float64) of a sparse or dense matrix."""
+    return np.asarray(matrix.mean(axis=0, dtype=np.float64)).ravel()
+
+
+OWN_CONTROL_METRICS = ("pearson_delta_vs_own_control", "pearson_delta_vs_own_control_simulated_truth",
+                       "own_control_on_same_prompts", "n_own_control_samples")
+
+
+def scores_vs_own_control(
+    samples: ad.AnnData, real: ad.AnnData, column: str, control_label: str, truth: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The model's changes against its own samples for "no perturbation", one row per model
+    method and perturbation.
+
+    ``samples``: posterior samples as expression, among them rows whose ``perturbation`` is
+    ``control_label`` (the model asked for no perturbation, on the same control prompts); ``real``:
+    the real test cells (perturbed and controls), same genes. For each temperature that has such
+    rows and each perturbation p sampled at it: ``pearson_delta_vs_own_control``, the Pearson of
+    (mean of p's samples − mean of the control-label samples on p's prompts: those whose
+    ``control_cell`` is one of p's samples'; every control-label sample of that temperature when
+    none is, or when there is no ``control_cell`` column) vs (real mean of p − real control mean);
+    with ``truth`` (indexed by gene) ``pearson_delta_vs_own_control_simulated_truth``;
+    ``own_control_on_same_prompts`` (1 when the reference was on p's prompts) and
+    ``n_own_control_samples``. A model that writes the same cells whatever it is asked scores ~0
+    here (NaN when its samples do not change at all), while its delta against the real controls
+    can still reward a shift shared by every perturbation. Without control-label rows: no rows."""
+    _require_sample_columns(samples, (SAMPLE_PERTURBATION, "temperature"))
+    if list(real.var_names) != list(samples.var_names):
+        raise ValueError("the samples and the real test cells must have the same genes")
+    labels = samples.obs[SAMPLE_PERTURBATION].astype(str).to_numpy()
+    temperatures = samples.obs["temperature"].to_numpy(dtype=float)
+    prompts = samples.obs["control_cell"].astype(str).to_numpy() if "control_cell" in samples.obs.columns else None
+    matrix = sp.csr_matrix(samples.X)
+    real_means = group_means(real, column)
+    if control_label not in real_means:
+        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+    if truth is not None:
+        truth_genes = [i for i, g in enumerate(samples.var_names) if g in truth.index]
+        truth_values = truth.loc[samples.var_names[truth_genes]]
+    rows = []
+    for temperature in sorted(set(temperatures[labels == control_label])):
+        at_t = temperatures == temperature
+        own = at_t & (labels == control_label)
+        for name in sorted(set(labels[at_t]) - {control_label}):
+            if name not in real_means:
+                raise ValueError(f"perturbation '{name}' has samples but no real test cells")
+            mine = at_t & (labels == name)
+            same_prompts = own & np.isin(prompts, prompts[mine]) if prompts is not None else np.zeros_like(own)
+            reference = same_prompts if same_prompts.any() else own
+            delta = _column_means(matrix[mine]) - _column_means(matrix[reference])
+            row = {"method": model_method(temperature), "perturbation": name,
+                   "pearson_delta_vs_own_control": _pearson(delta, real_means[name] - real_means[control_label])}
+            if truth is not None and name in truth.columns:
+                row["pearson_delta_vs_own_control_simulated_truth"] = _pearson(delta[truth_genes], truth_values[name].to_numpy())
+            row["own_control_on_same_prompts"] = float(same_prompts.any())
+            row["n_own_control_samples"] = int(np.count_nonzero(reference))
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["method", "perturbation"])
+
+
+KNOCKDOWN_STATISTICS = ("target_presence", "target_rank", "target_expression")
+KNOCKDOWN_GROUPS = ("control", "real", "model", "reference")
+
+
+def _target_statistics(matrix, index: int, top_k: int) -> dict[str, float]:
+    """Of the target gene (column ``index``) in ``matrix`` (cells rebuilt from sentences, so a
+    larger value means an earlier position): the share of cells it is present in (non-zero and
+    among the first ``top_k`` genes: a sample longer than the real cells' top-k sentences must not
+    count genes the real cells cannot show), its mean 0-based position (the genes with a larger
+    value come before it; absent counts as ``top_k``), its mean expression and the number of
+    cells."""
+    matrix = sp.csr_matrix(matrix)
+    n = matrix.shape[0]
+    if n == 0:
+        return {"target_presence": float("nan"), "target_rank": float("nan"), "target_expression": float("nan"), "n_cells": 0}
+    target = matrix[:, index].toarray().ravel()
+    rows = np.repeat(np.arange(n), np.diff(matrix.indptr))
+    ahead = np.bincount(rows[matrix.data > target[rows]], minlength=n)
+    present = (target != 0) & (ahead < top_k)
+    rank = np.where(present, ahead, top_k)
+    return {"target_presence": float(present.mean()), "target_rank": float(rank.mean()),
+            "target_expression": float(target.mean()), "n_cells": n}
+
+
+def knockdown_diagnostics(
+    samples: ad.AnnData, real: ad.AnnData, column: str, control_label: str, top_k: int | None = None,
+    min_real_drop: float = 0.1, reproduced_fraction: float = 0.5,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Does the model knock the target down? For each temperature (``model_T<t>``) and each
+    perturbation p of the samples, the target gene's presence share (non-zero among the first
+    ``top_k`` genes, the real cells' sentence length; None: every gene), mean position (absent =
+    ``top_k``) and mean expression in (control) the real test control cells, (real) the real cells
+    of p, (model) the samples for p and (reference) the model's own control-label samples on p's
+    prompts (same ``control_cell``; all of that temperature's when none match) or, when the samples
+    have no control-label rows, its samples for the other perturbations. Presence, rank and expression are read from the rebuilt
+    expression alike in every group, so a gene past the rank fit's zero counts as absent
+    everywhere.
+
+    A knockdown counts as reproduced when the model's drop in presence (reference − model) is at
+    least ``reproduced_fraction`` of the real drop (control − real), and only where the real drop
+    is clear (≥ ``min_real_drop``); perturbations whose real knockdown is not clear, or whose
+    target is not a gene, are counted apart and left out of the share.
+
+    Returns the table (one row per method and perturbation: ``<group>_<statistic>``,
+    ``<group>_n_cells``, the drops, ``reference``, ``status``: scored, real_knockdown_not_clear,
+    target_not_a_gene or no_reference, and ``reproduced`` 1/0 where scored; for a plot of on-target
+    presence per perturbation) and the flat metrics, means over the perturbations whose target is a
+    gene: ``knockdown.control.<statistic>``, ``knockdown.real.<statistic>``,
+    ``knockdown.<method>.<statistic>``, ``knockdown.<method>.own_control_<statistic>`` (or
+    ``other_perturbations_<statistic>`` without control-label samples),
+    ``knockdown.<method>.reproduced_share`` (NaN when nothing is scored) and the counts
+    ``knockdown.n_perturbations_scored``, ``knockdown.n_perturbations_real_knockdown_not_clear``,
+    ``knockdown.n_perturbations_target_not_a_gene``; statistics are ``target_presence``,
+    ``target_rank`` and ``target_expression``."""
+    _require_sample_columns(samples, (SAMPLE_PERTURBATION, "temperature"))
+    genes = list(samples.var_names)
+    if list(real.var_names) != genes:
+        raise ValueError("the samples and the real test cells must have the same genes")
+    top_k = len(genes) if top_k is None else int(top_k)
+    index = {g: i for i, g in enumerate(genes)}
+    labels = samples.obs[SAMPLE_PERTURBATION].astype(str).to_numpy()
+    temperatures = samples.obs["temperature"].to_numpy(dtype=float)
+    prompts = samples.obs["control_cell"].astype(str).to_numpy() if "control_cell" in samples.obs.columns else None
+    matrix = sp.csr_matrix(samples.X)
+    real_labels = real.obs[column].astype(str).to_numpy()
+    real_matrix = sp.csr_matrix(real.X)
+    real_controls = real_matrix[real_labels == control_label]
+    if real_controls.shape[0] == 0:
+        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+    names = sorted(set(labels) - {control_label})
+    absent = [name for name in names if name not in set(real_labels)]
+    if absent:
+        raise ValueError(f"perturbations {absent} have samples but no real test cells")
+    real_statistics = {name: (_target_statistics(real_controls, index[name], top_k),
+                              _target_statistics(real_matrix[real_labels == name], index[name], top_k))
+                       for name in names if name in index}
+    rows = []
+    for temperature in sorted(set(temperatures[labels != control_label])):
+        at_t = temperatures == temperature
+        own = at_t & (labels == control_label)
+        for name in sorted(set(labels[at_t]) - {control_label}):
+            mine = at_t & (labels == name)
+            row = {"method": model_method(temperature), "temperature": temperature, "perturbation": name,
+                   "target_is_gene": name in index}
+            if own.any():
+                same_prompts = own & np.isin(prompts, prompts[mine]) if prompts is not None else np.zeros_like(own)
+                reference, row["reference"] = (same_prompts, "own_control_same_prompts") if same_prompts.any() \
+                    else (own, "own_control")
+            else:
+                reference, row["reference"] = at_t & ~mine, "other_perturbations"
+            if name not in index:
+                row["status"] = "target_not_a_gene"
+                rows.append(row)
+                continue
+            groups = (*real_statistics[name], _target_statistics(matrix[mine], index[name], top_k),
+                      _target_statistics(matrix[reference], index[name], top_k))
+            for group, statistics in zip(KNOCKDOWN_GROUPS, groups):
+                row.update({f"{group}_{key}": value for key, value in statistics.items()})
+            row["real_presence_drop"] = row["control_target_presence"] - row["real_target_presence"]
+            row["model_presence_drop"] = row["reference_target_presence"] - row["model_target_presence"]
+            if row["real_presence_drop"] < min_real_drop:
+                row["status"] = "real_knockdown_not_clear"
+            elif not np.isfinite(row["model_presence_drop"]):
+                row["status"] = "no_reference"  # one perturbation and no control-label samples: nothing to compare with
+            else:
+                row["status"] = "scored"
+                row["reproduced"] = float(row["model_presence_drop"] >= reproduced_fraction * row["real_presence_drop"])
+            rows.append(row)
+    statistic_columns = [f"{group}_{key}" for group in KNOCKDOWN_GROUPS for key in (*KNOCKDOWN_STATISTICS, "n_cells")]
+    table = pd.DataFrame(rows, columns=["method", "temperature", "perturbation", "target_is_gene", "reference", "status",
+                                        "reproduced", "real_presence_drop", "model_presence_drop", *statistic_columns])
+    table["target_is_gene"] = table["target_is_gene"].astype(bool)
+    table["reproduced"] = table["reproduced"].astype(float)
+
+    # counts over the perturbations, whatever the temperature: whether a gene, and the real drop, do not depend on it
+    by_perturbation = table.drop_duplicates("perturbation")
+    is_gene = by_perturbation["target_is_gene"].to_numpy()
+    clear = is_gene & (by_perturbation["real_presence_drop"].to_numpy(dtype=float) >= min_real_drop)
+    metrics = {"knockdown.n_perturbations_scored": float(clear.sum()),
+               "knockdown.n_perturbations_real_knockdown_not_clear": float((is_gene & ~clear).sum()),
+               "knockdown.n_perturbations_target_not_a_gene": float((~is_gene).sum())}
+    gene_rows = table[table["target_is_gene"]]
+    if gene_rows.empty:
+        return table, metrics
+    for statistic in KNOCKDOWN_STATISTICS:
+        for group in ("control", "real"):
+            metrics[f"knockdown.{group}.{statistic}"] = float(gene_rows.drop_duplicates("perturbation")[f"{group}_{statistic}"].mean())
+    for method, part in gene_rows.groupby("method", sort=False):
+        reference = "other_perturbations" if (part["reference"] == "other_perturbations").all() else "own_control"
+        for statistic in KNOCKDOWN_STATISTICS:
+            metrics[f"knockdown.{method}.{statistic}"] = float(part[f"model_{statistic}"].mean())
+            metrics[f"knockdown.{method}.{reference}_{statistic}"] = float(part[f"reference_{statistic}"].mean())
+        scored = part.loc[part["status"] == "scored", "reproduced"]
+        metrics[f"knockdown.{method}.reproduced_share"] = float(scored.mean()) if len(scored) else float("nan")
+    return table, metrics
+
+
+class PosteriorEvaluation(NamedTuple):
+    """What ``evaluate_posterior`` returns: the scores (one row per method and perturbation), their
+    summary (one row per method), the flat metrics (``<method>.<metric>``, ...) and the on-target
+    knockdown table of ``knockdown_diagnostics`` (one row per model method and perturbation)."""
+
+    scores: pd.DataFrame
+    summary: pd.DataFrame
+    metrics: dict[str, float]
+    knockdown: pd.DataFrame
 
 
 def evaluate_posterior(
@@ -409,29 +809,43 @@ def evaluate_posterior(
     baseline_pca_components: int = 10,
     seed: int = 0,
     threads: int | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    top_k_genes: int | None = None,
+    n_coexpression_neighbours: int = 3,
+) -> PosteriorEvaluation:
     """The model (one method ``model_T<t>`` per sampling temperature) and the baselines scored on
     the same held-out perturbations.
 
-    ``samples``: posterior samples as expression (``.obs`` ``perturbation`` and ``temperature``);
-    ``real`` / ``train``: the test and training cells with their controls (``sentence_space_cells``),
-    in the same space. Only the perturbations that have samples are scored, on the genes that some
-    real or sampled cell expresses (genes absent everywhere would add (0, 0) points). With the
-    simulator's ``truth`` (a ``gene`` column and one column per perturbation) the held-out cells
-    themselves are scored against it too: the ceiling of ``pearson_delta_simulated_truth`` in this
-    space. Beside the raw metrics: cell-eval's data ceiling of the held-out cells
-    (``cell_eval_ceiling.<metric>``) and every method's VCC-style score against the mean baseline
-    (``<method>.<metric>_normalized``, ``normalized_scores``). The baselines are also scored on
-    every held-out perturbation, sampled or not, with their mean-based metrics
-    (``baseline_mean_scores``: ``all_heldout.<method>.<metric>``, ``all_heldout.n_perturbations``).
-    Returns the scores (method x
-    perturbation), their summary per method and the flat metrics (``<method>.<metric>``).
+    ``samples``: posterior samples as expression (``.obs`` ``perturbation`` and ``temperature``;
+    ``control_cell`` ties a sample to its prompt); ``real`` / ``train``: the test and training cells
+    with their controls (``sentence_space_cells``), in the same space. Samples whose perturbation
+    is ``control_label`` are the model's own "no perturbation" answers: they are neither real
+    controls nor a perturbation to score, only the reference of ``scores_vs_own_control`` and of
+    ``knockdown_diagnostics``. Only the perturbations that have samples are scored, on the genes
+    that some real or sampled (perturbed) cell expresses (genes absent everywhere would add (0, 0)
+    points). With the simulator's ``truth`` (a ``gene`` column and one column per perturbation) the
+    held-out cells themselves are scored against it too: the ceiling of
+    ``pearson_delta_simulated_truth`` in this space. Beside the raw metrics (``score_methods``,
+    with the centred ``centered_pearson_delta`` and ``energy_distance``): cell-eval's data ceiling
+    of the held-out cells (``cell_eval_ceiling.<metric>``) and every method's VCC-style score
+    against the mean baseline (``<method>.<metric>_normalized``, ``normalized_scores``). With
+    control-label samples, the model methods also get ``<method>.pearson_delta_vs_own_control``
+    (and ``..._simulated_truth``, ``own_control_on_same_prompts``, ``n_own_control_samples``);
+    without them these are absent. The knockdown diagnostics (``knockdown.*``, ``top_k_genes``:
+    the sentences' length, None for every gene) are in the metrics and their table is returned.
+    The baselines are also scored on every held-out perturbation, sampled or not, with their
+    mean-based metrics (``baseline_mean_scores``: ``all_heldout.<method>.<metric>``,
+    ``all_heldout.n_perturbations``). Returns a ``PosteriorEvaluation``.
     """
     threads = threads or min(2, os.cpu_count() or 1)
     genes = list(samples.var_names)
     if list(real.var_names) != genes or list(train.var_names) != genes:
         raise ValueError("the samples, the real test cells and the training cells must have the same genes")
-    evaluated = sorted(set(samples.obs[SAMPLE_PERTURBATION].astype(str)))
+    _require_sample_columns(samples, (SAMPLE_PERTURBATION, "temperature"))
+    is_own_control = (samples.obs[SAMPLE_PERTURBATION].astype(str) == control_label).to_numpy()
+    perturbed = samples[~is_own_control]
+    evaluated = sorted(set(perturbed.obs[SAMPLE_PERTURBATION].astype(str)))
+    if not evaluated:
+        raise ValueError(f"the posterior samples hold only the control label '{control_label}': no perturbation to score")
     labels = real.obs[column].astype(str)
     unseen = sorted(set(evaluated) - set(labels))
     if unseen:
@@ -444,47 +858,57 @@ def evaluate_posterior(
     controls = real[is_control].copy()
     counts = real.obs[column].astype(str).value_counts()
     predictions: dict[str, ad.AnnData] = {}
-    for temperature in sorted(samples.obs["temperature"].unique()):
-        part = samples[(samples.obs["temperature"] == temperature).to_numpy()]
+    for temperature in sorted(perturbed.obs["temperature"].unique()):
+        part = perturbed[(perturbed.obs["temperature"] == temperature).to_numpy()]
         cells = labelled_cells(part.X, part.obs[SAMPLE_PERTURBATION].astype(str).tolist(), genes, f"model-T{temperature}", column)
-        predictions[f"model_T{temperature:g}"] = ad.concat([cells, controls])
+        predictions[model_method(temperature)] = ad.concat([cells, controls])
     predictions.update(baseline_predictions(
         train, controls, {name: int(counts[name]) for name in evaluated}, column, control_label,
-        seed=seed, n_components=baseline_pca_components,
+        seed=seed, n_components=baseline_pca_components, n_coexpression_neighbours=n_coexpression_neighbours,
     ))
+    # the genes scored do not depend on the control-label samples: the scores of the rest stay as they were
     used = np.asarray((real.X != 0).sum(axis=0)).ravel() + np.asarray((train.X != 0).sum(axis=0)).ravel()
-    used += np.asarray((samples.X != 0).sum(axis=0)).ravel()
+    used += np.asarray((perturbed.X != 0).sum(axis=0)).ravel()
     keep = [g for g, n in zip(genes, used) if n > 0]
     truth = _truth_by_gene(truth)
     scores = score_methods(
         real[:, keep], {m: p[:, keep] for m, p in predictions.items()}, column, control_label,
-        top_n_de=top_n_de, interval=interval, truth=truth, threads=threads,
+        top_n_de=top_n_de, interval=interval, truth=truth, threads=threads, seed=seed,
     )
+    own_control = scores_vs_own_control(samples[:, keep], real[:, keep], column, control_label, truth=truth)
+    if not own_control.empty:
+        scores = scores.merge(own_control, on=["method", "perturbation"], how="left")
     summary = summarize_scores(scores)
     metrics = {"n_genes_scored": float(len(keep)), "n_heldout_perturbations": float(len(evaluated)),
                "n_heldout_perturbations_not_sampled": float(len(set(labels) - set(evaluated) - {control_label}))}
     if "seconds_per_sample" in samples.obs.columns:  # the sampling run's cost, as sample_test_posterior records it
         metrics["posterior.seconds_per_sample"] = float(samples.obs["seconds_per_sample"].astype(float).mean())
         metrics["posterior.n_samples"] = float(samples.n_obs)
+    if is_own_control.any():
+        metrics["posterior.n_own_control_samples"] = float(is_own_control.sum())
     if truth is not None:
         # top-k sentences hide genes below rank k, so even the real cells do not reach the truth
         observed = score_methods(real[:, keep], {"observed": real[:, keep]}, column, control_label,
-                                 top_n_de=top_n_de, truth=truth, threads=threads)
+                                 top_n_de=top_n_de, truth=truth, threads=threads, seed=seed)
         metrics["observed_cells.pearson_delta_simulated_truth"] = float(observed["pearson_delta_simulated_truth"].mean())
     metrics.update(cell_eval_ceiling(real[:, keep].copy(), column, control_label, threads=threads, seed=seed))
     metrics.update(normalized_scores(summary))
+    own_control_methods = set(own_control["method"]) if not own_control.empty else set()
     for _, row in summary.iterrows():
         for metric, value in row.items():
-            if metric != "method":
+            # a baseline has no own control: its empty cells in the table are not metrics
+            if metric != "method" and (metric not in OWN_CONTROL_METRICS or row["method"] in own_control_methods):
                 metrics[f"{row['method']}.{metric}"] = float(value)
+    knockdown, knockdown_metrics = knockdown_diagnostics(samples, real, column, control_label, top_k=top_k_genes)
+    metrics.update(knockdown_metrics)
     # the baselines on every held-out perturbation, sampled or not (their mean-based metrics)
     every = baseline_mean_scores(every_heldout, train, column, control_label, truth=truth, interval=interval, seed=seed,
-                                 n_components=baseline_pca_components)
+                                 n_components=baseline_pca_components, n_coexpression_neighbours=n_coexpression_neighbours)
     metrics["all_heldout.n_perturbations"] = float(every["perturbation"].nunique())
     for method, row in summarize_scores(every).set_index("method").iterrows():
         for metric, value in row.items():
             metrics[f"all_heldout.{method}.{metric}"] = float(value)
-    return scores, summary, metrics
+    return PosteriorEvaluation(scores, summary, metrics, knockdown)
 
 
 def posterior_embedding(

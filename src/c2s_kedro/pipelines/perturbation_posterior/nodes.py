@@ -86,7 +86,9 @@ def evaluate_perturbation_predictions(
     rank_fit: dict[str, Any], perturbation_truth: pd.DataFrame, params: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
     """The model (one method per temperature) and the baselines scored on the same held-out
-    perturbations, all in the space of top-k cell sentences turned back into expression."""
+    perturbations, all in the space of top-k cell sentences turned back into expression: the
+    scores, their summary and the flat metrics (the on-target knockdown diagnostics among them as
+    ``knockdown.*``; their per-perturbation table is ``evaluate_posterior``'s ``knockdown``)."""
     settings = _settings(params)
     columns = settings.columns()
     evaluation = settings.evaluation
@@ -94,8 +96,10 @@ def evaluate_perturbation_predictions(
     real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
     train = _part_cells(cell_sentences, perturbation_split, "train", genes, rank_fit, settings)
     with setting_hint(f"{SECTION}.evaluation"):
-        return core.perturbation_evaluation.evaluate_posterior(
+        scored = core.perturbation_evaluation.evaluate_posterior(
             posterior_samples_expression, real, train, columns.perturbation, columns.control_label,
             truth=perturbation_truth, top_n_de=evaluation.top_n_de, interval=evaluation.interval,
             baseline_pca_components=evaluation.baseline_pca_components, seed=settings.seed,
+            top_k_genes=settings.top_k_genes,
         )
+    return scored.scores, scored.summary, scored.metrics
