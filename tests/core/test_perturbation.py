@@ -329,7 +329,8 @@ def test_a_perfect_prediction_beats_no_change_and_baselines_are_scored_on_the_sa
     train = ad.concat([_cells(rng, 30, base + 0.5 * shift["A"], "C", genes, "train-C"), _cells(rng, 40, base, "non-targeting", genes, "tc")])
     predictions = {"perfect": perfect, **baseline_predictions(train, controls, {"A": 30, "B": 30}, "gene", "non-targeting", n_components=3)}
     scores = score_methods(real, predictions, "gene", "non-targeting", top_n_de=5, threads=1)
-    assert set(scores["method"]) == {"perfect", "control_mean", "train_perturbed_mean", "linear_additive"}
+    assert set(scores["method"]) == {"perfect", "control_mean", "train_perturbed_mean", "linear_additive", "knockdown_only",
+                                     "coexpression_neighbours"}
     assert all(sorted(group) == ["A", "B"] for _, group in scores.groupby("method")["perturbation"])
     best = scores.set_index(["method", "perturbation"])
     assert best.loc[("perfect", "A"), "pearson_delta"] > 0.95 and best.loc[("perfect", "A"), "pearson_delta_top_de"] > 0.95
@@ -520,9 +521,10 @@ def _posterior_case(rng):
 
 def test_the_posterior_is_scored_with_the_baselines_on_its_perturbations_only():
     samples, real, train, truth = _posterior_case(np.random.default_rng(0))
-    scores, summary, metrics = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth, top_n_de=5,
+    scores, summary, metrics, _ = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth, top_n_de=5,
                                                   baseline_pca_components=3, threads=1)
-    methods = {"model_T0.7", "model_T1.3", "control_mean", "train_perturbed_mean", "linear_additive"}
+    methods = {"model_T0.7", "model_T1.3", "control_mean", "train_perturbed_mean", "linear_additive", "knockdown_only",
+               "coexpression_neighbours"}
     assert set(summary["method"]) == methods
     assert all(sorted(group) == ["A", "B"] for _, group in scores.groupby("method")["perturbation"])  # D has no samples
     assert metrics["n_heldout_perturbations"] == 2 and metrics["n_genes_scored"] == 30  # "never" is left out
@@ -538,7 +540,7 @@ def test_the_posterior_is_scored_with_the_baselines_on_its_perturbations_only():
     assert {"model_T1.3.mse_normalized", "control_mean.mean_normalized_score"} < set(metrics)
     assert all(key.count(".") >= 1 for key in metrics
                if key not in ("n_genes_scored", "n_heldout_perturbations", "n_heldout_perturbations_not_sampled"))
-    _, _, without_truth = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth.iloc[:0], top_n_de=5,
+    _, _, without_truth, _ = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth.iloc[:0], top_n_de=5,
                                              baseline_pca_components=3, threads=1)
     assert "observed_cells.pearson_delta_simulated_truth" not in without_truth
 

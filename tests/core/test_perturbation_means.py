@@ -28,7 +28,7 @@ def test_mean_scores_of_the_baselines_equal_cell_evals_on_the_same_cells():
     got = baseline_mean_scores(real, train, "gene", "non-targeting", truth=truth, seed=0, n_components=3)
     key = ["method", "perturbation"]
     merged = expected.merge(got, on=key, suffixes=("_cell_eval", "_means"))
-    assert len(merged) == len(expected) == 9  # 3 baselines x 3 held-out perturbations
+    assert len(merged) == len(expected) == 15  # 5 baselines x 3 held-out perturbations
     for metric in (*MEAN_METRICS, "calibration", "pearson_delta_simulated_truth", "n_predicted_cells"):
         np.testing.assert_allclose(merged[f"{metric}_means"], merged[f"{metric}_cell_eval"], rtol=1e-4, atol=1e-7,
                                    err_msg=metric)
@@ -38,7 +38,7 @@ def test_the_posterior_reports_the_baselines_on_every_heldout_perturbation():
     """Two of the three held-out perturbations have samples: the comparison is on those two, the
     baselines' all_heldout metrics on all three."""
     samples, real, train, truth = _posterior_case(np.random.default_rng(0))
-    _, summary, metrics = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth, top_n_de=5,
+    _, summary, metrics, _ = evaluate_posterior(samples, real, train, "gene", "non-targeting", truth=truth, top_n_de=5,
                                              baseline_pca_components=3, threads=1)
     assert metrics["n_heldout_perturbations"] == 2 and metrics["all_heldout.n_perturbations"] == 3
     assert metrics["all_heldout.control_mean.n_perturbations"] == 3

@@ -10,8 +10,8 @@ __getattr__, __dir__, __all__ = lazy.attach(
     __name__,
     submodules=[
         "annotation", "annotator_model", "cell_generation", "constraints", "data", "embedding", "evaluation",
-        "example_formatters", "inference", "kernels", "models", "perturbation", "perturbation_evaluation", "plotting",
-        "preprocessing", "prompts", "reconstruction", "sentences", "simulate", "simulate_perturbseq", "splitting",
-        "tokenizer", "tracking", "training", "validation",
+        "example_formatters", "inference", "kernels", "models", "perturbation", "perturbation_diagnostics",
+        "perturbation_evaluation", "plotting", "preprocessing", "prompts", "reconstruction", "sentences", "simulate",
+        "simulate_perturbseq", "splitting", "tokenizer", "tracking", "training", "validation",
     ],
 )

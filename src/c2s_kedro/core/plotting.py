@@ -207,3 +207,29 @@ def posterior_embedding_plots(embedding: ad.AnnData, control_label: str) -> tupl
         fig.suptitle(f"Posterior samples by temperature ({'PCA' if label == 'PC' else 'UMAP'} of samples and real cells)")
         figures.append(fig)
     return figures[0], figures[1]
+
+
+def target_presence_plot(table: pd.DataFrame, series: dict[str, str], title: str) -> plt.Figure:
+    """On-target knockdown per perturbation: one bar per ``series`` (column of ``table`` -> its
+    legend label; shares in [0, 1]) for each row of ``table`` (indexed by perturbation), one panel
+    per value of its ``evaluation`` column when it has one."""
+    groups = list(table.groupby("evaluation", sort=False)) if "evaluation" in table.columns else [("", table)]
+    widths = [max(3.0, 0.45 * len(rows) * len(series) / 3) for _, rows in groups]
+    fig, axes = plt.subplots(1, len(groups), figsize=(sum(widths) + 2.5, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    colors = plt.get_cmap("tab10")
+    bar = 0.8 / len(series)
+    for ax, (evaluation, rows) in zip(axes[0], groups):
+        x = np.arange(len(rows))
+        for i, (column, label) in enumerate(series.items()):
+            ax.bar(x + (i - (len(series) - 1) / 2) * bar, rows[column].to_numpy(dtype=float), width=bar, label=label,
+                   color=colors(i))
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(name) for name in rows.index], rotation=90, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{evaluation} perturbations" if evaluation else title, fontsize=9)
+    axes[0][0].set_ylabel("share of cells / samples holding the target")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

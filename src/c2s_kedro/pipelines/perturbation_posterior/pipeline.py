@@ -6,7 +6,8 @@ from c2s_kedro.pipelines.perturbation_posterior import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Sample the posterior, turn it into expression, plot it and score it against the truth."""
+    """Sample the posterior, turn it into expression, plot it, probe what the model reads, and score
+    it against the real cells, the baselines and the truth."""
     return pipeline(
         [
             node(nodes.sample_perturbation_posterior,
@@ -19,10 +20,15 @@ def create_pipeline(**kwargs) -> Pipeline:
                  ["posterior_samples_expression", "perturbation.cell_sentences", "perturbation_split",
                   "perturbation.rank_fit", "params:perturbation"],
                  ["posterior_pca_plot", "posterior_umap_plot"], name="plot_posterior"),
+            node(nodes.probe_input_sensitivity,
+                 ["perturbation_model", "perturbation_prompts", "perturbation.cell_sentences", "params:perturbation"],
+                 ["perturbation_sensitivity", "perturbation_sensitivity_metrics"], name="probe_input_sensitivity"),
             node(nodes.evaluate_perturbation_predictions,
                  ["posterior_samples_expression", "perturbation.cell_sentences", "perturbation_split",
-                  "perturbation.rank_fit", "perturbation_truth", "params:perturbation"],
-                 ["perturbation_scores", "perturbation_summary", "perturbation_metrics"],
+                  "perturbation.rank_fit", "perturbation_truth", "perturbation_sensitivity_metrics", "params:perturbation"],
+                 ["perturbation_scores", "perturbation_summary", "perturbation_knockdown", "perturbation_metrics"],
                  name="evaluate_perturbation_predictions"),
+            node(nodes.plot_target_presence, ["perturbation_knockdown", "params:perturbation"], "perturbation_knockdown_plot",
+                 name="plot_target_presence"),
         ]
     )
