@@ -8,13 +8,15 @@ JSON object.
 Setting: the default simulated Perturb-seq screen, top-200-gene control sentences in the
 perturbation prompt (about 240 tokens), responses of up to 200 genes, constrained decoding
 (vocabulary genes only, no repeats), temperature 1.0.
-(i) ours: ``core.perturbation.sample_posterior`` (one pass over each prompt, its cache copied to
-    every sample, all samples decoded together);
+(i) ours: ``core.perturbation.sample_posterior`` (one pass over each prompt; all samples decoded
+    together, their attention reading the prompt's one cached copy; Gumbel-max draws);
 (a) reference: ``model.generate`` once per sample (batch size 1, the prompt read again each
     time), same logits processor, temperature and max_new_tokens; measured on
     ``--reference-samples`` samples per prompt and reported per sample.
 Samples per second and generated genes per sample are reported for both (a random model stops at
-random places, so the genes per sample show whether both paths did the same amount of work).
+random places, so the genes per sample show whether both paths did the same amount of work), and
+the process's peak resident memory (both paths and the screen's data, in MiB). Both paths share
+the machine's CPU threads: run it on an idle machine, or read the load average it reports.
 Without ``--model`` the default architecture with random weights is used.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -133,6 +136,7 @@ def main() -> None:
         "genes_per_sample_ours": float(ours["n_genes"].mean()),
         "genes_per_sample_reference": float(np.mean(reference_genes)),
         "seconds": {"ours": round(ours_seconds, 2), "reference": round(reference_seconds, 2)},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # KiB on Linux
     }, indent=2))
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from c2s_kedro.core import inference
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
@@ -21,7 +24,7 @@ from c2s_kedro.core.inference import (
     sample_continuations,
     score_labels,
 )
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models import LanguageModel, build_gpt_neox
 from c2s_kedro.core.prompts import load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from tests.helpers import byte_level_bpe_tokenizer
@@ -220,6 +223,16 @@ def _words(text: str) -> list[str]:
     return (text[:-1] if text.endswith(".") else text).split()
 
 
+def _genes_written(text: str, genes: list[str]) -> list[str]:
+    """The words of a constrained sample; a last word that is no gene must be one cut short by
+    max_new_tokens (no stop after it), the beginning of a gene the sample has not written."""
+    words = _words(text)
+    if words and words[-1] not in genes and not text.strip().endswith("."):
+        cut = words.pop()
+        assert any(gene.startswith(cut) and gene not in words for gene in genes), text
+    return words
+
+
 @pytest.mark.parametrize("model_name", ["gene_model", "bpe_model"])
 def test_constrained_sampling_writes_only_vocabulary_genes_each_once(model_name, request):
     language_model = request.getfixturevalue(model_name)
@@ -237,7 +250,7 @@ def test_constrained_sampling_writes_only_vocabulary_genes_each_once(model_name,
         )
     assert len(texts) == 3 * (4 + 6)
     for text in texts:
-        words = _words(text)
+        words = _genes_written(text, genes)  # a byte-level BPE sample may be cut inside a gene
         assert words and set(words) <= set(genes), text
         assert len(words) == len(set(words)), text
     assert any(text.strip().endswith(".") for text in texts)  # sequences do stop with the stop text
@@ -266,10 +279,10 @@ def test_min_genes_keeps_a_sequence_going_until_it_has_written_that_many(model_n
             language_model, PROMPTS[2], n_samples=16, max_new_tokens=60, temperature=1.5, seed=1,
             logits_processor=GeneVocabularyConstraint(language_model.tokenizer, genes, **constraint),
         )
-        for text in texts:
-            words = _words(text)
+        written = [_genes_written(text, genes) for text in texts]
+        for words, text in zip(written, texts):
             assert set(words) <= set(genes) and len(words) == len(set(words)), text
-        return [len(_words(text)) for text in texts]
+        return [len(words) for words in written]
 
     assert min(lengths()) < 8  # the untrained model ends early on its own
     assert min(lengths(min_genes=8)) >= 8
@@ -284,9 +297,11 @@ def test_min_genes_keeps_a_sequence_going_until_it_has_written_that_many(model_n
 
 def test_sample_continuations_reads_the_prompt_once(gene_model):
     calls: list[tuple[int, int]] = []
+    shared: list[bool] = []
 
     def record(module, args, kwargs):
         calls.append(tuple((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape))
+        shared.append(kwargs.get("shared_prefix") is not None)
 
     prompt_tokens = len(gene_model.tokenizer(PROMPTS[3], add_special_tokens=False)["input_ids"])
     handle = gene_model.model.register_forward_pre_hook(record, with_kwargs=True)
@@ -295,11 +310,182 @@ def test_sample_continuations_reads_the_prompt_once(gene_model):
     finally:
         handle.remove()
     assert len(texts) == 5
-    assert calls[0] == (1, prompt_tokens - 1)  # the one pass over the prompt
-    assert all(shape == (5, 1) for shape in calls[1:]) and 1 <= len(calls) - 1 <= 6  # then one token per step
+    assert calls[0] == (1, prompt_tokens) and not shared[0]  # the one pass over the prompt, with the model's attention
+    assert calls[1] == (1, 1)  # one step of one row: does every layer attend through the shared prompt?
+    steps = calls[2:]  # then one token per unfinished row and step; the first token came from the prompt's pass
+    assert all(rows <= 5 and width == 1 for rows, width in steps) and 1 <= len(steps) <= 5 and steps[0][0] == 5
+    assert all(shared[1:])  # the prompt's keys are read from its one copy, not from a cache per row
+    assert gene_model.model.config._attn_implementation == "sdpa"  # the model's own attention is put back
     again = sample_continuations(gene_model, PROMPTS[3], n_samples=5, max_new_tokens=6, temperature=1.0, seed=3)
     assert again == texts  # seeded
     assert len(set(texts)) > 1  # the samples differ
+
+
+def _other_architecture(config_class, model_class, **settings):
+    """A tiny random model of another architecture on the gene tokenizer."""
+    tokenizer = build_gene_tokenizer(GENES, template_words() + LABELS, model_max_length=128)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **settings)
+    torch.manual_seed(0)
+    return LanguageModel(model=model_class(config).eval(), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def grouped_query_model():
+    """Llama with two query heads per key/value head (grouped-query attention)."""
+    return _other_architecture(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def sliding_window_model():
+    """Mistral whose layers attend to the last 8 positions only: its cache keeps only the window."""
+    return _other_architecture(MistralConfig, MistralForCausalLM, num_key_value_heads=2, sliding_window=8)
+
+
+@pytest.mark.parametrize("model_name", ["gene_model", "grouped_query_model", "sliding_window_model"])
+def test_sampling_steps_give_the_logits_of_a_full_forward_pass(model_name, request):
+    language_model = request.getfixturevalue(model_name)
+    model = language_model.model
+    prompt = language_model.tokenizer(PROMPTS[3], add_special_tokens=False)["input_ids"]
+    continuations = torch.tensor([[5, 9, 13, 17, 21, 25], [6, 10, 14, 18, 22, 26], [7, 11, 15, 19, 23, 27]])
+    with torch.inference_mode():
+        prefill = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        shared = not any(prefill.cache.is_sliding)
+        assert shared == (model_name != "sliding_window_model")
+        with inference._attention_implementation(model, inference.SHARED_PREFIX_ATTENTION) if shared else nullcontext():
+            decoder = (inference._SharedPrefixDecoder(model, prefill.cache, capacity=6) if shared
+                       else inference._CacheDecoder(model, prefill.cache))
+            assert not shared or decoder.works(prompt[-1], len(prompt), torch.device("cpu"))
+            decoder.start(3)
+            rows = torch.arange(3)
+            steps = []
+            for step in range(6):
+                if step == 3:  # the second row has finished: it leaves the batch
+                    rows = torch.tensor([0, 2])
+                    decoder.keep(torch.tensor([0, 2]))
+                steps.append((rows, decoder.step(continuations[rows, step], len(prompt) + step)))
+        assert model.config._attn_implementation == "sdpa"
+        for step, (rows, logits) in enumerate(steps):
+            full = torch.cat([torch.tensor([prompt] * len(rows)), continuations[rows, : step + 1]], dim=1)
+            torch.testing.assert_close(logits, model(input_ids=full).logits[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def _chi_square_p(observed: dict, expected: dict, draws: int) -> float:
+    """p-value of Pearson's chi-square test of the draws' counts against the probabilities ``expected``."""
+    outcomes = sorted(expected)
+    assert set(observed) <= set(outcomes), set(observed) - set(outcomes)  # nothing drawn that has probability 0
+    counts = np.array([observed.get(outcome, 0) for outcome in outcomes])
+    probabilities = np.array([expected[outcome] for outcome in outcomes])
+    assert np.isclose(probabilities.sum(), 1.0) and (draws * probabilities).min() >= 5  # the test's own condition
+    return float(chisquare(counts, draws * probabilities / probabilities.sum()).pvalue)
+
+
+def test_gumbel_max_draws_follow_the_softmax_of_the_scores():
+    scores = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), 0.5, -1.0], [0.0, 0.0, 3.0, 0.0, float("-inf"), 1.0]])
+    draws = 20_000
+    with inference._seeded(7, torch.device("cpu")):
+        tokens = inference._gumbel_max(scores.repeat(draws, 1)).view(draws, 2)
+    for row in range(2):
+        observed = dict(zip(*np.unique(tokens[:, row].numpy(), return_counts=True)))
+        allowed = [i for i in range(6) if scores[row, i] > float("-inf")]
+        law = torch.softmax(scores[row], -1)
+        assert _chi_square_p(observed, {i: float(law[i]) for i in allowed}, draws) > 1e-3
+        wrong = torch.softmax(scores[row] / 1.3, -1)  # the test tells a slightly different law apart
+        assert _chi_square_p(observed, {i: float(wrong[i]) for i in allowed}, draws) < 1e-6
+    with pytest.raises(ValueError, match="no token to sample"):
+        inference._gumbel_max(torch.full((2, 4), float("-inf")))
+
+
+@pytest.fixture(scope="module")
+def sharp_gene_model():
+    """The gene model with its output weights scaled up: a random model's logits barely differ, so
+    its distribution hardly changes with the temperature; these differ by a few units."""
+    language_model = build_gpt_neox(build_gene_tokenizer(GENES, template_words() + LABELS, model_max_length=128),
+                                    ARCHITECTURE, seed=0)
+    with torch.no_grad():
+        language_model.model.get_output_embeddings().weight.mul_(15.0)
+    return language_model
+
+
+def test_samples_follow_the_models_constrained_distribution_at_the_temperature(sharp_gene_model):
+    """The first two tokens of many samples against softmax(constraint(logits) / T) from full forward passes."""
+    tokenizer, model = sharp_gene_model.tokenizer, sharp_gene_model.model
+    genes, temperature, draws = GENES[8:12], 1.7, 6000
+    prompt = tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    gene_ids = {tokenizer(" " + gene, add_special_tokens=False)["input_ids"][0]: gene for gene in genes}
+    stop, eos = tokenizer(".", add_special_tokens=False)["input_ids"][0], tokenizer.eos_token_id
+
+    def law(ids: list[int], temperature: float) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[:, -1]
+        constrained = GeneVocabularyConstraint(tokenizer, genes, prompt_length=len(prompt))(torch.tensor([ids]), logits)
+        return torch.softmax(constrained[0] / temperature, -1)
+
+    def joint(temperature: float) -> dict[tuple[str, str], float]:
+        first = law(prompt, temperature)
+        expected = {}
+        for token, gene in gene_ids.items():
+            second = law(prompt + [token], temperature)
+            for follower, probability in enumerate(second.tolist()):
+                if probability > 0:
+                    name = gene_ids.get(follower, {stop: ".", eos: "EOS"}.get(follower))
+                    expected[(gene, name)] = float(first[token]) * probability
+        return expected
+
+    texts = sample_continuations(sharp_gene_model, PROMPTS[2], n_samples=draws, max_new_tokens=2, temperature=temperature,
+                                 seed=5, logits_processor=GeneVocabularyConstraint(tokenizer, genes), batch_size=draws // 2)
+    observed: dict[tuple[str, str], int] = {}
+    for text in texts:
+        words = text.strip().split()
+        outcome = (words[0].rstrip("."), ".") if text.endswith(".") else (words[0], words[1] if len(words) > 1 else "EOS")
+        observed[outcome] = observed.get(outcome, 0) + 1
+    assert _chi_square_p(observed, joint(temperature), draws) > 1e-3
+    assert _chi_square_p(observed, joint(1.4), draws) < 1e-6  # the test tells a slightly other temperature apart
+
+
+def test_samples_are_seeded_and_batches_capped(gene_model, monkeypatch):
+    rows_per_step: list[int] = []
+    kept: list[int] = []
+    keep = inference._SharedPrefix.keep
+    monkeypatch.setattr(inference._SharedPrefix, "keep", lambda self, index: (kept.append(len(index)), keep(self, index)))
+    handle = gene_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_per_step.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    constraint = GeneVocabularyConstraint(gene_model.tokenizer, GENES[:30])
+    try:
+        texts = sample_continuations(gene_model, PROMPTS[4], n_samples=7, max_new_tokens=20, seed=11,
+                                     logits_processor=constraint, batch_size=3)
+    finally:
+        handle.remove()
+    assert len(texts) == 7 and max(rows_per_step) == 3
+    assert kept and max(kept) < 3  # rows that have finished leave the batch
+    assert sample_continuations(gene_model, PROMPTS[4], n_samples=7, max_new_tokens=20, seed=11,
+                                logits_processor=constraint, batch_size=3) == texts
+    assert sample_continuations(gene_model, PROMPTS[4], n_samples=7, max_new_tokens=20, seed=12,
+                                logits_processor=constraint, batch_size=3) != texts
+    for text in texts:
+        words = _words(text)
+        assert words and set(words) <= set(GENES[:30]) and len(words) == len(set(words)), text
+
+
+def test_sliding_window_models_sample_from_a_copied_cache(sliding_window_model):
+    constraint = GeneVocabularyConstraint(sliding_window_model.tokenizer, GENES[:30])
+    shared: list[bool] = []
+    handle = sliding_window_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shared.append("shared_prefix" in kwargs), with_kwargs=True
+    )
+    try:
+        texts = sample_continuations(sliding_window_model, PROMPTS[3], n_samples=6, max_new_tokens=30, seed=0,
+                                     logits_processor=constraint)
+    finally:
+        handle.remove()
+    assert not any(shared) and len(shared) > 2
+    assert texts == sample_continuations(sliding_window_model, PROMPTS[3], n_samples=6, max_new_tokens=30, seed=0,
+                                         logits_processor=constraint)
+    for text in texts:
+        words = _words(text)
+        assert words and set(words) <= set(GENES[:30]) and len(words) == len(set(words)), text
 
 
 def test_postprocess_sentence_drops_unknown_words_and_merges_repeats_at_their_mean_position():

@@ -121,6 +121,7 @@ class GeneVocabularyConstraint(LogitsProcessor):
         self.states: list[_SequenceState] = []
         self.seen = 0
         self.start_mask: torch.Tensor | None = None  # per row: first tokens of genes not yet written
+        self._exhausted: list[tuple[int, int]] = []  # (row, first token) to clear in start_mask, in one write
         self._last: torch.Tensor | None = None  # last token of each row at the previous call
 
     @property
@@ -136,6 +137,7 @@ class GeneVocabularyConstraint(LogitsProcessor):
         starts = torch.zeros(vocab_size, dtype=torch.bool, device=input_ids.device)
         starts[list(self.trie.children[ROOT])] = True
         self.start_mask = starts.expand(rows, -1).clone()
+        self._exhausted = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows, width = input_ids.shape
@@ -154,7 +156,16 @@ class GeneVocabularyConstraint(LogitsProcessor):
                 self._advance(row, token)
         self.seen = width
         self._last = input_ids[:, -1].clone() if width > self.prompt_length else None
-        return scores.masked_fill(~self._allowed(scores.shape[1], scores.device), float("-inf"))
+        if self._exhausted:
+            self._clear(self.start_mask, self._exhausted)
+            self._exhausted = []
+        return torch.where(self._allowed(scores.shape[1], scores.device), scores, float("-inf"))
+
+    @staticmethod
+    def _clear(mask: torch.Tensor, cells: list[tuple[int, int]]) -> None:
+        # one indexed write per step instead of one per row: each tensor write costs far more than the Python
+        rows, tokens = zip(*cells)
+        mask[torch.tensor(rows, device=mask.device), torch.tensor(tokens, device=mask.device)] = False
 
     def _commit(self, row: int, state: _SequenceState, gene: int) -> None:
         state.used.add(gene)
@@ -162,7 +173,7 @@ class GeneVocabularyConstraint(LogitsProcessor):
             state.used_below[node] = state.used_below.get(node, 0) + 1
         first = self.trie.paths[gene][0]
         if state.used_below[first] == self.trie.genes_below[first]:
-            self.start_mask[row, self.trie.first_tokens[gene]] = False
+            self._exhausted.append((row, self.trie.first_tokens[gene]))
 
     def _advance(self, row: int, token: int) -> None:
         state = self.states[row]
@@ -223,8 +234,8 @@ class GeneVocabularyConstraint(LogitsProcessor):
         if boundary_rows:
             index = torch.tensor(boundary_rows, device=device)
             allowed[index] = self.start_mask[index]
-        for row, token in blocked:
-            allowed[row, token] = False
+        if blocked:
+            self._clear(allowed, blocked)
         if rows:
             allowed[torch.tensor(rows, device=device), torch.tensor(tokens, device=device)] = True
         return allowed

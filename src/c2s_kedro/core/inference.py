@@ -11,12 +11,13 @@ import copy
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    AttentionInterface,
     Cache,
     DynamicCache,
     GenerationConfig,
@@ -541,22 +542,202 @@ def _drafted_greedy_batch(
                 chosen[row] = greedy[row][kept]
 
 
-def _expanded_cache(model, prefix: Cache, rows: int, max_cache_len: int) -> Cache:
-    """The prompt's cache copied to ``rows`` rows, preallocated for the whole generation.
+SHARED_PREFIX_ATTENTION = "c2s_shared_prefix"
 
-    A ``StaticCache`` is written in place at each step; the default ``DynamicCache`` allocates
-    and copies every row's cache at every step, which dominates decoding when many rows share a
-    long prompt. Models with sliding-window layers (whose cache holds only the window) keep the
-    dynamic cache, copied row by row.
+
+class _UnsupportedAttention(Exception):
+    """The model's attention is not plain softmax attention over cached keys (soft-capping, sinks, a window)."""
+
+
+class _SharedPrefix:
+    """Keys and values of one prompt, stored once, and of each row's own generated tokens.
+
+    Every sample of a prompt attends to the same prompt keys: kept as one copy, they are read
+    once per step for all rows (one matrix product per layer and head group) instead of once per
+    row from a cache copied to every row, and each row's own tokens are read only as far as they
+    are written, not over a cache preallocated to the whole generation.
     """
-    if any(prefix.is_sliding):
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(rows)
-        return cache
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-    for index, layer in enumerate(prefix.layers):
-        cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
-    return cache
+
+    def __init__(self, prefix: Cache):
+        layers = prefix.layers
+        # [kv heads, head dim, prompt] and [kv heads, prompt, head dim]: the operands of the prompt's products
+        self.prompt_keys = [layer.keys[0].transpose(1, 2).contiguous() for layer in layers]
+        self.prompt_values = [layer.values[0].contiguous() for layer in layers]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0  # generated tokens stored per row
+        self.calls = 0  # attention calls during the current forward pass
+
+    def start(self, rows: int, capacity: int) -> None:
+        self.keys = [k.new_empty((rows, k.shape[0], capacity, k.shape[1])) for k in self.prompt_keys]
+        self.values = [v.new_empty((rows, v.shape[0], capacity, v.shape[2])) for v in self.prompt_values]
+        self.length = 0
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Only the rows at ``index`` go on (finished rows are dropped); copies the written part."""
+        for stored in (self.keys, self.values):
+            for i, tensor in enumerate(stored):
+                kept = tensor.new_empty((len(index), *tensor.shape[1:]))
+                kept[:, :, : self.length] = tensor[index, :, : self.length]
+                stored[i] = kept
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Attention of each row's new token (query [rows, heads, 1, dim]; its key and value [rows,
+        kv heads, 1, dim]) over the prompt and the row's tokens so far, new one included; returns
+        [rows, 1, heads, value dim] as transformers' attention functions do."""
+        rows, heads, _, dim = query.shape
+        kv_heads, prompt = self.prompt_keys[layer].shape[0], self.prompt_keys[layer].shape[2]
+        groups = heads // kv_heads  # query heads sharing a key/value head (grouped-query attention)
+        self.keys[layer][:, :, self.length] = key[:, :, 0]
+        self.values[layer][:, :, self.length] = value[:, :, 0]
+        own_keys = self.keys[layer][:, :, : self.length + 1]
+        own_values = self.values[layer][:, :, : self.length + 1]
+        q = (query * scaling).reshape(rows, kv_heads, groups, dim)
+        # all rows' queries against the one copy of the prompt: [kv heads, rows * groups, prompt]
+        on_prompt = torch.matmul(q.permute(1, 0, 2, 3).reshape(kv_heads, rows * groups, dim), self.prompt_keys[layer])
+        on_own = torch.matmul(q, own_keys.transpose(2, 3))  # [rows, kv heads, groups, length]
+        scores = torch.cat([on_prompt.view(kv_heads, rows, groups, prompt).permute(1, 0, 2, 3), on_own], dim=-1)
+        weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # in float32, as eager attention
+        from_prompt = torch.matmul(
+            weights[..., :prompt].permute(1, 0, 2, 3).reshape(kv_heads, rows * groups, prompt), self.prompt_values[layer]
+        )
+        output = from_prompt.view(kv_heads, rows, groups, -1).permute(1, 0, 2, 3) + torch.matmul(
+            weights[..., prompt:], own_values
+        )
+        return output.reshape(rows, 1, heads, -1)
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function (transformers' ``AttentionInterface``) reading the prompt's keys once for
+    all rows; the state comes with the forward pass as the ``shared_prefix`` keyword."""
+    state: _SharedPrefix | None = kwargs.get("shared_prefix")
+    if state is None:
+        raise ValueError(f"the '{SHARED_PREFIX_ATTENTION}' attention needs the shared_prefix keyword in the forward pass")
+    layer = getattr(module, "layer_idx", None)
+    # math other than softmax(q k / sqrt(d)) v over every cached position, or a step of more than one token
+    altered = any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sliding_window"))
+    if altered or dropout or layer is None or query.shape[2] != 1 or layer >= len(state.prompt_keys):
+        raise _UnsupportedAttention
+    state.calls += 1
+    return state.attend(layer, query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling), None
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+
+
+@contextmanager
+def _attention_implementation(model, implementation: str) -> Iterator[None]:
+    original = getattr(model.config, "_attn_implementation", "sdpa")
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+class _SharedPrefixDecoder:
+    """Decoding steps whose attention reads the prompt's one cached copy (``_SharedPrefix``)."""
+
+    def __init__(self, model, prefix: Cache, capacity: int):
+        self.model, self.capacity = model, capacity
+        self.state = _SharedPrefix(prefix)
+
+    def start(self, rows: int) -> None:
+        self.state.start(rows, self.capacity)
+
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        self.state.calls = 0
+        logits = self.model(input_ids=tokens[:, None], position_ids=torch.full_like(tokens, position)[:, None],
+                            use_cache=False, shared_prefix=self.state).logits[:, -1]
+        if self.state.calls != len(self.state.prompt_keys):  # a layer that bypassed the attention interface
+            raise _UnsupportedAttention
+        self.state.length += 1
+        return logits
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.state.keep(index)
+
+    def works(self, token: int, position: int, device: torch.device) -> bool:
+        """Whether every layer of the model attends through this decoder (one step of one row;
+        models with other attention math or layers of their own are decoded from a copied cache)."""
+        self.start(1)
+        try:
+            self.step(torch.tensor([token], device=device), position)
+        except _UnsupportedAttention:
+            return False
+        return True
+
+
+class _CacheDecoder:
+    """Decoding steps over the prompt's cache copied to every row: for models whose cache is not
+    plain keys and values of every position (sliding-window layers keep only the window)."""
+
+    def __init__(self, model, prefix: Cache):
+        self.model, self.prefix = model, prefix
+        self.cache: Cache | None = None
+
+    def start(self, rows: int) -> None:
+        self.cache = copy.deepcopy(self.prefix)
+        self.cache.batch_repeat_interleave(rows)
+
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        return self.model(input_ids=tokens[:, None], position_ids=torch.full_like(tokens, position)[:, None],
+                          cache=self.cache, use_cache=True).logits[:, -1]
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.cache.batch_select_indices(index)
+
+
+def _gumbel_max(scores: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from softmax(scores): argmax(scores + G) with G independent Gumbel
+    noise is exactly such a draw (the Gumbel-max trick). Cheaper than ``torch.multinomial``, which
+    builds the probabilities and their cumulative sums; tokens at -inf are never drawn. The noise,
+    -log(-log U), comes from float32 uniforms (steps of 2^-24): a token's chance is off by at most
+    about 1e-7, as much as rounding the float32 scores already moves it."""
+    noise = torch.rand(scores.shape, device=scores.device).log_().neg_().log_()  # log(-log U) = -G
+    best, tokens = (scores.float() - noise).max(-1)
+    if not bool(torch.isfinite(best).all()):
+        raise ValueError("a row has no token to sample (every score is -inf or NaN after the logits processors)")
+    return tokens
+
+
+# Hand-written decoding loop: generate() copies the prompt's cache to every row, reads it whole at
+# every step, and samples with torch.multinomial; here the prompt's keys are read once for all rows.
+def _sample_rows(decoder, processors: LogitsProcessorList, prompt_ids: torch.Tensor, first_logits: torch.Tensor,
+                 rows: int, max_new_tokens: int, eos: int, pad: int) -> torch.Tensor:
+    """``rows`` sampled continuations of the prompt (``prompt_ids`` [length], ``first_logits`` the
+    prompt's next-token logits): prompt followed by the new tokens, padded with ``pad`` after a
+    row's EOS, as ``generate`` returns them. ``processors`` see every row at every step, finished
+    rows included, as in ``generate``; only unfinished rows run through the model, the finished
+    ones are dropped whenever they make up a quarter of those decoded (fewer, smaller copies)."""
+    device, length = prompt_ids.device, len(prompt_ids)
+    sequences = torch.full((rows, length + max_new_tokens), pad, dtype=torch.long, device=device)
+    sequences[:, :length] = prompt_ids
+    decoder.start(rows)
+    decoded = torch.arange(rows, device=device)  # for each row the decoder holds, its row in sequences
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    logits = first_logits.float().expand(rows, -1).clone()  # processors may write in place
+    steps = 0
+    while True:
+        if len(decoded) < rows:  # rows dropped earlier score nothing; the processors only allow them EOS
+            scores = logits.new_zeros((rows, logits.shape[1])).index_copy_(0, decoded, logits)
+        else:
+            scores = logits
+        scores = processors(sequences[:, : length + steps], scores)
+        finished = done[decoded]
+        tokens = _gumbel_max(scores[decoded] if len(decoded) < rows else scores).masked_fill_(finished, pad)
+        sequences[decoded, length + steps] = tokens
+        done[decoded] = finished | (tokens == eos)
+        steps += 1
+        if steps == max_new_tokens or bool(done.all()):
+            return sequences[:, : length + steps]
+        going = ~done[decoded]
+        if 4 * int((~going).sum()) >= len(decoded):
+            index = going.nonzero().squeeze(1)
+            decoder.keep(index)
+            decoded, tokens = decoded[index], tokens[index]
+        logits = decoder.step(tokens, length + steps - 1).float()
 
 
 # Hand-written shared prefill: generate(num_return_sequences=n) re-reads the prompt once per sample.
@@ -573,12 +754,16 @@ def sample_continuations(
 ) -> list[str]:
     """``n_samples`` sampled continuations of one prompt that share a single pass over the prompt.
 
-    The prompt (all but its last token) runs through the model once; its key/value cache is
-    copied to one row per sample and ``generate`` continues from it, so the prompt is never
-    re-read per sample (``num_return_sequences`` would re-read it). ``batch_size`` caps the rows
-    decoded at once (each row holds a copy of the prompt's cache); the default decodes all
-    samples together. ``logits_processor`` (e.g. a ``GeneVocabularyConstraint``) runs before the
-    temperature; it must start over when called with a new batch of rows.
+    The prompt runs through the model once; its next-token logits start every sample and its
+    keys and values are kept once, attended to by every sample's decoding steps (a registered
+    attention function) instead of being copied to one cache row per sample. Tokens are drawn by
+    the Gumbel-max trick, exactly from softmax(scores / temperature) after ``logits_processor``;
+    rows stop at EOS or after ``max_new_tokens``. ``batch_size`` caps the rows decoded at once;
+    the default decodes all samples together. ``logits_processor`` (e.g. a
+    ``GeneVocabularyConstraint``) runs before the temperature and sees every row at every step,
+    as in ``generate``; it must start over when called with a new batch of rows. Models with
+    sliding-window layers (or attention this cannot reproduce) decode from the prompt's cache
+    copied to every row.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
@@ -588,25 +773,29 @@ def sample_continuations(
     log_generation_room(len(ids), max_new_tokens, language_model.context_length,
                         getattr(logits_processor, "tokens_per_gene", None), repeat=False)
     device = language_model.device
-    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    prefix = None
-    if len(ids) > 1:
-        prefix = model(input_ids=prompt_ids[:, :-1], use_cache=True, logits_to_keep=1).cache
-    config = _generation_config(tokenizer, max_new_tokens, do_sample=True)
+    prompt_ids = torch.tensor(ids, dtype=torch.long, device=device)
+    prefill = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
+    first_logits, prefix = prefill.logits[0, -1], prefill.cache
     processors = _processors(logits_processor, True, temperature, None, None)
     rows_per_batch = batch_size or n_samples
+    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
+    plain = not any(prefix.is_sliding) and all(isinstance(getattr(layer, "keys", None), torch.Tensor)
+                                               for layer in prefix.layers)
     texts: list[str] = []
-    with _seeded(seed, device):
-        for start in range(0, n_samples, rows_per_batch):
-            rows = min(rows_per_batch, n_samples - start)
-            sequences = model.generate(
-                input_ids=prompt_ids.expand(rows, -1),
-                attention_mask=torch.ones((rows, len(ids)), dtype=torch.long, device=device),
-                cache=_expanded_cache(model, prefix, rows, len(ids) + max_new_tokens) if prefix is not None else None,
-                generation_config=config,
-                logits_processor=processors,
-            )
-            texts.extend(_decode_new(tokenizer, sequences, len(ids)))
+    with ExitStack() as attention:
+        decoder = _CacheDecoder(model, prefix)
+        if plain:
+            attention.enter_context(_attention_implementation(model, SHARED_PREFIX_ATTENTION))
+            shared = _SharedPrefixDecoder(model, prefix, max_new_tokens)
+            if shared.works(ids[-1], len(ids), device):
+                decoder = shared
+            else:
+                attention.close()  # the model's own attention, over the copied cache
+        with _seeded(seed, device):
+            for start in range(0, n_samples, rows_per_batch):
+                rows = min(rows_per_batch, n_samples - start)
+                sequences = _sample_rows(decoder, processors, prompt_ids, first_logits, rows, max_new_tokens, eos, pad)
+                texts.extend(_decode_new(tokenizer, sequences, len(ids)))
     return texts
 
 
