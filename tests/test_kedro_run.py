@@ -85,7 +85,8 @@ def test_perturbation_posterior_alone_on_a_fresh_project_simulates_trains_and_sc
     model = data / "06_models" / "perturbation_model" / "model.safetensors"
     assert screen.exists() and model.exists()
     summary = pd.read_csv(data / "08_reporting" / "perturbation_summary.csv")
-    assert len(summary) == 5 and summary["n_perturbations"].nunique() == 1  # every method, same perturbations
+    heldout = summary[summary["evaluation"] == "heldout"]
+    assert len(heldout) == 7 and heldout["n_perturbations"].nunique() == 1  # every method, same perturbations
     before = [screen.stat().st_mtime_ns, model.stat().st_mtime_ns]
     _kedro(root, "run", "--env", "test", "--pipelines", "perturbation_posterior")
     assert [screen.stat().st_mtime_ns, model.stat().st_mtime_ns] == before  # upstream not redone
@@ -136,7 +137,9 @@ def test_default_run_leaves_every_output(project: Path):
         assert set(sentence.split()) <= vocabulary_genes and len(sentence.split()) == len(set(sentence.split()))
     assert (data / "08_reporting" / "cell_generation" / "umap_by_cell_type.png").exists()
     summary = pd.read_csv(data / "08_reporting" / "perturbation_summary.csv")
-    assert {"control_mean", "train_perturbed_mean", "linear_additive", "model_T0.7", "model_T1.3"} == set(summary["method"])
+    assert {"control_mean", "train_perturbed_mean", "linear_additive", "knockdown_only", "coexpression_neighbours", "model_T0.7",
+            "model_T1.3"} == set(summary["method"])
+    assert (data / "08_reporting" / "perturbation" / "target_presence.png").stat().st_size > 10_000
     assert (data / "08_reporting" / "perturbation" / "posterior_umap.png").stat().st_size > 10_000
     assert ad.read_h5ad(data / "07_model_output" / "posterior_statistics.h5ad").layers["variance"].shape[1] > 0
     for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation",

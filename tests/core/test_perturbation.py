@@ -432,6 +432,11 @@ def test_synthetic_knockdown_pairs_name_a_gene_of_the_response_and_drop_it_at_th
         assert row.perturbation in original and row.perturbation not in row.perturbed_sentence.split()
         assert row.perturbed_sentence.split() == [g for g in original if g != row.perturbation]  # nothing else moves
         assert obs.at[row.control_cell, "gem_group"] == obs.at[row.perturbed_cell, "gem_group"]
+    own = synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=2, drop_share=1.0, seed=0,
+                                    same_cell=True).to_pandas()
+    assert (own["control_cell"] == own["perturbed_cell"]).all() and len(own) == 60
+    assert all(row.perturbed_sentence.split() == [g for g in row.control_sentence.split() if g != row.perturbation]
+               for row in own.itertuples())  # the prompt's own cell, less the named gene
     never = synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=1, drop_share=0.0, seed=0).to_pandas()
     assert all(row.perturbed_sentence == lookup[row.perturbed_cell] for row in never.itertuples())
     with pytest.raises(ValueError, match="0 or more"):
@@ -457,8 +462,10 @@ def test_one_template_and_a_shorter_control_sentence_when_asked(tiny_model):
     assert len(firsts) == 1  # one template
     drawn = PerturbationPromptFormatter(top_k_genes=20).format_dataset(pairs)
     assert len({prompt.split("\n")[0] for prompt in drawn["model_input"]}) > 1
-    with pytest.raises(ValueError, match="index of one of the 6"):
-        PerturbationPromptFormatter(template=6)
+    with pytest.raises(ValueError, match="index of one of the 7"):
+        PerturbationPromptFormatter(template=7)
+    first = PerturbationPromptFormatter(top_k_genes=20, template=6).format_dataset(pairs)
+    assert all(prompt.startswith("G3 ") for prompt in first["model_input"])  # the name-first template
     with pytest.raises(ValueError, match="control_top_k_genes must be null or a positive"):
         PerturbationPromptFormatter(control_top_k_genes=0)
 

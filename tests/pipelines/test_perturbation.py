@@ -49,13 +49,17 @@ def outputs(screen, tmp_path_factory):
     return catalog, params["perturbation"]
 
 
-def test_posterior_has_every_sample_of_every_heldout_perturbation(outputs):
+def test_posterior_has_every_sample_of_both_test_sets_and_of_the_control_label(outputs):
     catalog, params = outputs
     split = catalog.load("perturbation_split")
     samples = catalog.load("posterior_samples")
     settings = params["posterior"]
-    assert set(samples["perturbation"]) == set(split["test_perturbations"])
+    by_evaluation = samples.groupby("evaluation")["perturbation"].agg(lambda p: set(p)).to_dict()
+    assert by_evaluation["heldout"] == set(split["test_perturbations"])
+    assert by_evaluation["seen"] <= set(split["train_perturbations"]) and by_evaluation["seen"]
+    assert by_evaluation["control"] == {"non-targeting"}
     assert not set(split["test_perturbations"]) & set(split["train_perturbations"])
+    assert not set(split["test_seen"]) & set(split["train"])  # the seen perturbations' test cells are not trained on
     per_group = samples.groupby(["perturbation", "temperature"]).size()
     assert (per_group == settings["n_samples"] * settings["prompts_per_perturbation"]).all()
     assert sorted(samples["temperature"].unique()) == sorted(settings["temperatures"])
@@ -94,11 +98,13 @@ def test_model_and_baselines_are_scored_on_the_same_heldout_perturbations(output
     scores = catalog.load("perturbation_scores")
     summary = catalog.load("perturbation_summary")
     metrics = catalog.load("perturbation_metrics")
-    methods = {f"model_T{t:g}" for t in params["posterior"]["temperatures"]} | {"control_mean", "train_perturbed_mean", "linear_additive"}
+    methods = {f"model_T{t:g}" for t in params["posterior"]["temperatures"]} | {
+        "control_mean", "train_perturbed_mean", "linear_additive", "knockdown_only", "coexpression_neighbours"}
     assert set(summary["method"]) == methods
     heldout = sorted(catalog.load("perturbation_split")["test_perturbations"])
-    for _, group in scores.groupby("method"):
+    for _, group in scores[scores["evaluation"] == "heldout"].groupby("method"):
         assert sorted(group["perturbation"]) == heldout
+    assert "seen.knockdown_only.pearson_delta" in metrics and "sensitivity.name_swap_nats" in metrics
     for column in ("pearson_delta", "pearson_delta_top_de", "mse", "overlap_at_N", "calibration", "pearson_delta_simulated_truth"):
         assert column in summary.columns
     # the held-out cells themselves are nearer their own change than predicting no change is

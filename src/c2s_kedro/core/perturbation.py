@@ -144,7 +144,7 @@ def perturbation_prompts(
     top_k_genes: int | None, seed: int, controls_per_cell: int = 1, include_control_pairs: bool = True,
     max_new_tokens: int | None = None, on_overflow: str = "shorten", max_eval_samples: int | None = None,
     control_top_k_genes: int | None = None, template: int | None = None, synthetic_pairs_per_control: int = 0,
-    synthetic_drop_share: float | None = None, posterior_controls: int = 2,
+    synthetic_drop_share: float | None = None, synthetic_same_cell: bool = False, posterior_controls: int = 2,
 ) -> DatasetDict:
     """Train, val and test prompts of the screen: pairs (perturbed cell, control of its batch) as
     "control sentence + perturbation -> perturbed sentence". Training samples keep their response
@@ -156,7 +156,8 @@ def perturbation_prompts(
     ``template`` uses one prompt template for every pair (its index; None: one drawn per pair).
     ``synthetic_pairs_per_control`` adds that many synthetic knockdown pairs per training control
     cell (``synthetic_knockdown_pairs``; the drop share estimated from the training cells unless
-    ``synthetic_drop_share`` is given).
+    ``synthetic_drop_share`` is given; the control cell itself as the response with
+    ``synthetic_same_cell``).
 
     Beside ``test`` (pairs of held-out perturbations' cells with test controls) and, when the split
     has one, ``test_seen`` (the same for held-out cells of seen perturbations), the ``posterior``
@@ -177,7 +178,7 @@ def perturbation_prompts(
         if part == "train" and synthetic_pairs_per_control:
             drop = synthetic_drop_share if synthetic_drop_share is not None else knockdown_drop_share(obs, split, columns, lookup)
             synthetic = synthetic_knockdown_pairs(obs, split["control_train"], lookup, columns, synthetic_pairs_per_control,
-                                                  drop, seed=seed + 5)
+                                                  drop, seed=seed + 5, same_cell=synthetic_same_cell)
             pairs = concatenate_datasets([pairs, synthetic])
         # shuffled before formatting, so that only the val pairs kept are formatted
         pairs = pairs.shuffle(seed=seed, keep_in_memory=True)
@@ -244,19 +245,23 @@ def knockdown_drop_share(obs: pd.DataFrame, split: dict[str, Any], columns: Scre
 
 def synthetic_knockdown_pairs(
     obs: pd.DataFrame, controls: Sequence[str], sentences: dict[str, str], columns: ScreenColumns, per_control: int,
-    drop_share: float, seed: int = 0,
+    drop_share: float, seed: int = 0, same_cell: bool = False,
 ) -> Dataset:
-    """Synthetic CRISPRi pairs: each control cell paired (``pair_with_controls``: another control
-    of its batch, as a real pair) ``per_control`` times with a target drawn from the response
-    cell's genes; the response is that cell's sentence with the target taken out (with probability
+    """Synthetic CRISPRi pairs: each control cell paired ``per_control`` times (with itself when
+    ``same_cell``, else with another control of its batch by ``pair_with_controls``, as a real
+    pair) with a target drawn from the response cell's genes; the response is that cell's sentence with the target taken out (with probability
     ``drop_share``, the screen's own rate; otherwise left as it is). Many targets with a few cells
     each, so that a model learns to knock down whatever gene is named rather than the few targets of
     the screen. Columns as ``paired_sentences``."""
     if per_control < 0:
         raise ValueError(f"synthetic pairs per control cell must be 0 or more, got {per_control}")
     rng = np.random.default_rng(seed)
-    pairs = pd.concat([pair_with_controls(obs, controls, controls, columns, seed=seed + k) for k in range(per_control)],
-                      ignore_index=True)
+    if same_cell:  # the control cell itself, knocked down: its sentence is the answer but for the target
+        cells = [str(c) for c in controls for _ in range(per_control)]
+        pairs = pd.DataFrame({"control_cell": cells, "perturbed_cell": cells})
+    else:
+        pairs = pd.concat([pair_with_controls(obs, controls, controls, columns, seed=seed + k) for k in range(per_control)],
+                          ignore_index=True)
     rows: dict[str, list[str]] = {key: [] for key in ("perturbation", "control_cell", "perturbed_cell", "control_sentence",
                                                        "perturbed_sentence")}
     for control, response in zip(pairs["control_cell"], pairs["perturbed_cell"]):

@@ -28,6 +28,7 @@ class PairingParameters:
     seed: int
     synthetic_pairs_per_control: int  # synthetic knockdown pairs per training control cell (0: none)
     synthetic_drop_share: float | None  # null: measured on the training cells
+    synthetic_same_cell: bool  # the response is the prompt's control cell knocked down (else another control)
 
 
 @dataclass(frozen=True)

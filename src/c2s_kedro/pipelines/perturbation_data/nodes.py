@@ -104,5 +104,6 @@ def format_perturbation_prompts(
             max_new_tokens=settings.posterior.max_new_tokens, on_overflow=settings.posterior.on_overflow,
             max_eval_samples=settings.finetuning.max_eval_samples, control_top_k_genes=settings.control_top_k_genes,
             template=settings.prompt_template, synthetic_pairs_per_control=pairing.synthetic_pairs_per_control,
-            synthetic_drop_share=pairing.synthetic_drop_share, posterior_controls=settings.posterior.prompts_per_perturbation,
+            synthetic_drop_share=pairing.synthetic_drop_share, synthetic_same_cell=pairing.synthetic_same_cell,
+            posterior_controls=settings.posterior.prompts_per_perturbation,
         )
