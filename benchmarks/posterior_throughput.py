@@ -3,7 +3,7 @@
 JSON object.
 
     python benchmarks/posterior_throughput.py [--prompts 2] [--samples 100] [--reference-samples 10]
-                                              [--model data/06_models/perturbation_model]
+                                              [--model data/06_models/perturbation_model] [--threads N]
 
 Setting: the default simulated Perturb-seq screen, top-200-gene control sentences in the
 perturbation prompt (about 240 tokens), responses of up to 200 genes, constrained decoding
@@ -15,8 +15,10 @@ perturbation prompt (about 240 tokens), responses of up to 200 genes, constraine
     ``--reference-samples`` samples per prompt and reported per sample.
 Samples per second and generated genes per sample are reported for both (a random model stops at
 random places, so the genes per sample show whether both paths did the same amount of work), and
-the process's peak resident memory (both paths and the screen's data, in MiB). Both paths share
-the machine's CPU threads: run it on an idle machine, or read the load average it reports.
+the process's peak resident memory (both paths and the screen's data, in MiB). Both paths use
+torch's CPU threads (``--threads``, default torch's own): on a machine other jobs keep busy, every
+multi-threaded operation waits for its threads to be scheduled and the timings swing several-fold
+from run to run (read the load average it reports); ``--threads 1`` measures the work steadily.
 Without ``--model`` the default architecture with random weights is used.
 """
 
@@ -100,7 +102,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--reference-samples", type=int, default=10)
     parser.add_argument("--model", default=None, help="a model directory (default: random weights)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, prompts, genes = setting(args.model)
     budget = int(prompts["max_new_tokens"][0])
