@@ -104,7 +104,7 @@ def test_model_and_baselines_are_scored_on_the_same_heldout_perturbations(output
     heldout = sorted(catalog.load("perturbation_split")["test_perturbations"])
     for _, group in scores[scores["evaluation"] == "heldout"].groupby("method"):
         assert sorted(group["perturbation"]) == heldout
-    assert "seen.knockdown_only.pearson_delta" in metrics and "sensitivity.name_swap_nats" in metrics
+    assert "seen.knockdown_only.pearson_delta" in metrics and "sensitivity.name_to_control_nats" in metrics
     for column in ("pearson_delta", "pearson_delta_top_de", "mse", "overlap_at_N", "calibration", "pearson_delta_simulated_truth"):
         assert column in summary.columns
     # the held-out cells themselves are nearer their own change than predicting no change is
