@@ -178,10 +178,16 @@ def make_project(root: Path, source: Path, base: str) -> None:
     copies = {relative: relative for relative in INPUTS}
     copies["data/06_models/foundation_model"] = f"data/06_models/{base}"
     copies["data/06_models/finetuned_model"] = f"data/06_models/{base}"
+    copy_inputs(root, source, copies, "a project copy after a default `kedro run`")
+
+
+def copy_inputs(root: Path, source: Path, copies: dict[str, str], source_hint: str) -> None:
+    """Files and folders of ``source`` copied into the project copy ``root`` (target path ->
+    source path, both relative); a missing one stops with what ``--source`` must be."""
     for relative, from_relative in copies.items():
         origin, target = source / from_relative, root / relative
         if not origin.exists():
-            raise FileNotFoundError(f"{origin} is missing: --source must be a project copy after a default `kedro run`")
+            raise FileNotFoundError(f"{origin} is missing: --source must be {source_hint}")
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if origin.is_dir() else shutil.copy)(origin, target)
 

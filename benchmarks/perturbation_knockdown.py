@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from levers import empty_project, peak_rss_mb  # noqa: E402
+from levers import copy_inputs, empty_project, peak_rss_mb  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCREEN = [  # what every copy starts from (paths of conf/base/catalog.yml)
@@ -75,12 +75,8 @@ def merged(base: dict, extra: dict) -> dict:
 
 def make_copy(root: Path, source: Path, settings: dict) -> None:
     empty_project(root)
-    for relative in SCREEN:
-        origin, target = source / relative, root / relative
-        if not origin.exists():
-            raise FileNotFoundError(f"{origin} is missing: run `kedro run --pipelines=perturbation_data` in --source first")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if origin.is_dir() else shutil.copy)(origin, target)
+    copy_inputs(root, source, {relative: relative for relative in SCREEN},
+                "a project where `kedro run --pipelines=perturbation_data` has run")
     (root / "conf/local/parameters.yml").write_text(yaml.safe_dump({"perturbation": settings}))
 
 

@@ -36,7 +36,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from levers import add_common_arguments, chosen_levers, empty_project, peak_rss_mb, summarize  # noqa: E402
+from levers import add_common_arguments, chosen_levers, copy_inputs, empty_project, peak_rss_mb, summarize  # noqa: E402
 
 logger = logging.getLogger("perturbation_levers")
 
@@ -105,12 +104,7 @@ def dense(matrix):
 def make_project(root: Path, source: Path) -> None:
     """A project copy as tests/helpers.py copy_project makes it, with the source run's screen inputs."""
     empty_project(root)
-    for relative in INPUTS:
-        origin, target = source / relative, root / relative
-        if not origin.exists():
-            raise FileNotFoundError(f"{origin} is missing: --source must be a project copy after a default `kedro run`")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if origin.is_dir() else shutil.copy)(origin, target)
+    copy_inputs(root, source, {relative: relative for relative in INPUTS}, "a project copy after a default `kedro run`")
 
 
 def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
