@@ -144,6 +144,10 @@ TWO_RANKS = textwrap.dedent('''
     except ValueError as error:
         message = str(error)
     (root / f"rank{rank}.json").write_text(json.dumps({"ran": ran, "mismatch": message}))
+
+    import time
+    if rank == 0:  # rank 0 ends last: rank 1 must not tear its connections down first (abort at exit)
+        time.sleep(1)
 ''')
 
 

@@ -281,7 +281,10 @@ def _close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:  # no rank tears its connections down while another still uses them
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def share_plan(node_names: list[str] | None) -> list[str] | None:
