@@ -13,6 +13,7 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 ENSEMBL_PATTERN = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_WHITESPACE = re.compile(r"\s+")
 SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "feature_name", "symbol")
 
 
@@ -86,6 +87,13 @@ def check_raw_counts(adata: ad.AnnData, layer: str | None = None, tolerance: flo
             f"the expression matrix holds {n_fractional} non-integer values (e.g. {example:.4g}); "
             f"this looks normalized, not counts.{hint}"
         )
+
+
+def sentence_safe_gene_name(name: str) -> str:
+    """A gene name as one word of a cell sentence: each run of whitespace becomes ``_``
+    (``"HES4 variant"`` -> ``"HES4_variant"``); sentences are split on whitespace, so a name with a
+    space would read as two genes. The one mapping used for var names and perturbation targets."""
+    return _WHITESPACE.sub("_", str(name).strip())
 
 
 def looks_like_ensembl(names: Sequence[str], share: float = 0.5) -> bool:
