@@ -152,3 +152,16 @@ def make_gene_names_unique(adata: ad.AnnData) -> ad.AnnData:
         adata.var_names_make_unique()
         logger.warning("%d duplicated gene names made unique with numeric suffixes", n_duplicated)
     return adata
+
+
+def make_cell_names_unique(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
+    """Cell names made unique as anndata does (``obs_names_make_unique``: a repeated ``AAAC-1``
+    becomes ``AAAC-1-1``; 10x barcodes repeat across lanes when samples are concatenated), and how
+    many were repeated. Splits and selections go by name, so a repeated name would put one name in
+    two parts. Returns ``adata`` itself when the names are already unique."""
+    n_repeated = int(adata.obs_names.duplicated().sum())
+    if n_repeated:
+        adata = adata.copy() if adata.is_view else adata
+        adata.obs_names_make_unique()
+        logger.warning("%d repeated cell names made unique with numeric suffixes (anndata's obs_names_make_unique)", n_repeated)
+    return adata, n_repeated
