@@ -119,6 +119,52 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_ends_as_killed(store, stop):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
 
 
+def _ctrl_c_then(what: str) -> None:
+    """Ctrl-C while a library runs: it turns the interrupt into its own error, or swallows it."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+        if what == "converted":
+            raise RuntimeError("compilation failed")  # as numba/llvmlite do when interrupted mid-compile
+        # "swallowed": a ctypes callback or __del__ prints "Exception ignored in ..." and goes on
+
+
+@pytest.mark.parametrize("what", ["converted", "swallowed"])
+def test_ctrl_c_that_a_library_turns_into_an_error_or_swallows_still_ends_the_run_killed(store, what):
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.framework.hooks.manager import _create_hook_manager
+    from kedro.pipeline import Pipeline
+    from kedro.runner import SequentialRunner
+
+    from c2s_kedro.hooks import StopBetweenNodesHook
+    from c2s_kedro.runner import killed_runs_end_as_killed
+
+    client, experiment = store
+    ran = []
+    first = node(lambda: _ctrl_c_then(what) or 1, None, "a", name="native_code")
+    second = node(lambda a: ran.append("after") or a, "a", "b", name="next_node")
+    hooks = _create_hook_manager()
+    hooks.register(StopBetweenNodesHook())
+    with pytest.raises(KeyboardInterrupt):
+        with killed_runs_end_as_killed():
+            run = mlflow.start_run(experiment_id=experiment)
+            SequentialRunner().run(Pipeline([first, second]), DataCatalog({"b": MemoryDataset()}), hooks)
+    assert ran == []  # the node after the Ctrl-C never ran
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+
+
+def test_an_error_without_ctrl_c_is_left_to_kedro_mlflow(store):
+    from c2s_kedro.runner import killed_runs_end_as_killed
+
+    client, experiment = store
+    with pytest.raises(ValueError), killed_runs_end_as_killed():
+        run = mlflow.start_run(experiment_id=experiment)
+        raise ValueError("a node failed")
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # kedro-mlflow's on_pipeline_error ends it FAILED
+    mlflow.end_run()
+
+
 def test_an_orchestrators_run_is_left_open(store):
     from c2s_kedro.runner import killed_runs_end_as_killed
 

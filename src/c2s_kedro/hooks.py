@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 from kedro.framework.hooks import hook_impl
 
 from c2s_kedro.parameters import PARAMETER_NAMESPACE
-from c2s_kedro.runner import process_rank
+from c2s_kedro.runner import process_rank, stop_if_requested
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,15 @@ class ParameterNamespaceHook:
         namespace = node.namespace
         namespaced = bool(namespace) and any(name.startswith(f"params:{namespace}.") for name in node.inputs)
         PARAMETER_NAMESPACE.set(namespace if namespaced else None)
+
+
+class StopBetweenNodesHook:
+    """Ctrl-C that a library swallowed while a node ran (native code) still stops the run, before
+    the next node, and the MLflow run ends as KILLED (``c2s_kedro.runner.killed_runs_end_as_killed``)."""
+
+    @hook_impl
+    def before_node_run(self, node) -> None:
+        stop_if_requested(f"node {node.name}")
 
 
 # ---- the MLflow run of each `kedro run` ------------------------------------------------------------

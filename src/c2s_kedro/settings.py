@@ -12,12 +12,14 @@ from c2s_kedro.hooks import (
     MlflowRunLivenessHook,
     MlflowRunNameHook,
     ParameterNamespaceHook,
+    StopBetweenNodesHook,
 )
 from c2s_kedro.runner import ProjectSession, plugins_off_this_rank
 
 HOOKS = (
     CatalogStaysLazyHook(),
     ParameterNamespaceHook(),
+    StopBetweenNodesHook(),
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
     MlflowArtifactsFollowTheProjectHook(),
