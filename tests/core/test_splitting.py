@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from c2s_kedro.core.splitting import part_sizes, split_names
+from c2s_kedro.core.splitting import MIN_SCORED_CELLS, part_sizes, split_names, split_report
 
 ATLAS = {"train": 0.8, "val": 0.1, "test": 0.1}
 # The atlas's parts of the 700 default PBMCs (fractions 0.8/0.1/0.1, seed 0, stratified by
@@ -76,3 +76,33 @@ def test_bad_fractions_or_labels_are_refused():
         split_names(["a", "b"], {"train": 1.2, "test": -0.2}, 0)
     with pytest.raises(ValueError, match="2 labels to stratify by for 3 names"):
         split_names(["a", "b", "c"], ATLAS, 0, stratify=["x", "y"])
+
+
+def test_repeated_names_are_refused_so_no_name_is_in_two_parts():
+    # two samples concatenated: 10x barcodes repeat across lanes
+    names = [f"AAAC-{i}" for i in range(30)] * 2
+    with pytest.raises(ValueError, match=r"30 cell names occur more than once in the names to split \(e\.g\. AAAC-0, AAAC-1, AAAC-10\).*"
+                                         r"obs_names_make_unique"):
+        split_names(names, ATLAS, 0)
+    unique = [f"{name}-{i // 30}" if i >= 30 else name for i, name in enumerate(names)]
+    parts = split_names(unique, ATLAS, 0)
+    assert sum(len(part) for part in parts.values()) == 60 and len({n for part in parts.values() for n in part}) == 60
+
+
+def test_a_split_that_cannot_honour_its_fractions_is_reported(caplog):
+    # 12 cells of three types: each stratum of 4 is cut 2/1/1, so 6/3/3 instead of about 10/1/1
+    names = [f"c{i}" for i in range(12)]
+    parts = split_names(names, ATLAS, 0, stratify=["T", "B", "NK"] * 4)
+    report = split_report(parts, ATLAS)
+    assert report == {"n_train_cells": 6.0, "train_share": 0.5, "n_val_cells": 3.0, "val_share": 0.25, "n_test_cells": 3.0,
+                      "test_share": 0.25}
+    assert "the split of 12 cells cannot honour its fractions: 0.8/0.1/0.1 asked, 6/3/3 made" in caplog.text
+    assert "the test part holds 3 cells, fewer than 20" in caplog.text
+
+
+def test_a_split_that_honours_its_fractions_says_nothing(caplog, pbmc_counts):
+    parts = split_names(pbmc_counts.obs_names, ATLAS, 0, stratify=pbmc_counts.obs["cell_type"].astype(str).tolist())
+    report = split_report(parts, ATLAS)
+    assert report["n_test_cells"] == 69 and report["train_share"] == pytest.approx(558 / 700)
+    assert caplog.text == ""
+    assert MIN_SCORED_CELLS == 20
