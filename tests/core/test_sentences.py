@@ -14,7 +14,9 @@ from c2s_kedro.core.sentences import (
     cell_sentences_from_adata,
     concatenate_sentence_datasets,
     fit_rank_expression,
+    has_label,
     reconstruct_expression,
+    select_cells,
 )
 
 
@@ -181,6 +183,41 @@ def test_label_columns_copied_as_strings():
     assert _column(dataset, "batch") == ["1", "2", "3"]
     assert _column(dataset, "donor") == ["d1", None, "d3"]
     assert all(dataset.features[c] == Value("string") for c in ["cell_type", "batch", "donor"])
+
+
+def test_has_label_is_false_for_every_form_a_missing_label_takes():
+    values = ["T cell", None, np.nan, pd.NA, "", "  ", "nan", "NaN", "None", "<NA>", "B cell", "Nancy", 0]
+    assert has_label(values).tolist() == [True] + [False] * 9 + [True, True, True]
+    categorical = pd.Series(pd.Categorical(["T", None, "nan", "B"]))  # "nan": a str() of a missing value saved as a category
+    assert has_label(categorical).tolist() == [True, False, False, True]
+    assert has_label(pd.Series([1.5, np.nan])).tolist() == [True, False]
+
+
+def test_missing_labels_are_stored_as_nulls_never_as_the_text_of_a_missing_value(caplog):
+    # as real files hold them: NaN in a categorical, and the strings a str() of a missing value makes
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(["T", None, "nan", "B", "T"]),
+            "donor": ["d1", "", "None", np.nan, "d2"],
+        },
+        index=list("abcde"),
+    )
+    adata = _adata(sp.csr_matrix(np.ones((5, 2), dtype=np.float32)), obs=obs)
+    with caplog.at_level(logging.WARNING):
+        dataset = cell_sentences_from_adata(adata, label_columns=["cell_type", "donor"]).sentences
+    assert _column(dataset, "cell_type") == ["T", None, None, "B", "T"]
+    assert _column(dataset, "donor") == ["d1", None, None, None, "d2"]
+    assert len(_column(dataset, "cell_sentence")) == 5 and all(_column(dataset, "cell_sentence"))  # every cell converted
+    assert "2 of 5 cells have no 'cell_type' label" in caplog.text and "3 of 5 cells have no 'donor' label" in caplog.text
+
+
+def test_select_cells_by_unique_name_and_refuses_a_name_of_several_rows():
+    cells = Dataset.from_dict({"cell_name": ["a", "b", "c", "d"], "cell_sentence": ["X", "Y", "Z", "W"]})
+    assert select_cells(cells, ["d", "b", "zz"])["cell_name"] == ["b", "d"]  # dataset order
+    repeated = Dataset.from_dict({"cell_name": ["a", "b", "a"], "cell_sentence": ["X train", "Y", "X test"]})
+    assert select_cells(repeated, ["b"])["cell_sentence"] == ["Y"]
+    with pytest.raises(ValueError, match=r"1 cell names occur more than once in the cell sentences \(e\.g\. a\)"):
+        select_cells(repeated, ["a"])
 
 
 def test_missing_label_column_names_it_and_the_available_ones():

@@ -34,6 +34,7 @@ from datasets import Dataset, Features, concatenate_datasets
 from tqdm.auto import tqdm
 
 from c2s_kedro.core import kernels
+from c2s_kedro.core.splitting import require_unique_names
 from c2s_kedro.core.validation import require_obs_columns
 
 logger = logging.getLogger(__name__)
@@ -236,18 +237,48 @@ class ConversionResult:
     n_empty_cells: int
 
 
+# What str() makes of a missing value (None, NaN, pd.NA, NaT), compared without case and surrounding space
+MISSING_LABEL_TEXTS = frozenset({"", "nan", "none", "<na>", "nat"})
+
+
+def has_label(values: Sequence[Any] | pd.Series | np.ndarray) -> np.ndarray:
+    """Whether each value is a label: not None, NaN or empty, nor the text a missing value becomes
+    once turned into a string ("nan", "None", "<NA>"). The one test of a label present: cells
+    without one are converted and embedded, but left out of prompts, label sets and scores."""
+    series = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values, dtype=object), dtype=object)
+    if isinstance(series.dtype, pd.CategoricalDtype):  # one test per category, not per cell
+        present = np.append(has_label(series.cat.categories.to_numpy(dtype=object)), False)
+        return present[series.cat.codes.to_numpy()]  # code -1 (missing) reads the appended False
+    text = series.astype(str).str.strip().str.lower()
+    return (series.notna() & ~text.isin(MISSING_LABEL_TEXTS)).to_numpy(dtype=bool)
+
+
 def _label_arrays(adata: ad.AnnData, label_columns: Sequence[str], start: int, end: int) -> dict[str, pa.Array]:
-    """The chunk's ``.obs`` labels as Arrow strings (missing values as nulls)."""
+    """The chunk's ``.obs`` labels as Arrow strings, a value without a label (``has_label``) as null."""
     arrays = {}
     for column in label_columns:
         values = adata.obs[column].iloc[start:end]
+        missing = ~has_label(values)
         if isinstance(values.dtype, pd.CategoricalDtype):
             codes = values.cat.codes.to_numpy()
             categories = pa.array(values.cat.categories.astype(str).to_numpy(), type=pa.string())
-            arrays[column] = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), categories).cast(pa.string())
+            arrays[column] = pa.DictionaryArray.from_arrays(pa.array(codes, mask=missing), categories).cast(pa.string())
         else:
-            arrays[column] = pa.array(values.astype("string").to_numpy(na_value=None), type=pa.string())
+            text = values.astype("string").to_numpy(na_value="")
+            arrays[column] = pa.array(text, mask=missing, type=pa.string())
     return arrays
+
+
+def warn_cells_without_label(adata: ad.AnnData, label_columns: Sequence[str]) -> None:
+    """A warning per column of ``label_columns`` where cells of ``adata`` have no label (``has_label``),
+    naming how many (the conversion's metrics count them too: ``n_cells_without_label[<column>]``)."""
+    for column in label_columns:
+        n = int((~has_label(adata.obs[column])).sum())
+        if n:
+            logger.warning(
+                "%d of %d cells have no '%s' label (missing, empty or 'nan'): they are converted and embedded, but "
+                "left out of prompts, label sets and scores that read '%s'", n, adata.n_obs, column, column,
+            )
 
 
 def cell_sentences_from_adata(
@@ -286,6 +317,7 @@ def cell_sentences_from_adata(
             f"{list(RESERVED_COLUMNS)}; rename them in .obs or drop them from the label columns"
         )
     require_obs_columns(adata, label_columns)
+    warn_cells_without_label(adata, label_columns)
 
     names = vocabulary_names(adata.var_names)
     name_table = GeneNameTable.from_names(names)
@@ -542,11 +574,14 @@ def _reconstruct_batch(array: pa.Array, gene_names: Sequence[str], rank_fit: Ran
 
 
 def select_cells(cell_sentences: Dataset, names: Sequence[str]) -> Dataset:
-    """The rows of ``cell_sentences`` whose ``cell_name`` is in ``names``, in dataset order.
+    """The rows of ``cell_sentences`` whose ``cell_name`` is in ``names``, in dataset order. A name
+    of ``names`` that several rows carry is refused (``require_unique_names``): it would select
+    cells of two samples for one.
 
     Kept in memory (an index over the saved table), so nothing is written next to the saved
     dataset in the catalog's folder.
     """
-    wanted = set(names)
-    rows = [i for i, name in enumerate(cell_sentences["cell_name"]) if name in wanted]
+    all_names = pd.Index(cell_sentences.select_columns([CELL_NAME]).with_format("arrow")[:].column(CELL_NAME).to_pylist())
+    rows = np.flatnonzero(all_names.isin(list(names)))
+    require_unique_names(all_names[rows], "the cell sentences")
     return cell_sentences.select(rows, keep_in_memory=True)
