@@ -258,3 +258,33 @@ def test_formatter_picks_templates_with_the_seed_and_needs_its_label_column():
         C2SPromptFormatter(label_column="tissue").format_dataset(data)
     with pytest.raises(ValueError, match="unknown prompt task"):
         C2SPromptFormatter(task="protein_folding")
+
+
+@pytest.mark.parametrize("task", ["cell_type_prediction", "cell_type_generation"])
+def test_cells_without_a_label_give_no_sample_so_none_is_never_taught(task, tokenizer, caplog):
+    # None as conversion stores a missing label; "nan" and "" as older datasets or a str() of a missing value hold them
+    data = Dataset.from_dict({"cell_name": list("abcde"), "cell_sentence": ["CD3D CD8A", "MT-CO1", "CD3D", "CD8A", "CD3"],
+                              "cell_type": ["T cell", None, "nan", "", "B cell"]})
+    formatter = C2SPromptFormatter(task=task, seed=0, tokenizer=tokenizer, max_tokens=128)
+    with caplog.at_level("INFO"):
+        formatted = formatter.format_dataset(data, batch_size=2)  # the unlabelled cells span batches
+    assert formatted.num_rows == 2 and formatter.n_without_label == 3
+    texts = " ".join(list(formatted["model_input"]) + list(formatted["response"]))
+    assert "T cell" in texts and "B cell" in texts
+    assert not re.search(r"\bNone\b|\bnan\b", texts)
+    assert f"3 of 5 cells have no 'cell_type' label: no {task} sample for them" in caplog.text
+
+
+def test_generation_prompts_never_ask_for_a_cell_without_a_type(tokenizer):
+    sentences = [" ".join(GENES[:n]) for n in (10, 30, 20, 40, 50)]
+    prompts = cell_generation_prompts(sentences, ["T cell", None, "nan", "T cell", ""], tokenizer, max_tokens=1000, n_per_type=1)
+    assert prompts["cell_type"] == ["T cell"] and prompts["genes_requested"] == [25]  # the median of the typed cells
+    assert not any("None" in p or "nan" in p for p in prompts["prompt"])
+    with pytest.raises(ValueError, match="no training cell has a cell type"):
+        cell_generation_prompts(sentences[:2], [None, "nan"], tokenizer, max_tokens=1000, n_per_type=1)
+
+
+def test_sentence_table_refuses_a_name_of_several_cells():
+    cells = Dataset.from_dict({"cell_name": ["a", "b", "a"], "cell_sentence": ["CD3D", "", "CD8A"], "cell_type": ["T", "B", "T"]})
+    with pytest.raises(ValueError, match=r"1 cell names occur more than once in the cell sentences \(e\.g\. a\)"):
+        sentence_table(cells, ["cell_type"])

@@ -27,6 +27,9 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset
 
+from c2s_kedro.core.sentences import has_label
+from c2s_kedro.core.splitting import require_unique_names
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TASKS = ("cell_type_prediction", "cell_type_generation")
@@ -391,7 +394,8 @@ def _template(templates: PromptTemplates, index: int) -> str:
 
 def sentence_table(cell_sentences: Dataset, columns: Sequence[str], optional: Sequence[str] = ()) -> pd.DataFrame:
     """``cell_sentence`` and ``columns`` of a cell-sentence dataset (plus those of ``optional`` it
-    has), indexed by ``cell_name``; a missing column of ``columns`` is a ``KeyError`` naming it."""
+    has), indexed by ``cell_name``; a missing column of ``columns`` is a ``KeyError`` naming it, and
+    repeated cell names a ``ValueError`` (``.loc`` by name would return every row of a name)."""
     missing = [c for c in columns if c not in cell_sentences.column_names]
     if missing:
         raise KeyError(
@@ -399,7 +403,10 @@ def sentence_table(cell_sentences: Dataset, columns: Sequence[str], optional: Se
             f"{', '.join(cell_sentences.column_names)}."
         )
     wanted = list(dict.fromkeys(["cell_name", "cell_sentence", *columns, *(c for c in optional if c in cell_sentences.column_names)]))
-    return cell_sentences.select_columns(wanted).to_pandas().set_index("cell_name")
+    table = cell_sentences.select_columns(wanted).to_pandas().set_index("cell_name")
+    if not table.index.is_unique:
+        require_unique_names(table.index, "the cell sentences")
+    return table
 
 
 def cell_type_prediction_prompts(
@@ -452,7 +459,8 @@ def cell_generation_prompts(
     max_genes: int | None = None,
 ) -> dict[str, Any]:
     """``n_per_type`` cell-type-conditioned generation prompts for each type of ``cell_types`` (one
-    per cell of ``sentences``, the training cells), in sorted type order.
+    per cell of ``sentences``, the training cells), in sorted type order. Cells without a cell type
+    (``has_label``) ask for nothing: no "a None cell" prompt.
 
     Each prompt asks for the median number of genes of its type's cells (at most ``max_genes``:
     a model fine-tuned on top-k sentences has only been asked for k), or for fewer when the
@@ -469,7 +477,11 @@ def cell_generation_prompts(
     templates = templates or load_templates("cell_type_generation")
     template = _template(templates, template_index)
     response = templates.response
-    table = pd.DataFrame({"cell_type": [str(t) for t in cell_types], "genes": [(s or "").split() for s in sentences]})
+    labelled = has_label(cell_types)
+    if not labelled.all():
+        logger.info("%d of %d training cells have no cell type: no generation prompt is conditioned on them",
+                    int((~labelled).sum()), len(labelled))
+    table = pd.DataFrame({"cell_type": [str(t) for t in cell_types], "genes": [(s or "").split() for s in sentences]})[labelled]
     table["n_genes"] = table["genes"].str.len()
     prompts, types, requested, type_free = [], [], [], []
     without_type = template.replace(" {cell_type}", "").replace("{cell_type}", "")
@@ -551,7 +563,8 @@ class C2SPromptFormatter(PromptFormatter):
     ``prompt_templates`` maps a task to templates read from a file (``read_template_files``);
     tasks it does not name use ours. Each
     sample draws its input paraphrase with the seeded rng and, when the file has several
-    responses, its response right after.
+    responses, its response right after. A cell without a label (``has_label``) gives no sample:
+    neither the answer "None." nor "a None cell" is ever taught (``n_without_label`` counts them).
     """
 
     def __init__(
@@ -576,6 +589,7 @@ class C2SPromptFormatter(PromptFormatter):
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens if tokenizer is not None else None
         self.n_shortened = 0
+        self.n_without_label = 0
 
     def required_columns(self) -> list[str]:
         return ["cell_sentence", self.label_column]
@@ -585,10 +599,14 @@ class C2SPromptFormatter(PromptFormatter):
         organisms = batch.get(self.organism_column) or [self.default_organism] * n
         choices = self.rng.integers(0, len(self.templates.inputs), size=n)
         patterns = self.templates.pick_responses(self.rng, n)
+        labelled = has_label(batch[self.label_column])
+        self.n_without_label += int((~labelled).sum())
         inputs, responses = [], []
-        for sentence, label, organism, choice, pattern in zip(
-            batch["cell_sentence"], batch[self.label_column], organisms, choices, patterns
+        for sentence, label, organism, choice, pattern, keep in zip(
+            batch["cell_sentence"], batch[self.label_column], organisms, choices, patterns, labelled
         ):
+            if not keep:
+                continue
             genes = (sentence or "").split()[: self.top_k_genes]
             template = self.templates.inputs[choice]
             fields = {"organism": organism or self.default_organism, "cell_type": label}
@@ -603,11 +621,14 @@ class C2SPromptFormatter(PromptFormatter):
             values = {**fields, "num_genes": len(genes), "cell_sentence": " ".join(genes)}
             inputs.append(template.format(**values))
             responses.append(pattern.format(**values))
-        return {"sample_type": [self.task] * n, "model_input": inputs, "response": responses}
+        return {"sample_type": [self.task] * len(inputs), "model_input": inputs, "response": responses}
 
     def format_dataset(self, dataset: Dataset, batch_size: int = 1000) -> Dataset:
-        self.n_shortened = 0
+        self.n_shortened = self.n_without_label = 0
         formatted = super().format_dataset(dataset, batch_size)
+        if self.n_without_label:
+            logger.info("%d of %d cells have no '%s' label: no %s sample for them",
+                        self.n_without_label, dataset.num_rows, self.label_column, self.task)
         if self.n_shortened:
             logger.info(
                 "%d of %d %s samples lost genes from the end of their sentence to fit %d tokens",
@@ -696,8 +717,9 @@ class TissuePredictionFormatter(PromptFormatter):
         organisms = batch.get(self.organism_column) or [self.default_organism] * len(tissues)
         order = self.rng.permutation(len(tissues))
         groups: dict[str, list[int]] = {}
+        present = has_label(tissues)
         for i in order:
-            if tissues[i] is not None:
+            if present[i]:
                 groups.setdefault(str(tissues[i]), []).append(int(i))
         inputs, responses = [], []
         for tissue, members in groups.items():
