@@ -63,7 +63,7 @@ def test_scores_count_each_method_on_the_same_cells_and_unmatched_answers_as_wro
     generation = pd.DataFrame({"cell_name": cells, "label": truth, "answer": [" A.", " hm", " B.", " A."], "prediction": ["A", None, "B", "A"]})
     scoring = pd.DataFrame({"cell_name": cells, "label": truth, "prediction": ["A", "A", "B", "B"]})
     metrics, per_class, matrices, combined = score_predictions({"generation": generation, "label_scoring": scoring}, ["A", "B"])
-    assert list(metrics) == ["n_test_cells", "generation_accuracy", "generation_macro_f1", "label_scoring_accuracy",
+    assert list(metrics) == ["n_test_cells", "n_cells_without_label", "n_scored_cells", "generation_accuracy", "generation_macro_f1", "label_scoring_accuracy",
                              "label_scoring_macro_f1", "generation_answers_not_a_label"]
     assert metrics["n_test_cells"] == 4 and metrics["generation_accuracy"] == 0.5 and metrics["label_scoring_accuracy"] == 1.0
     assert metrics["generation_answers_not_a_label"] == 0.25 and "label_scoring_answers_not_a_label" not in metrics
@@ -144,7 +144,77 @@ def test_embedding_scores_need_the_label_column(counts_adata):
     cells = ad.AnnData(obs=counts_adata.obs.copy(), obsm={"X_c2s": np.random.default_rng(0).normal(size=(counts_adata.n_obs, 4))})
     cells.obs["genes_in_prompt"] = 7
     scores = embedding_scores(cells, "cell_type", batch_key="tissue", k=5)
-    assert set(scores) == {"n_cells", "embedding_dim", "c2s_silhouette_label", "c2s_knn_label_accuracy", "mean_genes_in_prompt"}
+    assert set(scores) == {"n_cells", "embedding_dim", "c2s_silhouette_label", "c2s_knn_label_accuracy", "mean_genes_in_prompt",
+                           "n_cells_without_label", "n_scored_cells"}
     assert scores["embedding_dim"] == 4 and scores["mean_genes_in_prompt"] == 7  # one tissue: no batch metric
     with pytest.raises(KeyError, match="'annotation' not found"):
         embedding_scores(cells, "annotation")
+
+
+def test_cells_without_a_label_are_predicted_but_never_scored_nor_a_class(caplog):
+    cells = ["c1", "c2", "c3", "c4", "c5"]
+    truth = ["A", None, "B", "nan", "B"]  # None: no label; "nan": a missing label read back from a CSV or str()
+    scoring = pd.DataFrame({"cell_name": cells, "label": truth, "prediction": ["A", "A", "B", "B", "A"]})
+    metrics, per_class, matrices, combined = score_predictions({"label_scoring": scoring}, ["A", "B"])
+    assert metrics["n_test_cells"] == 5 and metrics["n_cells_without_label"] == 2 and metrics["n_scored_cells"] == 3
+    assert metrics["label_scoring_accuracy"] == pytest.approx(2 / 3)  # c1 right, c3 right, c5 wrong
+    assert set(per_class["cell_type"]) == {"A", "B"} and per_class["support"].sum() == 3
+    assert matrices["label_scoring"].sum() == 3
+    assert combined["cell_name"].tolist() == cells  # the unlabelled cells' predictions are still written
+    assert "2 of 5 test cells have no label: their predictions are written but not scored" in caplog.text
+    assert "the cell-type predictions are scored on 3 cells, fewer than 20" in caplog.text
+    with pytest.raises(ValueError, match="none of the 2 test cells has a label"):
+        score_predictions({"label_scoring": scoring.iloc[[1, 3]]}, ["A", "B"])
+    other = scoring.assign(cell_name=cells[::-1])
+    with pytest.raises(ValueError, match="the baseline predictions are not of the same cells"):
+        score_predictions({"label_scoring": scoring, "baseline": other}, ["A", "B"])
+
+
+def test_enough_scored_cells_give_no_caution(caplog):
+    table = pd.DataFrame({"cell_name": [f"c{i}" for i in range(20)], "label": ["A", "B"] * 10, "prediction": ["A", "B"] * 10})
+    metrics = score_predictions({"baseline": table}, ["A", "B"])[0]
+    assert metrics["n_scored_cells"] == 20 and "fewer than" not in caplog.text
+
+
+def test_labels_missing_in_train_or_test_are_no_label_of_the_set(counts_adata):
+    from c2s_kedro.core.preprocessing import normalize_log10
+    from c2s_kedro.core.prompts import template_words
+    from c2s_kedro.core.tokenizer import build_gene_tokenizer
+
+    genes = [f"GENE{i}" for i in range(80)]
+    tokenizer = build_gene_tokenizer(genes, template_words() + ["T cell", "B cell"], model_max_length=64)
+    table = pd.DataFrame({"cell_sentence": [" ".join(genes[i : i + 30]) for i in range(6)],
+                          "cell_type": ["T cell", "nan", None, "B cell", np.nan, "T cell"]}, index=[f"c{i}" for i in range(6)])
+    prompts = cell_type_test_prompts(table, ["c0", "c1", "c2", "c3"], ["c4", "c5"], "cell_type", None, tokenizer, 64, 2)
+    assert prompts["labels"] == ["B cell", "T cell"] and prompts["label"] == [None, "T cell"]
+    assert prompts["cell_name"] == ["c4", "c5"]  # the unlabelled test cell is prompted all the same
+
+    adata = normalize_log10(counts_adata)
+    cell_type = adata.obs["cell_type"].astype(object)
+    cell_type.iloc[::5] = np.nan  # every fifth cell unlabelled, train and test alike
+    adata.obs["cell_type"] = pd.Categorical(cell_type)
+    names = list(adata.obs_names)
+    predicted = logistic_regression_baseline(adata, names[::2], names[1::2], "cell_type")
+    assert set(predicted["prediction"]) == {"T cell", "B cell"}  # no class "nan" learnt
+    assert predicted["label"].isna().sum() == sum(1 for name in names[1::2] if pd.isna(cell_type[name]))
+
+
+def test_embedding_and_cluster_scores_leave_unlabelled_cells_out(counts_adata):
+    import anndata as ad
+
+    labels = counts_adata.obs["cell_type"].astype(str).to_numpy(dtype=object)
+    assert cluster_agreement(labels, labels) == pytest.approx(1.0)
+    holes = labels.copy()
+    holes[::3] = None  # unlabelled cells are no cluster of their own: the labelled ones still agree perfectly
+    assert cluster_agreement(labels, holes) == pytest.approx(1.0)
+
+    embedding = np.random.default_rng(0).normal(size=(counts_adata.n_obs, 4))
+    cells = ad.AnnData(obs=counts_adata.obs.copy(), obsm={"X_c2s": embedding})
+    cells.obs["genes_in_prompt"] = 7
+    cells.obs["cell_type"] = pd.Categorical(holes)
+    scores = embedding_scores(cells, "cell_type", k=5)
+    assert scores["n_cells"] == 60 and scores["n_cells_without_label"] == 20 and scores["n_scored_cells"] == 40
+    labelled = ad.AnnData(obs=cells.obs[cells.obs["cell_type"].notna()].copy(), obsm={"X_c2s": embedding[cells.obs["cell_type"].notna().to_numpy()]})
+    expected = embedding_scores(labelled, "cell_type", k=5)
+    assert scores["c2s_silhouette_label"] == pytest.approx(expected["c2s_silhouette_label"])
+    assert scores["c2s_knn_label_accuracy"] == pytest.approx(expected["c2s_knn_label_accuracy"])

@@ -22,7 +22,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
-from c2s_kedro.core.sentences import RankFit, reconstruct_expression
+from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
+from c2s_kedro.core.splitting import MIN_SCORED_CELLS
 from c2s_kedro.core.validation import require_obs_columns
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,20 @@ def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 15) -> float:
 
 
 def cluster_agreement(labels_a, labels_b) -> float:
-    """Adjusted Rand index between two clusterings of the same cells."""
-    return float(adjusted_rand_score(np.asarray(labels_a), np.asarray(labels_b)))
+    """Adjusted Rand index between two clusterings of the same cells, over the cells labelled in
+    both (``has_label``: cells without a label are no cluster of their own)."""
+    both = has_label(labels_a) & has_label(labels_b)
+    return float(adjusted_rand_score(np.asarray(labels_a, dtype=object)[both].astype(str),
+                                     np.asarray(labels_b, dtype=object)[both].astype(str)))
+
+
+def report_scored_cells(n_cells: int, what: str) -> dict[str, float]:
+    """``n_scored_cells`` for a stage's metrics, with a warning naming the number when it is below
+    ``MIN_SCORED_CELLS``: scores on a handful of cells swing by many points with one cell."""
+    if n_cells < MIN_SCORED_CELLS:
+        logger.warning("%s scored on %d cells, fewer than %d: too few for the scores to be compared or trusted",
+                       what, n_cells, MIN_SCORED_CELLS)
+    return {"n_scored_cells": float(n_cells)}
 
 
 def embedding_quality(
@@ -53,9 +66,15 @@ def embedding_quality(
     ``silhouette_label``: mean silhouette of cells by label (higher: labels separate better).
     ``knn_label_accuracy``: share of cells whose label is the majority among their k nearest
     neighbours, in 5-fold cross-validation (kNN classifier). ``silhouette_batch``: silhouette by
-    batch (lower: batches better mixed), when batches are given and there are at least two.
+    batch (lower: batches better mixed), when batches are given and there are at least two. Label
+    scores read the labelled cells only, batch scores the cells with a batch (``has_label``).
     """
     scores: dict[str, float] = {}
+    labelled = has_label(labels)
+    embedding, labels = embedding[labelled], np.asarray(labels, dtype=object)[labelled].astype(str)
+    if batches is not None:
+        with_batch = has_label(batches)[labelled]
+        embedding_b, batches = embedding[with_batch], np.asarray(batches, dtype=object)[labelled][with_batch].astype(str)
     if len(set(labels)) > 1:
         scores["silhouette_label"] = float(silhouette_score(embedding, labels))
         smallest = min(np.unique(labels, return_counts=True)[1])
@@ -66,7 +85,7 @@ def embedding_quality(
                             if smallest >= 2 else 2).mean()
         )
     if batches is not None and len(set(batches)) > 1:
-        scores["silhouette_batch"] = float(silhouette_score(embedding, batches))
+        scores["silhouette_batch"] = float(silhouette_score(embedding_b, batches))
     return scores
 
 
@@ -75,8 +94,9 @@ def embedding_scores(
 ) -> dict[str, float]:
     """``embedding_quality`` of the C2S embedding (``obsm['X_c2s']``) and, where present, of the
     expression PCA (``obsm['X_pca_expression']``), as ``c2s_*`` and ``pca_*``; the batch metric
-    only when ``batch_key`` is an obs column. Also the cell count, the embedding size and the mean
-    number of genes in the prompts (``obs['genes_in_prompt']``)."""
+    only when ``batch_key`` is an obs column. Also the cell count, the embedding size, the mean
+    number of genes in the prompts (``obs['genes_in_prompt']``), the cells without a label (left out
+    of the scores: ``n_cells_without_label``) and those scored (``report_scored_cells``)."""
     require_obs_columns(cell_embeddings, [label_key])
     if batch_key and batch_key not in cell_embeddings.obs.columns:
         logger.info("no obs column '%s': batch metrics skipped", batch_key)
@@ -85,8 +105,14 @@ def embedding_scores(
     representations = {"c2s": cell_embeddings.obsm["X_c2s"]}
     if "X_pca_expression" in cell_embeddings.obsm:
         representations["pca"] = cell_embeddings.obsm["X_pca_expression"]
-    labels = cell_embeddings.obs[label_key].astype(str).to_numpy()
-    batches = cell_embeddings.obs[batch_key].astype(str).to_numpy() if batch_key else None
+    labels = cell_embeddings.obs[label_key].to_numpy(dtype=object)
+    batches = cell_embeddings.obs[batch_key].to_numpy(dtype=object) if batch_key else None
+    labelled = int(has_label(labels).sum())
+    metrics["n_cells_without_label"] = float(cell_embeddings.n_obs - labelled)
+    if labelled < cell_embeddings.n_obs:
+        logger.warning("%d of %d embedded cells have no '%s' label: left out of the label scores",
+                       cell_embeddings.n_obs - labelled, cell_embeddings.n_obs, label_key)
+    metrics.update(report_scored_cells(labelled, "the embedding is"))
     for name, matrix in representations.items():
         scores = embedding_quality(matrix, labels, batches, k=k, seed=seed)
         metrics.update({f"{name}_{key}": value for key, value in scores.items()})
@@ -126,8 +152,10 @@ def cell_type_test_prompts(
     file) drawn with ``seed``, fitted to the
     context with room for the longest answer (``prompts.label_answer_room``), the genes each prompt
     carries (``genes_in_prompt``), and the label set: the labels of the train cells, sorted. Test
-    cells of a type no train cell has are logged."""
-    labels = sorted(table.loc[list(train_cells), label_column].dropna().astype(str).unique())
+    cells of a type no train cell has are logged; a test cell without a label (``has_label``) is
+    prompted (its prediction is written) with ``label`` None, and left out of the scores."""
+    train_labels = table.loc[list(train_cells), label_column]
+    labels = sorted(train_labels[has_label(train_labels)].astype(str).unique())
     if not labels:
         raise ValueError(f"no train cell has a '{label_column}' label: there is nothing to predict")
     test = table.loc[list(test_cells)]
@@ -141,23 +169,33 @@ def cell_type_test_prompts(
         seed=seed,
         templates=templates,
     )
-    unseen = sorted(set(test[label_column].astype(str)) - set(labels))
+    truth = known_labels(test[label_column])
+    unseen = sorted({label for label in truth if label is not None} - set(labels))
     if unseen:
         logger.warning("test cells of types never seen in training: %s (they cannot be predicted right)", unseen)
-    return {"cell_name": list(test.index), "label": test[label_column].astype(str).tolist(), "prompt": prompts, "labels": labels,
+    return {"cell_name": list(test.index), "label": truth, "prompt": prompts, "labels": labels,
             "genes_in_prompt": [int(k) for k in kept]}
+
+
+def known_labels(values: pd.Series | Sequence[Any]) -> list[str | None]:
+    """Each value as a label string, or None where there is no label (``has_label``): the truth of
+    a prediction table, where a missing label must not read as the label "nan"."""
+    present = has_label(values)
+    return [str(value) if keep else None for value, keep in zip(values, present)]
 
 
 def logistic_regression_baseline(
     adata: ad.AnnData, train_cells: Sequence[str], test_cells: Sequence[str], label_key: str, C: float = 1.0, max_iter: int = 2000
 ) -> pd.DataFrame:
     """Logistic regression on the expression of ``adata`` (log-normalized), fitted on the train
-    cells, predicting the test cells: ``cell_name``, ``label``, ``prediction``."""
+    cells with a label, predicting every test cell: ``cell_name``, ``label`` (None without one),
+    ``prediction``."""
     require_obs_columns(adata, [label_key])
     train, test = adata[list(train_cells)], adata[list(test_cells)]
+    train = train[has_label(train.obs[label_key])]
     classifier = LogisticRegression(max_iter=max_iter, C=C).fit(train.X, train.obs[label_key].astype(str))
     return pd.DataFrame({
-        "cell_name": list(test.obs_names), "label": test.obs[label_key].astype(str).tolist(), "prediction": classifier.predict(test.X),
+        "cell_name": list(test.obs_names), "label": known_labels(test.obs[label_key]), "prediction": classifier.predict(test.X),
     })
 
 
@@ -174,14 +212,15 @@ def sentence_rank_baseline(
     test_cells, kept = list(test_cells), [int(k) for k in genes_in_prompt]
     if len(kept) != len(test_cells):
         raise ValueError(f"{len(kept)} gene counts for {len(test_cells)} test cells: the prompts are not of these cells")
-    train = table.loc[list(train_cells)].dropna(subset=[label_key])
+    train = table.loc[list(train_cells)]
+    train = train[has_label(train[label_key])]
     test = table.loc[test_cells]
     room = max(kept, default=0)
     train_x, _ = reconstruct_expression(train["cell_sentence"].fillna("").tolist(), gene_names, rank_fit, top_k=room)
     test_x, _ = reconstruct_expression(test["cell_sentence"].fillna("").tolist(), gene_names, rank_fit, top_k=kept)
     classifier = LogisticRegression(max_iter=max_iter, C=C).fit(train_x, train[label_key].astype(str))
     return pd.DataFrame({
-        "cell_name": test_cells, "label": test[label_key].astype(str).tolist(), "prediction": classifier.predict(test_x),
+        "cell_name": test_cells, "label": known_labels(test[label_key]), "prediction": classifier.predict(test_x),
     })
 
 
@@ -190,18 +229,31 @@ def score_predictions(
 ) -> tuple[dict[str, float], pd.DataFrame, dict[str, np.ndarray], pd.DataFrame]:
     """Accuracy and macro-F1 of each method's predictions (tables of ``cell_name``, ``label``,
     ``prediction``, all on the same cells; ``prediction`` None for an answer that is no label, and
-    an ``answer`` column for methods that write their answer), scored against ``labels``.
+    an ``answer`` column for methods that write their answer), scored against ``labels``. Cells
+    without a label (``has_label``) keep their predictions in the side-by-side table but are left
+    out of every score: never a class.
 
-    Returns the metrics (``n_test_cells``, ``<method>_accuracy``, ``<method>_macro_f1`` and, for
-    methods with answers, ``<method>_answers_not_a_label``), a per-class table, the confusion
-    matrix of each method (rows: truth, columns: prediction, both in ``labels`` order) and every
-    prediction side by side.
+    Returns the metrics (``n_test_cells``, ``n_cells_without_label``, ``n_scored_cells``,
+    ``<method>_accuracy``, ``<method>_macro_f1`` and, for methods with answers,
+    ``<method>_answers_not_a_label``), a per-class table, the confusion matrix of each method
+    (rows: truth, columns: prediction, both in ``labels`` order) and every prediction side by side.
     """
     labels = list(labels)
     first = next(iter(predictions.values()))
-    metrics: dict[str, float] = {"n_test_cells": float(len(first))}
+    for method, table in predictions.items():  # as strings: a CSV reads names such as "17" back as numbers
+        if table["cell_name"].astype(str).tolist() != first["cell_name"].astype(str).tolist():
+            raise ValueError(f"the {method} predictions are not of the same cells as the others: every method is scored on the same cells")
+    labelled = has_label(first["label"])
+    n_without = int((~labelled).sum())
+    if not labelled.any():
+        raise ValueError(f"none of the {len(first)} test cells has a label: there is nothing to score them against")
+    if n_without:
+        logger.warning("%d of %d test cells have no label: their predictions are written but not scored", n_without, len(first))
+    metrics: dict[str, float] = {"n_test_cells": float(len(first)), "n_cells_without_label": float(n_without),
+                                 **report_scored_cells(int(labelled.sum()), "the cell-type predictions are")}
     per_class, matrices = [], {}
     for method, table in predictions.items():
+        table = table[labelled]
         truth = table["label"].astype(str)
         predicted = table["prediction"].fillna(NOT_A_LABEL).astype(str)
         metrics[f"{method}_accuracy"] = float(accuracy_score(truth, predicted))
@@ -211,7 +263,7 @@ def score_predictions(
         matrices[method] = confusion_matrix(truth, predicted, labels=labels)
     answered = {method: table for method, table in predictions.items() if "answer" in table.columns}
     for method, table in answered.items():
-        metrics[f"{method}_answers_not_a_label"] = float(table["prediction"].isna().mean())
+        metrics[f"{method}_answers_not_a_label"] = float(table["prediction"][labelled].isna().mean())
     combined = first[["cell_name", "label"]].copy()
     for method, table in predictions.items():
         combined[f"{method}_prediction"] = table["prediction"].to_numpy()
