@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from c2s_kedro.parameters import at_least, between
+
 
 @dataclass(frozen=True)
 class AnnotationParameters:
     input_is_normalized: bool
     gene_symbol_column: str | None
     label_column: str | None  # obs column of known labels to score against; null: the model's training label column
-    min_probability: float
-    template_index: int | None
-    seed: int
+    min_probability: float = between(0, 1)
+    template_index: int | None = at_least(0)
+    seed: int = at_least(0)
     default_organism: str
-    batch_size: int
+    batch_size: int = at_least(1)
     log_mlflow_model: bool
 
     def labelling_options(self) -> dict[str, object]:

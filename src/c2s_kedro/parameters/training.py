@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from c2s_kedro.parameters import at_least
+
 if TYPE_CHECKING:
     from c2s_kedro.core.training import TrainingSettings
 
@@ -16,7 +18,7 @@ class TrainingParameters:
     loss_on_response_only: bool
     loss_average: str  # sample | token
     mlflow_prefix: str
-    max_eval_samples: int | None
+    max_eval_samples: int | None = at_least(1)
     checkpoint_dir: str
     resume: bool
     keep_checkpoints: bool
@@ -40,22 +42,22 @@ class FinetuningParameters(TrainingParameters):
     formatter: str | None
     formatter_options: dict[str, Any]
     prompt_templates: dict[str, str | None]  # task -> template file in the reference format; null: ours
-    top_k_genes: int | None
+    top_k_genes: int | None = at_least(1)
     label_column: str
     organism_column: str
-    seed: int
-    min_train_cells_per_label: int | None  # class-balanced sampling: rare labels' train cells repeated
-    task_repeats: dict[str, int] | None  # task -> prompts of that task per train cell and epoch
+    seed: int = at_least(0)
+    min_train_cells_per_label: int | None = at_least(1)  # class-balanced sampling: rare labels' train cells repeated
+    task_repeats: dict[str, int] | None = at_least(1)  # task -> prompts of that task per train cell and epoch
 
 
 @dataclass(frozen=True)
 class PretrainingParameters:
     architecture: dict[str, Any]  # GPTNeoXConfig keys
-    max_genes: int
-    max_eval_samples: int | None
+    max_genes: int = at_least(1)
+    max_eval_samples: int | None = at_least(1)
     label_column: str
     organism_column: str
-    seed: int
+    seed: int = at_least(0)
     checkpoint_dir: str
     resume: bool
     keep_checkpoints: bool
