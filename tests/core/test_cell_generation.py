@@ -115,3 +115,30 @@ def test_the_ceiling_leaves_out_types_not_asked_for_and_refuses_cells_the_classi
     generated, stats = _generated(real, names, types)
     with pytest.raises(ValueError, match="among the cells the classifier was trained on"):
         compare_generated_with_real(real, generated, stats, "cell_type", n_neighbors=10, reconstructed_real=rebuilt)
+
+
+def test_real_cells_without_a_label_are_no_type_of_the_comparison(real, caplog):
+    names, sentences = list(real.obs_names), _sentences(real)
+    types = real.obs["cell_type"].astype(str).tolist()
+    unlabelled = real.copy()
+    holes = np.array(types, dtype=object)
+    holes[30::3] = np.nan  # a third of the B cells have no label: before, "nan" was a class the real-type classifier could name
+    unlabelled.obs["cell_type"] = pd.Categorical(holes)
+    generated, stats = _generated(real, names, types)
+    metrics, comparison = compare_generated_with_real(unlabelled, generated, stats, "cell_type", n_neighbors=10)
+    assert metrics["n_real_cells_without_label"] == 10
+    assert metrics["real_classifier_accuracy_on_generated_types"] == 1.0
+    assert comparison.types == ["B cell", "T cell"]
+    # the rebuilt real test cells: the unlabelled ones are left out, and so few cells say so
+    test = list(range(1, len(names), 2))
+    rebuilt = real_cells_as_generated([sentences[i] for i in test], [holes[i] for i in test], [names[i] for i in test],
+                                      {"T cell": 8, "B cell": 10}, real.var_names, RANK_FIT)
+    assert rebuilt.n_obs == 30 - 5 and set(rebuilt.obs["cell_type"]) == {"T cell", "B cell"}
+    metrics, _ = compare_generated_with_real(unlabelled, generated, stats, "cell_type", n_neighbors=10,
+                                             train_cells=names[::2], reconstructed_real=rebuilt)
+    assert metrics["n_scored_cells"] == 25 and "scored on 25 cells" not in caplog.text
+    few = rebuilt[:5].copy()
+    metrics, _ = compare_generated_with_real(unlabelled, generated, stats, "cell_type", n_neighbors=10,
+                                             train_cells=names[::2], reconstructed_real=few)
+    assert metrics["n_scored_cells"] == 5
+    assert "the real test cells rebuilt as generated cells are scored on 5 cells, fewer than 20" in caplog.text

@@ -22,10 +22,12 @@ from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sen
 from c2s_kedro.core.inference import generate_texts
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.preprocessing import neighbors_umap
-from c2s_kedro.core.sentences import RankFit, reconstruct_expression
+from c2s_kedro.core.evaluation import report_scored_cells
+from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
 
 logger = logging.getLogger(__name__)
 GENERATED_STATS = ["n_genes", "n_non_genes_dropped", "n_repeats_merged"]
+NO_LABEL = "(no label)"  # how real cells without a label show in the figures; they are in no score
 
 
 def generate_cells(
@@ -80,8 +82,10 @@ def real_cells_as_generated(
     genes generation asks for its type (``genes_requested``: type -> genes), turned back into
     expression with ``rank_fit`` (cells ``names`` x ``var_names``, ``obs['cell_type']``). What a
     classifier of real cells recognises in them is the most it can recognise in generated cells of
-    that length. Cells of a type generation does not ask for are left out."""
+    that length. Cells of a type generation does not ask for, or without a type (``has_label``), are
+    left out."""
     table = pd.DataFrame({"sentence": list(sentences), "cell_type": [str(t) for t in cell_types]}, index=list(names))
+    table = table[has_label(list(cell_types))]
     asked = table["cell_type"].isin(list(genes_requested)).to_numpy()
     if not asked.all():
         logger.info("%d real cells of types generation does not ask for are not rebuilt: %s",
@@ -140,15 +144,18 @@ def compare_generated_with_real(
     ``reconstructed_real`` (real cells not among the training cells, in the generated cells'
     representation: ``real_cells_as_generated``), the same classifier's accuracy on them,
     ``real_classifier_accuracy_on_reconstructed_real``: the ceiling of the accuracy on generated
-    cells. The comparison holds per-type means and a UMAP of both:
-    PCA fitted on the real cells, the generated cells projected into it, then the one kNN -> UMAP
-    step on that representation.
+    cells. Real cells without a label (``has_label``) are counted (``n_real_cells_without_label``)
+    and left out of the type classifier and the per-type means; they stay in the PCA, the UMAP and
+    the real-vs-generated classifier, which read no label. The comparison holds per-type means and a
+    UMAP of both: PCA fitted on the real cells, the generated cells projected into it, then the one
+    kNN -> UMAP step on that representation.
     """
     if label_key not in real.obs.columns:
         raise KeyError(f"obs column '{label_key}' not found in the real cells; available: {', '.join(map(str, real.obs.columns))}.")
     if list(real.var_names) != list(generated.var_names):
         raise ValueError("real and generated cells must have the same genes in the same order")
-    real_labels = real.obs[label_key].astype(str).to_numpy()
+    labelled = has_label(real.obs[label_key])
+    real_labels = np.where(labelled, real.obs[label_key].astype(str).to_numpy(), NO_LABEL)
     fake_labels = generated.obs["cell_type"].astype(str).to_numpy()
     types = sorted(set(fake_labels))
     real_means, fake_means = _type_means(real, real_labels, types), _type_means(generated, fake_labels, types)
@@ -160,11 +167,15 @@ def compare_generated_with_real(
     fitted = np.ones(n_real, dtype=bool) if train_cells is None else real.obs_names.isin(list(train_cells))
     if not fitted.any():
         raise ValueError("none of the train cells is among the real cells: the split and the data are not of the same cells")
+    fitted &= labelled
+    if not fitted.any():
+        raise ValueError(f"no train cell has a '{label_key}' label: there is no classifier of real types to recognise generated cells with")
     type_classifier = LogisticRegression(max_iter=2000).fit(both[:n_real][fitted], real_labels[fitted])
     origin = np.array(["real"] * n_real + ["generated"] * generated.n_obs)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
     n_words = generated_cells["n_genes"].sum() + generated_cells["n_non_genes_dropped"].sum()
     metrics = {
+        "n_real_cells_without_label": float((~labelled).sum()),
         "n_generated_cells": float(generated.n_obs),
         "mean_genes_per_generated_cell": float(generated_cells["n_genes"].mean()),
         "share_non_gene_words": float(generated_cells["n_non_genes_dropped"].sum() / max(1, n_words)),
@@ -208,7 +219,8 @@ def _reconstructed_real_accuracy(classifier: LogisticRegression, reconstructed: 
         )
     truth = reconstructed.obs["cell_type"].astype(str).to_numpy()
     accuracy = float((classifier.predict(sp.csr_matrix(reconstructed.X)) == truth).mean()) if len(truth) else float("nan")
-    return {"real_classifier_accuracy_on_reconstructed_real": accuracy, "n_reconstructed_real_cells": float(len(truth))}
+    return {"real_classifier_accuracy_on_reconstructed_real": accuracy, "n_reconstructed_real_cells": float(len(truth)),
+            **report_scored_cells(len(truth), "the real test cells rebuilt as generated cells are")}
 
 
 def comparison_figures(comparison: GenerationComparison, n_heatmap_genes: int = 40) -> dict[str, plt.Figure]:
