@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 
 import anndata as ad
@@ -6,12 +7,20 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from c2s_kedro.core.preprocessing import normalize_log10
 from c2s_kedro.core.validation import (
+    LOG_VALUES_BELOW,
+    InputError,
+    InputReport,
     NotCountsError,
     check_raw_counts,
+    describe_values,
+    input_check_metrics,
     make_gene_names_unique,
     require_obs_columns,
+    tidy_gene_names,
     use_gene_symbols,
+    validate_input,
 )
 
 ENSEMBL_IDS = ["ENSG00000141510", "ENSG00000012048", "ENSG00000146648", "ENSG00000157764.13"]
@@ -171,3 +180,144 @@ def test_require_obs_columns_names_missing_and_available(counts_adata):
     assert "'sex'" in message and "'donor'" in message
     assert "'cell_type'" not in message.split("available")[0]
     assert message.endswith("available: cell_type, tissue, organism.")
+
+
+# ---- describe_values: what a matrix holds ------------------------------------------------------
+
+
+def test_describe_values_tells_counts_from_corrected_counts_and_normalized_values(counts_adata):
+    counts = counts_adata.X
+    assert describe_values(counts).kind == "counts"
+    corrected = counts * 6.0
+    corrected.data *= np.random.default_rng(0).uniform(0.6, 1.0, corrected.nnz).astype(np.float32)
+    assert describe_values(corrected).kind == "corrected_counts"
+    log_normalized = normalize_log10(counts_adata).X
+    assert describe_values(log_normalized).kind == "normalized"
+    # normalize_total without the log: large values, but every cell has the same total
+    totals = np.asarray(corrected.sum(axis=1)).ravel()
+    scaled_to_one_size = sp.csr_matrix(corrected.multiply(1e4 / totals[:, None]))
+    assert describe_values(scaled_to_one_size).maximum > LOG_VALUES_BELOW
+    assert describe_values(scaled_to_one_size).kind == "normalized"
+    assert describe_values(log_normalized.toarray() - 1.0).kind == "scaled"
+    damaged = counts.copy()
+    damaged.data[0] = np.nan
+    assert describe_values(damaged).kind == "damaged"
+
+
+# ---- validate_input: the door ------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_the_door_leaves_its_input_as_it_was_and_shares_the_counts(counts_adata):
+    adata = counts_adata.copy()
+    adata.var_names = ["A B", *adata.var_names[1:]]
+    adata.obs_names = ["c", *adata.obs_names[1:-1], "c"]
+    before = (list(adata.var_names), list(adata.obs_names))
+    validated, report = validate_input(adata)
+    assert (list(adata.var_names), list(adata.obs_names)) == before
+    assert validated.X is adata.X
+    assert report == InputReport("X", 0, 0, 1, 0, 1)
+    assert validated.uns["input_checks"] == dataclasses.asdict(report) and "input_checks" not in adata.uns
+    assert input_check_metrics(validated) == {"non_integer_count_values": 0.0, "genes_only_in_raw": 0.0,
+                                              "gene_names_with_whitespace": 1.0, "duplicated_gene_names": 0.0,
+                                              "duplicated_cell_names": 1.0}
+    assert input_check_metrics(counts_adata) == {}
+
+
+def test_the_door_reads_backed_files_and_its_report_survives_the_h5ad(tmp_path, counts_adata):
+    cellxgene = normalize_log10(counts_adata, counts_layer=None)
+    cellxgene.raw = counts_adata
+    cellxgene.write_h5ad(tmp_path / "raw.h5ad")
+    backed = ad.read_h5ad(tmp_path / "raw.h5ad", backed="r")
+    try:
+        validated, report = validate_input(backed)
+    finally:
+        backed.file.close()
+    assert report.counts_source == "raw" and (validated.X != counts_adata.X).nnz == 0
+    validated.write_h5ad(tmp_path / "validated.h5ad")
+    assert input_check_metrics(ad.read_h5ad(tmp_path / "validated.h5ad")) == report.metrics()
+
+
+def test_the_door_names_the_settings_of_the_caller(counts_adata):
+    normalized = normalize_log10(counts_adata, counts_layer=None)
+    with pytest.raises(NotCountsError, match=r"set annotation\.counts_source to where they are"):
+        validate_input(normalized, setting_prefix="annotation")
+    with pytest.raises(InputError, match=r"annotation\.input_is_normalized is true, so \.X is used as it is, but "
+                                         r"annotation\.counts_source is 'raw'"):
+        validate_input(normalized, input_is_normalized=True, counts_source="raw", setting_prefix="annotation")
+
+
+def test_nan_in_the_matrix_the_counts_come_from_is_refused_as_damage(counts_adata):
+    adata = normalize_log10(counts_adata, counts_layer=None)
+    adata.raw = counts_adata
+    validate_input(adata)  # X is log-normalized, the counts are in .raw
+    damaged = adata.raw.to_adata()
+    damaged.X.data[:2] = np.nan
+    adata.raw = damaged
+    with pytest.raises(NotCountsError, match=r"\.raw\.X: NaN values"):  # auto finds no usable counts
+        validate_input(adata)
+    with pytest.raises(ValueError, match=r"\.raw\.X holds 2 NaN or infinite values"):
+        validate_input(adata, counts_source="raw")
+
+
+# ---- gene names as words of a sentence ---------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_tidy_gene_names_makes_symbols_one_word_and_unique(caplog):
+    var = pd.DataFrame({"gene_name": ["HES4 variant", "TP53", "HES4\tvariant", "BRAF"]}, index=ENSEMBL_IDS)
+    with caplog.at_level(logging.WARNING):
+        adata, n_whitespace, n_repeated = tidy_gene_names(_adata(np.ones((1, 4)), var=var))
+    assert list(adata.var_names) == ["HES4_variant", "TP53", "HES4_variant-1", "BRAF"]
+    assert (n_whitespace, n_repeated) == (2, 1)
+    assert "2 gene names held whitespace and were made one word of a cell sentence with '_' (e.g. 'HES4 variant' -> 'HES4_variant')" in caplog.text
+
+
+# ---- the annotation path: new cells pass the same door ------------------------------------------
+
+
+def _annotator_record(genes):
+    from c2s_kedro.core.annotation import AnnotatorRecord
+
+    qc = {"min_genes_per_cell": 5, "max_genes_per_cell": None, "min_cells_per_gene": 3, "min_counts_per_cell": None,
+          "max_counts_per_cell": None, "max_pct_mito": None, "mito_prefix": "MT-"}
+    return AnnotatorRecord(label_column="cell_type", labels=["B cell", "T cell"], genes=sorted(genes), qc=qc,
+                           target_sum=None, sentence_layer=None, sentence_seed=1234, top_k_genes=None,
+                           organism_column="organism", templates=["{cell_sentence}"])
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_cells_to_annotate_pass_the_door_the_training_cells_passed(counts_adata):
+    """A CELLxGENE-style file with a gene name holding a space and repeated barcodes: the cells are
+    processed from their counts, the gene matches the model's (training) name for it, and every
+    cell keeps its own row."""
+    from c2s_kedro.core.annotation import known_gene_sentences, prepare_cells
+    from c2s_kedro.core.sentences import vocabulary_names
+
+    training, _ = validate_input(_with_spaced_gene(counts_adata))
+    record = _annotator_record(vocabulary_names(training.var_names))
+    assert "HES4_VARIANT" in record.genes
+
+    expected, _ = prepare_cells(_with_spaced_gene(counts_adata), record)
+    new_cells = _with_spaced_gene(counts_adata)
+    new_cells.obs_names = [*new_cells.obs_names[:-1], new_cells.obs_names[0]]  # a barcode repeated
+    cellxgene = normalize_log10(new_cells, counts_layer=None)
+    cellxgene.raw = new_cells
+    cells, qc = prepare_cells(cellxgene, record)
+    assert qc["input_cells"] == [*counts_adata.obs_names[:-1], f"{counts_adata.obs_names[0]}-1"]
+    assert cells.uns["input_checks"]["counts_source"] == "raw"
+    np.testing.assert_allclose(cells.X.toarray(), expected.X.toarray(), rtol=1e-6)
+    sentences = known_gene_sentences(cells, record)
+    assert sentences.n_genes_known == sentences.n_genes == counts_adata.n_vars
+    assert any("HES4_VARIANT" in s.split() for s in sentences.sentences)
+    assert not any("VARIANT" in s.split() for s in sentences.sentences)
+    with pytest.raises(InputError, match=r"Set annotation\.accept_non_integer_counts to true"):
+        corrected = new_cells.copy()
+        corrected.X = corrected.X * 6.5
+        prepare_cells(corrected, record)
+
+
+def _with_spaced_gene(counts):
+    adata = counts.copy()
+    adata.var_names = [*adata.var_names[:-1], "HES4 variant"]
+    return adata

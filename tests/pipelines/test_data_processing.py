@@ -1,3 +1,5 @@
+import logging
+
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from c2s_kedro.core.preprocessing import normalize_log10
+from c2s_kedro.core.validation import InputError, NotCountsError
 from c2s_kedro.pipelines.data_processing import create_pipeline
 from c2s_kedro.pipelines.data_processing.nodes import (
     embed_normalized_cells,
@@ -87,12 +90,187 @@ def test_unknown_and_missing_parameters_are_refused_with_the_file(counts_adata, 
 
 
 def test_validate_refuses_normalized_data_unless_declared(counts_adata, params):
-    normalized = normalize_log10(counts_adata)
-    with pytest.raises(ValueError, match="input_is_normalized"):
+    normalized = normalize_log10(counts_adata, counts_layer=None)  # no counts anywhere
+    with pytest.raises(NotCountsError) as error:
         validate_raw_adata(normalized, params["data_processing"])
+    message = str(error.value)
+    assert "non-integer values" in message and "this looks normalized" in message
+    assert "none were found (no .raw and no layers)" in message
+    assert "data_processing.counts_source" in message
+    assert "Change data_processing.input_is_normalized to true" in message
+    assert "conf/base/parameters_data_processing.yml" in message
     section = {**params["data_processing"], "input_is_normalized": True}
     validated = validate_raw_adata(normalized, section)
     assert (validated.X != normalized.X).nnz == 0
+    assert validated.uns["input_checks"]["counts_source"] == "normalized X"
+
+
+# ---- where the counts are ----------------------------------------------------------------------
+
+
+def _processed(adata, params, **changes):
+    """processed_adata and the metrics of the pipeline run on ``adata`` (no embedding: faster)."""
+    parameters = {"data_processing": {**params["data_processing"], "embed": False, **changes}}
+    catalog = run_pipeline(create_pipeline(), {"raw_adata": adata, **params_entries(parameters)})
+    return catalog.load("processed_adata"), catalog.load("data_processing_metrics")
+
+
+def _cellxgene_style(counts, where):
+    """X log-normalized (CELLxGENE's convention), the counts in .raw.X (with 2 genes more than X: X
+    was subset) or in layers["counts"]."""
+    normalized = normalize_log10(counts, counts_layer=None)
+    if where == "raw":
+        adata = normalized[:, 2:].copy()
+        adata.raw = counts
+    else:
+        adata = normalized
+        adata.layers["counts"] = counts.X
+    return adata
+
+
+@pytest.mark.parametrize("where, read_from", [("raw", ".raw.X"), ("counts", "layers['counts']")])
+def test_a_cellxgene_style_file_is_processed_from_its_counts(counts_adata, params, caplog, where, read_from):
+    """auto finds the counts next to a log-normalized X and gives what the plain counts give."""
+    expected, _ = _processed(counts_adata, params)
+    with caplog.at_level(logging.INFO):
+        processed, metrics = _processed(_cellxgene_style(counts_adata, where), params)
+    assert f"raw counts read from {read_from}" in caplog.text and "this looks normalized" in caplog.text
+    assert list(processed.var_names) == list(expected.var_names)  # .raw's genes, the 2 that X lacked included
+    assert list(processed.obs_names) == list(expected.obs_names)
+    np.testing.assert_allclose(processed.X.toarray(), expected.X.toarray(), rtol=1e-6)
+    assert (processed.layers["counts"] != expected.layers["counts"]).nnz == 0
+    assert processed.uns["input_checks"]["counts_source"] == ("raw" if where == "raw" else "counts")
+    assert metrics["genes_only_in_raw"] == (2.0 if where == "raw" else 0.0)
+    if where == "raw":
+        assert "the genes are .raw's: 40, 2 of them not among .X's 38" in caplog.text
+
+
+def test_raw_counts_keep_the_symbol_column_of_x(counts_adata, params):
+    """gene_symbol_column names a column of .var; .raw.var often lacks it."""
+    ids = [f"ENSG{i:011d}" for i in range(counts_adata.n_vars)]
+    counts = counts_adata.copy()
+    counts.var = pd.DataFrame(index=ids)
+    adata = normalize_log10(counts, counts_layer=None)
+    adata.var["feature_name"] = list(counts_adata.var_names)
+    adata.raw = counts
+    validated = validate_raw_adata(adata, {**params["data_processing"], "gene_symbol_column": "feature_name"})
+    assert list(validated.var_names) == list(counts_adata.var_names)
+    assert (validated.X != counts_adata.X).nnz == 0
+
+
+def test_a_counts_source_names_where_the_counts_are(counts_adata, params):
+    adata = _cellxgene_style(counts_adata, "raw")
+    with pytest.raises(NotCountsError) as error:
+        validate_raw_adata(adata, {**params["data_processing"], "counts_source": "X"})
+    assert ".X (data_processing.counts_source) holds" in str(error.value)
+    assert ".raw.X holds them: set data_processing.counts_source to 'raw'" in str(error.value)
+    validated = validate_raw_adata(adata, {**params["data_processing"], "counts_source": "raw"})
+    assert (validated.X != counts_adata.X).nnz == 0
+    with pytest.raises(InputError) as error:
+        validate_raw_adata(adata, {**params["data_processing"], "counts_source": "spliced"})
+    message = str(error.value)
+    assert "data_processing.counts_source is 'spliced', but the data has no layers['spliced'] (it has: .X, .raw.X)" in message
+    assert "conf/base/parameters_data_processing.yml" in message
+
+
+def test_no_counts_anywhere_says_what_each_matrix_holds(counts_adata, params):
+    adata = normalize_log10(counts_adata, counts_layer=None)
+    adata.layers["scaled"] = adata.X.toarray() - 1.0
+    with pytest.raises(NotCountsError, match=r"none were found \(layers\['scaled'\]: scaled values\)"):
+        validate_raw_adata(adata, params["data_processing"])
+
+
+# ---- ambient-corrected counts and declarations -------------------------------------------------
+
+
+def _corrected(counts):
+    """Ambient-corrected counts as CellBender or SoupX write them: non-negative, non-integer, and of
+    a real file's size (a gene with over a hundred molecules in some cell)."""
+    corrected = counts.copy()
+    corrected.X = corrected.X * 6.0
+    corrected.X.data *= np.random.default_rng(0).uniform(0.6, 1.0, corrected.X.nnz).astype(np.float32)
+    return corrected
+
+
+def test_ambient_corrected_counts_name_the_setting_that_accepts_them_never_normalized(counts_adata, params):
+    corrected = _corrected(counts_adata)
+    with pytest.raises(InputError) as error:
+        validate_raw_adata(corrected, params["data_processing"])
+    message = str(error.value)
+    assert "non-integer values" in message and "ambient-corrected counts" in message
+    assert "Set data_processing.accept_non_integer_counts to true" in message
+    assert "input_is_normalized" not in message
+    assert "conf/base/parameters_data_processing.yml" in message
+    with pytest.raises(InputError) as error:  # and declaring them normalized is refused too
+        validate_raw_adata(corrected, {**params["data_processing"], "input_is_normalized": True})
+    message = str(error.value)
+    assert "data_processing.input_is_normalized is true, but .X holds" in message
+    assert "set data_processing.input_is_normalized to false and data_processing.accept_non_integer_counts to true" in message
+
+
+def test_accepted_ambient_corrected_counts_are_qc_filtered_and_normalized_as_counts(counts_adata, params, caplog):
+    corrected = _corrected(counts_adata)
+    with caplog.at_level(logging.WARNING):
+        processed, metrics = _processed(corrected, params, accept_non_integer_counts=True)
+    assert "non-integer values of .X taken as counts (data_processing.accept_non_integer_counts)" in caplog.text
+    assert metrics["non_integer_count_values"] == float(corrected.X.nnz)
+    kept = corrected[processed.obs_names, processed.var_names]
+    np.testing.assert_allclose(processed.layers["counts"].toarray(), kept.X.toarray())
+    np.testing.assert_allclose(processed.X.toarray(), normalize_log10(kept).X.toarray(), rtol=1e-5)
+
+
+def test_ambient_corrected_x_next_to_integer_counts_asks_which(counts_adata, params):
+    corrected = _corrected(counts_adata)
+    corrected.layers["counts"] = counts_adata.X
+    with pytest.raises(InputError) as error:
+        validate_raw_adata(corrected, params["data_processing"])
+    assert ("data_processing.accept_non_integer_counts to true to QC-filter and normalize them as counts, or "
+            "data_processing.counts_source to 'counts' for the integer counts in layers['counts']") in str(error.value)
+
+
+def test_counts_declared_normalized_are_refused(counts_adata, params):
+    with pytest.raises(InputError) as error:
+        validate_raw_adata(counts_adata, {**params["data_processing"], "input_is_normalized": True})
+    message = str(error.value)
+    assert "data_processing.input_is_normalized is true, but .X holds non-negative integers" in message
+    assert "set data_processing.input_is_normalized to false" in message
+    assert "accept_non_integer_counts" not in message
+    assert "conf/base/parameters_data_processing.yml" in message
+
+
+def test_the_screen_names_its_own_settings(counts_adata, params):
+    token = PARAMETER_NAMESPACE.set("perturbation")
+    try:
+        with pytest.raises(InputError) as error:
+            validate_raw_adata(_corrected(counts_adata), params["data_processing"])
+    finally:
+        PARAMETER_NAMESPACE.reset(token)
+    assert "Set perturbation.data_processing.accept_non_integer_counts to true" in str(error.value)
+    assert "conf/base/parameters_perturbation.yml" in str(error.value)
+
+
+# ---- names -------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique", "ignore:Variable names are not unique")
+def test_names_are_made_usable_at_the_door_and_counted(counts_adata, params, caplog):
+    """Gene names with whitespace become one word (then unique); repeated cell names (two 10x lanes
+    concatenated) become unique as anndata makes them."""
+    adata = ad.concat([counts_adata, counts_adata])  # the same barcodes twice
+    names = list(adata.var_names)
+    names[5], names[6], names[7] = "HES4 variant", " NEWGENE", "NEWGENE"
+    adata.var_names = names
+    with caplog.at_level(logging.WARNING):
+        processed, metrics = _processed(adata, params)
+    assert "HES4_variant" in processed.var_names and "HES4 variant" not in processed.var_names
+    assert {"NEWGENE", "NEWGENE-1"} <= set(processed.var_names)
+    assert not any(" " in name for name in processed.var_names)
+    assert processed.obs_names.is_unique and "cell_0-1" in processed.obs_names
+    assert "2 gene names held whitespace" in caplog.text
+    assert f"{counts_adata.n_obs} repeated cell names made unique" in caplog.text
+    assert metrics["gene_names_with_whitespace"] == 2.0
+    assert metrics["duplicated_gene_names"] == 1.0
+    assert metrics["duplicated_cell_names"] == float(counts_adata.n_obs)
 
 
 def test_validate_replaces_ensembl_ids_with_symbols_and_makes_them_unique(counts_adata, params):
@@ -205,4 +383,9 @@ def test_data_processing_pipeline_runs_on_memory_datasets(counts_adata, params):
     assert metrics["genes_after"] == processed.n_vars
     assert metrics["n_pcs"] == 10.0
     assert "cells_removed_max_pct_mito" in metrics
+    assert {key: metrics[key] for key in ("gene_names_with_whitespace", "duplicated_gene_names", "duplicated_cell_names",
+                                          "genes_only_in_raw", "non_integer_count_values")} == dict.fromkeys(
+        ("gene_names_with_whitespace", "duplicated_gene_names", "duplicated_cell_names", "genes_only_in_raw",
+         "non_integer_count_values"), 0.0)
+    assert processed.uns["input_checks"]["counts_source"] == "X"
     assert all(isinstance(v, float) for v in metrics.values())

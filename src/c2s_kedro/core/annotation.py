@@ -34,7 +34,7 @@ from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.preprocessing import QCThresholds, normalize_log10, quality_control
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, select_cells, vocabulary_names
-from c2s_kedro.core.validation import check_raw_counts, make_gene_names_unique, use_gene_symbols
+from c2s_kedro.core.validation import validate_input
 
 logger = logging.getLogger(__name__)
 
@@ -121,21 +121,23 @@ def annotator_record(language_model: LanguageModel) -> AnnotatorRecord:
 
 
 def prepare_cells(
-    raw_adata: ad.AnnData, record: AnnotatorRecord, input_is_normalized: bool = False, gene_symbol_column: str | None = None
+    raw_adata: ad.AnnData, record: AnnotatorRecord, input_is_normalized: bool = False, gene_symbol_column: str | None = None,
+    counts_source: str = "auto", accept_non_integer_counts: bool = False,
 ) -> tuple[ad.AnnData, dict[str, Any]]:
     """The training's checks, QC and normalization applied to new cells.
 
-    Counts are checked (``NotCountsError`` for normalized values unless ``input_is_normalized``),
-    Ensembl IDs replaced by symbols, duplicated names made unique, the training's per-cell QC
-    filters applied (no gene filter: the model's genes decide which genes count), then
-    ``normalize_total`` with the training's ``target_sum`` and log10. Returns the processed cells
-    and the QC counts with the input's cell names (``input_cells``).
+    The cells pass the door the training cells passed (``validate_input``: where the counts are,
+    declarations the data contradict, gene names made sentence words as in training, cell names
+    made unique; errors name the ``annotation`` settings), then the training's per-cell QC filters
+    (no gene filter: the model's genes decide which genes count), then ``normalize_total`` with the
+    training's ``target_sum`` and log10. Returns the processed cells and the QC counts with the
+    cells' names after the door (``input_cells``, in input order).
     """
-    adata = raw_adata.to_memory() if raw_adata.isbacked else raw_adata.copy()
+    adata, _ = validate_input(
+        raw_adata, counts_source=counts_source, accept_non_integer_counts=accept_non_integer_counts,
+        input_is_normalized=input_is_normalized, gene_symbol_column=gene_symbol_column, setting_prefix="annotation",
+    )
     input_cells = [str(name) for name in adata.obs_names]
-    if not input_is_normalized:
-        check_raw_counts(adata)
-    adata = make_gene_names_unique(use_gene_symbols(adata, gene_symbol_column))
     thresholds = QCThresholds(**{**record.qc, "min_cells_per_gene": None})
     adata, counts = quality_control(adata, thresholds)
     if not input_is_normalized:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+
+from c2s_kedro.core.preprocessing import shallow_copy
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +25,11 @@ SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "fea
 
 class NotCountsError(ValueError):
     """The matrix is finite but not raw counts (negative or fractional values): normalized data."""
+
+
+class InputError(ValueError):
+    """The data contradict the settings (counts declared normalized, counts where none are read, a
+    ``counts_source`` that is not there); the message names the settings that fix it."""
 
 
 def require_obs_columns(adata: ad.AnnData, columns: Sequence[str]) -> None:
@@ -39,52 +50,99 @@ def _stored_values(matrix) -> np.ndarray:
 
 _VALUE_CHUNK = 1 << 24  # stored values checked per step (64 MB of float32)
 
+# No log-transformed expression reaches this value (ln(1 + 1e8) is 18.4, log2(1 + 1e5) is 16.6), while any
+# real count matrix has genes with hundreds of molecules in a cell: non-integer values above it are counts.
+LOG_VALUES_BELOW = 20.0
 
-def check_raw_counts(adata: ad.AnnData, layer: str | None = None, tolerance: float = 1e-6) -> None:
-    """Raise ``ValueError`` unless the matrix holds raw counts (finite, non-negative integers).
 
-    NaN or infinite values are a plain ``ValueError`` (no setting makes them usable); negative or
-    fractional values raise ``NotCountsError`` (the data looks normalized). The values are checked
-    a chunk at a time: whole-matrix temporaries (``values - round(values)`` and its mask) cost a
-    screen's counts twice over (GBs).
-    """
-    matrix = adata.X if layer is None else adata.layers[layer]
+@dataclass(frozen=True)
+class MatrixValues:
+    """What one pass over a matrix's stored values found (``describe_values``)."""
+
+    n_non_finite: int
+    n_negative: int
+    n_fractional: int
+    minimum: float  # of the finite stored values (0 when none is stored)
+    maximum: float
+    fractional_example: float | None
+    cell_totals_differ: bool  # only looked at for non-negative, non-integer values above LOG_VALUES_BELOW
+
+    @property
+    def kind(self) -> str:
+        """``damaged`` (NaN or infinite values), ``counts`` (non-negative integers), ``scaled``
+        (negative values), ``corrected_counts`` or ``normalized``.
+
+        Non-negative non-integer values are taken for ambient-corrected counts (CellBender, SoupX,
+        DecontX) when some exceed ``LOG_VALUES_BELOW`` and the cells' totals differ; otherwise they
+        are normalized: log values stay small, and values scaled to one library size (normalize_total
+        without the log) give every cell the same total."""
+        if self.n_non_finite:
+            return "damaged"
+        if self.n_negative:
+            return "scaled"
+        if not self.n_fractional:
+            return "counts"
+        if self.maximum > LOG_VALUES_BELOW and self.cell_totals_differ:
+            return "corrected_counts"
+        return "normalized"
+
+
+def describe_values(matrix, tolerance: float = 1e-6) -> MatrixValues:
+    """NaN, negative and non-integer values of ``matrix`` counted, its range, and whether its cells'
+    totals differ, a chunk of stored values at a time: whole-matrix temporaries
+    (``values - round(values)`` and its mask) cost a screen's counts twice over (GBs)."""
     values = _stored_values(matrix)
-    hint = " Raw counts are required for QC and normalization."
     floating = np.issubdtype(values.dtype, np.floating)
     n_nan = n_negative = n_fractional = 0
-    minimum, example = None, None
+    minimum, maximum, example = np.inf, -np.inf, None
     for start in range(0, values.size, _VALUE_CHUNK):
         chunk = values[start : start + _VALUE_CHUNK]
         if floating:
             n_nan += int(np.count_nonzero(~np.isfinite(chunk)))
             if n_nan:
-                continue  # reported as damaged below, whatever else the values hold
-        negative = int(np.count_nonzero(chunk < 0))
-        if negative:
-            n_negative += negative
-            low = chunk.min()
-            minimum = low if minimum is None else min(minimum, low)
+                continue  # damaged, whatever else the values hold
+        minimum, maximum = min(minimum, chunk.min()), max(maximum, chunk.max())
+        n_negative += int(np.count_nonzero(chunk < 0))
         if floating:
             fractional = np.abs(chunk - np.round(chunk)) > tolerance
             count = int(np.count_nonzero(fractional))
             if count and example is None:
-                example = chunk[fractional][0]
+                example = float(chunk[fractional][0])
             n_fractional += count
-    if n_nan:
-        raise ValueError(
-            f"the expression matrix holds {n_nan} NaN or infinite values; counts are never NaN, so the file "
-            "is damaged or was produced by a tool that writes NaN for missing values. Fix or drop those "
-            "entries (e.g. adata.X.data[~np.isfinite(adata.X.data)] = 0) and save the h5ad again."
-        )
-    if n_negative:
+    if n_nan or not np.isfinite(minimum):  # damaged, or no value stored
+        minimum = maximum = 0.0
+    totals_differ = False
+    if not n_nan and not n_negative and n_fractional and maximum > LOG_VALUES_BELOW:
+        totals = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+        totals_differ = bool(totals.size > 1 and np.ptp(totals) > 1e-3 * max(abs(float(np.median(totals))), 1e-12))
+    return MatrixValues(n_nan, n_negative, n_fractional, float(minimum), float(maximum), example, totals_differ)
+
+
+def _damaged(where: str, values: MatrixValues) -> ValueError:
+    return ValueError(
+        f"{where} holds {values.n_non_finite} NaN or infinite values; counts are never NaN, so the file "
+        "is damaged or was produced by a tool that writes NaN for missing values. Fix or drop those "
+        "entries (e.g. adata.X.data[~np.isfinite(adata.X.data)] = 0) and save the h5ad again."
+    )
+
+
+def check_raw_counts(adata: ad.AnnData, layer: str | None = None, tolerance: float = 1e-6) -> None:
+    """Raise ``ValueError`` unless the matrix holds raw counts (finite, non-negative integers).
+
+    NaN or infinite values are a plain ``ValueError`` (no setting makes them usable); negative or
+    fractional values raise ``NotCountsError`` (the data looks normalized)."""
+    values = describe_values(adata.X if layer is None else adata.layers[layer], tolerance)
+    hint = " Raw counts are required for QC and normalization."
+    if values.n_non_finite:
+        raise _damaged("the expression matrix", values)
+    if values.n_negative:
         raise NotCountsError(
-            f"the expression matrix holds {n_negative} negative values (min {minimum:.3g}); "
+            f"the expression matrix holds {values.n_negative} negative values (min {values.minimum:.3g}); "
             f"this looks scaled, not counts.{hint}"
         )
-    if n_fractional:
+    if values.n_fractional:
         raise NotCountsError(
-            f"the expression matrix holds {n_fractional} non-integer values (e.g. {example:.4g}); "
+            f"the expression matrix holds {values.n_fractional} non-integer values (e.g. {values.fractional_example:.4g}); "
             f"this looks normalized, not counts.{hint}"
         )
 
@@ -165,3 +223,243 @@ def make_cell_names_unique(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
         adata.obs_names_make_unique()
         logger.warning("%d repeated cell names made unique with numeric suffixes (anndata's obs_names_make_unique)", n_repeated)
     return adata, n_repeated
+
+
+# ---- the door: every user's cells (the atlas, the screen, cells to annotate) pass here once ------------
+
+INPUT_CHECKS = "input_checks"  # the .uns key of validate_input's report
+
+
+@dataclass(frozen=True)
+class InputReport:
+    """What ``validate_input`` found and did; kept in ``.uns['input_checks']`` of the data it returns."""
+
+    counts_source: str  # X, raw or a layer's name; "normalized X" when declared normalized
+    non_integer_count_values: int  # non-integer values taken as counts (accept_non_integer_counts)
+    genes_only_in_raw: int  # genes of .raw.X that .X lacked, when the counts came from .raw
+    gene_names_with_whitespace: int  # made one word of a sentence (sentence_safe_gene_name)
+    duplicated_gene_names: int  # made unique with numeric suffixes
+    duplicated_cell_names: int  # made unique as anndata's obs_names_make_unique does
+
+    def metrics(self) -> dict[str, float]:
+        """The counts as metrics (the source is in the log and in ``.uns``)."""
+        return {key: float(value) for key, value in dataclasses.asdict(self).items() if key != "counts_source"}
+
+
+def input_check_metrics(adata: ad.AnnData) -> dict[str, float]:
+    """The counts of the report ``validate_input`` left in ``adata.uns`` (none when it has no report)."""
+    report = adata.uns.get(INPUT_CHECKS)
+    if report is None:
+        return {}
+    return InputReport(**{f.name: report.get(f.name, 0) for f in dataclasses.fields(InputReport)}).metrics()
+
+
+def _where(source: str) -> str:
+    return {"X": ".X", "raw": ".raw.X"}.get(source, f"layers['{source}']")
+
+
+def _count_sources(adata: ad.AnnData) -> list[str]:
+    """Where counts may be, in the order ``auto`` looks: .X, .raw.X, the layer ``counts``, other layers."""
+    layers = sorted(adata.layers.keys(), key=lambda name: (name != "counts", name))
+    return ["X", *(["raw"] if adata.raw is not None else []), *layers]
+
+
+def _matrix_of(adata: ad.AnnData, source: str):
+    return adata.X if source == "X" else adata.raw.X if source == "raw" else adata.layers[source]
+
+
+def _what(values: MatrixValues) -> str:
+    """What a matrix holds, for messages."""
+    kind = values.kind
+    if kind == "counts":
+        return f"non-negative integers (max {values.maximum:g})"
+    if kind == "scaled":
+        return f"{values.n_negative:,} negative values (min {values.minimum:.3g}): this looks scaled, not counts"
+    example = f"{values.n_fractional:,} non-integer values (e.g. {values.fractional_example:.4g}"
+    if kind == "corrected_counts":
+        return f"{example}), none negative, up to {values.maximum:.4g}, with cell totals that differ"
+    return f"{example}, max {values.maximum:.4g}): this looks normalized, not counts"
+
+
+_SHORT = {"counts": "counts", "corrected_counts": "non-integer counts", "normalized": "normalized values",
+          "scaled": "scaled values", "damaged": "NaN values"}
+
+
+def _find_counts(
+    adata: ad.AnnData, counts_source: str, accept_non_integer_counts: bool, prefix: str
+) -> tuple[str, dict[str, MatrixValues]]:
+    """The source of the counts and what each matrix looked at holds; raises naming the setting
+    that fixes it when the counts are not where ``counts_source`` says or nowhere."""
+    sources = _count_sources(adata)
+    if counts_source != "auto" and counts_source not in sources:
+        raise InputError(
+            f"{prefix}.counts_source is '{counts_source}', but the data has no {_where(counts_source)} "
+            f"(it has: {', '.join(_where(s) for s in sources)}). Set {prefix}.counts_source to auto, X, raw or a layer's name."
+        )
+    seen: dict[str, MatrixValues] = {}
+
+    def values_of(source: str) -> MatrixValues:
+        if source not in seen:
+            seen[source] = describe_values(_matrix_of(adata, source))
+        return seen[source]
+
+    def holds_counts(source: str) -> bool:
+        kind = values_of(source).kind
+        return kind == "counts" or (accept_non_integer_counts and kind == "corrected_counts")
+
+    first = "X" if counts_source == "auto" else counts_source
+    values = values_of(first)
+    if values.kind == "damaged":
+        raise _damaged(_where(first), values)
+    if holds_counts(first):
+        return first, seen
+    elsewhere = next((s for s in sources if s != first and holds_counts(s)), None)
+    if counts_source == "auto" and elsewhere and values.kind != "corrected_counts":
+        return elsewhere, seen  # the CELLxGENE convention: normalized .X, counts in .raw.X or a layer
+    if values.kind == "corrected_counts":
+        message = (
+            f"{_where(first)} holds {_what(values)}: ambient-corrected counts (CellBender, SoupX, DecontX) by the look "
+            f"of them, not normalized values. Set {prefix}.accept_non_integer_counts to true to QC-filter and normalize "
+            "them as counts"
+        )
+        if elsewhere:
+            message += f", or {prefix}.counts_source to '{elsewhere}' for the integer counts in {_where(elsewhere)}"
+        raise InputError(message + ".")
+    if elsewhere:
+        raise NotCountsError(
+            f"{_where(first)} ({prefix}.counts_source) holds {_what(values)}. Raw counts are required for QC and "
+            f"normalization, and {_where(elsewhere)} holds them: set {prefix}.counts_source to '{elsewhere}' (or auto)."
+        )
+    checked = "; ".join(f"{_where(s)}: {_SHORT[values_of(s).kind]}" for s in sources if s != first)
+    raise NotCountsError(
+        f"{_where(first)} holds {_what(values)}. Raw counts are required for QC and normalization, and none were found "
+        f"({checked or 'no .raw and no layers'}): set {prefix}.counts_source to where they are (X, raw or a layer's name)."
+    )
+
+
+def _check_declared_normalized(adata: ad.AnnData, counts_source: str, prefix: str) -> None:
+    """Refuse ``input_is_normalized`` on an .X that holds counts: normalization would be skipped
+    and every result computed on raw counts."""
+    if counts_source not in ("auto", "X"):
+        raise InputError(
+            f"{prefix}.input_is_normalized is true, so .X is used as it is, but {prefix}.counts_source is "
+            f"'{counts_source}': set input_is_normalized to false to read the counts from {_where(counts_source)}, "
+            "or counts_source to auto."
+        )
+    values = describe_values(adata.X)
+    if values.kind == "damaged":
+        raise _damaged(".X", values)
+    if values.kind in ("counts", "corrected_counts"):
+        fix = f"set {prefix}.input_is_normalized to false"
+        if values.kind == "corrected_counts":
+            fix += f" and {prefix}.accept_non_integer_counts to true"
+        raise InputError(
+            f"{prefix}.input_is_normalized is true, but .X holds {_what(values)}: counts, not normalized values "
+            f"(normalization would be skipped and every result computed on counts); {fix}."
+        )
+    logger.info(".X used as it is (%s.input_is_normalized): %s", prefix, _what(values))
+
+
+def _with_counts_from(adata: ad.AnnData, source: str) -> tuple[ad.AnnData, int]:
+    """A new AnnData whose .X is the counts of ``source`` (the matrices shared, not copied), and
+    how many of its genes .X lacked. Counts from .raw bring .raw's genes: .X's layers and per-gene
+    matrices are left out when those differ, and .X's text columns of .var (gene symbols) are
+    carried over for the genes both have."""
+    if source == "X":
+        return shallow_copy(adata), 0
+    if source != "raw":
+        result = shallow_copy(adata)
+        result.X = adata.layers[source]
+        return result, 0
+    raw = adata.raw
+    var = raw.var.copy()
+    if adata.var_names.is_unique and raw.var_names.is_unique:
+        for column in adata.var.columns.difference(var.columns):
+            values = adata.var[column]
+            if isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(values):
+                var[column] = values.astype(str).reindex(var.index).fillna("").to_numpy()
+    same_genes = raw.var_names.equals(adata.var_names)
+    if not same_genes and (adata.layers or adata.varm):
+        logger.info("layers and varm of .X (%s) left out: they hold .X's genes, not .raw's",
+                    ", ".join([*adata.layers.keys(), *adata.varm.keys()]))
+    result = ad.AnnData(
+        X=raw.X, obs=adata.obs.copy(), var=var, uns=copy.deepcopy(dict(adata.uns)), obsm=dict(adata.obsm),
+        obsp=dict(adata.obsp), layers=dict(adata.layers) if same_genes else None,
+        varm=dict(adata.varm) if same_genes else None,
+    )
+    return result, int(np.count_nonzero(~raw.var_names.isin(adata.var_names)))
+
+
+def make_gene_names_sentence_safe(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
+    """Var names made one word of a cell sentence (``sentence_safe_gene_name``), and how many held
+    whitespace; ``adata`` is renamed in place."""
+    names = adata.var_names.astype(str)
+    safe = pd.Index([sentence_safe_gene_name(name) for name in names])
+    changed = np.flatnonzero(names != safe)
+    if changed.size:
+        adata.var_names = safe
+        logger.warning("%d gene names held whitespace and were made one word of a cell sentence with '_' (e.g. %r -> %r)",
+                       changed.size, names[changed[0]], safe[changed[0]])
+    return adata, int(changed.size)
+
+
+def tidy_gene_names(adata: ad.AnnData, gene_symbol_column: str | None = None) -> tuple[ad.AnnData, int, int]:
+    """Gene names as cell sentences need them: symbols for Ensembl IDs (``use_gene_symbols``), one
+    word each (``sentence_safe_gene_name``), then unique (``make_gene_names_unique``: the mapping can
+    make two names one). Returns the data, how many names held whitespace and how many were repeated."""
+    adata = use_gene_symbols(adata, gene_symbol_column)
+    adata, n_whitespace = make_gene_names_sentence_safe(adata)
+    n_repeated = int(adata.var_names.duplicated().sum())
+    return make_gene_names_unique(adata), n_whitespace, n_repeated
+
+
+def validate_input(
+    adata: ad.AnnData,
+    *,
+    counts_source: str = "auto",
+    accept_non_integer_counts: bool = False,
+    input_is_normalized: bool = False,
+    gene_symbol_column: str | None = None,
+    setting_prefix: str = "data_processing",
+) -> tuple[ad.AnnData, InputReport]:
+    """Every property of a user's cells that would make a result wrong, checked once: the atlas,
+    the screen and the cells to annotate all pass here.
+
+    - Where the counts are: ``counts_source`` ``X``, ``raw`` (``.raw.X`` with ``.raw``'s genes) or a
+      layer's name; ``auto`` takes .X if it holds counts, else .raw.X, else the layer ``counts``, else
+      another layer of counts (the CELLxGENE convention: log-normalized .X, counts in .raw.X).
+      Non-negative non-integer values that look like ambient-corrected counts (``MatrixValues.kind``)
+      are counts when ``accept_non_integer_counts``; otherwise the error names that setting.
+    - ``input_is_normalized``: .X is used as it is, refused when it holds counts.
+    - NaN or infinite values: refused.
+    - Gene names (``tidy_gene_names``) and cell names (``make_cell_names_unique``) made usable.
+
+    Errors name ``{setting_prefix}.<setting>`` that changes the outcome. The expression matrices are
+    shared with ``adata``, not copied; ``adata`` is left as it was. Returns the tidied data, with the
+    report in ``.uns['input_checks']``, and the report.
+    """
+    if adata.isbacked:
+        adata = adata.to_memory()
+    if input_is_normalized:
+        _check_declared_normalized(adata, counts_source, setting_prefix)
+        adata, source, n_non_integer, n_only_in_raw = shallow_copy(adata), "normalized X", 0, 0
+    else:
+        source, seen = _find_counts(adata, counts_source, accept_non_integer_counts, setting_prefix)
+        n_non_integer = seen[source].n_fractional
+        if source == "X":
+            logger.info("raw counts read from .X: %s", _what(seen[source]))
+        else:
+            logger.warning("raw counts read from %s (%s.counts_source is %s; .X holds %s)", _where(source), setting_prefix,
+                           counts_source, _what(seen["X"]) if "X" in seen else "other values")
+        if n_non_integer:
+            logger.warning("%d non-integer values of %s taken as counts (%s.accept_non_integer_counts)", n_non_integer,
+                           _where(source), setting_prefix)
+        n_genes_x = adata.n_vars
+        adata, n_only_in_raw = _with_counts_from(adata, source)
+        if source == "raw":
+            logger.warning("the genes are .raw's: %d, %d of them not among .X's %d", adata.n_vars, n_only_in_raw, n_genes_x)
+    adata, n_whitespace, n_repeated_genes = tidy_gene_names(adata, gene_symbol_column)
+    adata, n_repeated_cells = make_cell_names_unique(adata)
+    report = InputReport(source, n_non_integer, n_only_in_raw, n_whitespace, n_repeated_genes, n_repeated_cells)
+    adata.uns[INPUT_CHECKS] = dataclasses.asdict(report)
+    return adata, report

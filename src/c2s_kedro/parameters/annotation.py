@@ -9,6 +9,8 @@ from c2s_kedro.parameters import at_least, between
 
 @dataclass(frozen=True)
 class AnnotationParameters:
+    counts_source: str  # auto | X | raw | a layer's name
+    accept_non_integer_counts: bool  # ambient-corrected counts (non-negative, fractional) are counts
     input_is_normalized: bool
     gene_symbol_column: str | None
     label_column: str | None  # obs column of known labels to score against; null: the model's training label column

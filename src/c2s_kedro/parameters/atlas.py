@@ -40,6 +40,8 @@ class EmbeddingParameters:
 
 @dataclass(frozen=True)
 class DataProcessingParameters:
+    counts_source: str  # auto | X | raw | a layer's name
+    accept_non_integer_counts: bool  # ambient-corrected counts (non-negative, fractional) are counts
     input_is_normalized: bool
     gene_symbol_column: str | None
     qc: QCParameters

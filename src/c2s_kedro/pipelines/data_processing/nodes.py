@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
 from c2s_kedro import core
-from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters import qualified, read_parameters, setting_hint, settings_file_hint
 from c2s_kedro.parameters.atlas import DataProcessingParameters, QCParameters, as_kwargs
 
 if TYPE_CHECKING:
@@ -23,19 +23,23 @@ SECTION = "data_processing"
 
 
 def validate_raw_adata(raw_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
-    """Check the raw data and tidy gene names: counts (unless declared normalized), the obs keys
-    to plot, gene symbols instead of Ensembl IDs, unique gene names."""
+    """The door of the data (``core.validation.validate_input``): the obs keys to plot, where the
+    counts are, declarations the data contradict, gene names as sentence words (symbols, one word,
+    unique), unique cell names. What it did is counted in ``.uns['input_checks']``."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
-    # the checks below only rename genes: the counts are shared with raw_adata, not copied
-    adata = raw_adata.to_memory() if raw_adata.isbacked else core.preprocessing.shallow_copy(raw_adata)
     with setting_hint(f"{SECTION}.umap_color_keys"):
-        core.validation.require_obs_columns(adata, settings.umap_color_keys)
-    if not settings.input_is_normalized:
-        with setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.validation.NotCountsError):
-            core.validation.check_raw_counts(adata)
-    with setting_hint(f"{SECTION}.gene_symbol_column", KeyError):
-        adata = core.validation.use_gene_symbols(adata, settings.gene_symbol_column)
-    return core.validation.make_gene_names_unique(adata)
+        core.validation.require_obs_columns(raw_adata, settings.umap_color_keys)
+    with (
+        setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.validation.NotCountsError),
+        setting_hint(f"{SECTION}.gene_symbol_column", KeyError),
+        settings_file_hint(SECTION, core.validation.InputError),
+    ):
+        adata, _ = core.validation.validate_input(
+            raw_adata, counts_source=settings.counts_source, accept_non_integer_counts=settings.accept_non_integer_counts,
+            input_is_normalized=settings.input_is_normalized, gene_symbol_column=settings.gene_symbol_column,
+            setting_prefix=qualified(SECTION),
+        )
+    return adata
 
 
 def filter_cells_and_genes(adata: ad.AnnData, qc: dict[str, Any]) -> tuple[ad.AnnData, dict[str, int]]:
@@ -81,6 +85,9 @@ def plot_expression_umaps(processed_adata: ad.AnnData, umap_color_keys: list[str
 
 
 def summarize_processing(qc_counts: dict[str, int], processed_adata: ad.AnnData) -> dict[str, float]:
-    """Headline numbers of the run (``n_pcs`` 0 when the cells were not embedded)."""
+    """Headline numbers of the run: what the input checks handled (gene and cell names made usable,
+    genes only in .raw, non-integer counts), the QC counts and ``n_pcs`` (0 when the cells were not
+    embedded)."""
     n_pcs = processed_adata.obsm["X_pca"].shape[1] if "X_pca" in processed_adata.obsm else 0
-    return {**{k: float(v) for k, v in qc_counts.items()}, "n_pcs": float(n_pcs)}
+    return {**core.validation.input_check_metrics(processed_adata), **{k: float(v) for k, v in qc_counts.items()},
+            "n_pcs": float(n_pcs)}
