@@ -1,4 +1,8 @@
-"""Checks on user data that fail early with a message naming the problem and the fix."""
+"""Checks on user data that fail early with a message naming the problem and the fix.
+
+``validate_input`` is the door every user's cells pass once (the atlas, a screen, cells to
+annotate): where the counts are, declarations the data contradict, gene and cell names made
+usable, with a report of what it did. The smaller checks it is made of are used on their own too."""
 
 from __future__ import annotations
 
