@@ -1,11 +1,12 @@
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from datasets import Dataset
 
 from c2s_kedro.core.preprocessing import normalize_log10
 from c2s_kedro.pipelines.sentence_conversion import create_pipeline
-from c2s_kedro.pipelines.sentence_conversion.nodes import convert_to_cell_sentences, summarize_sentences
+from c2s_kedro.pipelines.sentence_conversion.nodes import convert_to_cell_sentences, split_dataset, summarize_sentences
 from tests.helpers import load_parameters, params_entries, run_pipeline
 
 
@@ -107,3 +108,64 @@ def test_sentence_conversion_pipeline_runs_on_memory_datasets(processed, params)
     assert metrics["mean_genes_per_sentence"] == pytest.approx(genes_per_cell.mean())
     assert metrics["median_genes_per_sentence"] == pytest.approx(float(np.median(genes_per_cell)))
     assert metrics["n_genes_in_vocabulary"] == processed.n_vars
+
+
+def _two_lanes(counts_adata):
+    """Two samples concatenated as 10x lanes give them: the same barcodes in both."""
+    import anndata as ad
+
+    first, second = counts_adata[:30].copy(), counts_adata[30:].copy()
+    second.obs_names = first.obs_names  # barcodes repeat across lanes
+    return ad.concat([first, second])
+
+
+def test_repeated_cell_names_made_unique_never_put_a_training_cell_in_the_test_part(counts_adata, params):
+    from c2s_kedro.core.sentences import select_cells
+    from c2s_kedro.core.validation import make_cell_names_unique
+    from c2s_kedro.pipelines.annotation.nodes import select_test_cells
+
+    raw = _two_lanes(counts_adata)
+    assert not raw.obs_names.is_unique
+    processed, n_repeated = make_cell_names_unique(raw.copy())  # what data_processing's validation does
+    assert n_repeated == 30
+    catalog = run_pipeline(create_pipeline(), {"processed_adata": normalize_log10(processed), **params_entries(params)})
+    split, sentences = catalog.load("data_split"), catalog.load("cell_sentences")
+    parts = [set(split[part]) for part in ("train", "val", "test")]
+    assert sum(map(len, parts)) == 60 and len(set.union(*parts)) == 60  # every cell in exactly one part
+    assert not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert select_cells(sentences, split["test"])["cell_name"] == split["test"]  # one row per test name
+    # the annotation's default input: the raw file's cells, its names still repeated, picked as the split means
+    annotation_input = select_test_cells(raw, split)
+    assert list(annotation_input.obs_names) == split["test"]
+    rows = processed.obs_names.get_indexer(split["test"])
+    assert (annotation_input.X != raw.X[rows]).nnz == 0  # the test cells' own counts, not their namesakes'
+
+
+def test_a_split_of_repeated_names_is_refused_with_what_to_do(counts_adata, params):
+    sentences, _ = convert_to_cell_sentences(normalize_log10(_two_lanes(counts_adata)), params["sentence_conversion"])
+    with pytest.raises(ValueError, match=r"30 cell names occur more than once.*obs_names_make_unique"):
+        split_dataset(sentences, params["data_split"])
+
+
+def test_missing_labels_are_counted_in_the_metrics(processed, params, caplog):
+    cell_type = processed.obs["cell_type"].astype(object)
+    cell_type.iloc[:6] = np.nan
+    cell_type.iloc[6:8] = "nan"  # what a str() of a missing value leaves in a file
+    processed.obs["cell_type"] = pd.Categorical(cell_type)
+    catalog = run_pipeline(create_pipeline(), {"processed_adata": processed, **params_entries(params)})
+    metrics = catalog.load("sentence_conversion_metrics")
+    assert metrics["n_cells_without_label[cell_type]"] == 8 and metrics["n_cells_without_label[tissue]"] == 0
+    assert catalog.load("cell_sentences")["cell_type"][:9] == [None] * 8 + ["T cell"]
+    assert "8 of 60 cells have no 'cell_type' label" in caplog.text
+    assert "cannot honour its fractions" not in caplog.text  # 60 cells split 48/6/6 as asked
+
+
+def test_a_split_too_small_for_its_fractions_is_reported(params, caplog):
+    # 12 cells of three types through fine-tuning's split: 6/3/3 instead of about 10/1/1
+    cells = Dataset.from_dict({"cell_name": [f"c{i}" for i in range(12)], "cell_sentence": ["A B"] * 12,
+                               "cell_type": ["T cell", "B cell", "NK"] * 4})
+    split = split_dataset(cells, params["data_split"])
+    assert [len(split[part]) for part in ("train", "val", "test")] == [6, 3, 3]
+    assert "the split of 12 cells cannot honour its fractions: 0.8/0.1/0.1 asked, 6/3/3 made" in caplog.text
+    assert "data_split.fractions" in caplog.text
+    assert "the test part holds 3 cells, fewer than 20" in caplog.text

@@ -11,7 +11,7 @@ import numpy as np
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
 from c2s_kedro import core
-from c2s_kedro.core.splitting import split_names
+from c2s_kedro.core.splitting import split_names, split_report
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataSplitParameters, SentenceConversionParameters
 
@@ -56,7 +56,8 @@ def convert_to_cell_sentences(
 
 
 def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> dict[str, float]:
-    """Cells, vocabulary size, genes per sentence, empty sentences."""
+    """Cells, vocabulary size, genes per sentence, empty sentences, and the cells without a label in
+    each label column (``n_cells_without_label[<column>]``)."""
     import pyarrow.compute as pc
 
     # with_format("arrow") honours a selection (select/filter/shuffle), unlike Dataset.data
@@ -74,11 +75,14 @@ def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> 
         "mean_genes_per_sentence": float(lengths.mean()) if lengths.size else 0.0,
         "median_genes_per_sentence": float(np.median(lengths)) if lengths.size else 0.0,
         "n_empty_sentences": float(empty.sum()),
+        **{f"n_cells_without_label[{column}]": float((~core.sentences.has_label(cell_sentences[column])).sum())
+           for column in cell_sentences.column_names if column not in (*core.sentences.RESERVED_COLUMNS, "source_dataset")},
     }
 
 
 def split_dataset(cell_sentences: Dataset, params: dict[str, Any]) -> dict[str, Any]:
-    """Train/val/test split of the cells (by ``cell_name``), stratified by a label when set.
+    """Train/val/test split of the cells (by ``cell_name``, unique), stratified by a label when set;
+    a split that misses its fractions, or a test part too small to score, is logged (``split_report``).
 
     Every model trained or evaluated later uses this one split, so test cells stay unseen.
     """
@@ -95,4 +99,5 @@ def split_dataset(cell_sentences: Dataset, params: dict[str, Any]) -> dict[str, 
             cell_sentences["cell_name"], settings.fractions, settings.seed,
             stratify=cell_sentences[stratify_by] if stratify_by else None,
         )
+    split_report(parts, settings.fractions)
     return {**parts, "seed": settings.seed, "stratify_by": stratify_by, "fractions": dict(settings.fractions)}
