@@ -217,3 +217,12 @@ def test_a_moved_project_keeps_its_plots(tmp_path):
     downloaded = client.download_artifacts(run.info.run_id, "plots/loss.txt", str(tmp_path))
     assert open(downloaded).read() == "a plot"
     assert reroot_moved_artifacts("sqlite:///mlflow.db", new) == 0
+
+
+def test_the_store_hook_finds_the_sqlite_file_as_kedro_mlflow_reads_the_uri(tmp_path):
+    from c2s_kedro.hooks import sqlite_store_path
+
+    assert sqlite_store_path("sqlite:///mlflow.db", tmp_path) == tmp_path / "mlflow.db"
+    assert sqlite_store_path(f"sqlite:///{tmp_path}/runs/mlflow.db", "/elsewhere") == tmp_path / "runs" / "mlflow.db"
+    assert sqlite_store_path("mlruns", tmp_path) is None
+    assert sqlite_store_path("http://tracking.example:5000", tmp_path) is None

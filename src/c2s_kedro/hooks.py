@@ -125,6 +125,40 @@ class MlflowRunLivenessHook:
             logger.warning("could not check for runs left RUNNING by killed processes: %s", error)
 
 
+def sqlite_store_path(tracking_uri: str | None, project_path: Path | str) -> Path | None:
+    """The SQLite file of a local ``sqlite:///`` tracking URI (relative to the project, as kedro-mlflow
+    reads it); None for any other store."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = Path(unquote(tracking_uri[len("sqlite:///"):]))
+    return path if path.is_absolute() else Path(project_path) / path
+
+
+class MlflowStoreHook:
+    """Makes the project's SQLite MLflow store ready before kedro-mlflow opens it
+    (``core.tracking.prepare_sqlite_store``): a first run stopped while MLflow builds its tables no
+    longer leaves a store that every later run refuses."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        import mlflow
+        from kedro.config import MissingConfigException
+
+        from c2s_kedro.core.tracking import prepare_sqlite_store
+
+        if process_rank() != 0 or mlflow.active_run() is not None:  # an orchestrator's run: its store
+            return
+        loader = context.config_loader
+        loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])  # as kedro-mlflow reads it
+        try:
+            tracking_uri = (loader["mlflow"].get("server") or {}).get("mlflow_tracking_uri")
+        except MissingConfigException:
+            return
+        database = sqlite_store_path(tracking_uri, context.project_path)
+        if database is not None:
+            prepare_sqlite_store(database)
+
+
 def reroot_moved_artifacts(tracking_uri: str | None, project_path: Path | str) -> int:
     """After the project folder moved, points the local artifact locations recorded in its SQLite
     MLflow store (absolute paths: MLflow resolves local artifact roots when it creates an

@@ -11,6 +11,7 @@ from c2s_kedro.hooks import (
     MlflowArtifactsFollowTheProjectHook,
     MlflowRunLivenessHook,
     MlflowRunNameHook,
+    MlflowStoreHook,
     ParameterNamespaceHook,
     StopBetweenNodesHook,
 )
@@ -20,6 +21,7 @@ HOOKS = (
     CatalogStaysLazyHook(),
     ParameterNamespaceHook(),
     StopBetweenNodesHook(),
+    MlflowStoreHook(),
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
     MlflowArtifactsFollowTheProjectHook(),

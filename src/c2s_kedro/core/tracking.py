@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -81,3 +83,72 @@ def record_training_run(checkpoint_dir: str | Path) -> None:
     folder = Path(checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RUN_FILE).write_text(run.info.run_id)
+
+
+# ---- the local SQLite store: created whole or not at all ---------------------------------------------
+
+class MlflowStoreError(OSError):
+    """The project's MLflow store cannot be opened, and it holds runs, so it is left as it is."""
+
+
+def _store_tables(database: Path) -> dict[str, int | None]:
+    """Each table of the SQLite file and, for MLflow's ``alembic_version``, ``experiments`` and
+    ``runs``, its number of rows (read only)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        names = [row[0] for row in connection.execute("select name from sqlite_master where type='table'")]
+        return {name: (connection.execute(f'select count(*) from "{name}"').fetchone()[0]  # noqa: S608 - names from the file
+                       if name in ("alembic_version", "experiments", "runs") else None) for name in names}
+
+
+def half_created(database: Path) -> bool:
+    """Whether an MLflow SQLite store was left half-made (its creation was stopped): a migration's
+    temporary table, no schema version, or no experiment (MLflow adds the Default one last)."""
+    tables = _store_tables(database)
+    return (any(name.startswith("_alembic_tmp_") for name in tables) or not tables.get("alembic_version")
+            or not tables.get("experiments"))
+
+
+def _create_store(database: Path) -> None:
+    """A new MLflow store at ``database``, made under another name and moved into place once whole,
+    so a run stopped while MLflow builds its tables (seconds on a first run) leaves no store at all."""
+    import mlflow
+
+    partial = database.with_name(database.name + ".creating")
+    partial.unlink(missing_ok=True)  # a creation stopped earlier
+    mlflow.MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)  # builds every table
+    os.replace(partial, database)
+    logger.info("created the MLflow store %s", database)
+
+
+def prepare_sqlite_store(database: str | Path) -> None:
+    """Makes the project's SQLite MLflow store ready before MLflow opens it: creates a missing one
+    whole (``_create_store``); one left half-made by a stopped first run, with no run in it, is moved
+    aside (``<name>.half-created-<time>``, never deleted) and created again, with a log line. A store
+    that holds runs but cannot be opened is left as it is: ``MlflowStoreError`` says what to do."""
+    import mlflow
+
+    database = Path(database)
+    if not database.exists():
+        database.parent.mkdir(parents=True, exist_ok=True)
+        _create_store(database)
+        return
+    n_runs = _store_tables(database).get("runs") or 0
+    if half_created(database) and not n_runs:
+        aside = database.with_name(f"{database.name}.half-created-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(database, aside)
+        logger.warning("the MLflow store %s was left half-created by a run stopped while MLflow built it (it held no "
+                       "run): moved it to %s and created it again", database, aside.name)
+        _create_store(database)
+        return
+    try:
+        mlflow.MlflowClient(f"sqlite:///{database}").search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure to open is reported the same way
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MlflowStoreError(
+            f"the MLflow store {database} cannot be opened ({first_line}). It holds {n_runs} run(s), so it was left "
+            f"as it is. If an older MLflow made it, upgrade it: mlflow db upgrade sqlite:///{database}; otherwise move "
+            f"it aside (mv {database} {database}.old) and run again: a new store is created and your runs stay in the "
+            "moved file."
+        ) from error
