@@ -245,3 +245,34 @@ def test_the_same_counts_get_the_same_labels_however_they_are_stored(counts, mod
     assert not reversed_storage.X.has_sorted_indices
     pd.testing.assert_frame_equal(annotate_counts(model, reversed_storage, min_probability=0.0, batch_size=4),
                                   annotate_counts(model, counts, min_probability=0.0, batch_size=4))
+
+
+def test_cells_without_a_known_label_are_annotated_but_scored_against_none(counts, model, caplog):
+    cells = counts.copy()
+    cell_type = cells.obs["cell_type"].astype(object)
+    cell_type.iloc[[0, 5, 13]] = np.nan
+    cell_type.iloc[20] = "nan"  # a missing label written out as text
+    cells.obs["cell_type"] = pd.Categorical(cell_type)
+    cells.obs["organism"] = pd.Categorical([np.nan] + ["Homo sapiens"] * 23)  # prompts read the default, never "nan"
+    catalog = run_pipeline(create_pipeline(), _inputs(cells, model, min_probability=0.0))
+    metrics, predictions = catalog.load("annotation_metrics"), catalog.load("annotation_predictions")
+    assert len(predictions) == 24 and (predictions["label"] != UNASSIGNED).all()  # every cell annotated
+    assert metrics["n_cells_without_label"] == 4 and metrics["n_scored_cells"] == 20
+    labelled = cell_type.notna().to_numpy() & (cell_type != "nan").to_numpy()
+    truth = cell_type[labelled].astype(str).to_numpy()
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(predictions["label"].to_numpy()[labelled] == truth)))
+    assert "4 of 24 annotated cells have no 'cell_type' label: left out of the accuracy" in caplog.text
+    assert "fewer than 20" not in caplog.text
+    few = run_pipeline(create_pipeline(), _inputs(cells[:8].copy(), model, min_probability=0.0)).load("annotation_metrics")
+    assert few["n_scored_cells"] == 6 and "the annotation is scored on 6 cells, fewer than 20" in caplog.text
+
+
+def test_the_label_set_a_model_records_holds_no_missing_label(model):
+    cells = tiny_cell_sentences([f"GENE{i}" for i in range(60)])
+    cells = cells.remove_columns("cell_type").add_column("cell_type", ["T cell", None, "nan", "B cell", "", "None"] * 2)
+    split = {"train": [f"c{i}" for i in range(8)], "val": ["c8"], "test": ["c9"]}
+    finetuning = load_parameters("finetuning")["finetuning"]
+    processing = load_parameters("data_processing")["data_processing"]
+    conversion = load_parameters("sentence_conversion")["sentence_conversion"]
+    saved, _ = record_annotator_metadata(build_gpt_neox(model.tokenizer, ARCHITECTURE), cells, split, finetuning, processing, conversion)
+    assert annotator_record(saved).labels == LABELS

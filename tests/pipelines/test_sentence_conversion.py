@@ -121,13 +121,13 @@ def _two_lanes(counts_adata):
 
 def test_repeated_cell_names_made_unique_never_put_a_training_cell_in_the_test_part(counts_adata, params):
     from c2s_kedro.core.sentences import select_cells
-    from c2s_kedro.core.validation import make_cell_names_unique
     from c2s_kedro.pipelines.annotation.nodes import select_test_cells
+    from c2s_kedro.pipelines.data_processing.nodes import validate_raw_adata
 
     raw = _two_lanes(counts_adata)
     assert not raw.obs_names.is_unique
-    processed, n_repeated = make_cell_names_unique(raw.copy())  # what data_processing's validation does
-    assert n_repeated == 30
+    processed = validate_raw_adata(raw.copy(), load_parameters("data_processing")["data_processing"])
+    assert processed.n_obs == 60 and processed.obs_names.is_unique
     catalog = run_pipeline(create_pipeline(), {"processed_adata": normalize_log10(processed), **params_entries(params)})
     split, sentences = catalog.load("data_split"), catalog.load("cell_sentences")
     parts = [set(split[part]) for part in ("train", "val", "test")]

@@ -29,11 +29,12 @@ import scipy.sparse as sp
 from datasets import Dataset
 from sklearn.metrics import accuracy_score, f1_score
 
+from c2s_kedro.core.evaluation import report_scored_cells
 from c2s_kedro.core.inference import predict_labels
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.preprocessing import QCThresholds, normalize_log10, quality_control
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
-from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, select_cells, vocabulary_names
+from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, has_label, select_cells, vocabulary_names
 from c2s_kedro.core.validation import validate_input
 
 logger = logging.getLogger(__name__)
@@ -78,11 +79,12 @@ class AnnotatorRecord:
 
 
 def training_labels(cell_sentences: Dataset, train_cells: Sequence[str], label_column: str) -> list[str]:
-    """The labels of the train cells, sorted: the label set a model fine-tuned on them knows."""
+    """The labels of the train cells, sorted: the label set a model fine-tuned on them knows (cells
+    without a label, ``has_label``, add none)."""
     if label_column not in cell_sentences.column_names:
         raise KeyError(f"'{label_column}' is not a column of the cell sentences; available: {', '.join(cell_sentences.column_names)}")
     values = select_cells(cell_sentences, train_cells)[label_column]
-    return sorted({str(v) for v in values if v is not None})
+    return sorted({str(v) for v, present in zip(values, has_label(values)) if present})
 
 
 def training_genes(cell_sentences: Dataset, train_cells: Sequence[str], top_k_genes: int | None = None) -> list[str]:
@@ -198,8 +200,12 @@ def _canonical(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
 
 
 def organisms_of(adata: ad.AnnData, column: str) -> list[str | None] | None:
-    """The cells' organism from ``obs[column]`` when there is one (None otherwise)."""
-    return adata.obs[column].astype(str).tolist() if column in adata.obs.columns else None
+    """The cells' organism from ``obs[column]`` when there is one (None otherwise); a cell without
+    one (``has_label``) gets None, which prompts read as the default organism, never "nan"."""
+    if column not in adata.obs.columns:
+        return None
+    values = adata.obs[column]
+    return [str(v) if present else None for v, present in zip(values, has_label(values))]
 
 
 def labelling_prompts(
@@ -318,7 +324,8 @@ def annotation_metrics(
 ) -> dict[str, float]:
     """Cells in, removed by QC, annotated (given a label), share ``Unassigned`` (of the cells past
     QC), cells per label, genes matched to the model's vocabulary and, when ``label_column`` is an
-    obs column, accuracy and macro-F1 against it (``Unassigned`` counts as wrong)."""
+    obs column, accuracy and macro-F1 against it over the cells that have a label (``has_label``;
+    ``Unassigned`` counts as wrong), with ``n_cells_without_label`` and ``n_scored_cells``."""
     predicted = annotated.obs["c2s_cell_type"].astype(str)
     n_after = annotated.n_obs
     metrics: dict[str, float] = {
@@ -336,8 +343,15 @@ def annotation_metrics(
     for label in [*annotated.uns["c2s_labels"], UNASSIGNED]:
         metrics[f"n_cells_{label}"] = float((predicted == label).sum())  # made MLflow-safe where it is logged
     if label_column and label_column in annotated.obs.columns:
-        truth = annotated.obs[label_column].astype(str)
-        metrics["accuracy"] = float(accuracy_score(truth, predicted))
-        metrics["macro_f1"] = float(f1_score(truth, predicted, labels=sorted(set(truth)), average="macro", zero_division=0))
+        labelled = has_label(annotated.obs[label_column])
+        metrics["n_cells_without_label"] = float((~labelled).sum())
+        if not labelled.all():
+            logger.warning("%d of %d annotated cells have no '%s' label: left out of the accuracy", int((~labelled).sum()),
+                           n_after, label_column)
+        metrics.update(report_scored_cells(int(labelled.sum()), "the annotation is"))
+        if labelled.any():
+            truth, guessed = annotated.obs[label_column][labelled].astype(str), predicted[labelled]
+            metrics["accuracy"] = float(accuracy_score(truth, guessed))
+            metrics["macro_f1"] = float(f1_score(truth, guessed, labels=sorted(set(truth)), average="macro", zero_division=0))
     return metrics
 
