@@ -13,7 +13,7 @@ from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.training import IGNORE_INDEX, tokenize_dataset
 from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipelines.finetuning import create_pipeline
-from c2s_kedro.pipelines.finetuning.nodes import finetune_model, format_finetuning_prompts
+from c2s_kedro.pipelines.finetuning.nodes import finetune_model, format_finetuning_prompts, summarize_finetuning
 from tests.helpers import load_parameters, params_entries, run_pipeline, tiny_cell_sentences
 
 GENES = [f"GENE{i}" for i in range(300)]
@@ -182,6 +182,8 @@ def test_the_finetuning_pipeline_runs_and_counts_its_samples(tokenizer, cells, t
     metrics = catalog.load("finetuning_metrics")
     assert {k: metrics[k] for k in ("n_train_samples", "n_val_samples", "n_test_samples")} == {
         "n_train_samples": 16.0, "n_val_samples": 3.0, "n_test_samples": 4.0}
+    assert [metrics[f"n_{part}_cells"] for part in ("train", "val", "test")] == [8.0, 2.0, 2.0]
+    assert metrics["n_train_cells_without_label"] == 0.0
     losses = [e["loss"] for e in catalog.load("finetuning_log") if "loss" in e]
     assert metrics["global_step"] == 3.0 and [metrics["train_loss_first"], metrics["train_loss_last"]] == [losses[0], losses[-1]]
     assert catalog.load("finetuned_model").model.config.c2s_annotator["labels"] == ["B cell", "T cell"]
@@ -218,3 +220,24 @@ def test_a_template_file_drives_the_saved_prompt_dataset(tokenizer, cells, tmp_p
     (tmp_path / "p.json").write_text(json.dumps({"model_input": prediction["model_input"]}))
     with pytest.raises(ValueError, match=r"p.json has no field 'response'.*Change finetuning.prompt_templates"):
         format_finetuning_prompts(cells, SPLIT, model, _params(prompt_templates=files))
+
+
+def test_cells_without_a_label_get_no_prompt_and_the_split_is_reported(tokenizer, caplog):
+    import re
+
+    cells = tiny_cell_sentences(GENES, n_cells=12)
+    cells = cells.remove_columns("cell_type").add_column("cell_type", ["T cell", "B cell", None, "T cell", "nan", "B cell"] * 2)
+    # 12 cells through fine-tuning: 6/3/3 where 80/10/10 was asked
+    split = {"train": [f"c{i}" for i in range(6)], "val": ["c6", "c7", "c8"], "test": ["c9", "c10", "c11"],
+             "fractions": {"train": 0.8, "val": 0.1, "test": 0.1}}
+    prompts = format_finetuning_prompts(cells, split, build_gpt_neox(tokenizer, ARCHITECTURE), _params())
+    for part, n_labelled in (("train", 4), ("val", 2), ("test", 2)):
+        assert prompts[part].num_rows == 2 * n_labelled  # one sample per task and labelled cell
+        texts = " ".join(list(prompts[part]["model_input"]) + list(prompts[part]["response"]))
+        assert not re.search(r"\bNone\b|\bnan\b", texts)
+    metrics = summarize_finetuning([], prompts, cells, split, _params())
+    assert {key: metrics[key] for key in ("n_train_cells", "n_val_cells", "n_test_cells", "train_share", "test_share")} == {
+        "n_train_cells": 6.0, "n_val_cells": 3.0, "n_test_cells": 3.0, "train_share": 0.5, "test_share": 0.25}
+    assert [metrics[f"n_{part}_cells_without_label"] for part in ("train", "val", "test")] == [2.0, 1.0, 1.0]
+    assert "the split of 12 cells cannot honour its fractions: 0.8/0.1/0.1 asked, 6/3/3 made" in caplog.text
+    assert "the test part holds 3 cells, fewer than 20" in caplog.text

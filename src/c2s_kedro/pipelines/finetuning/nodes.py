@@ -98,9 +98,19 @@ def plot_finetuning_loss(finetuning_log: list[dict[str, Any]]) -> plt.Figure:
     return core.plotting.loss_curve_plot(finetuning_log, "Fine-tuning")
 
 
-def summarize_finetuning(finetuning_log: list[dict[str, Any]], finetuning_prompts: DatasetDict) -> dict[str, float]:
-    """Losses, runtime, and how many samples each part had."""
+def summarize_finetuning(
+    finetuning_log: list[dict[str, Any]], finetuning_prompts: DatasetDict, cell_sentences: Dataset, data_split: dict[str, Any],
+    params: dict[str, Any],
+) -> dict[str, float]:
+    """Losses, runtime, how many samples each part had, the split's cells per part and their share
+    (a split that misses its fractions is logged: ``split_report``), and each part's cells without a
+    label (they got no prompt)."""
+    settings = read_parameters(FinetuningParameters, params, "finetuning")
+    parts = {part: data_split[part] for part in ("train", "val", "test")}
+    labels = {part: core.sentences.select_cells(cell_sentences, names)[settings.label_column] for part, names in parts.items()}
     return {
         **core.training.summarize_history(finetuning_log),
         **{f"n_{part}_samples": float(finetuning_prompts[part].num_rows) for part in finetuning_prompts},
+        **core.splitting.split_report(parts, data_split.get("fractions")),
+        **{f"n_{part}_cells_without_label": float((~core.sentences.has_label(values)).sum()) for part, values in labels.items()},
     }

@@ -33,7 +33,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(nodes.plot_finetuning_loss, "finetuning_log", "finetuning_loss_plot", name="plot_finetuning_loss"),
             node(
                 nodes.summarize_finetuning,
-                ["finetuning_log", "finetuning_prompts"],
+                ["finetuning_log", "finetuning_prompts", "cell_sentences", "data_split", "params:finetuning"],
                 "finetuning_metrics",
                 name="summarize_finetuning",
             ),
