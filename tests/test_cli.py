@@ -70,3 +70,20 @@ def test_python_m_c2s_kedro_runs_the_same_command():
     from c2s_kedro import cli
 
     assert find_run_command("c2s_kedro") is cli.run is cli.cli.commands["run"]
+
+
+def test_a_malformed_yaml_file_in_conf_is_one_line_naming_the_file_and_line(tmp_path):
+    from kedro.config import OmegaConfigLoader
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "local").mkdir()
+    malformed = tmp_path / "base" / "parameters_finetuning.yml"
+    malformed.write_text("finetuning:\n  epochs: [1, 2\n  learning_rate: 3\n")
+    loader = OmegaConfigLoader(str(tmp_path), base_env="base", default_run_env="local")
+    result = CliRunner().invoke(_command(lambda: loader["parameters"]))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert lines[0].startswith(f"Error: {malformed.as_posix()}, line 3, column ")  # counted from 1, as editors do
+    assert "malformed YAML (" in lines[0]
+    assert "expected ',' or ']'" in lines[0]

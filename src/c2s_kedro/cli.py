@@ -14,6 +14,7 @@ import copy
 import functools
 import linecache
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -61,6 +62,29 @@ def user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+KEDRO_YAML_ERROR = re.compile(r"Invalid YAML or JSON file (?P<path>.+?), unable to read line")
+
+
+def configuration_error(error: BaseException) -> str | None:
+    """A malformed file in conf/ (Kedro's config loader refuses it) as one line: the file, the line and
+    column as an editor counts them (from 1), and what YAML expected there; None for any other error."""
+    import yaml
+
+    current: BaseException | None = error
+    while current is not None:
+        match = KEDRO_YAML_ERROR.match(str(current)) if isinstance(current, yaml.YAMLError) else None
+        if match:
+            problem = current.__cause__
+            mark = getattr(problem, "problem_mark", None)
+            if mark is None:
+                return one_line(current)
+            what = " ".join(part for part in (getattr(problem, "context", None), getattr(problem, "problem", None)) if part)
+            return (f"{match['path']}, line {mark.line + 1}, column {mark.column + 1}: malformed YAML ({what}); "
+                    "fix the file and run again.")
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (a KeyError's message without the quotes repr adds)."""
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
@@ -77,10 +101,13 @@ def quiet_errors(command: click.Command) -> click.Command:
         try:
             return callback(*args, **kwargs)
         except Exception as error:
-            cause = user_error(error)
-            if cause is None or os.environ.get("C2S_TRACEBACK"):
+            if os.environ.get("C2S_TRACEBACK"):
                 raise
-            click.secho(f"Error: {one_line(cause)}", fg="red", err=True)
+            cause = user_error(error)
+            message = one_line(cause) if cause is not None else configuration_error(error)
+            if message is None:
+                raise
+            click.secho(f"Error: {message}", fg="red", err=True)
             sys.exit(1)
 
     quiet.callback = run_quietly
