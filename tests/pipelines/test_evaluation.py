@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from datasets import Dataset
 
@@ -139,3 +140,24 @@ def test_evaluation_prompts_use_the_template_file(setting, tmp_path):
     path.write_text(json.dumps({"model_input": ["Zorp {cell_sentence} {tissue}"], "response": ["{cell_type}."]}))
     with pytest.raises(ValueError, match=r"unknown placeholder\(s\) \{tissue\}.*Change evaluation.prompt_templates"):
         build_evaluation_prompts(cells, split, model, _params(prompt_templates={"cell_type_prediction": str(path)}))
+
+
+def test_test_cells_without_a_label_are_predicted_not_scored_and_few_cells_say_so(setting, caplog):
+    from c2s_kedro.core.preprocessing import normalize_log10
+
+    cells, model, split = setting
+    cells = cells.remove_columns("cell_type").add_column("cell_type", ["T cell", "B cell", None, "B cell", "nan"] * 2)
+    prompts = build_evaluation_prompts(cells, split, model, _params())
+    assert prompts["labels"] == ["B cell", "T cell"]  # train cells c2 and c4 add no label
+    assert prompts["cell_name"] == ["c7", "c8", "c9"] and prompts["label"] == [None, "B cell", None]
+    scored = predict_by_label_scoring(prompts, model, _params())
+    adata = normalize_log10(make_counts_adata(n_cells=10))
+    adata.obs_names = [f"c{i}" for i in range(10)]
+    adata.obs["cell_type"] = pd.Categorical(cells["cell_type"])
+    baseline = predict_by_baseline(adata, split, _params())
+    assert set(baseline["prediction"]) <= {"B cell", "T cell"}
+    metrics, per_class, _, combined = score_predictions(scored.assign(answer="x"), scored, baseline, baseline, prompts)
+    assert metrics["n_test_cells"] == 3 and metrics["n_cells_without_label"] == 2 and metrics["n_scored_cells"] == 1
+    assert set(per_class["cell_type"]) == {"B cell", "T cell"} and per_class.groupby("method")["support"].sum().eq(1).all()
+    assert combined["cell_name"].tolist() == ["c7", "c8", "c9"]
+    assert "the cell-type predictions are scored on 1 cells, fewer than 20" in caplog.text
