@@ -226,3 +226,16 @@ def test_the_store_hook_finds_the_sqlite_file_as_kedro_mlflow_reads_the_uri(tmp_
     assert sqlite_store_path(f"sqlite:///{tmp_path}/runs/mlflow.db", "/elsewhere") == tmp_path / "runs" / "mlflow.db"
     assert sqlite_store_path("mlruns", tmp_path) is None
     assert sqlite_store_path("http://tracking.example:5000", tmp_path) is None
+
+
+def test_settings_in_conf_local_that_another_environment_does_not_read_are_named(tmp_path):
+    from c2s_kedro.hooks import unread_local_settings
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / ".gitkeep").touch()
+    (local / "credentials.yml").write_text("# nothing yet\n")
+    assert unread_local_settings(tmp_path, "test") == []  # nothing to miss
+    (local / "catalog.yml").write_text("raw_adata:\n  filepath: /data/mine.h5ad\n")
+    assert unread_local_settings(tmp_path, "test") == ["catalog.yml"]
+    assert unread_local_settings(tmp_path, "local") == []  # read: the default environment

@@ -40,6 +40,47 @@ class StopBetweenNodesHook:
         stop_if_requested(f"node {node.name}")
 
 
+def unread_local_settings(conf_source: Path | str, env: str, default_env: str = "local") -> list[str]:
+    """The files of ``conf/<default_env>`` that hold settings (non-empty YAML) when the run's
+    environment is another one, which Kedro does not read: it layers conf/base and the run's
+    environment only, and the default environment is the one used when no ``--env`` is given."""
+    import yaml
+
+    folder = Path(conf_source) / default_env
+    if env == default_env or not folder.is_dir():
+        return []
+    unread = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix not in (".yml", ".yaml", ".json") or not path.is_file():
+            continue
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            content = True  # a malformed file holds something too
+        if content:
+            unread.append(path.relative_to(folder).as_posix())
+    return unread
+
+
+class EnvironmentLayersHook:
+    """Says once when ``conf/local`` holds settings that this run does not read (``--env test``):
+    Kedro's rule, which otherwise silently runs on the built-in data and defaults."""
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        from kedro.framework.project import settings
+
+        default_env = settings.CONFIG_LOADER_ARGS.get("default_run_env", "local")
+        unread = unread_local_settings(context.config_loader.conf_source, context.env or default_env, default_env)
+        if unread and process_rank() == 0:
+            logger.warning(
+                "conf/%s holds settings (%s) that this run does not read: Kedro reads conf/base, then the run's "
+                "environment only (--env %s: conf/%s); conf/%s is the environment of a run without --env. Put the "
+                "settings this run needs in conf/%s too, or run without --env.",
+                default_env, ", ".join(unread), context.env, context.env, default_env, context.env,
+            )
+
+
 # ---- the MLflow run of each `kedro run` ------------------------------------------------------------
 
 PID_TAG, HOST_TAG, ENDED_TAG = "c2s.pid", "c2s.host", "c2s.ended"

@@ -8,6 +8,7 @@ ignore_library_noise()  # also for sessions created outside the `kedro` command 
 
 from c2s_kedro.hooks import (
     CatalogStaysLazyHook,
+    EnvironmentLayersHook,
     MlflowArtifactsFollowTheProjectHook,
     MlflowRunLivenessHook,
     MlflowRunNameHook,
@@ -21,6 +22,7 @@ HOOKS = (
     CatalogStaysLazyHook(),
     ParameterNamespaceHook(),
     StopBetweenNodesHook(),
+    EnvironmentLayersHook(),
     MlflowStoreHook(),
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
