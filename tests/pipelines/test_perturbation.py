@@ -142,9 +142,9 @@ def test_missing_perturbation_column_or_control_label_stops_with_the_setting_to_
     with pytest.raises(ParameterError, match="perturbation.qc"):  # the old layout is refused by name
         check_screen_layout(screen, copy.deepcopy(params) | {"qc": {}})
     normalized = screen.copy()
-    normalized.X = normalized.X * 0.37  # normalized-looking, not integers
+    normalized.X = normalized.X * 0.37  # not integers: the door names the screen's own setting
     parameters = _params(tmp_path)
-    with pytest.raises(ValueError, match="Raw counts.*Change perturbation.data_processing.input_is_normalized"):
+    with pytest.raises(ValueError, match="perturbation.data_processing.accept_non_integer_counts"):
         run_pipeline(PIPELINES["perturbation_data"], {"perturbseq_raw": normalized, **params_entries(parameters)})
 
 

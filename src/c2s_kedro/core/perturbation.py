@@ -4,11 +4,14 @@ sample a posterior over responses and summarise it as expression.
 
 A screen is an AnnData with one row per cell and an ``.obs`` column naming the perturbation of
 each cell (controls carry one label, ``non-targeting`` in Replogle-style screens). Every column
-the code reads is named in ``ScreenColumns``.
+the code reads is named in ``ScreenColumns``. A perturbation names one target gene or, in a
+combinatorial screen, several joined by a separator (``GENE1+GENE2``); ``ScreenTargets`` says
+which genes of the screen each perturbation targets, for every step that needs its targets.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -37,7 +40,7 @@ from c2s_kedro.core.prompts import (
 )
 from c2s_kedro.core.sentences import RankFit, reconstruct_expression
 from c2s_kedro.core.splitting import split_names
-from c2s_kedro.core.validation import make_gene_names_unique, use_gene_symbols
+from c2s_kedro.core.validation import sentence_safe_gene_name, tidy_gene_names
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +59,126 @@ class ScreenColumns:
 
     ``batch`` (e.g. ``gem_group``) pairs controls within the same batch when set; ``gene_symbol``
     names the ``.var`` column holding gene symbols when ``var_names`` are Ensembl ids (None:
-    ``var_names`` are symbols already).
+    ``var_names`` are symbols already); ``combination_separator`` joins the targets of a
+    combinatorial perturbation (``GENE1+GENE2``; None: every label is one target).
     """
 
     perturbation: str = "gene"
     control_label: str = "non-targeting"
     batch: str | None = "gem_group"
     gene_symbol: str | None = "gene_name"
+    combination_separator: str | None = "+"
+
+
+def gene_key(name: str) -> str:
+    """A gene or target name as cell sentences write it: one word (``sentence_safe_gene_name``,
+    the mapping the data's gene names go through), upper-cased like the sentences' vocabulary."""
+    return sentence_safe_gene_name(name).upper()
+
+
+def perturbation_targets(name: str, columns: ScreenColumns) -> tuple[str, ...]:
+    """The target genes a perturbation label names, as sentences write genes (``gene_key``): the
+    parts between ``columns.combination_separator`` (``"A+B"`` -> ``("A", "B")``; empty parts
+    skipped). The control label names none and is never split; a part equal to it (``GENE+ctrl``,
+    as GEARS-style screens write single perturbations) is no target."""
+    label = str(name)
+    if label == columns.control_label:
+        return ()
+    separator = columns.combination_separator
+    parts = label.split(separator) if separator else [label]
+    control = gene_key(columns.control_label)
+    return tuple(key for key in (gene_key(part) for part in parts) if key and key != control)
+
+
+def perturbation_label(name: str, columns: ScreenColumns) -> str:
+    """A perturbation's label as the pipelines write it: its targets (``perturbation_targets``)
+    joined by the separator, so that ``"hes4 variant"`` and ``"HES4_variant"`` are one label and
+    ``"CBL+ctrl"`` is ``"CBL"``. The control label, and a label naming no target, are kept
+    (the latter upper-cased)."""
+    label = str(name)
+    if label == columns.control_label:
+        return label
+    targets = perturbation_targets(label, columns)
+    return (columns.combination_separator or "").join(targets) if targets else label.upper()
+
+
+class ScreenTargets:
+    """Which genes of ``genes`` each perturbation targets (``perturbation_targets``): genes are
+    matched as sentences write them (``gene_key``), so ``HES4 variant`` finds the gene
+    ``HES4_variant`` and ``C1ORF112`` the gene ``C1orf112``."""
+
+    def __init__(self, genes: Sequence[str], columns: ScreenColumns) -> None:
+        self.columns = columns
+        self.position: dict[str, int] = {}
+        for i, gene in enumerate(genes):
+            self.position.setdefault(gene_key(gene), i)
+
+    def targets(self, name: str) -> tuple[str, ...]:
+        return perturbation_targets(name, self.columns)
+
+    def positions(self, name: str) -> list[int | None]:
+        """Each target's column among the genes (None for a target that is not a gene)."""
+        return [self.position.get(target) for target in self.targets(name)]
+
+    def not_genes(self, name: str) -> list[str]:
+        """The targets of ``name`` that are not among the genes."""
+        return [target for target in self.targets(name) if target not in self.position]
+
+    def is_combination(self, name: str) -> bool:
+        return len(self.targets(name)) > 1
+
+
+def screen_targets(labels: pd.Series, genes: Sequence[str], columns: ScreenColumns) -> dict[str, Any]:
+    """What a screen's perturbation labels (one per cell) target, against its ``genes``: the targets
+    that are not among the genes with the cells of the perturbations naming each
+    (``targets_not_among_genes``), how many cells name at least one
+    (``n_cells_target_not_among_genes``), and the combinatorial perturbations with their cells
+    (``combinations``). JSON-ready."""
+    counts = labels.astype(str).value_counts()
+    resolver = ScreenTargets(genes, columns)
+    missing: dict[str, int] = {}
+    n_missing_cells = 0
+    combinations: dict[str, int] = {}
+    for name, n in sorted(counts.items()):
+        if name == columns.control_label:
+            continue
+        absent = resolver.not_genes(name) or ([] if resolver.targets(name) else [str(name)])
+        for target in absent:
+            missing[target] = missing.get(target, 0) + int(n)
+        n_missing_cells += int(n) if absent else 0
+        if resolver.is_combination(name):
+            combinations[str(name)] = int(n)
+    return {"targets_not_among_genes": missing, "n_cells_target_not_among_genes": n_missing_cells,
+            "combinations": combinations}
+
+
+def target_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """``screen_targets``' report as flat metrics."""
+    return {"n_targets_not_among_genes": float(len(report["targets_not_among_genes"])),
+            "n_cells_target_not_among_genes": float(report["n_cells_target_not_among_genes"]),
+            "n_combination_perturbations": float(len(report["combinations"])),
+            "n_combination_cells": float(sum(report["combinations"].values()))}
+
+
+def _listed(counts: dict[str, int], limit: int = 20) -> str:
+    items = [f"{name} ({n} cells)" for name, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def log_screen_targets(report: dict[str, Any], genes: str, level: int = logging.WARNING) -> None:
+    """One log line each (at ``level``) for the targets not among ``genes`` (what they are: e.g.
+    "the screen's genes") and for the combinatorial perturbations of ``screen_targets``' report."""
+    missing = report["targets_not_among_genes"]
+    if missing:
+        logger.log(level,
+            "%d perturbation targets are not among %s: %s. Their %d cells stay in training and evaluation: prompts "
+            "name the target, the baselines and knockdown diagnostics that need the target's gene say what they do "
+            "instead (perturbation_metrics)", len(missing), genes, _listed(missing),
+            report["n_cells_target_not_among_genes"],
+        )
+    if report["combinations"]:
+        logger.info("%d combinatorial perturbations, each parsed into its targets: %s", len(report["combinations"]),
+                    _listed(report["combinations"]))
 
 
 class ScreenLayoutError(KeyError):
@@ -106,22 +222,32 @@ def check_screen(adata: ad.AnnData, columns: ScreenColumns) -> None:
         )
 
 
-def screen_for_processing(adata: ad.AnnData, columns: ScreenColumns, truth_key: str) -> tuple[ad.AnnData, pd.DataFrame]:
-    """The screen ready for the atlas's processing: perturbation names upper-cased like the gene
-    vocabulary (the control label kept) and the simulator's truth (``varm[truth_key]``, genes x
-    perturbations, expected log2 fold change) taken out as a table with one row per gene, named as
-    processing will name it; no rows for a real screen. The counts are shared, not copied."""
+def screen_gene_names(adata: ad.AnnData, columns: ScreenColumns) -> pd.Index:
+    """The screen's gene names as processing will name them (``tidy_gene_names``: symbols from
+    ``columns.gene_symbol``, one word of a sentence each, duplicates suffixed). Reads ``.var`` only."""
+    return tidy_gene_names(ad.AnnData(var=adata.var.copy()), columns.gene_symbol)[0].var_names.astype(str)
+
+
+def screen_for_processing(
+    adata: ad.AnnData, columns: ScreenColumns, truth_key: str, genes: pd.Index | None = None,
+) -> tuple[ad.AnnData, pd.DataFrame]:
+    """The screen ready for the atlas's processing: perturbation labels written as the pipelines
+    write them (``perturbation_label``: targets upper-cased like the gene vocabulary and made one
+    word each, combinations joined by the separator; the control label kept) and the simulator's
+    truth (``varm[truth_key]``, genes x perturbations, expected log2 fold change) taken out as a
+    table with one row per gene, named as processing will name it; no rows for a real screen. The
+    counts are shared, not copied. ``genes``: ``screen_gene_names`` when the caller has them."""
     labels = adata.obs[columns.perturbation].astype(str)
     obs = adata.obs.copy()
-    obs[columns.perturbation] = labels.where(labels == columns.control_label, labels.str.upper())
+    obs[columns.perturbation] = labels.map({name: perturbation_label(name, columns) for name in labels.unique()})
     varm = {key: value for key, value in adata.varm.items() if key != truth_key}
     screen = ad.AnnData(X=adata.X, obs=obs, var=adata.var.copy(), varm=varm, layers=dict(adata.layers), uns=dict(adata.uns))
     truth = pd.DataFrame({"gene": pd.Series([], dtype=str)})  # a real screen: no rows (still a readable CSV)
     if truth_key in adata.varm:
         table = pd.DataFrame(adata.varm[truth_key])
-        genes = make_gene_names_unique(use_gene_symbols(ad.AnnData(var=adata.var.copy()), columns.gene_symbol)).var_names
-        truth = pd.DataFrame(np.asarray(table), index=pd.Index(genes.astype(str), name="gene"),
-                             columns=[str(c).upper() for c in table.columns]).reset_index()
+        genes = screen_gene_names(adata, columns) if genes is None else genes
+        truth = pd.DataFrame(np.asarray(table), index=pd.Index(genes, name="gene"),
+                             columns=[perturbation_label(c, columns) for c in table.columns]).reset_index()
     return screen, truth
 
 
@@ -162,15 +288,20 @@ def perturbation_prompts(
     Beside ``test`` (pairs of held-out perturbations' cells with test controls) and, when the split
     has one, ``test_seen`` (the same for held-out cells of seen perturbations), the ``posterior``
     part holds the prompts to sample (``posterior_prompt_pairs``): every perturbation of both test
-    sets, and the control label, on the same ``posterior_controls`` test control cells."""
+    sets, and the control label, on the same ``posterior_controls`` test control cells. Prompts
+    name a combination's targets one by one (``perturbation_phrase``); a gene-level ``tokenizer``
+    without a token for some target is refused (``check_target_tokens``)."""
     keep = [c for c in ("cell_name", columns.perturbation, columns.batch) if c]
     missing = [c for c in keep if c not in sentences.column_names]
     if missing:
         raise KeyError(f"column(s) {missing} are not in the screen's cell sentences; convert them with the sentences")
     obs = sentences.select_columns(keep).to_pandas().set_index("cell_name")
     lookup = top_k_sentences(sentences, top_k_genes)
+    perturbations = sorted({name for part in ("train", "val", "test", "test_seen") for name in split.get(f"{part}_perturbations", [])})
+    check_target_tokens(tokenizer, perturbations, columns,
+                        [gene for sentence in itertools.islice(lookup.values(), 20) for gene in sentence.split()])
     options = {"top_k_genes": top_k_genes, "control_top_k_genes": control_top_k_genes, "template": template, "seed": seed,
-               "tokenizer": tokenizer, "max_tokens": max_tokens}
+               "tokenizer": tokenizer, "max_tokens": max_tokens, "columns": columns}
     parts = {}
     for offset, part in enumerate(("train", "val")):
         pairs = paired_sentences(control_pairs(obs, split, part, columns, seed + 10 * offset, controls_per_cell,
@@ -228,18 +359,20 @@ def posterior_prompt_pairs(split: dict[str, Any], columns: ScreenColumns, senten
 def knockdown_drop_share(obs: pd.DataFrame, split: dict[str, Any], columns: ScreenColumns, sentences: dict[str, str]) -> float:
     """How often a knockdown takes its target out of a top-k sentence, measured on the training
     cells: 1 - (share of perturbed cells whose sentence holds their target) / (share of control
-    cells whose sentence holds it), pooled over the training perturbations whose target is a gene
-    of the sentences (0 when none is). CRISPRi on the default screen: about 0.97."""
+    cells whose sentence holds it), pooled over the targets of the training perturbations (each
+    target of a combination) that are genes of the sentences (0 when none is). CRISPRi on the
+    default screen: about 0.97."""
     labels = obs[columns.perturbation].astype(str)
     perturbed = pd.Index(split["train"])
     controls = [set(sentences[c].split()) for c in split["control_train"]]
     held, expected = 0.0, 0.0
     for name, cells in pd.Series(perturbed, index=perturbed).groupby(labels.loc[perturbed].to_numpy()):
-        in_controls = float(np.mean([name in genes for genes in controls])) if controls else 0.0
-        if in_controls == 0.0:
-            continue  # not a gene of the sentences, or never in a control's top k: nothing to measure
-        held += sum(name in sentences[c].split() for c in cells)
-        expected += in_controls * len(cells)
+        for target in perturbation_targets(name, columns):
+            in_controls = float(np.mean([target in genes for genes in controls])) if controls else 0.0
+            if in_controls == 0.0:
+                continue  # not a gene of the sentences, or never in a control's top k: nothing to measure
+            held += sum(target in sentences[c].split() for c in cells)
+            expected += in_controls * len(cells)
     return float(np.clip(1.0 - held / expected, 0.0, 1.0)) if expected else 0.0
 
 
@@ -387,6 +520,7 @@ def split_screen(
     parts: dict[str, list[str]] = {part: [] for part in SPLIT_PARTS}
     if mode == "perturbations":
         if test_perturbations:
+            test_perturbations = sorted({perturbation_label(name, columns) for name in test_perturbations})
             unknown = sorted(set(test_perturbations) - set(names))
             if unknown:
                 raise ValueError(f"test_perturbations {unknown} are not perturbations of the screen")
@@ -444,7 +578,8 @@ class PerturbationPromptFormatter(PromptFormatter):
     Input columns: ``control_sentence``, ``perturbed_sentence``, ``perturbation`` (the others, e.g.
     cell names, are kept). ``top_k_genes`` cuts both sentences (None keeps every expressed gene),
     ``control_top_k_genes`` the control sentence shorter still; ``template`` picks one template for
-    every sample (its index) instead of one drawn per sample.
+    every sample (its index) instead of one drawn per sample. The perturbation is named as
+    ``perturbation_phrase`` writes it with ``columns`` (a combination's targets as "A and B").
     With a ``tokenizer`` and ``max_tokens`` every sample fits the context: with ``response_budget``
     None (training) the response is kept whole and the control sentence loses genes from its end;
     with ``response_budget`` set (generation: ``max_new_tokens``) the prompt is fitted to
@@ -463,6 +598,7 @@ class PerturbationPromptFormatter(PromptFormatter):
         on_overflow: str = "shorten",
         control_top_k_genes: int | None = None,
         template: int | None = None,
+        columns: ScreenColumns = ScreenColumns(),
     ) -> None:
         super().__init__(seed=seed)
         if on_overflow not in ("shorten", "error"):
@@ -475,6 +611,7 @@ class PerturbationPromptFormatter(PromptFormatter):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be null or a positive number of genes, got {value!r}")
         self.template = template
+        self.columns = columns
         self.top_k_genes = top_k_genes
         self.control_top_k_genes = control_top_k_genes if control_top_k_genes is not None else top_k_genes
         self.tokenizer = tokenizer
@@ -508,7 +645,7 @@ class PerturbationPromptFormatter(PromptFormatter):
                                                            batch["perturbation"], choices):
             genes = (control or "").split()[: self.control_top_k_genes]
             template = self.templates.inputs[choice]
-            fields = {"perturbation": str(name).upper()}
+            fields = {"perturbation": perturbation_phrase(name, self.columns)}
             if self.max_tokens is None:
                 prompt, n_kept = template.format(num_genes=len(genes), cell_sentence=" ".join(genes), **fields), len(genes)
             else:
@@ -541,6 +678,48 @@ class PerturbationPromptFormatter(PromptFormatter):
                 self.n_shortened, dataset.num_rows, self.max_tokens,
             )
         return formatted
+
+
+def perturbation_phrase(name: str, columns: ScreenColumns) -> str:
+    """How a prompt names a perturbation: its label upper-cased, and a combination as the list of
+    its targets ("A and B", "A, B and C"), so that a model reads each target as a word of its own."""
+    targets = perturbation_targets(name, columns)
+    if len(targets) < 2:
+        return str(name).upper()
+    return f"{', '.join(targets[:-1])} and {targets[-1]}"
+
+
+def target_words(perturbations: Sequence[str], vocabulary: Sequence[str], columns: ScreenColumns) -> list[str]:
+    """The targets of ``perturbations`` that are not words of ``vocabulary`` (the sentences'
+    genes), sorted: a gene-level tokenizer needs them as words of their own."""
+    known = set(vocabulary)
+    return sorted({target for name in perturbations for target in perturbation_targets(name, columns)} - known)
+
+
+class TargetTokenError(LookupError):
+    """A gene-level tokenizer has no token for a perturbation target (no setting changes that: the
+    model's tokenizer does)."""
+
+
+def check_target_tokens(tokenizer, perturbations: Sequence[str], columns: ScreenColumns, genes: Sequence[str]) -> None:
+    """Refuse a gene-level tokenizer (each of ``genes`` one token, as the offline base model's) that
+    would spell a target of ``perturbations`` in characters: such a model would read the name as
+    letters. A subword tokenizer (a hub model's) reads genes and targets alike in pieces: nothing
+    to check."""
+    sample = list(dict.fromkeys(genes))[:50]
+    if not sample or (count_tokens(tokenizer, [" " + gene for gene in sample]) != 1).any():
+        return
+    targets = sorted({target for name in perturbations for target in perturbation_targets(name, columns)})
+    if not targets:
+        return
+    spelled = [target for target, n in zip(targets, count_tokens(tokenizer, [" " + t for t in targets])) if n != 1]
+    if spelled:
+        raise TargetTokenError(
+            f"the model's tokenizer has a token for every gene but not for perturbation target(s) "
+            f"{', '.join(spelled[:10])}{' ...' if len(spelled) > 10 else ''} ({len(spelled)} of {len(targets)}): it would "
+            "read them letter by letter. Rebuild the base model from this screen (the offline base model's tokenizer "
+            "gives every target a token of its own), or start from a model with a subword tokenizer"
+        )
 
 
 def paired_sentences(pairs: pd.DataFrame, sentences: dict[str, str]) -> Dataset:
@@ -620,10 +799,12 @@ def sample_posterior(
                                        "n_unknown", "n_repeated"])
 
 
-def choose_perturbations(available: Sequence[str], which: int | Sequence[str] | None, seed: int = 0) -> list[str]:
+def choose_perturbations(
+    available: Sequence[str], which: int | Sequence[str] | None, seed: int = 0, columns: ScreenColumns = ScreenColumns(),
+) -> list[str]:
     """The held-out perturbations to sample, sorted: all of ``available`` (``which`` None), that many
-    drawn at random (an integer; seeded), or the ones named (a list; matched upper-cased, as the
-    screen's perturbation names are)."""
+    drawn at random (an integer; seeded), or the ones named (a list; matched as the screen's labels
+    are written, ``perturbation_label``: upper-cased, combinations by ``columns``' separator)."""
     available = sorted({str(name) for name in available})
     if which is None:
         return available
@@ -636,7 +817,7 @@ def choose_perturbations(available: Sequence[str], which: int | Sequence[str] | 
             return available
         # its own stream, so that the prompts drawn for a perturbation do not depend on this choice
         return sorted(np.random.default_rng([seed, 7]).choice(available, size=which, replace=False).tolist())
-    names = sorted({str(name).upper() for name in which})
+    names = sorted({perturbation_label(str(name), columns) for name in which})
     unknown = [name for name in names if name not in set(available)]
     if unknown or not names:
         raise ValueError(
@@ -648,7 +829,7 @@ def choose_perturbations(available: Sequence[str], which: int | Sequence[str] | 
 
 def choose_posterior_prompts(
     posterior_prompts: Dataset, seed: int = 0, perturbations: int | Sequence[str] | None = None,
-    seen_perturbations: int | Sequence[str] | None = None,
+    seen_perturbations: int | Sequence[str] | None = None, columns: ScreenColumns = ScreenColumns(),
 ) -> pd.DataFrame:
     """The rows of the ``posterior`` prompts to sample: the held-out perturbations that
     ``choose_perturbations`` picks with ``perturbations`` (None: every one), the seen ones it picks
@@ -665,7 +846,8 @@ def choose_posterior_prompts(
     for evaluation, which, stream in (("heldout", perturbations, seed), ("seen", seen_perturbations, seed + 1)):
         rows = table["evaluation"] == evaluation
         if rows.any():
-            keep |= rows & table["perturbation"].isin(choose_perturbations(table.loc[rows, "perturbation"], which, stream))
+            keep |= rows & table["perturbation"].isin(choose_perturbations(table.loc[rows, "perturbation"], which, stream,
+                                                                           columns))
     return table[keep].reset_index(drop=True)
 
 
@@ -680,13 +862,14 @@ def sample_test_posterior(
     perturbations: int | Sequence[str] | None = None,
     seen_perturbations: int | Sequence[str] | None = None,
     min_genes: int | None = None,
+    columns: ScreenColumns = ScreenColumns(),
 ) -> pd.DataFrame:
     """``sample_posterior`` on the ``posterior`` prompts that ``choose_posterior_prompts`` picks
     (held-out perturbations, seen ones, and the control label on the same control cells),
     generating the prompts' ``max_new_tokens`` (at least ``min_genes`` genes each, when set); each
     sample row also names its ``evaluation``, ``perturbation``, ``control_cell``, the prompt's
     ``n_control_genes`` and the run's wall seconds per sample (``seconds_per_sample``)."""
-    prompts = choose_posterior_prompts(posterior_prompts, seed, perturbations, seen_perturbations)
+    prompts = choose_posterior_prompts(posterior_prompts, seed, perturbations, seen_perturbations, columns)
     logger.info("sampling %d prompts: %s", len(prompts),
                 ", ".join(f"{n} {e}" for e, n in prompts.groupby("evaluation")["perturbation"].nunique().items()))
     started = time.perf_counter()

@@ -71,6 +71,7 @@ class PerturbationParameters:
     perturbation_column: str
     control_label: str
     batch_column: str | None
+    combination_separator: str | None  # joins the targets of a combinatorial perturbation (GENE1+GENE2); null: none
     data_processing: DataProcessingParameters
     sentence_conversion: SentenceConversionParameters
     benchmarking: ScreenBenchmarkingParameters
@@ -91,5 +92,5 @@ class PerturbationParameters:
 
         return ScreenColumns(
             perturbation=self.perturbation_column, control_label=str(self.control_label), batch=self.batch_column,
-            gene_symbol=self.data_processing.gene_symbol_column,
+            gene_symbol=self.data_processing.gene_symbol_column, combination_separator=self.combination_separator or None,
         )

@@ -36,30 +36,43 @@ def _settings(params: dict[str, Any]) -> PerturbationParameters:
 
 
 def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> tuple[ad.AnnData, pd.DataFrame]:
-    """The screen's columns checked, perturbation names upper-cased like the gene vocabulary, and
-    the simulator's truth taken out of ``.varm`` (no rows for a real screen)."""
+    """The screen's columns checked, perturbation labels written as the gene vocabulary writes
+    genes (combinations parsed by ``combination_separator``), targets that are not among the
+    screen's genes logged, and the simulator's truth taken out of ``.varm`` (no rows for a real
+    screen)."""
     columns = _settings(params).columns()
     try:
         core.perturbation.check_screen(perturbseq_raw, columns)
     except core.perturbation.ScreenLayoutError as error:
         with setting_hint(SCREEN_SETTINGS[error.field], core.perturbation.ScreenLayoutError):
             raise
-    return core.perturbation.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY)
+    genes = core.perturbation.screen_gene_names(perturbseq_raw, columns)
+    screen, truth = core.perturbation.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY, genes)
+    report = core.perturbation.screen_targets(screen.obs[columns.perturbation], genes, columns)
+    core.perturbation.log_screen_targets(report, "the screen's genes")
+    return screen, truth
 
 
 def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any]) -> dict[str, Any]:
-    """Train/val/test cells: held-out perturbations or held-out cells (``split.mode``)."""
+    """Train/val/test cells: held-out perturbations or held-out cells (``split.mode``), with what the
+    perturbations target among the processed genes (``targets``: ``core.perturbation.screen_targets``)."""
     settings = _settings(params)
     split = settings.split
+    columns = settings.columns()
     with setting_hint(f"{SECTION}.split"):
-        return core.perturbation.split_screen(
-            processed_adata.obs, settings.columns(), mode=split.mode, fractions=split.fractions, seed=split.seed,
+        parts = core.perturbation.split_screen(
+            processed_adata.obs, columns, mode=split.mode, fractions=split.fractions, seed=split.seed,
             test_perturbations=split.test_perturbations, seen_test_fraction=split.seen_test_fraction,
         )
+    report = core.perturbation.screen_targets(processed_adata.obs[columns.perturbation], processed_adata.var_names, columns)
+    if report["targets_not_among_genes"]:
+        core.perturbation.log_screen_targets({**report, "combinations": {}}, "the processed screen's genes", logging.INFO)
+    return {**parts, "targets": report}
 
 
 def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
-    """Perturbations and cells of each part of the split."""
+    """Perturbations and cells of each part of the split, and what the perturbations target:
+    targets not among the genes and the cells that name one, combinations and their cells."""
     metrics: dict[str, float] = {}
     for part in ("train", "val", "test", "test_seen"):
         if part not in perturbation_split:
@@ -68,14 +81,26 @@ def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
         metrics[f"n_{part}_perturbed_cells"] = float(len(perturbation_split[part]))
         if f"control_{part}" in perturbation_split:  # test_seen pairs with control_test
             metrics[f"n_{part}_control_cells"] = float(len(perturbation_split[f"control_{part}"]))
+    if "targets" in perturbation_split:  # a split made before targets were reported has none
+        metrics.update(core.perturbation.target_metrics(perturbation_split["targets"]))
     return metrics
 
 
-def initialize_perturbation_model(vocabulary: dict[str, int], params: dict[str, Any]) -> LanguageModel:
-    """A gene-level tokenizer over the screen's genes and the prompt words, and an untrained
-    GPT-NeoX sized by ``model.architecture`` (the offline default base model)."""
+def initialize_perturbation_model(
+    vocabulary: dict[str, int], perturbation_split: dict[str, Any], params: dict[str, Any],
+) -> LanguageModel:
+    """A gene-level tokenizer over the screen's genes, the prompt words and the targets that are
+    not genes (each a token of its own, learnt where it is trained on, never spelt in letters), and
+    an untrained GPT-NeoX sized by ``model.architecture`` (the offline default base model)."""
     settings = _settings(params)
-    words = core.prompts.template_words((core.perturbation.PERTURBATION_TASK,)) + [str(settings.control_label).upper()]
+    perturbations = [name for part in ("train", "val", "test") for name in perturbation_split[f"{part}_perturbations"]]
+    targets = core.perturbation.target_words(perturbations, list(vocabulary), settings.columns())
+    if targets:
+        logger.info("the base model's tokenizer gives %d targets that are not genes a token of their own: %s",
+                    len(targets), ", ".join(targets[:20]) + (" ..." if len(targets) > 20 else ""))
+    # "and" joins a combination's targets in prompts (already a template word; named so it stays one)
+    words = (core.prompts.template_words((core.perturbation.PERTURBATION_TASK,)) + [str(settings.control_label).upper()]
+             + ["and"] + targets)
     architecture = settings.model.architecture
     tokenizer = core.tokenizer.build_gene_tokenizer(vocabulary, words, model_max_length=architecture["max_position_embeddings"])
     with setting_hint(f"{SECTION}.model.architecture"):

@@ -19,7 +19,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         node(nodes.split_perturbation_screen, ["processed_adata", "params:perturbation"], "data_split",
              name="split_perturbation_screen"),
         node(nodes.summarize_screen, "data_split", "perturbation_data_metrics", name="summarize_screen"),
-        node(nodes.initialize_perturbation_model, ["vocabulary", "params:perturbation"], "perturbation_base_model",
+        node(nodes.initialize_perturbation_model, ["vocabulary", "data_split", "params:perturbation"], "perturbation_base_model",
              name="initialize_perturbation_model"),
         node(nodes.format_perturbation_prompts, ["cell_sentences", "data_split", "perturbation_base_model", "params:perturbation"],
              "perturbation_prompts", name="format_perturbation_prompts"),
