@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from c2s_kedro.core.inference import length_grouped_batches
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.perturbation import PerturbationPromptFormatter
+from c2s_kedro.core.perturbation import PerturbationPromptFormatter, gene_key, perturbation_targets
 from c2s_kedro.core.training import IGNORE_INDEX, tokenize_pairs
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def input_sensitivity(
     n_pairs: int = 64,
     seed: int = 0,
     batch_size: int = 16,
+    genes: Sequence[str] | None = None,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """How much the real response's likelihood depends on the perturbation's name and on the
     control cell, teacher-forced (nothing is sampled).
@@ -60,11 +61,14 @@ def input_sensitivity(
     response's log-likelihood under the true prompt minus under the swapped one, in nats, in
     total and per response token; positive = the model prefers the real response under its true
     inputs, about 0 = it does not read that input. ``sensitivity.target_logprob_shift``: for pairs
-    whose perturbation is a gene the model writes (its name is one token after a space, or it
-    occurs in the drawn sentences), the mean over the response's positions of log p(target gene's
-    token | prefix) under the true prompt minus under the control-label prompt; negative = naming
-    the target makes the model less likely to write it, i.e. it reads the knockdown. A gene name
-    of several tokens (byte-level BPE) is scored by its first token, which other genes may share.
+    whose perturbation targets a gene the model writes (its name is one token after a space, or it
+    occurs in the drawn sentences; and, with ``genes``, it is one of them), the mean over the
+    response's positions of log p(target gene's token | prefix) under the true prompt minus under
+    the control-label prompt (a combination: the mean over its targets that are such genes);
+    negative = naming the target makes the model less likely to write it, i.e. it reads the
+    knockdown. A gene name of several tokens (byte-level BPE) is scored by its first token, which
+    other genes may share. A target not among ``genes`` (its name can be a token of its own) is no
+    gene the model writes: not scored.
     ``sensitivity.n_pairs`` counts the pairs scored, ``sensitivity.n_target_pairs`` those with a
     target token. A metric no pair can give (fewer than 2 perturbations for ``name_swap``, one
     control sentence for ``control_swap``, no target token) is left out and logged.
@@ -120,8 +124,8 @@ def input_sensitivity(
     else:
         logger.warning("input sensitivity: the drawn pairs share one control sentence, so the control swap is not measured")
 
-    targets = _target_tokens(language_model.tokenizer, drawn)
-    table["target_token"] = [language_model.tokenizer.convert_ids_to_tokens(t) if t is not None else None for t in targets]
+    targets = _target_tokens(language_model.tokenizer, drawn, formatter, genes)
+    table["target_token"] = [" ".join(language_model.tokenizer.convert_ids_to_tokens(t)) if t else None for t in targets]
     scores = _score_variants(language_model, variants, formatter, targets, batch_size)
     true_ll, n_tokens, true_target = scores["true"]
     table["n_response_tokens"] = n_tokens
@@ -184,25 +188,37 @@ def _other_sentences(sentences: pd.Series, rng: np.random.Generator) -> np.ndarr
     return donors
 
 
-def _target_tokens(tokenizer, drawn: pd.DataFrame) -> list[int | None]:
-    """Each pair's target gene as the response writes it (after a space): its first token, when
-    the name is one token of the vocabulary or occurs among the drawn sentences' genes; None
-    otherwise (a name a gene-level tokenizer spells in characters is no gene the model writes)."""
-    genes = {gene for column in ("control_sentence", "perturbed_sentence") for text in drawn[column] for gene in text.split()}
+def _target_tokens(tokenizer, drawn: pd.DataFrame, formatter: PerturbationPromptFormatter,
+                   genes: Sequence[str] | None) -> list[list[int]]:
+    """Each pair's target genes as the response writes them (after a space): the first token of
+    each target (``perturbation_targets`` with the formatter's columns) that is one token of the
+    vocabulary or occurs among the drawn sentences' genes, and is among ``genes`` when they are
+    given; a target a gene-level tokenizer spells in characters, or that is not a gene, is no gene
+    the model writes."""
+    written = {gene for column in ("control_sentence", "perturbed_sentence") for text in drawn[column] for gene in text.split()}
+    known = {gene_key(gene) for gene in genes} if genes is not None else None
     tokens: dict[str, int | None] = {}
-    for name in drawn["perturbation"].str.upper():
-        if name not in tokens:
-            ids = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
-            tokens[name] = ids[0] if ids and (len(ids) == 1 or name in genes) else None
-    return [tokens[name] for name in drawn["perturbation"].str.upper()]
+    chosen = []
+    for name in drawn["perturbation"]:
+        ids_of_name = []
+        for target in perturbation_targets(name, formatter.columns):
+            if target not in tokens:
+                ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+                is_gene = known is None or target in known
+                tokens[target] = ids[0] if ids and is_gene and (len(ids) == 1 or target in written) else None
+            if tokens[target] is not None:
+                ids_of_name.append(tokens[target])
+        chosen.append(ids_of_name)
+    return chosen
 
 
 def _score_variants(
     language_model: LanguageModel, variants: dict[str, pd.DataFrame], formatter: PerturbationPromptFormatter,
-    targets: list[int | None], batch_size: int,
+    targets: list[list[int]], batch_size: int,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per variant: each pair's response log-likelihood, its number of tokens, and the mean log
-    probability of the pair's target token over the response's positions (NaN without one).
+    probability of the pair's target tokens over the response's positions (mean over its targets;
+    NaN without one).
 
     Each variant is formatted as its own dataset of the same rows in the same order: the
     formatter redraws its templates from its seed in ``format_dataset``, so row i gets the same
@@ -235,11 +251,12 @@ def _score_variants(
 
 
 def _response_log_probs(
-    language_model: LanguageModel, input_ids: list[list[int]], labels: list[list[int]], targets: list[int | None],
+    language_model: LanguageModel, input_ids: list[list[int]], labels: list[list[int]], targets: list[list[int]],
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Summed log-probability of each sample's labelled tokens, their number, and the mean log
-    probability of ``targets[i]`` at those positions; right-padded batches with attention masks."""
+    probability of each of ``targets[i]`` at those positions, averaged over the targets (NaN for
+    none); right-padded batches with attention masks."""
     tokenizer, model = language_model.tokenizer, language_model.model
     device = language_model.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -268,12 +285,16 @@ def _response_log_probs(
                 picked = log_probs.gather(1, shifted[rows, positions].unsqueeze(1)).squeeze(1)
                 zeros = torch.zeros(len(batch), dtype=log_probs.dtype, device=log_probs.device)
                 counts = torch.bincount(rows, minlength=len(batch))
-                wanted = torch.tensor([targets[i] if targets[i] is not None else 0 for i in batch], device=log_probs.device)
-                at_target = log_probs.gather(1, wanted[rows].unsqueeze(1)).squeeze(1)
                 log_likelihood[batch] = zeros.index_add(0, rows, picked).cpu().numpy()
                 n_tokens[batch] = counts.cpu().numpy()
-                means = (zeros.index_add(0, rows, at_target) / counts.clamp(min=1)).cpu().numpy()
-                target_logprob[batch] = np.where([targets[i] is not None for i in batch], means, np.nan)
+                # one column per target slot (a combination has several); a sample's unused slots are masked
+                width = max(1, max(len(targets[i]) for i in batch))
+                wanted = torch.tensor([targets[i] + [0] * (width - len(targets[i])) for i in batch], device=log_probs.device)
+                used = np.array([[k < len(targets[i]) for k in range(width)] for i in batch])
+                means = np.stack([(zeros.index_add(0, rows, log_probs.gather(1, wanted[rows, k].unsqueeze(1)).squeeze(1))
+                                   / counts.clamp(min=1)).cpu().numpy() for k in range(width)], axis=1)
+                with np.errstate(invalid="ignore"):
+                    target_logprob[batch] = np.where(used, means, 0.0).sum(axis=1) / used.sum(axis=1)
     finally:
         model.train(was_training)
     return log_likelihood, n_tokens, target_logprob

@@ -32,6 +32,7 @@ from datasets import Dataset
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 
+from c2s_kedro.core.perturbation import ScreenColumns, ScreenTargets
 from c2s_kedro.core.preprocessing import embed_expression
 from c2s_kedro.core.sentences import CELL_NAME, CELL_SENTENCE, RankFit, reconstruct_expression
 
@@ -59,72 +60,161 @@ def labelled_cells(matrix, perturbation: str | Sequence[str], genes: Sequence[st
     return ad.AnnData(sp.csr_matrix(matrix, dtype=np.float32), obs=obs, var=pd.DataFrame(index=list(genes)))
 
 
+# How a baseline predicted a perturbation (``rule``), as the predicted cells' ``.obs[RULE_COLUMN]`` say
+RULE_COLUMN = "baseline_rule"
+# the rules that fall back from what a baseline does for a single target among the genes
+FALLBACK_RULES = {
+    "linear_additive": ("sum_of_trained_singles", "sum_with_untrained_singles", "mean_change_target_not_a_gene"),
+    "knockdown_only": ("no_gene_to_knock_down", "some_targets_not_genes"),
+    "coexpression_neighbours": ("sum_over_targets", "mean_change_target_not_a_gene", "mean_change_no_coexpression"),
+}
+RULE_WORDS = {
+    "sum_of_trained_singles": "the sum of its single targets' training changes",
+    "sum_with_untrained_singles": "the sum of its single targets' changes, some not trained as singles (predicted as "
+                                  "unseen singles are)",
+    "mean_change_target_not_a_gene": "the mean training change (its target is not among the genes)",
+    "no_gene_to_knock_down": "no change (no target among the genes to knock down)",
+    "some_targets_not_genes": "only the targets among the genes knocked down",
+    "sum_over_targets": "the sum of each target's neighbours' change",
+    "mean_change_no_coexpression": "the mean training change (its target does not vary in the controls)",
+}
+
+
+def _single_targets(deltas: dict[str, np.ndarray], targets: ScreenTargets) -> dict[str, str]:
+    """Training perturbations of one target: target -> its perturbation's label (the label is the
+    target itself, or e.g. ``CBL+ctrl``)."""
+    singles: dict[str, str] = {}
+    for name in deltas:
+        names = targets.targets(name)
+        if len(names) == 1:
+            singles.setdefault(names[0], name)
+    return singles
+
+
 class LinearAdditiveBaseline:
     """Predicted change of a perturbation = its training change when it was seen in training
-    (additive); otherwise a ridge regression from the target gene's embedding (its loadings on the
-    principal components of the control cells) to the change, plus the average knockdown of a
-    target on itself. A target not among the genes gets the average change."""
+    (additive); otherwise, for one target, a ridge regression from the target gene's embedding
+    (its loadings on the principal components of the control cells) to the change, plus the
+    average knockdown of a target on itself; a target not among the genes gets the average
+    change. A combination (several targets, ``ScreenTargets``) gets the sum of its single targets'
+    changes: their training changes where each was trained alone (the additive baseline of double
+    perturbations, Norman et al. 2019), otherwise each predicted as an unseen single. ``rule`` says
+    which of these a perturbation gets."""
 
     def __init__(self, n_components: int = 10, alpha: float = 1.0) -> None:
         self.n_components = n_components
         self.alpha = alpha
 
-    def fit(self, controls: np.ndarray, deltas: dict[str, np.ndarray], genes: Sequence[str]) -> LinearAdditiveBaseline:
+    def fit(self, controls: np.ndarray, deltas: dict[str, np.ndarray], genes: Sequence[str],
+            columns: ScreenColumns = ScreenColumns()) -> LinearAdditiveBaseline:
         self.genes = list(genes)
-        self.index = {g: i for i, g in enumerate(self.genes)}
+        self.targets = ScreenTargets(self.genes, columns)
         self.deltas = deltas
+        self.singles = _single_targets(deltas, self.targets)
         n_components = max(1, min(self.n_components, controls.shape[0] - 1, controls.shape[1] - 1))
         self.embedding = PCA(n_components=n_components, random_state=0).fit(controls).components_.T  # genes x k
-        names = list(deltas)
-        targets = np.array([self._features(name) for name in names])
-        self.ridge = Ridge(alpha=self.alpha).fit(targets, np.array([deltas[n] for n in names]))
-        self_effects = [deltas[n][self.index[n]] for n in names if n in self.index]
+        names = [name for name in deltas if not self.targets.is_combination(name)]
+        self.ridge = None
+        if names:
+            features = np.array([self._features(self.targets.targets(name)) for name in names])
+            self.ridge = Ridge(alpha=self.alpha).fit(features, np.array([deltas[n] for n in names]))
+        genes_of = {n: self._gene(self.targets.targets(n)) for n in names}
+        self_effects = [deltas[n][genes_of[n]] for n in names if genes_of[n] is not None]
         self.self_effect = float(np.mean(self_effects)) if self_effects else 0.0
-        self.mean_delta = np.mean([deltas[n] for n in names], axis=0)
+        self.mean_delta = np.mean([deltas[n] for n in deltas], axis=0)
         return self
 
-    def _features(self, name: str) -> np.ndarray:
-        i = self.index.get(name)
+    def _gene(self, targets: tuple[str, ...]) -> int | None:
+        """The column of a single target among the genes (None: not a gene, or no single target)."""
+        return self.targets.position.get(targets[0]) if len(targets) == 1 else None
+
+    def _features(self, targets: tuple[str, ...]) -> np.ndarray:
+        i = self._gene(targets)
         return self.embedding[i] if i is not None else np.zeros(self.embedding.shape[1])
+
+    def _single(self, target: str) -> np.ndarray:
+        """One target's change: its training change when trained alone, else the unseen single's."""
+        if target in self.singles:
+            return self.deltas[self.singles[target]]
+        i = self.targets.position.get(target)
+        if i is None or self.ridge is None:
+            return self.mean_delta
+        delta = self.ridge.predict(self._features((target,))[None, :])[0]
+        delta[i] = self.self_effect
+        return delta
 
     def predict(self, name: str) -> np.ndarray:
         if name in self.deltas:
             return self.deltas[name]
-        if name not in self.index:
-            return self.mean_delta
-        delta = self.ridge.predict(self._features(name)[None, :])[0]
-        delta[self.index[name]] = self.self_effect
-        return delta
+        targets = self.targets.targets(name)
+        if len(targets) < 2:
+            return self._single(targets[0]) if targets else self.mean_delta
+        return np.sum([self._single(target) for target in targets], axis=0)
+
+    def rule(self, name: str) -> str:
+        """How ``predict`` treats ``name``: training_change, ridge, mean_change_target_not_a_gene,
+        sum_of_trained_singles or sum_with_untrained_singles."""
+        if name in self.deltas:
+            return "training_change"
+        targets = self.targets.targets(name)
+        if len(targets) > 1:
+            trained = all(target in self.singles for target in targets)
+            return "sum_of_trained_singles" if trained else "sum_with_untrained_singles"
+        if targets and targets[0] in self.singles:
+            return "training_change"
+        if not targets or targets[0] not in self.targets.position:
+            return "mean_change_target_not_a_gene"
+        return "ridge" if self.ridge is not None else "mean_change_target_not_a_gene"
 
 
 class KnockdownOnlyBaseline:
-    """The target gene changed, nothing else: a target seen in training by its mean training
-    self-effect (mean of the target in that perturbation's training cells minus the training
-    control mean); an unseen target is scaled by the screen's average *ratio* (target's mean in its
-    perturbation's training cells / its training control mean, over the seen targets a control
-    expresses). A ratio, not a difference, because targets differ in abundance, and not a log
-    change, because a target knocked out of every cell has mean 0 (log -inf) while its ratio is 0.
-    A target not among the genes is left as it is. Values are clipped at 0."""
+    """The target genes changed, nothing else (every target of a combination): a target by its
+    mean training self-effect in this perturbation (mean of the target in the perturbation's
+    training cells minus the training control mean) when the perturbation was seen in training,
+    else by its own single perturbation's when that was; an unseen target is scaled by the screen's
+    average *ratio* (target's mean in its single perturbation's training cells / its training
+    control mean, over the seen single targets a control expresses). A ratio, not a difference,
+    because targets differ in abundance, and not a log change, because a target knocked out of
+    every cell has mean 0 (log -inf) while its ratio is 0. A target not among the genes has no gene
+    to knock down: left as it is (``rule`` says so). Values are clipped at 0."""
 
-    def fit(self, control_mean: np.ndarray, means: dict[str, np.ndarray], genes: Sequence[str]) -> KnockdownOnlyBaseline:
-        self.index = {g: i for i, g in enumerate(genes)}
-        seen = [name for name in means if name in self.index]
-        self.self_effects = {name: float(means[name][self.index[name]] - control_mean[self.index[name]]) for name in seen}
-        ratios = [means[name][self.index[name]] / control_mean[self.index[name]] for name in seen
-                  if control_mean[self.index[name]] > 0]
+    def fit(self, control_mean: np.ndarray, means: dict[str, np.ndarray], genes: Sequence[str],
+            columns: ScreenColumns = ScreenColumns()) -> KnockdownOnlyBaseline:
+        self.targets = ScreenTargets(genes, columns)
+        self.self_effects = {(name, i): float(means[name][i] - control_mean[i])
+                             for name in means for i in self.targets.positions(name) if i is not None}
+        singles = _single_targets(means, self.targets)
+        self.single_effects: dict[int, float] = {}  # gene column -> self-effect of its single perturbation
+        ratios = []
+        for target, name in singles.items():
+            i = self.targets.position.get(target)
+            if i is None:
+                continue
+            self.single_effects[i] = self.self_effects[name, i]
+            if control_mean[i] > 0:
+                ratios.append(means[name][i] / control_mean[i])
         self.mean_ratio = float(np.mean(ratios)) if ratios else 1.0  # nothing to learn a ratio from: no change
         return self
 
+    def rule(self, name: str) -> str:
+        """knocked_down, some_targets_not_genes or no_gene_to_knock_down."""
+        positions = self.targets.positions(name)
+        if not any(i is not None for i in positions):
+            return "no_gene_to_knock_down"
+        return "knocked_down" if all(i is not None for i in positions) else "some_targets_not_genes"
+
     def predict_cells(self, cells, name: str) -> sp.csr_matrix:
-        """``cells`` (control cells, cells x genes) with only the target's column changed."""
+        """``cells`` (control cells, cells x genes) with only the targets' columns changed."""
         cells = sp.csr_matrix(cells, dtype=np.float32, copy=True)
-        i = self.index.get(name)
-        if i is None:
+        positions = [i for i in self.targets.positions(name) if i is not None]
+        if not positions:
             return cells
-        target = cells[:, i].toarray().ravel()
-        changed = target + self.self_effects[name] if name in self.self_effects else target * self.mean_ratio
-        cells = cells.tolil()  # one column of a few cells: lil sets it without densifying the rest
-        cells[:, i] = np.maximum(changed, 0.0)[:, None]
+        cells = cells.tolil()  # a few columns of a few cells: lil sets them without densifying the rest
+        for i in positions:
+            target = cells[:, i].toarray().ravel()
+            effect = self.self_effects.get((name, i), self.single_effects.get(i))
+            changed = target + effect if effect is not None else target * self.mean_ratio
+            cells[:, i] = np.maximum(changed, 0.0)[:, None]
         cells = cells.tocsr()
         cells.eliminate_zeros()
         return cells
@@ -132,18 +222,20 @@ class KnockdownOnlyBaseline:
 
 class CoexpressionNeighboursBaseline:
     """Predicted change of a perturbation = the mean training change of the ``n_neighbours`` seen
-    training perturbations (itself excluded) whose targets are most co-expressed with its target:
-    highest Pearson correlation over the training control cells. A target that is not a gene, or
-    that does not vary in the controls (its correlation is undefined), gets the mean training
-    change. Correlations are computed on the sparse controls (never densified)."""
+    training perturbations of one target (itself excluded) whose targets are most co-expressed
+    with its target: highest Pearson correlation over the training control cells. A target that is
+    not a gene, or that does not vary in the controls (its correlation is undefined), gets the
+    mean training change. A combination gets the sum of its targets' changes, each predicted so.
+    Correlations are computed on the sparse controls (never densified)."""
 
     def __init__(self, n_neighbours: int = 3) -> None:
         if n_neighbours < 1:
             raise ValueError(f"n_neighbours must be at least 1, not {n_neighbours}")
         self.n_neighbours = n_neighbours
 
-    def fit(self, controls, deltas: dict[str, np.ndarray], genes: Sequence[str]) -> CoexpressionNeighboursBaseline:
-        self.index = {g: i for i, g in enumerate(genes)}
+    def fit(self, controls, deltas: dict[str, np.ndarray], genes: Sequence[str],
+            columns: ScreenColumns = ScreenColumns()) -> CoexpressionNeighboursBaseline:
+        self.targets = ScreenTargets(genes, columns)
         self.deltas = deltas
         self.mean_delta = np.mean([deltas[name] for name in deltas], axis=0)
         self.controls = sp.csc_matrix(controls, dtype=np.float64)  # columns are read one target at a time
@@ -151,16 +243,21 @@ class CoexpressionNeighboursBaseline:
         self.gene_mean = np.asarray(self.controls.mean(axis=0)).ravel()
         squares = np.asarray(self.controls.multiply(self.controls).mean(axis=0)).ravel()
         self.gene_std = np.sqrt(np.maximum(squares - self.gene_mean**2, 0.0))
-        self.candidates = sorted(name for name in deltas if name in self.index)
-        columns = [self.index[name] for name in self.candidates]
-        self.candidate_cells = self.controls[:, columns].tocsr() if columns else sp.csr_matrix((n, 0))
-        self.candidate_columns = np.array(columns, dtype=np.int64)
+        self.candidates = sorted(name for name in deltas if self._column(name) is not None)
+        candidate_columns = [self._column(name) for name in self.candidates]
+        self.candidate_cells = self.controls[:, candidate_columns].tocsr() if candidate_columns else sp.csr_matrix((n, 0))
+        self.candidate_columns = np.array(candidate_columns, dtype=np.int64)
         return self
+
+    def _column(self, name: str) -> int | None:
+        """The gene column of a perturbation of one target among the genes (else None)."""
+        positions = self.targets.positions(name)
+        return positions[0] if len(positions) == 1 else None
 
     def correlations(self, name: str) -> pd.Series:
         """Pearson correlation over the training controls of ``name``'s target with each seen
-        training target (NaN where a gene does not vary); empty when ``name`` is not a gene."""
-        i = self.index.get(name)
+        training target (NaN where a gene does not vary); empty when ``name`` is not one gene."""
+        i = self._column(name)
         if i is None or not self.candidates:
             return pd.Series(dtype=float)
         target = self.controls[:, i].toarray().ravel()
@@ -178,8 +275,19 @@ class CoexpressionNeighboursBaseline:
         return order[: self.n_neighbours]
 
     def predict(self, name: str) -> np.ndarray:
+        targets = self.targets.targets(name)
+        if len(targets) > 1:
+            return np.sum([self.predict(target) for target in targets], axis=0)
         chosen = self.neighbours(name)
         return np.mean([self.deltas[other] for other in chosen], axis=0) if chosen else self.mean_delta
+
+    def rule(self, name: str) -> str:
+        """neighbours, sum_over_targets, mean_change_target_not_a_gene or mean_change_no_coexpression."""
+        if self.targets.is_combination(name):
+            return "sum_over_targets"
+        if self._column(name) is None:
+            return "mean_change_target_not_a_gene"
+        return "neighbours" if self.neighbours(name) else "mean_change_no_coexpression"
 
 
 def sentence_space_cells(
@@ -222,14 +330,25 @@ BASELINE_PREFIXES = {"control_mean": "control_mean", "train_perturbed_mean": "tr
                      "knockdown_only": "knockdown", "coexpression_neighbours": "coexpression"}
 
 
-def _baseline_cells(
-    train: ad.AnnData, test_controls: ad.AnnData, test_counts: dict[str, int], column: str, control_label: str,
-    seed: int = 0, n_components: int = 10, n_coexpression_neighbours: int = 3,
-):
-    """(method, perturbation, predicted cells) of the baselines, one perturbation at a time in the
-    order of ``test_counts`` (``baseline_predictions`` describes them)."""
-    rng = np.random.default_rng(seed)
+class FittedBaselines(NamedTuple):
+    """The baselines fitted on a training part (``fit_baselines``)."""
+
+    linear: LinearAdditiveBaseline
+    knockdown: KnockdownOnlyBaseline
+    coexpression: CoexpressionNeighboursBaseline
+    perturbed: sp.csr_matrix  # the training perturbed cells, which train_perturbed_mean draws from
+    columns: ScreenColumns  # how perturbation labels name their targets
+
+
+def fit_baselines(
+    train: ad.AnnData, column: str, control_label: str, seed: int = 0, n_components: int = 10,
+    n_coexpression_neighbours: int = 3, combination_separator: str | None = "+",
+) -> FittedBaselines:
+    """The baselines of ``baseline_predictions`` fitted on the training cells ``train`` (perturbed
+    and control), a perturbation's targets read with ``combination_separator``."""
     genes = list(train.var_names)
+    columns = ScreenColumns(perturbation=column, control_label=control_label, batch=None, gene_symbol=None,
+                            combination_separator=combination_separator)
     labels = train.obs[column].astype(str).to_numpy()
     is_control = labels == control_label
     if not is_control.any() or is_control.all():
@@ -243,45 +362,92 @@ def _baseline_cells(
     controls = np.flatnonzero(is_control)
     if controls.size > EMBEDDING_CELLS:
         controls = np.sort(np.random.default_rng([seed, 3]).choice(controls, size=EMBEDDING_CELLS, replace=False))
-    linear = LinearAdditiveBaseline(n_components=n_components).fit(_dense_rows(train.X[controls]), deltas, genes)
-    knockdown = KnockdownOnlyBaseline().fit(control_mean, {name: means[name] for name in deltas}, genes)
-    coexpression = CoexpressionNeighboursBaseline(n_coexpression_neighbours).fit(sp.csr_matrix(train.X)[is_control], deltas, genes)
+    return FittedBaselines(
+        linear=LinearAdditiveBaseline(n_components=n_components).fit(_dense_rows(train.X[controls]), deltas, genes, columns),
+        knockdown=KnockdownOnlyBaseline().fit(control_mean, {name: means[name] for name in deltas}, genes, columns),
+        coexpression=CoexpressionNeighboursBaseline(n_coexpression_neighbours).fit(
+            sp.csr_matrix(train.X)[is_control], deltas, genes, columns),
+        perturbed=sp.csr_matrix(train.X)[~is_control],
+        columns=columns,
+    )
+
+
+def _baseline_cells(baselines: FittedBaselines, test_controls: ad.AnnData, test_counts: dict[str, int], seed: int = 0):
+    """(method, perturbation, predicted cells) of the baselines, one perturbation at a time in the
+    order of ``test_counts`` (``baseline_predictions`` describes them)."""
+    rng = np.random.default_rng(seed)
     controls_x = sp.csr_matrix(test_controls.X)
-    perturbed_x = sp.csr_matrix(train.X)[~is_control]
+    perturbed_x = baselines.perturbed
     for name, n in test_counts.items():
         drawn = controls_x[rng.integers(0, controls_x.shape[0], size=n)]  # sparse, as the cells are
         yield "control_mean", name, drawn
         yield "train_perturbed_mean", name, perturbed_x[rng.integers(0, perturbed_x.shape[0], size=n)]
         # a shift of every gene: these cells are dense by nature, one perturbation's at a time
-        yield "linear_additive", name, np.maximum(_dense_rows(drawn) + linear.predict(name)[None, :], 0.0)
+        yield "linear_additive", name, np.maximum(_dense_rows(drawn) + baselines.linear.predict(name)[None, :], 0.0)
         # the same control cells as the others (no further draws: the first three keep their numbers)
-        yield "knockdown_only", name, knockdown.predict_cells(drawn, name)
-        yield "coexpression_neighbours", name, np.maximum(_dense_rows(drawn) + coexpression.predict(name)[None, :], 0.0)
+        yield "knockdown_only", name, baselines.knockdown.predict_cells(drawn, name)
+        yield "coexpression_neighbours", name, np.maximum(
+            _dense_rows(drawn) + baselines.coexpression.predict(name)[None, :], 0.0)
+
+
+def baseline_rules(baselines: FittedBaselines, names: Sequence[str]) -> pd.DataFrame:
+    """How each target-aware baseline predicts each of ``names``: one row per perturbation and
+    method (``linear_additive``, ``knockdown_only``, ``coexpression_neighbours``) with its ``rule``
+    (the classes' ``rule``; ``FALLBACK_RULES`` are those that differ from a single target among the
+    genes)."""
+    rows = [(name, method, model.rule(name)) for name in names
+            for method, model in (("linear_additive", baselines.linear), ("knockdown_only", baselines.knockdown),
+                                  ("coexpression_neighbours", baselines.coexpression))]
+    return pd.DataFrame(rows, columns=["perturbation", "method", "rule"])
+
+
+def report_baseline_rules(rules: pd.DataFrame) -> dict[str, float]:
+    """Log, for each baseline, the perturbations it predicts by a fallback rule (a combination, a
+    target not among the genes), and count them: ``<method>.n_perturbations_<rule>`` for each
+    fallback rule that some perturbation gets."""
+    metrics: dict[str, float] = {}
+    for method, fallbacks in FALLBACK_RULES.items():
+        chosen = rules[(rules["method"] == method) & rules["rule"].isin(fallbacks)]
+        if chosen.empty:
+            continue
+        parts = []
+        for rule, rows in chosen.groupby("rule", sort=True):
+            names = sorted(rows["perturbation"])
+            metrics[f"{method}.n_perturbations_{rule}"] = float(len(names))
+            parts.append(f"{', '.join(names[:10])}{f' and {len(names) - 10} more' if len(names) > 10 else ''} as "
+                         f"{RULE_WORDS[rule]}")
+        logger.info("%s predicts %s", method, "; ".join(parts))
+    return metrics
 
 
 def baseline_predictions(
     train: ad.AnnData, test_controls: ad.AnnData, test_counts: dict[str, int], column: str, control_label: str,
-    seed: int = 0, n_components: int = 10, n_coexpression_neighbours: int = 3,
+    seed: int = 0, n_components: int = 10, n_coexpression_neighbours: int = 3, combination_separator: str | None = "+",
+    baselines: FittedBaselines | None = None,
 ) -> dict[str, ad.AnnData]:
     """Predicted cells of each held-out perturbation (``test_counts``: name -> cells to predict)
     for the baselines, each with ``test_controls`` as its control cells:
 
     - ``control_mean``: no change; control cells stand in for the perturbed ones.
     - ``train_perturbed_mean``: cells drawn from every perturbed cell of the training part.
-    - ``linear_additive``: control cells shifted by ``LinearAdditiveBaseline``'s change.
-    - ``knockdown_only``: the same control cells with only the target gene changed
-      (``KnockdownOnlyBaseline``): the rule "knock the target down, change nothing else".
+    - ``linear_additive``: control cells shifted by ``LinearAdditiveBaseline``'s change (a
+      combination: the sum of its single targets' changes).
+    - ``knockdown_only``: the same control cells with only the target genes changed
+      (``KnockdownOnlyBaseline``): the rule "knock the targets down, change nothing else".
     - ``coexpression_neighbours``: the same control cells shifted by the mean training change of the
       ``n_coexpression_neighbours`` perturbations whose targets are most co-expressed with this
       one's (``CoexpressionNeighboursBaseline``).
 
     A perturbation seen in training (held-out cells of a seen perturbation) uses its own training
-    change in ``linear_additive`` and its own self-effect in ``knockdown_only``.
+    change in ``linear_additive`` and its own self-effect in ``knockdown_only``. The baselines are
+    fitted on ``train`` (``fit_baselines``) unless ``baselines`` gives them fitted.
     """
     genes = list(train.var_names)
+    if baselines is None:
+        baselines = fit_baselines(train, column, control_label, seed, n_components, n_coexpression_neighbours,
+                                  combination_separator)
     parts: dict[str, list[ad.AnnData]] = {method: [] for method in BASELINE_PREFIXES}
-    for method, name, cells in _baseline_cells(train, test_controls, test_counts, column, control_label, seed, n_components,
-                                               n_coexpression_neighbours):
+    for method, name, cells in _baseline_cells(baselines, test_controls, test_counts, seed):
         parts[method].append(labelled_cells(cells, name, genes, f"{BASELINE_PREFIXES[method]}-{name}", column))
     return {method: ad.concat(cells + [test_controls]) for method, cells in parts.items()}
 
@@ -502,6 +668,7 @@ def _used_genes(*matrices) -> np.ndarray:
 def baseline_mean_scores(
     real: ad.AnnData, train: ad.AnnData, column: str, control_label: str, truth: pd.DataFrame | None = None,
     interval: float = 0.9, seed: int = 0, n_components: int = 10, n_coexpression_neighbours: int = 3,
+    combination_separator: str | None = "+", baselines: FittedBaselines | None = None,
 ) -> pd.DataFrame:
     """The baselines on every held-out perturbation of ``real`` (its perturbed and control cells),
     with the metrics that need only each perturbation's mean: cell-eval's ``pearson_delta``,
@@ -513,7 +680,8 @@ def baseline_mean_scores(
     made and reduced one perturbation at a time, so a screen's hundreds of held-out perturbations
     never hold every baseline's cells (the linear baseline's are dense) at once; cell-eval's
     DE-based metrics (a test per gene and perturbation) are not computed here. One row per
-    (method, perturbation), on the genes some real test or training cell expresses."""
+    (method, perturbation), on the genes some real test or training cell expresses. The baselines
+    are fitted on ``train`` unless ``baselines`` gives them fitted (``fit_baselines``)."""
     labels = real.obs[column].astype(str)
     is_control = (labels == control_label).to_numpy()
     if not is_control.any():
@@ -529,8 +697,10 @@ def baseline_mean_scores(
     predicted: dict[str, np.ndarray] = {}
     rows: dict[tuple[str, str], dict] = {}
     controls = real[is_control]
-    for method, name, cells in _baseline_cells(train, controls, {n: int(counts[n]) for n in names}, column, control_label,
-                                               seed, n_components, n_coexpression_neighbours):
+    if baselines is None:
+        baselines = fit_baselines(train, column, control_label, seed, n_components, n_coexpression_neighbours,
+                                  combination_separator)
+    for method, name, cells in _baseline_cells(baselines, controls, {n: int(counts[n]) for n in names}, seed):
         cells = _dense_rows(cells[:, keep])  # one perturbation's predicted cells
         mean = cells.mean(axis=0)
         delta = mean - control
@@ -552,10 +722,12 @@ def baseline_mean_scores(
         shared = [i for i, g in enumerate(genes) if g in truth.index]
         truth_values = truth.loc[genes[shared], truth_names]
         truth_centred = truth_values.sub(truth_values.mean(axis=1), axis=0)
+    targets = ScreenTargets(genes, baselines.columns)
     for method, deltas in predicted.items():
         predicted_centred = centred_means(dict(zip(names, deltas)), names)
         for name in names:
-            include = np.flatnonzero(genes != name)  # as cell-eval: without the target gene
+            # as cell-eval: without the target gene (each target of a combination)
+            include = np.flatnonzero(~np.isin(np.arange(len(genes)), [i for i in targets.positions(name) if i is not None]))
             distances = np.abs(real_delta[:, include] - deltas[position[name], include]).sum(axis=1)
             rank = int(np.flatnonzero(np.argsort(distances) == position[name])[0])
             rows[method, name]["discrimination_score_l1"] = 1.0 - rank / len(names)
@@ -675,10 +847,11 @@ def _target_statistics(matrix, index: int, top_k: int) -> dict[str, float]:
 
 def knockdown_diagnostics(
     samples: ad.AnnData, real: ad.AnnData, column: str, control_label: str, top_k: int | None = None,
-    min_real_drop: float = 0.1, reproduced_fraction: float = 0.5,
+    min_real_drop: float = 0.1, reproduced_fraction: float = 0.5, combination_separator: str | None = "+",
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Does the model knock the target down? For each temperature (``model_T<t>``) and each
-    perturbation p of the samples, the target gene's presence share (non-zero among the first
+    """Does the model knock the target down? For each temperature (``model_T<t>``), each
+    perturbation p of the samples and each of its targets (one; several for a combination, read
+    with ``combination_separator``), the target gene's presence share (non-zero among the first
     ``top_k`` genes, the real cells' sentence length; None: every gene), mean position (absent =
     ``top_k``) and mean expression in (control) the real test control cells, (real) the real cells
     of p, (model) the samples for p and (reference) the model's own control-label samples on p's
@@ -689,10 +862,11 @@ def knockdown_diagnostics(
 
     A knockdown counts as reproduced when the model's drop in presence (reference − model) is at
     least ``reproduced_fraction`` of the real drop (control − real), and only where the real drop
-    is clear (≥ ``min_real_drop``); perturbations whose real knockdown is not clear, or whose
-    target is not a gene, are counted apart and left out of the share.
+    is clear (≥ ``min_real_drop``); targets whose real knockdown is not clear, or that are not
+    among the genes (skipped, and logged), are counted apart and left out of the share. Counts and
+    means are over (perturbation, target) pairs: a single perturbation is one.
 
-    Returns the table (one row per method and perturbation: ``<group>_<statistic>``,
+    Returns the table (one row per method, perturbation and ``target``: ``<group>_<statistic>``,
     ``<group>_n_cells``, the drops, ``reference``, ``status``: scored, real_knockdown_not_clear,
     target_not_a_gene or no_reference, and ``reproduced`` 1/0 where scored; for a plot of on-target
     presence per perturbation) and the flat metrics, means over the perturbations whose target is a
@@ -708,7 +882,8 @@ def knockdown_diagnostics(
     if list(real.var_names) != genes:
         raise ValueError("the samples and the real test cells must have the same genes")
     top_k = len(genes) if top_k is None else int(top_k)
-    index = {g: i for i, g in enumerate(genes)}
+    targets = ScreenTargets(genes, ScreenColumns(perturbation=column, control_label=control_label, batch=None,
+                                                 gene_symbol=None, combination_separator=combination_separator))
     labels = samples.obs[SAMPLE_PERTURBATION].astype(str).to_numpy()
     temperatures = samples.obs["temperature"].to_numpy(dtype=float)
     prompts = samples.obs["control_cell"].astype(str).to_numpy() if "control_cell" in samples.obs.columns else None
@@ -722,49 +897,58 @@ def knockdown_diagnostics(
     absent = [name for name in names if name not in set(real_labels)]
     if absent:
         raise ValueError(f"perturbations {absent} have samples but no real test cells")
-    real_statistics = {name: (_target_statistics(real_controls, index[name], top_k),
-                              _target_statistics(real_matrix[real_labels == name], index[name], top_k))
-                       for name in names if name in index}
+    # each target of each perturbation and its gene's column (None: not among the genes)
+    pairs = {name: list(zip(targets.targets(name), targets.positions(name))) or [(name, None)] for name in names}
+    real_statistics = {(name, target): (_target_statistics(real_controls, i, top_k),
+                                        _target_statistics(real_matrix[real_labels == name], i, top_k))
+                       for name in names for target, i in pairs[name] if i is not None}
+    skipped = sorted({f"{target} (of {name})" if target != name else target
+                      for name in names for target, i in pairs[name] if i is None})
+    if skipped:
+        logger.info("the knockdown diagnostics skip %d targets not among the genes: %s (counted in "
+                    "knockdown.n_perturbations_target_not_a_gene)", len(skipped), ", ".join(skipped))
     rows = []
     for temperature in sorted(set(temperatures[labels != control_label])):
         at_t = temperatures == temperature
         own = at_t & (labels == control_label)
         for name in sorted(set(labels[at_t]) - {control_label}):
             mine = at_t & (labels == name)
-            row = {"method": model_method(temperature), "temperature": temperature, "perturbation": name,
-                   "target_is_gene": name in index}
             if own.any():
                 same_prompts = own & np.isin(prompts, prompts[mine]) if prompts is not None else np.zeros_like(own)
-                reference, row["reference"] = (same_prompts, "own_control_same_prompts") if same_prompts.any() \
-                    else (own, "own_control")
+                reference, kind = (same_prompts, "own_control_same_prompts") if same_prompts.any() else (own, "own_control")
             else:
-                reference, row["reference"] = at_t & ~mine, "other_perturbations"
-            if name not in index:
-                row["status"] = "target_not_a_gene"
+                reference, kind = at_t & ~mine, "other_perturbations"
+            for target, i in pairs[name]:
+                row = {"method": model_method(temperature), "temperature": temperature, "perturbation": name,
+                       "target": target, "target_is_gene": i is not None, "reference": kind}
+                if i is None:
+                    row["status"] = "target_not_a_gene"
+                    rows.append(row)
+                    continue
+                groups = (*real_statistics[name, target], _target_statistics(matrix[mine], i, top_k),
+                          _target_statistics(matrix[reference], i, top_k))
+                for group, statistics in zip(KNOCKDOWN_GROUPS, groups):
+                    row.update({f"{group}_{key}": value for key, value in statistics.items()})
+                row["real_presence_drop"] = row["control_target_presence"] - row["real_target_presence"]
+                row["model_presence_drop"] = row["reference_target_presence"] - row["model_target_presence"]
+                if row["real_presence_drop"] < min_real_drop:
+                    row["status"] = "real_knockdown_not_clear"
+                elif not np.isfinite(row["model_presence_drop"]):
+                    row["status"] = "no_reference"  # one perturbation and no control-label samples: nothing to compare with
+                else:
+                    row["status"] = "scored"
+                    row["reproduced"] = float(row["model_presence_drop"] >= reproduced_fraction * row["real_presence_drop"])
                 rows.append(row)
-                continue
-            groups = (*real_statistics[name], _target_statistics(matrix[mine], index[name], top_k),
-                      _target_statistics(matrix[reference], index[name], top_k))
-            for group, statistics in zip(KNOCKDOWN_GROUPS, groups):
-                row.update({f"{group}_{key}": value for key, value in statistics.items()})
-            row["real_presence_drop"] = row["control_target_presence"] - row["real_target_presence"]
-            row["model_presence_drop"] = row["reference_target_presence"] - row["model_target_presence"]
-            if row["real_presence_drop"] < min_real_drop:
-                row["status"] = "real_knockdown_not_clear"
-            elif not np.isfinite(row["model_presence_drop"]):
-                row["status"] = "no_reference"  # one perturbation and no control-label samples: nothing to compare with
-            else:
-                row["status"] = "scored"
-                row["reproduced"] = float(row["model_presence_drop"] >= reproduced_fraction * row["real_presence_drop"])
-            rows.append(row)
     statistic_columns = [f"{group}_{key}" for group in KNOCKDOWN_GROUPS for key in (*KNOCKDOWN_STATISTICS, "n_cells")]
-    table = pd.DataFrame(rows, columns=["method", "temperature", "perturbation", "target_is_gene", "reference", "status",
-                                        "reproduced", "real_presence_drop", "model_presence_drop", *statistic_columns])
+    table = pd.DataFrame(rows, columns=["method", "temperature", "perturbation", "target", "target_is_gene", "reference",
+                                        "status", "reproduced", "real_presence_drop", "model_presence_drop",
+                                        *statistic_columns])
     table["target_is_gene"] = table["target_is_gene"].astype(bool)
     table["reproduced"] = table["reproduced"].astype(float)
 
-    # counts over the perturbations, whatever the temperature: whether a gene, and the real drop, do not depend on it
-    by_perturbation = table.drop_duplicates("perturbation")
+    # counts over the (perturbation, target) pairs, whatever the temperature: whether a gene, and the real drop, do
+    # not depend on it
+    by_perturbation = table.drop_duplicates(["perturbation", "target"])
     is_gene = by_perturbation["target_is_gene"].to_numpy()
     clear = is_gene & (by_perturbation["real_presence_drop"].to_numpy(dtype=float) >= min_real_drop)
     metrics = {"knockdown.n_perturbations_scored": float(clear.sum()),
@@ -775,7 +959,8 @@ def knockdown_diagnostics(
         return table, metrics
     for statistic in KNOCKDOWN_STATISTICS:
         for group in ("control", "real"):
-            metrics[f"knockdown.{group}.{statistic}"] = float(gene_rows.drop_duplicates("perturbation")[f"{group}_{statistic}"].mean())
+            metrics[f"knockdown.{group}.{statistic}"] = float(
+                gene_rows.drop_duplicates(["perturbation", "target"])[f"{group}_{statistic}"].mean())
     for method, part in gene_rows.groupby("method", sort=False):
         reference = "other_perturbations" if (part["reference"] == "other_perturbations").all() else "own_control"
         for statistic in KNOCKDOWN_STATISTICS:
@@ -811,6 +996,7 @@ def evaluate_posterior(
     threads: int | None = None,
     top_k_genes: int | None = None,
     n_coexpression_neighbours: int = 3,
+    combination_separator: str | None = "+",
 ) -> PosteriorEvaluation:
     """The model (one method ``model_T<t>`` per sampling temperature) and the baselines scored on
     the same held-out perturbations.
@@ -834,7 +1020,11 @@ def evaluate_posterior(
     the sentences' length, None for every gene) are in the metrics and their table is returned.
     The baselines are also scored on every held-out perturbation, sampled or not, with their
     mean-based metrics (``baseline_mean_scores``: ``all_heldout.<method>.<metric>``,
-    ``all_heldout.n_perturbations``). Returns a ``PosteriorEvaluation``.
+    ``all_heldout.n_perturbations``). A perturbation's targets are read with
+    ``combination_separator`` (``ScreenTargets``); how many of the scored perturbations are
+    combinations (``targets.n_combination_perturbations``) or name a target not among the genes
+    (``targets.n_perturbations_target_not_a_gene``) is counted, and each baseline's fallbacks for them are
+    logged and counted (``report_baseline_rules``). Returns a ``PosteriorEvaluation``.
     """
     threads = threads or min(2, os.cpu_count() or 1)
     genes = list(samples.var_names)
@@ -862,9 +1052,12 @@ def evaluate_posterior(
         part = perturbed[(perturbed.obs["temperature"] == temperature).to_numpy()]
         cells = labelled_cells(part.X, part.obs[SAMPLE_PERTURBATION].astype(str).tolist(), genes, f"model-T{temperature}", column)
         predictions[model_method(temperature)] = ad.concat([cells, controls])
+    baselines = fit_baselines(train, column, control_label, seed=seed, n_components=baseline_pca_components,
+                              n_coexpression_neighbours=n_coexpression_neighbours,
+                              combination_separator=combination_separator)
     predictions.update(baseline_predictions(
-        train, controls, {name: int(counts[name]) for name in evaluated}, column, control_label,
-        seed=seed, n_components=baseline_pca_components, n_coexpression_neighbours=n_coexpression_neighbours,
+        train, controls, {name: int(counts[name]) for name in evaluated}, column, control_label, seed=seed,
+        baselines=baselines,
     ))
     # the genes scored do not depend on the control-label samples: the scores of the rest stay as they were
     used = np.asarray((real.X != 0).sum(axis=0)).ravel() + np.asarray((train.X != 0).sum(axis=0)).ravel()
@@ -881,6 +1074,11 @@ def evaluate_posterior(
     summary = summarize_scores(scores)
     metrics = {"n_genes_scored": float(len(keep)), "n_heldout_perturbations": float(len(evaluated)),
                "n_heldout_perturbations_not_sampled": float(len(set(labels) - set(evaluated) - {control_label}))}
+    targets = ScreenTargets(genes, baselines.columns)
+    metrics["targets.n_combination_perturbations"] = float(sum(targets.is_combination(name) for name in evaluated))
+    metrics["targets.n_perturbations_target_not_a_gene"] = float(
+        sum(bool(targets.not_genes(name)) or not targets.targets(name) for name in evaluated))
+    metrics.update(report_baseline_rules(baseline_rules(baselines, evaluated)))
     if "seconds_per_sample" in samples.obs.columns:  # the sampling run's cost, as sample_test_posterior records it
         metrics["posterior.seconds_per_sample"] = float(samples.obs["seconds_per_sample"].astype(float).mean())
         metrics["posterior.n_samples"] = float(samples.n_obs)
@@ -899,11 +1097,12 @@ def evaluate_posterior(
             # a baseline has no own control: its empty cells in the table are not metrics
             if metric != "method" and (metric not in OWN_CONTROL_METRICS or row["method"] in own_control_methods):
                 metrics[f"{row['method']}.{metric}"] = float(value)
-    knockdown, knockdown_metrics = knockdown_diagnostics(samples, real, column, control_label, top_k=top_k_genes)
+    knockdown, knockdown_metrics = knockdown_diagnostics(samples, real, column, control_label, top_k=top_k_genes,
+                                                         combination_separator=combination_separator)
     metrics.update(knockdown_metrics)
     # the baselines on every held-out perturbation, sampled or not (their mean-based metrics)
     every = baseline_mean_scores(every_heldout, train, column, control_label, truth=truth, interval=interval, seed=seed,
-                                 n_components=baseline_pca_components, n_coexpression_neighbours=n_coexpression_neighbours)
+                                 baselines=baselines)
     metrics["all_heldout.n_perturbations"] = float(every["perturbation"].nunique())
     for method, row in summarize_scores(every).set_index("method").iterrows():
         for metric, value in row.items():

@@ -47,7 +47,8 @@ def sample_perturbation_posterior(
     posterior prompts: the held-out perturbations chosen by ``posterior.perturbations`` (all by
     default), the seen ones chosen by ``posterior.seen_perturbations``, and the control label, each
     on the same ``prompts_per_perturbation`` test control cells."""
-    posterior = _settings(params).posterior
+    settings = _settings(params)
+    posterior = settings.posterior
     with setting_hint(f"{SECTION}.posterior"):
         if "posterior" not in perturbation_prompts:
             raise KeyError("perturbation_prompts has no 'posterior' part (made before the control-label prompts existed); "
@@ -56,7 +57,7 @@ def sample_perturbation_posterior(
             perturbation_model, perturbation_prompts["posterior"], list(vocabulary), n_samples=posterior.n_samples,
             temperatures=posterior.temperatures, seed=posterior.seed, batch_size=posterior.batch_size,
             perturbations=posterior.perturbations, seen_perturbations=posterior.seen_perturbations,
-            min_genes=posterior.min_genes,
+            min_genes=posterior.min_genes, columns=settings.columns(),
         )
 
 
@@ -90,11 +91,13 @@ def plot_posterior(
 
 
 def probe_input_sensitivity(
-    perturbation_model: LanguageModel, perturbation_prompts: DatasetDict, cell_sentences: Dataset, params: dict[str, Any],
+    perturbation_model: LanguageModel, perturbation_prompts: DatasetDict, cell_sentences: Dataset,
+    vocabulary: dict[str, int], params: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Teacher-forced likelihood of real responses of both test sets when the perturbation's
     name, or the control cell, is swapped (``core.perturbation_diagnostics.input_sensitivity``):
-    ~0 for a model that does not read that input. Returns the per-pair table (``evaluation``
+    ~0 for a model that does not read that input; the shift of the target's own token is read for
+    targets among the screen's genes (``vocabulary``) only. Returns the per-pair table (``evaluation``
     column) and the flat metrics (the held-out set's as ``sensitivity.*``, the seen set's as
     ``seen.sensitivity.*``)."""
     settings = _settings(params)
@@ -109,12 +112,12 @@ def probe_input_sensitivity(
         formatter = core.perturbation.PerturbationPromptFormatter(
             top_k_genes=settings.top_k_genes, control_top_k_genes=settings.control_top_k_genes,
             template=settings.prompt_template, seed=settings.pairing.seed, tokenizer=perturbation_model.tokenizer,
-            max_tokens=perturbation_model.context_length,
+            max_tokens=perturbation_model.context_length, columns=columns,
         )
         with setting_hint(f"{SECTION}.evaluation.sensitivity_pairs"):
             found, table = core.perturbation_diagnostics.input_sensitivity(
                 perturbation_model, pairs, formatter, columns.control_label, n_pairs=settings.evaluation.sensitivity_pairs,
-                seed=settings.seed,
+                seed=settings.seed, genes=list(vocabulary),
             )
         prefix = "" if evaluation == "heldout" else f"{evaluation}."
         metrics.update({prefix + name: value for name, value in found.items()})
@@ -152,7 +155,7 @@ def evaluate_perturbation_predictions(
                 samples, real, train, columns.perturbation, columns.control_label,
                 truth=perturbation_truth, top_n_de=evaluation_settings.top_n_de, interval=evaluation_settings.interval,
                 baseline_pca_components=evaluation_settings.baseline_pca_components, seed=settings.seed,
-                top_k_genes=settings.top_k_genes,
+                top_k_genes=settings.top_k_genes, combination_separator=settings.combination_separator,
             )
         prefix = "" if evaluation == "heldout" else f"{evaluation}."
         metrics.update({prefix + name: value for name, value in scored.metrics.items()})
@@ -169,7 +172,13 @@ def plot_target_presence(perturbation_knockdown: pd.DataFrame, params: dict[str,
     on the same control cells."""
     table = perturbation_knockdown
     first = sorted(table["method"].unique(), key=lambda m: float(m.split("_T")[-1]) if "_T" in m else 0.0)[0]
-    table = table[table["method"] == first].set_index("perturbation")
+    table = table[table["method"] == first]
+    if "target" in table.columns:  # one bar group per target: a combination's targets as "A (A+B)"
+        names = table["perturbation"].astype(str)
+        targets = table["target"].astype(str)
+        table = table.set_axis(names.where(targets == names, targets + " (" + names + ")").to_numpy(), axis=0)
+    else:
+        table = table.set_index("perturbation")
     series = {"control_target_presence": "control cells", "real_target_presence": "real perturbed cells",
               "model_target_presence": f"model, perturbation named ({first})",
               "reference_target_presence": "model, control label named"}
