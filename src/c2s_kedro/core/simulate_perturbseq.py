@@ -17,6 +17,10 @@ dispersion)``, with
   targets co-vary slightly across cells. The others ("no effect") knock down their target only.
 - A fraction of cells are doublet-like (a second cell of the same gem group adds its counts) and a
   fraction have a high mitochondrial share (20-50%, with fewer nuclear counts), for QC to remove.
+- Optionally (``n_double_perturbations``, off by default) some cells carry two targeting guide
+  pairs: a double perturbation ``A+B`` of two of the single perturbations, whose truth is the sum
+  of its singles' log2 fold changes (both targets knocked down, both downstream shifts applied).
+  Singles are simulated the same way with or without doubles.
 
 Cell-level factors (module and complex activity, library size, mito factor) are drawn the same
 way whatever the cell's perturbation, so the expected log2 fold change of a gene's mean between a
@@ -29,7 +33,7 @@ from __future__ import annotations
 import inspect
 import logging
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -44,6 +48,7 @@ from c2s_kedro.core.simulate import MITOCHONDRIAL_GENES, _cell_barcodes, gene_sy
 logger = logging.getLogger(__name__)
 
 CONTROL_LABEL = "non-targeting"
+DOUBLE_SEPARATOR = "+"  # a double perturbation's label: its singles' labels joined (GEARS / Norman et al. 2019)
 
 _BASELINE_SIGMA = 1.8
 _LIBRARY_SIGMA = 0.45
@@ -95,10 +100,34 @@ class _ScreenModel:
     control_guides: np.ndarray
     n_complexes: int
     module_size: int
+    double_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))  # singles of each double
 
     @property
     def perturbations(self) -> np.ndarray:
         return self.gene_names[self.target]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every perturbation's label, singles first, then the doubles (``A+B``)."""
+        singles = self.perturbations.astype(str)
+        doubles = [f"{singles[a]}{DOUBLE_SEPARATOR}{singles[b]}" for a, b in self.double_pairs]
+        return np.concatenate([singles, np.asarray(doubles, dtype=str)]).astype(object)
+
+    @property
+    def label_log2fc(self) -> np.ndarray:
+        """The truth of every label (``labels`` x genes): a double's is the sum of its singles'."""
+        return np.vstack([self.log2fc, self.log2fc[self.double_pairs[:, 0]] + self.log2fc[self.double_pairs[:, 1]]])
+
+    @property
+    def label_guides(self) -> np.ndarray:
+        doubles = [f"{self.guides[a]};{self.guides[b]}" for a, b in self.double_pairs]
+        return np.concatenate([self.guides, np.asarray(doubles, dtype=object)]).astype(object)
+
+    @property
+    def label_gene_ids(self) -> np.ndarray:
+        ids = self.gene_ids[self.target].astype(str)
+        doubles = [f"{ids[a]}{DOUBLE_SEPARATOR}{ids[b]}" for a, b in self.double_pairs]
+        return np.concatenate([ids, np.asarray(doubles, dtype=str)]).astype(object)
 
 
 def _check_arguments(**arguments) -> None:
@@ -122,6 +151,25 @@ def _check_arguments(**arguments) -> None:
         )
     if not arguments["median_umi"] > 0:
         raise ValueError(f"median_umi must be positive, got {arguments['median_umi']}")
+    doubles, singles = arguments["n_double_perturbations"], arguments["n_perturbations"]
+    if not isinstance(doubles, numbers.Integral) or isinstance(doubles, bool) or doubles < 0:
+        raise ValueError(f"n_double_perturbations must be an integer of at least 0, got {doubles!r}")
+    if doubles > singles * (singles - 1) // 2:
+        raise ValueError(
+            f"n_double_perturbations={doubles} is more than the {singles * (singles - 1) // 2} pairs of "
+            f"n_perturbations={singles} single perturbations; ask for fewer doubles or more perturbations"
+        )
+
+
+def _choose_doubles(model: _ScreenModel, n_doubles: int, seed: int) -> _ScreenModel:
+    """The model with ``n_doubles`` distinct pairs of its single perturbations, from their own
+    seeded stream (the singles' draws do not depend on it)."""
+    if n_doubles == 0:
+        return model
+    n = model.target.size
+    pairs = np.array([(a, b) for a in range(n) for b in range(a + 1, n)], dtype=np.int64)
+    chosen = np.sort(np.random.default_rng([seed, 3]).choice(len(pairs), size=n_doubles, replace=False))
+    return replace(model, double_pairs=pairs[chosen])
 
 
 def _ensembl_ids(n_genes: int, rng: np.random.Generator) -> np.ndarray:
@@ -268,7 +316,7 @@ class _ScreenCells:
     """Per-cell labels and latent factors, cells sorted by gem group and barcode."""
 
     barcode: np.ndarray
-    label: np.ndarray  # perturbation index; n_perturbations for controls
+    label: np.ndarray  # index into the model's labels (singles, then doubles); their number for controls
     guide: np.ndarray
     gem_group: np.ndarray  # 0-based
     library_size: np.ndarray
@@ -295,18 +343,18 @@ def _draw_cells(
     seed: int,
 ) -> _ScreenCells:
     rng = np.random.default_rng([seed, 1])
-    n_perturbations = model.target.size
+    n_labels = model.labels.size  # singles, then doubles; controls are label n_labels
     label = np.concatenate(
         [
-            np.repeat(np.arange(n_perturbations), cells_per_perturbation),
-            np.full(n_control_cells, n_perturbations),
+            np.repeat(np.arange(n_labels), cells_per_perturbation),
+            np.full(n_control_cells, n_labels),
         ]
     )
     n_cells = label.size
     label = rng.permutation(label)
-    is_control = label == n_perturbations
+    is_control = label == n_labels
     guide = np.empty(n_cells, dtype=object)
-    guide[~is_control] = model.guides[label[~is_control]]
+    guide[~is_control] = model.label_guides[label[~is_control]]
     guide[is_control] = rng.choice(model.control_guides, size=int(is_control.sum()))
     n_gem_groups = model.gem_library_factor.size
     gem_group = rng.integers(0, n_gem_groups, n_cells)
@@ -405,10 +453,9 @@ def _cell_sums(model: _ScreenModel, counts: sp.csr_matrix) -> tuple[np.ndarray, 
 def _screen_obs(
     model: _ScreenModel, cells: _ScreenCells, umi_count: np.ndarray, mito_count: np.ndarray
 ) -> pd.DataFrame:
-    n_perturbations = model.target.size
-    is_control = cells.label == n_perturbations
-    target_names = np.append(model.perturbations, CONTROL_LABEL).astype(object)
-    target_ids = np.append(model.gene_ids[model.target], CONTROL_LABEL).astype(object)
+    is_control = cells.label == model.labels.size
+    target_names = np.append(model.labels, CONTROL_LABEL).astype(object)
+    target_ids = np.append(model.label_gene_ids, CONTROL_LABEL).astype(object)
 
     mitopercent = 100.0 * mito_count / np.maximum(umi_count, 1.0)
 
@@ -447,6 +494,7 @@ def simulate_perturbseq(
     high_mito_fraction: float = 0.03,
     median_umi: float = 8000,
     seed: int = 0,
+    n_double_perturbations: int = 0,
 ) -> ad.AnnData:
     """Simulate a CRISPRi Perturb-seq screen of raw UMI counts with its ground truth.
 
@@ -461,6 +509,9 @@ def simulate_perturbseq(
             and more genes) and of cells with 20-50% mitochondrial counts.
         median_umi: median library size of a single healthy cell.
         seed: the same seed gives the same counts and obs.
+        n_double_perturbations: double perturbations ``A+B`` of two single perturbations, each
+            pair drawn at random (seeded) and given ``cells_per_perturbation`` cells; 0 (the
+            default) simulates singles only, the same screen as before doubles existed.
 
     Returns:
         AnnData with raw counts (float32 CSR) in ``.X``; ``.obs`` columns ``gene`` (target symbol
@@ -468,11 +519,14 @@ def simulate_perturbseq(
         ``core_adjusted_UMI_count``, ``mitopercent``; Ensembl-like ``.var_names`` with symbols
         in ``.var["gene_name"]`` and program membership in ``.var["module"]`` (-1 for none).
         The truth: ``.varm["perturbation_truth_log2fc"]`` (genes x perturbations, expected log2
-        fold change of each gene's mean against control cells, target knockdown included),
+        fold change of each gene's mean against control cells, target knockdown included; a
+        double's column is the sum of its singles'),
         ``.uns["perturbation_truth"]`` (per perturbation: ``perturbation``, ``target_gene_id``,
         ``knockdown_residual``, ``module``, ``module_log2fc``, ``complex``,
-        ``has_downstream_effect``), ``.uns["qc_truth"]`` (barcodes of the ``doublet`` and
-        ``high_mito`` cells) and the parameters in ``.uns["simulation"]``.
+        ``has_downstream_effect``; singles only), ``.uns["double_perturbations"]`` (with doubles:
+        each double's ``perturbation`` label and its two ``singles``), ``.uns["qc_truth"]``
+        (barcodes of the ``doublet`` and ``high_mito`` cells) and the parameters in
+        ``.uns["simulation"]``.
     """
     parameters = {
         "n_genes": n_genes,
@@ -485,6 +539,7 @@ def simulate_perturbseq(
         "high_mito_fraction": high_mito_fraction,
         "median_umi": median_umi,
         "seed": seed,
+        "n_double_perturbations": n_double_perturbations,
     }
     model, cells = _screen_design(parameters)
     counts = sp.vstack(list(_count_blocks(model, cells, seed)), format="csr")
@@ -501,6 +556,7 @@ def _screen_design(parameters: dict) -> tuple[_ScreenModel, _ScreenCells]:
         parameters["n_genes"], parameters["n_perturbations"], parameters["n_control_cells"],
         parameters["n_gem_groups"], parameters["fraction_no_effect"], parameters["seed"],
     )
+    model = _choose_doubles(model, parameters["n_double_perturbations"], parameters["seed"])
     cells = _draw_cells(
         model, parameters["cells_per_perturbation"], parameters["n_control_cells"],
         parameters["doublet_fraction"], parameters["high_mito_fraction"], parameters["median_umi"],
@@ -515,7 +571,7 @@ def _count_blocks(model: _ScreenModel, cells: _ScreenCells, seed: int):
     n_cells, n_genes = cells.label.size, model.gene_names.size
     block_cells = max(1, _BLOCK_ENTRIES // n_genes)
     blocks = list(enumerate(range(0, n_cells, block_cells)))
-    fold = np.vstack([np.exp2(model.log2fc), np.ones(n_genes)])
+    fold = np.vstack([np.exp2(model.label_log2fc), np.ones(n_genes)])
     for block, start in tqdm(blocks, desc="simulated blocks", unit="block", leave=False):
         rows = slice(start, min(start + block_cells, n_cells))
         rng = np.random.default_rng([seed, 2, block])
@@ -532,7 +588,7 @@ def _screen_adata(
         {"gene_name": model.gene_names.astype(str), "module": model.gene_module.astype(np.int64)},
         index=var_names,
     )
-    truth = pd.DataFrame(model.log2fc.T, index=var_names, columns=pd.Index(perturbations))
+    truth = pd.DataFrame(model.label_log2fc.T, index=var_names, columns=pd.Index(model.labels.astype(str)))
     uns = {
         "perturbation_truth": {
             "perturbation": perturbations.tolist(),
@@ -554,13 +610,19 @@ def _screen_adata(
             "n_complexes": model.n_complexes,
         },
     }
+    if model.double_pairs.size:
+        uns["double_perturbations"] = {
+            "perturbation": model.labels[perturbations.size:].astype(str).tolist(),
+            "singles": [[str(perturbations[a]), str(perturbations[b])] for a, b in model.double_pairs],
+        }
     return ad.AnnData(X=counts, obs=obs, var=var, varm={"perturbation_truth_log2fc": truth}, uns=uns)
 
 
 def _log_screen(model: _ScreenModel, cells: _ScreenCells) -> None:
     logger.info(
-        "simulated a Perturb-seq screen: %d cells x %d genes, %d perturbations in %d complexes",
+        "simulated a Perturb-seq screen: %d cells x %d genes, %d perturbations in %d complexes%s",
         cells.label.size, model.gene_names.size, model.target.size, model.n_complexes,
+        f", and {len(model.double_pairs)} double perturbations" if model.double_pairs.size else "",
     )
 
 
