@@ -5,7 +5,9 @@ import pytest
 import scipy.sparse as sp
 from datasets import Dataset
 
+from c2s_kedro.core.evaluation import cluster_agreement
 from c2s_kedro.core.preprocessing import embed_expression, normalize_log10
+from c2s_kedro.core.reconstruction import leiden_labels
 from c2s_kedro.core.sentences import cell_sentences_from_adata
 from c2s_kedro.pipelines.benchmarking import create_pipeline
 from c2s_kedro.pipelines.benchmarking.nodes import (
@@ -148,6 +150,21 @@ def test_compare_names_a_missing_label_key_and_the_setting(line_adata, params):
     assert "benchmarking.label_key" in message
 
 
+def test_cells_without_a_label_are_no_cluster_of_the_label_agreement(line_adata, params, caplog):
+    holes = line_adata.copy()
+    cell_type = holes.obs["cell_type"].astype(object)
+    cell_type.iloc[::4] = np.nan  # before, NaN was a cluster of its own and lowered the ARI
+    holes.obs["cell_type"] = pd.Categorical(cell_type)
+    metrics, _, _ = compare_reconstruction(holes, holes.copy(), params["benchmarking"])
+    whole, _, _ = compare_reconstruction(line_adata, line_adata.copy(), params["benchmarking"])
+    assert metrics["n_cells_without_label"] == 10 and metrics["n_scored_cells"] == 40
+    labelled = cell_type.notna().to_numpy()
+    clusters = leiden_labels(line_adata, params["benchmarking"]["leiden_resolution"], params["benchmarking"]["seed"])
+    assert metrics["leiden_ari_original_vs_label"] == pytest.approx(
+        cluster_agreement(clusters[labelled], cell_type[labelled].to_numpy()))
+    assert whole["n_cells_without_label"] == 0 and "scored on 40 cells" not in caplog.text
+
+
 def test_compare_without_label_key(line_adata, params):
     metrics, _, _ = compare_reconstruction(line_adata, line_adata, {**params["benchmarking"], "label_key": None})
     assert "leiden_ari_original_vs_label" not in metrics
@@ -182,7 +199,10 @@ def test_benchmarking_pipeline_on_pbmc(pbmc_processed, params):
         "knn_overlap_pca",
         "leiden_ari_original_vs_label",
         "leiden_ari_reconstructed_vs_label",
+        "n_cells_without_label",
+        "n_scored_cells",
     }
+    assert metrics["n_cells_without_label"] == 0 and metrics["n_scored_cells"] == pbmc_processed.n_obs
     assert metrics["rank_fit_r2"] > 0.5
     assert metrics["rank_fit_slope"] < 0 < metrics["rank_fit_intercept"]
     assert metrics["rank_fit_n_cells"] == 300

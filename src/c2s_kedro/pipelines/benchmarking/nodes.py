@@ -48,7 +48,8 @@ def reconstruct_adata(
 def compare_reconstruction(
     processed_adata: ad.AnnData, reconstructed_adata: ad.AnnData, params: dict[str, Any]
 ) -> tuple[dict[str, float], plt.Figure, plt.Figure]:
-    """Agreement of original and reconstructed data: expression correlation, Leiden ARI, kNN overlap.
+    """Agreement of original and reconstructed data: expression correlation, Leiden ARI, kNN overlap;
+    the ARI with ``label_key`` over the cells that have a label (``n_cells_without_label`` counts the others).
 
     Returns the metrics, the reconstructed-vs-original scatter and the side-by-side UMAPs.
     """
@@ -60,6 +61,9 @@ def compare_reconstruction(
     metrics, values, rebuilt = core.reconstruction.reconstruction_agreement(
         processed_adata, reconstructed_adata, settings.n_cells, settings.leiden_resolution, settings.knn_k, settings.seed, label,
     )
+    if label:
+        metrics["n_cells_without_label"] = float((~core.sentences.has_label(processed_adata.obs[label])).sum())
+    metrics.update(core.evaluation.report_scored_cells(processed_adata.n_obs, "the reconstruction is"))
     scatter = core.plotting.reconstruction_plot(values, rebuilt, metrics["reconstruction_pearson_r"])
     umaps = core.plotting.umap_side_by_side(
         [("original expression", processed_adata.obsm["X_umap"]),
