@@ -180,3 +180,21 @@ def test_embedding_prompts_and_pooling_follow_the_parameters(sentences, model, t
     assert mean.shape == last.shape and np.abs(mean - last).max() > 1e-3
     with pytest.raises(ValueError, match="unknown pooling 'max'.*Change embedding.pooling"):
         embed_cells(prompts, model, _params(pooling="max"))
+
+
+def test_cells_without_a_label_are_embedded_but_left_out_of_the_label_scores(processed, sentences, model, caplog):
+    import pandas as pd
+
+    unlabelled = processed.copy()
+    cell_type = unlabelled.obs["cell_type"].astype(object)
+    cell_type.iloc[::6] = np.nan
+    cell_type.iloc[1] = ""  # an empty label is no label either
+    unlabelled.obs["cell_type"] = pd.Categorical(cell_type)
+    parameters = {"embedding": _params(n_neighbors=8, knn_k=5)}
+    catalog = run_pipeline(create_pipeline(), {
+        "cell_sentences": sentences, "foundation_model": model, "processed_adata": unlabelled, **params_entries(parameters),
+    })
+    assert catalog.load("cell_embeddings").n_obs == processed.n_obs  # every cell embedded
+    metrics = catalog.load("embedding_metrics")
+    assert metrics["n_cells"] == 60 and metrics["n_cells_without_label"] == 11 and metrics["n_scored_cells"] == 49
+    assert "11 of 60 embedded cells have no 'cell_type' label: left out of the label scores" in caplog.text
