@@ -171,8 +171,20 @@ def test_generation_training_refuses_prompts_or_models_without_generation(settin
     model.model.config.c2s_trained_tasks = ["cell_type_generation", "cell_type_prediction"]
     with pytest.raises(ValueError, match="no cell_type_generation train prompts.*Change finetuning.tasks"):
         train_generation_model(model, prediction_only, _finetuning_params(tmp_path), params)
-    with pytest.raises(ValueError, match="must be 0 or more"):
+    with pytest.raises(ValueError, match=r"cell_generation.training.epochs must be at least 0, got -1"):
         train_generation_model(model, _prompts(4), _finetuning_params(tmp_path), _params(training={**params["training"], "epochs": -1}))
     model.model.config.c2s_trained_tasks = ["cell_type_prediction"]
     with pytest.raises(ValueError, match="finetuning.tasks"):
         train_generation_model(model, _prompts(4), _finetuning_params(tmp_path), params)
+
+
+def test_cells_without_a_label_ask_for_no_cell_and_are_no_real_type(setting):
+    adata, cells, model, split, _ = setting
+    holes = ["nan" if i % 5 == 0 else (None if i % 7 == 0 else t) for i, t in enumerate(cells["cell_type"])]
+    unlabelled = cells.remove_columns("cell_type").add_column("cell_type", holes)
+    prompts = build_generation_prompts(unlabelled, split, model, _params(n_cells_per_type=2))
+    assert sorted(set(prompts["cell_type"])) == ["B cell", "T cell"]  # no "a None cell", no "a nan cell"
+    assert not any("None" in p or "nan" in p for p in prompts["prompt"])
+    rebuilt = reconstruct_real_test_cells(unlabelled, split, prompts, RANK_FIT, adata, _params())
+    kept = [name for name, label in zip(cells["cell_name"], holes) if name in split["test"] and label not in (None, "nan")]
+    assert list(rebuilt.obs_names) == kept

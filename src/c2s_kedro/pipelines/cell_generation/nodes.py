@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
 from c2s_kedro import core
-from c2s_kedro.parameters import ENVIRONMENT_HINT, read_parameters, setting_hint
+from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import CellGenerationParameters
 from c2s_kedro.parameters.training import FinetuningParameters
 
@@ -38,12 +38,8 @@ def train_generation_model(
     finetuning = read_parameters(FinetuningParameters, finetuning_params, "finetuning")
     with setting_hint("finetuning.tasks"):
         core.training.require_task(finetuned_model, GENERATION_TASK)
-    if settings.epochs == 0:
+    if settings.epochs == 0:  # a negative number is refused when the parameters are read
         return finetuned_model, []
-    if settings.epochs < 0:
-        raise ValueError(
-            f"cell_generation.training.epochs must be 0 or more, got {settings.epochs:g}; change it {ENVIRONMENT_HINT}"
-        )
     with setting_hint("finetuning.tasks"):
         prompts = core.training.task_prompts(finetuning_prompts, GENERATION_TASK)
     # epochs, not the fine-tuning's step cap, say how long (max_steps would override num_train_epochs)
@@ -65,19 +61,19 @@ def build_generation_prompts(
 ) -> dict[str, Any]:
     """``n_cells_per_type`` cell-type-conditioned prompts per cell type of the train cells, each asking
     for the median number of genes of that type's cells (at most ``max_genes``), or fewer so that the
-    answer fits the context."""
+    answer fits the context. Train cells without a label ask for nothing."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("finetuning.tasks"):
         core.training.require_task(finetuned_model, "cell_type_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
         table = core.prompts.sentence_table(cell_sentences, [label])
-    train = table.loc[data_split["train"]].dropna(subset=[label])
+    train = table.loc[data_split["train"]]
     with setting_hint("cell_generation.prompt_templates"):
         templates = core.prompts.task_templates("cell_type_generation", core.prompts.read_template_files(settings.prompt_templates))
     with setting_hint("cell_generation.template_index or max_genes", IndexError, ValueError):
         return core.prompts.cell_generation_prompts(
-            train["cell_sentence"].tolist(), train[label].astype(str).tolist(), finetuned_model.tokenizer,
+            train["cell_sentence"].tolist(), train[label].tolist(), finetuned_model.tokenizer,
             finetuned_model.context_length, settings.n_cells_per_type, settings.template_index, settings.organism,
             templates=templates, max_genes=settings.max_genes,
         )
@@ -110,14 +106,14 @@ def reconstruct_real_test_cells(
     processed_adata: ad.AnnData, params: dict[str, Any],
 ) -> ad.AnnData:
     """The real test cells as generated cells are: each sentence cut to the genes generation asks
-    for its type, expression from the ranks (the benchmarking fit)."""
+    for its type, expression from the ranks (the benchmarking fit); cells without a label are left out."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
         table = core.prompts.sentence_table(cell_sentences, [label])
-    test = table.loc[list(data_split["test"])].dropna(subset=[label])
+    test = table.loc[list(data_split["test"])]
     return core.cell_generation.real_cells_as_generated(
-        test["cell_sentence"].tolist(), test[label].astype(str).tolist(), list(test.index),
+        test["cell_sentence"].tolist(), test[label].tolist(), list(test.index),
         dict(zip(generation_prompts["cell_type"], generation_prompts["genes_requested"])),
         processed_adata.var_names, core.sentences.RankFit.from_dict(rank_fit),
     )
