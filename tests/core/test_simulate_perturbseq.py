@@ -319,6 +319,8 @@ def test_round_trip_through_h5ad_keeps_the_truth(tmp_path):
         ({"seed": -1}, "seed must be a non-negative integer"),
         ({"n_perturbations": 600}, "n_perturbations=600 is more than the 500 genes eligible"),
         ({"n_genes": 60, "n_perturbations": 2}, "n_genes=60 is too small"),
+        ({"n_perturbations": 3, "n_double_perturbations": 4}, "n_double_perturbations=4 is more than the 3 pairs"),
+        ({"n_double_perturbations": -1}, "n_double_perturbations must be an integer of at least 0"),
     ],
 )
 def test_bad_arguments_raise(arguments, message):
@@ -353,6 +355,37 @@ def test_written_chunk_by_chunk_equals_the_screen_in_memory(tmp_path, monkeypatc
     for section in ("perturbation_truth", "qc_truth", "simulation"):
         for key, values in expected.uns[section].items():
             np.testing.assert_array_equal(written.uns[section][key], values)
+
+
+def test_double_perturbations_add_their_singles_effects_and_leave_the_singles_as_they_were():
+    singles = simulate_perturbseq(**SMALL, seed=7)
+    screen = simulate_perturbseq(**SMALL, seed=7, n_double_perturbations=3)
+    assert "double_perturbations" not in singles.uns and singles.uns["simulation"]["n_double_perturbations"] == 0
+    doubles = screen.uns["double_perturbations"]
+    assert len(doubles["perturbation"]) == 3 and all(label == "+".join(pair) for label, pair in
+                                                     zip(doubles["perturbation"], doubles["singles"]))
+    truth = screen.varm["perturbation_truth_log2fc"]
+    single_names = screen.uns["perturbation_truth"]["perturbation"]
+    # the singles are the same perturbations with the same truth; a double's truth is the sum of its singles'
+    assert single_names == singles.uns["perturbation_truth"]["perturbation"]
+    pd.testing.assert_frame_equal(truth[single_names], singles.varm["perturbation_truth_log2fc"])
+    for label, (a, b) in zip(doubles["perturbation"], doubles["singles"]):
+        np.testing.assert_allclose(truth[label], truth[a] + truth[b])
+    counts = screen.obs["gene"].value_counts()
+    assert (counts[doubles["perturbation"]] == SMALL["cells_per_perturbation"]).all()
+    assert set(counts.index) == set(single_names) | set(doubles["perturbation"]) | {CONTROL_LABEL}
+    # both targets of a double are knocked down in its cells
+    totals = np.asarray(screen.X.sum(axis=1)).ravel()
+    normalized = sp.csr_matrix(sp.diags(1e4 / totals) @ screen.X)
+    gene = screen.obs["gene"].to_numpy()
+    control = _mean(normalized, gene == CONTROL_LABEL)
+    symbol = list(screen.var["gene_name"])
+    for label, pair in zip(doubles["perturbation"], doubles["singles"]):
+        mean = _mean(normalized, gene == label)
+        guides = screen.obs.loc[gene == label, "sgID_AB"].iloc[0]
+        for target in pair:
+            assert mean[symbol.index(target)] < 0.6 * control[symbol.index(target)], (label, target)
+            assert guides.count(f"{target}_+_") == 1
 
 
 def test_writer_names_its_arguments():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -177,3 +179,81 @@ def test_a_screen_with_other_column_names_runs_through_parameters_alone(screen, 
     test = catalog.load("perturbation_prompts")["test"]
     lanes = renamed.obs["lane"]
     assert (lanes.loc[test["control_cell"]].to_numpy() == lanes.loc[test["perturbed_cell"]].to_numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def labelled_screen():
+    """A screen as real screens label it: two double perturbations (A+B) of trained singles, a
+    target that is not among the genes (NOTAGENE) and a target whose gene name holds a space."""
+    screen = simulate_perturbseq(n_genes=300, n_perturbations=8, cells_per_perturbation=24, n_control_cells=120, seed=3,
+                                 n_double_perturbations=2)
+    doubles = screen.uns["double_perturbations"]
+    in_doubles = {name for pair in doubles["singles"] for name in pair}
+    unknown, spaced = sorted(set(screen.uns["perturbation_truth"]["perturbation"]) - in_doubles)[:2]
+    labels = screen.obs["gene"].astype(str)
+    labels = labels.replace({unknown: "NOTAGENE", spaced: f"{spaced.lower()} variant"})
+    screen.obs["gene"] = pd.Categorical(labels)
+    screen.var["gene_name"] = screen.var["gene_name"].replace({spaced: f"{spaced} variant"})
+    return screen, doubles, spaced
+
+
+@pytest.fixture(scope="module")
+def labelled_outputs(labelled_screen, tmp_path_factory):
+    screen, doubles, _ = labelled_screen
+    params = _params(tmp_path_factory.mktemp("labelled"))
+    params["perturbation"]["data_processing"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
+    params["perturbation"]["split"]["test_perturbations"] = [*doubles["perturbation"], "notagene"]
+    pipeline = PIPELINES["perturbation_data"] + PIPELINES["perturbation_finetuning"] + PIPELINES["perturbation_posterior"]
+    return run_pipeline(pipeline, {"perturbseq_raw": screen, **params_entries(params)})
+
+
+def test_a_target_that_is_not_a_gene_is_reported_at_the_screen_s_checks_with_its_cells(labelled_screen, caplog):
+    screen, _, spaced = labelled_screen
+    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.perturbation"):
+        checked, _ = check_screen_layout(screen, load_parameters("perturbation")["perturbation"])
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING and "perturbation targets" in r.message]
+    assert len(warnings) == 1 and warnings[0].startswith("1 perturbation targets are not among the screen's genes: "
+                                                         "NOTAGENE (24 cells)")
+    assert f"{spaced}_VARIANT" in set(checked.obs["gene"])  # written as the door writes the gene: one word
+
+
+def test_the_screen_s_metrics_count_unknown_targets_and_combinations(labelled_outputs, outputs):
+    catalog = labelled_outputs
+    metrics = catalog.load("perturbation_data_metrics")
+    processed = catalog.load("perturbation.processed_adata").obs["gene"].astype(str)
+    assert metrics["n_targets_not_among_genes"] == 1
+    assert metrics["n_cells_target_not_among_genes"] == (processed == "NOTAGENE").sum() > 0  # after QC
+    assert metrics["n_combination_perturbations"] == 2 and metrics["n_combination_cells"] > 0
+    assert catalog.load("perturbation_split")["targets"]["targets_not_among_genes"] == {
+        "NOTAGENE": int((processed == "NOTAGENE").sum())}
+    default = outputs[0].load("perturbation_data_metrics")  # the default screen: nothing to report
+    assert default["n_targets_not_among_genes"] == 0 and default["n_combination_perturbations"] == 0
+
+
+def test_prompts_name_both_targets_and_the_offline_tokenizer_reads_an_unknown_target_as_one_token(
+        labelled_outputs, labelled_screen):
+    catalog = labelled_outputs
+    _, doubles, spaced = labelled_screen
+    posterior = catalog.load("perturbation_prompts")["posterior"].to_pandas()
+    for label, (a, b) in zip(doubles["perturbation"], doubles["singles"]):
+        prompts = posterior.loc[posterior["perturbation"] == label, "model_input"]
+        assert len(prompts) and all(f"{a} and {b}" in prompt and label not in prompt for prompt in prompts)
+    tokenizer = catalog.load("perturbation_base_model").tokenizer
+    assert len(tokenizer(" NOTAGENE", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tokenizer(f" {spaced}_VARIANT", add_special_tokens=False)["input_ids"]) == 1  # a gene of the screen
+    assert f"{spaced}_VARIANT" in catalog.load("perturbation_split")["train_perturbations"]
+
+
+def test_baselines_and_knockdown_diagnostics_say_what_they_did_with_combinations_and_unknown_targets(labelled_outputs):
+    catalog = labelled_outputs
+    metrics = catalog.load("perturbation_metrics")
+    assert metrics["targets.n_combination_perturbations"] == 2 and metrics["targets.n_perturbations_target_not_a_gene"] == 1
+    assert metrics["linear_additive.n_perturbations_sum_of_trained_singles"] == 2  # both singles of each were trained
+    assert metrics["linear_additive.n_perturbations_mean_change_target_not_a_gene"] == 1
+    assert metrics["knockdown_only.n_perturbations_no_gene_to_knock_down"] == 1
+    assert metrics["knockdown.n_perturbations_target_not_a_gene"] == 1
+    knockdown = catalog.load("perturbation_knockdown")
+    heldout = knockdown[knockdown["evaluation"] == "heldout"].drop_duplicates(["perturbation", "target"])
+    assert len(heldout) == 2 * 2 + 1  # each target of both doubles, and NOTAGENE
+    assert heldout.set_index("target").loc["NOTAGENE", "status"] == "target_not_a_gene"
+
