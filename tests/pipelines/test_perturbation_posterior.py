@@ -229,8 +229,20 @@ def test_settings_are_checked_and_errors_name_the_setting(outputs, screen):
                                           renamed)
     no_samples = copy.deepcopy(params)
     no_samples["posterior"]["n_samples"] = 0
-    with pytest.raises(ValueError, match="n_samples must be at least 1.*Change perturbation.posterior"):
+    with pytest.raises(ParameterError, match="perturbation.posterior.n_samples must be at least 1, got 0"):
         sample_perturbation_posterior(screen["model"], screen["prompts"], screen["vocabulary"], no_samples)
+    # every range is refused like a wrong type, naming the setting, before anything runs
+    for section, key, value, message in (("posterior", "temperatures", [0.7, 0.0], r"\[1\] must be greater than 0"),
+                                         ("posterior", "prompts_per_perturbation", 0, "at least 1"),
+                                         ("evaluation", "interval", 1.5, "between 0 and 1"),
+                                         ("pairing", "synthetic_drop_share", -0.1, "between 0 and 1"),
+                                         ("split", "fractions", {"train": 1.2, "val": 0.0, "test": 0.1}, "between 0 and 1")):
+        wrong = copy.deepcopy(params)
+        wrong[section][key] = value
+        with pytest.raises(ParameterError, match=rf"perturbation\.{section}\.{key}.*{message}"):
+            sample_perturbation_posterior(screen["model"], screen["prompts"], screen["vocabulary"], wrong)
+    with pytest.raises(ParameterError, match="perturbation.top_k_genes must be at least 1, got 0"):
+        sample_perturbation_posterior(screen["model"], screen["prompts"], screen["vocabulary"], params | {"top_k_genes": 0})
 
 
 def test_posterior_perturbations_samples_a_subset_and_every_method_is_scored_on_it(screen):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from c2s_kedro.parameters import at_least, between, greater_than
 from c2s_kedro.parameters.atlas import DataProcessingParameters, RankFitParameters, SentenceConversionParameters
 from c2s_kedro.parameters.training import TrainingParameters
 
@@ -15,19 +16,19 @@ if TYPE_CHECKING:  # core.perturbation imports torch: settings are read by runs 
 @dataclass(frozen=True)
 class ScreenSplitParameters:
     mode: str  # perturbations | cells
-    fractions: dict[str, float]
+    fractions: dict[str, float] = between(0, 1)
     test_perturbations: list[str] | None
-    seed: int
-    seen_test_fraction: float  # of each training perturbation's cells, held out as the seen evaluation (0: none)
+    seed: int = at_least(0)
+    seen_test_fraction: float = between(0, 1)  # of each training perturbation's cells, held out as the seen evaluation (0: none)
 
 
 @dataclass(frozen=True)
 class PairingParameters:
-    controls_per_cell: int
+    controls_per_cell: int = at_least(1)
     include_control_pairs: bool
-    seed: int
-    synthetic_pairs_per_control: int  # synthetic knockdown pairs per training control cell (0: none)
-    synthetic_drop_share: float | None  # null: measured on the training cells
+    seed: int = at_least(0)
+    synthetic_pairs_per_control: int = at_least(0)  # synthetic knockdown pairs per training control cell (0: none)
+    synthetic_drop_share: float | None = between(0, 1)  # null: measured on the training cells
     synthetic_same_cell: bool  # the response is the prompt's control cell knocked down (else another control)
 
 
@@ -38,27 +39,27 @@ class PerturbationModelParameters:
 
 @dataclass(frozen=True)
 class PosteriorParameters:
-    n_samples: int
-    temperatures: list[float]
-    prompts_per_perturbation: int
-    max_new_tokens: int | None
+    n_samples: int = at_least(1)
+    temperatures: list[float] = greater_than(0)
+    prompts_per_perturbation: int = at_least(1)
+    max_new_tokens: int | None = at_least(1)
     on_overflow: str  # shorten | error
-    batch_size: int | None
-    seed: int
+    batch_size: int | None = at_least(1)
+    seed: int = at_least(0)
     # held-out perturbations sampled (and scored): null = all, a number drawn at random, or a list
     # of names (Any: one of three kinds; core.perturbation.choose_perturbations checks it)
     perturbations: Any
     seen_perturbations: Any  # the same, for the seen perturbations with held-out cells
-    min_genes: int | None  # genes a sample writes before it may end; null: it may end after any gene
+    min_genes: int | None = at_least(1)  # genes a sample writes before it may end; null: it may end after any gene
 
 
 @dataclass(frozen=True)
 class PerturbationEvaluationParameters:
-    top_n_de: int
-    interval: float
-    baseline_pca_components: int
-    max_plot_panels: int
-    sensitivity_pairs: int  # test pairs of the input-sensitivity probe
+    top_n_de: int = at_least(1)
+    interval: float = between(0, 1)
+    baseline_pca_components: int = at_least(1)
+    max_plot_panels: int = at_least(1)
+    sensitivity_pairs: int = at_least(1)  # test pairs of the input-sensitivity probe
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,16 @@ class PerturbationParameters:
     perturbation_column: str
     control_label: str
     batch_column: str | None
-    combination_separator: str | None  # joins the targets of a combinatorial perturbation (GENE1+GENE2); null: none
+    combination_separator: str | None  # joins a combination's targets (GENE1+GENE2); null or empty: none
     data_processing: DataProcessingParameters
     sentence_conversion: SentenceConversionParameters
     benchmarking: ScreenBenchmarkingParameters
-    top_k_genes: int | None
-    control_top_k_genes: int | None  # the control sentence of a prompt (null: top_k_genes)
-    prompt_template: int | None  # one template for every prompt (its index); null: one drawn per prompt
+    top_k_genes: int | None = at_least(1)
+    control_top_k_genes: int | None = at_least(1)  # the control sentence of a prompt (null: top_k_genes)
+    prompt_template: int | None = at_least(0)  # one template for every prompt (its index); null: one drawn per prompt
     split: ScreenSplitParameters
     pairing: PairingParameters
-    seed: int
+    seed: int = at_least(0)
     model: PerturbationModelParameters
     finetuning: TrainingParameters
     posterior: PosteriorParameters
