@@ -200,4 +200,4 @@ def test_the_knockdown_diagnostics_treat_each_target_and_skip_the_ones_that_are_
     assert rows.loc[("C+NOTAGENE", "NOTAGENE"), "status"] == "target_not_a_gene"
     assert metrics["knockdown.n_perturbations_scored"] == 3 and metrics["knockdown.n_perturbations_target_not_a_gene"] == 1
     assert metrics["knockdown.model_T1.reproduced_share"] == pytest.approx(2 / 3)
-    assert any("skip 1 targets not among the genes: NOTAGENE (of C+NOTAGENE)" in r.message for r in caplog.records)
+    assert any("skip the targets not among the genes (1): NOTAGENE (of C+NOTAGENE)" in r.message for r in caplog.records)

@@ -212,8 +212,8 @@ def test_a_target_that_is_not_a_gene_is_reported_at_the_screen_s_checks_with_its
     with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.perturbation"):
         checked, _ = check_screen_layout(screen, load_parameters("perturbation")["perturbation"])
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING and "perturbation targets" in r.message]
-    assert len(warnings) == 1 and warnings[0].startswith("1 perturbation targets are not among the screen's genes: "
-                                                         "NOTAGENE (24 cells)")
+    assert len(warnings) == 1 and warnings[0].startswith("perturbation targets not among the screen's genes (1): "
+                                                         "NOTAGENE (24 cells). Their 24 cells stay")
     assert f"{spaced}_VARIANT" in set(checked.obs["gene"])  # written as the door writes the gene: one word
 
 

@@ -171,13 +171,13 @@ def log_screen_targets(report: dict[str, Any], genes: str, level: int = logging.
     missing = report["targets_not_among_genes"]
     if missing:
         logger.log(level,
-            "%d perturbation targets are not among %s: %s. Their %d cells stay in training and evaluation: prompts "
+            "perturbation targets not among %s (%d): %s. Their %d cells stay in training and evaluation: prompts "
             "name the target, the baselines and knockdown diagnostics that need the target's gene say what they do "
-            "instead (perturbation_metrics)", len(missing), genes, _listed(missing),
+            "instead (perturbation_metrics)", genes, len(missing), _listed(missing),
             report["n_cells_target_not_among_genes"],
         )
     if report["combinations"]:
-        logger.info("%d combinatorial perturbations, each parsed into its targets: %s", len(report["combinations"]),
+        logger.info("combinatorial perturbations, each read as its targets (%d): %s", len(report["combinations"]),
                     _listed(report["combinations"]))
 
 

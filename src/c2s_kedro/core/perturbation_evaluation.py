@@ -905,7 +905,7 @@ def knockdown_diagnostics(
     skipped = sorted({f"{target} (of {name})" if target != name else target
                       for name in names for target, i in pairs[name] if i is None})
     if skipped:
-        logger.info("the knockdown diagnostics skip %d targets not among the genes: %s (counted in "
+        logger.info("the knockdown diagnostics skip the targets not among the genes (%d): %s (counted in "
                     "knockdown.n_perturbations_target_not_a_gene)", len(skipped), ", ".join(skipped))
     rows = []
     for temperature in sorted(set(temperatures[labels != control_label])):
