@@ -35,7 +35,7 @@ from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.preprocessing import QCThresholds, normalize_log10, quality_control
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, has_label, select_cells, vocabulary_names
-from c2s_kedro.core.validation import validate_input
+from c2s_kedro.core.validation import input_check_metrics, validate_input
 
 logger = logging.getLogger(__name__)
 
@@ -279,11 +279,14 @@ def annotate_counts(
     seed: int = 0,
     default_organism: str = "Homo sapiens",
     batch_size: int = 8,
+    counts_source: str = "auto",
+    accept_non_integer_counts: bool = False,
 ) -> pd.DataFrame:
     """``prediction_table`` of new cells (raw counts) in one call, the steps of the annotation pipeline in its
     order: ``prepare_cells``, ``known_gene_sentences``, ``labelling_prompts``, ``label_cells``."""
     record = annotator_record(language_model)
-    processed, counts = prepare_cells(raw_adata, record, input_is_normalized, gene_symbol_column)
+    processed, counts = prepare_cells(raw_adata, record, input_is_normalized, gene_symbol_column, counts_source,
+                                      accept_non_integer_counts)
     sentences = known_gene_sentences(processed, record)
     prompts = labelling_prompts(sentences, organisms_of(processed, record.organism_column), language_model, record,
                                 template_index, seed, default_organism)
@@ -339,6 +342,7 @@ def annotation_metrics(
         "n_genes_matched": float(sentences.n_genes_known),
         "share_model_genes_matched": float(sentences.n_genes_known / n_model_genes) if n_model_genes else 0.0,
         "mean_genes_matched_per_cell": float(np.mean(sentences.genes_matched)) if sentences.genes_matched else 0.0,
+        **input_check_metrics(annotated),
     }
     for label in [*annotated.uns["c2s_labels"], UNASSIGNED]:
         metrics[f"n_cells_{label}"] = float((predicted == label).sum())  # made MLflow-safe where it is logged

@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context, gene_tokens_guess
-from c2s_kedro.core.sentences import select_cells
+from c2s_kedro.core.sentences import has_label, select_cells
 from c2s_kedro.core.tracking import log_metrics, note_resumed_run, record_training_run
 
 logger = logging.getLogger(__name__)
@@ -437,13 +437,14 @@ def balanced_rows(labels: Sequence[Any], min_per_label: int) -> list[int]:
     other labels, and rows without a label, once. Class-balanced sampling for rare labels."""
     if min_per_label < 1:
         raise ValueError(f"min_per_label must be at least 1, got {min_per_label}")
+    present = has_label(labels)
     counts: dict[Any, int] = {}
-    for label in labels:
-        if label is not None:
+    for label, known in zip(labels, present):
+        if known:
             counts[label] = counts.get(label, 0) + 1
     rows: list[int] = []
-    for i, label in enumerate(labels):
-        n = counts.get(label, 0) if label is not None else 0
+    for i, (label, known) in enumerate(zip(labels, present)):
+        n = counts.get(label, 0) if known else 0
         rows.extend([i] * (-(-min_per_label // n) if 0 < n < min_per_label else 1))
     return rows
 
@@ -545,7 +546,7 @@ def pretraining_corpus(
         logger.info("no '%s' column: pretraining on plain cell sentences only", label_column)
         return sentences
     labelled = cell_sentences.filter(
-        lambda values: [v is not None for v in values], input_columns=label_column, batched=True, keep_in_memory=True
+        lambda values: has_label(values).tolist(), input_columns=label_column, batched=True, keep_in_memory=True
     )
     formatter = C2SPromptFormatter(
         task="cell_type_generation", top_k_genes=max_genes, label_column=label_column, organism_column=organism_column,

@@ -27,4 +27,5 @@ class AnnotationParameters:
             "min_probability": self.min_probability, "input_is_normalized": self.input_is_normalized,
             "gene_symbol_column": self.gene_symbol_column, "template_index": self.template_index, "seed": self.seed,
             "default_organism": self.default_organism, "batch_size": self.batch_size,
+            "counts_source": self.counts_source, "accept_non_integer_counts": self.accept_non_integer_counts,
         }

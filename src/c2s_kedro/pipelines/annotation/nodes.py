@@ -10,7 +10,7 @@ import numpy as np
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
 from c2s_kedro import core
-from c2s_kedro.parameters import read_parameters, setting_hint
+from c2s_kedro.parameters import read_parameters, setting_hint, settings_file_hint
 from c2s_kedro.parameters.annotation import AnnotationParameters
 from c2s_kedro.parameters.inference import EmbeddingPipelineParameters
 
@@ -60,8 +60,12 @@ def prepare_annotation_cells(
     with (
         setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.validation.NotCountsError),
         setting_hint(f"{SECTION}.gene_symbol_column", KeyError),
+        settings_file_hint(SECTION, core.validation.InputError),
     ):
-        return core.annotation.prepare_cells(annotation_raw_adata, record, settings.input_is_normalized, settings.gene_symbol_column)
+        return core.annotation.prepare_cells(
+            annotation_raw_adata, record, settings.input_is_normalized, settings.gene_symbol_column,
+            counts_source=settings.counts_source, accept_non_integer_counts=settings.accept_non_integer_counts,
+        )
 
 
 def build_annotation_sentences(annotation_cells: ad.AnnData, annotator: dict[str, Any]) -> dict[str, Any]:
