@@ -66,6 +66,35 @@ def test_sentences_list_expressed_genes_by_descending_value():
             assert set(genes[values == value]) == set(reference[row[reference] == value])
 
 
+def _reversed_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """The same values with each row's entries stored in reverse order (unsorted indices)."""
+    indices, data = matrix.indices.copy(), matrix.data.copy()
+    for row in range(matrix.shape[0]):
+        start, end = matrix.indptr[row], matrix.indptr[row + 1]
+        indices[start:end], data[start:end] = indices[start:end][::-1], data[start:end][::-1]
+    return sp.csr_matrix((data, indices, matrix.indptr.copy()), shape=matrix.shape)
+
+
+def test_the_same_values_give_the_same_sentences_however_they_are_stored():
+    dense = _tied_matrix(n_cells=40, n_genes=60)  # many ties: their order came from the storage order
+    csr = sp.csr_matrix(dense)
+    reversed_rows = _reversed_rows(csr)
+    shuffled = csr.copy()
+    rng = np.random.default_rng(1)
+    for row in range(shuffled.shape[0]):  # each row's entries in a random order
+        start, end = shuffled.indptr[row], shuffled.indptr[row + 1]
+        order = rng.permutation(end - start) + start
+        shuffled.indices[start:end], shuffled.data[start:end] = shuffled.indices[order], shuffled.data[order]
+    shuffled.has_sorted_indices = False
+    expected = _sentences(cell_sentences_from_adata(_adata(csr), seed=4, chunk_size=16))
+    for stored in (reversed_rows, shuffled, sp.csc_matrix(dense), dense, dense.astype(np.float64)):
+        before = stored.copy()
+        assert _sentences(cell_sentences_from_adata(_adata(stored), seed=4, chunk_size=16)) == expected
+        if sp.issparse(stored):  # the caller's matrix is not sorted in place
+            assert np.array_equal(stored.indices, before.indices)
+    assert not reversed_rows.has_sorted_indices
+
+
 def test_same_seed_same_sentences_and_other_seed_reorders_ties():
     adata = _adata(sp.csr_matrix(np.ones((30, 50), dtype=np.float32)))
     first = _sentences(cell_sentences_from_adata(adata, seed=11))

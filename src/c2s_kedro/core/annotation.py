@@ -174,29 +174,13 @@ def known_gene_sentences(adata: ad.AnnData, record: AnnotatorRecord) -> KnownGen
             "symbols of the model's organism: when the var names are Ensembl IDs, name the .var column of symbols"
         )
     logger.info("%d of the data's %d genes are known to the model (%d dropped)", int(known.sum()), adata.n_vars, int((~known).sum()))
-    result = cell_sentences_from_adata(_canonical(adata[:, known], record.sentence_layer), layer=record.sentence_layer,
-                                       seed=record.sentence_seed)
+    result = cell_sentences_from_adata(adata[:, known], layer=record.sentence_layer, seed=record.sentence_seed)
     sentences = [s or "" for s in result.sentences[CELL_SENTENCE]]
     matched = [len(s.split()) for s in sentences]
     empty = sum(n == 0 for n in matched)
     if empty:
         logger.warning("%d of %d cells express no gene the model knows: they are %s", empty, len(sentences), UNASSIGNED)
     return KnownGeneSentences(list(result.sentences["cell_name"]), sentences, matched, adata.n_vars, int(known.sum()))
-
-
-def _canonical(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
-    """A copy whose ranked matrix is CSR with sorted indices and no stored zeros: ties are broken by
-    an entry's position in its row, so the same counts rank the same however they were stored
-    (an h5ad's order, a table turned sparse)."""
-    adata = adata.copy()
-    matrix = sp.csr_matrix(adata.X if layer is None else adata.layers[layer])
-    matrix.sum_duplicates()  # also sorts the indices
-    matrix.eliminate_zeros()
-    if layer is None:
-        adata.X = matrix
-    else:
-        adata.layers[layer] = matrix
-    return adata
 
 
 def organisms_of(adata: ad.AnnData, column: str) -> list[str | None] | None:

@@ -4,7 +4,9 @@ A stored (cell, gene, value) entry becomes one 64-bit sort key: the value's orde
 32-bit code in the high word, random tie-break bits, then the gene index in the low bits. Keys
 are stored inverted so that numpy's ascending (SIMD) sort yields descending values; padding is
 all ones and sorts last. The tie-break bits come from a hash of (seed, cell index, entry
-position), so the result does not depend on chunking or threads.
+position), so the result does not depend on chunking or threads; rows come in canonical form
+(indices sorted, see ``sentences._scan``), so the position is the gene's place among the cell's
+expressed genes, whatever the storage.
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ def fill_sort_keys(indptr, indices, value_codes, rows, keys, seed, first_row, ge
         random_bits = np.uint64(0)
         n = indptr[row + 1] - start
         keys[i, n:] = PADDING
-        for j in range(n):
-            if j % 4 == 0:
-                random_bits = _hash(cell_mix + np.uint64(j))
-            ties = (random_bits >> np.uint64(16 * (j % 4))) & tie_mask
+        # Positions count from the row's last entry: rows stored in descending gene order (as the
+        # default data, scanpy's pbmc68k_reduced, stores them) keep the tie order they had before
+        # rows were sorted, so the default data's sentences are unchanged.
+        for p in range(n):
+            j = n - 1 - p
+            if p % 4 == 0:
+                random_bits = _hash(cell_mix + np.uint64(p))
+            ties = (random_bits >> np.uint64(16 * (p % 4))) & tie_mask
             value = np.uint64(value_codes[start + j])
             keys[i, j] = ~((value << np.uint64(32)) | (ties << np.uint64(gene_bits)) | np.uint64(indices[start + j]))
 

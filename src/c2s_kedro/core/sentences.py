@@ -87,15 +87,22 @@ def _check_values(n_negative: int, n_nan: int, start: int, n_rows: int) -> None:
 
 
 def _scan(chunk: sp.csr_matrix, name_lengths: np.ndarray, start: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-    """Check a chunk's values, drop stored zeros; return it with sentence byte lengths and the
-    cells expressing each gene."""
+    """Check a chunk's values, drop stored zeros, put it in canonical form (each row's genes
+    sorted, no repeated entry); return it with sentence byte lengths and the cells expressing each
+    gene. Ties are broken by an entry's position in its row, so the canonical form makes the same
+    values give the same sentence however they were stored (CSC, dense, an h5ad's own order). The
+    chunk is copied only when it needs a change: the caller's matrix is never modified."""
+    copied = False
     if chunk.nnz:
         smallest = chunk.data.min()  # NaN propagates
         if not smallest > 0:
             n_nan = int(np.count_nonzero(np.isnan(chunk.data))) if np.issubdtype(chunk.data.dtype, np.floating) else 0
             _check_values(int(np.count_nonzero(chunk.data < 0)), n_nan, start, chunk.shape[0])
-            chunk = chunk.copy()
+            chunk, copied = chunk.copy(), True
             chunk.eliminate_zeros()
+    if not chunk.has_canonical_format:
+        chunk = chunk if copied else chunk.copy()
+        chunk.sum_duplicates()  # sorts each row's indices
     gene_counts = np.zeros(chunk.shape[1], dtype=np.int64)
     lengths = kernels.sentence_lengths(chunk.indptr, chunk.indices, name_lengths, gene_counts)
     return chunk, lengths, gene_counts
