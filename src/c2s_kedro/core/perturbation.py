@@ -38,7 +38,7 @@ from c2s_kedro.core.prompts import (
     load_templates,
     response_tokens,
 )
-from c2s_kedro.core.sentences import RankFit, reconstruct_expression
+from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
 from c2s_kedro.core.splitting import split_names
 from c2s_kedro.core.validation import sentence_safe_gene_name, tidy_gene_names
 
@@ -51,6 +51,9 @@ MISSING_GENE_CAVEAT = (
     "be expressed below the top k. Means are therefore biased towards 0 for genes outside the "
     "typical top k, and variances include the present/absent spread."
 )
+# Control cells of a part (train, test) below which its pairs reuse a handful of control cells: warned
+FEW_CONTROLS = 20
+SCREEN_CHECKS = "screen_checks"  # the screen's door: what it dropped and read as controls (.uns, the split, metrics)
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,19 @@ def gene_key(name: str) -> str:
     return sentence_safe_gene_name(name).upper()
 
 
+def is_control_label(name: str, columns: ScreenColumns) -> bool:
+    """Whether a label is the control label, matched as targets are (``gene_key``: surrounding
+    whitespace and case ignored), so that ``Non-Targeting`` from one lane is ``non-targeting``."""
+    return gene_key(name) == gene_key(columns.control_label)
+
+
 def perturbation_targets(name: str, columns: ScreenColumns) -> tuple[str, ...]:
     """The target genes a perturbation label names, as sentences write genes (``gene_key``): the
     parts between ``columns.combination_separator`` (``"A+B"`` -> ``("A", "B")``; empty parts
     skipped). The control label names none and is never split; a part equal to it (``GENE+ctrl``,
     as GEARS-style screens write single perturbations) is no target."""
     label = str(name)
-    if label == columns.control_label:
+    if is_control_label(label, columns):
         return ()
     separator = columns.combination_separator
     parts = label.split(separator) if separator else [label]
@@ -94,10 +103,11 @@ def perturbation_label(name: str, columns: ScreenColumns) -> str:
     """A perturbation's label as the pipelines write it: its targets (``perturbation_targets``)
     joined by the separator, so that ``"hes4 variant"`` and ``"HES4_variant"`` are one label and
     ``"CBL+ctrl"`` is ``"CBL"``. The control label, and a label naming no target, are kept
-    (the latter upper-cased)."""
+    (the latter upper-cased); the control label's other spellings (``is_control_label``) are written
+    as the control label."""
     label = str(name)
-    if label == columns.control_label:
-        return label
+    if is_control_label(label, columns):
+        return columns.control_label
     targets = perturbation_targets(label, columns)
     return (columns.combination_separator or "").join(targets) if targets else label.upper()
 
@@ -140,7 +150,7 @@ def screen_targets(labels: pd.Series, genes: Sequence[str], columns: ScreenColum
     n_missing_cells = 0
     combinations: dict[str, int] = {}
     for name, n in sorted(counts.items()):
-        if name == columns.control_label:
+        if is_control_label(name, columns):
             continue
         absent = resolver.not_genes(name) or ([] if resolver.targets(name) else [str(name)])
         for target in absent:
@@ -194,20 +204,23 @@ class ScreenLayoutError(KeyError):
 
 def check_screen(adata: ad.AnnData, columns: ScreenColumns) -> None:
     """Fail early when the screen lacks what the pipeline reads (``ScreenLayoutError.field`` says
-    which of ``columns`` is wrong)."""
+    which of ``columns`` is wrong). Cells without a perturbation label (``has_label``) are not
+    counted: ``screen_for_processing`` leaves them out."""
     if columns.perturbation not in adata.obs.columns:
         raise ScreenLayoutError(
             f"perturbation column '{columns.perturbation}' is not in the screen's .obs (columns: "
             f"{', '.join(map(str, adata.obs.columns))}).", "perturbation",
         )
-    labels = adata.obs[columns.perturbation].astype(str)
-    if not (labels == columns.control_label).any():
-        common = ", ".join(labels.value_counts().index[:8])
+    column = adata.obs[columns.perturbation]
+    labels = column[has_label(column)].astype(str)
+    written = labels.map({name: perturbation_label(name, columns) for name in labels.unique()})
+    if not (written == columns.control_label).any():
+        common = ", ".join(labels.value_counts().index[:8]) or "none: every value is empty"
         raise ScreenLayoutError(
             f"no cell has the control label '{columns.control_label}' in .obs['{columns.perturbation}'] "
             f"(most common values: {common}).", "control_label",
         )
-    if labels.nunique() < 2:
+    if written.nunique() < 2:
         raise ValueError(f"the screen holds only control cells ('{columns.control_label}'); there is nothing to predict")
     if columns.batch is not None and columns.batch not in adata.obs.columns:
         raise ScreenLayoutError(
@@ -228,20 +241,56 @@ def screen_gene_names(adata: ad.AnnData, columns: ScreenColumns) -> pd.Index:
     return tidy_gene_names(ad.AnnData(var=adata.var.copy()), columns.gene_symbol)[0].var_names.astype(str)
 
 
+def screen_label_checks(labels: pd.Series, columns: ScreenColumns) -> dict[str, Any]:
+    """What the screen's door finds in its perturbation labels (one per cell): cells without one
+    (``has_label`` false, e.g. no guide assigned: ``n_cells_without_perturbation``), and cells whose
+    label is the control label written another way (``is_control_label``: ``n_controls_other_spelling``,
+    the spellings listed with their cells in ``control_spellings``). JSON- and h5ad-ready."""
+    present = has_label(labels)
+    counts = labels[present].astype(str).value_counts()
+    spellings = {str(name): int(n) for name, n in counts.items()
+                 if n and str(name) != columns.control_label and is_control_label(name, columns)}
+    return {"n_cells_without_perturbation": int((~present).sum()),
+            "n_controls_other_spelling": int(sum(spellings.values())), "control_spellings": _listed(spellings)}
+
+
+def log_screen_label_checks(checks: dict[str, Any], columns: ScreenColumns) -> None:
+    """A warning for each thing ``screen_label_checks`` found."""
+    if checks.get("n_cells_without_perturbation"):
+        logger.warning(
+            "%d cells have no perturbation label (.obs['%s'] empty, e.g. no guide assigned): left out of the screen, "
+            "never a perturbation (perturbation_data_metrics: n_cells_without_perturbation)",
+            checks["n_cells_without_perturbation"], columns.perturbation,
+        )
+    if checks.get("n_controls_other_spelling"):
+        logger.warning(
+            "%d control cells write the control label '%s' another way: %s. Read as controls, case and surrounding "
+            "whitespace ignored (perturbation_data_metrics: n_controls_other_spelling)",
+            checks["n_controls_other_spelling"], columns.control_label, checks["control_spellings"],
+        )
+
+
 def screen_for_processing(
     adata: ad.AnnData, columns: ScreenColumns, truth_key: str, genes: pd.Index | None = None,
 ) -> tuple[ad.AnnData, pd.DataFrame]:
-    """The screen ready for the atlas's processing: perturbation labels written as the pipelines
-    write them (``perturbation_label``: targets upper-cased like the gene vocabulary and made one
-    word each, combinations joined by the separator; the control label kept) and the simulator's
-    truth (``varm[truth_key]``, genes x perturbations, expected log2 fold change) taken out as a
-    table with one row per gene, named as processing will name it; no rows for a real screen. The
-    counts are shared, not copied. ``genes``: ``screen_gene_names`` when the caller has them."""
+    """The screen ready for the atlas's processing: cells without a perturbation label left out,
+    perturbation labels written as the pipelines write them (``perturbation_label``: targets
+    upper-cased like the gene vocabulary and made one word each, combinations joined by the
+    separator; the control label in any spelling written as the setting writes it) and the
+    simulator's truth (``varm[truth_key]``, genes x perturbations, expected log2 fold change) taken
+    out as a table with one row per gene, named as processing will name it; no rows for a real
+    screen. What the labels held (``screen_label_checks``) is in ``.uns[SCREEN_CHECKS]``. The counts
+    are shared, not copied, unless cells are left out. ``genes``: ``screen_gene_names`` when the
+    caller has them."""
+    checks = screen_label_checks(adata.obs[columns.perturbation], columns)
+    if checks["n_cells_without_perturbation"]:
+        adata = adata[has_label(adata.obs[columns.perturbation])].to_memory()
     labels = adata.obs[columns.perturbation].astype(str)
     obs = adata.obs.copy()
     obs[columns.perturbation] = labels.map({name: perturbation_label(name, columns) for name in labels.unique()})
     varm = {key: value for key, value in adata.varm.items() if key != truth_key}
-    screen = ad.AnnData(X=adata.X, obs=obs, var=adata.var.copy(), varm=varm, layers=dict(adata.layers), uns=dict(adata.uns))
+    screen = ad.AnnData(X=adata.X, obs=obs, var=adata.var.copy(), varm=varm, layers=dict(adata.layers),
+                        uns={**adata.uns, SCREEN_CHECKS: checks})
     truth = pd.DataFrame({"gene": pd.Series([], dtype=str)})  # a real screen: no rows (still a readable CSV)
     if truth_key in adata.varm:
         table = pd.DataFrame(adata.varm[truth_key])
@@ -249,6 +298,11 @@ def screen_for_processing(
         truth = pd.DataFrame(np.asarray(table), index=pd.Index(genes, name="gene"),
                              columns=[perturbation_label(c, columns) for c in table.columns]).reset_index()
     return screen, truth
+
+
+def cells_without_batch(obs: pd.DataFrame, columns: ScreenColumns) -> int:
+    """Cells whose batch is empty (``has_label``); ``pair_with_controls`` pairs them with controls of any batch."""
+    return 0 if columns.batch is None else int((~has_label(obs[columns.batch])).sum())
 
 
 def control_pairs(
@@ -438,7 +492,8 @@ def pair_with_controls(
     from the same batch when ``columns.batch`` is set.
 
     A perturbed cell whose batch has no control in ``controls`` is paired with a control from any
-    batch; such pairs are counted in the log and flagged in the ``same_batch`` column. Returns one
+    batch, and so is a cell without a batch (``has_label``; its ``batch`` written empty); such pairs
+    are counted in the log and flagged in the ``same_batch`` column. Returns one
     row per pair: ``perturbed_cell``, ``control_cell``, ``perturbation``, ``batch``, ``same_batch``.
     """
     if controls_per_cell < 1:
@@ -448,21 +503,32 @@ def pair_with_controls(
         raise ValueError("no control cell to pair with: the control part of the split is empty")
     rng = np.random.default_rng(seed)
     perturbed = pd.Index(perturbed)
-    batch_of = obs[columns.batch].astype(str) if columns.batch is not None else pd.Series("all", index=obs.index)
-    by_batch = {batch: np.asarray(names) for batch, names in pd.Series(controls, index=controls).groupby(batch_of.loc[controls].to_numpy())}
+    if columns.batch is not None:
+        batch_of = obs[columns.batch].astype(str)
+        known = pd.Series(has_label(obs[columns.batch]), index=obs.index)
+    else:
+        batch_of, known = pd.Series("all", index=obs.index), pd.Series(True, index=obs.index)
+    batched = controls[known.loc[controls].to_numpy()]  # a control without a batch is in no batch's pool
+    by_batch = {batch: np.asarray(names) for batch, names in pd.Series(batched, index=batched).groupby(batch_of.loc[batched].to_numpy())}
     everywhere = np.asarray(controls)
     rows = []
-    outside = 0
+    outside = unbatched = 0
     for cell in perturbed:
         batch = batch_of.loc[cell]
-        pool = by_batch.get(batch)
+        has_batch = bool(known.loc[cell])
+        pool = by_batch.get(batch) if has_batch else None
         same = pool is not None
         if not same:
-            pool, outside = everywhere, outside + 1
+            pool = everywhere
+            outside += has_batch
+            unbatched += not has_batch
         for control in rng.choice(pool, size=controls_per_cell, replace=len(pool) < controls_per_cell):
-            rows.append((cell, str(control), str(obs.at[cell, columns.perturbation]), batch, same))
+            rows.append((cell, str(control), str(obs.at[cell, columns.perturbation]), batch if has_batch else "", same))
     if outside:
         logger.warning("%d perturbed cells have no control in their batch: paired with controls of other batches", outside)
+    if unbatched:  # split_perturbation_screen warns once with the screen's count
+        logger.info("%d cells have no batch (.obs['%s'] empty): paired with controls of any batch", unbatched,
+                       columns.batch)
     return pd.DataFrame(rows, columns=["perturbed_cell", "control_cell", "perturbation", "batch", "same_batch"])
 
 
@@ -557,6 +623,14 @@ def split_screen(
     parts = {part: sorted(cells) for part, cells in parts.items()}
     if not parts["test"] or not parts["train"]:
         raise ValueError("the split left no training or no test cells; use more cells or other fractions")
+    for part in ("train", "test"):
+        if parts[part] and len(control_parts[part]) < FEW_CONTROLS:
+            logger.warning(
+                "only %d %s control cells (fewer than %d) for %d %s perturbed cells: their pairs reuse these few controls, "
+                "so a prediction starts from a handful of control states. The screen has %d control cells; use a screen "
+                "with more, or raise split.fractions.%s", len(control_parts[part]), part, FEW_CONTROLS, len(parts[part]),
+                part, int(is_control.sum()), part,
+            )
     if seen_test_fraction and not parts["test_seen"]:
         raise ValueError(f"seen_test_fraction {seen_test_fraction} holds out no cell of the seen perturbations (too few "
                          "cells each); raise it, or set it to 0")

@@ -36,10 +36,11 @@ def _settings(params: dict[str, Any]) -> PerturbationParameters:
 
 
 def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> tuple[ad.AnnData, pd.DataFrame]:
-    """The screen's columns checked, perturbation labels written as the gene vocabulary writes
-    genes (combinations parsed by ``combination_separator``), targets that are not among the
-    screen's genes logged, and the simulator's truth taken out of ``.varm`` (no rows for a real
-    screen)."""
+    """The screen's columns checked, cells without a perturbation label left out, perturbation labels
+    written as the gene vocabulary writes genes (combinations parsed by ``combination_separator``; the
+    control label in any case), what was left out or read as a control and the targets that are not
+    among the screen's genes logged, and the simulator's truth taken out of ``.varm`` (no rows for a
+    real screen)."""
     columns = _settings(params).columns()
     try:
         core.perturbation.check_screen(perturbseq_raw, columns)
@@ -48,6 +49,7 @@ def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> t
             raise
     genes = core.perturbation.screen_gene_names(perturbseq_raw, columns)
     screen, truth = core.perturbation.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY, genes)
+    core.perturbation.log_screen_label_checks(screen.uns[core.perturbation.SCREEN_CHECKS], columns)
     report = core.perturbation.screen_targets(screen.obs[columns.perturbation], genes, columns)
     core.perturbation.log_screen_targets(report, "the screen's genes")
     return screen, truth
@@ -55,7 +57,9 @@ def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> t
 
 def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any]) -> dict[str, Any]:
     """Train/val/test cells: held-out perturbations or held-out cells (``split.mode``), with what the
-    perturbations target among the processed genes (``targets``: ``core.perturbation.screen_targets``)."""
+    perturbations target among the processed genes (``targets``: ``core.perturbation.screen_targets``)
+    and what the screen's checks counted (``screen_checks``: cells left out or read as controls at the
+    door, and cells without a batch, which are paired with controls of any batch)."""
     settings = _settings(params)
     split = settings.split
     columns = settings.columns()
@@ -67,12 +71,19 @@ def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any
     report = core.perturbation.screen_targets(processed_adata.obs[columns.perturbation], processed_adata.var_names, columns)
     if report["targets_not_among_genes"]:
         core.perturbation.log_screen_targets({**report, "combinations": {}}, "the processed screen's genes", logging.INFO)
-    return {**parts, "targets": report}
+    checks = dict(processed_adata.uns.get(core.perturbation.SCREEN_CHECKS, {}))
+    checks = {key: value if isinstance(value, str) else int(value) for key, value in checks.items()}  # h5ad: numpy
+    checks["n_cells_without_batch"] = core.perturbation.cells_without_batch(processed_adata.obs, columns)
+    if checks["n_cells_without_batch"]:
+        logger.warning("%d cells have no batch (.obs['%s'] empty): they are paired with controls of any batch "
+                       "(perturbation_data_metrics: n_cells_without_batch)", checks["n_cells_without_batch"], columns.batch)
+    return {**parts, "targets": report, "screen_checks": checks}
 
 
 def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
-    """Perturbations and cells of each part of the split, and what the perturbations target:
-    targets not among the genes and the cells that name one, combinations and their cells."""
+    """Perturbations and cells of each part of the split, what the perturbations target: targets not
+    among the genes and the cells that name one, combinations and their cells, and what the screen's
+    checks counted (cells without a perturbation label or a batch, controls spelt another way)."""
     metrics: dict[str, float] = {}
     for part in ("train", "val", "test", "test_seen"):
         if part not in perturbation_split:
@@ -83,6 +94,8 @@ def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
             metrics[f"n_{part}_control_cells"] = float(len(perturbation_split[f"control_{part}"]))
     if "targets" in perturbation_split:  # a split made before targets were reported has none
         metrics.update(core.perturbation.target_metrics(perturbation_split["targets"]))
+    metrics.update({key: float(value) for key, value in perturbation_split.get("screen_checks", {}).items()
+                    if not isinstance(value, str)})
     return metrics
 
 
