@@ -186,12 +186,20 @@ def test_gene_names_upper_cased_and_vocabulary_counts_cells_in_var_order():
     assert _sentences(result)[3] == "GAPDH"
 
 
-def test_names_equal_once_upper_cased_merge_in_vocabulary(caplog):
-    dense = np.array([[1, 0, 1], [1, 1, 0], [0, 1, 0]], dtype=np.float32)
+def test_names_equal_once_upper_cased_are_one_word_per_gene(caplog):
+    dense = np.array([[1, 0, 1], [2, 2, 0], [0, 1, 0]], dtype=np.float32)
+    names = ["Cd3e", "CD3E", "X"]
     with caplog.at_level(logging.WARNING):
-        result = cell_sentences_from_adata(_adata(sp.csr_matrix(dense), gene_names=["Cd3e", "CD3E", "X"]))
-    assert result.vocabulary == {"CD3E": 4, "X": 1}
-    assert any("coincide" in r.getMessage() for r in caplog.records)
+        result = cell_sentences_from_adata(_adata(sp.csr_matrix(dense), gene_names=names))
+    assert result.vocabulary == {"CD3E": 2, "CD3E-1": 2, "X": 1}
+    sentences = _sentences(result)
+    assert sorted(sentences[1].split()) == ["CD3E", "CD3E-1"]  # never "CD3E CD3E"
+    assert all(len(s.split()) == len(set(s.split())) for s in sentences)
+    assert "1 gene names coincide with another once upper-cased: each is its own word with a numeric suffix" in caplog.text
+    # reconstruction reads the words with the same mapping: each gene back in its own column
+    fit = RankFit(slope=-1.0, intercept=2.0, r2=1, pearson_r=1, spearman_r=1, n_cells=1, n_points=1, log_rank_cutoff=3)
+    matrix, n_unknown = reconstruct_expression(sentences, names, fit)
+    assert n_unknown == 0 and np.array_equal(matrix.toarray() > 0, dense > 0)
 
 
 def test_label_columns_copied_as_strings():

@@ -165,6 +165,21 @@ def test_duplicated_gene_names_get_suffixes(caplog):
     assert any("2 duplicated gene names" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_gene_names_differing_only_in_case_become_two_words_and_are_counted(counts_adata, caplog):
+    adata = counts_adata.copy()
+    adata.var_names = ["HES4", "Hes4", "HES4", *adata.var_names[3:]]
+    with caplog.at_level(logging.WARNING):
+        validated, report = validate_input(adata)
+    assert list(validated.var_names[:3]) == ["HES4", "Hes4-1", "HES4-2"]
+    assert (report.duplicated_gene_names, report.gene_names_differing_only_in_case) == (2, 1)
+    assert input_check_metrics(validated)["gene_names_differing_only_in_case"] == 1.0
+    assert "2 duplicated gene names made unique with numeric suffixes (1 of them differ from another only in letter case" in caplog.text
+    from c2s_kedro.core.sentences import vocabulary_names
+
+    assert list(vocabulary_names(validated.var_names[:3])) == ["HES4", "HES4-1", "HES4-2"]
+
+
 def test_unique_gene_names_unchanged(caplog):
     adata = _adata(np.ones((1, 2)), var=pd.DataFrame(index=["A", "B"]))
     with caplog.at_level(logging.WARNING):
@@ -220,7 +235,7 @@ def test_the_door_leaves_its_input_as_it_was_and_shares_the_counts(counts_adata)
     assert validated.uns["input_checks"] == dataclasses.asdict(report) and "input_checks" not in adata.uns
     assert input_check_metrics(validated) == {"non_integer_count_values": 0.0, "genes_only_in_raw": 0.0,
                                               "gene_names_with_whitespace": 1.0, "duplicated_gene_names": 0.0,
-                                              "duplicated_cell_names": 1.0}
+                                              "duplicated_cell_names": 1.0, "gene_names_differing_only_in_case": 0.0}
     assert input_check_metrics(counts_adata) == {}
 
 
@@ -267,7 +282,7 @@ def test_nan_in_the_matrix_the_counts_come_from_is_refused_as_damage(counts_adat
 def test_tidy_gene_names_makes_symbols_one_word_and_unique(caplog):
     var = pd.DataFrame({"gene_name": ["HES4 variant", "TP53", "HES4\tvariant", "BRAF"]}, index=ENSEMBL_IDS)
     with caplog.at_level(logging.WARNING):
-        adata, n_whitespace, n_repeated = tidy_gene_names(_adata(np.ones((1, 4)), var=var))
+        adata, n_whitespace, n_repeated, _ = tidy_gene_names(_adata(np.ones((1, 4)), var=var))
     assert list(adata.var_names) == ["HES4_variant", "TP53", "HES4_variant-1", "BRAF"]
     assert (n_whitespace, n_repeated) == (2, 1)
     assert "2 gene names held whitespace and were made one word of a cell sentence with '_' (e.g. 'HES4 variant' -> 'HES4_variant')" in caplog.text

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from c2s_kedro.core import kernels
 from c2s_kedro.core.splitting import require_unique_names
-from c2s_kedro.core.validation import require_obs_columns
+from c2s_kedro.core.validation import require_obs_columns, unique_ignoring_case
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,10 @@ def chunk_sentences(
 
 
 def vocabulary_names(var_names: Sequence[str]) -> np.ndarray:
-    """Gene names as they appear in sentences: upper-cased."""
-    return np.char.upper(np.asarray(var_names, dtype=str))
+    """Gene names as they appear in sentences: upper-cased, one word per gene (names that coincide
+    once upper-cased get numeric suffixes, ``validation.unique_ignoring_case``; data that passed
+    the door has none)."""
+    return np.char.upper(np.asarray(unique_ignoring_case(var_names), dtype=str))
 
 
 @dataclass
@@ -395,13 +397,12 @@ def cell_sentences_from_adata(
         logger.warning(
             "%d of %d cells express no gene and got an empty cell sentence", n_empty, adata.n_obs
         )
-    vocabulary: dict[str, int] = {}
-    for name, count in zip(names.tolist(), cells_expressing.tolist()):
-        vocabulary[name] = vocabulary.get(name, 0) + count
-    if len(vocabulary) < len(names):
+    vocabulary = dict(zip(names.tolist(), cells_expressing.tolist()))
+    n_suffixed = int(np.count_nonzero(names != np.char.upper(np.asarray(adata.var_names, dtype=str))))
+    if n_suffixed:
         logger.warning(
-            "%d gene names coincide once upper-cased; their cell counts were merged in the vocabulary",
-            len(names) - len(vocabulary),
+            "%d gene names coincide with another once upper-cased: each is its own word with a numeric suffix "
+            "(data_processing's input checks count them as duplicated_gene_names)", n_suffixed,
         )
     return ConversionResult(sentences, vocabulary, n_empty)
 

@@ -207,12 +207,33 @@ def use_gene_symbols(adata: ad.AnnData, symbol_column: str | None = None) -> ad.
     return adata
 
 
+def unique_ignoring_case(names: Sequence[str]) -> pd.Index:
+    """``names`` with a numeric suffix (-1, -2, ..., anndata's ``make_index_unique``) on each name
+    that repeats an earlier one once upper-cased: cell sentences upper-case gene names, so ``HES4``
+    and ``Hes4`` would be one word for two genes. The one rule for gene words: the door renames
+    var names with it and ``sentences.vocabulary_names`` applies it to names that did not pass the door."""
+    names = pd.Index(np.asarray(names, dtype=str))
+    upper = pd.Index(np.char.upper(names.to_numpy(dtype=str)))
+    if upper.is_unique:
+        return names
+    from anndata.utils import make_index_unique
+
+    unique_upper = make_index_unique(upper)
+    return pd.Index([name + word[len(up):] for name, up, word in zip(names, upper, unique_upper)])
+
+
 def make_gene_names_unique(adata: ad.AnnData) -> ad.AnnData:
-    """Suffix duplicated var names (-1, -2, ...) and log how many there were."""
-    n_duplicated = int(adata.var_names.duplicated().sum())
-    if n_duplicated:
-        adata.var_names_make_unique()
-        logger.warning("%d duplicated gene names made unique with numeric suffixes", n_duplicated)
+    """Suffix repeated var names (-1, -2, ...), letter case ignored (``unique_ignoring_case``),
+    and log how many there were."""
+    names = adata.var_names.astype(str)
+    unique = unique_ignoring_case(names)
+    changed = np.flatnonzero(names != unique)
+    if changed.size:
+        n_case = changed.size - int(names.duplicated().sum())
+        adata.var_names = unique
+        logger.warning("%d duplicated gene names made unique with numeric suffixes (%d of them differ from another "
+                       "only in letter case, e.g. %r -> %r: cell sentences upper-case gene names)",
+                       changed.size, n_case, names[changed[0]], unique[changed[0]])
     return adata
 
 
@@ -242,8 +263,9 @@ class InputReport:
     non_integer_count_values: int  # non-integer values taken as counts (accept_non_integer_counts)
     genes_only_in_raw: int  # genes of .raw.X that .X lacked, when the counts came from .raw
     gene_names_with_whitespace: int  # made one word of a sentence (sentence_safe_gene_name)
-    duplicated_gene_names: int  # made unique with numeric suffixes
+    duplicated_gene_names: int  # made unique with numeric suffixes, letter case ignored
     duplicated_cell_names: int  # made unique as anndata's obs_names_make_unique does
+    gene_names_differing_only_in_case: int = 0  # of duplicated_gene_names: HES4 and Hes4 (sentences upper-case names)
 
     def metrics(self) -> dict[str, float]:
         """The counts as metrics (the source is in the log and in ``.uns``)."""
@@ -407,14 +429,17 @@ def make_gene_names_sentence_safe(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
     return adata, int(changed.size)
 
 
-def tidy_gene_names(adata: ad.AnnData, gene_symbol_column: str | None = None) -> tuple[ad.AnnData, int, int]:
+def tidy_gene_names(adata: ad.AnnData, gene_symbol_column: str | None = None) -> tuple[ad.AnnData, int, int, int]:
     """Gene names as cell sentences need them: symbols for Ensembl IDs (``use_gene_symbols``), one
-    word each (``sentence_safe_gene_name``), then unique (``make_gene_names_unique``: the mapping can
-    make two names one). Returns the data, how many names held whitespace and how many were repeated."""
+    word each (``sentence_safe_gene_name``), then unique letter case ignored (``make_gene_names_unique``:
+    the mapping can make two names one, and sentences upper-case names). Returns the data, how many
+    names held whitespace, how many were repeated (case ignored) and how many of those differed from
+    another only in letter case."""
     adata = use_gene_symbols(adata, gene_symbol_column)
     adata, n_whitespace = make_gene_names_sentence_safe(adata)
-    n_repeated = int(adata.var_names.duplicated().sum())
-    return make_gene_names_unique(adata), n_whitespace, n_repeated
+    n_exact = int(adata.var_names.duplicated().sum())
+    n_repeated = int(pd.Index(np.char.upper(adata.var_names.to_numpy(dtype=str))).duplicated().sum())
+    return make_gene_names_unique(adata), n_whitespace, n_repeated, n_repeated - n_exact
 
 
 def validate_input(
@@ -462,8 +487,9 @@ def validate_input(
         adata, n_only_in_raw = _with_counts_from(adata, source)
         if source == "raw":
             logger.warning("the genes are .raw's: %d, %d of them not among .X's %d", adata.n_vars, n_only_in_raw, n_genes_x)
-    adata, n_whitespace, n_repeated_genes = tidy_gene_names(adata, gene_symbol_column)
+    adata, n_whitespace, n_repeated_genes, n_case_only = tidy_gene_names(adata, gene_symbol_column)
     adata, n_repeated_cells = make_cell_names_unique(adata)
-    report = InputReport(source, n_non_integer, n_only_in_raw, n_whitespace, n_repeated_genes, n_repeated_cells)
+    report = InputReport(source, n_non_integer, n_only_in_raw, n_whitespace, n_repeated_genes, n_repeated_cells,
+                         n_case_only)
     adata.uns[INPUT_CHECKS] = dataclasses.asdict(report)
     return adata, report
