@@ -223,8 +223,9 @@ def test_label_columns_copied_as_strings():
 
 
 def test_has_label_is_false_for_every_form_a_missing_label_takes():
-    values = ["T cell", None, np.nan, pd.NA, "", "  ", "nan", "NaN", "None", "<NA>", "B cell", "Nancy", 0]
-    assert has_label(values).tolist() == [True] + [False] * 9 + [True, True, True]
+    values = ["T cell", None, np.nan, pd.NA, "", "  ", "nan", "NaN", "None", "<NA>", "Unassigned", "unassigned ",
+              "B cell", "Nancy", 0, "Unassigned B cell"]
+    assert has_label(values).tolist() == [True] + [False] * 11 + [True, True, True, True]
     categorical = pd.Series(pd.Categorical(["T", None, "nan", "B"]))  # "nan": a str() of a missing value saved as a category
     assert has_label(categorical).tolist() == [True, False, False, True]
     assert has_label(pd.Series([1.5, np.nan])).tolist() == [True, False]
@@ -246,6 +247,31 @@ def test_missing_labels_are_stored_as_nulls_never_as_the_text_of_a_missing_value
     assert _column(dataset, "donor") == ["d1", None, None, None, "d2"]
     assert len(_column(dataset, "cell_sentence")) == 5 and all(_column(dataset, "cell_sentence"))  # every cell converted
     assert "2 of 5 cells have no 'cell_type' label" in caplog.text and "3 of 5 cells have no 'donor' label" in caplog.text
+
+
+def test_labels_spelled_several_ways_are_one_label_in_the_sentences(caplog):
+    # as concatenated downloads write them: a trailing space, another letter case
+    cell_type = ["CD14+ Monocyte"] * 4 + ["CD14+ Monocyte "] * 2 + ["cd14+ monocyte"] * 3 + [" B cell", "b cell", None]
+    obs = pd.DataFrame({"cell_type": pd.Categorical(cell_type)}, index=[f"c{i}" for i in range(12)])
+    adata = _adata(sp.csr_matrix(np.ones((12, 2), dtype=np.float32)), obs=obs)
+    with caplog.at_level(logging.WARNING):
+        result = cell_sentences_from_adata(adata, label_columns=["cell_type"])
+    assert _column(result.sentences, "cell_type") == ["CD14+ Monocyte"] * 9 + ["B cell", "B cell", None]
+    # 3 cells respelled from 'cd14+ monocyte', 1 from 'b cell' (a tie with 'B cell': sort order); 3 stripped
+    assert result.label_spellings == {"n_cells_label_stripped[cell_type]": 3.0, "n_cells_relabelled[cell_type]": 4.0}
+    assert "3 cells' 'cell_type' labels had surrounding whitespace: removed" in caplog.text
+    assert ("'cell_type' labels equal apart from letter case or whitespace made one (the spelling most cells have): "
+            "'b cell' -> 'B cell'; 'cd14+ monocyte' -> 'CD14+ Monocyte'; 4 cells relabelled") in caplog.text
+
+
+def test_unassigned_is_no_label(caplog):
+    # Azimuth and data portals write "Unassigned" for cells they could not label: the annotation's own answer
+    obs = pd.DataFrame({"cell_type": pd.Categorical(["T", "Unassigned", "unassigned", "B"])}, index=list("abcd"))
+    adata = _adata(sp.csr_matrix(np.ones((4, 2), dtype=np.float32)), obs=obs)
+    with caplog.at_level(logging.WARNING):
+        result = cell_sentences_from_adata(adata, label_columns=["cell_type"])
+    assert _column(result.sentences, "cell_type") == ["T", None, None, "B"]
+    assert "2 of 4 cells have no 'cell_type' label (missing, empty, 'nan' or 'Unassigned')" in caplog.text
 
 
 def test_select_cells_by_unique_name_and_refuses_a_name_of_several_rows():

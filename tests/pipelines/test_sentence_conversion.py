@@ -25,7 +25,7 @@ def processed(counts_adata):
 
 
 def test_convert_one_adata(processed, params):
-    sentences, vocabulary = convert_to_cell_sentences(processed, params["sentence_conversion"])
+    sentences, vocabulary, _ = convert_to_cell_sentences(processed, params["sentence_conversion"])
     assert sentences.column_names == ["cell_name", "cell_sentence", "cell_type", "tissue", "organism"]
     assert _column(sentences, "cell_name") == list(processed.obs_names)
     assert _column(sentences, "cell_type") == list(processed.obs["cell_type"].astype(str))
@@ -52,7 +52,7 @@ def test_convert_a_partitioned_dict_concatenates_and_merges_vocabularies(process
     second.obs_names = [f"other_{i}" for i in range(second.n_obs)]
     first = processed[:20].copy()
     parts = {"part_b": lambda: second, "part_a": first}
-    sentences, vocabulary = convert_to_cell_sentences(parts, params["sentence_conversion"])
+    sentences, vocabulary, _ = convert_to_cell_sentences(parts, params["sentence_conversion"])
     assert sentences.num_rows == 30
     assert _column(sentences, "source_dataset") == ["part_a"] * 20 + ["part_b"] * 10
     assert _column(sentences, "cell_name") == list(first.obs_names) + list(second.obs_names)
@@ -76,6 +76,7 @@ def test_summarize_sentences():
         "median_genes_per_sentence": 1.5,
         "n_empty_sentences": 1.0,
     }
+    assert summarize_sentences(dataset, {"A": 2}, {"n_cells_relabelled[cell_type]": 3})["n_cells_relabelled[cell_type]"] == 3.0
 
 
 def test_summarize_sentences_of_a_filtered_dataset():
@@ -142,7 +143,7 @@ def test_repeated_cell_names_made_unique_never_put_a_training_cell_in_the_test_p
 
 
 def test_a_split_of_repeated_names_is_refused_with_what_to_do(counts_adata, params):
-    sentences, _ = convert_to_cell_sentences(normalize_log10(_two_lanes(counts_adata)), params["sentence_conversion"])
+    sentences, _, _ = convert_to_cell_sentences(normalize_log10(_two_lanes(counts_adata)), params["sentence_conversion"])
     with pytest.raises(ValueError, match=r"30 cell names occur more than once.*obs_names_make_unique"):
         split_dataset(sentences, params["data_split"])
 
@@ -158,6 +159,20 @@ def test_missing_labels_are_counted_in_the_metrics(processed, params, caplog):
     assert catalog.load("cell_sentences")["cell_type"][:9] == [None] * 8 + ["T cell"]
     assert "8 of 60 cells have no 'cell_type' label" in caplog.text
     assert "cannot honour its fractions" not in caplog.text  # 60 cells split 48/6/6 as asked
+
+
+def test_a_label_spelled_several_ways_is_one_stratum_and_counted_in_the_metrics(processed, params):
+    cell_type = processed.obs["cell_type"].astype(str).to_numpy(dtype=object)
+    first = cell_type[0]
+    rows = np.flatnonzero(cell_type == first)
+    cell_type[rows[:3]] = first.upper() + " "  # another letter case and a trailing space
+    processed.obs["cell_type"] = pd.Categorical(cell_type)
+    catalog = run_pipeline(create_pipeline(), {"processed_adata": processed, **params_entries(params)})
+    metrics = catalog.load("sentence_conversion_metrics")
+    assert metrics["n_cells_relabelled[cell_type]"] == 3 and metrics["n_cells_label_stripped[cell_type]"] == 3
+    labels = catalog.load("cell_sentences")["cell_type"]
+    assert set(labels) == set(processed.obs["cell_type"].astype(str)) - {first.upper() + " "}
+    assert sum(label == first for label in labels) == rows.size
 
 
 def test_a_split_too_small_for_its_fractions_is_reported(params, caplog):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -244,16 +245,21 @@ class ConversionResult:
     sentences: Dataset
     vocabulary: dict[str, int]
     n_empty_cells: int
+    label_spellings: dict[str, float]  # cells whose label was stripped or respelled, per column (unify_label_columns)
 
 
-# What str() makes of a missing value (None, NaN, pd.NA, NaT), compared without case and surrounding space
-MISSING_LABEL_TEXTS = frozenset({"", "nan", "none", "<na>", "nat"})
+# What str() makes of a missing value (None, NaN, pd.NA, NaT), compared without case and surrounding space;
+# and "Unassigned", which Azimuth and data portals write for cells they could not label (and which the
+# annotation answers below its min_probability): no cell type a model should learn
+MISSING_LABEL_TEXTS = frozenset({"", "nan", "none", "<na>", "nat", "unassigned"})
+_WHITESPACE_RUN = re.compile(r"\s+")
 
 
 def has_label(values: Sequence[Any] | pd.Series | np.ndarray) -> np.ndarray:
     """Whether each value is a label: not None, NaN or empty, nor the text a missing value becomes
-    once turned into a string ("nan", "None", "<NA>"). The one test of a label present: cells
-    without one are converted and embedded, but left out of prompts, label sets and scores."""
+    once turned into a string ("nan", "None", "<NA>"), nor "Unassigned" (any case). The one test of
+    a label present: cells without one are converted and embedded, but left out of prompts, label
+    sets and scores."""
     series = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values, dtype=object), dtype=object)
     if isinstance(series.dtype, pd.CategoricalDtype):  # one test per category, not per cell
         present = np.append(has_label(series.cat.categories.to_numpy(dtype=object)), False)
@@ -262,19 +268,83 @@ def has_label(values: Sequence[Any] | pd.Series | np.ndarray) -> np.ndarray:
     return (series.notna() & ~text.isin(MISSING_LABEL_TEXTS)).to_numpy(dtype=bool)
 
 
-def _label_arrays(adata: ad.AnnData, label_columns: Sequence[str], start: int, end: int) -> dict[str, pa.Array]:
-    """The chunk's ``.obs`` labels as Arrow strings, a value without a label (``has_label``) as null."""
-    arrays = {}
+def label_key(label: Any) -> str:
+    """A label in the form labels are compared in: whitespace runs made one space, surrounding
+    whitespace removed, letter case folded ("CD14+ Monocyte ", "cd14+ monocyte" and "CD14+ Monocyte"
+    are one label). The one comparison of labels: conversion merges spellings with it, the annotation
+    scores with it, as generation's ``inference.match_answer`` reads answers."""
+    return _WHITESPACE_RUN.sub(" ", str(label)).strip().casefold()
+
+
+@dataclass(frozen=True)
+class UnifiedLabels:
+    """One label column with one spelling per label (``unify_label_spellings``)."""
+
+    labels: pd.Categorical  # each cell's label, NaN where it has none (``has_label``)
+    n_cells_stripped: int  # cells whose label had surrounding whitespace (removed)
+    n_cells_relabelled: int  # cells given the spelling of their label that most cells have
+    merged: dict[str, list[str]]  # each label spelled several ways: its other spellings
+
+
+def unify_label_spellings(values: pd.Series | Sequence[Any]) -> UnifiedLabels:
+    """The labels of a column with surrounding whitespace removed and the spellings of one label
+    (equal by ``label_key``: concatenated downloads write "CD14+ Monocyte", "CD14+ Monocyte " and
+    "cd14+ monocyte") made one: the spelling most cells have, ties by sort order. Otherwise they
+    would be separate classes (split strata, label sets) and generation, which reads answers without
+    case, could never name some of them right. Cells without a label (``has_label``) stay without."""
+    series = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values, dtype=object), dtype=object)
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)  # one step per distinct value, not per cell
+    uniques = np.asarray(uniques, dtype=object)
+    present = has_label(uniques) if uniques.size else np.zeros(0, dtype=bool)
+    cells = np.bincount(codes[codes >= 0], minlength=uniques.size)
+    texts = [str(value) for value in uniques]
+    stripped = [text.strip() for text in texts]
+    spellings: dict[str, dict[str, int]] = {}  # label_key -> spelling -> cells
+    for text, is_label, n in zip(stripped, present, cells):
+        if is_label:
+            group = spellings.setdefault(label_key(text), {})
+            group[text] = group.get(text, 0) + int(n)
+    chosen = {key: min(group, key=lambda spelling: (-group[spelling], spelling)) for key, group in spellings.items()}
+    merged = {chosen[key]: sorted(set(group) - {chosen[key]}) for key, group in sorted(spellings.items()) if len(group) > 1}
+    final = [chosen[label_key(text)] if is_label else None for text, is_label in zip(stripped, present)]
+    categories = sorted(set(chosen.values()))
+    position = {label: i for i, label in enumerate(categories)}
+    unique_codes = np.array([position[label] if label is not None else -1 for label in final] + [-1], dtype=np.int64)
+    cell_codes = unique_codes[codes]  # code -1 (missing) reads the appended -1
+    n_stripped = sum(int(n) for text, s, is_label, n in zip(texts, stripped, present, cells) if is_label and text != s)
+    n_relabelled = sum(int(n) for s, f, n in zip(stripped, final, cells) if f is not None and s != f)
+    return UnifiedLabels(pd.Categorical.from_codes(cell_codes, categories=categories), n_stripped, n_relabelled, merged)
+
+
+def unify_label_columns(adata: ad.AnnData, label_columns: Sequence[str]) -> tuple[dict[str, pd.Categorical], dict[str, float]]:
+    """``unify_label_spellings`` of each label column, logged: the labels the sentences carry, and
+    counts for the conversion's metrics (``n_cells_label_stripped[<column>]``,
+    ``n_cells_relabelled[<column>]``)."""
+    labels, counts = {}, {}
     for column in label_columns:
-        values = adata.obs[column].iloc[start:end]
-        missing = ~has_label(values)
-        if isinstance(values.dtype, pd.CategoricalDtype):
-            codes = values.cat.codes.to_numpy()
-            categories = pa.array(values.cat.categories.astype(str).to_numpy(), type=pa.string())
-            arrays[column] = pa.DictionaryArray.from_arrays(pa.array(codes, mask=missing), categories).cast(pa.string())
-        else:
-            text = values.astype("string").to_numpy(na_value="")
-            arrays[column] = pa.array(text, mask=missing, type=pa.string())
+        unified = unify_label_spellings(adata.obs[column])
+        labels[column] = unified.labels
+        counts[f"n_cells_label_stripped[{column}]"] = float(unified.n_cells_stripped)
+        counts[f"n_cells_relabelled[{column}]"] = float(unified.n_cells_relabelled)
+        if unified.n_cells_stripped:
+            logger.warning("%d cells' '%s' labels had surrounding whitespace: removed", unified.n_cells_stripped, column)
+        if unified.merged:
+            logger.warning(
+                "'%s' labels equal apart from letter case or whitespace made one (the spelling most cells have): %s; "
+                "%d cells relabelled", column,
+                "; ".join(f"{', '.join(map(repr, others))} -> {label!r}" for label, others in unified.merged.items()),
+                unified.n_cells_relabelled,
+            )
+    return labels, counts
+
+
+def _label_arrays(labels: Mapping[str, pd.Categorical], start: int, end: int) -> dict[str, pa.Array]:
+    """The chunk's labels as Arrow strings, a cell without a label as null."""
+    arrays = {}
+    for column, values in labels.items():
+        codes = values.codes[start:end]
+        categories = pa.array(np.asarray(values.categories, dtype=str), type=pa.string())
+        arrays[column] = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), categories).cast(pa.string())
     return arrays
 
 
@@ -285,8 +355,8 @@ def warn_cells_without_label(adata: ad.AnnData, label_columns: Sequence[str]) ->
         n = int((~has_label(adata.obs[column])).sum())
         if n:
             logger.warning(
-                "%d of %d cells have no '%s' label (missing, empty or 'nan'): they are converted and embedded, but "
-                "left out of prompts, label sets and scores that read '%s'", n, adata.n_obs, column, column,
+                "%d of %d cells have no '%s' label (missing, empty, 'nan' or 'Unassigned'): they are converted and "
+                "embedded, but left out of prompts, label sets and scores that read '%s'", n, adata.n_obs, column, column,
             )
 
 
@@ -327,6 +397,7 @@ def cell_sentences_from_adata(
         )
     require_obs_columns(adata, label_columns)
     warn_cells_without_label(adata, label_columns)
+    labels_by_column, label_spellings = unify_label_columns(adata, label_columns)
 
     names = vocabulary_names(adata.var_names)
     name_table = GeneNameTable.from_names(names)
@@ -380,7 +451,7 @@ def cell_sentences_from_adata(
             progress.update(cells)
 
         for index, (start, end, chunk) in enumerate(iter_row_chunks(adata, layer, chunk_size)):
-            labels = _label_arrays(adata, label_columns, start, end)
+            labels = _label_arrays(labels_by_column, start, end)
             pending.append((end - start, pool.submit(convert, index, start, chunk, labels)))
             if len(pending) >= 2 * workers:
                 collect_oldest()
@@ -404,7 +475,7 @@ def cell_sentences_from_adata(
             "%d gene names coincide with another once upper-cased: each is its own word with a numeric suffix "
             "(data_processing's input checks count them as duplicated_gene_names)", n_suffixed,
         )
-    return ConversionResult(sentences, vocabulary, n_empty)
+    return ConversionResult(sentences, vocabulary, n_empty, label_spellings)
 
 
 def merge_vocabularies(vocabularies: Sequence[dict[str, int]]) -> dict[str, int]:

@@ -32,8 +32,9 @@ def _convert(adata: ad.AnnData, settings: SentenceConversionParameters):
 
 def convert_to_cell_sentences(
     processed_adata: ad.AnnData | dict[str, Callable[[], ad.AnnData]], params: dict[str, Any]
-) -> tuple[Dataset, dict[str, int]]:
-    """Cell sentences and vocabulary of one AnnData, or of several concatenated.
+) -> tuple[Dataset, dict[str, int], dict[str, float]]:
+    """Cell sentences and vocabulary of one AnnData, or of several concatenated, and the cells
+    whose label spelling the conversion changed (``core.sentences.unify_label_columns``).
 
     ``processed_adata`` is one AnnData, or a dict of them (or of their loaders, as a
     ``PartitionedDataset`` of h5ad files gives): each is converted on its own, rows are tagged
@@ -44,20 +45,25 @@ def convert_to_cell_sentences(
     settings = read_parameters(SentenceConversionParameters, params, "sentence_conversion")
     if isinstance(processed_adata, ad.AnnData):
         result = _convert(processed_adata, settings)
-        return result.sentences, result.vocabulary
-    parts = []
+        return result.sentences, result.vocabulary, result.label_spellings
+    parts, label_spellings = [], {}
     for name in sorted(processed_adata):
         item = processed_adata[name]
         adata = item() if callable(item) else item
         result = _convert(adata, settings)
         logger.info("converted %s: %d cells", name, result.sentences.num_rows)
         parts.append((name, result.sentences, result.vocabulary))
-    return core.sentences.concatenate_sentence_datasets(parts)
+        for key, value in result.label_spellings.items():
+            label_spellings[key] = label_spellings.get(key, 0.0) + value
+    return *core.sentences.concatenate_sentence_datasets(parts), label_spellings
 
 
-def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> dict[str, float]:
-    """Cells, vocabulary size, genes per sentence, empty sentences, and the cells without a label in
-    each label column (``n_cells_without_label[<column>]``)."""
+def summarize_sentences(
+    cell_sentences: Dataset, vocabulary: dict[str, int], label_spellings: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Cells, vocabulary size, genes per sentence, empty sentences, the cells without a label in
+    each label column (``n_cells_without_label[<column>]``) and those whose label the conversion
+    stripped or respelled (``label_spellings``)."""
     import pyarrow.compute as pc
 
     # with_format("arrow") honours a selection (select/filter/shuffle), unlike Dataset.data
@@ -77,6 +83,7 @@ def summarize_sentences(cell_sentences: Dataset, vocabulary: dict[str, int]) -> 
         "n_empty_sentences": float(empty.sum()),
         **{f"n_cells_without_label[{column}]": float((~core.sentences.has_label(cell_sentences[column])).sum())
            for column in cell_sentences.column_names if column not in (*core.sentences.RESERVED_COLUMNS, "source_dataset")},
+        **{key: float(value) for key, value in (label_spellings or {}).items()},
     }
 
 

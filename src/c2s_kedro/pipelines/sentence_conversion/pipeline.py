@@ -14,12 +14,12 @@ def create_conversion_pipeline(**kwargs) -> Pipeline:
             node(
                 nodes.convert_to_cell_sentences,
                 ["processed_adata", "params:sentence_conversion"],
-                ["cell_sentences", "vocabulary"],
+                ["cell_sentences", "vocabulary", "label_spellings"],
                 name="convert_to_cell_sentences",
             ),
             node(
                 nodes.summarize_sentences,
-                ["cell_sentences", "vocabulary"],
+                ["cell_sentences", "vocabulary", "label_spellings"],
                 "sentence_conversion_metrics",
                 name="summarize_sentences",
             ),
