@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 

@@ -24,6 +24,8 @@ from c2s_kedro.core.models import build_gpt_neox, load_model, save_model
 from c2s_kedro.core.prompts import load_templates
 from tests.helpers import byte_level_bpe_tokenizer, copy_project
 
+pytestmark = pytest.mark.e2e
+
 PIPELINES = ("finetuning", "evaluation", "zero_shot_annotation", "embedding", "cell_generation",
              "perturbation_finetuning", "perturbation_posterior")
 ARCHITECTURE = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,

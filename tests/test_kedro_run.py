@@ -17,6 +17,8 @@ from datasets import load_from_disk
 
 from tests.helpers import copy_project
 
+pytestmark = pytest.mark.e2e
+
 
 
 def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -11,6 +11,8 @@ from nbclient import NotebookClient
 
 from tests.helpers import PROJECT_ROOT
 
+pytestmark = pytest.mark.e2e
+
 NOTEBOOKS = sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
 
 
