@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -257,3 +258,85 @@ def test_baselines_and_knockdown_diagnostics_say_what_they_did_with_combinations
     assert len(heldout) == 2 * 2 + 1  # each target of both doubles, and NOTAGENE
     assert heldout.set_index("target").loc["NOTAGENE", "status"] == "target_not_a_gene"
 
+
+
+@pytest.fixture(scope="module")
+def quirky_screen():
+    """A screen as two lanes of a real screen write it: 30 cells without an assigned guide (NaN), the
+    controls of one lane written 'Non-Targeting', and 40 cells without a batch (NaN gem_group)."""
+    screen = simulate_perturbseq(n_genes=300, n_perturbations=8, cells_per_perturbation=24, n_control_cells=120, seed=3)
+    rng = np.random.default_rng(1)
+    labels = screen.obs["gene"].astype(object).to_numpy().copy()
+    controls = np.flatnonzero(labels == "non-targeting")
+    labels[controls[::2]] = "Non-Targeting"
+    labels[rng.choice(np.flatnonzero(labels != "Non-Targeting"), 30, replace=False)] = np.nan
+    screen.obs["gene"] = pd.Categorical(labels)
+    batches = screen.obs["gem_group"].astype(float).to_numpy().copy()
+    batches[rng.choice(screen.n_obs, 40, replace=False)] = np.nan
+    screen.obs["gem_group"] = batches
+    return screen
+
+
+@pytest.fixture(scope="module")
+def quirky_outputs(quirky_screen, tmp_path_factory):
+    params = _params(tmp_path_factory.mktemp("quirky"))
+    params["perturbation"]["data_processing"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
+    logger = logging.getLogger("c2s_kedro")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        catalog = run_pipeline(PIPELINES["perturbation_data"], {"perturbseq_raw": quirky_screen, **params_entries(params)})
+    finally:
+        logger.removeHandler(handler)
+    return catalog, [record.getMessage() for record in records]
+
+
+def test_cells_without_a_perturbation_label_are_left_out_counted_and_never_a_perturbation(quirky_outputs, quirky_screen):
+    catalog, messages = quirky_outputs
+    assert catalog.load("perturbation_data_metrics")["n_cells_without_perturbation"] == 30
+    assert any(m.startswith("30 cells have no perturbation label (.obs['gene'] empty") for m in messages)
+    split = catalog.load("perturbation_split")
+    unlabelled = set(quirky_screen.obs_names[quirky_screen.obs["gene"].isna()])
+    cells = {cell for part in ("train", "val", "test", "test_seen", "control_train", "control_val", "control_test")
+             for cell in split.get(part, [])}
+    assert not cells & unlabelled
+    named = {name for part in ("train", "val", "test", "test_seen") for name in split.get(f"{part}_perturbations", [])}
+    prompts = catalog.load("perturbation_prompts")
+    for part in prompts:
+        named |= set(prompts[part]["perturbation"])
+        assert not any(re.search(r"\b(NAN|NONE)\b", text) for text in prompts[part]["model_input"])
+    assert not named & {"NAN", "nan", "None", "NONE"}
+
+
+def test_the_control_label_in_two_spellings_is_one_control(quirky_outputs, quirky_screen):
+    catalog, messages = quirky_outputs
+    raw = quirky_screen.obs["gene"].astype(str)
+    assert catalog.load("perturbation_data_metrics")["n_controls_other_spelling"] == (raw == "Non-Targeting").sum()
+    assert any("control cells write the control label 'non-targeting' another way: Non-Targeting (" in m for m in messages)
+    processed = catalog.load("perturbation.processed_adata").obs["gene"].astype(str)
+    assert "NON-TARGETING" not in set(processed)
+    split = catalog.load("perturbation_split")
+    controls = set(split["control_train"]) | set(split["control_val"]) | set(split["control_test"])
+    assert controls == set(processed.index[processed == "non-targeting"])
+    assert controls & set(raw.index[raw == "Non-Targeting"]) and controls & set(raw.index[raw == "non-targeting"])
+    train = catalog.load("perturbation_prompts")["train"].to_pandas()
+    assert "NON-TARGETING" not in set(train["perturbation"])
+    control_pairs = train[train["perturbation"] == "non-targeting"]
+    assert len(control_pairs) and set(control_pairs["perturbed_cell"]) <= controls
+
+
+def test_cells_without_a_batch_are_counted_and_paired_with_controls_of_any_batch(quirky_outputs):
+    catalog, messages = quirky_outputs
+    processed = catalog.load("perturbation.processed_adata").obs
+    unbatched = set(processed.index[processed["gem_group"].isna()])
+    assert catalog.load("perturbation_data_metrics")["n_cells_without_batch"] == len(unbatched) > 0
+    assert any(m.startswith(f"{len(unbatched)} cells have no batch (.obs['gem_group'] empty)") for m in messages)
+    split = catalog.load("perturbation_split")
+    prompts = catalog.load("perturbation_prompts")
+    pairs = pd.concat([prompts[part].to_pandas() for part in ("train", "val", "test")])
+    theirs = pairs[pairs["perturbed_cell"].isin(unbatched) & (pairs["perturbation"] != "non-targeting")]
+    controls = set(split["control_train"]) | set(split["control_val"]) | set(split["control_test"])
+    assert len(theirs) and set(theirs["control_cell"]) <= controls
+    assert set(theirs["control_cell"]) - unbatched  # real controls with a batch, not only the other cells without one
