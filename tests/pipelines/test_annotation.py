@@ -13,7 +13,10 @@ from c2s_kedro.core.annotation import (
     UNASSIGNED,
     AnnotatorRecord,
     AnnotatorRecordError,
+    KnownGeneSentences,
     annotate_counts,
+    annotated_cells,
+    annotation_metrics,
     annotator_record,
     counts_adata,
     known_gene_sentences,
@@ -276,3 +279,40 @@ def test_the_label_set_a_model_records_holds_no_missing_label(model):
     conversion = load_parameters("sentence_conversion")["sentence_conversion"]
     saved, _ = record_annotator_metadata(build_gpt_neox(model.tokenizer, ARCHITECTURE), cells, split, finetuning, processing, conversion)
     assert annotator_record(saved).labels == LABELS
+
+
+def _annotated(predicted, truth, labels=LABELS) -> ad.AnnData:
+    names = [f"c{i}" for i in range(len(predicted))]
+    obs = pd.DataFrame({"c2s_cell_type": pd.Categorical(predicted, categories=[*labels, UNASSIGNED]), "cell_type": truth},
+                       index=names)
+    return ad.AnnData(obs=obs, uns={"c2s_labels": list(labels)})
+
+
+def test_known_labels_in_another_case_or_spacing_are_scored_as_the_models_labels(caplog):
+    annotated = _annotated(["B cell", "T cell", "T cell", "B cell", "B cell"], ["B CELL ", "t cell", "T  cell", "b cell", "Dendritic"])
+    sentences = KnownGeneSentences(list(annotated.obs_names), ["GENE1"] * 5, [1] * 5, 10, 10)
+    metrics = annotation_metrics(annotated, {"input_cells": list(annotated.obs_names)}, sentences, 10, "cell_type")
+    assert metrics["accuracy"] == pytest.approx(0.8)  # 0.0 when "B CELL " was not "B cell"
+    assert metrics["n_cells_label_unknown_to_model"] == 1
+    assert ("1 of 5 scored cells have a 'cell_type' label the model does not know ('Dendritic'): they can only be wrong; "
+            "the model's labels are 'B cell', 'T cell'") in caplog.text
+
+
+def test_a_label_set_holding_unassigned_gives_a_table_not_a_crash():
+    # a record written before "Unassigned" was no label: the annotation's own answer among the labels
+    labels = ["B cell", UNASSIGNED]
+    processed = ad.AnnData(sp.csr_matrix(np.ones((2, 2), dtype=np.float32)), obs=pd.DataFrame(index=["a", "b"]),
+                           var=pd.DataFrame(index=["GENE1", "GENE2"]))
+    labelled = pd.DataFrame({"label": ["B cell", UNASSIGNED], "confidence": [0.9, 0.2], "B cell": [0.9, 0.2],
+                             UNASSIGNED: [0.1, 0.8]}, index=pd.Index(["a", "b"], name="cell"))
+    sentences = KnownGeneSentences(["a", "b"], ["GENE1", "GENE2"], [1, 1], 2, 2)
+    annotated = annotated_cells(processed, labelled, sentences, labels, ["GENE1", "GENE2"])
+    assert annotated.obs["c2s_cell_type"].astype(str).tolist() == ["B cell", UNASSIGNED]
+
+
+def test_a_training_label_unassigned_is_no_label_of_the_model():
+    from c2s_kedro.core.annotation import training_labels
+
+    cells = tiny_cell_sentences([f"GENE{i}" for i in range(60)])
+    cells = cells.remove_columns("cell_type").add_column("cell_type", ["T cell", "Unassigned", "unassigned", "B cell"] * 3)
+    assert training_labels(cells, [f"c{i}" for i in range(8)], "cell_type") == LABELS

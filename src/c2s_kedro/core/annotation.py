@@ -34,7 +34,14 @@ from c2s_kedro.core.inference import predict_labels
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.preprocessing import QCThresholds, normalize_log10, quality_control
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
-from c2s_kedro.core.sentences import CELL_SENTENCE, cell_sentences_from_adata, has_label, select_cells, vocabulary_names
+from c2s_kedro.core.sentences import (
+    CELL_SENTENCE,
+    cell_sentences_from_adata,
+    has_label,
+    label_key,
+    select_cells,
+    vocabulary_names,
+)
 from c2s_kedro.core.validation import input_check_metrics, validate_input
 
 logger = logging.getLogger(__name__)
@@ -296,7 +303,8 @@ def annotated_cells(
     adata = processed.copy()
     rows = labelled.loc[[str(c) for c in adata.obs_names]]
     labels = [str(label) for label in labels]
-    adata.obs["c2s_cell_type"] = pd.Categorical(rows["label"].to_numpy(), categories=[*labels, UNASSIGNED])
+    # a record written before has_label read "Unassigned" as no label may hold it among its labels
+    adata.obs["c2s_cell_type"] = pd.Categorical(rows["label"].to_numpy(), categories=list(dict.fromkeys([*labels, UNASSIGNED])))
     adata.obs["c2s_confidence"] = rows["confidence"].to_numpy(dtype=float)
     adata.obs["c2s_genes_matched"] = pd.Series(dict(zip(sentences.cell_names, sentences.genes_matched))).loc[rows.index].to_numpy()
     adata.obsm["c2s_label_probabilities"] = rows[labels].to_numpy(dtype=np.float32)
@@ -312,7 +320,10 @@ def annotation_metrics(
     """Cells in, removed by QC, annotated (given a label), share ``Unassigned`` (of the cells past
     QC), cells per label, genes matched to the model's vocabulary and, when ``label_column`` is an
     obs column, accuracy and macro-F1 against it over the cells that have a label (``has_label``;
-    ``Unassigned`` counts as wrong), with ``n_cells_without_label`` and ``n_scored_cells``."""
+    ``Unassigned`` counts as wrong), with ``n_cells_without_label`` and ``n_scored_cells``. A known
+    label is read as the model's label it equals by ``label_key`` ("DENDRITIC " is "Dendritic"); cells
+    whose label is none of the model's are counted (``n_cells_label_unknown_to_model``), named in a
+    warning, and can only be wrong."""
     predicted = annotated.obs["c2s_cell_type"].astype(str)
     n_after = annotated.n_obs
     metrics: dict[str, float] = {
@@ -337,8 +348,17 @@ def annotation_metrics(
             logger.warning("%d of %d annotated cells have no '%s' label: left out of the accuracy", int((~labelled).sum()),
                            n_after, label_column)
         metrics.update(report_scored_cells(int(labelled.sum()), "the annotation is"))
+        truth = annotated.obs[label_column][labelled].astype(str).str.strip()
+        model_labels = {label_key(label): str(label) for label in annotated.uns["c2s_labels"]}
+        keys = truth.map(label_key)
+        known = keys.isin(list(model_labels)).to_numpy()
+        metrics["n_cells_label_unknown_to_model"] = float((~known).sum())
+        if not known.all():
+            logger.warning("%d of %d scored cells have a '%s' label the model does not know (%s): they can only be wrong; "
+                           "the model's labels are %s", int((~known).sum()), int(labelled.sum()), label_column,
+                           ", ".join(map(repr, sorted(set(truth[~known])))), ", ".join(map(repr, model_labels.values())))
         if labelled.any():
-            truth, guessed = annotated.obs[label_column][labelled].astype(str), predicted[labelled]
+            truth, guessed = keys.map(model_labels).fillna(truth), predicted[labelled]  # the model's spelling
             metrics["accuracy"] = float(accuracy_score(truth, guessed))
             metrics["macro_f1"] = float(f1_score(truth, guessed, labels=sorted(set(truth)), average="macro", zero_division=0))
     return metrics
