@@ -235,7 +235,8 @@ def test_the_door_leaves_its_input_as_it_was_and_shares_the_counts(counts_adata)
     assert validated.uns["input_checks"] == dataclasses.asdict(report) and "input_checks" not in adata.uns
     assert input_check_metrics(validated) == {"non_integer_count_values": 0.0, "genes_only_in_raw": 0.0,
                                               "gene_names_with_whitespace": 1.0, "duplicated_gene_names": 0.0,
-                                              "duplicated_cell_names": 1.0, "gene_names_differing_only_in_case": 0.0}
+                                              "duplicated_cell_names": 1.0, "gene_names_differing_only_in_case": 0.0,
+                                              "features_not_gene_expression": 0.0, "genes_not_in_raw": 0.0}
     assert input_check_metrics(counts_adata) == {}
 
 
@@ -336,3 +337,42 @@ def _with_spaced_gene(counts):
     adata = counts.copy()
     adata.var_names = [*adata.var_names[:-1], "HES4 variant"]
     return adata
+
+
+# ---- features that are not genes, genes only .raw has ------------------------------------------
+
+
+def test_antibody_features_are_dropped_and_counted_and_a_file_without_genes_is_refused(counts_adata, caplog):
+    adata = counts_adata.copy()
+    adata.var["feature_types"] = ["Antibody Capture"] * 3 + ["Gene Expression"] * (adata.n_vars - 3)
+    with caplog.at_level(logging.WARNING):
+        validated, report = validate_input(adata)
+    assert validated.n_vars == adata.n_vars - 3 and list(validated.var_names) == list(adata.var_names[3:])
+    assert report.features_not_gene_expression == 3
+    assert input_check_metrics(validated)["features_not_gene_expression"] == 3.0
+    assert "3 features that .var['feature_types'] does not mark 'Gene Expression' dropped (Antibody Capture: 3)" in caplog.text
+    peaks = counts_adata.copy()
+    peaks.var["feature_type"] = ["Peaks"] * 4 + ["Antibody Capture"] * (peaks.n_vars - 4)
+    with pytest.raises(InputError, match=r"\.var\['feature_type'\] marks none of the .* features 'Gene Expression' \(Antibody Capture"):
+        validate_input(peaks)
+    biotypes = counts_adata.copy()  # a column of that name in another vocabulary is left alone
+    biotypes.var["feature_type"] = ["protein_coding", "lncRNA"] * (biotypes.n_vars // 2) + ["protein_coding"] * (biotypes.n_vars % 2)
+    assert validate_input(biotypes)[0].n_vars == counts_adata.n_vars
+
+
+def test_counts_of_more_genes_in_raw_are_pointed_out_and_genes_raw_lacks_are_counted(counts_adata, caplog):
+    variable_genes = counts_adata[:, :10].copy()  # .X subset to some genes, .raw with the counts of all
+    variable_genes.raw = counts_adata
+    with caplog.at_level(logging.WARNING):
+        validated, report = validate_input(variable_genes, setting_prefix="annotation")
+    assert report.counts_source == "X" and validated.n_vars == 10
+    assert (f".raw holds counts of {counts_adata.n_vars - 10} more genes than .X (10); set annotation.counts_source: raw "
+            "to use them") in caplog.text
+    caplog.clear()
+    normalized = normalize_log10(counts_adata, counts_layer=None)  # log-normalized .X, counts of half the genes in .raw
+    normalized.raw = counts_adata[:, ::2].copy()
+    with caplog.at_level(logging.WARNING):
+        validated, report = validate_input(normalized)
+    n_dropped = counts_adata.n_vars - counts_adata[:, ::2].n_vars
+    assert report.counts_source == "raw" and report.genes_not_in_raw == n_dropped
+    assert f"{n_dropped} of .X's {counts_adata.n_vars} genes are not in .raw and are dropped" in caplog.text

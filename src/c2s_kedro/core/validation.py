@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 ENSEMBL_PATTERN = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _WHITESPACE = re.compile(r"\s+")
 SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "feature_name", "symbol")
+# 10x's .var column of feature types (scanpy's read_10x_h5 with gex_only=False, CITE-seq, multiome) and its values;
+# a column of the same name in another vocabulary (gene biotypes) is not this one
+FEATURE_TYPE_COLUMNS = ("feature_types", "feature_type")
+GENE_EXPRESSION = "Gene Expression"
+TENX_FEATURE_TYPES = frozenset({GENE_EXPRESSION, "Antibody Capture", "CRISPR Guide Capture", "Multiplexing Capture",
+                                "Peaks", "Custom"})
 
 
 class NotCountsError(ValueError):
@@ -266,6 +272,8 @@ class InputReport:
     duplicated_gene_names: int  # made unique with numeric suffixes, letter case ignored
     duplicated_cell_names: int  # made unique as anndata's obs_names_make_unique does
     gene_names_differing_only_in_case: int = 0  # of duplicated_gene_names: HES4 and Hes4 (sentences upper-case names)
+    features_not_gene_expression: int = 0  # dropped: antibody, guide or peak features (.var['feature_types'])
+    genes_not_in_raw: int = 0  # genes of .X dropped because the counts came from a .raw without them
 
     def metrics(self) -> dict[str, float]:
         """The counts as metrics (the source is in the log and in ``.uns``)."""
@@ -416,6 +424,54 @@ def _with_counts_from(adata: ad.AnnData, source: str) -> tuple[ad.AnnData, int]:
     return result, int(np.count_nonzero(~raw.var_names.isin(adata.var_names)))
 
 
+def keep_gene_expression(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
+    """Only the ``Gene Expression`` features when ``.var['feature_types']`` (or ``feature_type``)
+    marks others in 10x's vocabulary (antibody capture of CITE-seq, peaks of multiome, CRISPR
+    guides): their counts would rank among the genes. Returns the data and how many features were
+    dropped; a file with none of its features ``Gene Expression`` is refused, naming the column."""
+    column = next((c for c in FEATURE_TYPE_COLUMNS if c in adata.var.columns), None)
+    if column is None:
+        return adata, 0
+    types = adata.var[column].astype(str).str.strip()
+    found = types.value_counts()
+    if not set(found.index) & TENX_FEATURE_TYPES:
+        return adata, 0
+    genes = (types == GENE_EXPRESSION).to_numpy()
+    described = ", ".join(f"{name}: {n:,}" for name, n in found.items())
+    if not genes.any():
+        raise InputError(
+            f".var['{column}'] marks none of the {adata.n_vars:,} features '{GENE_EXPRESSION}' ({described}): cell sentences "
+            f"are made of genes. Keep the file's gene-expression features (adata[:, adata.var['{column}'] == "
+            f"'{GENE_EXPRESSION}']) and save it again, or drop the column if its features are genes."
+        )
+    if genes.all():
+        return adata, 0
+    dropped = ", ".join(f"{name}: {n:,}" for name, n in found.items() if name != GENE_EXPRESSION)
+    logger.warning("%d features that .var['%s'] does not mark '%s' dropped (%s): cell sentences rank genes, and protein, "
+                   "guide or peak counts would rank among them", int((~genes).sum()), column, GENE_EXPRESSION, dropped)
+    return adata[:, genes].copy(), int((~genes).sum())
+
+
+def _report_raw_genes(adata: ad.AnnData, source: str, accept_non_integer_counts: bool, prefix: str) -> int:
+    """Log what .raw has that the counts used lack, or the reverse: counts read from .X while .raw
+    holds counts of more genes (a file subset to its variable genes), or .X's genes dropped because
+    the counts come from a .raw without them. Returns the number of .X's genes dropped."""
+    if adata.raw is None:
+        return 0
+    if source == "raw":
+        n_dropped = int(np.count_nonzero(~adata.var_names.isin(adata.raw.var_names)))
+        if n_dropped:
+            logger.warning("%d of .X's %d genes are not in .raw and are dropped (the counts are .raw's)", n_dropped, adata.n_vars)
+        return n_dropped
+    n_more = int(np.count_nonzero(~adata.raw.var_names.isin(adata.var_names)))
+    if source == "X" and n_more:
+        kind = describe_values(adata.raw.X).kind
+        if kind == "counts" or (accept_non_integer_counts and kind == "corrected_counts"):
+            logger.warning(".raw holds counts of %d more genes than .X (%d); set %s.counts_source: raw to use them",
+                           n_more, adata.n_vars, prefix)
+    return 0
+
+
 def make_gene_names_sentence_safe(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
     """Var names made one word of a cell sentence (``sentence_safe_gene_name``), and how many held
     whitespace; ``adata`` is renamed in place."""
@@ -461,6 +517,7 @@ def validate_input(
       are counts when ``accept_non_integer_counts``; otherwise the error names that setting.
     - ``input_is_normalized``: .X is used as it is, refused when it holds counts.
     - NaN or infinite values: refused.
+    - Features other than genes (``keep_gene_expression``: 10x's ``.var['feature_types']``) dropped.
     - Gene names (``tidy_gene_names``) and cell names (``make_cell_names_unique``) made usable.
 
     Errors name ``{setting_prefix}.<setting>`` that changes the outcome. The expression matrices are
@@ -471,7 +528,7 @@ def validate_input(
         adata = adata.to_memory()
     if input_is_normalized:
         _check_declared_normalized(adata, counts_source, setting_prefix)
-        adata, source, n_non_integer, n_only_in_raw = shallow_copy(adata), "normalized X", 0, 0
+        adata, source, n_non_integer, n_only_in_raw, n_not_in_raw = shallow_copy(adata), "normalized X", 0, 0, 0
     else:
         source, seen = _find_counts(adata, counts_source, accept_non_integer_counts, setting_prefix)
         n_non_integer = seen[source].n_fractional
@@ -484,12 +541,14 @@ def validate_input(
             logger.warning("%d non-integer values of %s taken as counts (%s.accept_non_integer_counts)", n_non_integer,
                            _where(source), setting_prefix)
         n_genes_x = adata.n_vars
+        n_not_in_raw = _report_raw_genes(adata, source, accept_non_integer_counts, setting_prefix)
         adata, n_only_in_raw = _with_counts_from(adata, source)
         if source == "raw":
             logger.warning("the genes are .raw's: %d, %d of them not among .X's %d", adata.n_vars, n_only_in_raw, n_genes_x)
+    adata, n_not_genes = keep_gene_expression(adata)
     adata, n_whitespace, n_repeated_genes, n_case_only = tidy_gene_names(adata, gene_symbol_column)
     adata, n_repeated_cells = make_cell_names_unique(adata)
     report = InputReport(source, n_non_integer, n_only_in_raw, n_whitespace, n_repeated_genes, n_repeated_cells,
-                         n_case_only)
+                         n_case_only, n_not_genes, n_not_in_raw)
     adata.uns[INPUT_CHECKS] = dataclasses.asdict(report)
     return adata, report
