@@ -57,9 +57,9 @@ def test_the_ceilings_are_in_the_mlflow_run(default_run_project: Path):
     run = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "all pipelines")
     written = _metrics(default_run_project, "perturbation")
     ceilings = {key: value for key, value in written.items() if key.startswith("cell_eval_ceiling.")}
-    assert ceilings and all(run.data.metrics[f"perturbation.{key}"] == pytest.approx(value) for key, value in ceilings.items())
-    assert run.data.metrics["perturbation.model_T1_3.pearson_delta_normalized"] == pytest.approx(
+    assert ceilings and all(run.data.metrics[f"perturbation/{key}"] == pytest.approx(value) for key, value in ceilings.items())
+    assert run.data.metrics["perturbation/model_T1_3.pearson_delta_normalized"] == pytest.approx(
         written["model_T1.3.pearson_delta_normalized"])
-    assert {"cell_generation.real_classifier_accuracy_on_reconstructed_real", "evaluation.sentence_baseline_accuracy",
-            "zero_shot_evaluation.sentence_baseline_macro_f1", "perturbation.model_T0_7.mse_normalized",
-            "perturbation.observed_cells.pearson_delta_simulated_truth"} <= set(run.data.metrics)
+    assert {"cell_generation/real_classifier_accuracy_on_reconstructed_real", "evaluation/sentence_baseline_accuracy",
+            "zero_shot_evaluation/sentence_baseline_macro_f1", "perturbation/model_T0_7.mse_normalized",
+            "perturbation/observed_cells.pearson_delta_simulated_truth"} <= set(run.data.metrics)

@@ -179,21 +179,21 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["c2s.pid"].isdigit()
-    # MLflow-safe names: no chart sections from "/", nothing MLflow refuses, no dot inside a temperature
-    assert all(re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", name) for name in run.data.metrics)
-    assert "perturbation.model_T1_3.pearson_delta" in run.data.metrics
+    # <pipeline>/<metric>: one chart section per pipeline in the UI; nothing MLflow refuses, no dot inside a temperature
+    assert all(re.fullmatch(r"[A-Za-z0-9_\-]+/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", name) for name in run.data.metrics)
+    assert "perturbation/model_T1_3.pearson_delta" in run.data.metrics
     assert run.info.artifact_uri.startswith(str(project / "mlruns"))
     assert run.data.params["data_processing.qc.min_genes_per_cell"] == "50"
     written = json.loads((project / "data" / "08_reporting" / "benchmarking_metrics.json").read_text())
-    assert run.data.metrics["benchmarking.rank_fit_slope"] == pytest.approx(written["rank_fit_slope"])
-    assert "sentence_conversion.n_cells" in run.data.metrics
-    assert "embedding.c2s_knn_label_accuracy" in run.data.metrics
-    loss_steps = client.get_metric_history(run.info.run_id, "pretraining.loss")
+    assert run.data.metrics["benchmarking/rank_fit_slope"] == pytest.approx(written["rank_fit_slope"])
+    assert "sentence_conversion/n_cells" in run.data.metrics
+    assert "embedding/c2s_knn_label_accuracy" in run.data.metrics
+    loss_steps = client.get_metric_history(run.info.run_id, "pretraining/loss")
     assert len(loss_steps) >= 3 and len({m.step for m in loss_steps}) == len(loss_steps)
-    assert client.get_metric_history(run.info.run_id, "pretraining.eval_loss")
-    assert len(client.get_metric_history(run.info.run_id, "finetuning.loss")) >= 3
-    assert client.get_metric_history(run.info.run_id, "finetuning.learning_rate")
-    assert {"evaluation.label_scoring_accuracy", "evaluation.baseline_accuracy", "evaluation.generation_accuracy"} <= set(run.data.metrics)
+    assert client.get_metric_history(run.info.run_id, "pretraining/eval_loss")
+    assert len(client.get_metric_history(run.info.run_id, "finetuning/loss")) >= 3
+    assert client.get_metric_history(run.info.run_id, "finetuning/learning_rate")
+    assert {"evaluation/label_scoring_accuracy", "evaluation/baseline_accuracy", "evaluation/generation_accuracy"} <= set(run.data.metrics)
 
     def walk(path=None):
         for item in client.list_artifacts(run.info.run_id, path):
@@ -203,10 +203,10 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/pretraining/loss_curves.png", "plots/finetuning/loss_curves.png"} <= artifacts
     assert "plots/expression_umap/cell_type.png" in artifacts
     assert {"plots/perturbation/posterior_pca.png", "plots/perturbation/loss_curves.png", "tables/perturbation_summary.csv"} <= artifacts
-    assert "perturbation.linear_additive.pearson_delta" in run.data.metrics
-    assert client.get_metric_history(run.info.run_id, "perturbation_finetuning.loss")
+    assert "perturbation/linear_additive.pearson_delta" in run.data.metrics
+    assert client.get_metric_history(run.info.run_id, "perturbation_finetuning/loss")
     # the screen's namespaced processing logs under its own prefix and parameters
-    assert "perturbation_data_processing.cells_after" in run.data.metrics
+    assert "perturbation_data_processing/cells_after" in run.data.metrics
     assert run.data.params["perturbation.data_processing.qc.min_genes_per_cell"] == "500"
     assert "plots/perturbation/expression_vs_log_rank.png" in artifacts
     # folders of plots land once under their own name, not twice

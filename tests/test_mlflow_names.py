@@ -1,5 +1,6 @@
-"""Metric names in MLflow: no chart-section slashes, no characters MLflow refuses, no dot inside a
-temperature; the training callback and the metrics files go through the same names."""
+"""Metric names in MLflow: ``<pipeline>/<metric>`` (one chart section per pipeline), no other slash,
+no characters MLflow refuses, no dot inside a temperature; the training callback and the metrics files
+go through the same names."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def test_every_name_the_project_can_write_is_safe():
         assert not set("/+[] ") & set(mlflow_metric_name(name))
 
 
+def test_each_pipeline_is_one_chart_section():
+    logged = mlflow_metrics({"f1[CD4+/CD25 T Reg]": 0.5, "model_T1.3.pearson_delta": 0.2}, section="evaluation")
+    assert logged == {"evaluation/f1_CD4_CD25_T_Reg": 0.5, "evaluation/model_T1_3.pearson_delta": 0.2}
+    assert all(name.count("/") == 1 for name in logged)
+
+
 def test_non_finite_values_are_skipped_and_colliding_names_keep_the_first(caplog):
     logged = mlflow_metrics({"f1[CD4+]": 0.5, "f1[CD4/]": 0.7, "nan": float("nan"), "none": None})
     assert logged == {"f1_CD4": 0.5}
@@ -55,11 +62,11 @@ def test_the_training_callback_logs_safe_names_with_steps(tmp_path):
         state = TrainerState()
         state.global_step = 3
         with mlflow.start_run() as run:
-            MlflowStepLogger("perturbation.T1.3").on_log(None, state, None, logs={"loss": 2.0, "eval_cell_type_prediction_loss": 1.5,
+            MlflowStepLogger("perturbation_finetuning").on_log(None, state, None, logs={"loss": 2.0, "eval_cell_type_prediction_loss": 1.5,
                                                                                   "grad_norm": float("inf")})
-        history = MlflowClient(uri).get_metric_history(run.info.run_id, "perturbation.T1_3.loss")
+        history = MlflowClient(uri).get_metric_history(run.info.run_id, "perturbation_finetuning/loss")
         assert [(m.step, m.value) for m in history] == [(3, 2.0)]
         assert set(MlflowClient(uri).get_run(run.info.run_id).data.metrics) == {
-            "perturbation.T1_3.loss", "perturbation.T1_3.eval_cell_type_prediction_loss"}
+            "perturbation_finetuning/loss", "perturbation_finetuning/eval_cell_type_prediction_loss"}
     finally:
         mlflow.set_tracking_uri(None)

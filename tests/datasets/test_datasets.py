@@ -164,7 +164,7 @@ def test_metrics_logged_to_the_active_mlflow_run(tmp_path):
         with mlflow.start_run() as run:
             dataset.save({"r2": 0.75, "n_cells": 12, "pearson": math.nan})
         metrics = MlflowClient().get_run(run.info.run_id).data.metrics
-        assert metrics == {"bench.r2": 0.75, "bench.n_cells": 12.0}
+        assert metrics == {"bench/r2": 0.75, "bench/n_cells": 12.0}  # the pipeline is the chart section
         # Without an active run the JSON is still written and nothing fails.
         dataset.save({"r2": 0.5})
         assert json.loads((tmp_path / "metrics.json").read_text()) == {"r2": 0.5}
@@ -190,8 +190,8 @@ def test_metric_names_mlflow_refuses_are_made_safe_there_only(tmp_path):
                                                               "mean_expression_correlation[CD4+/CD25 T Reg]": 0.5,
                                                               "model_T1.3.pearson_delta": 0.1}
     assert MlflowClient().get_run(run.info.run_id).data.metrics == {
-        "gen.correlation_CD14_Monocyte": 0.9, "gen.mean_expression_correlation_CD4_CD25_T_Reg": 0.5,
-        "gen.model_T1_3.pearson_delta": 0.1}
+        "gen/correlation_CD14_Monocyte": 0.9, "gen/mean_expression_correlation_CD4_CD25_T_Reg": 0.5,
+        "gen/model_T1_3.pearson_delta": 0.1}
 
 
 # ---- permissions: atomic writes respect the umask ----------------------------------------------

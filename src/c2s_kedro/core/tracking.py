@@ -1,8 +1,10 @@
 """Numbers to the active MLflow run: the one place where metric names are made MLflow-safe.
 
-The project's names carry cell types (``CD4+/CD25 T Reg``), labels in brackets and temperatures
-(``model_T1.3``). MLflow splits chart sections on ``/`` and refuses ``+`` and ``[``, so in MLflow
-a name keeps letters, digits, ``_``, ``-`` and the ``.`` between name parts (``finetuning.loss``);
+MLflow's UI groups a run's charts into sections by the part of a name before the first ``/``, so
+each name is ``<pipeline>/<metric>`` (``finetuning/loss``, ``perturbation/model_T0_7.pearson_delta``):
+one section per pipeline. The metric part carries cell types (``CD4+/CD25 T Reg``), labels in
+brackets and temperatures (``model_T1.3``); MLflow refuses ``+`` and ``[``, and a ``/`` there would
+start a section of its own, so it keeps letters, digits, ``_``, ``-`` and the ``.`` between name parts;
 a dot between digits (a temperature) becomes ``_`` (``model_T1_3``), anything else becomes ``_``.
 Files (the metrics JSON) keep their own names.
 """
@@ -28,15 +30,16 @@ def mlflow_metric_name(name: str) -> str:
     return ".".join(parts)
 
 
-def mlflow_metrics(metrics: Mapping[str, float | None]) -> dict[str, float]:
-    """The finite numbers of ``metrics`` under MLflow-safe names; two names that would become the
-    same keep the first, with a warning."""
+def mlflow_metrics(metrics: Mapping[str, float | None], section: str | None = None) -> dict[str, float]:
+    """The finite numbers of ``metrics`` under MLflow-safe names, each ``<section>/<name>`` when a
+    section (the pipeline) is given; two names that would become the same keep the first, with a warning."""
     safe: dict[str, float] = {}
     sources: dict[str, str] = {}
+    head = f"{mlflow_metric_name(section)}/" if section else ""
     for name, value in metrics.items():
         if value is None or not math.isfinite(float(value)):
             continue
-        key = mlflow_metric_name(name)
+        key = head + mlflow_metric_name(name)
         if key in safe:
             logger.warning("metrics '%s' and '%s' are both '%s' in MLflow; only the first is logged", sources[key], name, key)
             continue
@@ -44,13 +47,14 @@ def mlflow_metrics(metrics: Mapping[str, float | None]) -> dict[str, float]:
     return safe
 
 
-def log_metrics(metrics: Mapping[str, float | None], step: int | None = None) -> None:
-    """Log ``metrics`` (non-finite ones skipped) to the active MLflow run, if there is one."""
+def log_metrics(metrics: Mapping[str, float | None], step: int | None = None, section: str | None = None) -> None:
+    """Log ``metrics`` (non-finite ones skipped) to the active MLflow run, if there is one, in the
+    chart section ``section`` (the pipeline: ``<section>/<name>``)."""
     import mlflow
 
     if mlflow.active_run() is None:
         return
-    safe = mlflow_metrics(metrics)
+    safe = mlflow_metrics(metrics, section)
     if safe:
         mlflow.log_metrics(safe, step=step)
 

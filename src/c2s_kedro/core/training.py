@@ -105,7 +105,7 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_respo
 
 class MlflowStepLogger(TrainerCallback):
     """Logs every number the Trainer logs (loss, eval_loss, learning_rate, grad_norm, epoch) to the
-    active MLflow run, with the global step, under ``prefix``."""
+    active MLflow run, with the global step, in the chart section ``prefix`` (``finetuning/loss``)."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -113,12 +113,8 @@ class MlflowStepLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        numbers = {
-            f"{self.prefix}.{key}": float(value)
-            for key, value in logs.items()
-            if isinstance(value, int | float) and not isinstance(value, bool)
-        }
-        log_metrics(numbers, step=state.global_step)
+        numbers = {key: float(value) for key, value in logs.items() if isinstance(value, int | float) and not isinstance(value, bool)}
+        log_metrics(numbers, step=state.global_step, section=self.prefix)
 
 
 def _model_names(model, checkpoint_keys) -> dict[str, str]:

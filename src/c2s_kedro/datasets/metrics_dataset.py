@@ -46,8 +46,7 @@ class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
         self._log_to_mlflow(clean)
 
     def _log_to_mlflow(self, metrics: dict[str, float | None]) -> None:
-        prefix = f"{self._prefix}." if self._prefix else ""
-        log_metrics({f"{prefix}{k}": v for k, v in metrics.items()})
+        log_metrics(metrics, section=self._prefix or None)
 
     def _exists(self) -> bool:
         return self._filepath.exists()
