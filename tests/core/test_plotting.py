@@ -32,6 +32,14 @@ def test_confusion_cells_show_the_counts_and_are_shaded_by_the_true_class_share(
         plotting.confusion_matrix_plot(matrix, LABELS[:2], "x")
 
 
+def test_a_confusion_matrix_without_one_valid_answer_says_so_instead_of_an_empty_grid():
+    fig = plotting.confusion_matrix_plot(np.zeros((3, 3), dtype=int), LABELS, "generation: accuracy 0.00")
+    notes = [t.get_text() for t in fig.axes[0].texts if t.get_visible() and "No prediction" in t.get_text()]
+    assert notes == ["No prediction is one of the labels:\nevery answer was something else,\nso every cell counts as wrong."]
+    fig = plotting.confusion_matrix_plot(np.eye(3, dtype=int), LABELS, "x")
+    assert not [t for t in fig.axes[0].texts if "No prediction" in t.get_text()]
+
+
 def _embedded(n: int = 60) -> ad.AnnData:
     rng = np.random.default_rng(0)
     cell_type = pd.Categorical(rng.choice(LABELS, n))

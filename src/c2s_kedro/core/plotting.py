@@ -169,6 +169,10 @@ def confusion_matrix_plot(matrix: np.ndarray, labels: Sequence[str], title: str)
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.colorbar(display.im_, ax=ax, shrink=0.7, label="share of the true class")
+    if not matrix.any():  # every answer was something else than a label: an empty grid would read as a bug
+        ax.text(0.5, 0.5, "No prediction is one of the labels:\nevery answer was something else,\nso every cell counts as wrong.",
+                transform=ax.transAxes, ha="center", va="center", fontsize=10, wrap=True,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.6"})
     return fig
 
 
