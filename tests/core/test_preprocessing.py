@@ -69,6 +69,26 @@ def test_filters_combine_and_each_counts_only_cells_still_left(counts_adata):
     assert filtered.n_obs == counts["cells_after"] == int((~low_genes & ~high_mito).sum())
 
 
+def test_a_mito_filter_that_matches_no_gene_says_so_and_names_the_prefix_the_names_use(counts_adata, caplog):
+    thresholds = QCThresholds(**{**NO_FILTERS, "max_pct_mito": 5.0})
+    assert quality_control(counts_adata, thresholds)[1]["n_mito_genes"] == 3
+    assert "mito_prefix" not in caplog.text
+    make_names = counts_adata.copy()  # R's make.names: MT-CO1 -> MT.CO1
+    make_names.var_names = make_names.var_names.str.replace("MT-", "MT.")
+    with caplog.at_level(logging.WARNING):
+        filtered, counts = quality_control(make_names, thresholds)
+    assert counts["n_mito_genes"] == 0 and counts["cells_removed_max_pct_mito"] == 0
+    assert ("qc.max_pct_mito is 5.0, but 3 gene names that look mitochondrial do not start with qc.mito_prefix 'MT-' "
+            "(e.g. MT.CO1): the mitochondrial filter does not count them. Set qc.mito_prefix to 'MT.'") in caplog.text
+    caplog.clear()
+    ids = counts_adata.copy()  # Ensembl IDs without symbols
+    ids.var_names = [f"ENSG{i:011d}" for i in range(ids.n_vars)]
+    with caplog.at_level(logging.WARNING):
+        assert quality_control(ids, thresholds)[1]["n_mito_genes"] == 0
+    assert "no gene name starts with qc.mito_prefix 'MT-': the mitochondrial filter removes no cell" in caplog.text
+    assert "gene_symbol_column" in caplog.text
+
+
 def test_gene_filter_counts_cells_after_cell_filters(counts_adata):
     filtered, counts = quality_control(counts_adata, QCThresholds(**{**NO_FILTERS, "min_cells_per_gene": 40}))
     cells_per_gene = (counts_adata.X.toarray() > 0).sum(axis=0)

@@ -32,14 +32,16 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     """Compute QC metrics, filter cells then genes, and count what each filter removed.
 
     Returns the filtered copy and counts (``cells_before``, ``cells_removed_<filter>``,
-    ``cells_after``, ``genes_before``, ``genes_after``). Raises ``ValueError`` when no cell or no
-    gene is left, naming the thresholds to relax.
+    ``cells_after``, ``genes_before``, ``genes_after``, ``n_mito_genes``: the genes ``mito_prefix``
+    matches). Raises ``ValueError`` when no cell or no gene is left, naming the thresholds to relax.
     """
     adata = shallow_copy(adata)
     adata.X = _one_index_dtype(adata.X)
     adata.var["mt"] = adata.var_names.str.upper().str.startswith(thresholds.mito_prefix.upper())
     _qc_metrics(adata)
-    counts = {"cells_before": adata.n_obs, "genes_before": adata.n_vars}
+    counts = {"cells_before": adata.n_obs, "genes_before": adata.n_vars, "n_mito_genes": int(adata.var["mt"].sum())}
+    if thresholds.max_pct_mito is not None:
+        _warn_unmatched_mito_genes(adata.var_names, adata.var["mt"].to_numpy(), thresholds)
     obs = adata.obs
     filters = {  # name: (threshold, obs column, keep cells at least / at most the threshold)
         "min_genes_per_cell": (thresholds.min_genes_per_cell, "n_genes_by_counts", "min"),
@@ -88,6 +90,27 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
     counts["genes_after"] = adata.n_vars
     logger.info("QC: %s", _removed_summary(counts))
     return adata, counts
+
+
+def _warn_unmatched_mito_genes(var_names: pd.Index, mito: np.ndarray, thresholds: QCThresholds) -> None:
+    """The mito filter is set but its prefix misses genes that look mitochondrial (``MT.CO1``, R's
+    make.names) or matches none: say so, naming the setting and the prefix the names seem to use."""
+    names = pd.Series(var_names.astype(str))
+    prefixes = names.str.extract(r"^([Mm][Tt][^A-Za-z0-9])", expand=False)
+    missed = prefixes.notna().to_numpy() & ~mito
+    if missed.any():
+        prefix = prefixes[missed].mode()[0]
+        logger.warning(
+            "qc.max_pct_mito is %s, but %d gene names that look mitochondrial do not start with qc.mito_prefix '%s' "
+            "(e.g. %s): the mitochondrial filter does not count them. Set qc.mito_prefix to '%s'",
+            thresholds.max_pct_mito, int(missed.sum()), thresholds.mito_prefix, names[missed].iloc[0], prefix,
+        )
+    elif not mito.any():
+        logger.warning(
+            "qc.max_pct_mito is %s, but no gene name starts with qc.mito_prefix '%s': the mitochondrial filter removes "
+            "no cell. Set qc.mito_prefix to the prefix of the mitochondrial genes, or, when the genes are Ensembl IDs, "
+            "name the .var column of symbols (gene_symbol_column)", thresholds.max_pct_mito, thresholds.mito_prefix,
+        )
 
 
 def _qc_metrics(adata: ad.AnnData) -> None:
