@@ -107,3 +107,14 @@ def test_posterior_plots_have_one_panel_per_perturbation_with_its_samples_contro
             np.testing.assert_allclose(collection.get_offsets(), coords[mask.to_numpy()])
     assert embedding.obsm["X_umap"].shape == (len(embedding), 2)  # nothing was computed or added
     assert set(embedding.obsm) == {"X_pca", "X_umap"} and not embedding.uns
+
+
+def test_a_figure_that_only_says_why_there_is_no_plot_keeps_its_text_inside_the_image():
+    message = ("No expression UMAP: data_processing.embed is false, so the 260,000 cells were not embedded. Set "
+               "data_processing.embed to true to draw it (a screen's: perturbation.data_processing.embed).")
+    fig = plotting.message_figure(message)
+    fig.canvas.draw()
+    text = fig.axes[0].texts[0]
+    box, frame = text.get_window_extent(), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    assert " ".join(text.get_text().split()) == message  # wrapped, nothing lost

@@ -143,6 +143,18 @@ def loss_curve_plot(log_history: list[dict], title: str) -> plt.Figure:
     return fig
 
 
+def message_figure(message: str, width_inches: float = 7.5) -> plt.Figure:
+    """A figure that only says why there is no plot (wrapped to fit its width), where a pipeline
+    writes a plot file that it could not draw."""
+    import textwrap
+
+    lines = [line for paragraph in message.split("\n") for line in textwrap.wrap(paragraph, width=int(width_inches * 11)) or [""]]
+    fig, ax = plt.subplots(figsize=(width_inches, 0.6 + 0.25 * len(lines)))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", fontsize=10)
+    return fig
+
+
 def confusion_matrix_plot(matrix: np.ndarray, labels: Sequence[str], title: str) -> plt.Figure:
     """Confusion matrix (scikit-learn's ``ConfusionMatrixDisplay``), rows true labels, columns
     predictions: each non-zero cell shows its count and is shaded by its share of the true class

@@ -136,10 +136,7 @@ def plot_annotation_umap(annotated_adata: ad.AnnData) -> plt.Figure:
     """The UMAP of the C2S embedding coloured by the predicted cell type (an empty figure saying
     so when there were too few cells for one)."""
     if "X_umap_c2s" not in annotated_adata.obsm:
-        figure, ax = core.plotting.plt.subplots(figsize=(5, 2))  # pyplot of core.plotting: its backend
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"{annotated_adata.n_obs} cells: too few for a UMAP", ha="center", va="center")
-        return figure
+        return core.plotting.message_figure(f"{annotated_adata.n_obs} cells: too few for a UMAP", width_inches=5)
     return core.plotting.umap_plot(annotated_adata, "c2s_cell_type", basis="X_umap_c2s", title="C2S annotation (UMAP of the embedding)")
 
 

@@ -75,11 +75,9 @@ def plot_expression_umaps(processed_adata: ad.AnnData, umap_color_keys: list[str
     """One UMAP per configured obs key, in a file named after the key; without a UMAP (``embed``
     false) one figure that says so."""
     if "X_umap" not in processed_adata.obsm:
-        fig, ax = core.plotting.plt.subplots(figsize=(7.5, 2))  # pyplot of core.plotting: its backend
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"No expression UMAP: {SECTION}.embed is false, so the {processed_adata.n_obs:,} cells were not\n"
-                f"embedded. Set {SECTION}.embed to true to draw it (a screen's: perturbation.{SECTION}.embed).",
-                ha="center", va="center")
+        fig = core.plotting.message_figure(
+            f"No expression UMAP: {SECTION}.embed is false, so the {processed_adata.n_obs:,} cells were not embedded. "
+            f"Set {SECTION}.embed to true to draw it (a screen's: perturbation.{SECTION}.embed).")
         return {NOT_EMBEDDED: fig}
     return {f"{key}.png": core.plotting.umap_plot(processed_adata, key, title=f"Expression UMAP: {key}") for key in umap_color_keys}
 
