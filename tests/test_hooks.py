@@ -239,3 +239,17 @@ def test_settings_in_conf_local_that_another_environment_does_not_read_are_named
     (local / "catalog.yml").write_text("raw_adata:\n  filepath: /data/mine.h5ad\n")
     assert unread_local_settings(tmp_path, "test") == ["catalog.yml"]
     assert unread_local_settings(tmp_path, "local") == []  # read: the default environment
+
+
+def test_the_run_tags_read_as_words_not_object_printouts(store):
+    from c2s_kedro.hooks import MlflowRunTagsHook, readable_tags
+
+    params = {"runner": "<c2s_kedro.runner.UpstreamRunner object at 0x7efc1a2b3c40>", "run_id": "2026-12-07T09.01.02.345Z"}
+    assert readable_tags(params) == {"runner": "UpstreamRunner", "kedro_session_id": "2026-12-07T09.01.02.345Z"}
+    assert readable_tags({"runner": "SequentialRunner", "run_id": None}) == {}
+    client, experiment = store
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.set_tags({k: v for k, v in params.items()})  # what kedro-mlflow sets from Kedro's run parameters
+        MlflowRunTagsHook().before_pipeline_run(params)
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["runner"] == "UpstreamRunner" and tags["kedro_session_id"] == params["run_id"] and "run_id" not in tags

@@ -112,6 +112,38 @@ class MlflowRunNameHook:
             self._config.tracking.run.name = run_name(run_params.get("pipeline_names") or [run_params.get("pipeline_name")])
 
 
+OBJECT_PRINTOUT = re.compile(r"^<(?:[\w.]+\.)?(?P<name>\w+) object at 0x[0-9a-f]+>$")
+
+
+def readable_tags(run_params: dict) -> dict[str, str]:
+    """The tags kedro-mlflow copies from Kedro's run parameters that do not read well, rewritten:
+    ``runner`` is the runner's class name, not its object printout; Kedro's session id is
+    ``kedro_session_id`` (a ``run_id`` tag that is not MLflow's run id misleads)."""
+    tags = {}
+    runner = str(run_params.get("runner") or "")
+    if match := OBJECT_PRINTOUT.match(runner):
+        tags["runner"] = match["name"]
+    if run_params.get("run_id"):
+        tags["kedro_session_id"] = str(run_params["run_id"])
+    return tags
+
+
+class MlflowRunTagsHook:
+    """Applies ``readable_tags`` to the run kedro-mlflow opened (its ``before_pipeline_run`` runs first)."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            return
+        tags = readable_tags(run_params)
+        mlflow.set_tags(tags)
+        if "kedro_session_id" in tags and mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("run_id"):
+            mlflow.MlflowClient().delete_tag(run.info.run_id, "run_id")
+
+
 def _process_exists(pid: int, started_ms: int | None) -> bool:
     """Whether process ``pid`` still runs and is the one that started at ``started_ms`` (a pid
     reused by a process started later is not it)."""

@@ -12,6 +12,7 @@ from c2s_kedro.hooks import (
     MlflowArtifactsFollowTheProjectHook,
     MlflowRunLivenessHook,
     MlflowRunNameHook,
+    MlflowRunTagsHook,
     MlflowStoreHook,
     ParameterNamespaceHook,
     StopBetweenNodesHook,
@@ -26,6 +27,7 @@ HOOKS = (
     MlflowStoreHook(),
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
+    MlflowRunTagsHook(),
     MlflowArtifactsFollowTheProjectHook(),
 )
 
