@@ -360,6 +360,18 @@ def test_antibody_features_are_dropped_and_counted_and_a_file_without_genes_is_r
     assert validate_input(biotypes)[0].n_vars == counts_adata.n_vars
 
 
+def test_ercc_spike_ins_are_dropped_and_counted_even_where_10x_marks_them_gene_expression(counts_adata, caplog):
+    adata = counts_adata.copy()
+    names = list(adata.var_names)
+    names[:2] = ["ERCC-00002", "ERCC-00130"]
+    adata.var_names = names
+    adata.var["feature_types"] = "Gene Expression"
+    with caplog.at_level(logging.WARNING):
+        validated, report = validate_input(adata)
+    assert list(validated.var_names) == names[2:] and report.features_not_gene_expression == 2
+    assert "2 ERCC spike-in controls dropped (e.g. ERCC-00002)" in caplog.text
+
+
 def test_counts_of_more_genes_in_raw_are_pointed_out_and_genes_raw_lacks_are_counted(counts_adata, caplog):
     variable_genes = counts_adata[:, :10].copy()  # .X subset to some genes, .raw with the counts of all
     variable_genes.raw = counts_adata

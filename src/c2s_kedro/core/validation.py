@@ -428,14 +428,16 @@ def keep_gene_expression(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
     """Only the ``Gene Expression`` features when ``.var['feature_types']`` (or ``feature_type``)
     marks others in 10x's vocabulary (antibody capture of CITE-seq, peaks of multiome, CRISPR
     guides): their counts would rank among the genes. Returns the data and how many features were
-    dropped; a file with none of its features ``Gene Expression`` is refused, naming the column."""
+    dropped (ERCC spike-ins too, which 10x marks Gene Expression); a file with none of its features
+    ``Gene Expression`` is refused, naming the column."""
+    adata, n_spike_ins = _drop_spike_ins(adata)
     column = next((c for c in FEATURE_TYPE_COLUMNS if c in adata.var.columns), None)
     if column is None:
-        return adata, 0
+        return adata, n_spike_ins
     types = adata.var[column].astype(str).str.strip()
     found = types.value_counts()
     if not set(found.index) & TENX_FEATURE_TYPES:
-        return adata, 0
+        return adata, n_spike_ins
     genes = (types == GENE_EXPRESSION).to_numpy()
     described = ", ".join(f"{name}: {n:,}" for name, n in found.items())
     if not genes.any():
@@ -445,11 +447,24 @@ def keep_gene_expression(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
             f"'{GENE_EXPRESSION}']) and save it again, or drop the column if its features are genes."
         )
     if genes.all():
-        return adata, 0
+        return adata, n_spike_ins
     dropped = ", ".join(f"{name}: {n:,}" for name, n in found.items() if name != GENE_EXPRESSION)
     logger.warning("%d features that .var['%s'] does not mark '%s' dropped (%s): cell sentences rank genes, and protein, "
                    "guide or peak counts would rank among them", int((~genes).sum()), column, GENE_EXPRESSION, dropped)
-    return adata[:, genes].copy(), int((~genes).sum())
+    return adata[:, genes].copy(), int((~genes).sum()) + n_spike_ins
+
+
+ERCC_SPIKE_IN = re.compile(r"^ERCC-\d{5}$")  # the ERCC RNA spike-in mix's names (10x marks them Gene Expression)
+
+
+def _drop_spike_ins(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
+    """ERCC spike-in controls dropped: added RNA, not the cell's, whose counts would rank among its genes."""
+    spike_ins = np.array([bool(ERCC_SPIKE_IN.match(str(name))) for name in adata.var_names])
+    if not spike_ins.any():
+        return adata, 0
+    logger.warning("%d ERCC spike-in controls dropped (e.g. %s): added RNA, not the cells' genes", int(spike_ins.sum()),
+                   adata.var_names[np.flatnonzero(spike_ins)[0]])
+    return adata[:, ~spike_ins].copy(), int(spike_ins.sum())
 
 
 def _report_raw_genes(adata: ad.AnnData, source: str, accept_non_integer_counts: bool, prefix: str) -> int:
