@@ -356,7 +356,8 @@ def warn_cells_without_label(adata: ad.AnnData, label_columns: Sequence[str]) ->
         if n:
             logger.warning(
                 "%d of %d cells have no '%s' label (missing, empty, 'nan' or 'Unassigned'): they are converted and "
-                "embedded, but left out of prompts, label sets and scores that read '%s'", n, adata.n_obs, column, column,
+                "embedded, and a step that uses '%s' as the label it learns or scores leaves them out (a screen's batch "
+                "column only pairs them with controls of any batch)", n, adata.n_obs, column, column,
             )
 
 
