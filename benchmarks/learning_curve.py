@@ -174,7 +174,7 @@ def perturbation_curve(seed: int, args: argparse.Namespace) -> list[dict[str, ob
         for checkpoint in found:
             shutil.copytree(as_model_dir(checkpoint, kept), final)
             posterior_wall = kedro_run(root, "perturbation_posterior", f"posterior_{checkpoint.name}.log")
-            metrics = json.loads((root / "data/08_reporting/perturbation_metrics.json").read_text())
+            metrics = json.loads((root / "data/08_reporting/perturbation_posterior_metrics.json").read_text())
             point = points[int(checkpoint.name.split("-")[1])]
             rows.append({
                 "task": "perturbation", "seed": seed, **point, **perturbation_levers.headline_scores(metrics),

@@ -127,7 +127,7 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict:
                                   env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"})
         if done.returncode:
             raise RuntimeError(f"lever {name} failed: see {root / 'run.log'}")
-    report = "perturbation_sensitivity_metrics.json" if args.probe_only else "perturbation_metrics.json"
+    report = "perturbation_sensitivity_metrics.json" if args.probe_only else "perturbation_posterior_metrics.json"
     metrics = json.loads((root / "data/08_reporting" / report).read_text())
     training = json.loads((root / "data/08_reporting/perturbation_finetuning_log.json").read_text())
     result = {"lever": name, "seed": seed, "settings": settings, "wall_seconds": round(time.perf_counter() - started, 1),

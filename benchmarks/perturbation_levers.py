@@ -277,7 +277,7 @@ def best_temperature(metrics: dict[str, float]) -> str:
 
 
 def headline_scores(metrics: dict[str, float]) -> dict[str, object]:
-    """The best temperature and its scores, the two baselines' and the ceilings, from perturbation_metrics.json."""
+    """The best temperature and its scores, the two baselines' and the ceilings, from perturbation_posterior_metrics.json."""
     best = best_temperature(metrics)
     return {
         "best_temperature": best,
@@ -315,7 +315,7 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
     if completed.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (rc {completed.returncode}); see {root / 'run.log'}")
     reporting = root / "data/08_reporting"
-    metrics = json.loads((reporting / "perturbation_metrics.json").read_text())
+    metrics = json.loads((reporting / "perturbation_posterior_metrics.json").read_text())
     history = json.loads((reporting / "perturbation_finetuning_log.json").read_text())
     train_rows = [row for row in history if "train_runtime" in row]
     evals = [row["eval_loss"] for row in history if "eval_loss" in row]

@@ -133,8 +133,8 @@ def finetuning_figures(project: Path) -> dict[str, float]:
 
 
 def posterior_figures(project: Path) -> dict[str, float]:
-    """The posterior's cost per sample and what the scoring compared, from perturbation_metrics.json."""
-    path = project / "data" / "08_reporting" / "perturbation_metrics.json"
+    """The posterior's cost per sample and what the scoring compared, from perturbation_posterior_metrics.json."""
+    path = project / "data" / "08_reporting" / "perturbation_posterior_metrics.json"
     if not path.exists():
         return {}
     metrics = json.loads(path.read_text())

@@ -32,7 +32,7 @@ def test_each_score_and_its_ceiling_are_in_the_same_metrics_file(default_run_pro
         assert annotation[f"{method}_accuracy"] == pytest.approx((table["label"] == table["prediction"]).mean())
         assert annotation["n_scored_cells"] == len(table)
 
-    perturbation = _metrics(default_run_project, "perturbation")
+    perturbation = _metrics(default_run_project, "perturbation_posterior")
     assert -1.0 <= perturbation["observed_cells.pearson_delta_simulated_truth"] <= 1.0
     # cell-eval's ceiling where it is defined (agreement metrics whose two halves agree at all)
     ceilings = {key: value for key, value in perturbation.items() if key.startswith("cell_eval_ceiling.")}
@@ -55,11 +55,11 @@ def test_the_ceilings_are_in_the_mlflow_run(default_run_project: Path):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("c2s_kedro_test")
     run = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "all pipelines")
-    written = _metrics(default_run_project, "perturbation")
+    written = _metrics(default_run_project, "perturbation_posterior")
     ceilings = {key: value for key, value in written.items() if key.startswith("cell_eval_ceiling.")}
-    assert ceilings and all(run.data.metrics[f"perturbation/{key}"] == pytest.approx(value) for key, value in ceilings.items())
-    assert run.data.metrics["perturbation/model_T1_3.pearson_delta_normalized"] == pytest.approx(
+    assert ceilings and all(run.data.metrics[f"perturbation_posterior/{key}"] == pytest.approx(value) for key, value in ceilings.items())
+    assert run.data.metrics["perturbation_posterior/model_T1_3.pearson_delta_normalized"] == pytest.approx(
         written["model_T1.3.pearson_delta_normalized"])
     assert {"cell_generation/real_classifier_accuracy_on_reconstructed_real", "evaluation/sentence_baseline_accuracy",
-            "zero_shot_evaluation/sentence_baseline_macro_f1", "perturbation/model_T0_7.mse_normalized",
-            "perturbation/observed_cells.pearson_delta_simulated_truth"} <= set(run.data.metrics)
+            "zero_shot_evaluation/sentence_baseline_macro_f1", "perturbation_posterior/model_T0_7.mse_normalized",
+            "perturbation_posterior/observed_cells.pearson_delta_simulated_truth"} <= set(run.data.metrics)

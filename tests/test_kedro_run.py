@@ -181,7 +181,7 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     assert run.data.tags["c2s.pid"].isdigit()
     # <pipeline>/<metric>: one chart section per pipeline in the UI; nothing MLflow refuses, no dot inside a temperature
     assert all(re.fullmatch(r"[A-Za-z0-9_\-]+/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", name) for name in run.data.metrics)
-    assert "perturbation/model_T1_3.pearson_delta" in run.data.metrics
+    assert "perturbation_posterior/model_T1_3.pearson_delta" in run.data.metrics
     assert run.info.artifact_uri.startswith(str(project / "mlruns"))
     assert run.data.params["data_processing.qc.min_genes_per_cell"] == "50"
     written = json.loads((project / "data" / "08_reporting" / "benchmarking_metrics.json").read_text())
@@ -203,7 +203,7 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/pretraining/loss_curves.png", "plots/finetuning/loss_curves.png"} <= artifacts
     assert "plots/expression_umap/cell_type.png" in artifacts
     assert {"plots/perturbation/posterior_pca.png", "plots/perturbation/loss_curves.png", "tables/perturbation_summary.csv"} <= artifacts
-    assert "perturbation/linear_additive.pearson_delta" in run.data.metrics
+    assert "perturbation_posterior/linear_additive.pearson_delta" in run.data.metrics
     assert client.get_metric_history(run.info.run_id, "perturbation_finetuning/loss")
     # the screen's namespaced processing logs under its own prefix and parameters
     assert "perturbation_data_processing/cells_after" in run.data.metrics

@@ -100,7 +100,7 @@ def test_model_and_baselines_are_scored_on_the_same_heldout_perturbations(output
     catalog, params = outputs
     scores = catalog.load("perturbation_scores")
     summary = catalog.load("perturbation_summary")
-    metrics = catalog.load("perturbation_metrics")
+    metrics = catalog.load("perturbation_posterior_metrics")
     methods = {f"model_T{t:g}" for t in params["posterior"]["temperatures"]} | {
         "control_mean", "train_perturbed_mean", "linear_additive", "knockdown_only", "coexpression_neighbours"}
     assert set(summary["method"]) == methods
@@ -247,7 +247,7 @@ def test_prompts_name_both_targets_and_the_offline_tokenizer_reads_an_unknown_ta
 
 def test_baselines_and_knockdown_diagnostics_say_what_they_did_with_combinations_and_unknown_targets(labelled_outputs):
     catalog = labelled_outputs
-    metrics = catalog.load("perturbation_metrics")
+    metrics = catalog.load("perturbation_posterior_metrics")
     assert metrics["targets.n_combination_perturbations"] == 2 and metrics["targets.n_perturbations_target_not_a_gene"] == 1
     assert metrics["linear_additive.n_perturbations_sum_of_trained_singles"] == 2  # both singles of each were trained
     assert metrics["linear_additive.n_perturbations_mean_change_target_not_a_gene"] == 1

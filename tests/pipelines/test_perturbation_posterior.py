@@ -119,7 +119,7 @@ def test_the_pipeline_reads_the_screen_s_namespaced_datasets():
     assert pipeline.all_outputs() == {
         "posterior_samples", "posterior_samples_expression", "posterior_statistics", "posterior_pca_plot",
         "posterior_umap_plot", "perturbation_sensitivity", "perturbation_sensitivity_metrics", "perturbation_scores",
-        "perturbation_summary", "perturbation_knockdown", "perturbation_metrics", "perturbation_knockdown_plot",
+        "perturbation_summary", "perturbation_knockdown", "perturbation_posterior_metrics", "perturbation_knockdown_plot",
     }
 
 
@@ -152,7 +152,7 @@ def test_the_model_and_the_baselines_are_scored_on_both_test_sets(outputs):
     catalog, params = outputs
     scores = catalog.load("perturbation_scores")
     summary = catalog.load("perturbation_summary")
-    metrics = catalog.load("perturbation_metrics")
+    metrics = catalog.load("perturbation_posterior_metrics")
     methods = {"model_T0.7", "model_T1.3", "control_mean", "train_perturbed_mean", "linear_additive", "knockdown_only",
                "coexpression_neighbours"}
     assert set(summary["method"]) == methods and set(summary["evaluation"]) == {"heldout", "seen"}

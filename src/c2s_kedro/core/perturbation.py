@@ -183,7 +183,7 @@ def log_screen_targets(report: dict[str, Any], genes: str, level: int = logging.
         logger.log(level,
             "perturbation targets not among %s (%d): %s. Their %d cells stay in training and evaluation: prompts "
             "name the target, the baselines and knockdown diagnostics that need the target's gene say what they do "
-            "instead (perturbation_metrics)", genes, len(missing), _listed(missing),
+            "instead (perturbation_posterior_metrics)", genes, len(missing), _listed(missing),
             report["n_cells_target_not_among_genes"],
         )
     if report["combinations"]:

@@ -27,7 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(nodes.evaluate_perturbation_predictions,
                  ["posterior_samples_expression", "perturbation.cell_sentences", "perturbation_split",
                   "perturbation.rank_fit", "perturbation_truth", "perturbation_sensitivity_metrics", "params:perturbation"],
-                 ["perturbation_scores", "perturbation_summary", "perturbation_knockdown", "perturbation_metrics"],
+                 ["perturbation_scores", "perturbation_summary", "perturbation_knockdown", "perturbation_posterior_metrics"],
                  name="evaluate_perturbation_predictions"),
             node(nodes.plot_target_presence, ["perturbation_knockdown", "params:perturbation"], "perturbation_knockdown_plot",
                  name="plot_target_presence"),
