@@ -86,3 +86,33 @@ def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
     assert sum(evaluated_samples) == prompts.num_rows
     halves = (losses["eval_cell_type_prediction_loss"] + losses["eval_cell_type_generation_loss"]) / 2
     assert losses["eval_loss"] == pytest.approx(halves, rel=1e-6)
+
+
+def test_a_mixed_task_training_set_logs_each_tasks_training_loss_and_the_plot_draws_it(tmp_path):
+    from datasets import DatasetDict, concatenate_datasets
+
+    from c2s_kedro.core.plotting import loss_curve_plot
+    from c2s_kedro.core.training import TrainingSettings, finetune, loss_history
+
+    tokenizer, _ = _data()
+    cells = tiny_cell_sentences(GENES, n_cells=8)
+    prompts = concatenate_datasets([
+        C2SPromptFormatter(task=task, tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
+        for task in ("cell_type_prediction", "cell_type_generation")])
+    settings = TrainingSettings(
+        training_arguments={"max_steps": 4, "per_device_train_batch_size": 16, "learning_rate": 0.0, "logging_steps": 2,
+                            "save_strategy": "no", "use_cpu": True},
+        checkpoint_dir=str(tmp_path / "checkpoints"), loss_on_response_only=True, loss_average="sample", mlflow_prefix="test")
+    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    _, history = finetune(model, DatasetDict(train=prompts), settings)
+    logged = [entry for entry in history if "loss" in entry]
+    assert len(logged) == 2 and all({"loss_cell_type_prediction", "loss_cell_type_generation"} <= set(e) for e in logged)
+    # learning rate 0: every step sees the same weights, so each batch (all 16 samples) has the same loss, and the
+    # overall per-sample mean is the mean of the two tasks' means (8 samples each)
+    for entry in logged:
+        assert entry["loss"] == pytest.approx((entry["loss_cell_type_prediction"] + entry["loss_cell_type_generation"]) / 2,
+                                              rel=1e-3)
+    curves = loss_history(history)
+    assert curves["train_step_cell_type_prediction"] == curves["train_step"] == [2.0, 4.0]
+    labels = [line.get_label() for line in loss_curve_plot(history, "t").axes[0].lines]
+    assert labels == ["train loss (all tasks)", "train loss: cell_type_generation", "train loss: cell_type_prediction"]

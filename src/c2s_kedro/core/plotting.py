@@ -128,12 +128,17 @@ def reconstruction_plot(original: np.ndarray, reconstructed: np.ndarray, pearson
 
 
 def loss_curve_plot(log_history: list[dict], title: str) -> plt.Figure:
-    """Train and eval loss per step from a Hugging Face Trainer log history."""
+    """Train and eval loss per step from a Hugging Face Trainer log history, with each task's
+    training loss where the training set mixed tasks."""
     from c2s_kedro.core.training import loss_history
 
     history = loss_history(log_history)
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    ax.plot(history["train_step"], history["train_loss"], label="train loss", lw=1.5)
+    tasks = sorted(key.removeprefix("train_loss_") for key in history if key.startswith("train_loss_"))
+    ax.plot(history["train_step"], history["train_loss"], label="train loss (all tasks)" if tasks else "train loss",
+            lw=1.5, alpha=0.35 if tasks else 1.0)
+    for task in tasks:  # mixed tasks: the overall loss alternates between them, each task's curve is smooth
+        ax.plot(history[f"train_step_{task}"], history[f"train_loss_{task}"], lw=1.2, label=f"train loss: {task}")
     if history["eval_loss"]:
         ax.plot(history["eval_step"], history["eval_loss"], "o-", label="eval loss", lw=1.5)
     ax.set_xlabel("step")

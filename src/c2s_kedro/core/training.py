@@ -58,6 +58,9 @@ class TrainingSettings:
     keep_checkpoints: bool = False
 
 
+TASK_INDEX = "task_index"  # a training set's column: the sample's task, for each task's loss curve
+
+
 def tokenize_pairs(batch: dict[str, list], tokenizer, loss_on_response_only: bool = True) -> dict[str, list]:
     """Token ids of ``model_input + " " + response + EOS`` with labels for the causal-LM loss.
 
@@ -83,7 +86,7 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_respo
         tokenize_pairs,
         batched=True,
         fn_kwargs={"tokenizer": tokenizer, "loss_on_response_only": loss_on_response_only},
-        remove_columns=dataset.column_names,
+        remove_columns=[column for column in dataset.column_names if column != TASK_INDEX],
         load_from_cache_file=False,
         keep_in_memory=True,
         desc="tokenizing",
@@ -146,6 +149,35 @@ class C2STrainer(Trainer):
     """
 
     task_eval_datasets: dict[str, Dataset] = {}
+    task_names: list[str] = []  # the tasks behind a training set's TASK_INDEX column
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Each task's training loss, as its own curve: batches grouped by length hold one task each,
+        # so the overall loss alternates between a cell-type answer's and a sentence's and reads as
+        # broken training. Measured on the samples this process trains on, at no extra forward pass.
+        tasks = inputs.pop(TASK_INDEX, None)
+        if tasks is None or not model.training or not self.task_names:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        with torch.no_grad():
+            per_sample, _ = _per_sample_losses(outputs.logits.detach(), labels)
+        sums = getattr(self, "_task_losses", None)
+        if sums is None:
+            sums = self._task_losses = {}
+        for task, value in zip(tasks.tolist(), per_sample.tolist()):
+            if value == value:  # NaN: a sample without a labelled token
+                total, count = sums.get(task, (0.0, 0))
+                sums[task] = (total + value, count + 1)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        sums = getattr(self, "_task_losses", None)
+        if "loss" in logs and sums:
+            for task, (total, count) in sorted(sums.items()):
+                logs[f"loss_{self.task_names[task]}"] = round(total / count, 4)
+            sums.clear()
+        super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if eval_dataset is not None or metric_key_prefix != "eval" or len(self.task_eval_datasets) < 2:
@@ -256,15 +288,21 @@ def sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     softmax: with the loss on a few answer tokens after a 700-token prompt, float32 copies of every
     position's logits (8 x 700 x 50k for Pythia-410m) took GBs for positions that count for nothing.
     """
+    per_sample, picked = _per_sample_losses(logits, labels)
+    per_sample = per_sample[~per_sample.isnan()]
+    return per_sample.mean() if per_sample.numel() else picked.sum() * 0.0
+
+
+def _per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's cross-entropy averaged over its labelled tokens (NaN for a sample without
+    one), and the labelled positions' logits (float32)."""
     shifted_labels = labels[:, 1:].to(logits.device)
     rows, positions = (shifted_labels != IGNORE_INDEX).nonzero(as_tuple=True)
     picked = logits[:, :-1][rows, positions].float()
     per_token = torch.nn.functional.cross_entropy(picked, shifted_labels[rows, positions], reduction="none")
     tokens = torch.bincount(rows, minlength=labels.shape[0])
     sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=logits.device).index_add(0, rows, per_token)
-    has_tokens = tokens > 0
-    per_sample = sums[has_tokens] / tokens[has_tokens]
-    return per_sample.mean() if per_sample.numel() else picked.sum() * 0.0
+    return sums / tokens, picked
 
 
 def train_causal_lm(
@@ -278,9 +316,12 @@ def train_causal_lm(
     callbacks: list[TrainerCallback] | None = None,
     loss_average: str = "token",
     task_eval_datasets: dict[str, Dataset] | None = None,
+    task_names: list[str] | None = None,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
-    ``task_eval_datasets`` (task -> its part of the eval set) are evaluated on their own as well.
+    ``task_eval_datasets`` (task -> its part of the eval set) are evaluated on their own as well;
+    a ``TASK_INDEX`` column of ``train_dataset`` (positions in ``task_names``) logs each task's
+    training loss as ``loss_<task>`` beside ``loss``.
 
     Datasets hold ``input_ids``, ``attention_mask`` and ``labels``. ``loss_average="sample"``
     weighs every sample the same (``sample_mean_loss``) instead of every token; with gradient
@@ -317,6 +358,9 @@ def train_causal_lm(
         compute_loss_func=compute_loss,
     )
     trainer.task_eval_datasets = dict(task_eval_datasets or {})
+    if task_names and TASK_INDEX in train_dataset.column_names:
+        trainer.task_names = list(task_names)
+        arguments.remove_unused_columns = False  # the datasets hold only the model's inputs and the task index
     checkpoint = get_last_checkpoint(arguments.output_dir) if resume and Path(arguments.output_dir).is_dir() else None
     if checkpoint:
         previous_run = note_resumed_run(arguments.output_dir)
@@ -366,7 +410,12 @@ def finetune(
     """
     arguments = training_arguments(settings.training_arguments, settings.checkpoint_dir)
     tokenizer, context = language_model.tokenizer, language_model.context_length
-    train = tokenize_dataset(prompts["train"], tokenizer, context, settings.loss_on_response_only)
+    train_prompts, train_tasks = prompts["train"], None
+    if "sample_type" in train_prompts.column_names and len(set(train_prompts["sample_type"])) > 1:
+        train_tasks = sorted(set(train_prompts["sample_type"]))
+        positions = {task: i for i, task in enumerate(train_tasks)}
+        train_prompts = train_prompts.add_column(TASK_INDEX, [positions[t] for t in train_prompts["sample_type"]])
+    train = tokenize_dataset(train_prompts, tokenizer, context, settings.loss_on_response_only)
     val = None
     if "val" in prompts and prompts["val"].num_rows:
         val = tokenize_dataset(prompts["val"], tokenizer, context, settings.loss_on_response_only)
@@ -380,7 +429,7 @@ def finetune(
     trained, log_history = train_causal_lm(
         trainable, train, val if val is not None and val.num_rows else None, arguments, settings.mlflow_prefix,
         resume=settings.resume, keep_checkpoints=settings.keep_checkpoints, callbacks=callbacks,
-        loss_average=settings.loss_average, task_eval_datasets=per_task,
+        loss_average=settings.loss_average, task_eval_datasets=per_task, task_names=train_tasks,
     )
     if settings.lora:
         trained = LanguageModel(trained.model.merge_and_unload(), tokenizer, language_model.source)
@@ -552,12 +601,17 @@ def pretraining_corpus(
 
 
 def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Train and eval loss per step from a Trainer log history."""
+    """Train and eval loss per step from a Trainer log history, and each task's training loss
+    (``train_step_<task>``, ``train_loss_<task>``) where the training set mixed tasks."""
     history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "eval_step": [], "eval_loss": []}
     for entry in log_history:
         if "loss" in entry:
             history["train_step"].append(float(entry["step"]))
             history["train_loss"].append(float(entry["loss"]))
+        for key, value in entry.items():  # each task's training loss (C2STrainer), when tasks are mixed
+            if key.startswith("loss_"):
+                history.setdefault(f"train_step_{key[5:]}", []).append(float(entry["step"]))
+                history.setdefault(f"train_loss_{key[5:]}", []).append(float(value))
         if "eval_loss" in entry:
             history["eval_step"].append(float(entry["step"]))
             history["eval_loss"].append(float(entry["eval_loss"]))
