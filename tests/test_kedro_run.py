@@ -200,8 +200,9 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
             yield from walk(item.path) if item.is_dir else [item.path]
 
     artifacts = set(walk())
-    assert {"plots/expression_vs_log_rank.png", "plots/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/pretraining/loss_curves.png", "plots/finetuning/loss_curves.png"} <= artifacts
+    assert {"plots/benchmarking/expression_vs_log_rank.png", "plots/benchmarking/umap_original_vs_reconstructed.png", "data/vocabulary.json", "plots/pretraining/loss_curves.png", "plots/finetuning/loss_curves.png"} <= artifacts
     assert "plots/expression_umap/cell_type.png" in artifacts
+    assert not [path for path in artifacts if path.startswith("plots/") and path.count("/") == 1]  # each in its pipeline's folder
     assert {"plots/perturbation/posterior_pca.png", "plots/perturbation/loss_curves.png", "tables/perturbation_summary.csv"} <= artifacts
     assert "perturbation_posterior/linear_additive.pearson_delta" in run.data.metrics
     assert client.get_metric_history(run.info.run_id, "perturbation_finetuning/loss")
