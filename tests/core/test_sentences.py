@@ -264,6 +264,17 @@ def test_labels_spelled_several_ways_are_one_label_in_the_sentences(caplog):
             "'b cell' -> 'B cell'; 'cd14+ monocyte' -> 'CD14+ Monocyte'; 4 cells relabelled") in caplog.text
 
 
+def test_a_tab_a_non_breaking_space_or_another_unicode_form_inside_a_label_is_the_same_label():
+    # "Müller glia" typed precomposed and as u + combining diaeresis print the same; a tab inside a
+    # label was one unknown token to the gene-level tokenizer, so two such labels could never be told apart
+    cell_type = ["M\u00fcller glia"] * 3 + ["Mu\u0308ller glia"] * 2 + ["CD19+\tB"] * 2 + ["CD8+\u00a0Cytotoxic  T"] * 2
+    obs = pd.DataFrame({"cell_type": cell_type}, index=[f"c{i}" for i in range(9)])
+    adata = _adata(sp.csr_matrix(np.ones((9, 2), dtype=np.float32)), obs=obs)
+    result = cell_sentences_from_adata(adata, label_columns=["cell_type"])
+    assert _column(result.sentences, "cell_type") == ["M\u00fcller glia"] * 5 + ["CD19+ B"] * 2 + ["CD8+ Cytotoxic T"] * 2
+    assert result.label_spellings["n_cells_label_stripped[cell_type]"] == 6.0
+
+
 def test_unassigned_is_no_label(caplog):
     # Azimuth and data portals write "Unassigned" for cells they could not label: the annotation's own answer
     obs = pd.DataFrame({"cell_type": pd.Categorical(["T", "Unassigned", "unassigned", "B"])}, index=list("abcd"))

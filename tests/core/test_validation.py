@@ -123,6 +123,15 @@ def test_explicit_symbol_column_is_used():
 def test_genes_without_symbol_keep_their_id():
     adata = use_gene_symbols(_ensembl_adata({"gene_name": ["TP53", "", np.nan, "BRAF"]}))
     assert list(adata.var_names) == ["TP53", ENSEMBL_IDS[1], ENSEMBL_IDS[2], "BRAF"]
+    blank = use_gene_symbols(_ensembl_adata({"gene_name": ["TP53", "  ", " ", " BRAF "]}))  # blank is no symbol
+    assert list(blank.var_names) == ["TP53", ENSEMBL_IDS[1], ENSEMBL_IDS[2], "BRAF"]
+
+
+def test_a_symbol_column_without_one_symbol_warns_like_a_missing_one(caplog):
+    with caplog.at_level(logging.WARNING):
+        adata = use_gene_symbols(_ensembl_adata({"gene_symbols": [np.nan, "", " ", np.nan]}))
+    assert list(adata.var_names) == ENSEMBL_IDS
+    assert ".var['gene_symbols'] holds no gene symbol" in caplog.text and "gene_symbol_column" in caplog.text
 
 
 def test_warns_when_ids_have_no_symbol_column(caplog):

@@ -88,6 +88,16 @@ def test_missing_label_column_names_the_setting(tokenizer, cells):
         format_finetuning_prompts(cells, split, model, {**_params(), "label_colum": "cell_type"})
 
 
+def test_training_cells_of_one_label_are_refused_for_cell_type_prediction_before_any_training(tokenizer, cells):
+    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    one_label = [name for name, label in zip(cells["cell_name"], cells["cell_type"]) if label == cells["cell_type"][0]]
+    split = {"train": one_label[:3], "val": one_label[3:4], "test": one_label[4:5]}
+    with pytest.raises(ValueError, match=r"only the label .* needs at least two labels.*finetuning.label_column.*finetuning.tasks"):
+        format_finetuning_prompts(cells, split, model, _params(tasks=["cell_type_prediction"], label_column="cell_type"))
+    generation_only = format_finetuning_prompts(cells, split, model, _params(tasks=["cell_type_generation"], label_column="cell_type"))
+    assert generation_only["train"].num_rows == 3
+
+
 def test_prompts_follow_the_split(tokenizer, cells):
     model = build_gpt_neox(tokenizer, ARCHITECTURE)
     params = _params(tasks=["cell_type_prediction", "cell_type_generation"], label_column="cell_type", max_eval_samples=3)

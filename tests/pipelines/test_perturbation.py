@@ -340,3 +340,16 @@ def test_cells_without_a_batch_are_counted_and_paired_with_controls_of_any_batch
     controls = set(split["control_train"]) | set(split["control_val"]) | set(split["control_test"])
     assert len(theirs) and set(theirs["control_cell"]) <= controls
     assert set(theirs["control_cell"]) - unbatched  # real controls with a batch, not only the other cells without one
+
+
+def test_a_target_whose_gene_qc_removed_is_a_warning_naming_the_qc_setting(outputs, caplog):
+    from c2s_kedro.pipelines.perturbation_data.nodes import split_perturbation_screen
+
+    catalog, params = outputs
+    processed = catalog.load("perturbation.processed_adata")
+    target = sorted(set(processed.obs[params["perturbation_column"]]) - {params["control_label"]})[0]
+    without = processed[:, processed.var_names.str.upper() != target.upper()].copy()  # as min_cells_per_gene drops it
+    with caplog.at_level(logging.WARNING):
+        split = split_perturbation_screen(without, params)
+    assert split["targets"]["targets_not_among_genes"] == {target.upper(): int((processed.obs[params["perturbation_column"]] == target).sum())}
+    assert f"perturbation targets not among the screen's genes after QC (perturbation.data_processing.qc.min_cells_per_gene" in caplog.text

@@ -94,6 +94,18 @@ def training_labels(cell_sentences: Dataset, train_cells: Sequence[str], label_c
     return sorted({str(v) for v, present in zip(values, has_label(values)) if present})
 
 
+def require_labels_to_tell_apart(labels: Sequence[str], label_column: str) -> None:
+    """Refuse a cell-type prediction task whose training cells carry fewer than two labels: nothing
+    to tell apart (and the evaluation's classifiers refuse one class after the whole fine-tuning)."""
+    if len(labels) < 2:
+        found = f"only the label {labels[0]!r}" if labels else "no label"
+        raise ValueError(
+            f"the training cells carry {found} in '{label_column}': cell-type prediction needs at least two labels to "
+            "tell apart. Choose another label column (finetuning.label_column), or train for cell_type_generation only "
+            "(finetuning.tasks)."
+        )
+
+
 def training_genes(cell_sentences: Dataset, train_cells: Sequence[str], top_k_genes: int | None = None) -> list[str]:
     """Every gene among the first ``top_k_genes`` of a train cell's sentence (all genes when None),
     sorted: the genes the model's training prompts held."""

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -273,7 +274,14 @@ def label_key(label: Any) -> str:
     whitespace removed, letter case folded ("CD14+ Monocyte ", "cd14+ monocyte" and "CD14+ Monocyte"
     are one label). The one comparison of labels: conversion merges spellings with it, the annotation
     scores with it, as generation's ``inference.match_answer`` reads answers."""
-    return _WHITESPACE_RUN.sub(" ", str(label)).strip().casefold()
+    return tidy_label(label).casefold()
+
+
+def tidy_label(label: Any) -> str:
+    """A label as conversion keeps it: one Unicode form (NFC: a "ü" typed as "u" plus a combining mark
+    is the same "ü"), every whitespace run (tab, non-breaking space) one space, none around it. A tab
+    inside a label was one unknown token to a gene-level tokenizer, so two such labels were one."""
+    return _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", str(label))).strip()
 
 
 @dataclass(frozen=True)
@@ -281,7 +289,7 @@ class UnifiedLabels:
     """One label column with one spelling per label (``unify_label_spellings``)."""
 
     labels: pd.Categorical  # each cell's label, NaN where it has none (``has_label``)
-    n_cells_stripped: int  # cells whose label had surrounding whitespace (removed)
+    n_cells_stripped: int  # cells whose label was tidied (``tidy_label``: surrounding whitespace, tabs, Unicode form)
     n_cells_relabelled: int  # cells given the spelling of their label that most cells have
     merged: dict[str, list[str]]  # each label spelled several ways: its other spellings
 
@@ -298,7 +306,7 @@ def unify_label_spellings(values: pd.Series | Sequence[Any]) -> UnifiedLabels:
     present = has_label(uniques) if uniques.size else np.zeros(0, dtype=bool)
     cells = np.bincount(codes[codes >= 0], minlength=uniques.size)
     texts = [str(value) for value in uniques]
-    stripped = [text.strip() for text in texts]
+    stripped = [tidy_label(text) for text in texts]
     spellings: dict[str, dict[str, int]] = {}  # label_key -> spelling -> cells
     for text, is_label, n in zip(stripped, present, cells):
         if is_label:
@@ -327,7 +335,8 @@ def unify_label_columns(adata: ad.AnnData, label_columns: Sequence[str]) -> tupl
         counts[f"n_cells_label_stripped[{column}]"] = float(unified.n_cells_stripped)
         counts[f"n_cells_relabelled[{column}]"] = float(unified.n_cells_relabelled)
         if unified.n_cells_stripped:
-            logger.warning("%d cells' '%s' labels had surrounding whitespace: removed", unified.n_cells_stripped, column)
+            logger.warning("%d cells' '%s' labels had surrounding whitespace: removed (and tabs or repeated spaces made one "
+                           "space, one Unicode form)", unified.n_cells_stripped, column)
         if unified.merged:
             logger.warning(
                 "'%s' labels equal apart from letter case or whitespace made one (the spelling most cells have): %s; "

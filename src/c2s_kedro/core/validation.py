@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import logging
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -161,7 +162,7 @@ def sentence_safe_gene_name(name: str) -> str:
     """A gene name as one word of a cell sentence: each run of whitespace becomes ``_``
     (``"HES4 variant"`` -> ``"HES4_variant"``); sentences are split on whitespace, so a name with a
     space would read as two genes. The one mapping used for var names and perturbation targets."""
-    return _WHITESPACE.sub("_", str(name).strip())
+    return _WHITESPACE.sub("_", unicodedata.normalize("NFC", str(name)).strip())
 
 
 def looks_like_ensembl(names: Sequence[str], share: float = 0.5) -> bool:
@@ -198,8 +199,11 @@ def use_gene_symbols(adata: ad.AnnData, symbol_column: str | None = None) -> ad.
                 ", ".join(SYMBOL_COLUMNS),
             )
             return adata
-    symbols = adata.var[symbol_column].astype(str)
-    missing = symbols.isin(["", "nan", "None"]).to_numpy()
+    symbols = adata.var[symbol_column].astype(str).str.strip()
+    missing = symbols.isin(["", "nan", "None"]).to_numpy()  # a blank symbol is none: the gene keeps its ID
+    if missing.all():
+        logger.warning(".var['%s'] holds no gene symbol (every value is empty): cell sentences will be made of IDs. "
+                       "Name the .var column holding symbols (gene_symbol_column of data_processing).", symbol_column)
     adata = adata.copy() if adata.is_view else adata
     if "gene_id" not in adata.var.columns:
         adata.var["gene_id"] = adata.var_names.astype(str)

@@ -35,6 +35,9 @@ def format_finetuning_prompts(
             f"{', '.join(cell_sentences.column_names)}. Add it to sentence_conversion.label_columns or change "
             f"finetuning.label_column {ENVIRONMENT_HINT} (defaults: {defaults_file('finetuning')})."
         )
+    if "cell_type_prediction" in settings.tasks:
+        core.annotation.require_labels_to_tell_apart(
+            core.annotation.training_labels(cell_sentences, data_split["train"], label), label)
     with setting_hint("finetuning.prompt_templates"):
         templates = core.prompts.read_template_files(settings.prompt_templates)
     with setting_hint("finetuning.formatter" if settings.formatter else "finetuning.tasks"):

@@ -70,7 +70,11 @@ def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any
         )
     report = core.perturbation.screen_targets(processed_adata.obs[columns.perturbation], processed_adata.var_names, columns)
     if report["targets_not_among_genes"]:
-        core.perturbation.log_screen_targets({**report, "combinations": {}}, "the processed screen's genes", logging.INFO)
+        # a target among the screen's genes can still be gone after QC (detected in too few cells)
+        core.perturbation.log_screen_targets(
+            {**report, "combinations": {}},
+            f"the screen's genes after QC ({SECTION}.data_processing.qc.min_cells_per_gene removes genes detected in "
+            "fewer cells)")
     checks = dict(processed_adata.uns.get(core.perturbation.SCREEN_CHECKS, {}))
     checks = {key: value if isinstance(value, str) else int(value) for key, value in checks.items()}  # h5ad: numpy
     checks["n_cells_without_batch"] = core.perturbation.cells_without_batch(processed_adata.obs, columns)
