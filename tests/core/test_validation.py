@@ -397,3 +397,13 @@ def test_counts_of_more_genes_in_raw_are_pointed_out_and_genes_raw_lacks_are_cou
     n_dropped = counts_adata.n_vars - counts_adata[:, ::2].n_vars
     assert report.counts_source == "raw" and report.genes_not_in_raw == n_dropped
     assert f"{n_dropped} of .X's {counts_adata.n_vars} genes are not in .raw and are dropped" in caplog.text
+
+
+def test_float16_counts_above_2048_are_pointed_out(counts_adata, caplog):
+    adata = counts_adata.copy()
+    dense = adata.X.toarray().astype(np.float16)
+    dense[0, 0] = 4001  # stored as 4000
+    adata.X = dense
+    with caplog.at_level(logging.WARNING):
+        validate_input(adata)
+    assert "stored as float16, which rounds integers above 2048: 1 values are above it" in caplog.text

@@ -428,6 +428,21 @@ def _with_counts_from(adata: ad.AnnData, source: str) -> tuple[ad.AnnData, int]:
     return result, int(np.count_nonzero(~raw.var_names.isin(adata.var_names)))
 
 
+FLOAT16_EXACT_INTEGERS = 2048  # float16 holds every integer only up to 2**11
+
+
+def _warn_half_precision(matrix) -> None:
+    """A float16 matrix holds counts above 2048 rounded (2049 is stored as 2048): say how many values
+    are that large, since the integer check cannot see it."""
+    values = _stored_values(matrix)
+    if values.dtype != np.float16:
+        return
+    n_large = int(np.count_nonzero(values > FLOAT16_EXACT_INTEGERS))
+    if n_large:
+        logger.warning("the counts are stored as float16, which rounds integers above %d: %d values are above it and may "
+                       "have lost precision; save the file with float32 or integer counts", FLOAT16_EXACT_INTEGERS, n_large)
+
+
 def keep_gene_expression(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
     """Only the ``Gene Expression`` features when ``.var['feature_types']`` (or ``feature_type``)
     marks others in 10x's vocabulary (antibody capture of CITE-seq, peaks of multiome, CRISPR
@@ -564,6 +579,7 @@ def validate_input(
         adata, n_only_in_raw = _with_counts_from(adata, source)
         if source == "raw":
             logger.warning("the genes are .raw's: %d, %d of them not among .X's %d", adata.n_vars, n_only_in_raw, n_genes_x)
+    _warn_half_precision(adata.X)
     adata, n_not_genes = keep_gene_expression(adata)
     adata, n_whitespace, n_repeated_genes, n_case_only = tidy_gene_names(adata, gene_symbol_column)
     adata, n_repeated_cells = make_cell_names_unique(adata)
