@@ -92,6 +92,9 @@ def test_the_annotation_leaves_its_outputs_and_the_run_a_loadable_annotator(proj
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(_model_uri(project))
     _assert_same(model.predict(_counts_table(project)), predictions)
+    # the logged model lists no metric of the run's other pipelines as its own
+    logged = mlflow.MlflowClient().get_logged_model(model.metadata.model_id)
+    assert not [m.key for m in logged.metrics or [] if not m.key.startswith("finetuning/")]
 
 
 def test_mlflow_models_predict_gives_the_pipelines_numbers(project: Path, tmp_path: Path):

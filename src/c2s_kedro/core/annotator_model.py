@@ -73,10 +73,15 @@ def log_annotator(language_model: LanguageModel, options: dict[str, Any], name: 
         save_model(language_model, directory)
         settings = Path(scratch) / "settings.json"
         settings.write_text(json.dumps(options, indent=2))
+        active_before = mlflow.get_active_model_id()
         mlflow.pyfunc.log_model(
             name=name, python_model=C2SAnnotator(), artifacts={"model": str(directory), "settings": str(settings)},
             pip_requirements=_requirements(),
         )
+        if active_before is None:
+            # MLflow makes the model it just logged the active one, so every metric the run logs afterwards
+            # (hundreds, of every pipeline) would be listed as the annotator's own
+            mlflow.clear_active_model()
     uri = f"runs:/{run.info.run_id}/{name}"
     logger.info("annotator logged as the MLflow model %s", uri)
     return uri
