@@ -146,7 +146,7 @@ def test_default_run_leaves_every_output(project: Path):
     assert ad.read_h5ad(data / "07_model_output" / "posterior_statistics.h5ad").layers["variance"].shape[1] > 0
     for pipeline in ("data_processing", "sentence_conversion", "benchmarking", "pretraining", "embedding", "finetuning", "evaluation",
                      "zero_shot_evaluation", "cell_generation", "perturbation_data_processing", "perturbation_sentence_conversion",
-                     "perturbation_data", "perturbation"):
+                     "perturbation_data", "perturbation_posterior"):
         metrics = json.loads((data / "08_reporting" / f"{pipeline}_metrics.json").read_text())
         assert metrics and all(v is None or isinstance(v, int | float) for v in metrics.values())
 

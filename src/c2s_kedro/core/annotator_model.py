@@ -58,10 +58,14 @@ def _requirements() -> list[str]:
     return pins
 
 
+ANNOTATOR_RUN_TAG = "c2s.annotator_run"  # on the pipeline's run: the child run that holds the annotator
+
+
 def log_annotator(language_model: LanguageModel, options: dict[str, Any], name: str = ARTIFACT_PATH) -> str | None:
     """Log ``language_model`` (saved as a model directory) and the annotation ``options``
-    (``annotate_counts`` keyword arguments) as a pyfunc model in the active MLflow run; returns
-    the ``runs:/`` URI it loads from, or None when no run is active (nothing is logged)."""
+    (``annotate_counts`` keyword arguments) as a pyfunc model in a child run (``c2s_annotator``) of
+    the active MLflow run, tagged on it as ``c2s.annotator_run``; returns the ``runs:/`` URI it loads
+    from, or None when no run is active (nothing is logged)."""
     annotator_record(language_model)  # refuse a model that cannot annotate before copying it
     run = mlflow.active_run()
     if run is None:
@@ -73,15 +77,14 @@ def log_annotator(language_model: LanguageModel, options: dict[str, Any], name: 
         save_model(language_model, directory)
         settings = Path(scratch) / "settings.json"
         settings.write_text(json.dumps(options, indent=2))
-        active_before = mlflow.get_active_model_id()
-        mlflow.pyfunc.log_model(
-            name=name, python_model=C2SAnnotator(), artifacts={"model": str(directory), "settings": str(settings)},
-            pip_requirements=_requirements(),
-        )
-        if active_before is None:
-            # MLflow makes the model it just logged the active one, so every metric the run logs afterwards
-            # (hundreds, of every pipeline) would be listed as the annotator's own
-            mlflow.clear_active_model()
-    uri = f"runs:/{run.info.run_id}/{name}"
+        # in a run of its own under the pipeline's run: MLflow lists a logged model's source run's metrics
+        # as the model's, and the pipeline's run holds hundreds of every pipeline's
+        with mlflow.start_run(nested=True, run_name=name, experiment_id=run.info.experiment_id) as own:
+            mlflow.pyfunc.log_model(
+                name=name, python_model=C2SAnnotator(), artifacts={"model": str(directory), "settings": str(settings)},
+                pip_requirements=_requirements(),
+            )
+    mlflow.set_tag(ANNOTATOR_RUN_TAG, own.info.run_id)
+    uri = f"runs:/{own.info.run_id}/{name}"
     logger.info("annotator logged as the MLflow model %s", uri)
     return uri
