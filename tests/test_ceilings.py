@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 def _metrics(project: Path, name: str) -> dict[str, float]:
     return json.loads((project / "data" / "08_reporting" / f"{name}_metrics.json").read_text())
