@@ -59,10 +59,11 @@ def test_a_resumed_training_starts_from_the_checkpoints_output_head(tmp_path):
     assert torch.all(resumed.model.lm_head.weight == 0.25)  # learning rate 0: the checkpoint's head, not the fresh one
 
 
-def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
-    from datasets import DatasetDict, concatenate_datasets
+def _mixed_task_run(tmp_path, **training_arguments):
+    """A model, prompts of two tasks for 8 cells, and the settings of a short fine-tuning of them."""
+    from datasets import concatenate_datasets
 
-    from c2s_kedro.core.training import TrainingSettings, finetune
+    from c2s_kedro.core.training import TrainingSettings
 
     tokenizer, _ = _data()
     cells = tiny_cell_sentences(GENES, n_cells=8)
@@ -70,10 +71,18 @@ def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
         C2SPromptFormatter(task=task, tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
         for task in ("cell_type_prediction", "cell_type_generation")])
     settings = TrainingSettings(
-        training_arguments={"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-                            "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "no", "use_cpu": True},
+        training_arguments={"save_strategy": "no", "use_cpu": True, **training_arguments},
         checkpoint_dir=str(tmp_path / "checkpoints"), loss_on_response_only=True, loss_average="sample", mlflow_prefix="test")
-    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    return build_gpt_neox(tokenizer, ARCHITECTURE), prompts, settings
+
+
+def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
+    from datasets import DatasetDict
+
+    from c2s_kedro.core.training import finetune
+
+    model, prompts, settings = _mixed_task_run(tmp_path, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                                               logging_steps=1, eval_strategy="steps", eval_steps=2)
     evaluated_samples = []
     model.model.register_forward_hook(lambda module, args, kwargs, output: None if module.training else
                                 evaluated_samples.append(len(kwargs["input_ids"])), with_kwargs=True)
@@ -89,21 +98,13 @@ def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
 
 
 def test_a_mixed_task_training_set_logs_each_tasks_training_loss_and_the_plot_draws_it(tmp_path):
-    from datasets import DatasetDict, concatenate_datasets
+    from datasets import DatasetDict
 
     from c2s_kedro.core.plotting import loss_curve_plot
-    from c2s_kedro.core.training import TrainingSettings, finetune, loss_history
+    from c2s_kedro.core.training import finetune, loss_history
 
-    tokenizer, _ = _data()
-    cells = tiny_cell_sentences(GENES, n_cells=8)
-    prompts = concatenate_datasets([
-        C2SPromptFormatter(task=task, tokenizer=tokenizer, max_tokens=96).format_dataset(cells)
-        for task in ("cell_type_prediction", "cell_type_generation")])
-    settings = TrainingSettings(
-        training_arguments={"max_steps": 4, "per_device_train_batch_size": 16, "learning_rate": 0.0, "logging_steps": 2,
-                            "save_strategy": "no", "use_cpu": True},
-        checkpoint_dir=str(tmp_path / "checkpoints"), loss_on_response_only=True, loss_average="sample", mlflow_prefix="test")
-    model = build_gpt_neox(tokenizer, ARCHITECTURE)
+    model, prompts, settings = _mixed_task_run(tmp_path, max_steps=4, per_device_train_batch_size=16, learning_rate=0.0,
+                                               logging_steps=2)
     _, history = finetune(model, DatasetDict(train=prompts), settings)
     logged = [entry for entry in history if "loss" in entry]
     assert len(logged) == 2 and all({"loss_cell_type_prediction", "loss_cell_type_generation"} <= set(e) for e in logged)
