@@ -1,4 +1,4 @@
-"""conf/gpu proven end to end on this CPU (issue 12 item 3), at C2S-Pythia-410m's exact shape.
+"""conf/gpu proven end to end on this CPU, at C2S-Pythia-410m's exact shape.
 
 Builds locally (nothing downloaded) a random GPT-NeoX of Pythia-410m's shape (24 layers, hidden
 1,024, 16 heads, intermediate 4,096, 2,048 positions, rotary on a quarter of each head as Pythia,

@@ -1,4 +1,4 @@
-"""Learning curves of the targets that stay out of reach (issue 15, item 4): score against training.
+"""Learning curves of the targets that stay out of reach: score against training.
 
 For annotation (``--task annotation``): the project's own ``kedro run --pipelines=finetuning`` in a
 project copy seeded from a finished default run (``--source``, as ``levers.py`` makes it), trained

@@ -1,4 +1,4 @@
-"""Training levers for the atlas's fine-tuned model, measured side by side (issue 15, item 2).
+"""Training levers for the atlas's fine-tuned model, measured side by side.
 
 Each lever is a set of ``--params`` overrides of the project's own ``kedro run
 --pipelines=finetuning,evaluation`` (fine-tuning of the foundation model on both tasks, then label
@@ -12,7 +12,7 @@ Generated cells are fewer than the default's 20 per type when ``--cells-per-type
 ``real_classifier_accuracy_on_generated_types`` is a proxy on that many cells per type (the same
 classifier and ceiling; a noisier estimate), named so in the output.
 
-Example (the figures in benchmarks/README.md, section "Levers (issue 15)"):
+Example (the figures in benchmarks/README.md, section "Levers"):
     .venv/bin/python benchmarks/levers.py --source /tmp/lead/full --work /tmp/h5/levers \\
         --levers default,epochs6 --seeds 0 --cells-per-type 5
 """

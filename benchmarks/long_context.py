@@ -1,4 +1,4 @@
-"""The notes' 8,192-token case (issue 12 item 2): 2,048-gene cell sentences on a GPT-NeoX with 8,192
+"""The notes' 8,192-token case: 2,048-gene cell sentences on a GPT-NeoX with 8,192
 positions and a byte-level BPE tokenizer that spends ~3.4 tokens per gene, as C2S-Scale's models do.
 
 Nothing is downloaded: the script builds a tiny random GPT-NeoX (8,192 positions) and trains a

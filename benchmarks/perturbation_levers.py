@@ -1,4 +1,4 @@
-"""Perturbation-response levers (issue 15, item 2), measured side by side.
+"""Perturbation-response levers, measured side by side.
 
 Each lever is a ``kedro run --pipelines=perturbation_finetuning,perturbation_posterior`` (the
 project's own nodes: pair fine-tuning of the perturbation base model, posterior sampling on the

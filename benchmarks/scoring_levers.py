@@ -1,4 +1,4 @@
-"""Label-scoring levers that need no training (issue 15, item 2): the decision rule, not the model.
+"""Label-scoring levers that need no training: the decision rule, not the model.
 
 On finished default runs (``--runs``, project copies after ``kedro run``), with each run's own
 fine-tuned model and test cells:
@@ -11,7 +11,7 @@ fine-tuned model and test cells:
 Prints one JSON line per run and setting (label-scoring accuracy and macro-F1 on the run's test
 cells) and writes them to ``--out``.
 
-Example (the figures in benchmarks/README.md, "Levers (issue 15)"):
+Example (the figures in benchmarks/README.md, "Levers"):
     .venv/bin/python benchmarks/scoring_levers.py --runs /tmp/s9/fresh,/tmp/s9/seeds/default_seed1 --templates 8
 """
 

@@ -1,4 +1,4 @@
-"""The whole `kedro run` as the user waits for it (issue 13, item 4), beside the reference package.
+"""The whole `kedro run` as the user waits for it, beside the reference package.
 
 Run by hand (not part of the tests); prints one JSON object on stdout:
 
