@@ -56,6 +56,31 @@ def test_cells_without_a_perturbation_label_are_left_out_and_counted_and_spellin
     assert screen_targets(written, ["A", "B", "C"], COLUMNS)["targets_not_among_genes"] == {}
 
 
+def test_numbered_control_guides_are_controls_never_perturbations():
+    labels = ["A", "non-targeting_1", "non-targeting_2", "NON-TARGETING-03", "non-targeting", "non-targeting_x", "B"]
+    screen = _screen(labels)
+    check_screen(screen, COLUMNS)
+    processed, _ = screen_for_processing(screen, COLUMNS, "truth")
+    written = processed.obs["gene"].astype(str).tolist()
+    assert written == ["A", "non-targeting", "non-targeting", "non-targeting", "non-targeting", "NON-TARGETING_X", "B"]
+    assert processed.uns[SCREEN_CHECKS]["n_controls_other_spelling"] == 3
+
+
+def test_a_perturbation_column_of_guide_ids_is_pointed_out(caplog):
+    from c2s_kedro.core.perturbation import log_screen_targets
+
+    labels = pd.Series(["A_g1", "A_g2", "B_g1", "B_g2", "C", "non-targeting"])
+    report = screen_targets(labels, ["A", "B", "C"], COLUMNS)
+    assert report["n_targets"] == 5 and len(report["targets_not_among_genes"]) == 4
+    with caplog.at_level(logging.WARNING):
+        log_screen_targets(report, "the screen's genes")
+    assert "most perturbation targets (4 of 5) are not among the screen's genes: the perturbation column may hold guide IDs" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        log_screen_targets(screen_targets(pd.Series(["A", "B", "NOTAGENE"]), ["A", "B", "C"], COLUMNS), "the screen's genes")
+    assert "most perturbation targets" not in caplog.text  # one unknown target of three: no such hint
+
+
 def test_a_screen_whose_controls_are_all_spelt_another_way_passes_the_checks():
     check_screen(_screen(["A", "Non-Targeting", "B"]), COLUMNS)
     with pytest.raises(KeyError, match="control label 'non-targeting'"):

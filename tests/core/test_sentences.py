@@ -260,7 +260,7 @@ def test_labels_spelled_several_ways_are_one_label_in_the_sentences(caplog):
     # 3 cells respelled from 'cd14+ monocyte', 1 from 'b cell' (a tie with 'B cell': sort order); 3 stripped
     assert result.label_spellings == {"n_cells_label_stripped[cell_type]": 3.0, "n_cells_relabelled[cell_type]": 4.0}
     assert "3 cells' 'cell_type' labels had surrounding whitespace: removed" in caplog.text
-    assert ("'cell_type' labels equal apart from letter case or whitespace made one (the spelling most cells have): "
+    assert ("'cell_type' labels equal apart from letter case, whitespace or a trailing period made one (the spelling most cells have): "
             "'b cell' -> 'B cell'; 'cd14+ monocyte' -> 'CD14+ Monocyte'; 4 cells relabelled") in caplog.text
 
 
@@ -275,6 +275,18 @@ def test_a_tab_a_non_breaking_space_or_another_unicode_form_inside_a_label_is_th
     assert result.label_spellings["n_cells_label_stripped[cell_type]"] == 6.0
 
 
+def test_a_label_ending_in_a_period_is_one_label_with_its_periodless_spelling_and_answers_name_it():
+    from c2s_kedro.core.inference import match_answer
+
+    obs = pd.DataFrame({"cell_type": ["Fibroblasts"] * 3 + ["Fibroblasts."] * 2 + ["Mono."] * 2},
+                       index=[f"c{i}" for i in range(7)])
+    result = cell_sentences_from_adata(_adata(sp.csr_matrix(np.ones((7, 2), dtype=np.float32)), obs=obs), label_columns=["cell_type"])
+    assert _column(result.sentences, "cell_type") == ["Fibroblasts"] * 5 + ["Mono."] * 2
+    # a model answers a label followed by the period that ends every answer
+    assert match_answer(" Mono..", ["Mono.", "T cell"]) == "Mono." and match_answer(" T cell.", ["Mono.", "T cell"]) == "T cell"
+    assert match_answer("Mono.", ["Mono.", "T cell"]) == "Mono."  # an answer that stopped before its period
+
+
 def test_unassigned_is_no_label(caplog):
     # Azimuth and data portals write "Unassigned" for cells they could not label: the annotation's own answer
     obs = pd.DataFrame({"cell_type": pd.Categorical(["T", "Unassigned", "unassigned", "B"])}, index=list("abcd"))
@@ -282,7 +294,7 @@ def test_unassigned_is_no_label(caplog):
     with caplog.at_level(logging.WARNING):
         result = cell_sentences_from_adata(adata, label_columns=["cell_type"])
     assert _column(result.sentences, "cell_type") == ["T", None, None, "B"]
-    assert "2 of 4 cells have no 'cell_type' label (missing, empty, 'nan' or 'Unassigned')" in caplog.text
+    assert "2 of 4 cells have no 'cell_type' label (missing, empty, or the text 'nan', 'None', 'NaT', '<NA>' or 'Unassigned')" in caplog.text
 
 
 def test_select_cells_by_unique_name_and_refuses_a_name_of_several_rows():

@@ -31,6 +31,7 @@ from transformers import (
 
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import load_templates, response_tokens
+from c2s_kedro.core.sentences import label_key
 
 logger = logging.getLogger(__name__)
 
@@ -818,16 +819,18 @@ def generate_labels(
 
 
 def normalize_answer(text: str) -> str:
-    """An answer in the form used to compare it with labels: surrounding whitespace and a
-    trailing period removed, inner whitespace collapsed to single spaces, case folded."""
-    text = re.sub(r"\s+", " ", text).strip()
+    """An answer in the form used to compare it with labels (``sentences.label_key``: one Unicode
+    form, whitespace runs one space, case folded) without the period that ends every answer."""
+    text = label_key(text)
     if text.endswith(ANSWER_END):
         text = text[: -len(ANSWER_END)].rstrip()
-    return text.casefold()
+    return text
 
 
 def match_answer(text: str, labels: Sequence[str]) -> str | None:
-    """The label a generated answer names (exact match after ``normalize_answer``), or None when
-    it is not one of ``labels``."""
-    wanted = normalize_answer(text)
-    return next((str(label) for label in labels if normalize_answer(str(label)) == wanted), None)
+    """The label a generated answer names, or None when it is not one of ``labels``: the answer
+    without its ending period is compared with each label as it is (``label_key``), so a label that
+    itself ends in a period ("Mono.", answered "Mono..") is named too; an answer that stopped before
+    its period is read as written."""
+    keys = {label_key(str(label)): str(label) for label in labels}
+    return keys.get(normalize_answer(text)) or keys.get(label_key(text))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,8 +82,11 @@ def gene_key(name: str) -> str:
 
 def is_control_label(name: str, columns: ScreenColumns) -> bool:
     """Whether a label is the control label, matched as targets are (``gene_key``: surrounding
-    whitespace and case ignored), so that ``Non-Targeting`` from one lane is ``non-targeting``."""
-    return gene_key(name) == gene_key(columns.control_label)
+    whitespace and case ignored), so that ``Non-Targeting`` from one lane is ``non-targeting``; a
+    numbered control guide (``non-targeting_1``, ``non-targeting-02``: screens with several control
+    guides) is a control too."""
+    key, control = gene_key(name), gene_key(columns.control_label)
+    return key == control or bool(re.fullmatch(re.escape(control) + r"[_\-.]?\d+", key))
 
 
 def perturbation_targets(name: str, columns: ScreenColumns) -> tuple[str, ...]:
@@ -149,9 +153,11 @@ def screen_targets(labels: pd.Series, genes: Sequence[str], columns: ScreenColum
     missing: dict[str, int] = {}
     n_missing_cells = 0
     combinations: dict[str, int] = {}
+    targets: set[str] = set()
     for name, n in sorted(counts.items()):
         if is_control_label(name, columns):
             continue
+        targets.update(resolver.targets(name) or [str(name)])
         absent = resolver.not_genes(name) or ([] if resolver.targets(name) else [str(name)])
         for target in absent:
             missing[target] = missing.get(target, 0) + int(n)
@@ -159,7 +165,7 @@ def screen_targets(labels: pd.Series, genes: Sequence[str], columns: ScreenColum
         if resolver.is_combination(name):
             combinations[str(name)] = int(n)
     return {"targets_not_among_genes": missing, "n_cells_target_not_among_genes": n_missing_cells,
-            "combinations": combinations}
+            "combinations": combinations, "n_targets": len(targets)}
 
 
 def target_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -186,6 +192,12 @@ def log_screen_targets(report: dict[str, Any], genes: str, level: int = logging.
             "instead (perturbation_posterior_metrics)", genes, len(missing), _listed(missing),
             report["n_cells_target_not_among_genes"],
         )
+    if missing and 2 * len(missing) > report.get("n_targets", 0):
+        logger.warning(
+            "most perturbation targets (%d of %d) are not among %s: the perturbation column may hold guide IDs "
+            "(TP53_g1, TP53_g2: the guides of one gene would be split between training and test) or Ensembl IDs. "
+            "Set perturbation.perturbation_column to the column of target gene symbols.",
+            len(missing), report.get("n_targets", 0), genes)
     if report["combinations"]:
         logger.info("combinatorial perturbations, each read as its targets (%d): %s", len(report["combinations"]),
                     _listed(report["combinations"]))
@@ -264,8 +276,8 @@ def log_screen_label_checks(checks: dict[str, Any], columns: ScreenColumns) -> N
         )
     if checks.get("n_controls_other_spelling"):
         logger.warning(
-            "%d control cells write the control label '%s' another way: %s. Read as controls, case and surrounding "
-            "whitespace ignored (perturbation_data_metrics: n_controls_other_spelling)",
+            "%d control cells write the control label '%s' another way: %s. Read as controls (case and surrounding "
+            "whitespace ignored, a control guide's number too) (perturbation_data_metrics: n_controls_other_spelling)",
             checks["n_controls_other_spelling"], columns.control_label, checks["control_spellings"],
         )
 

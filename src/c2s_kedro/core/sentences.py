@@ -277,6 +277,12 @@ def label_key(label: Any) -> str:
     return tidy_label(label).casefold()
 
 
+def _spelling_group(label: Any) -> str:
+    """Spellings of one label: equal by ``label_key`` once trailing periods are dropped ("Fibroblasts"
+    and "Fibroblasts." are one label; an answer ends in a period, so the two could not be told apart)."""
+    return label_key(label).rstrip(".").rstrip()
+
+
 def tidy_label(label: Any) -> str:
     """A label as conversion keeps it: one Unicode form (NFC: a "ü" typed as "u" plus a combining mark
     is the same "ü"), every whitespace run (tab, non-breaking space) one space, none around it. A tab
@@ -310,11 +316,11 @@ def unify_label_spellings(values: pd.Series | Sequence[Any]) -> UnifiedLabels:
     spellings: dict[str, dict[str, int]] = {}  # label_key -> spelling -> cells
     for text, is_label, n in zip(stripped, present, cells):
         if is_label:
-            group = spellings.setdefault(label_key(text), {})
+            group = spellings.setdefault(_spelling_group(text), {})
             group[text] = group.get(text, 0) + int(n)
     chosen = {key: min(group, key=lambda spelling: (-group[spelling], spelling)) for key, group in spellings.items()}
     merged = {chosen[key]: sorted(set(group) - {chosen[key]}) for key, group in sorted(spellings.items()) if len(group) > 1}
-    final = [chosen[label_key(text)] if is_label else None for text, is_label in zip(stripped, present)]
+    final = [chosen[_spelling_group(text)] if is_label else None for text, is_label in zip(stripped, present)]
     categories = sorted(set(chosen.values()))
     position = {label: i for i, label in enumerate(categories)}
     unique_codes = np.array([position[label] if label is not None else -1 for label in final] + [-1], dtype=np.int64)
@@ -339,7 +345,7 @@ def unify_label_columns(adata: ad.AnnData, label_columns: Sequence[str]) -> tupl
                            "space, one Unicode form)", unified.n_cells_stripped, column)
         if unified.merged:
             logger.warning(
-                "'%s' labels equal apart from letter case or whitespace made one (the spelling most cells have): %s; "
+                "'%s' labels equal apart from letter case, whitespace or a trailing period made one (the spelling most cells have): %s; "
                 "%d cells relabelled", column,
                 "; ".join(f"{', '.join(map(repr, others))} -> {label!r}" for label, others in unified.merged.items()),
                 unified.n_cells_relabelled,
@@ -364,7 +370,7 @@ def warn_cells_without_label(adata: ad.AnnData, label_columns: Sequence[str]) ->
         n = int((~has_label(adata.obs[column])).sum())
         if n:
             logger.warning(
-                "%d of %d cells have no '%s' label (missing, empty, 'nan' or 'Unassigned'): they are converted and "
+                "%d of %d cells have no '%s' label (missing, empty, or the text 'nan', 'None', 'NaT', '<NA>' or 'Unassigned'): they are converted and "
                 "embedded, and a step that uses '%s' as the label it learns or scores leaves them out (a screen's batch "
                 "column only pairs them with controls of any batch)", n, adata.n_obs, column, column,
             )
