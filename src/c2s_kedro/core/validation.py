@@ -260,6 +260,20 @@ def make_cell_names_unique(adata: ad.AnnData) -> tuple[ad.AnnData, int]:
     return adata, n_repeated
 
 
+def cells_by_unique_name(adata: ad.AnnData, names: Sequence[str]) -> ad.AnnData:
+    """The cells of ``adata`` that ``names`` name, in ``adata``'s order, as names are after
+    ``make_cell_names_unique`` (a split of processed cells names them so): a name repeated in the raw
+    file then picks the one cell it means. Cells are taken by position; ``adata`` stays as it is."""
+    unique, _ = make_cell_names_unique(ad.AnnData(obs=adata.obs[[]]))  # the names only
+    positions = unique.obs_names.get_indexer(list(names))
+    positions = np.sort(positions[positions >= 0])
+    if not positions.size:
+        raise ValueError("none of the cells asked for is in the data: re-run sentence_conversion on the current raw data")
+    cells = adata[positions].to_memory() if adata.isbacked else adata[positions].copy()
+    cells.obs_names = unique.obs_names[positions]
+    return cells
+
+
 # ---- the door: every user's cells (the atlas, the screen, cells to annotate) pass here once ------------
 
 INPUT_CHECKS = "input_checks"  # the .uns key of validate_input's report

@@ -29,19 +29,8 @@ logger = logging.getLogger(__name__)
 
 def select_test_cells(raw_adata: ad.AnnData, data_split: dict[str, Any]) -> ad.AnnData:
     """The raw counts of the test split's cells: the default ``annotation_raw_adata``, cells no
-    model saw in training, so a fresh clone can annotate something offline. The raw file's names
-    are made unique as data_processing made them (``make_cell_names_unique``), so a name repeated
-    in the raw file picks the one cell the split means, and cells are taken by position."""
-    import anndata as ad  # loaded when the node runs, as core is
-
-    names, _ = core.validation.make_cell_names_unique(ad.AnnData(obs=raw_adata.obs[[]]))  # names only: raw_adata stays as loaded
-    positions = names.obs_names.get_indexer(list(data_split["test"]))
-    positions = np.sort(positions[positions >= 0])
-    if not positions.size:
-        raise ValueError("no test cell of data_split is in raw_adata: re-run sentence_conversion on the current raw data")
-    test = raw_adata[positions].to_memory() if raw_adata.isbacked else raw_adata[positions].copy()
-    test.obs_names = names.obs_names[positions]
-    return test
+    model saw in training, so a fresh clone can annotate something offline."""
+    return core.validation.cells_by_unique_name(raw_adata, data_split["test"])
 
 
 def read_annotator(finetuned_model: LanguageModel) -> dict[str, Any]:
