@@ -317,6 +317,18 @@ def cells_without_batch(obs: pd.DataFrame, columns: ScreenColumns) -> int:
     return 0 if columns.batch is None else int((~has_label(obs[columns.batch])).sum())
 
 
+def processed_screen_checks(processed: ad.AnnData, columns: ScreenColumns) -> dict[str, Any]:
+    """What the screen's checks counted (``.uns[SCREEN_CHECKS]``, JSON-ready) and the cells without a
+    batch, logged: they are paired with controls of any batch."""
+    checks = {key: value if isinstance(value, str) else int(value)  # h5ad gives numpy numbers back
+              for key, value in dict(processed.uns.get(SCREEN_CHECKS, {})).items()}
+    checks["n_cells_without_batch"] = cells_without_batch(processed.obs, columns)
+    if checks["n_cells_without_batch"]:
+        logger.warning("%d cells have no batch (.obs['%s'] empty): they are paired with controls of any batch "
+                       "(perturbation_data_metrics: n_cells_without_batch)", checks["n_cells_without_batch"], columns.batch)
+    return checks
+
+
 def control_pairs(
     obs: pd.DataFrame, split: dict[str, Any], part: str, columns: ScreenColumns, seed: int, controls_per_cell: int = 1,
     include_control_pairs: bool = True,

@@ -1139,3 +1139,14 @@ def posterior_embedding(
     combined = ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=samples.var_names.astype(str)))
     return embed_expression(combined, n_comps=max(2, min(30, combined.n_obs - 1, combined.n_vars - 1)),
                             n_neighbors=n_neighbors, seed=seed)
+
+
+def lowest_temperature_knockdown(knockdown: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The knockdown table's rows of the lowest temperature's method, one per target and indexed by it
+    (a combination's targets as ``"A (A+B)"``), and that method's name: what the presence plot draws."""
+    first = sorted(knockdown["method"].unique(), key=lambda m: float(m.split("_T")[-1]) if "_T" in m else 0.0)[0]
+    table = knockdown[knockdown["method"] == first]
+    if "target" not in table.columns:
+        return table.set_index("perturbation"), first
+    names, targets = table["perturbation"].astype(str), table["target"].astype(str)
+    return table.set_axis(names.where(targets == names, targets + " (" + names + ")").to_numpy(), axis=0), first

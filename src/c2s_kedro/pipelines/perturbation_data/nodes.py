@@ -75,13 +75,7 @@ def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any
             {**report, "combinations": {}},
             f"the screen's genes after QC ({SECTION}.data_processing.qc.min_cells_per_gene removes genes detected in "
             "fewer cells)")
-    checks = dict(processed_adata.uns.get(core.perturbation.SCREEN_CHECKS, {}))
-    checks = {key: value if isinstance(value, str) else int(value) for key, value in checks.items()}  # h5ad: numpy
-    checks["n_cells_without_batch"] = core.perturbation.cells_without_batch(processed_adata.obs, columns)
-    if checks["n_cells_without_batch"]:
-        logger.warning("%d cells have no batch (.obs['%s'] empty): they are paired with controls of any batch "
-                       "(perturbation_data_metrics: n_cells_without_batch)", checks["n_cells_without_batch"], columns.batch)
-    return {**parts, "targets": report, "screen_checks": checks}
+    return {**parts, "targets": report, "screen_checks": core.perturbation.processed_screen_checks(processed_adata, columns)}
 
 
 def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:

@@ -170,15 +170,7 @@ def plot_target_presence(perturbation_knockdown: pd.DataFrame, params: dict[str,
     """On-target presence per perturbation at the lowest temperature: control cells, real perturbed
     cells, the model's samples naming the perturbation, and its samples naming the control label
     on the same control cells."""
-    table = perturbation_knockdown
-    first = sorted(table["method"].unique(), key=lambda m: float(m.split("_T")[-1]) if "_T" in m else 0.0)[0]
-    table = table[table["method"] == first]
-    if "target" in table.columns:  # one bar group per target: a combination's targets as "A (A+B)"
-        names = table["perturbation"].astype(str)
-        targets = table["target"].astype(str)
-        table = table.set_axis(names.where(targets == names, targets + " (" + names + ")").to_numpy(), axis=0)
-    else:
-        table = table.set_index("perturbation")
+    table, first = core.perturbation_evaluation.lowest_temperature_knockdown(perturbation_knockdown)
     series = {"control_target_presence": "control cells", "real_target_presence": "real perturbed cells",
               "model_target_presence": f"model, perturbation named ({first})",
               "reference_target_presence": "model, control label named"}
