@@ -465,9 +465,23 @@ def test_one_template_and_a_shorter_control_sentence_when_asked(tiny_model):
     with pytest.raises(ValueError, match="index of one of the 7"):
         PerturbationPromptFormatter(template=7)
     first = PerturbationPromptFormatter(top_k_genes=20, template=6).format_dataset(pairs)
-    assert all(prompt.startswith("G3 ") for prompt in first["model_input"])  # the name-first template
+    assert all(prompt.startswith("The perturbation is G3. ") for prompt in first["model_input"])  # the name in a fixed slot
     with pytest.raises(ValueError, match="control_top_k_genes must be null or a positive"):
         PerturbationPromptFormatter(control_top_k_genes=0)
+
+
+def test_every_template_names_the_target_with_the_token_its_sentences_write(tiny_model):
+    # A prompt that starts with the name writes it without the space every gene in a sentence has
+    # ("G3" and " G3" are different tokens for any tokenizer, gene-level or BPE): the model then
+    # never learns that the named gene is the gene it writes, and tied embeddings cannot help it
+    tokenizer = tiny_model.tokenizer
+    gene_token = tokenizer(" G3", add_special_tokens=False)["input_ids"]
+    pairs = _pairs(n=1, n_genes=20)
+    for template in range(7):
+        prompt = PerturbationPromptFormatter(top_k_genes=20, template=template).format_dataset(pairs)["model_input"][0]
+        control = prompt[prompt.index("Cell sentence:"):]
+        named = tokenizer(prompt[: len(prompt) - len(control)], add_special_tokens=False)["input_ids"]
+        assert gene_token[0] in named, (template, tokenizer.convert_ids_to_tokens(named))
 
 
 def _sentences() -> Dataset:
