@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--untied", action="store_true", help="separate input and output embeddings")
-    parser.add_argument("--template", type=int, default=6, help="prompt template index (6: the name in a fixed slot, "The perturbation is X."); -1: one drawn per pair")
+    parser.add_argument("--template", type=int, default=6, help="prompt template index (6: the name in a fixed slot, 'The perturbation is X.'); -1: one drawn per pair")
     parser.add_argument("--synthetic", type=int, default=0, help="synthetic knockdown pairs per training control cell")
     parser.add_argument("--same-cell", action="store_true", help="synthetic pairs answer with the prompt's own cell")
     parser.add_argument("--synthetic-top", type=int, default=0, help="draw synthetic targets among the top N genes")
