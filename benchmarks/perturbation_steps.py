@@ -118,9 +118,9 @@ def main() -> None:
     ids, labels = train["input_ids"], train["labels"]
     target_ids = []  # each training pair's named gene as a token id (-1: the control label, a combination, no token)
     for name in prompts["train"]["perturbation"]:
-        token = tokenizer.convert_tokens_to_ids(core.perturbation.gene_key(str(name)))
-        named = str(name).upper() != COLUMNS.control_label.upper() and token != tokenizer.unk_token_id
-        target_ids.append(int(token) if named and token is not None else -1)
+        tokens = tokenizer(" " + core.perturbation.gene_key(str(name)), add_special_tokens=False)["input_ids"]  # as sentences write it
+        named = str(name).upper() != COLUMNS.control_label.upper() and len(tokens) == 1 and tokens[0] != tokenizer.unk_token_id
+        target_ids.append(int(tokens[0]) if named else -1)
     assert len(target_ids) == len(ids), "a training prompt was dropped by tokenize_dataset"
     formatter = PerturbationPromptFormatter(top_k_genes=args.top_k, seed=args.seed, tokenizer=tokenizer, max_tokens=CONTEXT,
                                             control_top_k_genes=args.control_top_k, template=template, columns=COLUMNS)

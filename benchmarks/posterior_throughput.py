@@ -5,8 +5,8 @@ JSON object.
     python benchmarks/posterior_throughput.py [--prompts 2] [--samples 100] [--reference-samples 10]
                                               [--model data/06_models/perturbation_model] [--threads N]
 
-Setting: the default simulated Perturb-seq screen, top-200-gene control sentences in the
-perturbation prompt (about 240 tokens), responses of up to 200 genes, constrained decoding
+Setting: the default simulated Perturb-seq screen and prompts (conf/base: a 50-gene control
+sentence, about 80 tokens), responses of up to 200 genes, constrained decoding
 (vocabulary genes only, no repeats), temperature 1.0.
 (i) ours: ``core.perturbation.sample_posterior`` (one pass over each prompt; all samples decoded
     together, their attention reading the prompt's one cached copy; Gumbel-max draws);
