@@ -15,9 +15,9 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
+from c2s_kedro.harness import PROJECT_ROOT, copy_project  # noqa: F401 - the tests import them from here
 from c2s_kedro.hooks import ParameterNamespaceHook
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MITO_GENES = ["MT-CO1", "MT-ND1", "MT-ATP6"]
 T_MARKERS = [f"TMARK{i}" for i in range(1, 9)]
 B_MARKERS = [f"BMARK{i}" for i in range(1, 9)]
@@ -83,19 +83,6 @@ def tiny_cell_sentences(genes: list[str], n_cells: int = 12, seed: int = 0):
         "tissue": ["blood"] * n_cells,
         "organism": ["Homo sapiens"] * n_cells,
     })
-
-
-def copy_project(root: Path) -> Path:
-    """A new project at ``root``: the project's conf/ (without conf/local, which is made empty),
-    pyproject.toml and .telemetry; the package itself is the installed one."""
-    import shutil
-
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(PROJECT_ROOT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
-    return root
 
 
 def load_parameters(name: str) -> dict[str, Any]:
