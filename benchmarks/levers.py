@@ -22,17 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-logger = logging.getLogger("levers")
+from c2s_kedro.harness import KEDRO, add_lever_arguments, chosen_levers, copy_inputs, copy_project, run_command, summarize_seeds
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("levers")
 
 # What the finetuning and evaluation pipelines read that neither makes (paths as in conf/base/catalog.yml).
 INPUTS = [
@@ -141,62 +137,14 @@ LEVERS: dict[str, dict[str, object]] = {
 }
 
 
-def empty_project(root: Path) -> None:
-    """A project copy as tests/helpers.py copy_project makes it (conf without conf/local, no data)."""
-    if root.exists():
-        shutil.rmtree(root)
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(PROJECT_ROOT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, levers: dict, default_levers: str, work: str) -> None:
-    """--source, --work, --levers, --seeds and --out, as both lever scripts take them."""
-    parser.add_argument("--source", type=Path, required=True, help="a project copy after a default `kedro run`")
-    parser.add_argument("--work", type=Path, default=Path(work), help="where the project copies go")
-    parser.add_argument("--levers", default=default_levers, help=f"comma-separated, of {sorted(levers)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-
-
-def chosen_levers(parser: argparse.ArgumentParser, args: argparse.Namespace, levers: dict) -> list[str]:
-    """The --levers names, each checked against ``levers``; --work made."""
-    names = args.levers.split(",")
-    unknown = [n for n in names if n not in levers]
-    if unknown:
-        parser.error(f"unknown --levers {unknown}; choose from {sorted(levers)}")
-    args.work.mkdir(parents=True, exist_ok=True)
-    return names
-
-
 def make_project(root: Path, source: Path, base: str) -> None:
-    """A project copy as tests/helpers.py copy_project makes it, with the source run's inputs; the
+    """A project copy (``c2s_kedro.harness.copy_project``) with the source run's inputs; the
     source's ``base`` model directory becomes its foundation_model (finetuned_model too)."""
-    empty_project(root)
+    copy_project(root)
     copies = {relative: relative for relative in INPUTS}
     copies["data/06_models/foundation_model"] = f"data/06_models/{base}"
     copies["data/06_models/finetuned_model"] = f"data/06_models/{base}"
     copy_inputs(root, source, copies, "a project copy after a default `kedro run`")
-
-
-def copy_inputs(root: Path, source: Path, copies: dict[str, str], source_hint: str) -> None:
-    """Files and folders of ``source`` copied into the project copy ``root`` (target path ->
-    source path, both relative); a missing one stops with what ``--source`` must be."""
-    for relative, from_relative in copies.items():
-        origin, target = source / from_relative, root / relative
-        if not origin.exists():
-            raise FileNotFoundError(f"{origin} is missing: --source must be {source_hint}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if origin.is_dir() else shutil.copy)(origin, target)
-
-
-def peak_rss_mb(time_log: Path) -> float | None:
-    for line in time_log.read_text().splitlines():
-        if "Maximum resident set size" in line:
-            return int(line.split(":")[1]) / 1024
-    return None
 
 
 def run_lever(name: str, seed: int, args: argparse.Namespace, model: Path | None = None,
@@ -235,17 +183,11 @@ def run_lever(name: str, seed: int, args: argparse.Namespace, model: Path | None
     if args.max_test_cells is not None:
         overrides["evaluation.max_test_cells"] = args.max_test_cells
     params = ",".join(f"{key}={value}" for key, value in overrides.items())
-    command = [str(PROJECT_ROOT / ".venv/bin/kedro"), "run", f"--pipelines={pipelines}", "--params", params]
+    command = [str(KEDRO), "run", f"--pipelines={pipelines}", "--params", params]
     if nodes:
         command.append("--nodes=" + ",".join(nodes))
-    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", MPLBACKEND="Agg")
-    time_log = root / "time.log"
     logger.info("%s seed %d: %s", name, seed, " ".join(command))
-    start = time.perf_counter()
-    with open(root / "run.log", "w") as log:
-        completed = subprocess.run(["/usr/bin/time", "-v", "-o", str(time_log), *command], cwd=root, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
+    completed = run_command(command, root, root / "run.log")
     if completed.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (rc {completed.returncode}); see {root / 'run.log'}")
     reporting = root / "data/08_reporting"
@@ -280,30 +222,15 @@ def run_lever(name: str, seed: int, args: argparse.Namespace, model: Path | None
         "eval_loss_best": finetuning.get("eval_loss_best"),
         "eval_loss_last": finetuning.get("eval_loss_last"),
         "global_step": finetuning.get("global_step"),
-        "run_wall_seconds": round(wall, 1),
-        "peak_rss_mb": peak_rss_mb(time_log),
+        "run_wall_seconds": round(completed.wall_s, 1),
+        "peak_rss_mb": completed.peak_rss_mb,
         "project": str(root),
     }
 
 
-def summarize(results: list[dict[str, object]]) -> dict[str, dict[str, object]]:
-    """Mean, and min-max spread over seeds, of every numeric score per lever (and link of a chain)."""
-    summary: dict[str, dict[str, object]] = {}
-    group = lambda r: str(r["lever"]) + (f" link {r['link']}" if r.get("link") is not None else "")
-    for name in dict.fromkeys(group(r) for r in results):
-        rows = [r for r in results if group(r) == name]
-        entry: dict[str, object] = {"n_seeds": len(rows)}
-        for key, value in rows[0].items():
-            if isinstance(value, (int, float)) and key != "seed" and all(r.get(key) is not None for r in rows):
-                values = [float(r[key]) for r in rows]
-                entry[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
-        summary[name] = entry
-    return summary
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, LEVERS, "default,epochs6", "/tmp/levers")
+    add_lever_arguments(parser, LEVERS, "default,epochs6", "/tmp/levers")
     parser.add_argument("--cells-per-type", type=int, default=20, help="generated cells per type (default run: 20)")
     parser.add_argument("--max-test-cells", type=int, default=None, help="evaluation.max_test_cells (null: all)")
     parser.add_argument("--model", type=Path, default=None, help="a model directory to start from instead of the lever's base")
@@ -327,8 +254,8 @@ def main() -> None:
                 print(json.dumps(result), flush=True)
                 results.append(result)
                 if args.out:  # after every run: a late lever must not lose the earlier ones
-                    args.out.write_text(json.dumps({"results": results, "summary": summarize(results)}, indent=2))
-    print(json.dumps({"summary": summarize(results)}, indent=2))
+                    args.out.write_text(json.dumps({"results": results, "summary": summarize_seeds(results)}, indent=2))
+    print(json.dumps({"summary": summarize_seeds(results)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 side on the diagnostics of the perturbation_posterior pipeline.
 
 Each lever is one ``kedro run --pipelines=perturbation_posterior`` in its own project copy
-(benchmarks/levers.py ``empty_project``) with the lever's settings in ``conf/local``: the
+(``c2s_kedro.harness.copy_project``) with the lever's settings in ``conf/local``: the
 project's runner makes what the copy lacks (the split, the base model, the prompts, the
 fine-tuned model), then samples, probes and scores. Every copy starts from the same screen,
 copied from ``--source`` (a project where ``kedro run --pipelines=perturbation_data`` has run):
@@ -26,19 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from levers import copy_inputs, empty_project, peak_rss_mb  # noqa: E402
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from c2s_kedro.harness import copy_inputs, copy_project, run_kedro
 SCREEN = [  # what every copy starts from (paths of conf/base/catalog.yml)
     "data/01_raw/perturbseq_simulated.h5ad",
     "data/02_intermediate/perturbation_truth.csv",
@@ -74,8 +68,8 @@ def merged(base: dict, extra: dict) -> dict:
 
 
 def make_copy(root: Path, source: Path, settings: dict) -> None:
-    empty_project(root)
-    copy_inputs(root, source, {relative: relative for relative in SCREEN},
+    copy_project(root)
+    copy_inputs(root, source, SCREEN,
                 "a project where `kedro run --pipelines=perturbation_data` has run")
     (root / "conf/local/parameters.yml").write_text(yaml.safe_dump({"perturbation": settings}))
 
@@ -115,23 +109,21 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict:
         settings = merged(settings, QUICK)
     root = args.work / f"{name}-{seed}"
     make_copy(root, args.source, settings)
-    time_log = root / "time.log"
     started = time.perf_counter()
     # --probe-only: the fine-tuning (and what it needs), then the input-sensitivity probe alone
     runs = [["--pipelines=perturbation_finetuning"], ["--nodes=probe_input_sensitivity"]] if args.probe_only else \
         [["--pipelines=perturbation_posterior"]]
+    peaks = []
     for arguments in runs:
-        command = ["/usr/bin/time", "-v", "-a", "-o", str(time_log), str(PROJECT_ROOT / ".venv/bin/kedro"), "run", *arguments]
-        with open(root / "run.log", "a") as log:
-            done = subprocess.run(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"})
+        done = run_kedro(root, ["run", *arguments], root / "run.log", append=True)
         if done.returncode:
             raise RuntimeError(f"lever {name} failed: see {root / 'run.log'}")
+        peaks.append(done.peak_rss_mb)
     report = "perturbation_sensitivity_metrics.json" if args.probe_only else "perturbation_posterior_metrics.json"
     metrics = json.loads((root / "data/08_reporting" / report).read_text())
     training = json.loads((root / "data/08_reporting/perturbation_finetuning_log.json").read_text())
     result = {"lever": name, "seed": seed, "settings": settings, "wall_seconds": round(time.perf_counter() - started, 1),
-              "peak_rss_mb": peak_rss_mb(time_log),
+              "peak_rss_mb": max(peaks),
               "train_seconds": next((h.get("train_runtime") for h in training if "train_runtime" in h), None),
               "eval_loss": min((h["eval_loss"] for h in training if "eval_loss" in h), default=None),
               "heldout": headline(metrics, ""), "seen": headline(metrics, "seen.")}

@@ -35,20 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from levers import add_common_arguments, chosen_levers, copy_inputs, empty_project, peak_rss_mb, summarize  # noqa: E402
+from c2s_kedro.harness import (KEDRO, PROJECT_ROOT, add_lever_arguments, chosen_levers, copy_inputs, copy_project, run_command,
+                               summarize_seeds)
 
 logger = logging.getLogger("perturbation_levers")
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # What perturbation_finetuning and perturbation_posterior read (paths as in conf/base/catalog.yml).
 INPUTS = [
@@ -94,6 +90,25 @@ def screen_settings() -> dict:
     return yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_perturbation.yml").read_text())["perturbation"]
 
 
+def screen_parameters():
+    """conf/base's ``perturbation`` block read as the perturbation pipelines' nodes read it."""
+    from c2s_kedro.parameters import read_parameters
+    from c2s_kedro.parameters.perturbation import PerturbationParameters
+
+    return read_parameters(PerturbationParameters, screen_settings(), "perturbation")
+
+
+def part_cells(sentences, split: dict, part: str, genes: list[str], rank_fit: dict, settings):
+    """The perturbed and control cells of the split's ``part`` (``train`` or ``test``) in the model's
+    space (top-k sentences), as the perturbation_posterior pipeline's evaluation reads them."""
+    from c2s_kedro import core
+
+    return core.perturbation_evaluation.sentence_space_cells(
+        sentences, list(split[part]) + list(split[f"control_{part}"]), settings.columns().perturbation, genes,
+        core.sentences.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
+    )
+
+
 def dense(matrix):
     """A (small) matrix of cells as a float64 array, sparse or not."""
     import numpy as np
@@ -102,9 +117,9 @@ def dense(matrix):
 
 
 def make_project(root: Path, source: Path) -> None:
-    """A project copy as tests/helpers.py copy_project makes it, with the source run's screen inputs."""
-    empty_project(root)
-    copy_inputs(root, source, {relative: relative for relative in INPUTS}, "a project copy after a default `kedro run`")
+    """A project copy (``c2s_kedro.harness.copy_project``) with the source run's screen inputs."""
+    copy_project(root)
+    copy_inputs(root, source, INPUTS, "a project copy after a default `kedro run`")
 
 
 def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
@@ -223,17 +238,15 @@ def perturbation_signal(root: Path) -> dict[str, float]:
     import pandas as pd
 
     from c2s_kedro.datasets import ArrowDataset
-    from c2s_kedro.pipelines.perturbation_posterior import nodes
 
-    screen = screen_settings()
-    settings = nodes._settings(screen)
+    settings = screen_parameters()
     column, control = settings.columns().perturbation, settings.columns().control_label
     samples = ad.read_h5ad(root / "data/07_model_output/posterior_samples_expression.h5ad")
     genes = list(samples.var_names)
     sentences = ArrowDataset(path=str(root / "data/04_feature/perturbation_cell_sentences")).load()
     split = json.loads((root / "data/05_model_input/perturbation_split.json").read_text())
     rank_fit = json.loads((root / "data/06_models/perturbation_rank_fit.json").read_text())
-    real = nodes._part_cells(sentences, split, "test", genes, rank_fit, settings)
+    real = part_cells(sentences, split, "test", genes, rank_fit, settings)
     truth = pd.read_csv(root / "data/02_intermediate/perturbation_truth.csv", index_col=0).reindex(genes).fillna(0.0)
     labels, x = real.obs[column].astype(str).to_numpy(), dense(real.X)
     control_mean = x[labels == control].mean(axis=0)
@@ -257,7 +270,7 @@ def perturbation_signal(root: Path) -> dict[str, float]:
     signal["real_genes_per_cell"] = float((x[labels != control] > 0).sum(axis=1).mean())
     # the same measures for a predictor with no language model: the mean of the training cells of
     # each perturbation's 3 co-expression neighbours (what neighbour_context puts in the prompts)
-    train = nodes._part_cells(sentences, split, "train", genes, rank_fit, settings)
+    train = part_cells(sentences, split, "train", genes, rank_fit, settings)
     neighbours = coexpression_neighbours(ad.read_h5ad(root / "data/03_primary/perturbation_processed_adata.h5ad"),
                                          split, column, 3)
     train_labels, train_x = train.obs[column].astype(str).to_numpy(), dense(train.X)
@@ -304,13 +317,9 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
         result.update(pretrain_on_screen(root, int(lever["pretrain_epochs"]), seed))
     if lever.get("context_neighbours"):
         result.update(neighbour_prompts(root, int(lever["context_neighbours"]), seed))
-    command = [str(PROJECT_ROOT / ".venv/bin/kedro"), "run", "--pipelines=perturbation_finetuning,perturbation_posterior"]
-    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", MPLBACKEND="Agg")
-    time_log = root / "time.log"
+    command = [str(KEDRO), "run", "--pipelines=perturbation_finetuning,perturbation_posterior"]
     logger.info("%s seed %d: %s", name, seed, " ".join(command))
-    with open(root / "run.log", "w") as log:
-        completed = subprocess.run(["/usr/bin/time", "-v", "-o", str(time_log), *command], cwd=root, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+    completed = run_command(command, root, root / "run.log")
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (rc {completed.returncode}); see {root / 'run.log'}")
@@ -327,7 +336,7 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
         "posterior_seconds_per_sample": metrics.get("posterior.seconds_per_sample"),
         "posterior_n_samples": metrics.get("posterior.n_samples"),
         "run_wall_seconds": round(wall, 1),
-        "peak_rss_mb": peak_rss_mb(time_log),
+        "peak_rss_mb": completed.peak_rss_mb,
         **perturbation_signal(root),
         "project": str(root),
     })
@@ -336,7 +345,7 @@ def run_lever(name: str, seed: int, args: argparse.Namespace) -> dict[str, objec
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, LEVERS, "default,pretrain_screen", "/tmp/perturbation_levers")
+    add_lever_arguments(parser, LEVERS, "default,pretrain_screen", "/tmp/perturbation_levers")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     names = chosen_levers(parser, args, LEVERS)
@@ -347,8 +356,8 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             results.append(result)
             if args.out:  # after every run: a late lever must not lose the earlier ones
-                args.out.write_text(json.dumps({"results": results, "summary": summarize(results)}, indent=2))
-    print(json.dumps({"summary": summarize(results)}, indent=2))
+                args.out.write_text(json.dumps({"results": results, "summary": summarize_seeds(results)}, indent=2))
+    print(json.dumps({"summary": summarize_seeds(results)}, indent=2))
 
 
 if __name__ == "__main__":
