@@ -40,35 +40,27 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import levers  # noqa: E402
-import perturbation_levers  # noqa: E402
+# the lever scripts' project copies and scores: `python benchmarks/learning_curve.py` has this folder on sys.path
+import levers
+import perturbation_levers
+from c2s_kedro.harness import run_kedro
 
 logger = logging.getLogger("learning_curve")
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-KEDRO = str(PROJECT_ROOT / ".venv/bin/kedro")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def kedro_run(root: Path, pipelines: str, log_name: str) -> float:
     """One ``kedro run`` in the copy ``root``, its output in ``log_name``; returns its wall seconds."""
-    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", MPLBACKEND="Agg")
-    command = [KEDRO, "run", f"--pipelines={pipelines}"]
-    logger.info("%s: %s", root, " ".join(command))
-    start = time.perf_counter()
-    with open(root / log_name, "w") as log:
-        completed = subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    arguments = ["run", f"--pipelines={pipelines}"]
+    logger.info("%s: kedro %s", root, " ".join(arguments))
+    completed = run_kedro(root, arguments, root / log_name)
     if completed.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed in {root} (rc {completed.returncode}); see {root / log_name}")
-    return time.perf_counter() - start
+        raise RuntimeError(f"`kedro {' '.join(arguments)}` failed in {root} (rc {completed.returncode}); see {root / log_name}")
+    return completed.wall_s
 
 
 def checkpoints(directory: Path) -> list[Path]:
