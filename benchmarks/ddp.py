@@ -41,8 +41,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import KEDRO, make_project, measure  # noqa: E402 - the same project copy and measurement as scale.py
+# the same project copy and measurement as scale.py (`python benchmarks/ddp.py` has this folder on sys.path)
+from scale import make_project, measure
+
+from c2s_kedro.harness import KEDRO
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # (processes, intra-op threads per process)

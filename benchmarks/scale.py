@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,7 @@ import numpy as np
 import psutil
 import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
-KEDRO = Path(sys.executable).with_name("kedro")
+from c2s_kedro.harness import KEDRO, PROJECT_ROOT, copy_project, run_command
 ATLAS_PIPELINES = ("data_processing", "sentence_conversion", "benchmarking", "embedding", "finetuning",
                    "zero_shot_annotation", "cell_type_evaluation")
 SCREEN_PIPELINES = ("perturbation_data", "perturbation_finetuning", "perturbation_posterior")
@@ -45,51 +43,22 @@ logger = logging.getLogger("scale")
 
 
 def measure(command: list[str], cwd: Path, log: Path, poll_s: float = 0.2) -> dict[str, float]:
-    """Run ``command``; wall time, the peak of the summed RSS of its process tree, and the seconds
-    until its log first says "Running node" (start-up: imports, catalog, MLflow)."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
-    start = time.perf_counter()
-    first_node = None
-    # the tree's RSS once a second next to the log (<log>.rss.tsv: unix time, GB), to tell which
-    # node the peak belongs to from the log's timestamps
-    with open(log, "w") as out, open(log.with_suffix(".rss.tsv"), "w") as trace:
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        root = psutil.Process(process.pid)
-        peak, traced = 0, 0.0
-        while process.poll() is None:
-            if first_node is None and "Running node" in log.read_text(errors="replace"):
-                first_node = time.perf_counter() - start
-            try:
-                tree = [root, *root.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in tree if p.is_running())
-                peak = max(peak, rss)
-                if time.time() - traced >= 1.0:
-                    traced = time.time()
-                    trace.write(f"{traced:.0f}\t{rss / 2**30:.2f}\n")
-                    trace.flush()
-            except psutil.Error:
-                pass
-            time.sleep(poll_s)
-    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak / 2**30, 2),
-            "first_node_s": None if first_node is None else round(first_node, 1), "returncode": process.returncode}
+    """Run ``command`` (``c2s_kedro.harness.run_command``); wall time, the peak of the summed RSS of
+    its process tree, and the seconds until its log first says "Running node" (start-up: imports,
+    catalog, MLflow). The tree's RSS is traced once a second next to the log (<log>.rss.tsv: unix
+    time, GB), to tell which node the peak belongs to from the log's timestamps."""
+    run = run_command(command, cwd, log, poll_s=poll_s, first_node=True, rss_trace=log.with_suffix(".rss.tsv"))
+    return {"wall_s": round(run.wall_s, 1), "peak_rss_gb": round(run.peak_tree_rss / 2**30, 2),
+            "first_node_s": None if run.first_node_s is None else round(run.first_node_s, 1), "returncode": run.returncode}
 
 
 def make_project(root: Path, data: dict[str, Path], max_steps: int, posterior: dict | None = None,
                  keep_data: bool = False, pretraining_steps: int | None = None,
                  max_test_cells: int | None = None, max_eval_samples: int | None = None) -> Path:
-    """A copy of the project (as tests/helpers.copy_project) with the ``scale`` environment; with
+    """A copy of the project (``c2s_kedro.harness.copy_project``) with the ``scale`` environment; with
     ``keep_data`` an earlier copy's data/ (and MLflow store) stays, so a later pipeline reads what
     an earlier invocation wrote."""
-    if root.exists() and not keep_data:
-        shutil.rmtree(root)
-    if (root / "conf").exists():
-        shutil.rmtree(root / "conf")
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    if (PROJECT / ".telemetry").exists():
-        shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir(exist_ok=True)
+    copy_project(root, keep_data=keep_data)
     env = root / "conf" / "scale"
     env.mkdir()
     catalog = {name: {"type": "c2s_kedro.datasets.H5adDataset", "filepath": str(path), "metadata": {"kedro-viz": {"layer": "raw"}}}
@@ -124,7 +93,7 @@ def finetuning_figures(project: Path) -> dict[str, float]:
     if not final:
         return {}
     train = load_from_disk(str(prompts))["train"]
-    base = yaml.safe_load((PROJECT / "conf" / "base" / "parameters_finetuning.yml").read_text())["finetuning"]
+    base = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_finetuning.yml").read_text())["finetuning"]
     batch = int(base["training_arguments"]["per_device_train_batch_size"])
     s_per_step = float(final["train_runtime"]) / max(1, int(final.get("step", 1)))
     steps_per_epoch = int(np.ceil(train.num_rows / batch))
