@@ -37,8 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
+
+from c2s_kedro.harness import copy_project, run_command
 
 PROJECT = Path(__file__).resolve().parents[1]
 KEDRO = Path(sys.executable).with_name("kedro")
@@ -79,11 +80,10 @@ arrow.save_to_disk(sys.argv[2])
 """
 
 REFERENCE_LOOP = r"""
-import sys
-sys.path.insert(0, sys.argv[5])
+import runpy, sys
 import anndata
 from datasets import Dataset
-from conversion_throughput import reference_loop
+reference_loop = runpy.run_path(sys.argv[5] + "/conversion_throughput.py")["reference_loop"]
 adata = anndata.read_h5ad(sys.argv[1])
 labels = sys.argv[4].split(",")
 names = [str(name).upper() for name in adata.var_names]
@@ -113,35 +113,18 @@ print(json.dumps({"seconds": runs, "cells": adata.n_obs}))
 
 
 def measure(command: list[str], cwd: Path, log: Path, env: dict | None = None, poll_s: float = 0.05) -> dict:
-    """Wall seconds and the peak summed RSS of the process tree."""
+    """Wall seconds and the peak summed RSS of the process tree (``c2s_kedro.harness.run_command``)."""
     # COLUMNS: rich does not wrap the log lines read back here
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg", "TQDM_DISABLE": "1", "COLUMNS": "400", **(env or {})}
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        root, peak = psutil.Process(process.pid), 0
-        while process.poll() is None:
-            try:
-                peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
-            except psutil.Error:
-                pass
-            time.sleep(poll_s)
-    wall = time.perf_counter() - started
-    if process.returncode:
-        raise RuntimeError(f"{' '.join(map(str, command[:3]))}... failed (exit {process.returncode}); see {log}")
-    return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 2**30, 2)}
+    run = run_command(command, cwd, log, env={"TQDM_DISABLE": "1", "COLUMNS": "400", **(env or {})}, poll_s=poll_s)
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(map(str, command[:3]))}... failed (exit {run.returncode}); see {log}")
+    return {"wall_s": round(run.wall_s, 2), "peak_rss_gb": round(run.peak_tree_rss / 2**30, 2)}
 
 
 def make_project(root: Path, raw: Path) -> Path:
-    """A copy of the project (as tests/helpers.copy_project) with the ``startup`` environment."""
-    for name in ("conf", "src"):
-        shutil.rmtree(root / name, ignore_errors=True)
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    (root / "src").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    if (PROJECT / ".telemetry").exists():
-        shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
+    """A copy of the project (``c2s_kedro.harness.copy_project``) with the ``startup`` environment;
+    an earlier copy's data/ stays (``--reuse-data``)."""
+    copy_project(root, keep_data=True)
     env = root / "conf" / ENV
     env.mkdir()
     (env / "catalog.yml").write_text(yaml.safe_dump({"raw_adata": {"type": "c2s_kedro.datasets.H5adDataset", "filepath": str(raw)}}))
