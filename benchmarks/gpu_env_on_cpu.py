@@ -17,8 +17,8 @@ at most) is what a GPU run uses.
 
 Prints one JSON object: tokens per gene, parameters, and per run the exit status, wall time, peak
 memory of the kedro process tree (PSS summed, polled by psutil every 0.5 s; summed RSS is also
-printed but counts the forked dataloader workers' shared pages many times) and /usr/bin/time's max
-RSS of the main process, seconds per training step (the Trainer's
+printed but counts the forked dataloader workers' shared pages many times) and the max RSS of the
+main process (wait4's, the figure /usr/bin/time prints; c2s_kedro.harness.run_kedro), seconds per training step (the Trainer's
 ``train_runtime`` / steps).
 
     .venv/bin/python benchmarks/gpu_env_on_cpu.py --work /tmp/me/gpu_env     # ~20-40 min on 2 shared cores
@@ -28,22 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_context import gene_names, prompt_corpus, tokens_per_gene, train_bpe  # noqa: E402
+# `python benchmarks/gpu_env_on_cpu.py` has this folder on sys.path
+from long_context import gene_names, prompt_corpus, tokens_per_gene, train_bpe
 
-ROOT = Path(__file__).resolve().parents[1]
+from c2s_kedro import harness
 VOCABULARY = 50277  # Pythia's tokenizer; the embedding matrix is padded to 50,304 rows as Pythia's
 PYTHIA_410M = {
     "num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096,
@@ -97,15 +91,10 @@ def build_model(directory: Path, gene_sentences: int) -> dict[str, Any]:
 
 
 def copy_project(root: Path, model_dir: Path) -> Path:
-    """The project's conf/ (conf/local empty), pyproject.toml and .telemetry, as tests/helpers.py
-    does; in the copy, conf/gpu's foundation_model path points at ``model_dir``. A copy made before
-    keeps its data/ (the processed cells; delete the folder to start from nothing) and gets a fresh conf/."""
-    shutil.rmtree(root / "conf", ignore_errors=True)
-    shutil.copytree(ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(ROOT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir(exist_ok=True)
+    """A project copy (``c2s_kedro.harness.copy_project``) whose conf/gpu's foundation_model path points
+    at ``model_dir``. A copy made before keeps its data/ (the processed cells; delete the folder to
+    start from nothing) and gets a fresh conf/."""
+    harness.copy_project(root, keep_data=True)
     catalog = root / "conf" / "gpu" / "catalog.yml"
     text = catalog.read_text()
     changed = re.sub(r"(foundation_model:\n(?:  .*\n)*?  path: ).*", rf"\g<1>{model_dir}", text, count=1)
@@ -115,54 +104,14 @@ def copy_project(root: Path, model_dir: Path) -> Path:
     return root
 
 
-class TreeMemory:
-    """Peak memory of a process and its children: RSS summed and PSS summed (shared pages counted once)."""
-
-    def __init__(self, pid: int, interval: float = 0.5):
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak_rss = self.peak_pss = 0
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-
-    def _poll(self) -> None:
-        import psutil
-
-        while True:
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            rss = pss = 0
-            for process in processes:
-                try:
-                    info = process.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            time.sleep(self.interval)
-
-
 def kedro_run(project: Path, arguments: list[str], log: Path) -> dict[str, Any]:
-    kedro = str(Path(sys.executable).with_name("kedro"))
-    command = ["/usr/bin/time", "-v", kedro, "run", "--env", "gpu", *arguments]
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    with open(log, "w") as stream:
-        process = subprocess.Popen(command, cwd=project, env=env, stdout=stream, stderr=subprocess.STDOUT)
-        memory = TreeMemory(process.pid)
-        code = process.wait()
-    seconds = time.perf_counter() - start
-    text = log.read_text()
-    maxrss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    run = harness.run_kedro(project, ["run", "--env", "gpu", *arguments], log, env={"TOKENIZERS_PARALLELISM": "false"},
+                    poll_s=0.5, pss=True)
+    code, text = run.returncode, log.read_text()
     result = {
-        "command": "kedro run --env gpu " + " ".join(arguments), "returncode": code, "wall_s": round(seconds, 1),
-        "peak_tree_rss_mb": round(memory.peak_rss / 2**20), "peak_tree_pss_mb": round(memory.peak_pss / 2**20),
-        "main_process_maxrss_mb": round(int(maxrss.group(1)) / 1024) if maxrss else None, "log": str(log),
+        "command": "kedro run --env gpu " + " ".join(arguments), "returncode": code, "wall_s": round(run.wall_s, 1),
+        "peak_tree_rss_mb": round(run.peak_tree_rss / 2**20), "peak_tree_pss_mb": round(run.peak_tree_pss / 2**20),
+        "main_process_maxrss_mb": round(run.peak_rss_mb), "log": str(log),
     }
     if code:
         errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
@@ -209,10 +158,8 @@ def main() -> None:
         results["finetuning"] = kedro_run(project, ["--pipelines=finetuning", "--params", steps], args.work / "finetuning.log")
         results["finetuning"].update(training_figures(project))
     else:  # figures of the earlier run, from its log and saved training history
-        log = args.work / "finetuning.log"
-        maxrss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text()) if log.exists() else None
-        results["finetuning"] = {"main_process_maxrss_mb": round(int(maxrss.group(1)) / 1024) if maxrss else None,
-                                 **training_figures(project)}
+        maxrss = harness.logged_peak_rss_mb(args.work / "finetuning.log")
+        results["finetuning"] = {"main_process_maxrss_mb": round(maxrss) if maxrss else None, **training_figures(project)}
     cells = ["--params", f"evaluation.max_test_cells={args.test_cells}"]
     results["cell_type_evaluation"] = kedro_run(project, ["--pipelines=cell_type_evaluation", *cells],
                                                 args.work / "evaluation.log")
