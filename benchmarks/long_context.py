@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from c2s_kedro.harness import KEDRO, TreeMemory, copy_project, run_kedro
 
 CONTEXT = 8192
 TARGET_TOKENS_PER_GENE = 3.4
@@ -145,49 +146,16 @@ TINY_8K = {
 
 
 # ---- measurement --------------------------------------------------------------------------------
-class PeakRss:
-    """Peak resident memory of this process (and its children) since ``reset``, polled every 10 ms."""
-
-    def __init__(self, interval: float = 0.01):
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def current(self) -> int:
-        total = self.process.memory_info().rss
-        for child in self.process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except Exception:  # a child that ended between listing and reading
-                pass
-        return total
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def reset(self) -> None:
-        self.peak = self.current()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 @contextmanager
-def stage(name: str, results: dict[str, Any], rss: PeakRss, steps: int, unit: str):
+def stage(name: str, results: dict[str, Any], rss: TreeMemory, steps: int, unit: str):
+    """Seconds per ``unit`` and the peak RSS of this process and its children during the block."""
     rss.reset()
     start = time.perf_counter()
     record: dict[str, Any] = {}
     yield record
     seconds = time.perf_counter() - start
-    rss.peak = max(rss.peak, rss.current())
-    results[name] = {"peak_rss_mb": round(rss.peak / 2**20), f"s_per_{unit}": round(seconds / steps, 3),
+    rss.current()
+    results[name] = {"peak_rss_mb": round(rss.peak_rss / 2**20), f"s_per_{unit}": round(seconds / steps, 3),
                      "steps": steps, **record}
     logging.getLogger("long_context").info("%s: %s", name, results[name])
 
@@ -249,7 +217,7 @@ def run_stages(model_dir: Path, genes: list[str], args: argparse.Namespace, work
     torch.set_num_threads(args.threads)
     capture = LogCapture()
     logging.getLogger("c2s_kedro").addHandler(capture)
-    rss = PeakRss()
+    rss = TreeMemory(interval=0.01)  # this process (and its children), every 10 ms
     results: dict[str, Any] = {}
     model = load_model(model_dir, device="cpu", dtype="fp32")
     tokenizer, context = model.tokenizer, model.context_length
@@ -415,35 +383,17 @@ def kedro_environment(root: Path, model_dir: Path) -> dict[str, Any]:
 
 def kedro_stage(model_dir: Path, genes: list[str], work: Path, n_cells: int, pipelines: str) -> dict[str, Any]:
     """``kedro run --env long_context --pipelines=...`` in a copy of the project, with peak RSS and wall time."""
-    import re
-    import shutil
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    project = work / "project"
-    shutil.rmtree(project, ignore_errors=True)
-    shutil.copytree(root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    shutil.copy(root / "pyproject.toml", project / "pyproject.toml")
-    shutil.copy(root / ".telemetry", project / ".telemetry")
-    (project / "src").mkdir()
+    project = copy_project(work / "project")
     (project / "data" / "01_raw").mkdir(parents=True)
     counts_adata(genes, n_cells).write_h5ad(project / "data" / "01_raw" / "long_cells.h5ad")
     kedro_environment(project, model_dir)
-    kedro = str(Path(sys.executable).with_name("kedro"))
-    command = ["/usr/bin/time", "-v", kedro, "run", "--env", "long_context", f"--pipelines={pipelines}"]
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}
+    arguments = ["run", "--env", "long_context", f"--pipelines={pipelines}"]
     log = work / "kedro.log"
-    start = time.perf_counter()
-    with open(log, "w") as stream:
-        code = subprocess.call(command, cwd=project, env=env, stdout=stream, stderr=subprocess.STDOUT)
+    run = run_kedro(project, arguments, log, env={"TOKENIZERS_PARALLELISM": "false"})
     text = log.read_text()
-    maxrss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     result: dict[str, Any] = {
-        "command": " ".join(command[2:]), "project": str(project), "log": str(log), "returncode": code,
-        "wall_s": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": round(int(maxrss.group(1)) / 1024) if maxrss else None,
+        "command": " ".join([str(KEDRO), *arguments]), "project": str(project), "log": str(log), "returncode": run.returncode,
+        "wall_s": round(run.wall_s, 1), "peak_rss_mb": round(run.peak_rss_mb),
         "room_logged": [line.strip() for line in text.splitlines() if "leaves room" in line][:3],
     }
     for name in ("finetuning_log.json", "evaluation_metrics.json", "embedding_metrics.json", "cell_generation_metrics.json"):
