@@ -75,3 +75,14 @@ def test_tree_memory_sees_memory_this_process_takes():
     memory.stop()
     assert memory.peak_rss - before > 100 * 2**20
     del block
+
+
+def test_the_first_node_is_noticed_in_the_log_and_the_memory_traced(tmp_path):
+    code = "import time; time.sleep(0.3); print('Running node: a', flush=True); time.sleep(1.3)"
+    log = tmp_path / "run.log"
+    run = run_command([sys.executable, "-c", code], tmp_path, log, poll_s=0.05, first_node=True,
+                      rss_trace=tmp_path / "run.rss.tsv")
+    assert run.returncode == 0
+    assert 0.3 <= run.first_node_s < run.wall_s
+    rows = [line.split("\t") for line in (tmp_path / "run.rss.tsv").read_text().splitlines()]
+    assert rows and all(float(unix_time) > 0 and float(gb) >= 0 for unix_time, gb in rows)
