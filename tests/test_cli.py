@@ -24,7 +24,7 @@ def test_an_error_raised_by_the_project_is_recognised_through_kedros_wrapper(tmp
     try:
         raise DatasetError("Failed while loading data from dataset raw_adata.") from ours  # as Kedro wraps it
     except DatasetError as wrapped:
-        assert not raised_on_purpose(wrapped)  # raised here, in the tests, not in the package
+        assert not raised_on_purpose(wrapped)  # Kedro's own wrapper is not a message of the project
         assert user_error(wrapped) is ours
 
 
@@ -37,6 +37,27 @@ def test_a_bug_or_a_librarys_error_is_not_taken_for_a_message():
     with pytest.raises(AttributeError) as bug:
         mlflow_metrics(None)
     assert user_error(bug.value) is None
+
+
+def test_the_package_raises_its_own_errors_only():
+    # An error raised on purpose is a C2SError, so that `kedro run` prints it as one line: a bare
+    # `raise ValueError(...)` added to the package would silently turn its message into a traceback
+    import ast
+    from pathlib import Path
+
+    import c2s_kedro
+
+    builtin = {"ValueError", "KeyError", "TypeError", "IndexError", "RuntimeError", "LookupError", "OSError",
+               "FileNotFoundError", "PermissionError", "DatasetError", "Exception"}
+    found = []
+    for path in Path(c2s_kedro.__file__).parent.rglob("*.py"):
+        if path.name == "harness.py":  # tooling of the tests and benchmarks, never part of a run
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name) \
+                    and node.exc.func.id in builtin:
+                found.append(f"{path.name}:{node.lineno} {node.exc.func.id}")
+    assert not found, found
 
 
 def _command(failure):

@@ -2,8 +2,8 @@
 built-in ones of the same name).
 
 ``kedro run`` is Kedro's own command, except that an error the project raises on purpose (a
-setting to change, a missing input with the fix, a refused overwrite) reaches the user as its
-message, one line, instead of pages of traceback through Kedro's internals; Kedro has already
+``C2SError``: a setting to change, a missing input with the fix, a refused overwrite) reaches the
+user as its message, one line, instead of pages of traceback through Kedro's internals; Kedro has already
 logged which node failed. Any other error (a bug, a library's failure) keeps its full traceback,
 as does every error with ``C2S_TRACEBACK=1`` in the environment.
 """
@@ -12,41 +12,20 @@ from __future__ import annotations
 
 import copy
 import functools
-import linecache
 import os
 import re
 import sys
-from pathlib import Path
 
 import click
 from kedro.framework.cli.project import run as kedro_run
-from kedro.io import DatasetError
 
-PACKAGE = Path(__file__).resolve().parent
-# What the project raises for a user to act on; an exception of another kind (TypeError,
-# AttributeError, ...) raised in the project is a bug and keeps its traceback.
-DELIBERATE = (ValueError, LookupError, OSError, DatasetError)
-
-
-def _innermost_frame(error: BaseException):
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb
+from c2s_kedro.core.errors import C2SError
 
 
 def raised_on_purpose(error: BaseException) -> bool:
-    """Whether ``error`` comes from a ``raise`` statement of this package (a message written for
-    the user) rather than from a failing expression or a library."""
-    if not isinstance(error, DELIBERATE):
-        return False
-    tb = _innermost_frame(error)
-    if tb is None:
-        return False
-    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
-    if not filename.is_relative_to(PACKAGE):
-        return False
-    return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise")
+    """Whether ``error`` is one the project raises for the user to act on (``C2SError``: its message
+    says what to change) rather than a bug or a library's failure."""
+    return isinstance(error, C2SError)
 
 
 def user_error(error: BaseException) -> BaseException | None:

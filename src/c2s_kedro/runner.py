@@ -23,6 +23,9 @@ every save in memory (``KeptInMemory``). Their Kedro plugins' hooks are off
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError
+from c2s_kedro.datasets.errors import C2SDatasetError
+
 import atexit
 import logging
 import os
@@ -52,11 +55,11 @@ BASE_MODELS = ("foundation_model", "perturbation_base_model")
 DEFAULT_INPUTS = ("annotation_raw_adata",)
 
 
-class UserModelOverwriteError(PermissionError):
+class UserModelOverwriteError(C2SError, PermissionError):
     """A node of the run would write a base model whose catalog entry is the user's."""
 
 
-class UserEntryMissingError(FileNotFoundError):
+class UserEntryMissingError(C2SError, FileNotFoundError):
     """A dataset the run needs is missing and its catalog entry is the user's, so the project
     must not create it."""
 
@@ -69,7 +72,7 @@ def _exists(catalog, name: str) -> bool:
     try:
         return catalog.exists(name)
     except DatasetError as error:  # Kedro's message names the dataset class, not the entry
-        raise DatasetError(f"{name}: {error}") from error
+        raise C2SDatasetError(f"{name}: {error}") from error
 
 
 def missing_inputs(pipeline: Pipeline, catalog) -> set[str]:
@@ -316,7 +319,7 @@ class KeptInMemory(AbstractDataset):
         deadline = time.monotonic() + self._timeout_s
         while not self._wrapped.exists():
             if time.monotonic() > deadline:
-                raise DatasetError(
+                raise C2SDatasetError(
                     f"rank {process_rank()} waited {self._timeout_s:.0f} s for rank 0 to write {self._wrapped}; "
                     "rank 0 makes it on its first load. See rank 0's log for why it did not."
                 )

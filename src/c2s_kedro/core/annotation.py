@@ -15,6 +15,8 @@ cell and applies as in training. The annotation pipeline's nodes and the MLflow 
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
+
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -51,7 +53,7 @@ UNASSIGNED = "Unassigned"
 TABLE_COLUMNS = ("label", "confidence")  # then one probability column per label, named by the label
 
 
-class AnnotatorRecordError(ValueError):
+class AnnotatorRecordError(C2SError, ValueError):
     """The model carries no annotator record (it was not fine-tuned here) or no label set."""
 
 
@@ -89,7 +91,7 @@ def training_labels(cell_sentences: Dataset, train_cells: Sequence[str], label_c
     """The labels of the train cells, sorted: the label set a model fine-tuned on them knows (cells
     without a label, ``has_label``, add none)."""
     if label_column not in cell_sentences.column_names:
-        raise KeyError(f"'{label_column}' is not a column of the cell sentences; available: {', '.join(cell_sentences.column_names)}")
+        raise C2SKeyError(f"'{label_column}' is not a column of the cell sentences; available: {', '.join(cell_sentences.column_names)}")
     values = select_cells(cell_sentences, train_cells)[label_column]
     return sorted({str(v) for v, present in zip(values, has_label(values)) if present})
 
@@ -99,7 +101,7 @@ def require_labels_to_tell_apart(labels: Sequence[str], label_column: str) -> No
     to tell apart (and the evaluation's classifiers refuse one class after the whole fine-tuning)."""
     if len(labels) < 2:
         found = f"only the label {labels[0]!r}" if labels else "no label"
-        raise ValueError(
+        raise C2SValueError(
             f"the training cells carry {found} in '{label_column}': cell-type prediction needs at least two labels to "
             "tell apart. Choose another label column (finetuning.label_column), or train for cell_type_generation only "
             "(finetuning.tasks)."
@@ -187,7 +189,7 @@ def known_gene_sentences(adata: ad.AnnData, record: AnnotatorRecord) -> KnownGen
     names = vocabulary_names(adata.var_names)
     known = np.isin(names, np.asarray(record.genes, dtype=str))
     if not known.any():
-        raise ValueError(
+        raise C2SValueError(
             f"none of the {adata.n_vars} genes of the data is known to the model ({len(record.genes)} genes, e.g. "
             f"{', '.join(record.genes[:5])}); the data's genes are e.g. {', '.join(names[:5])}. Cell sentences need gene "
             "symbols of the model's organism: when the var names are Ensembl IDs, name the .var column of symbols"
@@ -247,9 +249,9 @@ def label_cells(
     labels = [str(label) for label in labels]
     clashing = sorted(set(labels) & set(TABLE_COLUMNS))
     if clashing:
-        raise ValueError(f"labels {clashing} coincide with the table's own columns {list(TABLE_COLUMNS)}; rename them")
+        raise C2SValueError(f"labels {clashing} coincide with the table's own columns {list(TABLE_COLUMNS)}; rename them")
     if not 0.0 <= min_probability <= 1.0:
-        raise ValueError(f"min_probability must be between 0 and 1, got {min_probability}")
+        raise C2SValueError(f"min_probability must be between 0 and 1, got {min_probability}")
     scored = np.flatnonzero(np.asarray(sentences.genes_matched) > 0)
     probabilities = np.full((len(prompts), len(labels)), np.nan)
     if scored.size:

@@ -3,6 +3,8 @@ with real cells of the same types."""
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
+
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -151,9 +153,9 @@ def compare_generated_with_real(
     kNN -> UMAP step on that representation.
     """
     if label_key not in real.obs.columns:
-        raise KeyError(f"obs column '{label_key}' not found in the real cells; available: {', '.join(map(str, real.obs.columns))}.")
+        raise C2SKeyError(f"obs column '{label_key}' not found in the real cells; available: {', '.join(map(str, real.obs.columns))}.")
     if list(real.var_names) != list(generated.var_names):
-        raise ValueError("real and generated cells must have the same genes in the same order")
+        raise C2SValueError("real and generated cells must have the same genes in the same order")
     labelled = has_label(real.obs[label_key])
     real_labels = np.where(labelled, real.obs[label_key].astype(str).to_numpy(), NO_LABEL)
     fake_labels = generated.obs["cell_type"].astype(str).to_numpy()
@@ -166,10 +168,10 @@ def compare_generated_with_real(
     n_real = real.n_obs
     fitted = np.ones(n_real, dtype=bool) if train_cells is None else real.obs_names.isin(list(train_cells))
     if not fitted.any():
-        raise ValueError("none of the train cells is among the real cells: the split and the data are not of the same cells")
+        raise C2SValueError("none of the train cells is among the real cells: the split and the data are not of the same cells")
     fitted &= labelled
     if not fitted.any():
-        raise ValueError(f"no train cell has a '{label_key}' label: there is no classifier of real types to recognise generated cells with")
+        raise C2SValueError(f"no train cell has a '{label_key}' label: there is no classifier of real types to recognise generated cells with")
     type_classifier = LogisticRegression(max_iter=2000).fit(both[:n_real][fitted], real_labels[fitted])
     origin = np.array(["real"] * n_real + ["generated"] * generated.n_obs)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
@@ -210,10 +212,10 @@ def _reconstructed_real_accuracy(classifier: LogisticRegression, reconstructed: 
                                  fitted: np.ndarray) -> dict[str, float]:
     """The classifier of real types on real cells in the generated cells' representation."""
     if list(reconstructed.var_names) != list(real.var_names):
-        raise ValueError("the rebuilt real cells must have the real cells' genes in the same order")
+        raise C2SValueError("the rebuilt real cells must have the real cells' genes in the same order")
     seen = sorted(set(reconstructed.obs_names) & set(real.obs_names[fitted]))
     if seen:
-        raise ValueError(
+        raise C2SValueError(
             f"{len(seen)} rebuilt real cells (e.g. {', '.join(seen[:3])}) are among the cells the classifier was trained on: "
             "rebuild held-out (test) cells, or the ceiling reads cells the classifier has seen"
         )

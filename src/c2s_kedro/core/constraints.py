@@ -7,6 +7,8 @@ while decoding; ``postprocess_sentence`` repairs free-running output after the f
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SValueError
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,9 +97,9 @@ class GeneVocabularyConstraint(LogitsProcessor):
     def __init__(self, tokenizer, genes: Sequence[str], stop_text: str = ".", prompt_length: int | None = None,
                  min_genes: int | None = None):
         if min_genes is not None and min_genes < 1:
-            raise ValueError(f"min_genes must be at least 1 (or None: a sequence may stop after any gene), got {min_genes}")
+            raise C2SValueError(f"min_genes must be at least 1 (or None: a sequence may stop after any gene), got {min_genes}")
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; constrained decoding needs one to end sentences")
+            raise C2SValueError("the tokenizer has no EOS token; constrained decoding needs one to end sentences")
         self.eos_token_id = int(tokenizer.eos_token_id)
         self.stop_ids = list(tokenizer(stop_text, add_special_tokens=False)["input_ids"]) if stop_text else []
         self.genes: list[str] = []
@@ -114,7 +116,7 @@ class GeneVocabularyConstraint(LogitsProcessor):
         if skipped:
             logger.warning("%d genes cannot be written by this tokenizer (unknown tokens) and are left out", skipped)
         if not self.genes:
-            raise ValueError("none of the genes can be written with this tokenizer; check the gene names")
+            raise C2SValueError("none of the genes can be written with this tokenizer; check the gene names")
         self.min_genes = min(min_genes, len(self.genes)) if min_genes is not None else 1
         self.fixed_prompt_length = prompt_length
         self.prompt_length = prompt_length
@@ -149,7 +151,7 @@ class GeneVocabularyConstraint(LogitsProcessor):
             if not same_batch:
                 self.prompt_length = self.fixed_prompt_length if self.fixed_prompt_length is not None else width
             if self.prompt_length > width:
-                raise ValueError(f"prompt_length {self.prompt_length} is longer than the input ({width} tokens)")
+                raise C2SValueError(f"prompt_length {self.prompt_length} is longer than the input ({width} tokens)")
             self._start(input_ids, scores.shape[1])
         for row, tokens in enumerate(input_ids[:, self.seen :].tolist()):
             for token in tokens:

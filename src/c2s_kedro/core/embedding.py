@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SValueError
+
 from collections.abc import Sequence
 
 import anndata as ad
@@ -24,13 +26,13 @@ def embedding_adata(
     ``obs['genes_in_prompt']``."""
     names = list(cell_names)
     if len(names) != len(embeddings) or len(names) != len(genes_in_prompt):
-        raise ValueError(
+        raise C2SValueError(
             f"{len(names)} cell names, {len(embeddings)} embeddings and {len(genes_in_prompt)} gene counts: "
             "one of each per cell is needed"
         )
     missing = [n for n in names if n not in source.obs_names]
     if missing:
-        raise ValueError(
+        raise C2SValueError(
             f"{len(missing)} embedded cells are not in the expression data (e.g. {missing[:3]}); the cell sentences "
             "were built from other cells: re-run sentence_conversion on the current processed_adata"
         )

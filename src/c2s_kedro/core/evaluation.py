@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SValueError
+
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,7 +36,7 @@ def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 15) -> float:
     """Mean share of each cell's k nearest neighbours in ``a`` that are also among its k in ``b``."""
     k = min(k, len(a) - 1)
     if k < 1:
-        raise ValueError("kNN overlap needs at least two cells")
+        raise C2SValueError("kNN overlap needs at least two cells")
     neighbours_a = NearestNeighbors(n_neighbors=k + 1).fit(a).kneighbors(a, return_distance=False)[:, 1:]
     neighbours_b = NearestNeighbors(n_neighbors=k + 1).fit(b).kneighbors(b, return_distance=False)[:, 1:]
     shared = (neighbours_a[:, :, None] == neighbours_b[:, None, :]).any(axis=2).sum(axis=1)
@@ -128,7 +130,7 @@ def evaluated_test_cells(test_cells: Sequence[str], max_cells: int | None, seed:
     if max_cells is None or max_cells >= len(cells):
         return cells
     if max_cells < 1:
-        raise ValueError(f"max_test_cells must be at least 1 (or null for all test cells), got {max_cells}")
+        raise C2SValueError(f"max_test_cells must be at least 1 (or null for all test cells), got {max_cells}")
     chosen = np.sort(np.random.default_rng(seed).permutation(len(cells))[:max_cells])
     logger.info("evaluating %d of %d test cells (max_test_cells)", max_cells, len(cells))
     return [cells[i] for i in chosen]
@@ -157,7 +159,7 @@ def cell_type_test_prompts(
     train_labels = table.loc[list(train_cells), label_column]
     labels = sorted(train_labels[has_label(train_labels)].astype(str).unique())
     if not labels:
-        raise ValueError(f"no train cell has a '{label_column}' label: there is nothing to predict")
+        raise C2SValueError(f"no train cell has a '{label_column}' label: there is nothing to predict")
     test = table.loc[list(test_cells)]
     prompts, kept, _ = cell_type_prediction_prompts(
         test["cell_sentence"].tolist(),
@@ -211,7 +213,7 @@ def sentence_rank_baseline(
     the sentences lose and what a model reading them could reach."""
     test_cells, kept = list(test_cells), [int(k) for k in genes_in_prompt]
     if len(kept) != len(test_cells):
-        raise ValueError(f"{len(kept)} gene counts for {len(test_cells)} test cells: the prompts are not of these cells")
+        raise C2SValueError(f"{len(kept)} gene counts for {len(test_cells)} test cells: the prompts are not of these cells")
     train = table.loc[list(train_cells)]
     train = train[has_label(train[label_key])]
     test = table.loc[test_cells]
@@ -242,11 +244,11 @@ def score_predictions(
     first = next(iter(predictions.values()))
     for method, table in predictions.items():  # as strings: a CSV reads names such as "17" back as numbers
         if table["cell_name"].astype(str).tolist() != first["cell_name"].astype(str).tolist():
-            raise ValueError(f"the {method} predictions are not of the same cells as the others: every method is scored on the same cells")
+            raise C2SValueError(f"the {method} predictions are not of the same cells as the others: every method is scored on the same cells")
     labelled = has_label(first["label"])
     n_without = int((~labelled).sum())
     if not labelled.any():
-        raise ValueError(f"none of the {len(first)} test cells has a label: there is nothing to score them against")
+        raise C2SValueError(f"none of the {len(first)} test cells has a label: there is nothing to score them against")
     if n_without:
         logger.warning("%d of %d test cells have no label: their predictions are written but not scored", n_without, len(first))
     metrics: dict[str, float] = {"n_test_cells": float(len(first)), "n_cells_without_label": float(n_without),

@@ -7,6 +7,8 @@ tokens, as in training, and must leave room in the model's context for what come
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SValueError
+
 import copy
 import logging
 import re
@@ -72,18 +74,18 @@ def embed_prompts(
     context (see ``prompts.fit_prompt``).
     """
     if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling '{pooling}'; choose one of: {', '.join(POOLINGS)}")
+        raise C2SValueError(f"unknown pooling '{pooling}'; choose one of: {', '.join(POOLINGS)}")
     tokenizer, model = language_model.tokenizer, language_model.model
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     too_long = [i for i, ids in enumerate(encoded) if len(ids) > language_model.context_length]
     if too_long:
-        raise ValueError(
+        raise C2SValueError(
             f"{len(too_long)} prompts exceed the model's context of {language_model.context_length} tokens "
             f"(e.g. prompt {too_long[0]}: {len(encoded[too_long[0]])} tokens); fit them with prompts.fit_prompt first"
         )
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
-        raise ValueError(f"{len(empty)} prompts are empty (e.g. prompt {empty[0]}); nothing to embed")
+        raise C2SValueError(f"{len(empty)} prompts are empty (e.g. prompt {empty[0]}); nothing to embed")
     body = model.base_model
     device = language_model.device
     side = getattr(tokenizer, "padding_side", "right")
@@ -112,14 +114,14 @@ def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
-        raise ValueError(f"{len(empty)} prompts are empty (e.g. prompt {empty[0]}); a prompt needs at least one token")
+        raise C2SValueError(f"{len(empty)} prompts are empty (e.g. prompt {empty[0]}); a prompt needs at least one token")
     return encoded
 
 
 def _padded(tokenizer, rows: Sequence[Sequence[int]], side: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded on ``side`` to the longest row (``tokenizer.pad``), and the attention mask."""
     if tokenizer.pad_token_id is None:
-        raise ValueError(
+        raise C2SValueError(
             "the tokenizer has no pad token, so prompts cannot be batched; set one first "
             "(tokenizer.pad_token = tokenizer.eos_token, as models.load_model does)"
         )
@@ -208,13 +210,13 @@ def score_labels(
     tokenizer, model = language_model.tokenizer, language_model.model
     labels = [str(label) for label in labels]
     if not labels:
-        raise ValueError("no labels to score; pass the candidate cell types")
+        raise C2SValueError("no labels to score; pass the candidate cell types")
     if len(set(labels)) != len(labels):
         repeated = sorted({label for label in labels if labels.count(label) > 1})
-        raise ValueError(f"labels must be unique; repeated: {', '.join(repeated)}")
+        raise C2SValueError(f"labels must be unique; repeated: {', '.join(repeated)}")
     attention = getattr(model.config, "_attn_implementation", "sdpa")
     if attention not in MASKABLE_ATTENTION:
-        raise ValueError(
+        raise C2SValueError(
             f"label scoring needs an attention implementation that takes a 4D mask ({', '.join(MASKABLE_ATTENTION)}); "
             f"the model uses '{attention}'. Call model.set_attn_implementation('sdpa') first"
         )
@@ -228,7 +230,7 @@ def score_labels(
     too_long = [i for i, ids in enumerate(encoded) if len(ids) + longest > context]
     if too_long:
         first = too_long[0]
-        raise ValueError(
+        raise C2SValueError(
             f"{len(too_long)} prompts leave no room for the answer: prompt {first} has {len(encoded[first])} tokens "
             f"and the longest label answer {longest}, together more than the model's context of {context} tokens. "
             f"Fit the prompts to {context - longest} tokens with prompts.fit_prompt first"
@@ -271,11 +273,11 @@ def predict_labels(
 
 def _check_room(encoded: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> None:
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise C2SValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     too_long = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > context]
     if too_long:
         first = too_long[0]
-        raise ValueError(
+        raise C2SValueError(
             f"prompt {first} has {len(encoded[first])} tokens and max_new_tokens is {max_new_tokens}: "
             f"{len(encoded[first]) + max_new_tokens} tokens, more than the model's context of {context} "
             f"({len(too_long)} prompts affected). Generating past the context produces garbage, so nothing was "
@@ -336,7 +338,7 @@ def _processors(
     processors = LogitsProcessorList([constraint] if constraint is not None else [])
     if do_sample:
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive for sampling, got {temperature}")
+            raise C2SValueError(f"temperature must be positive for sampling, got {temperature}")
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))
         if top_k:
@@ -399,16 +401,16 @@ def generate_texts(
     one more forward pass per step, so what the prompt says beyond that weighs more. 1: off.
     """
     if guidance_scale < 1.0:
-        raise ValueError(f"guidance_scale must be at least 1 (1: no guidance), got {guidance_scale}")
+        raise C2SValueError(f"guidance_scale must be at least 1 (1: no guidance), got {guidance_scale}")
     if unconditional_prompts is not None and len(unconditional_prompts) != len(prompts):
-        raise ValueError(f"{len(unconditional_prompts)} unconditional prompts for {len(prompts)} prompts: give one per prompt")
+        raise C2SValueError(f"{len(unconditional_prompts)} unconditional prompts for {len(prompts)} prompts: give one per prompt")
     tokenizer, model = language_model.tokenizer, language_model.model
     encoded = _encode_prompts(tokenizer, prompts)
     _check_room(encoded, max_new_tokens, language_model.context_length)
     device = language_model.device
     if expected_answers is not None:
         if do_sample or logits_processor_factory is not None or guidance_scale != 1.0:
-            raise ValueError(
+            raise C2SValueError(
                 "expected_answers speed up greedy decoding only; leave them out when sampling, with "
                 "guidance or when a logits processor is given"
             )
@@ -614,7 +616,7 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     all rows; the state comes with the forward pass as the ``shared_prefix`` keyword."""
     state: _SharedPrefix | None = kwargs.get("shared_prefix")
     if state is None:
-        raise ValueError(f"the '{SHARED_PREFIX_ATTENTION}' attention needs the shared_prefix keyword in the forward pass")
+        raise C2SValueError(f"the '{SHARED_PREFIX_ATTENTION}' attention needs the shared_prefix keyword in the forward pass")
     layer = getattr(module, "layer_idx", None)
     # math other than softmax(q k / sqrt(d)) v over every cached position, or a step of more than one token
     altered = any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sliding_window"))
@@ -699,7 +701,7 @@ def _gumbel_max(scores: torch.Tensor) -> torch.Tensor:
     noise = torch.rand(scores.shape, device=scores.device).log_().neg_().log_()  # log(-log U) = -G
     best, tokens = (scores.float() - noise).max(-1)
     if not bool(torch.isfinite(best).all()):
-        raise ValueError("a row has no token to sample (every score is -inf or NaN after the logits processors)")
+        raise C2SValueError("a row has no token to sample (every score is -inf or NaN after the logits processors)")
     return tokens
 
 
@@ -767,7 +769,7 @@ def sample_continuations(
     copied to every row.
     """
     if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        raise C2SValueError(f"n_samples must be at least 1, got {n_samples}")
     tokenizer, model = language_model.tokenizer, language_model.model
     ids = _encode_prompts(tokenizer, [prompt])[0]
     _check_room([ids], max_new_tokens, language_model.context_length)

@@ -10,6 +10,8 @@ machine cannot honour is refused before any weight is read.
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError, C2SValueError
+
 import dataclasses
 import importlib.util
 import inspect
@@ -70,7 +72,7 @@ class LanguageModel:
         return next(self.model.parameters()).device
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(C2SError, FileNotFoundError):
     """A model source that is neither a model directory nor a hub model this machine can read.
 
     ``hub_id`` is set when the source was tried as a hub id; ``local_dir`` is then the folder name
@@ -83,7 +85,7 @@ class ModelNotFoundError(FileNotFoundError):
         self.local_dir = f"models/{hub_id.split('/')[-1]}" if hub_id else None
 
 
-class UnsupportedLoadSettingError(ValueError):
+class UnsupportedLoadSettingError(C2SError, ValueError):
     """A load setting that is malformed or that this machine cannot honour (no CUDA, a missing package)."""
 
 
@@ -304,7 +306,7 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
+        raise C2SValueError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and DTYPES[dtype] == torch.float16:
         logger.info("dtype %s requested on CPU: using float32", dtype)
         return torch.float32
@@ -369,7 +371,7 @@ def hub_model_available(source: str | ModelSource) -> bool:
     """
     source = model_source(source)
     if not source.is_hub:
-        raise ValueError(f"{source} is not a hub id")
+        raise C2SValueError(f"{source} is not a hub id")
     if in_hub_cache(source.hub_id):
         return True
     if not hub_reachable():
@@ -459,10 +461,10 @@ def build_gpt_neox(tokenizer, architecture: dict[str, Any], seed: int = 0) -> La
     settings = dict(architecture)
     missing = [key for key in ARCHITECTURE_KEYS if key not in settings]
     if missing:
-        raise ValueError(f"the architecture lacks {', '.join(missing)}; it needs {', '.join(ARCHITECTURE_KEYS)}")
+        raise C2SValueError(f"the architecture lacks {', '.join(missing)}; it needs {', '.join(ARCHITECTURE_KEYS)}")
     settings.setdefault("intermediate_size", 4 * settings["hidden_size"])
     if settings["hidden_size"] % settings["num_attention_heads"]:
-        raise ValueError(
+        raise C2SValueError(
             f"hidden_size {settings['hidden_size']} is not divisible by num_attention_heads "
             f"{settings['num_attention_heads']}"
         )

@@ -11,6 +11,8 @@ which genes of the screen each perturbation targets, for every step that needs i
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
+
 import itertools
 import logging
 import re
@@ -203,7 +205,7 @@ def log_screen_targets(report: dict[str, Any], genes: str, level: int = logging.
                     _listed(report["combinations"]))
 
 
-class ScreenLayoutError(KeyError):
+class ScreenLayoutError(C2SError, KeyError):
     """The screen lacks a column or label of ``ScreenColumns``; ``field`` names which one."""
 
     def __init__(self, message: str, field: str) -> None:
@@ -233,7 +235,7 @@ def check_screen(adata: ad.AnnData, columns: ScreenColumns) -> None:
             f"(most common values: {common}).", "control_label",
         )
     if written.nunique() < 2:
-        raise ValueError(f"the screen holds only control cells ('{columns.control_label}'); there is nothing to predict")
+        raise C2SValueError(f"the screen holds only control cells ('{columns.control_label}'); there is nothing to predict")
     if columns.batch is not None and columns.batch not in adata.obs.columns:
         raise ScreenLayoutError(
             f"batch column '{columns.batch}' is not in the screen's .obs (columns: "
@@ -372,7 +374,7 @@ def perturbation_prompts(
     keep = [c for c in ("cell_name", columns.perturbation, columns.batch) if c]
     missing = [c for c in keep if c not in sentences.column_names]
     if missing:
-        raise KeyError(f"column(s) {missing} are not in the screen's cell sentences; convert them with the sentences")
+        raise C2SKeyError(f"column(s) {missing} are not in the screen's cell sentences; convert them with the sentences")
     obs = sentences.select_columns(keep).to_pandas().set_index("cell_name")
     lookup = top_k_sentences(sentences, top_k_genes)
     perturbations = sorted({name for part in ("train", "val", "test", "test_seen") for name in split.get(f"{part}_perturbations", [])})
@@ -418,10 +420,10 @@ def posterior_prompt_pairs(split: dict[str, Any], columns: ScreenColumns, senten
     perturbation's samples comparable with the control label's: the difference is the name alone.
     Columns as ``paired_sentences`` (no perturbed cell) plus ``evaluation``."""
     if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 1:
-        raise ValueError(f"the control cells of the posterior prompts must be a positive number, got {n_controls!r}")
+        raise C2SValueError(f"the control cells of the posterior prompts must be a positive number, got {n_controls!r}")
     pool = list(split["control_test"])
     if not pool:
-        raise ValueError("the split has no test control cell to build posterior prompts on")
+        raise C2SValueError("the split has no test control cell to build posterior prompts on")
     rng = np.random.default_rng([seed, 11])
     controls = [pool[i] for i in np.sort(rng.choice(len(pool), size=min(n_controls, len(pool)), replace=False))]
     names = [(evaluation, name) for evaluation, part in EVALUATIONS.items() if part in split
@@ -465,7 +467,7 @@ def synthetic_knockdown_pairs(
     each, so that a model learns to knock down whatever gene is named rather than the few targets of
     the screen. Columns as ``paired_sentences``."""
     if per_control < 0:
-        raise ValueError(f"synthetic pairs per control cell must be 0 or more, got {per_control}")
+        raise C2SValueError(f"synthetic pairs per control cell must be 0 or more, got {per_control}")
     rng = np.random.default_rng(seed)
     if same_cell:  # the control cell itself, knocked down: its sentence is the answer but for the target
         cells = [str(c) for c in controls for _ in range(per_control)]
@@ -521,10 +523,10 @@ def pair_with_controls(
     row per pair: ``perturbed_cell``, ``control_cell``, ``perturbation``, ``batch``, ``same_batch``.
     """
     if controls_per_cell < 1:
-        raise ValueError(f"controls_per_cell must be at least 1, got {controls_per_cell}")
+        raise C2SValueError(f"controls_per_cell must be at least 1, got {controls_per_cell}")
     controls = pd.Index(controls)
     if len(controls) == 0:
-        raise ValueError("no control cell to pair with: the control part of the split is empty")
+        raise C2SValueError("no control cell to pair with: the control part of the split is empty")
     rng = np.random.default_rng(seed)
     perturbed = pd.Index(perturbed)
     if columns.batch is not None:
@@ -587,14 +589,14 @@ def split_screen(
     """
     fractions = dict(fractions or {"train": 0.8, "val": 0.1, "test": 0.1})
     if mode not in ("perturbations", "cells"):
-        raise ValueError(f"split mode must be 'perturbations' or 'cells', got '{mode}'")
+        raise C2SValueError(f"split mode must be 'perturbations' or 'cells', got '{mode}'")
     if sorted(fractions) != sorted(SPLIT_PARTS):
-        raise ValueError(f"split fractions must name exactly train, val and test; got {fractions}")
+        raise C2SValueError(f"split fractions must name exactly train, val and test; got {fractions}")
     fractions = {part: float(fractions[part]) for part in SPLIT_PARTS}
     if isinstance(seen_test_fraction, bool) or not 0.0 <= float(seen_test_fraction) < 1.0:
-        raise ValueError(f"seen_test_fraction must be at least 0 and below 1, got {seen_test_fraction!r}")
+        raise C2SValueError(f"seen_test_fraction must be at least 0 and below 1, got {seen_test_fraction!r}")
     if seen_test_fraction and mode != "perturbations":
-        raise ValueError("seen_test_fraction holds out cells of seen perturbations beside held-out perturbations: it needs "
+        raise C2SValueError("seen_test_fraction holds out cells of seen perturbations beside held-out perturbations: it needs "
                          "mode 'perturbations' (mode 'cells' already tests held-out cells of seen perturbations); set it to 0")
     cut = {part: fractions[part] for part in _SCREEN_CUT_ORDER}
     labels = obs[columns.perturbation].astype(str)
@@ -613,14 +615,14 @@ def split_screen(
             test_perturbations = sorted({perturbation_label(name, columns) for name in test_perturbations})
             unknown = sorted(set(test_perturbations) - set(names))
             if unknown:
-                raise ValueError(f"test_perturbations {unknown} are not perturbations of the screen")
+                raise C2SValueError(f"test_perturbations {unknown} are not perturbations of the screen")
             rest = [n for n in names if n not in set(test_perturbations)]
             val = min(1.0, fractions["val"] / max(1e-9, 1.0 - fractions["test"]))  # of the perturbations not held out
             chosen = split_names(rest, {"val": val, "train": 1.0 - val}, rng)
             chosen["test"] = sorted(test_perturbations)
         else:
             if len(names) < 3:
-                raise ValueError(
+                raise C2SValueError(
                     f"holding out perturbations needs at least 3 of them (train, val, test); the screen has {len(names)}. "
                     "Hold out cells instead (mode 'cells')."
                 )
@@ -646,7 +648,7 @@ def split_screen(
         perturbations = {part: sorted(labels.loc[parts[part]].unique()) for part in parts}
     parts = {part: sorted(cells) for part, cells in parts.items()}
     if not parts["test"] or not parts["train"]:
-        raise ValueError("the split left no training or no test cells; use more cells or other fractions")
+        raise C2SValueError("the split left no training or no test cells; use more cells or other fractions")
     for part in ("train", "test"):
         if parts[part] and len(control_parts[part]) < FEW_CONTROLS:
             logger.warning(
@@ -656,7 +658,7 @@ def split_screen(
                 part, int(is_control.sum()), part,
             )
     if seen_test_fraction and not parts["test_seen"]:
-        raise ValueError(f"seen_test_fraction {seen_test_fraction} holds out no cell of the seen perturbations (too few "
+        raise C2SValueError(f"seen_test_fraction {seen_test_fraction} holds out no cell of the seen perturbations (too few "
                          "cells each); raise it, or set it to 0")
     return {
         "mode": mode,
@@ -700,14 +702,14 @@ class PerturbationPromptFormatter(PromptFormatter):
     ) -> None:
         super().__init__(seed=seed)
         if on_overflow not in ("shorten", "error"):
-            raise ValueError(f"on_overflow must be 'shorten' or 'error', got '{on_overflow}'")
+            raise C2SValueError(f"on_overflow must be 'shorten' or 'error', got '{on_overflow}'")
         self.templates = load_templates(PERTURBATION_TASK)
         if template is not None and not (isinstance(template, int) and 0 <= template < len(self.templates.inputs)):
-            raise ValueError(f"template must be null or the index of one of the {len(self.templates.inputs)} "
+            raise C2SValueError(f"template must be null or the index of one of the {len(self.templates.inputs)} "
                              f"{PERTURBATION_TASK} templates (0-{len(self.templates.inputs) - 1}), got {template!r}")
         for name, value in (("top_k_genes", top_k_genes), ("control_top_k_genes", control_top_k_genes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be null or a positive number of genes, got {value!r}")
+                raise C2SValueError(f"{name} must be null or a positive number of genes, got {value!r}")
         self.template = template
         self.columns = columns
         self.top_k_genes = top_k_genes
@@ -762,7 +764,7 @@ class PerturbationPromptFormatter(PromptFormatter):
     def format_dataset(self, dataset: Dataset, batch_size: int = 1000) -> Dataset:
         missing = [c for c in self.required_columns() if c not in dataset.column_names]
         if missing:
-            raise KeyError(f"{type(self).__name__} needs column(s) {missing}; available: {', '.join(dataset.column_names)}")
+            raise C2SKeyError(f"{type(self).__name__} needs column(s) {missing}; available: {', '.join(dataset.column_names)}")
         self.rng = np.random.default_rng(self.seed)
         self.n_shortened = 0
         formatted = dataset.map(
@@ -794,7 +796,7 @@ def target_words(perturbations: Sequence[str], vocabulary: Sequence[str], column
     return sorted({target for name in perturbations for target in perturbation_targets(name, columns)} - known)
 
 
-class TargetTokenError(LookupError):
+class TargetTokenError(C2SError, LookupError):
     """A gene-level tokenizer has no token for a perturbation target (no setting changes that: the
     model's tokenizer does)."""
 
@@ -857,9 +859,9 @@ def sample_posterior(
     (words post-processing would have removed; 0 under the constraint).
     """
     if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+        raise C2SValueError(f"n_samples must be at least 1, got {n_samples}")
     if not temperatures or any(t <= 0 for t in temperatures):
-        raise ValueError(f"temperatures must be positive, got {list(temperatures)}")
+        raise C2SValueError(f"temperatures must be positive, got {list(temperatures)}")
     tokenizer = language_model.tokenizer
     lengths = count_tokens(tokenizer, prompts)
     context = language_model.context_length
@@ -876,7 +878,7 @@ def sample_posterior(
         constraint = GeneVocabularyConstraint(tokenizer, genes, min_genes=min_genes)
         needed = int(np.ceil(constraint.min_genes * constraint.tokens_per_gene)) + 1  # and EOS
         if needed > max_new_tokens:
-            raise ValueError(
+            raise C2SValueError(
                 f"min_genes={min_genes} needs about {needed} new tokens ({constraint.tokens_per_gene:.2f} per gene and "
                 f"EOS) but max_new_tokens is {max_new_tokens}: samples would be cut short. Nothing was sampled. Raise "
                 "max_new_tokens or lower min_genes"
@@ -907,10 +909,10 @@ def choose_perturbations(
     if which is None:
         return available
     if isinstance(which, bool) or not isinstance(which, int | list | tuple):
-        raise ValueError(f"the perturbations to sample must be null (all), a number or a list of names, got {which!r}")
+        raise C2SValueError(f"the perturbations to sample must be null (all), a number or a list of names, got {which!r}")
     if isinstance(which, int):
         if which < 1:
-            raise ValueError(f"the number of perturbations to sample must be at least 1, got {which}")
+            raise C2SValueError(f"the number of perturbations to sample must be at least 1, got {which}")
         if which >= len(available):
             return available
         # its own stream, so that the prompts drawn for a perturbation do not depend on this choice
@@ -918,7 +920,7 @@ def choose_perturbations(
     names = sorted({perturbation_label(str(name), columns) for name in which})
     unknown = [name for name in names if name not in set(available)]
     if unknown or not names:
-        raise ValueError(
+        raise C2SValueError(
             f"perturbations {unknown or '[]'} are not among the {len(available)} held-out perturbations with test prompts "
             f"(e.g. {', '.join(available[:5])}); name held-out ones, or give a number or null"
         )
@@ -935,11 +937,11 @@ def choose_posterior_prompts(
     needed = ["evaluation", "perturbation", "control_cell", "model_input", "n_control_genes", "max_new_tokens"]
     missing = [c for c in needed if c not in posterior_prompts.column_names]
     if missing:
-        raise KeyError(f"the posterior prompts lack column(s) {missing}; they have {', '.join(posterior_prompts.column_names)}. "
+        raise C2SKeyError(f"the posterior prompts lack column(s) {missing}; they have {', '.join(posterior_prompts.column_names)}. "
                        "Rerun perturbation_data so its prompts have a posterior part")
     table = posterior_prompts.select_columns(needed).to_pandas()
     if not (table["evaluation"] == "heldout").any():
-        raise ValueError("there are no held-out perturbation prompts to sample from")
+        raise C2SValueError("there are no held-out perturbation prompts to sample from")
     keep = table["evaluation"] == "control"
     for evaluation, which, stream in (("heldout", perturbations, seed), ("seen", seen_perturbations, seed + 1)):
         rows = table["evaluation"] == evaluation
@@ -996,7 +998,7 @@ def posterior_statistics(
     """
     matrix = sp.csr_matrix(expression, dtype=np.float64)  # float64: aggregate's variance keeps its precision
     if matrix.shape[0] != len(groups):
-        raise ValueError(f"{matrix.shape[0]} samples but {len(groups)} group rows")
+        raise C2SValueError(f"{matrix.shape[0]} samples but {len(groups)} group rows")
     keys = groups.reset_index(drop=True)
     codes, uniques = pd.MultiIndex.from_frame(keys.astype(str)).factorize()
     n_groups = len(uniques)
@@ -1025,7 +1027,7 @@ def posterior_expression(samples: pd.DataFrame, genes: Sequence[str], rank_fit: 
     """
     missing = [c for c in ("sentence", "perturbation", "temperature") if c not in samples.columns]
     if missing:
-        raise KeyError(f"the posterior samples lack column(s) {missing}; they have {', '.join(map(str, samples.columns))}")
+        raise C2SKeyError(f"the posterior samples lack column(s) {missing}; they have {', '.join(map(str, samples.columns))}")
     genes = list(genes)
     sentences = samples["sentence"].fillna("")
     matrix, n_unknown = reconstruct_expression(sentences.tolist(), genes, rank_fit)

@@ -9,6 +9,8 @@ the knockdown (clearly positive) from a deaf one (about 0).
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
+
 import logging
 from collections.abc import Sequence
 
@@ -79,19 +81,19 @@ def input_sensitivity(
     """
     missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
     if missing:
-        raise KeyError(
+        raise C2SKeyError(
             f"the perturbation pairs lack column(s) {', '.join(repr(c) for c in missing)}; they have "
             f"{', '.join(pairs.column_names)}. Build them with perturbation.paired_sentences"
         )
     if n_pairs < 1:
-        raise ValueError(f"n_pairs must be at least 1, got {n_pairs}")
+        raise C2SValueError(f"n_pairs must be at least 1, got {n_pairs}")
     if pairs.num_rows == 0:
-        raise ValueError("there are no perturbation pairs to score")
+        raise C2SValueError("there are no perturbation pairs to score")
     control = str(control_label).upper()
     names = np.asarray([str(name) for name in pairs["perturbation"]], dtype=object)
     perturbed_rows = np.flatnonzero([name.upper() != control for name in names])
     if perturbed_rows.size == 0:
-        raise ValueError(
+        raise C2SValueError(
             f"every pair is a control -> control pair ('{control_label}'); input sensitivity needs pairs of perturbed cells"
         )
     if perturbed_rows.size < names.size:
@@ -236,7 +238,7 @@ def _score_variants(
     too_long = [i for i, ids in enumerate(input_ids) if len(ids) > context]
     if too_long:
         first = too_long[0]
-        raise ValueError(
+        raise C2SValueError(
             f"{len(too_long)} scored samples exceed the model's context of {context} tokens (e.g. pair "
             f"{first % len(targets)} of variant '{list(variants)[first // len(targets)]}': {len(input_ids[first])} "
             "tokens); build the formatter with tokenizer=language_model.tokenizer and "

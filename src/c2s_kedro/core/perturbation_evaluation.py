@@ -17,6 +17,8 @@ real cells in one PCA/UMAP space for plotting.
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
+
 import logging
 import os
 import tempfile
@@ -230,7 +232,7 @@ class CoexpressionNeighboursBaseline:
 
     def __init__(self, n_neighbours: int = 3) -> None:
         if n_neighbours < 1:
-            raise ValueError(f"n_neighbours must be at least 1, not {n_neighbours}")
+            raise C2SValueError(f"n_neighbours must be at least 1, not {n_neighbours}")
         self.n_neighbours = n_neighbours
 
     def fit(self, controls, deltas: dict[str, np.ndarray], genes: Sequence[str],
@@ -300,12 +302,12 @@ def sentence_space_cells(
     a time from the Arrow table (a screen's whole sentences as Python strings are GBs)."""
     missing = [c for c in (CELL_NAME, CELL_SENTENCE, column) if c not in cell_sentences.column_names]
     if missing:
-        raise KeyError(f"column(s) {missing} are not in the cell sentences (columns: {', '.join(cell_sentences.column_names)})")
+        raise C2SKeyError(f"column(s) {missing} are not in the cell sentences (columns: {', '.join(cell_sentences.column_names)})")
     index = pd.Index(cell_sentences.select_columns([CELL_NAME]).with_format("arrow")[:].column(CELL_NAME).to_pylist())
     positions = index.get_indexer(list(names))
     if (positions < 0).any():
         absent = [name for name, at in zip(names, positions) if at < 0]
-        raise ValueError(
+        raise C2SValueError(
             f"{len(absent)} of the {len(names)} cells asked for have no cell sentence (e.g. {', '.join(absent[:3])}): "
             "the split and the sentences are not of the same cells"
         )
@@ -352,7 +354,7 @@ def fit_baselines(
     labels = train.obs[column].astype(str).to_numpy()
     is_control = labels == control_label
     if not is_control.any() or is_control.all():
-        raise ValueError("the training part needs both control and perturbed cells to build the baselines")
+        raise C2SValueError("the training part needs both control and perturbed cells to build the baselines")
     means = group_means(train, column)
     control_mean = means[control_label]
     deltas = {name: means[name] - control_mean for name in np.unique(labels[~is_control])}
@@ -515,7 +517,7 @@ def normalized_scores(summary: pd.DataFrame, baseline: str = MEAN_BASELINE) -> d
 
     table = summary.set_index("method")
     if baseline not in table.index:
-        raise ValueError(f"no '{baseline}' among the methods ({', '.join(map(str, table.index))}): nothing to normalize to")
+        raise C2SValueError(f"no '{baseline}' among the methods ({', '.join(map(str, table.index))}): nothing to normalize to")
     metrics = [metric for metric in CELL_EVAL_METRICS if metric in table.columns]
 
     def aggregate(method: str) -> pl.DataFrame:  # the shape cell-eval's aggregate results have
@@ -578,7 +580,7 @@ def score_methods(
         predicted = predicted[:, list(real.var_names)].copy()
         missing = sorted(set(perturbations) - set(predicted.obs[column].astype(str)))
         if missing:
-            raise ValueError(f"method '{method}' has no predicted cells for {missing}")
+            raise C2SValueError(f"method '{method}' has no predicted cells for {missing}")
         results, de_real = _cell_eval(predicted, real, column, control_label, de_real, threads)
         de_table = de_real.to_pandas()
         predicted_means = group_means(predicted, column)
@@ -685,7 +687,7 @@ def baseline_mean_scores(
     labels = real.obs[column].astype(str)
     is_control = (labels == control_label).to_numpy()
     if not is_control.any():
-        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+        raise C2SValueError(f"the real test cells have no control cell ('{control_label}')")
     names = sorted(set(labels[~is_control]))
     counts = labels.value_counts()
     keep = _used_genes(real.X, train.X)
@@ -744,7 +746,7 @@ def _truth_by_gene(truth: pd.DataFrame | None) -> pd.DataFrame | None:
     if truth is None or truth.empty:
         return None
     if "gene" not in truth.columns:
-        raise KeyError(f"the simulated truth needs a 'gene' column; it has {', '.join(map(str, truth.columns))}")
+        raise C2SKeyError(f"the simulated truth needs a 'gene' column; it has {', '.join(map(str, truth.columns))}")
     return truth.set_index("gene")
 
 
@@ -756,7 +758,7 @@ def model_method(temperature: float) -> str:
 def _require_sample_columns(samples: ad.AnnData, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in samples.obs.columns]
     if missing:
-        raise KeyError(f"the posterior samples lack .obs column(s) {missing}; they have {', '.join(map(str, samples.obs.columns))}"
+        raise C2SKeyError(f"the posterior samples lack .obs column(s) {missing}; they have {', '.join(map(str, samples.obs.columns))}"
                        " (posterior_expression writes them from the samples table)")
 
 
@@ -789,14 +791,14 @@ def scores_vs_own_control(
     can still reward a shift shared by every perturbation. Without control-label rows: no rows."""
     _require_sample_columns(samples, (SAMPLE_PERTURBATION, "temperature"))
     if list(real.var_names) != list(samples.var_names):
-        raise ValueError("the samples and the real test cells must have the same genes")
+        raise C2SValueError("the samples and the real test cells must have the same genes")
     labels = samples.obs[SAMPLE_PERTURBATION].astype(str).to_numpy()
     temperatures = samples.obs["temperature"].to_numpy(dtype=float)
     prompts = samples.obs["control_cell"].astype(str).to_numpy() if "control_cell" in samples.obs.columns else None
     matrix = sp.csr_matrix(samples.X)
     real_means = group_means(real, column)
     if control_label not in real_means:
-        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+        raise C2SValueError(f"the real test cells have no control cell ('{control_label}')")
     if truth is not None:
         truth_genes = [i for i, g in enumerate(samples.var_names) if g in truth.index]
         truth_values = truth.loc[samples.var_names[truth_genes]]
@@ -806,7 +808,7 @@ def scores_vs_own_control(
         own = at_t & (labels == control_label)
         for name in sorted(set(labels[at_t]) - {control_label}):
             if name not in real_means:
-                raise ValueError(f"perturbation '{name}' has samples but no real test cells")
+                raise C2SValueError(f"perturbation '{name}' has samples but no real test cells")
             mine = at_t & (labels == name)
             same_prompts = own & np.isin(prompts, prompts[mine]) if prompts is not None else np.zeros_like(own)
             reference = same_prompts if same_prompts.any() else own
@@ -880,7 +882,7 @@ def knockdown_diagnostics(
     _require_sample_columns(samples, (SAMPLE_PERTURBATION, "temperature"))
     genes = list(samples.var_names)
     if list(real.var_names) != genes:
-        raise ValueError("the samples and the real test cells must have the same genes")
+        raise C2SValueError("the samples and the real test cells must have the same genes")
     top_k = len(genes) if top_k is None else int(top_k)
     targets = ScreenTargets(genes, ScreenColumns(perturbation=column, control_label=control_label, batch=None,
                                                  gene_symbol=None, combination_separator=combination_separator))
@@ -892,11 +894,11 @@ def knockdown_diagnostics(
     real_matrix = sp.csr_matrix(real.X)
     real_controls = real_matrix[real_labels == control_label]
     if real_controls.shape[0] == 0:
-        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+        raise C2SValueError(f"the real test cells have no control cell ('{control_label}')")
     names = sorted(set(labels) - {control_label})
     absent = [name for name in names if name not in set(real_labels)]
     if absent:
-        raise ValueError(f"perturbations {absent} have samples but no real test cells")
+        raise C2SValueError(f"perturbations {absent} have samples but no real test cells")
     # each target of each perturbation and its gene's column (None: not among the genes)
     pairs = {name: list(zip(targets.targets(name), targets.positions(name))) or [(name, None)] for name in names}
     real_statistics = {(name, target): (_target_statistics(real_controls, i, top_k),
@@ -1029,22 +1031,22 @@ def evaluate_posterior(
     threads = threads or min(2, os.cpu_count() or 1)
     genes = list(samples.var_names)
     if list(real.var_names) != genes or list(train.var_names) != genes:
-        raise ValueError("the samples, the real test cells and the training cells must have the same genes")
+        raise C2SValueError("the samples, the real test cells and the training cells must have the same genes")
     _require_sample_columns(samples, (SAMPLE_PERTURBATION, "temperature"))
     is_own_control = (samples.obs[SAMPLE_PERTURBATION].astype(str) == control_label).to_numpy()
     perturbed = samples[~is_own_control]
     evaluated = sorted(set(perturbed.obs[SAMPLE_PERTURBATION].astype(str)))
     if not evaluated:
-        raise ValueError(f"the posterior samples hold only the control label '{control_label}': no perturbation to score")
+        raise C2SValueError(f"the posterior samples hold only the control label '{control_label}': no perturbation to score")
     labels = real.obs[column].astype(str)
     unseen = sorted(set(evaluated) - set(labels))
     if unseen:
-        raise ValueError(f"perturbations {unseen} have samples but no real test cells")
+        raise C2SValueError(f"perturbations {unseen} have samples but no real test cells")
     every_heldout = real
     real = real[labels.isin(evaluated + [control_label]).to_numpy()].copy()
     is_control = (real.obs[column].astype(str) == control_label).to_numpy()
     if not is_control.any():
-        raise ValueError(f"the real test cells have no control cell ('{control_label}')")
+        raise C2SValueError(f"the real test cells have no control cell ('{control_label}')")
     controls = real[is_control].copy()
     counts = real.obs[column].astype(str).value_counts()
     predictions: dict[str, ad.AnnData] = {}
@@ -1124,7 +1126,7 @@ def posterior_embedding(
     sample_labels = samples.obs[SAMPLE_PERTURBATION].astype(str)
     names = sorted(set(sample_labels))[:max_perturbations]
     if not names:
-        raise ValueError("there are no posterior samples to embed")
+        raise C2SValueError("there are no posterior samples to embed")
     chosen = samples[sample_labels.isin(names).to_numpy()]
     real_labels = real.obs[column].astype(str)
     chosen_real = real[real_labels.isin(names + [control_label]).to_numpy()]

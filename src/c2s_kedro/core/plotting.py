@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
+
 from collections.abc import Sequence
 
 import anndata as ad
@@ -47,9 +49,9 @@ def umap_plot(adata: ad.AnnData, color: str, basis: str = "X_umap", title: str |
     import scanpy as sc
 
     if basis not in adata.obsm:
-        raise KeyError(f"no '{basis}' coordinates in .obsm (it has {', '.join(adata.obsm) or 'none'})")
+        raise C2SKeyError(f"no '{basis}' coordinates in .obsm (it has {', '.join(adata.obsm) or 'none'})")
     if color not in adata.obs.columns:
-        raise KeyError(f"obs column '{color}' not found; available: {', '.join(map(str, adata.obs.columns))}")
+        raise C2SKeyError(f"obs column '{color}' not found; available: {', '.join(map(str, adata.obs.columns))}")
     # scanpy writes a categorical's colours to .uns: draw a copy of the column and coordinates only
     uns = {f"{color}_colors": adata.uns[f"{color}_colors"]} if f"{color}_colors" in adata.uns else {}
     view = ad.AnnData(obs=adata.obs[[color]].copy(), obsm={basis: np.asarray(adata.obsm[basis])[:, :2]}, uns=uns)
@@ -168,7 +170,7 @@ def confusion_matrix_plot(matrix: np.ndarray, labels: Sequence[str], title: str)
 
     matrix = np.asarray(matrix)
     if matrix.shape != (len(labels), len(labels)):
-        raise ValueError(f"a {matrix.shape} confusion matrix for {len(labels)} labels")
+        raise C2SValueError(f"a {matrix.shape} confusion matrix for {len(labels)} labels")
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = 2.5 + 0.55 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1.5, size), constrained_layout=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SValueError
+
 import copy
 import logging
 from dataclasses import dataclass
@@ -63,7 +65,7 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
         counts[f"cells_removed_{name}"] = int(np.count_nonzero(keep & ~passes))
         keep &= passes
     if not keep.any():
-        raise ValueError(f"QC removed all {adata.n_obs} cells ({_removed_summary(counts)}); relax the thresholds.")
+        raise C2SValueError(f"QC removed all {adata.n_obs} cells ({_removed_summary(counts)}); relax the thresholds.")
     genes = np.ones(adata.n_vars, dtype=bool)
     if thresholds.min_cells_per_gene:
         # scanpy's filter_genes(min_cells): cells with a positive count per gene, kept as var["n_cells"]
@@ -74,7 +76,7 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
                     int(np.count_nonzero(~genes)), thresholds.min_cells_per_gene)
     adata = _subset(adata, np.flatnonzero(keep), np.flatnonzero(genes))
     if adata.n_vars == 0:
-        raise ValueError(
+        raise C2SValueError(
             f"QC removed every gene (min_cells_per_gene={thresholds.min_cells_per_gene} with "
             f"{adata.n_obs} cells left); lower min_cells_per_gene."
         )
@@ -85,7 +87,7 @@ def quality_control(adata: ad.AnnData, thresholds: QCThresholds) -> tuple[ad.Ann
         counts["cells_removed_empty_after_gene_filter"] = n_empty
         logger.warning("%d cells had no expressed gene left after gene filtering and were removed", n_empty)
         if adata.n_obs == 0:
-            raise ValueError("no cell has an expressed gene left after QC; relax the thresholds")
+            raise C2SValueError("no cell has an expressed gene left after QC; relax the thresholds")
     counts["cells_after"] = adata.n_obs
     counts["genes_after"] = adata.n_vars
     logger.info("QC: %s", _removed_summary(counts))

@@ -11,6 +11,8 @@ A task may instead read a template file in the reference C2S format, ``{"model_i
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError, C2SIndexError, C2SKeyError, C2SValueError
+
 import importlib
 import json
 import logging
@@ -52,7 +54,7 @@ PLACEHOLDERS = {
 }
 
 
-class TemplateFileError(ValueError):
+class TemplateFileError(C2SError, ValueError):
     """A prompt template file is missing, not JSON, or not in the reference format."""
 
 
@@ -82,7 +84,7 @@ class PromptTemplates:
 @cache
 def _packaged_templates(task: str) -> PromptTemplates:
     if task not in SUPPORTED_TASKS + MULTICELL_TASKS + PAIRED_TASKS:
-        raise ValueError(
+        raise C2SValueError(
             f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS + MULTICELL_TASKS + PAIRED_TASKS)}"
         )
     text = resources.files("c2s_kedro.core").joinpath("prompt_templates", f"{task}.json").read_text()
@@ -105,7 +107,7 @@ def read_template_files(sources: Mapping[str, str | None] | None) -> dict[str, P
     sources = dict(sources or {})
     unknown = sorted(set(sources) - set(PLACEHOLDERS))
     if unknown:
-        raise ValueError(
+        raise C2SValueError(
             f"template files given for unknown task(s) {', '.join(unknown)}; template files can be given for "
             f"{', '.join(PLACEHOLDERS)}"
         )
@@ -151,7 +153,7 @@ def read_template_file(task: str, source: str) -> PromptTemplates:
     Raises ``TemplateFileError`` naming the file and the field that is wrong.
     """
     if task not in PLACEHOLDERS:
-        raise ValueError(f"template files can be given for {', '.join(PLACEHOLDERS)}, not for '{task}'")
+        raise C2SValueError(f"template files can be given for {', '.join(PLACEHOLDERS)}, not for '{task}'")
     text = _template_text(source)
     try:
         data = json.loads(text)
@@ -219,7 +221,7 @@ def count_tokens(tokenizer, texts: Sequence[str]) -> np.ndarray:
     return np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(texts))
 
 
-class ContextTooSmallError(ValueError):
+class ContextTooSmallError(C2SError, ValueError):
     """The model's context cannot hold even the prompt's instruction."""
 
 
@@ -371,7 +373,7 @@ def fit_generation(
 def response_tokens(tokenizer, responses: Sequence[str]) -> int:
     """Tokens of the longest of ``responses`` as it follows a prompt (``" " + response``), EOS not counted."""
     if not len(responses):
-        raise ValueError("no responses to count")
+        raise C2SValueError("no responses to count")
     return int(count_tokens(tokenizer, [" " + r for r in responses]).max())
 
 
@@ -386,7 +388,7 @@ def _template(templates: PromptTemplates, index: int) -> str:
     inputs = templates.inputs
     if not 0 <= index < len(inputs):
         where = f" in {templates.source}" if templates.source else ""
-        raise IndexError(
+        raise C2SIndexError(
             f"template index {index} does not exist: {templates.task} has {len(inputs)} templates{where} (0 to {len(inputs) - 1})"
         )
     return inputs[index]
@@ -398,7 +400,7 @@ def sentence_table(cell_sentences: Dataset, columns: Sequence[str], optional: Se
     repeated cell names a ``ValueError`` (``.loc`` by name would return every row of a name)."""
     missing = [c for c in columns if c not in cell_sentences.column_names]
     if missing:
-        raise KeyError(
+        raise C2SKeyError(
             f"column(s) {', '.join(repr(c) for c in missing)} not in the cell-sentence dataset; available: "
             f"{', '.join(cell_sentences.column_names)}."
         )
@@ -473,7 +475,7 @@ def cell_generation_prompts(
     (``load_templates``) default to ours; their first response sizes the answer.
     """
     if max_genes is not None and (isinstance(max_genes, bool) or not isinstance(max_genes, int) or max_genes < 1):
-        raise ValueError(f"max_genes must be a whole number of at least 1 (or null for no cap), got {max_genes!r}")
+        raise C2SValueError(f"max_genes must be a whole number of at least 1 (or null for no cap), got {max_genes!r}")
     templates = templates or load_templates("cell_type_generation")
     template = _template(templates, template_index)
     response = templates.response
@@ -502,7 +504,7 @@ def cell_generation_prompts(
         types += [cell_type] * n_per_type
         requested += [k] * n_per_type
     if not prompts:
-        raise ValueError("no training cell has a cell type: nothing to condition generation on")
+        raise C2SValueError("no training cell has a cell type: nothing to condition generation on")
     room = max_tokens - int(count_tokens(tokenizer, list(dict.fromkeys(prompts))).max())
     return {"prompt": prompts, "cell_type": types, "genes_requested": requested, "max_new_tokens": room,
             "unconditional_prompt": type_free}
@@ -534,7 +536,7 @@ class PromptFormatter:
         """Batched ``map`` over ``dataset``; input columns are replaced by the formatted ones."""
         missing = [c for c in self.required_columns() if c not in dataset.column_names]
         if missing:
-            raise KeyError(
+            raise C2SKeyError(
                 f"{type(self).__name__} needs column(s) {missing} in the cell-sentence dataset; "
                 f"available: {', '.join(dataset.column_names)}. Copy them into the sentences when converting the "
                 "cells, or change the formatter's column settings."
@@ -653,12 +655,12 @@ def build_formatter(
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(
+        raise C2SValueError(
             f"prompt formatter '{formatter}' cannot be imported ({error}); give the dotted path of a "
             "PromptFormatter subclass, e.g. c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter"
         ) from error
     if not (isinstance(cls, type) and issubclass(cls, PromptFormatter)):
-        raise ValueError(f"'{formatter}' is not a subclass of c2s_kedro.core.prompts.PromptFormatter")
+        raise C2SValueError(f"'{formatter}' is not a subclass of c2s_kedro.core.prompts.PromptFormatter")
     return cls(seed=common.get("seed", 0), **options)
 
 

@@ -3,6 +3,8 @@ expression with the rank fit, and the agreement of the original and rebuilt data
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
+
 import logging
 from collections.abc import Sequence
 
@@ -25,7 +27,7 @@ def cells_of_parts(adata: ad.AnnData, split: dict[str, Sequence[str]], parts: Se
         return adata
     unknown = [part for part in parts if part not in split]
     if unknown:
-        raise KeyError(f"split part(s) {unknown} not in the split; it has {', '.join(split)}.")
+        raise C2SKeyError(f"split part(s) {unknown} not in the split; it has {', '.join(split)}.")
     return adata[[name for part in parts for name in split[part]]]
 
 
@@ -45,7 +47,7 @@ def reconstructed_adata(cell_names: Sequence[str], sentences, processed_adata: a
     of ``processed_adata`` (``.obs`` copied; the fit and the number of skipped words in ``.uns``)."""
     missing = set(cell_names) - set(processed_adata.obs_names)
     if missing:
-        raise ValueError(
+        raise C2SValueError(
             f"{len(missing)} cells of the sentences are not in the processed data (e.g. {sorted(missing)[:3]}); "
             "re-run sentence_conversion on the current processed_adata"
         )
@@ -74,7 +76,7 @@ def leiden_labels(adata: ad.AnnData, resolution: float, seed: int) -> np.ndarray
     of ``adata`` (its matrices and layers are GBs for an atlas)."""
     neighbors = adata.uns.get("neighbors")
     if neighbors is None or neighbors.get("connectivities_key", "connectivities") not in adata.obsp:
-        raise KeyError("no kNN graph in the data (uns['neighbors'], obsp['connectivities']): embed it first (embed_expression)")
+        raise C2SKeyError("no kNN graph in the data (uns['neighbors'], obsp['connectivities']): embed it first (embed_expression)")
     key = neighbors.get("connectivities_key", "connectivities")
     graph = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.astype(str)), obsp={key: adata.obsp[key]},
                        uns={"neighbors": dict(neighbors)})
@@ -90,7 +92,7 @@ def reconstruction_agreement(
     and with ``label_key`` the ARI of each clustering with the labels. Both need PCA and a kNN
     graph (``embed_expression``). Returns the metrics and the (original, rebuilt) value pairs."""
     if "X_pca" not in original.obsm:
-        raise KeyError(
+        raise C2SKeyError(
             "the processed data has no PCA and kNN graph (data_processing.embed is false): set data_processing.embed "
             "to true and re-run data_processing before benchmarking"
         )

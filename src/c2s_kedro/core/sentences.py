@@ -8,6 +8,8 @@ converts in bounded memory.
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError, C2SRuntimeError, C2SValueError
+
 import atexit
 import logging
 import os
@@ -55,13 +57,13 @@ def iter_row_chunks(
     loaded at a time.
     """
     if layer is not None and layer not in adata.layers:
-        raise KeyError(
+        raise C2SKeyError(
             f"layer '{layer}' not found in the AnnData; available layers: "
             f"{', '.join(adata.layers.keys()) or '(none)'}. Set `layer: null` to use .X."
         )
     matrix = adata.X if layer is None else adata.layers[layer]
     if matrix is None:
-        raise ValueError("the AnnData has no expression matrix (.X is None)")
+        raise C2SValueError("the AnnData has no expression matrix (.X is None)")
     in_memory_csr = isinstance(matrix, sp.csr_matrix | sp.csr_array)
     for start in range(0, adata.n_obs, chunk_size):
         end = min(start + chunk_size, adata.n_obs)
@@ -81,7 +83,7 @@ def iter_row_chunks(
 
 def _check_values(n_negative: int, n_nan: int, start: int, n_rows: int) -> None:
     if n_negative or n_nan:
-        raise ValueError(
+        raise C2SValueError(
             f"cells {start}..{start + n_rows - 1} hold {n_negative} negative and {n_nan} NaN values; "
             "cell sentences rank non-negative (normalized) expression. Pass log-normalized data, not "
             "scaled data (or choose a non-negative layer with sentence_conversion.layer)."
@@ -134,7 +136,7 @@ def value_codes(values: np.ndarray) -> np.ndarray:
 def _gene_bits(n_genes: int) -> int:
     bits = max(1, int(n_genes - 1).bit_length())
     if bits > 32:
-        raise ValueError(f"{n_genes} genes do not fit the 32-bit gene index of the ranking key")
+        raise C2SValueError(f"{n_genes} genes do not fit the 32-bit gene index of the ranking key")
     return bits
 
 
@@ -196,7 +198,7 @@ class GeneNameTable:
     @classmethod
     def from_names(cls, names: Sequence[str]) -> GeneNameTable:
         if sys.byteorder != "little":
-            raise RuntimeError("the sentence writer assumes a little-endian machine")
+            raise C2SRuntimeError("the sentence writer assumes a little-endian machine")
         encoded = np.char.encode(np.asarray(names, dtype=str), "utf-8")
         n, longest = len(encoded), max(encoded.itemsize, 1)
         lengths = np.char.str_len(encoded).astype(np.int64)
@@ -220,7 +222,7 @@ def chunk_sentences(
     byte_offsets = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
     np.cumsum(lengths, out=byte_offsets[1:])
     if byte_offsets[-1] >= 2**31:
-        raise ValueError("a chunk's sentences exceed 2 GB; lower sentence_conversion.chunk_size")
+        raise C2SValueError("a chunk's sentences exceed 2 GB; lower sentence_conversion.chunk_size")
     counts = np.diff(chunk.indptr)
     bits = _gene_bits(chunk.shape[1])
     out = _buffer("text", int(byte_offsets[-1]) // 8 + names.words.shape[1] + 2, np.uint64)
@@ -407,7 +409,7 @@ def cell_sentences_from_adata(
     label_columns = list(label_columns)
     reserved = sorted(set(label_columns) & set(RESERVED_COLUMNS))
     if reserved:
-        raise ValueError(
+        raise C2SValueError(
             f"label column(s) {reserved} collide with the reserved dataset columns "
             f"{list(RESERVED_COLUMNS)}; rename them in .obs or drop them from the label columns"
         )
@@ -511,7 +513,7 @@ def concatenate_sentence_datasets(
     Label columns missing from a part are filled with nulls so that all parts share one schema.
     """
     if not parts:
-        raise ValueError("no datasets to concatenate")
+        raise C2SValueError("no datasets to concatenate")
     columns: list[str] = []
     for _, dataset, _ in parts:
         columns += [c for c in dataset.column_names if c not in columns]
@@ -548,7 +550,7 @@ class RankFit:
         file may give counts as floats)."""
         missing = [f.name for f in fields(cls) if f.name not in values]
         if missing:
-            raise ValueError(f"rank fit lacks {missing}; re-run the rank fit (benchmarking) to rebuild it")
+            raise C2SValueError(f"rank fit lacks {missing}; re-run the rank fit (benchmarking) to rebuild it")
         return cls(**{f.name: (int(values[f.name]) if f.type in ("int", int) else float(values[f.name])) for f in fields(cls)})
 
     def predict(self, rank: np.ndarray) -> np.ndarray:
@@ -589,7 +591,7 @@ def fit_rank_expression(
     keep = log_rank < log_rank_cutoff
     x, y = log_rank[keep], expression[keep]
     if x.size < 3 or np.unique(x).size < 2:
-        raise ValueError(
+        raise C2SValueError(
             f"only {x.size} expressed (gene, cell) points below log10 rank {log_rank_cutoff}: "
             "too few to fit; sample more cells or check the data"
         )
@@ -624,7 +626,7 @@ def reconstruct_expression(
     if top_k is not None and not np.isscalar(top_k):
         top_k = np.asarray(top_k, dtype=np.int64)
         if top_k.shape != (len(array),):
-            raise ValueError(f"{top_k.size} values of top_k for {len(array)} sentences: give one per sentence, or one number")
+            raise C2SValueError(f"{top_k.size} values of top_k for {len(array)} sentences: give one per sentence, or one number")
     if len(array) > RECONSTRUCTION_BATCH:
         # a batch of sentences at a time: the word-level arrays (several int64 per word) of a
         # 30,000-cell atlas's whole sentences took ~6 GB; each row's values do not depend on the others

@@ -19,6 +19,8 @@ the same matrix whether it is built in memory or written to disk in chunks of an
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2STypeError, C2SValueError
+
 import inspect
 import logging
 from dataclasses import dataclass
@@ -143,7 +145,7 @@ def _median_library_for_target(
     """Median library size at which a cell expresses ``target`` genes on average."""
     n_genes = profiles.shape[1]
     if not 0 < target < n_genes:
-        raise ValueError(
+        raise C2SValueError(
             f"expressed_genes_per_cell={target} must lie between 0 and n_genes={n_genes} "
             "(exclusive)"
         )
@@ -156,7 +158,7 @@ def _median_library_for_target(
 
     low, high = np.log(1e-3), np.log(1e12)
     if gap(high) < 0:
-        raise ValueError(
+        raise C2SValueError(
             f"expressed_genes_per_cell={target} is out of reach with {n_genes} genes; "
             f"ask for fewer than {int(target + gap(high))}"
         )
@@ -172,7 +174,7 @@ def _build_model(
     seed: int,
 ) -> _AtlasModel:
     if n_genes < 2 or n_cell_types < 1 or n_tissues < 1 or n_donors < 1:
-        raise ValueError(
+        raise C2SValueError(
             "simulate_atlas needs n_genes >= 2 and at least one cell type, tissue and donor; "
             f"got n_genes={n_genes}, n_cell_types={n_cell_types}, n_tissues={n_tissues}, "
             f"n_donors={n_donors}"
@@ -401,7 +403,7 @@ def _atlas(counts: sp.csr_matrix, obs: pd.DataFrame, model: _AtlasModel) -> ad.A
 
 def _check_cells(n_cells: int) -> None:
     if n_cells < 1:
-        raise ValueError(f"n_cells must be at least 1, got {n_cells}")
+        raise C2SValueError(f"n_cells must be at least 1, got {n_cells}")
 
 
 def simulate_atlas(
@@ -467,7 +469,7 @@ def write_atlas_h5ad(
             n_cells=n_cells, n_genes=n_genes, **kwargs
         )
     except TypeError as error:
-        raise TypeError(
+        raise C2STypeError(
             f"write_atlas_h5ad {error}; it takes the arguments of simulate_atlas"
         ) from None
     settings.apply_defaults()

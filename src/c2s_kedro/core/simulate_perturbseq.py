@@ -30,6 +30,8 @@ kept in ``.varm["perturbation_truth_log2fc"]``.
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2STypeError, C2SValueError
+
 import inspect
 import logging
 import numbers
@@ -135,27 +137,27 @@ def _check_arguments(**arguments) -> None:
     for name in (*sizes, "n_gem_groups", "seed"):
         value = arguments[name]
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise C2SValueError(f"{name} must be an integer, got {value!r}")
     for name in (*sizes, "n_gem_groups"):
         if arguments[name] < 1:
-            raise ValueError(f"{name} must be at least 1, got {arguments[name]}")
+            raise C2SValueError(f"{name} must be at least 1, got {arguments[name]}")
     if arguments["seed"] < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {arguments['seed']}")
+        raise C2SValueError(f"seed must be a non-negative integer, got {arguments['seed']}")
     for name in ("fraction_no_effect", "doublet_fraction", "high_mito_fraction"):
         if not 0.0 <= arguments[name] <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {arguments[name]}")
+            raise C2SValueError(f"{name} must lie in [0, 1], got {arguments[name]}")
     if arguments["doublet_fraction"] + arguments["high_mito_fraction"] > 1.0:
-        raise ValueError(
+        raise C2SValueError(
             "doublet_fraction + high_mito_fraction must not exceed 1, got "
             f"{arguments['doublet_fraction']} + {arguments['high_mito_fraction']}"
         )
     if not arguments["median_umi"] > 0:
-        raise ValueError(f"median_umi must be positive, got {arguments['median_umi']}")
+        raise C2SValueError(f"median_umi must be positive, got {arguments['median_umi']}")
     doubles, singles = arguments["n_double_perturbations"], arguments["n_perturbations"]
     if not isinstance(doubles, numbers.Integral) or isinstance(doubles, bool) or doubles < 0:
-        raise ValueError(f"n_double_perturbations must be an integer of at least 0, got {doubles!r}")
+        raise C2SValueError(f"n_double_perturbations must be an integer of at least 0, got {doubles!r}")
     if doubles > singles * (singles - 1) // 2:
-        raise ValueError(
+        raise C2SValueError(
             f"n_double_perturbations={doubles} is more than the {singles * (singles - 1) // 2} pairs of "
             f"n_perturbations={singles} single perturbations; ask for fewer doubles or more perturbations"
         )
@@ -212,7 +214,7 @@ def _build_model(
     n_eligible = min(max(_TARGET_RANK_LIMIT, n_perturbations), max(1, n_genes // 4))
     eligible = by_abundance[:n_eligible]
     if n_perturbations > eligible.size:
-        raise ValueError(
+        raise C2SValueError(
             f"n_perturbations={n_perturbations} is more than the {eligible.size} genes eligible as "
             f"targets with n_genes={n_genes} (targets are drawn from the most abundant "
             f"max({_TARGET_RANK_LIMIT}, n_perturbations) nuclear genes, at most a quarter of the "
@@ -225,7 +227,7 @@ def _build_model(
     pool = rng.permutation(pool[~np.isin(pool, target)])
     module_size = min(_MODULE_SIZE, pool.size // _N_MODULES)
     if module_size < _MIN_MODULE_SIZE:
-        raise ValueError(
+        raise C2SValueError(
             f"n_genes={n_genes} is too small for {_N_MODULES} gene modules of at least "
             f"{_MIN_MODULE_SIZE} genes besides {n_perturbations} targets; use more genes"
         )
@@ -640,7 +642,7 @@ def write_perturbseq_h5ad(path: str | Path, **kwargs) -> Path:
     try:
         settings = inspect.signature(simulate_perturbseq).bind(**kwargs)
     except TypeError as error:
-        raise TypeError(f"write_perturbseq_h5ad {error}; it takes the arguments of simulate_perturbseq") from None
+        raise C2STypeError(f"write_perturbseq_h5ad {error}; it takes the arguments of simulate_perturbseq") from None
     settings.apply_defaults()
     parameters = dict(settings.arguments)
     model, cells = _screen_design(parameters)

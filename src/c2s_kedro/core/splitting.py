@@ -3,6 +3,8 @@ perturbations, controls and cells all go through ``split_names``)."""
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SValueError
+
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -21,7 +23,7 @@ SPLIT_TOLERANCE = 0.2
 def _check_fractions(fractions: Mapping[str, float]) -> np.ndarray:
     shares = np.array([fractions[part] for part in fractions], dtype=float)
     if not len(shares) or (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
-        raise ValueError(f"split fractions must be non-negative and sum to 1; got {dict(fractions)}")
+        raise C2SValueError(f"split fractions must be non-negative and sum to 1; got {dict(fractions)}")
     return shares
 
 
@@ -50,7 +52,7 @@ def require_unique_names(names: Sequence[str], where: str) -> None:
     values, counts = np.unique(index, return_counts=True)
     repeated = values[counts > 1]
     if repeated.size:
-        raise ValueError(
+        raise C2SValueError(
             f"{repeated.size} cell names occur more than once in {where} (e.g. {', '.join(repeated[:3].tolist())}): a "
             "repeated name could put one name in two parts of the split, or select two cells for one. Make the names "
             "unique first: data_processing does (anndata's obs_names_make_unique, 'AAAC-1' -> 'AAAC-1-1'); re-run "
@@ -78,7 +80,7 @@ def split_names(
     require_unique_names(names, "the names to split")
     shares = _check_fractions(fractions)
     if labels_given and len(stratify) != len(names):
-        raise ValueError(f"{len(stratify)} labels to stratify by for {len(names)} names")
+        raise C2SValueError(f"{len(stratify)} labels to stratify by for {len(names)} names")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     if labels_given:
         labels = np.asarray(stratify, dtype=str)

@@ -11,6 +11,8 @@ Files (the metrics JSON) keep their own names.
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError
+
 import logging
 import math
 import os
@@ -91,7 +93,7 @@ def record_training_run(checkpoint_dir: str | Path) -> None:
 
 # ---- the local SQLite store: created whole or not at all ---------------------------------------------
 
-class MlflowStoreError(OSError):
+class MlflowStoreError(C2SError, OSError):
     """The project's MLflow store cannot be opened, and it holds runs, so it is left as it is."""
 
 

@@ -8,6 +8,8 @@ pretraining.
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
+
 import hashlib
 import logging
 import shutil
@@ -32,7 +34,7 @@ IGNORE_INDEX = -100
 LOSS_AVERAGES = ("token", "sample")
 
 
-class TrainingSettingsError(ValueError):
+class TrainingSettingsError(C2SError, ValueError):
     """A training setting the Trainer, LoRA or the loss refuses."""
 
 
@@ -99,7 +101,7 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_respo
             tokenized.num_rows - fits.num_rows, tokenized.num_rows, max_length,
         )
     if fits.num_rows == 0 and tokenized.num_rows:
-        raise ValueError(
+        raise C2SValueError(
             f"no sample fits the model's context of {max_length} tokens; keep fewer genes per sentence or use a model "
             "with a longer context"
         )
@@ -256,7 +258,7 @@ def require_same_data_on_every_rank(train_dataset: Dataset, eval_dataset: Datase
 
     fingerprints = gather_object([data_fingerprint(train_dataset, eval_dataset)])
     if len(set(fingerprints)) > 1:
-        raise ValueError(
+        raise C2SValueError(
             f"the {len(fingerprints)} training processes built different training or eval sets (token counts differ "
             "between ranks), so their DDP steps would not line up. Run the upstream pipelines once in a single process "
             "(e.g. kedro run --pipelines=finetuning --to-outputs=finetuning_prompts) and start torchrun again: every "
@@ -448,7 +450,7 @@ def require_task(language_model: LanguageModel, task: str) -> None:
     """Refuse to ask a model fine-tuned here for a task it was not trained on."""
     tasks = trained_tasks(language_model)
     if tasks is not None and task not in tasks:
-        raise ValueError(
+        raise C2SValueError(
             f"the model was fine-tuned for {', '.join(tasks)} only, not for {task}: its output would be "
             f"noise. Fine-tune it with {task} among the tasks, or run only the pipelines its tasks serve "
             "(e.g. cell_type_evaluation instead of evaluation)."
@@ -472,7 +474,7 @@ def prompt_formatters(
                         formatter, ", ".join(tasks))
         return [build_formatter(tasks[0] if tasks else PromptFormatter.task, formatter, options, **common)]
     if not tasks:
-        raise ValueError("no prompt task given: name at least one task (e.g. cell_type_prediction)")
+        raise C2SValueError("no prompt task given: name at least one task (e.g. cell_type_prediction)")
     return [build_formatter(task, None, options, **common) for task in tasks]
 
 
@@ -481,7 +483,7 @@ def balanced_rows(labels: Sequence[Any], min_per_label: int) -> list[int]:
     it has at least that many (whole copies: ``ceil(min_per_label / n)`` of each row); rows of
     other labels, and rows without a label, once. Class-balanced sampling for rare labels."""
     if min_per_label < 1:
-        raise ValueError(f"min_per_label must be at least 1, got {min_per_label}")
+        raise C2SValueError(f"min_per_label must be at least 1, got {min_per_label}")
     present = has_label(labels)
     counts: dict[Any, int] = {}
     for label, known in zip(labels, present):
@@ -516,16 +518,16 @@ def format_split_prompts(
     ``task_repeats`` (task -> n) gives each train cell n prompts of that task per epoch, each with
     its own template draw (more passes of one task inside the same run); val and test unchanged."""
     if min_train_cells_per_label is not None and (label_column is None or label_column not in cell_sentences.column_names):
-        raise KeyError(f"class-balanced sampling needs the label column '{label_column}' in cell_sentences; "
+        raise C2SKeyError(f"class-balanced sampling needs the label column '{label_column}' in cell_sentences; "
                        f"available: {', '.join(cell_sentences.column_names)}")
     repeats = dict(task_repeats or {})
     unknown = sorted(set(repeats) - {formatter.task for formatter in formatters})
     if unknown:
-        raise ValueError(f"task_repeats names {unknown}, which no prompt formatter trains; "
+        raise C2SValueError(f"task_repeats names {unknown}, which no prompt formatter trains; "
                          f"tasks here: {sorted({formatter.task for formatter in formatters})}")
     bad = {task: n for task, n in repeats.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
     if bad:
-        raise ValueError(f"task_repeats must be whole numbers of at least 1 per task, got {bad}")
+        raise C2SValueError(f"task_repeats must be whole numbers of at least 1 per task, got {bad}")
     parts = {}
     for part in ("train", "val", "test"):
         cells = select_cells(cell_sentences, data_split[part])
@@ -554,7 +556,7 @@ def task_prompts(prompts: DatasetDict, task: str, parts: Sequence[str] = ("train
                                               batched=True, keep_in_memory=True)
     if "train" in parts and (not kept.get("train") or kept["train"].num_rows == 0):
         made = sorted(set(prompts["train"]["sample_type"])) if "train" in prompts else []
-        raise ValueError(f"the prompts have no {task} train prompts (they hold {made or 'no train part'}); "
+        raise C2SValueError(f"the prompts have no {task} train prompts (they hold {made or 'no train part'}); "
                          f"format them with {task} among the tasks")
     return DatasetDict(kept)
 

@@ -6,6 +6,8 @@ usable, with a report of what it did. The smaller checks it is made of are used 
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
+
 import copy
 import dataclasses
 import logging
@@ -34,11 +36,11 @@ TENX_FEATURE_TYPES = frozenset({GENE_EXPRESSION, "Antibody Capture", "CRISPR Gui
                                 "Peaks", "Custom"})
 
 
-class NotCountsError(ValueError):
+class NotCountsError(C2SError, ValueError):
     """The matrix is finite but not raw counts (negative or fractional values): normalized data."""
 
 
-class InputError(ValueError):
+class InputError(C2SError, ValueError):
     """The data contradict the settings (counts declared normalized, counts where none are read, a
     ``counts_source`` that is not there); the message names the settings that fix it."""
 
@@ -47,7 +49,7 @@ def require_obs_columns(adata: ad.AnnData, columns: Sequence[str]) -> None:
     """Raise ``KeyError`` naming every missing ``.obs`` column and the available ones."""
     missing = [c for c in columns if c not in adata.obs.columns]
     if missing:
-        raise KeyError(
+        raise C2SKeyError(
             f"obs column(s) {', '.join(repr(c) for c in missing)} not found; available: "
             f"{', '.join(map(str, adata.obs.columns)) or '(none)'}."
         )
@@ -182,7 +184,7 @@ def use_gene_symbols(adata: ad.AnnData, symbol_column: str | None = None) -> ad.
     would then be made of IDs, which C2S hub models never saw.
     """
     if symbol_column is not None and symbol_column not in adata.var.columns:
-        raise KeyError(
+        raise C2SKeyError(
             f"var column '{symbol_column}' not found; available: "
             f"{', '.join(map(str, adata.var.columns)) or '(none)'}; name the column holding gene symbols, "
             "or none to keep the var names."
@@ -268,7 +270,7 @@ def cells_by_unique_name(adata: ad.AnnData, names: Sequence[str]) -> ad.AnnData:
     positions = unique.obs_names.get_indexer(list(names))
     positions = np.sort(positions[positions >= 0])
     if not positions.size:
-        raise ValueError("none of the cells asked for is in the data: re-run sentence_conversion on the current raw data")
+        raise C2SValueError("none of the cells asked for is in the data: re-run sentence_conversion on the current raw data")
     cells = adata[positions].to_memory() if adata.isbacked else adata[positions].copy()
     cells.obs_names = unique.obs_names[positions]
     return cells

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.datasets.errors import C2SDatasetError
+
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ class ArrowDataset(AbstractDataset):
         from datasets import Dataset, DatasetDict
 
         if not isinstance(data, Dataset | DatasetDict):
-            raise DatasetError(
+            raise C2SDatasetError(
                 f"ArrowDataset saves datasets.Dataset or DatasetDict objects, got {type(data).__name__}"
                 " (materialize an iterable dataset first)"
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.datasets.errors import C2SDatasetError
+
 import logging
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,7 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
         self._load_args = dict(load_args or {})
         self._save_args = dict(save_args or {})
         if create_args and not create_if_missing:
-            raise DatasetError(
+            raise C2SDatasetError(
                 f"H5adDataset for {filepath}: create_args given without create_if_missing; name "
                 "the function that builds the data in create_if_missing, or drop create_args"
             )
@@ -82,14 +84,14 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
             if self._create_if_missing:
                 self._create()
             else:
-                raise DatasetError(
+                raise C2SDatasetError(
                     f"h5ad file not found: {self._filepath.resolve()}. Put the file there, or point "
                     "the catalog entry's filepath at your data (e.g. in conf/local/catalog.yml)."
                 )
         try:
             return ad.read_h5ad(self._filepath, **self._load_args)
         except OSError as error:
-            raise DatasetError(
+            raise C2SDatasetError(
                 f"cannot read {self._filepath.resolve()} as h5ad ({error}): the file is incomplete or not an h5ad file, "
                 "e.g. a download or copy that did not finish. Copy it again, or point the catalog entry's filepath "
                 "at another file (e.g. in conf/local/catalog.yml)."
@@ -97,7 +99,7 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
 
     def save(self, data: ad.AnnData) -> None:
         if not isinstance(data, ad.AnnData):
-            raise DatasetError(f"H5adDataset saves AnnData objects, got {type(data).__name__}")
+            raise C2SDatasetError(f"H5adDataset saves AnnData objects, got {type(data).__name__}")
         with atomic_file(self._filepath, suffix=".h5ad.tmp") as temporary:
             data.write_h5ad(temporary, **self._save_args)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.datasets.errors import C2SDatasetError
+
 import json
 import math
 import numbers
@@ -33,13 +35,13 @@ class MetricsDataset(AbstractDataset[dict[str, float], dict[str, float]]):
 
     def load(self) -> dict[str, float]:
         if not self._filepath.exists():
-            raise DatasetError(f"metrics file not found: {self._filepath}; run the pipeline that writes it")
+            raise C2SDatasetError(f"metrics file not found: {self._filepath}; run the pipeline that writes it")
         return json.loads(self._filepath.read_text())
 
     def save(self, data: dict[str, float]) -> None:
         bad = {k: type(v).__name__ for k, v in data.items() if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real)}
         if bad:
-            raise DatasetError(f"metrics must be a flat dict of numbers; not numbers: {bad}")
+            raise C2SDatasetError(f"metrics must be a flat dict of numbers; not numbers: {bad}")
         clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in data.items()}
         with atomic_file(self._filepath, suffix=".json.tmp") as temporary, open(temporary, "w") as stream:
             json.dump(clean, stream, indent=2, sort_keys=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.datasets.errors import C2SDatasetError
+
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
         try:
             self._options = LoadOptions.from_dict(self._load_args)
         except UnsupportedLoadSettingError as error:
-            raise DatasetError(f"load_args of the model at {self._path}: {error}") from error
+            raise C2SDatasetError(f"load_args of the model at {self._path}: {error}") from error
         self._root = kedro_project_root(Path(self._path)) if Path(self._path).is_absolute() else None
         self.metadata = metadata
 
@@ -87,21 +89,21 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
         try:
             self._options.check_machine()
         except UnsupportedLoadSettingError as error:
-            raise DatasetError(f"cannot load the model at {self._source()} here: {error} (this catalog entry's load_args)") from error
+            raise C2SDatasetError(f"cannot load the model at {self._source()} here: {error} (this catalog entry's load_args)") from error
 
     def load(self) -> LanguageModel:
         self._check_machine()
         try:
             return load_model(self._source(), **self._load_args)
         except ModelNotFoundError as error:
-            raise DatasetError(_with_catalog_advice(error)) from error
+            raise C2SDatasetError(_with_catalog_advice(error)) from error
 
     def save(self, data: LanguageModel) -> None:
         if not isinstance(data, LanguageModel):
-            raise DatasetError(f"HFModelDataset saves LanguageModel objects, got {type(data).__name__}")
+            raise C2SDatasetError(f"HFModelDataset saves LanguageModel objects, got {type(data).__name__}")
         source = self._source()
         if source.is_hub:
-            raise DatasetError(
+            raise C2SDatasetError(
                 f"'{source.hub_id}' is a Hugging Face hub id, which is read-only here: a pipeline tried to save "
                 "a model to it. Point this catalog entry's path at a local directory to save, or run only "
                 "the pipelines that read this model."
@@ -117,7 +119,7 @@ class HFModelDataset(AbstractDataset[LanguageModel, LanguageModel]):
         try:
             return hub_model_available(source)
         except ModelNotFoundError as error:
-            raise DatasetError(_with_catalog_advice(error)) from error
+            raise C2SDatasetError(_with_catalog_advice(error)) from error
 
 
 def _with_catalog_advice(error: ModelNotFoundError) -> str:

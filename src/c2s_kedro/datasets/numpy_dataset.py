@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.datasets.errors import C2SDatasetError
+
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ class NpyDataset(AbstractDataset[np.ndarray, np.ndarray]):
 
     def load(self) -> np.ndarray:
         if not self._filepath.exists():
-            raise DatasetError(f"array file not found: {self._filepath}; run the pipeline that writes it")
+            raise C2SDatasetError(f"array file not found: {self._filepath}; run the pipeline that writes it")
         return np.load(self._filepath, allow_pickle=False)
 
     def save(self, data: np.ndarray) -> None:

@@ -11,6 +11,8 @@ setting changes it.
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SError
+
 import dataclasses
 import numbers
 import types
@@ -31,7 +33,7 @@ ENVIRONMENT_HINT = "in your environment (e.g. conf/local/parameters.yml)"
 PARAMETER_NAMESPACE: ContextVar[str | None] = ContextVar("parameter_namespace", default=None)
 
 
-class ParameterError(ValueError):
+class ParameterError(C2SError, ValueError):
     """A parameter is unknown, missing, of the wrong type or outside its range."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError
+
 from typing import TYPE_CHECKING, Any
 
 
@@ -30,7 +32,7 @@ def format_finetuning_prompts(
     settings = read_parameters(FinetuningParameters, params, "finetuning")
     label = settings.label_column
     if label not in cell_sentences.column_names:
-        raise KeyError(
+        raise C2SKeyError(
             f"finetuning.label_column '{label}' is not a column of cell_sentences; available: "
             f"{', '.join(cell_sentences.column_names)}. Add it to sentence_conversion.label_columns or change "
             f"finetuning.label_column {ENVIRONMENT_HINT} (defaults: {defaults_file('finetuning')})."

@@ -3,6 +3,8 @@ settings once and wire core.perturbation and core.perturbation_evaluation."""
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError
+
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -51,7 +53,7 @@ def sample_perturbation_posterior(
     posterior = settings.posterior
     with setting_hint(f"{SECTION}.posterior"):
         if "posterior" not in perturbation_prompts:
-            raise KeyError("perturbation_prompts has no 'posterior' part (made before the control-label prompts existed); "
+            raise C2SKeyError("perturbation_prompts has no 'posterior' part (made before the control-label prompts existed); "
                            "run perturbation_data again to rebuild the prompts")
         return core.perturbation.sample_test_posterior(
             perturbation_model, perturbation_prompts["posterior"], list(vocabulary), n_samples=posterior.n_samples,

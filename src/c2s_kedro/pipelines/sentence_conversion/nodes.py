@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from c2s_kedro.core.errors import C2SKeyError
+
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -96,7 +98,7 @@ def split_dataset(cell_sentences: Dataset, params: dict[str, Any]) -> dict[str, 
     settings = read_parameters(DataSplitParameters, params, "data_split")
     stratify_by = settings.stratify_by
     if stratify_by and stratify_by not in cell_sentences.column_names:
-        raise KeyError(
+        raise C2SKeyError(
             f"data_split.stratify_by '{stratify_by}' is not a column of cell_sentences; available: "
             f"{', '.join(cell_sentences.column_names)}. Add it to sentence_conversion.label_columns or set "
             "data_split.stratify_by: null in your environment (e.g. conf/local/parameters.yml)."
