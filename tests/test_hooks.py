@@ -29,7 +29,7 @@ def test_a_namespace_whose_parameters_are_shared_keeps_the_plain_setting():
     assert qualified("evaluation.batch_size") == "evaluation.batch_size"
 
 
-# ---- the MLflow run: its name, killed runs, a moved project ------------------------------------------
+# ---- the MLflow run: its name, killed runs ------------------------------------------
 
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -189,34 +189,6 @@ def test_a_resumed_training_names_the_run_whose_checkpoints_it_continues(store, 
         record_training_run(checkpoints)
     assert client.get_run(second.info.run_id).data.tags[RESUMES_TAG] == first.info.run_id
     assert RESUMES_TAG not in client.get_run(first.info.run_id).data.tags
-
-
-def test_a_moved_project_keeps_its_plots(tmp_path):
-    from c2s_kedro.hooks import reroot_moved_artifacts
-
-    old, new = tmp_path / "old_place", tmp_path / "new_place"
-    old.mkdir()
-    cwd = os.getcwd()
-    os.chdir(old)
-    try:
-        # an absolute URI: mlflow caches its SQL store per URI, so a relative one could reach another
-        # test's database; the artifact root is still the default ./mlruns of the project's folder
-        mlflow.set_tracking_uri(f"sqlite:///{old}/mlflow.db")
-        experiment = mlflow.set_experiment("moved").experiment_id
-        with mlflow.start_run(experiment_id=experiment) as run:
-            mlflow.log_text("a plot", "plots/loss.txt")
-        mlflow.set_tracking_uri(None)
-    finally:
-        os.chdir(cwd)
-    assert reroot_moved_artifacts("sqlite:///mlflow.db", old) == 0  # not moved: nothing changes
-    shutil.move(old, new)
-    assert reroot_moved_artifacts("sqlite:///mlflow.db", new) == 3  # the experiment, its run, the default experiment
-    client = MlflowClient(f"sqlite:///{new}/mlflow.db")
-    assert client.get_run(run.info.run_id).info.artifact_uri.startswith(str(new / "mlruns"))
-    assert client.get_experiment(experiment).artifact_location.startswith(str(new / "mlruns"))
-    downloaded = client.download_artifacts(run.info.run_id, "plots/loss.txt", str(tmp_path))
-    assert open(downloaded).read() == "a plot"
-    assert reroot_moved_artifacts("sqlite:///mlflow.db", new) == 0
 
 
 def test_the_store_hook_finds_the_sqlite_file_as_kedro_mlflow_reads_the_uri(tmp_path):

@@ -6,10 +6,9 @@ import logging
 import os
 import re
 import socket
-import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 from kedro.framework.hooks import hook_impl
 
@@ -230,59 +229,6 @@ class MlflowStoreHook:
         database = sqlite_store_path(tracking_uri, context.project_path)
         if database is not None:
             prepare_sqlite_store(database)
-
-
-def reroot_moved_artifacts(tracking_uri: str | None, project_path: Path | str) -> int:
-    """After the project folder moved, points the local artifact locations recorded in its SQLite
-    MLflow store (absolute paths: MLflow resolves local artifact roots when it creates an
-    experiment) at the project's own ``mlruns/`` again, so that plots of earlier runs still open.
-    Only locations of the form ``<old project>/mlruns/...`` whose ``<old project>`` no longer holds
-    the store are changed. Returns how many records changed."""
-    parsed = urlparse(tracking_uri or "")
-    if parsed.scheme != "sqlite":
-        return 0
-    database = Path(unquote(parsed.path)[1:] if parsed.path.startswith("//") else unquote(parsed.path).lstrip("/"))
-    if not database.is_absolute():
-        database = Path(project_path) / database
-    if not database.is_file():
-        return 0
-    root = Path(project_path).resolve() / "mlruns"
-    changed = 0
-    with sqlite3.connect(database) as connection:
-        present = {row[0] for row in connection.execute("select name from sqlite_master where type='table'")}
-        columns = [(t, c) for t, c in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                                       ("logged_models", "artifact_location")) if t in present]
-        for (location,) in connection.execute("select artifact_location from experiments").fetchall():
-            if "/mlruns/" not in location:
-                continue
-            old = location[: location.rindex("/mlruns/") + len("/mlruns")]
-            as_uri = old.startswith("file:")
-            old_path = Path(unquote(urlparse(old).path)) if as_uri else Path(old)
-            if not old_path.is_absolute() or old_path == root or old_path.is_dir():
-                continue  # not moved, or the old folder is still there (another project's store)
-            new = root.as_uri() if as_uri else root.as_posix()
-            for table, column in columns:
-                changed += connection.execute(
-                    f"update {table} set {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
-                    f"where substr({column}, 1, ?) = ?",
-                    (new, len(old) + 1, len(old) + 1, old + "/"),
-                ).rowcount
-    if changed:
-        logger.info("the project moved: %d MLflow artifact locations now point at %s", changed, root)
-    return changed
-
-
-class MlflowArtifactsFollowTheProjectHook:
-    """Runs ``reroot_moved_artifacts`` on the project's store once kedro-mlflow has set it up."""
-
-    @hook_impl
-    def after_context_created(self, context) -> None:
-        config = getattr(context, "mlflow", None)
-        if config is not None and process_rank() == 0:
-            try:
-                reroot_moved_artifacts(config.server.mlflow_tracking_uri, context.project_path)
-            except sqlite3.Error as error:
-                logger.warning("could not update the MLflow artifact locations after the project moved: %s", error)
 
 
 # kedro-mlflow's metric datasets, which its after_catalog_created names after their catalog entries

@@ -9,7 +9,6 @@ ignore_library_noise()  # also for sessions created outside the `kedro` command 
 from c2s_kedro.hooks import (
     CatalogStaysLazyHook,
     EnvironmentLayersHook,
-    MlflowArtifactsFollowTheProjectHook,
     MlflowRunLivenessHook,
     MlflowRunNameHook,
     MlflowRunTagsHook,
@@ -28,7 +27,6 @@ HOOKS = (
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
     MlflowRunTagsHook(),
-    MlflowArtifactsFollowTheProjectHook(),
 )
 
 # Under torchrun only rank 0 runs the plugins' hooks (kedro-mlflow: one process creates the store and
