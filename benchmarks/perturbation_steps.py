@@ -102,9 +102,7 @@ def main() -> None:
     vocabulary = json.loads((args.source / "data/04_feature/perturbation_vocabulary.json").read_text())
     sentences = load_from_disk(str(args.source / "data/04_feature/perturbation_cell_sentences"))
     names = [n for part in ("train", "val", "test") for n in split[f"{part}_perturbations"]]
-    words = (core.prompts.template_words((core.perturbation.PERTURBATION_TASK,)) + [COLUMNS.control_label.upper(), "and"]
-             + core.perturbation.target_words(names, list(vocabulary), COLUMNS))
-    tokenizer = core.tokenizer.build_gene_tokenizer(vocabulary, words, model_max_length=CONTEXT)
+    tokenizer, _ = core.perturbation.screen_tokenizer(list(vocabulary), names, COLUMNS, CONTEXT)
     architecture = {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
                     "intermediate_size": 4 * args.hidden, "max_position_embeddings": CONTEXT,
                     "tie_word_embeddings": not args.untied}

@@ -104,6 +104,13 @@ def test_a_gene_level_tokenizer_needs_a_token_for_every_target():
     assert len(with_target(" NOTAGENE", add_special_tokens=False)["input_ids"]) == 1  # one token, not letters
     # the phrase's word "and" is a word of the templates: "A and B" is three tokens
     assert len(with_target(" A and B", add_special_tokens=False)["input_ids"]) == 3
+    # the offline base model's tokenizer is built the same way, in one call
+    from c2s_kedro.core.perturbation import screen_tokenizer
+
+    screen, targets = screen_tokenizer(genes, ["A+NOTAGENE", "B"], COLUMNS, 64)
+    assert targets == ["NOTAGENE"]
+    check_target_tokens(screen, ["A+NOTAGENE", "B"], COLUMNS, genes)
+    assert len(screen(f" {CONTROL.upper()} NOTAGENE A and B", add_special_tokens=False)["input_ids"]) == 5
 
 
 def _deltas():

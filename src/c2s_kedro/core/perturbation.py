@@ -11,8 +11,6 @@ which genes of the screen each perturbation targets, for every step that needs i
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
-
 import itertools
 import logging
 import re
@@ -30,6 +28,7 @@ import scipy.sparse as sp
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from tqdm.auto import tqdm
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.inference import sample_continuations
 from c2s_kedro.core.models import LanguageModel
@@ -40,9 +39,11 @@ from c2s_kedro.core.prompts import (
     fit_prompt,
     load_templates,
     response_tokens,
+    template_words,
 )
 from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
 from c2s_kedro.core.splitting import split_names
+from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.validation import sentence_safe_gene_name, tidy_gene_names
 
 logger = logging.getLogger(__name__)
@@ -794,6 +795,17 @@ def target_words(perturbations: Sequence[str], vocabulary: Sequence[str], column
     genes), sorted: a gene-level tokenizer needs them as words of their own."""
     known = set(vocabulary)
     return sorted({target for name in perturbations for target in perturbation_targets(name, columns)} - known)
+
+
+def screen_tokenizer(vocabulary: Sequence[str], perturbations: Sequence[str], columns: ScreenColumns,
+                     model_max_length: int):
+    """The offline base model's gene-level tokenizer for a screen: a token per gene of ``vocabulary``,
+    per word of the perturbation templates, the control label, "and" (which joins a combination's
+    targets in prompts) and each target of ``perturbations`` that is not a gene (``target_words``: a
+    token of its own, never spelt in letters). Returns the tokenizer and those targets."""
+    targets = target_words(perturbations, vocabulary, columns)
+    words = template_words((PERTURBATION_TASK,)) + [str(columns.control_label).upper(), "and"] + targets
+    return build_gene_tokenizer(vocabulary, words, model_max_length=model_max_length), targets
 
 
 class TargetTokenError(C2SError, LookupError):

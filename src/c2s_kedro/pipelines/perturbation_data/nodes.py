@@ -105,15 +105,12 @@ def initialize_perturbation_model(
     an untrained GPT-NeoX sized by ``model.architecture`` (the offline default base model)."""
     settings = _settings(params)
     perturbations = [name for part in ("train", "val", "test") for name in perturbation_split[f"{part}_perturbations"]]
-    targets = core.perturbation.target_words(perturbations, list(vocabulary), settings.columns())
+    architecture = settings.model.architecture
+    tokenizer, targets = core.perturbation.screen_tokenizer(list(vocabulary), perturbations, settings.columns(),
+                                                            architecture["max_position_embeddings"])
     if targets:
         logger.info("the base model's tokenizer gives %d targets that are not genes a token of their own: %s",
                     len(targets), ", ".join(targets[:20]) + (" ..." if len(targets) > 20 else ""))
-    # "and" joins a combination's targets in prompts (already a template word; named so it stays one)
-    words = (core.prompts.template_words((core.perturbation.PERTURBATION_TASK,)) + [str(settings.control_label).upper()]
-             + ["and"] + targets)
-    architecture = settings.model.architecture
-    tokenizer = core.tokenizer.build_gene_tokenizer(vocabulary, words, model_max_length=architecture["max_position_embeddings"])
     with setting_hint(f"{SECTION}.model.architecture"):
         model = core.models.build_gpt_neox(tokenizer, architecture, seed=settings.seed)
     logger.info("perturbation base model: %s parameters, %d tokens", f"{model.model.num_parameters():,}", len(tokenizer))
