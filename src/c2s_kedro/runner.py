@@ -23,9 +23,6 @@ every save in memory (``KeptInMemory``). Their Kedro plugins' hooks are off
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError
-from c2s_kedro.datasets.errors import C2SDatasetError
-
 import atexit
 import logging
 import os
@@ -42,6 +39,9 @@ from kedro.framework.session import KedroSession
 from kedro.io import AbstractDataset, DatasetError, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
+
+from c2s_kedro.core.errors import C2SError
+from c2s_kedro.datasets.errors import C2SDatasetError
 
 logger = logging.getLogger(__name__)
 

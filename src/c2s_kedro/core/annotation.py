@@ -15,8 +15,6 @@ cell and applies as in training. The annotation pipeline's nodes and the MLflow 
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
-
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -31,6 +29,7 @@ import scipy.sparse as sp
 from datasets import Dataset
 from sklearn.metrics import accuracy_score, f1_score
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
 from c2s_kedro.core.evaluation import report_scored_cells
 from c2s_kedro.core.inference import predict_labels
 from c2s_kedro.core.models import LanguageModel

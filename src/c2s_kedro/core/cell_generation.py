@@ -3,8 +3,6 @@ with real cells of the same types."""
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SKeyError, C2SValueError
-
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 from c2s_kedro.core import plotting
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.inference import generate_texts

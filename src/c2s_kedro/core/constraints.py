@@ -7,8 +7,6 @@ while decoding; ``postprocess_sentence`` repairs free-running output after the f
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SValueError
-
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import LogitsProcessor
+
+from c2s_kedro.core.errors import C2SValueError
 
 logger = logging.getLogger(__name__)
 

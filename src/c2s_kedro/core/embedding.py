@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SValueError
-
 from collections.abc import Sequence
 
 import anndata as ad
 import numpy as np
 
+from c2s_kedro.core.errors import C2SValueError
 from c2s_kedro.core.preprocessing import neighbors_umap
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SValueError
-
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +21,7 @@ from sklearn.metrics import (
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
+from c2s_kedro.core.errors import C2SValueError
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
 from c2s_kedro.core.splitting import MIN_SCORED_CELLS

@@ -7,8 +7,6 @@ tokens, as in training, and must leave room in the model's context for what come
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SValueError
-
 import copy
 import logging
 import re
@@ -31,6 +29,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from c2s_kedro.core.errors import C2SValueError
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import load_templates, response_tokens
 from c2s_kedro.core.sentences import label_key

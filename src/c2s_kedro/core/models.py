@@ -10,8 +10,6 @@ machine cannot honour is refused before any weight is read.
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError, C2SValueError
-
 import dataclasses
 import importlib.util
 import inspect
@@ -36,6 +34,8 @@ from transformers import (
     GPTNeoXForCausalLM,
     PreTrainedModel,
 )
+
+from c2s_kedro.core.errors import C2SError, C2SValueError
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,6 @@ the knockdown (clearly positive) from a deaf one (about 0).
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SKeyError, C2SValueError
-
 import logging
 from collections.abc import Sequence
 
@@ -20,6 +18,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 from c2s_kedro.core.inference import length_grouped_batches
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.perturbation import PerturbationPromptFormatter, gene_key, perturbation_targets

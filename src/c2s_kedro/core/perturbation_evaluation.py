@@ -17,8 +17,6 @@ real cells in one PCA/UMAP space for plotting.
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SKeyError, C2SValueError
-
 import logging
 import os
 import tempfile
@@ -34,6 +32,7 @@ from datasets import Dataset
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 from c2s_kedro.core.perturbation import ScreenColumns, ScreenTargets
 from c2s_kedro.core.preprocessing import embed_expression
 from c2s_kedro.core.sentences import CELL_NAME, CELL_SENTENCE, RankFit, reconstruct_expression

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SKeyError, C2SValueError
-
 from collections.abc import Sequence
 
 import anndata as ad
 import matplotlib
+
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SValueError
-
 import copy
 import logging
 from dataclasses import dataclass
@@ -13,6 +11,8 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+
+from c2s_kedro.core.errors import C2SValueError
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,6 @@ A task may instead read a template file in the reference C2S format, ``{"model_i
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError, C2SIndexError, C2SKeyError, C2SValueError
-
 import importlib
 import json
 import logging
@@ -29,6 +27,7 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset
 
+from c2s_kedro.core.errors import C2SError, C2SIndexError, C2SKeyError, C2SValueError
 from c2s_kedro.core.sentences import has_label
 from c2s_kedro.core.splitting import require_unique_names
 

@@ -3,8 +3,6 @@ expression with the rank fit, and the agreement of the original and rebuilt data
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SKeyError, C2SValueError
-
 import logging
 from collections.abc import Sequence
 
@@ -15,6 +13,7 @@ import scanpy as sc
 import scipy.sparse as sp
 from scipy import stats
 
+from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 from c2s_kedro.core.evaluation import cluster_agreement, knn_overlap
 from c2s_kedro.core.sentences import RankFit, fit_rank_expression, rank_expression_points, reconstruct_expression
 

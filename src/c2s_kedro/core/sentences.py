@@ -8,8 +8,6 @@ converts in bounded memory.
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SKeyError, C2SRuntimeError, C2SValueError
-
 import atexit
 import logging
 import os
@@ -37,6 +35,7 @@ import scipy.sparse as sp
 from datasets import Dataset, Features, concatenate_datasets
 from tqdm.auto import tqdm
 
+from c2s_kedro.core.errors import C2SKeyError, C2SRuntimeError, C2SValueError
 from c2s_kedro.core import kernels
 from c2s_kedro.core.splitting import require_unique_names
 from c2s_kedro.core.validation import require_obs_columns, unique_ignoring_case

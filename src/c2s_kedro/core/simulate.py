@@ -19,8 +19,6 @@ the same matrix whether it is built in memory or written to disk in chunks of an
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2STypeError, C2SValueError
-
 import inspect
 import logging
 from dataclasses import dataclass
@@ -33,6 +31,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import brentq
 from tqdm.auto import tqdm
+
+from c2s_kedro.core.errors import C2STypeError, C2SValueError
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,6 @@ kept in ``.varm["perturbation_truth_log2fc"]``.
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2STypeError, C2SValueError
-
 import inspect
 import logging
 import numbers
@@ -45,6 +43,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from c2s_kedro.core.errors import C2STypeError, C2SValueError
 from c2s_kedro.core.simulate import MITOCHONDRIAL_GENES, _cell_barcodes, gene_symbols
 
 logger = logging.getLogger(__name__)

@@ -3,12 +3,12 @@ perturbations, controls and cells all go through ``split_names``)."""
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SValueError
-
 import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from c2s_kedro.core.errors import C2SValueError
 
 logger = logging.getLogger(__name__)
 

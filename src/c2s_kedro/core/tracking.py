@@ -11,8 +11,6 @@ Files (the metrics JSON) keep their own names.
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError
-
 import logging
 import math
 import os
@@ -20,6 +18,8 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from c2s_kedro.core.errors import C2SError
 
 logger = logging.getLogger(__name__)
 

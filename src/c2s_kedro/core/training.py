@@ -8,8 +8,6 @@ pretraining.
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
-
 import hashlib
 import logging
 import shutil
@@ -24,6 +22,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context, gene_tokens_guess
 from c2s_kedro.core.sentences import has_label, select_cells

@@ -6,8 +6,6 @@ usable, with a report of what it did. The smaller checks it is made of are used 
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
-
 import copy
 import dataclasses
 import logging
@@ -21,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
 from c2s_kedro.core.preprocessing import shallow_copy
 
 logger = logging.getLogger(__name__)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from c2s_kedro.datasets.errors import C2SDatasetError
-
 from pathlib import Path
 from typing import Any
 
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset
 
+from c2s_kedro.datasets.errors import C2SDatasetError
 from c2s_kedro.datasets._atomic import atomic_folder
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from c2s_kedro.datasets.errors import C2SDatasetError
-
 import logging
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset
 from kedro.utils import load_obj
 
+from c2s_kedro.datasets.errors import C2SDatasetError
 from c2s_kedro.datasets._atomic import atomic_file
 
 logger = logging.getLogger(__name__)

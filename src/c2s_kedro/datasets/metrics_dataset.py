@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from c2s_kedro.datasets.errors import C2SDatasetError
-
 import json
 import math
 import numbers
@@ -11,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset
 
+from c2s_kedro.datasets.errors import C2SDatasetError
 from c2s_kedro.core.tracking import log_metrics
 from c2s_kedro.datasets._atomic import atomic_file
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from c2s_kedro.datasets.errors import C2SDatasetError
-
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset
 
+from c2s_kedro.datasets.errors import C2SDatasetError
 from c2s_kedro.core.models import (
     LanguageModel,
     LoadOptions,

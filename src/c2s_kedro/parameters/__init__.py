@@ -11,8 +11,6 @@ setting changes it.
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SError
-
 import dataclasses
 import numbers
 import types
@@ -22,6 +20,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
 from typing import Any, TypeVar
+
+from c2s_kedro.core.errors import C2SError
 
 T = TypeVar("T")
 ENVIRONMENT_HINT = "in your environment (e.g. conf/local/parameters.yml)"

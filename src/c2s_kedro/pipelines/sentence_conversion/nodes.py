@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from c2s_kedro.core.errors import C2SKeyError
-
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -12,6 +10,7 @@ import numpy as np
 
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+from c2s_kedro.core.errors import C2SKeyError
 from c2s_kedro import core
 from c2s_kedro.core.splitting import split_names, split_report
 from c2s_kedro.parameters import read_parameters, setting_hint
