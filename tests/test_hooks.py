@@ -102,7 +102,7 @@ def test_runs_left_running_by_a_killed_process_end_as_killed_when_the_next_run_s
 
 @pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
 def test_a_run_stopped_by_ctrl_c_or_sigterm_ends_as_killed(store, stop):
-    from c2s_kedro.runner import Terminated, killed_runs_end_as_killed
+    from c2s_kedro.stopping import Terminated, killed_runs_end_as_killed
 
     client, experiment = store
     expected = KeyboardInterrupt if stop == "ctrl_c" else Terminated
@@ -137,7 +137,7 @@ def test_ctrl_c_that_a_library_turns_into_an_error_or_swallows_still_ends_the_ru
     from kedro.runner import SequentialRunner
 
     from c2s_kedro.hooks import StopBetweenNodesHook
-    from c2s_kedro.runner import killed_runs_end_as_killed
+    from c2s_kedro.stopping import killed_runs_end_as_killed
 
     client, experiment = store
     ran = []
@@ -155,7 +155,7 @@ def test_ctrl_c_that_a_library_turns_into_an_error_or_swallows_still_ends_the_ru
 
 
 def test_an_error_without_ctrl_c_is_left_to_kedro_mlflow(store):
-    from c2s_kedro.runner import killed_runs_end_as_killed
+    from c2s_kedro.stopping import killed_runs_end_as_killed
 
     client, experiment = store
     with pytest.raises(ValueError), killed_runs_end_as_killed():
@@ -166,7 +166,7 @@ def test_an_error_without_ctrl_c_is_left_to_kedro_mlflow(store):
 
 
 def test_an_orchestrators_run_is_left_open(store):
-    from c2s_kedro.runner import killed_runs_end_as_killed
+    from c2s_kedro.stopping import killed_runs_end_as_killed
 
     client, experiment = store
     with mlflow.start_run(experiment_id=experiment) as outer:
@@ -216,12 +216,13 @@ def test_settings_in_conf_local_that_another_environment_does_not_read_are_named
 def test_the_run_tags_read_as_words_not_object_printouts(store):
     from c2s_kedro.hooks import MlflowRunTagsHook, readable_tags
 
-    params = {"runner": "<c2s_kedro.runner.UpstreamRunner object at 0x7efc1a2b3c40>", "run_id": "2026-12-07T09.01.02.345Z"}
-    assert readable_tags(params) == {"runner": "UpstreamRunner", "kedro_session_id": "2026-12-07T09.01.02.345Z"}
+    params = {"runner": "<kedro.runner.sequential_runner.SequentialRunner object at 0x7efc1a2b3c40>",
+              "run_id": "2026-12-07T09.01.02.345Z"}
+    assert readable_tags(params) == {"runner": "SequentialRunner", "kedro_session_id": "2026-12-07T09.01.02.345Z"}
     assert readable_tags({"runner": "SequentialRunner", "run_id": None}) == {}
     client, experiment = store
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.set_tags({k: v for k, v in params.items()})  # what kedro-mlflow sets from Kedro's run parameters
         MlflowRunTagsHook().before_pipeline_run(params)
     tags = client.get_run(run.info.run_id).data.tags
-    assert tags["runner"] == "UpstreamRunner" and tags["kedro_session_id"] == params["run_id"] and "run_id" not in tags
+    assert tags["runner"] == "SequentialRunner" and tags["kedro_session_id"] == params["run_id"] and "run_id" not in tags

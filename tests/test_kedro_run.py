@@ -79,6 +79,17 @@ def test_finetuning_alone_on_a_fresh_project_produces_its_upstream_once(tmp_path
     assert model.stat().st_mtime_ns != model_before  # the fine-tuning itself runs again
 
 
+def test_an_explicit_runner_runs_the_pipeline_with_its_upstream_and_no_more(tmp_path_factory):
+    root = _new_project(tmp_path_factory)
+    _kedro(root, "run", "--env", "test", "--pipelines", "sentence_conversion", "--runner", "SequentialRunner")
+    data = root / "data"
+    assert (data / "03_primary" / "processed_adata.h5ad").exists() and (data / "04_feature" / "cell_sentences").is_dir()
+    assert not (data / "06_models" / "rank_fit.json").exists()  # benchmarking is downstream, not upstream
+    before = (data / "03_primary" / "processed_adata.h5ad").stat().st_mtime_ns
+    _kedro(root, "run", "--env", "test", "--pipelines", "sentence_conversion", "--runner", "ThreadRunner")
+    assert (data / "03_primary" / "processed_adata.h5ad").stat().st_mtime_ns == before
+
+
 def test_perturbation_posterior_alone_on_a_fresh_project_simulates_trains_and_scores(tmp_path_factory):
     root = _new_project(tmp_path_factory)
     _kedro(root, "run", "--env", "test", "--pipelines", "perturbation_posterior")

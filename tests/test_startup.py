@@ -1,7 +1,7 @@
-"""What a run imports before its first node (issue 13, item 4).
+"""What a run imports before its first node.
 
-Every ``kedro run`` imports every pipeline's nodes (c2s_kedro.runner looks up the producers of
-missing inputs), so a module-level import of torch in any nodes module made a run of
+Every ``kedro run`` imports every pipeline's nodes (the registry composes each pipeline with its
+upstream), so a module-level import of torch in any nodes module made a run of
 sentence_conversion wait for torch, transformers and cell-eval. Checked in a fresh interpreter:
 this test process has long imported them all.
 """
@@ -96,7 +96,7 @@ bootstrap_project(Path.cwd())
 with KedroSession.create(env="test") as session:
     catalog = session.load_context().catalog
     catalog.exists("cell_sentences")  # what a run of sentence_conversion checks first
-    print(json.dumps({"key": catalog["lazy_check_metric"].key, "items_restored": "items" not in vars(catalog),
+    print(json.dumps({"key": catalog["lazy_check_metric"].key, "catalog_untouched": "items" not in vars(catalog),
                       "built": sorted(m for m in ("torch", "transformers", "matplotlib.pyplot", "c2s_kedro.datasets.model_dataset")
                                       if m in sys.modules)}))
 """
@@ -104,7 +104,7 @@ with KedroSession.create(env="test") as session:
 
 def test_the_catalog_stays_lazy_and_kedro_mlflow_still_names_its_metric_datasets(tmp_path):
     """kedro-mlflow's after_catalog_created built every catalog entry (importing torch for the
-    model datasets, pyplot for the plots); CatalogStaysLazyHook shows it only its metric datasets,
+    model datasets, pyplot for the plots); ProjectMlflowHook shows it only its metric datasets,
     which it still names after their entry. The cell sentences' dataset class imports no
     transformers (kedro-datasets' huggingface package does)."""
     from tests.helpers import copy_project
@@ -115,4 +115,4 @@ def test_the_catalog_stays_lazy_and_kedro_mlflow_still_names_its_metric_datasets
                             env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads(result.stdout.strip().splitlines()[-1])
-    assert state == {"key": "lazy_check_metric", "items_restored": True, "built": []}
+    assert state == {"key": "lazy_check_metric", "catalog_untouched": True, "built": []}

@@ -1,17 +1,25 @@
 """The project's ``kedro`` commands (Kedro loads ``<package>.cli`` and its commands override the
 built-in ones of the same name).
 
-``kedro run`` is Kedro's own command, except that an error the project raises on purpose (a
-``C2SError``: a setting to change, a missing input with the fix, a refused overwrite) reaches the
-user as its message, one line, instead of pages of traceback through Kedro's internals; Kedro has already
-logged which node failed. Any other error (a bug, a library's failure) keeps its full traceback,
-as does every error with ``C2S_TRACEBACK=1`` in the environment.
+``kedro run`` is Kedro's own command, with three differences:
+
+- a pipeline runs alone on a fresh clone: of its upstream, what is missing runs first, in the same
+  run (c2s_kedro.upstream; the plan goes to Kedro as the run's node list, ``--nodes``, ``--tags``
+  and the other filters select among the pipelines' own nodes). ``--only-missing-outputs`` is
+  Kedro's rule as it is, over the pipelines and their whole upstream;
+- a run stopped by Ctrl-C or SIGTERM ends its MLflow run as KILLED (c2s_kedro.stopping);
+- an error the project raises on purpose (a ``C2SError``: a setting to change, a missing input
+  with the fix, a refused overwrite) reaches the user as its message, one line, instead of pages of
+  traceback through Kedro's internals; Kedro has already logged which node failed. Any other error
+  (a bug, a library's failure) keeps its full traceback, as does every error with
+  ``C2S_TRACEBACK=1`` in the environment.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 import re
 import sys
@@ -20,6 +28,10 @@ import click
 from kedro.framework.cli.project import run as kedro_run
 
 from c2s_kedro.core.errors import C2SError
+from c2s_kedro.stopping import killed_runs_end_as_killed
+from c2s_kedro.upstream import planned_node_names
+
+logger = logging.getLogger(__name__)
 
 
 def raised_on_purpose(error: BaseException) -> bool:
@@ -70,15 +82,43 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(message).split()) or type(error).__name__
 
 
-def quiet_errors(command: click.Command) -> click.Command:
-    """A copy of ``command`` that prints an error raised on purpose as one line and exits with 1."""
+# Kedro's run options that select nodes, as Pipeline.filter names them
+FILTERS = {"tags": "tags", "node_names": "node_names", "from_nodes": "from_nodes", "to_nodes": "to_nodes",
+           "from_inputs": "from_inputs", "to_outputs": "to_outputs", "namespaces": "node_namespaces"}
+
+
+def with_upstream(options: dict) -> dict | None:
+    """Kedro's run options with the run's plan (c2s_kedro.upstream) as its node list; None when the
+    plan is empty (the pipeline's nodes write only what the environment provides)."""
+    if options.get("only_missing_outputs"):
+        return options
+    from kedro.framework.session import KedroSession
+
+    names = options.get("pipelines") or ([options["pipeline"]] if options.get("pipeline") else [])
+    filters = {FILTERS[key]: options.get(key) for key in FILTERS}
+    with KedroSession.create(env=options.get("env"), conf_source=options.get("conf_source"),
+                             runtime_params=options.get("params")) as session:
+        planned = planned_node_names(session.load_context(), names, **filters)
+    if planned is None:
+        return options
+    if not planned:
+        logger.info("nothing to run: the nodes of %s write only what your environment provides", ", ".join(names))
+        return None
+    return {**options, **{key: [] for key in FILTERS}, "node_names": planned}
+
+
+def project_run(command: click.Command) -> click.Command:
+    """A copy of Kedro's ``run`` that runs what the pipelines lack upstream first (``with_upstream``),
+    ends a stopped run as KILLED, and prints an error raised on purpose as one line (exit 1)."""
     quiet = copy.copy(command)
     callback = command.callback
 
     @functools.wraps(callback)
-    def run_quietly(*args, **kwargs):
+    def run_quietly(**options):
         try:
-            return callback(*args, **kwargs)
+            with killed_runs_end_as_killed():
+                planned = with_upstream(options)
+                return None if planned is None else callback(**planned)
         except Exception as error:
             if os.environ.get("C2S_TRACEBACK"):
                 raise
@@ -98,5 +138,5 @@ def cli() -> None:
     """The project's commands."""
 
 
-run = quiet_errors(kedro_run)  # also what `python -m c2s_kedro` runs (kedro's find_run_command)
+run = project_run(kedro_run)  # also what `python -m c2s_kedro` runs (kedro's find_run_command)
 cli.add_command(run, "run")

@@ -11,9 +11,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from kedro.framework.hooks import hook_impl
+from kedro_mlflow.framework.hooks import MlflowHook
 
 from c2s_kedro.parameters import PARAMETER_NAMESPACE
-from c2s_kedro.runner import process_rank, stop_if_requested
+from c2s_kedro.stopping import stop_if_requested
+from c2s_kedro.upstream import EntryMatcher, check_user_entries, own_nodes, user_entries
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ class ParameterNamespaceHook:
 
 class StopBetweenNodesHook:
     """Ctrl-C that a library swallowed while a node ran (native code) still stops the run, before
-    the next node, and the MLflow run ends as KILLED (``c2s_kedro.runner.killed_runs_end_as_killed``)."""
+    the next node, and the MLflow run ends as KILLED (``c2s_kedro.stopping.killed_runs_end_as_killed``)."""
 
     @hook_impl
     def before_node_run(self, node) -> None:
@@ -71,7 +73,7 @@ class EnvironmentLayersHook:
 
         default_env = settings.CONFIG_LOADER_ARGS.get("default_run_env", "local")
         unread = unread_local_settings(context.config_loader.conf_source, context.env or default_env, default_env)
-        if unread and process_rank() == 0:
+        if unread:
             logger.warning(
                 "conf/%s holds settings (%s) that this run does not read: Kedro reads conf/base, then the run's "
                 "environment only (--env %s: conf/%s); conf/%s is the environment of a run without --env. Put the "
@@ -181,7 +183,7 @@ class MlflowRunLivenessHook:
     """Records which process owns the run (``c2s.pid``, ``c2s.host`` tags), and ends as KILLED
     the runs whose process was killed without a chance to end them. Runs after kedro-mlflow's
     ``before_pipeline_run``, once the run exists. (SIGTERM and Ctrl-C end the run as KILLED
-    themselves: ``c2s_kedro.runner.ProjectSession``.)"""
+    themselves: ``c2s_kedro.stopping``.)"""
 
     @hook_impl
     def before_pipeline_run(self) -> None:
@@ -218,7 +220,7 @@ class MlflowStoreHook:
 
         from c2s_kedro.core.tracking import prepare_sqlite_store
 
-        if process_rank() != 0 or mlflow.active_run() is not None:  # an orchestrator's run: its store
+        if mlflow.active_run() is not None:  # an orchestrator's run: its store
             return
         loader = context.config_loader
         loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])  # as kedro-mlflow reads it
@@ -231,27 +233,54 @@ class MlflowStoreHook:
             prepare_sqlite_store(database)
 
 
+class UserEntriesHook:
+    """Stops a run that would produce or overwrite a dataset whose catalog entry the run's
+    environment defines (``c2s_kedro.upstream.check_user_entries``), before any node runs and before
+    an MLflow run is opened."""
+
+    def __init__(self) -> None:
+        self._entries, self._environment = EntryMatcher(), "local"
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._entries = EntryMatcher(user_entries(context.config_loader))
+        self._environment = context.env or context.config_loader.default_run_env
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        own, _ = own_nodes(run_params.get("pipeline_names"))
+        check_user_entries(pipeline, [n.name for n in own.nodes] if own else [], catalog, self._entries, self._environment)
+
+
 # kedro-mlflow's metric datasets, which its after_catalog_created names after their catalog entries
 MLFLOW_METRIC_TYPE = re.compile(r"kedro_mlflow\.io\.metrics\.")
 
 
-class CatalogStaysLazyHook:
-    """Keeps the catalog's entries unbuilt until a run uses them.
+class MetricEntries:
+    """The part of a catalog that kedro-mlflow's ``after_catalog_created`` needs: the entries whose
+    configured type is one of its metric datasets (``items``), and ``__setitem__`` to rename them."""
 
-    kedro-mlflow's ``after_catalog_created`` looks at every entry (``catalog.items()``) to find its
-    metric datasets, which builds every dataset and imports its library: torch and transformers
-    for the model datasets and kedro-datasets' huggingface package, pyplot for the plots, in a run
-    of sentence_conversion too (~40% of its start-up). Around the plugins' implementations,
-    ``items()`` lists only the entries whose configured type is one of kedro-mlflow's metric
-    datasets (``catalog.get_type`` would import every class to tell).
-    """
+    def __init__(self, catalog, names: list[str]) -> None:
+        self._catalog, self._names = catalog, names
 
-    @hook_impl(hookwrapper=True)
-    def after_catalog_created(self, catalog, conf_catalog):
+    def items(self) -> list[tuple[str, object]]:
+        return [(name, self._catalog[name]) for name in self._names]
+
+    def __setitem__(self, name: str, dataset) -> None:
+        self._catalog[name] = dataset
+
+
+class ProjectMlflowHook(MlflowHook):
+    """kedro-mlflow's hook, registered by the project (settings.py turns its plugin entry point off)
+    so that the catalog stays lazy: its ``after_catalog_created`` looks at every entry to find its
+    metric datasets, which builds every dataset and imports its library (torch and transformers for
+    the models, pyplot for the plots) in a run of sentence_conversion too (~40% of its start-up).
+    Here it is shown the entries whose configured type is one of its metric datasets
+    (``catalog.get_type`` would import every class to tell); everything else is kedro-mlflow's own."""
+
+    @hook_impl
+    def after_catalog_created(self, catalog, conf_catalog, conf_creds, parameters, save_version, load_versions) -> None:
         names = [name for name, entry in conf_catalog.items()
                  if isinstance(entry, dict) and MLFLOW_METRIC_TYPE.match(str(entry.get("type", ""))) and name in catalog]
-        catalog.items = lambda: [(name, catalog[name]) for name in names]
-        try:
-            yield
-        finally:
-            del catalog.items
+        super().after_catalog_created(MetricEntries(catalog, names), conf_catalog, conf_creds, parameters,
+                                      save_version, load_versions)

@@ -3,7 +3,11 @@
 A pipeline needed twice is one modular pipeline instantiated under a namespace: the screen goes
 through the atlas's processing, sentence and rank-fit pipelines as ``perturbation.*``, and the
 zero-shot evaluation is the evaluation's prediction part as ``zero_shot.*`` with the foundation
-model. Each registered pipeline also runs alone: c2s_kedro.runner produces its missing inputs first.
+model.
+
+Each registered pipeline is its own nodes (``own_pipelines``) with every node upstream of them, so
+it runs alone on a fresh clone. The project's ``kedro run`` (c2s_kedro.cli) runs of that upstream
+only what is missing (c2s_kedro.upstream); the pipeline's own nodes always run.
 """
 
 from kedro.pipeline import Pipeline, pipeline
@@ -55,9 +59,9 @@ def _zero_shot() -> Pipeline:
     )
 
 
-def register_pipelines() -> dict[str, Pipeline]:
-    """Each pipeline by name; the default ``kedro run`` runs them all in order."""
-    pipelines = {
+def own_pipelines() -> dict[str, Pipeline]:
+    """Each pipeline by name, its own nodes only."""
+    return {
         "data_processing": data_processing.create_pipeline(),
         "sentence_conversion": sentence_conversion.create_pipeline(),
         "benchmarking": benchmarking.create_pipeline(),
@@ -77,5 +81,12 @@ def register_pipelines() -> dict[str, Pipeline]:
         "annotation_input": annotation.create_default_input_pipeline(),
         "annotation": annotation.create_pipeline(),
     }
-    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    """Each pipeline with its upstream; the default ``kedro run`` runs them all in order."""
+    own = own_pipelines()
+    project = sum(own.values(), Pipeline([]))
+    pipelines = {name: project.to_nodes(*(n.name for n in nodes.nodes)) for name, nodes in own.items()}
+    pipelines["__default__"] = project
     return pipelines

@@ -1,4 +1,4 @@
-"""Kedro project settings. kedro-mlflow registers its hooks itself (plugin entry point)."""
+"""Kedro project settings."""
 
 from kedro.config import OmegaConfigLoader
 
@@ -7,35 +7,34 @@ from c2s_kedro.library_warnings import ignore_library_noise
 ignore_library_noise()  # also for sessions created outside the `kedro` command (notebooks, tests)
 
 from c2s_kedro.hooks import (
-    CatalogStaysLazyHook,
     EnvironmentLayersHook,
     MlflowRunLivenessHook,
     MlflowRunNameHook,
     MlflowRunTagsHook,
     MlflowStoreHook,
     ParameterNamespaceHook,
+    ProjectMlflowHook,
     StopBetweenNodesHook,
+    UserEntriesHook,
 )
-from c2s_kedro.runner import ProjectSession, plugins_off_this_rank
 
+# Hooks of one kind run last-registered first: kedro-mlflow's (last) opens the MLflow run before the
+# project's run hooks name, tag and watch it; the ones marked tryfirst run before it.
 HOOKS = (
-    CatalogStaysLazyHook(),
     ParameterNamespaceHook(),
     StopBetweenNodesHook(),
     EnvironmentLayersHook(),
+    UserEntriesHook(),
     MlflowStoreHook(),
     MlflowRunNameHook(),
     MlflowRunLivenessHook(),
     MlflowRunTagsHook(),
+    ProjectMlflowHook(),
 )
 
-# Under torchrun only rank 0 runs the plugins' hooks (kedro-mlflow: one process creates the store and
-# records the one run); c2s_kedro.runner runs the same nodes on every rank and keeps their saves in memory.
-DISABLE_HOOKS_FOR_PLUGINS = plugins_off_this_rank()
-
-# Any pipeline runs alone: its missing upstream outputs are produced first, in the same run
-# (c2s_kedro.runner.UpstreamRunner, the default runner of this session class).
-SESSION_CLASS = ProjectSession
+# kedro-mlflow's hook is registered above (ProjectMlflowHook keeps the catalog lazy); its plugin entry
+# point would register it a second time. Both spellings of its distribution name.
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro-mlflow", "kedro_mlflow")
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

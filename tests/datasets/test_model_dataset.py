@@ -138,8 +138,8 @@ def test_4bit_on_a_machine_without_cuda_stops_at_the_exists_check_and_the_load(p
 @pytest.fixture
 def user_project(tmp_path):
     """A copy of the project's conf/ and pyproject.toml; yields (root, write_local_catalog, session)
-    where session() opens the session `kedro run` opens: settings.SESSION_CLASS, env local."""
-    from kedro.framework.project import settings
+    where session() opens the session `kedro run` opens (env local)."""
+    from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
     root = copy_project(tmp_path / "user_project")
@@ -153,7 +153,7 @@ def user_project(tmp_path):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        yield root, local_catalog, lambda: settings.SESSION_CLASS.create(project_path=root)
+        yield root, local_catalog, lambda: KedroSession.create(project_path=root)
     finally:
         os.chdir(cwd)
         sys.modules.pop("c2s_kedro.pipeline_registry", None)
@@ -165,7 +165,7 @@ def _written_data(root: Path) -> set[str]:
 
 
 def test_a_typo_in_a_local_model_path_stops_the_run_naming_the_entry_and_the_path(user_project, monkeypatch):
-    from c2s_kedro.runner import UserEntryMissingError
+    from c2s_kedro.upstream import UserEntryMissingError, run_pipelines
 
     root, local_catalog, session = user_project
     probes = no_probe(monkeypatch)
@@ -173,12 +173,14 @@ def test_a_typo_in_a_local_model_path_stops_the_run_naming_the_entry_and_the_pat
     with session() as kedro_session:
         with pytest.raises(UserEntryMissingError, match=r"'foundation_model' is not saved.*environment 'local'.*"
                                                         r"models/my_c2s_model_typo"):
-            kedro_session.run(pipeline_names=["embedding"])
+            run_pipelines(kedro_session, ["embedding"])  # what `kedro run --pipelines=embedding` runs
     assert _written_data(root) == set()  # nothing processed, nothing pretrained into the typo'd path
     assert not (root / "models" / "my_c2s_model_typo").exists() and probes == []
 
 
 def test_an_uncached_hub_id_offline_stops_the_run_at_once_with_the_advice(user_project, tmp_path, monkeypatch):
+    from c2s_kedro.upstream import run_pipelines
+
     root, local_catalog, session = user_project
     use_hub_cache(monkeypatch, tmp_path / "empty_cache")
     probes = no_probe(monkeypatch)
@@ -187,26 +189,25 @@ def test_an_uncached_hub_id_offline_stops_the_run_at_once_with_the_advice(user_p
         with pytest.raises(DatasetError, match=rf"(?s)hub_id='{C2S_410M}'.*`hf download {C2S_410M} --local-dir "
                                                r"models/C2S-Pythia-410m-cell-type-prediction`.*"
                                                r"`path: models/C2S-Pythia-410m-cell-type-prediction`"):
-            kedro_session.run(pipeline_names=["embedding"])
+            run_pipelines(kedro_session, ["embedding"])
     assert _written_data(root) == set() and not (root / "vandijklab").exists() and probes == []
 
 
 def test_a_cached_hub_id_is_what_the_embedding_pipeline_loads_and_is_never_produced(user_project, hub_cache,
                                                                                    tiny_model_dir, monkeypatch):
-    from kedro.framework.project import pipelines
-
-    from c2s_kedro.runner import UpstreamRunner, missing_inputs
+    from c2s_kedro.pipeline_registry import own_pipelines
+    from c2s_kedro.upstream import EntryMatcher, missing_inputs, own_nodes, plan
 
     root, local_catalog, session = user_project
     probes = no_probe(monkeypatch)
     local_catalog(HUB_MODEL)
     with session() as kedro_session:
         catalog = kedro_session.load_context().catalog
-        embedding = pipelines["embedding"]
+        embedding, project = own_pipelines()["embedding"], own_nodes(None)[1]
         assert "foundation_model" in embedding.inputs()
         assert "foundation_model" not in missing_inputs(embedding, catalog)
-        upstream = UpstreamRunner(user_entries=["foundation_model"]).upstream_of(embedding, catalog)
-        assert "foundation_model" not in upstream.all_outputs()  # not pretrained upstream
+        planned = plan(embedding, project, catalog, EntryMatcher(["foundation_model"]), "local")
+        assert "foundation_model" not in planned.all_outputs()  # not pretrained upstream
         loaded = catalog.load("foundation_model")
     assert loaded.source == HUB_MODEL and _same_weights(loaded, tiny_model_dir)
     assert not (root / "tiny-org").exists() and probes == []

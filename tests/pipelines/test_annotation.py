@@ -219,8 +219,15 @@ def test_finetuning_records_the_label_set_genes_and_processing(counts, model):
 def test_a_users_annotation_input_is_never_overwritten_by_the_default_writer(counts, tmp_path):
     from kedro.io import DataCatalog, MemoryDataset
 
+    from kedro.runner import SequentialRunner
+
     from c2s_kedro.datasets import H5adDataset
-    from c2s_kedro.runner import UpstreamRunner
+    from c2s_kedro.upstream import EntryMatcher, check_user_entries, plan
+
+    def run(user: list[str]) -> None:  # what the project's `kedro run` does
+        planned = plan(project, project, catalog, EntryMatcher(user), "local")
+        check_user_entries(planned, [n.name for n in project.nodes], catalog, EntryMatcher(user), "local")
+        SequentialRunner().run(planned, catalog)
 
     users = tmp_path / "mine.h5ad"
     counts[:3].write_h5ad(users)
@@ -231,9 +238,9 @@ def test_a_users_annotation_input_is_never_overwritten_by_the_default_writer(cou
         "annotation_raw_adata": H5adDataset(filepath=str(users)),
     })
     before = users.stat().st_mtime_ns
-    UpstreamRunner(project_pipeline=project, user_entries=["annotation_raw_adata"]).run(project, catalog)
+    run(["annotation_raw_adata"])
     assert users.stat().st_mtime_ns == before and ad.read_h5ad(users).n_obs == 3
-    UpstreamRunner(project_pipeline=project).run(project, catalog)  # the project's own entry: written
+    run([])  # the project's own entry: written
     assert ad.read_h5ad(users).n_obs == 4
 
 
