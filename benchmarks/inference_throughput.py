@@ -47,7 +47,7 @@ from embedding_throughput import floor_forward, pbmc_prompts_and_model, timed_in
 from transformers import GenerationConfig  # noqa: E402
 
 from c2s_kedro.core.constraints import GeneVocabularyConstraint  # noqa: E402
-from c2s_kedro.core.data import pbmc68k_counts  # noqa: E402
+from c2s_kedro.core.data.pbmc68k import pbmc68k_counts  # noqa: E402
 from c2s_kedro.core.models import load_model  # noqa: E402
 from c2s_kedro.core.inference import (  # noqa: E402
     generate_texts,
@@ -55,7 +55,7 @@ from c2s_kedro.core.inference import (  # noqa: E402
     sample_continuations,
     score_labels,
 )
-from c2s_kedro.core.preprocessing import normalize_log10  # noqa: E402
+from c2s_kedro.core.data.preprocessing import normalize_log10  # noqa: E402
 from c2s_kedro.core.sentences import vocabulary_names  # noqa: E402
 
 

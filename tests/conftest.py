@@ -36,7 +36,7 @@ def counts_adata() -> ad.AnnData:
 @pytest.fixture(scope="session")
 def pbmc_counts() -> ad.AnnData:
     """The project's default data (700 PBMCs); shared, so tests must copy before changing it."""
-    from c2s_kedro.core.data import pbmc68k_counts
+    from c2s_kedro.core.data.pbmc68k import pbmc68k_counts
 
     return pbmc68k_counts()
 

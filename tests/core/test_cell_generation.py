@@ -14,7 +14,7 @@ from c2s_kedro.core.cell_generation import (
     real_cells_as_generated,
     reconstruct_generated_cells,
 )
-from c2s_kedro.core.preprocessing import normalize_log10
+from c2s_kedro.core.data.preprocessing import normalize_log10
 from c2s_kedro.core.sentences import RankFit
 
 

@@ -79,7 +79,7 @@ def test_scores_count_each_method_on_the_same_cells_and_unmatched_answers_as_wro
 
 
 def test_baseline_fits_on_train_cells_and_predicts_the_test_cells(counts_adata):
-    from c2s_kedro.core.preprocessing import normalize_log10
+    from c2s_kedro.core.data.preprocessing import normalize_log10
 
     adata = normalize_log10(counts_adata)
     names = list(adata.obs_names)
@@ -94,7 +94,7 @@ def test_baseline_fits_on_train_cells_and_predicts_the_test_cells(counts_adata):
 
 
 def test_sentence_baseline_reads_only_the_genes_each_prompt_carries(counts_adata):
-    from c2s_kedro.core.preprocessing import normalize_log10
+    from c2s_kedro.core.data.preprocessing import normalize_log10
     from c2s_kedro.core.sentences import RankFit
 
     adata = normalize_log10(counts_adata)
@@ -177,7 +177,7 @@ def test_enough_scored_cells_give_no_caution(caplog):
 
 
 def test_labels_missing_in_train_or_test_are_no_label_of_the_set(counts_adata):
-    from c2s_kedro.core.preprocessing import normalize_log10
+    from c2s_kedro.core.data.preprocessing import normalize_log10
     from c2s_kedro.core.prompts import template_words
     from c2s_kedro.core.tokenizer import build_gene_tokenizer
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core.preprocessing import QCThresholds, embed_expression, normalize_log10, quality_control
+from c2s_kedro.core.data.preprocessing import QCThresholds, embed_expression, normalize_log10, quality_control
 
 NO_FILTERS = dict(
     min_genes_per_cell=None,
@@ -255,7 +255,7 @@ def test_embed_expression_past_the_approximate_knn_switch(normalized_adata, monk
     the switch lowered, pynndescent's search replaced by an exact one returning what it returns."""
     import pynndescent
 
-    from c2s_kedro.core import preprocessing
+    from c2s_kedro.core.data import preprocessing
 
     assert preprocessing._knn_transformer(preprocessing.APPROXIMATE_KNN_FROM_CELLS - 1, 15, 0) is None
     monkeypatch.setattr(preprocessing, "APPROXIMATE_KNN_FROM_CELLS", 10)
@@ -277,7 +277,7 @@ def test_quality_control_in_chunks_equals_scanpys_filters(counts_adata, monkeypa
     result is scanpy's: cells filtered, then filter_genes(min_cells) on the cells left."""
     import scanpy as sc
 
-    from c2s_kedro.core import preprocessing
+    from c2s_kedro.core.data import preprocessing
 
     thresholds = QCThresholds(**{**NO_FILTERS, "min_genes_per_cell": 27, "min_cells_per_gene": 30})
     monkeypatch.setattr(preprocessing, "_ROW_CHUNK", 7)
@@ -319,7 +319,7 @@ def test_quality_control_of_a_file_written_in_chunks(tmp_path):
 def test_normalization_in_chunks_of_cells_gives_scanpys_values(counts_adata, monkeypatch):
     import scanpy as sc
 
-    from c2s_kedro.core import preprocessing
+    from c2s_kedro.core.data import preprocessing
 
     monkeypatch.setattr(preprocessing, "_ROW_CHUNK", 7)
     for target_sum in (None, 1e4):
@@ -336,7 +336,7 @@ def test_qc_metrics_in_chunks_of_cells_are_scanpys(counts_adata, monkeypatch):
     matrix (what the filters read, and what processed_adata keeps in obs/var)."""
     import scanpy as sc
 
-    from c2s_kedro.core import preprocessing
+    from c2s_kedro.core.data import preprocessing
 
     adata = counts_adata.copy()
     adata.var_names = ["MT-A", "MT-B", *adata.var_names[2:]]  # two mitochondrial genes

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from c2s_kedro.core.splitting import MIN_SCORED_CELLS, part_sizes, split_names, split_report
+from c2s_kedro.core.data.splitting import MIN_SCORED_CELLS, part_sizes, split_names, split_report
 
 ATLAS = {"train": 0.8, "val": 0.1, "test": 0.1}
 # The atlas's parts of the 700 default PBMCs (fractions 0.8/0.1/0.1, seed 0, stratified by

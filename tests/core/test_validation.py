@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core.preprocessing import normalize_log10
-from c2s_kedro.core.validation import (
+from c2s_kedro.core.data.preprocessing import normalize_log10
+from c2s_kedro.core.data.validation import (
     LOG_VALUES_BELOW,
     InputError,
     InputReport,
@@ -75,7 +75,7 @@ def test_log_normalized_data_is_refused(counts_adata):
 def test_counts_are_checked_a_chunk_at_a_time(monkeypatch):
     """Chunks of 4 stored values: the counts of every chunk add up, the minimum and the example
     come from the chunk that holds them, and a NaN in a late chunk still wins over the rest."""
-    import c2s_kedro.core.validation as validation
+    import c2s_kedro.core.data.validation as validation
 
     monkeypatch.setattr(validation, "_VALUE_CHUNK", 4)
     values = np.arange(1, 13, dtype=np.float32)  # 12 stored values: 3 chunks

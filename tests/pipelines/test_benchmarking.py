@@ -6,7 +6,7 @@ import scipy.sparse as sp
 from datasets import Dataset
 
 from c2s_kedro.core.evaluation import cluster_agreement
-from c2s_kedro.core.preprocessing import embed_expression, normalize_log10
+from c2s_kedro.core.data.preprocessing import embed_expression, normalize_log10
 from c2s_kedro.core.reconstruction import leiden_labels
 from c2s_kedro.core.sentences import cell_sentences_from_adata
 from c2s_kedro.pipelines.benchmarking import create_pipeline

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core.preprocessing import normalize_log10
-from c2s_kedro.core.validation import InputError, NotCountsError
+from c2s_kedro.core.data.preprocessing import normalize_log10
+from c2s_kedro.core.data.validation import InputError, NotCountsError
 from c2s_kedro.pipelines.data_processing import create_pipeline
 from c2s_kedro.pipelines.data_processing.nodes import (
     embed_normalized_cells,

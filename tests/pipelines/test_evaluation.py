@@ -99,7 +99,7 @@ def test_parameters_are_read_once_and_checked(setting):
 
 
 def test_baseline_and_scores_on_the_same_cells():
-    from c2s_kedro.core.preprocessing import normalize_log10
+    from c2s_kedro.core.data.preprocessing import normalize_log10
 
     adata = normalize_log10(make_counts_adata())
     names = list(adata.obs_names)
@@ -143,7 +143,7 @@ def test_evaluation_prompts_use_the_template_file(setting, tmp_path):
 
 
 def test_test_cells_without_a_label_are_predicted_not_scored_and_few_cells_say_so(setting, caplog):
-    from c2s_kedro.core.preprocessing import normalize_log10
+    from c2s_kedro.core.data.preprocessing import normalize_log10
 
     cells, model, split = setting
     cells = cells.remove_columns("cell_type").add_column("cell_type", ["T cell", "B cell", None, "B cell", "nan"] * 2)

@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse as sp
 from datasets import Dataset
 
-from c2s_kedro.core.preprocessing import normalize_log10
+from c2s_kedro.core.data.preprocessing import normalize_log10
 from c2s_kedro.pipelines.sentence_conversion import create_pipeline
 from c2s_kedro.pipelines.sentence_conversion.nodes import convert_to_cell_sentences, split_dataset, summarize_sentences
 from tests.helpers import load_parameters, params_entries, run_pipeline

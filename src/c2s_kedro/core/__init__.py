@@ -11,7 +11,7 @@ __getattr__, __dir__, __all__ = lazy.attach(
     submodules=[
         "annotation", "annotator_model", "cell_generation", "constraints", "data", "embedding", "evaluation",
         "example_formatters", "inference", "kernels", "models", "perturbation", "perturbation_diagnostics",
-        "perturbation_evaluation", "plotting", "preprocessing", "prompts", "reconstruction", "sentences", "simulate",
-        "simulate_perturbseq", "splitting", "tokenizer", "tracking", "training", "validation",
+        "perturbation_evaluation", "plotting", "prompts", "reconstruction", "sentences", "simulate",
+        "simulate_perturbseq", "tokenizer", "tracking", "training",
     ],
 )

@@ -22,7 +22,7 @@ from c2s_kedro.core import plotting
 from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.inference import generate_texts
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.preprocessing import neighbors_umap
+from c2s_kedro.core.data.preprocessing import neighbors_umap
 from c2s_kedro.core.evaluation import report_scored_cells
 from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
 

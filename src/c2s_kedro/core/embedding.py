@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 
 from c2s_kedro.core.errors import C2SValueError
-from c2s_kedro.core.preprocessing import neighbors_umap
+from c2s_kedro.core.data.preprocessing import neighbors_umap
 
 
 def embedding_adata(

@@ -24,8 +24,8 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from c2s_kedro.core.errors import C2SValueError
 from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
-from c2s_kedro.core.splitting import MIN_SCORED_CELLS
-from c2s_kedro.core.validation import require_obs_columns
+from c2s_kedro.core.data.splitting import MIN_SCORED_CELLS
+from c2s_kedro.core.data.validation import require_obs_columns
 
 logger = logging.getLogger(__name__)
 NOT_A_LABEL = "<not a label>"

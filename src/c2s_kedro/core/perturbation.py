@@ -42,9 +42,9 @@ from c2s_kedro.core.prompts import (
     template_words,
 )
 from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
-from c2s_kedro.core.splitting import split_names
+from c2s_kedro.core.data.splitting import split_names
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.validation import sentence_safe_gene_name, tidy_gene_names
+from c2s_kedro.core.data.validation import sentence_safe_gene_name, tidy_gene_names
 
 logger = logging.getLogger(__name__)
 
@@ -574,7 +574,7 @@ def split_screen(
     test_perturbations: Sequence[str] | None = None,
     seen_test_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """Train/val/test parts of a screen's cells, cut by ``core.splitting.split_names`` from one
+    """Train/val/test parts of a screen's cells, cut by ``core.data.splitting.split_names`` from one
     seeded generator (controls of each batch in sorted batch order, then the perturbations).
 
     ``mode="perturbations"``: whole perturbations are held out (``test_perturbations`` when given,

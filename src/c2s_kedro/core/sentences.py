@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from c2s_kedro.core.errors import C2SKeyError, C2SRuntimeError, C2SValueError
 from c2s_kedro.core import kernels
-from c2s_kedro.core.splitting import require_unique_names
-from c2s_kedro.core.validation import require_obs_columns, unique_ignoring_case
+from c2s_kedro.core.data.splitting import require_unique_names
+from c2s_kedro.core.data.validation import require_obs_columns, unique_ignoring_case
 
 logger = logging.getLogger(__name__)
 

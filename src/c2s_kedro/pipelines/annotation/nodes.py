@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 def select_test_cells(raw_adata: ad.AnnData, data_split: dict[str, Any]) -> ad.AnnData:
     """The raw counts of the test split's cells: the default ``annotation_raw_adata``, cells no
     model saw in training, so a fresh clone can annotate something offline."""
-    return core.validation.cells_by_unique_name(raw_adata, data_split["test"])
+    return core.data.validation.cells_by_unique_name(raw_adata, data_split["test"])
 
 
 def read_annotator(finetuned_model: LanguageModel) -> dict[str, Any]:
@@ -47,9 +47,9 @@ def prepare_annotation_cells(
     settings = read_parameters(AnnotationParameters, params, SECTION)
     record = core.annotation.AnnotatorRecord.from_dict(annotator)
     with (
-        setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.validation.NotCountsError),
+        setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.data.validation.NotCountsError),
         setting_hint(f"{SECTION}.gene_symbol_column", KeyError),
-        settings_file_hint(SECTION, core.validation.InputError),
+        settings_file_hint(SECTION, core.data.validation.InputError),
     ):
         return core.annotation.prepare_cells(
             annotation_raw_adata, record, settings.input_is_normalized, settings.gene_symbol_column,
@@ -109,7 +109,7 @@ def build_annotated_adata(
                             record.labels, record.genes)
     adata.obsm["X_c2s"] = np.asarray(annotation_embeddings, dtype=np.float32)
     if adata.n_obs >= MIN_CELLS_FOR_UMAP:
-        core.preprocessing.neighbors_umap(adata, "X_c2s", n_neighbors=settings.n_neighbors, seed=settings.seed, key_added="c2s")
+        core.data.preprocessing.neighbors_umap(adata, "X_c2s", n_neighbors=settings.n_neighbors, seed=settings.seed, key_added="c2s")
     else:
         logger.warning("%d cells: too few for a kNN graph and UMAP of the embedding", adata.n_obs)
     return adata

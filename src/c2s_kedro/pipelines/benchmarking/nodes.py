@@ -42,7 +42,7 @@ def reconstruct_adata(
         table.column(core.sentences.CELL_NAME).to_pylist(), table.column(core.sentences.CELL_SENTENCE), processed_adata,
         core.sentences.RankFit.from_dict(rank_fit),
     )
-    return core.preprocessing.embed_expression(rebuilt, **as_kwargs(settings.embedding))
+    return core.data.preprocessing.embed_expression(rebuilt, **as_kwargs(settings.embedding))
 
 
 def compare_reconstruction(
@@ -57,7 +57,7 @@ def compare_reconstruction(
     label = settings.label_key
     if label:
         with setting_hint("benchmarking.label_key"):
-            core.validation.require_obs_columns(processed_adata, [label])
+            core.data.validation.require_obs_columns(processed_adata, [label])
     metrics, values, rebuilt = core.reconstruction.reconstruction_agreement(
         processed_adata, reconstructed_adata, settings.n_cells, settings.leiden_resolution, settings.knn_k, settings.seed, label,
     )

@@ -23,18 +23,18 @@ SECTION = "data_processing"
 
 
 def validate_raw_adata(raw_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
-    """The door of the data (``core.validation.validate_input``): the obs keys to plot, where the
+    """The door of the data (``core.data.validation.validate_input``): the obs keys to plot, where the
     counts are, declarations the data contradict, gene names as sentence words (symbols, one word,
     unique), unique cell names. What it did is counted in ``.uns['input_checks']``."""
     settings = read_parameters(DataProcessingParameters, params, SECTION)
     with setting_hint(f"{SECTION}.umap_color_keys"):
-        core.validation.require_obs_columns(raw_adata, settings.umap_color_keys)
+        core.data.validation.require_obs_columns(raw_adata, settings.umap_color_keys)
     with (
-        setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.validation.NotCountsError),
+        setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.data.validation.NotCountsError),
         setting_hint(f"{SECTION}.gene_symbol_column", KeyError),
-        settings_file_hint(SECTION, core.validation.InputError),
+        settings_file_hint(SECTION, core.data.validation.InputError),
     ):
-        adata, _ = core.validation.validate_input(
+        adata, _ = core.data.validation.validate_input(
             raw_adata, counts_source=settings.counts_source, accept_non_integer_counts=settings.accept_non_integer_counts,
             input_is_normalized=settings.input_is_normalized, gene_symbol_column=settings.gene_symbol_column,
             setting_prefix=qualified(SECTION),
@@ -46,7 +46,7 @@ def filter_cells_and_genes(adata: ad.AnnData, qc: dict[str, Any]) -> tuple[ad.An
     """QC filters from parameters; returns the filtered data and cell/gene counts per filter."""
     thresholds = read_parameters(QCParameters, qc, f"{SECTION}.qc")
     with setting_hint(f"{SECTION}.qc", ValueError):
-        return core.preprocessing.quality_control(adata, core.preprocessing.QCThresholds(**as_kwargs(thresholds)))
+        return core.data.preprocessing.quality_control(adata, core.data.preprocessing.QCThresholds(**as_kwargs(thresholds)))
 
 
 def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
@@ -56,8 +56,8 @@ def normalize_counts(adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
     settings = read_parameters(DataProcessingParameters, params, SECTION)
     if settings.input_is_normalized:
         return adata
-    return core.preprocessing.normalize_log10(adata, target_sum=settings.normalization.target_sum,
-                                              counts_layer=settings.normalization.counts_layer)
+    return core.data.preprocessing.normalize_log10(adata, target_sum=settings.normalization.target_sum,
+                                                   counts_layer=settings.normalization.counts_layer)
 
 
 def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any]) -> ad.AnnData:
@@ -66,7 +66,7 @@ def embed_normalized_cells(normalized_adata: ad.AnnData, params: dict[str, Any])
     if not settings.embed:
         logger.info("%s.embed is false: no PCA, kNN graph or UMAP of the %d cells", SECTION, normalized_adata.n_obs)
         return normalized_adata
-    return core.preprocessing.embed_expression(normalized_adata, **as_kwargs(settings.embedding))
+    return core.data.preprocessing.embed_expression(normalized_adata, **as_kwargs(settings.embedding))
 
 NOT_EMBEDDED = "not_embedded.png"  # the one figure when the cells were not embedded
 
@@ -87,5 +87,5 @@ def summarize_processing(qc_counts: dict[str, int], processed_adata: ad.AnnData)
     genes only in .raw, non-integer counts), the QC counts and ``n_pcs`` (0 when the cells were not
     embedded)."""
     n_pcs = processed_adata.obsm["X_pca"].shape[1] if "X_pca" in processed_adata.obsm else 0
-    return {**core.validation.input_check_metrics(processed_adata), **{k: float(v) for k, v in qc_counts.items()},
+    return {**core.data.validation.input_check_metrics(processed_adata), **{k: float(v) for k, v in qc_counts.items()},
             "n_pcs": float(n_pcs)}

@@ -115,6 +115,6 @@ def summarize_finetuning(
     return {
         **core.training.summarize_history(finetuning_log),
         **{f"n_{part}_samples": float(finetuning_prompts[part].num_rows) for part in finetuning_prompts},
-        **core.splitting.split_report(parts, data_split.get("fractions")),
+        **core.data.splitting.split_report(parts, data_split.get("fractions")),
         **{f"n_{part}_cells_without_label": float((~core.sentences.has_label(values)).sum()) for part, values in labels.items()},
     }

@@ -12,7 +12,7 @@ import numpy as np
 # pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
 from c2s_kedro.core.errors import C2SKeyError
 from c2s_kedro import core
-from c2s_kedro.core.splitting import split_names, split_report
+from c2s_kedro.core.data.splitting import split_names, split_report
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.atlas import DataSplitParameters, SentenceConversionParameters
 

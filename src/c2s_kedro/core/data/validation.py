@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
-from c2s_kedro.core.preprocessing import shallow_copy
+from c2s_kedro.core.data.preprocessing import shallow_copy
 
 logger = logging.getLogger(__name__)
 
