@@ -151,7 +151,7 @@ def in_memory_benchmark(args, out_dir: Path) -> dict:
     import pyarrow.compute as pc
 
     from c2s_kedro.core.sentences import cell_sentences_from_adata, vocabulary_names
-    from c2s_kedro.core.simulate import simulate_atlas
+    from c2s_kedro.core.simulate.atlas import simulate_atlas
 
     started = time.perf_counter()
     adata = simulate_atlas(
@@ -264,7 +264,7 @@ def in_memory_benchmark(args, out_dir: Path) -> dict:
 
 
 def backed_benchmark(args, out_dir: Path) -> dict:
-    from c2s_kedro.core.simulate import write_atlas_h5ad
+    from c2s_kedro.core.simulate.atlas import write_atlas_h5ad
 
     genes_per_cell = args.backed_genes_per_cell or args.genes_per_cell
     # float32 value + int32 index per stored value, then about as much again for the sentences.

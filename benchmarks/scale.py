@@ -1,7 +1,7 @@
 """The user's sizes and the user's wait: whole `kedro run`s on simulated data at 1/4, 1/2 and full size.
 
-Makes the atlas (``core.simulate.write_atlas_h5ad``, default 30,000 cells x 36,000 genes, ~2,300
-expressed genes per cell) and the screen (``core.simulate_perturbseq.write_perturbseq_h5ad``,
+Makes the atlas (``core.simulate.atlas.write_atlas_h5ad``, default 30,000 cells x 36,000 genes, ~2,300
+expressed genes per cell) and the screen (``core.simulate.screen.write_perturbseq_h5ad``,
 default 2,000 perturbations x 124 cells + 12,000 controls = 260,000 cells x 8,500 genes, 4 gem
 groups), each written chunk by chunk. For every size it copies the project (conf/ without
 conf/local, pyproject.toml) into ``--workdir``, adds a Kedro environment ``scale`` whose catalog
@@ -125,8 +125,8 @@ def slope(cells: list[int], values: list[float]) -> float | None:
 
 
 def run_dataset(kind: str, fraction: float, args: argparse.Namespace) -> dict:
-    from c2s_kedro.core.simulate import write_atlas_h5ad
-    from c2s_kedro.core.simulate_perturbseq import write_perturbseq_h5ad
+    from c2s_kedro.core.simulate.atlas import write_atlas_h5ad
+    from c2s_kedro.core.simulate.screen import write_perturbseq_h5ad
 
     workdir = Path(args.workdir) / f"{kind}_{fraction:g}"
     workdir.mkdir(parents=True, exist_ok=True)

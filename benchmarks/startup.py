@@ -6,7 +6,7 @@ Run by hand (not part of the tests); prints one JSON object on stdout:
     python benchmarks/startup.py --reference-python /path/to/venv/bin/python   # with cell2sentence there
     python benchmarks/startup.py --cells 3000 --genes 5000 --genes-per-cell 500 --repeats 1   # quick
 
-1. Writes the atlas (``core.simulate.write_atlas_h5ad``) and, in a copy of the project under
+1. Writes the atlas (``core.simulate.atlas.write_atlas_h5ad``) and, in a copy of the project under
    ``--workdir`` (conf/ without conf/local; a ``startup`` environment pointing ``raw_adata`` at the
    file, ``data_processing.embed: false``), runs ``data_processing`` once.
 2. Side by side, ``--repeats`` times in turn: ``kedro run --env startup --pipelines=sentence_conversion``
@@ -268,7 +268,7 @@ def main() -> None:
                                          project if (project / "conf").exists() else None), indent=2))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    from c2s_kedro.core.simulate import write_atlas_h5ad
+    from c2s_kedro.core.simulate.atlas import write_atlas_h5ad
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -307,7 +307,7 @@ def test_normalize_and_embed_leave_the_input_counts_untouched(counts_adata):
 def test_quality_control_of_a_file_written_in_chunks(tmp_path):
     """write_atlas_h5ad appends to X on disk with a 64-bit indptr beside 32-bit indices; scanpy's
     QC metrics (scipy's eliminate_zeros) reject the mix unless QC aligns them."""
-    from c2s_kedro.core.simulate import write_atlas_h5ad
+    from c2s_kedro.core.simulate.atlas import write_atlas_h5ad
 
     adata = ad.read_h5ad(write_atlas_h5ad(tmp_path / "atlas.h5ad", n_cells=300, n_genes=200, chunk_size=100, seed=1))
     assert adata.X.indptr.dtype != adata.X.indices.dtype

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core.simulate import MITOCHONDRIAL_GENES, simulate_atlas, write_atlas_h5ad
+from c2s_kedro.core.simulate.atlas import MITOCHONDRIAL_GENES, simulate_atlas, write_atlas_h5ad
 
 OBS_COLUMNS = ["cell_type", "tissue", "batch_condition", "organism", "sex"]
 

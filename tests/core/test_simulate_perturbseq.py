@@ -4,13 +4,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core import simulate_perturbseq as simulator
-from c2s_kedro.core.simulate_perturbseq import (
-    CONTROL_LABEL,
-    default_perturbseq,
-    simulate_perturbseq,
-    write_perturbseq_h5ad,
-)
+from c2s_kedro.core.simulate import screen as simulator
+from c2s_kedro.core.simulate.screen import CONTROL_LABEL, default_perturbseq, simulate_perturbseq, write_perturbseq_h5ad
 
 OBS_COLUMNS = [
     "gene",

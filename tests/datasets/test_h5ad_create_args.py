@@ -39,7 +39,7 @@ def test_without_create_args_the_factory_gets_no_arguments(tmp_path):
 def test_create_args_build_a_small_simulated_screen(tmp_path):
     dataset = H5adDataset(
         filepath=str(tmp_path / "screen.h5ad"),
-        create_if_missing="c2s_kedro.core.simulate_perturbseq.simulate_perturbseq",
+        create_if_missing="c2s_kedro.core.simulate.screen.simulate_perturbseq",
         create_args={
             "n_genes": 300,
             "n_perturbations": 4,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from c2s_kedro.core.perturbation import MISSING_GENE_CAVEAT
-from c2s_kedro.core.simulate_perturbseq import simulate_perturbseq
+from c2s_kedro.core.simulate.screen import simulate_perturbseq
 from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipeline_registry import register_pipelines
 from c2s_kedro.pipelines.perturbation_data.nodes import check_screen_layout

@@ -12,6 +12,6 @@ __getattr__, __dir__, __all__ = lazy.attach(
         "annotation", "annotator_model", "cell_generation", "constraints", "data", "embedding", "evaluation",
         "example_formatters", "inference", "kernels", "models", "perturbation", "perturbation_diagnostics",
         "perturbation_evaluation", "plotting", "prompts", "reconstruction", "sentences", "simulate",
-        "simulate_perturbseq", "tokenizer", "tracking", "training",
+        "tokenizer", "tracking", "training",
     ],
 )

@@ -35,7 +35,7 @@ class H5adDataset(AbstractDataset[ad.AnnData, ad.AnnData]):
         perturbseq_raw:
           type: c2s_kedro.datasets.H5adDataset
           filepath: data/01_raw/perturbseq_simulated.h5ad
-          create_if_missing: c2s_kedro.core.simulate_perturbseq.simulate_perturbseq
+          create_if_missing: c2s_kedro.core.simulate.screen.simulate_perturbseq
           create_args:
             n_perturbations: 48
             seed: 1

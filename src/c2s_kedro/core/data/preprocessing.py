@@ -157,7 +157,7 @@ def shallow_copy(adata: ad.AnnData) -> ad.AnnData:
 
 def _one_index_dtype(matrix):
     """A CSR/CSC matrix whose ``indptr`` and ``indices`` share one integer type, around the same
-    arrays. Files written in chunks (core.simulate) carry a 64-bit indptr next to 32-bit indices,
+    arrays. Files written in chunks (core.simulate.atlas) carry a 64-bit indptr next to 32-bit indices,
     which scipy's in-place routines (``eliminate_zeros``, called by scanpy's QC metrics) reject."""
     if not sp.issparse(matrix) or matrix.format not in ("csr", "csc") or matrix.indptr.dtype == matrix.indices.dtype:
         return matrix

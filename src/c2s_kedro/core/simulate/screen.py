@@ -44,7 +44,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from c2s_kedro.core.errors import C2STypeError, C2SValueError
-from c2s_kedro.core.simulate import MITOCHONDRIAL_GENES, _cell_barcodes, gene_symbols
+from c2s_kedro.core.simulate.atlas import MITOCHONDRIAL_GENES, _cell_barcodes, gene_symbols
 
 logger = logging.getLogger(__name__)
 
