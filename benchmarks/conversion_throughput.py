@@ -150,7 +150,7 @@ def compare_up_to_ties(matrix, name_to_index: dict[str, int], project, reference
 def in_memory_benchmark(args, out_dir: Path) -> dict:
     import pyarrow.compute as pc
 
-    from c2s_kedro.core.sentences import cell_sentences_from_adata, vocabulary_names
+    from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata, vocabulary_names
     from c2s_kedro.core.simulate.atlas import simulate_atlas
 
     started = time.perf_counter()
@@ -328,7 +328,7 @@ def backed_worker(path: str, args) -> None:
     """Runs in its own process: convert a backed h5ad, print peak RSS and throughput as JSON."""
     import anndata as ad
 
-    from c2s_kedro.core.sentences import cell_sentences_from_adata
+    from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
 
     rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     adata = ad.read_h5ad(path, backed="r")

@@ -48,15 +48,15 @@ from transformers import GenerationConfig  # noqa: E402
 
 from c2s_kedro.core.constraints import GeneVocabularyConstraint  # noqa: E402
 from c2s_kedro.core.data.pbmc68k import pbmc68k_counts  # noqa: E402
-from c2s_kedro.core.models import load_model  # noqa: E402
+from c2s_kedro.core.data.preprocessing import normalize_log10  # noqa: E402
 from c2s_kedro.core.inference import (  # noqa: E402
     generate_texts,
     match_answer,
     sample_continuations,
     score_labels,
 )
-from c2s_kedro.core.data.preprocessing import normalize_log10  # noqa: E402
-from c2s_kedro.core.sentences import vocabulary_names  # noqa: E402
+from c2s_kedro.core.models import load_model  # noqa: E402
+from c2s_kedro.core.sentences.conversion import vocabulary_names  # noqa: E402
 
 
 def reference_generate(language_model, prompts, max_new_tokens):

@@ -105,7 +105,7 @@ def part_cells(sentences, split: dict, part: str, genes: list[str], rank_fit: di
 
     return core.perturbation_evaluation.sentence_space_cells(
         sentences, list(split[part]) + list(split[f"control_{part}"]), settings.columns().perturbation, genes,
-        core.sentences.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
+        core.sentences.rank_fit.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
     )
 
 
@@ -144,7 +144,7 @@ def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
     max_genes = screen["top_k_genes"] or settings.max_genes  # the prompts' sentence length
     corpus = {
         part: core.training.pretraining_corpus(
-            core.sentences.select_cells(sentences, split[part] + split[f"control_{part}"]), base.tokenizer,
+            core.sentences.conversion.select_cells(sentences, split[part] + split[f"control_{part}"]), base.tokenizer,
             base.context_length, max_genes=max_genes, label_column="__no_label__", organism_column="organism", seed=seed,
         )
         for part in ("train", "val")

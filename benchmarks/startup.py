@@ -96,7 +96,7 @@ Dataset.from_dict(columns).save_to_disk(sys.argv[2])
 KERNEL = r"""
 import json, shutil, sys, tempfile, time
 import anndata
-from c2s_kedro.core.sentences import cell_sentences_from_adata
+from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
 adata = anndata.read_h5ad(sys.argv[1])
 labels = sys.argv[3].split(",")
 def convert(cells):
@@ -146,7 +146,7 @@ def kedro_run(project: Path, pipeline: str, log: Path) -> dict:
     # each task: its inputs loaded, the node, its outputs saved (lazy imports of the node's modules too)
     result["tasks_s"] = {name: round(seconds, 2) for name, seconds in marks["nodes"].items()}
     rates = re.findall(r"cell sentences of (\d+) cells in ([\d.]+) s", re.sub(r"\s+", " ", log.read_text(errors="replace")))
-    result["conversion_s"] = float(rates[-1][1]) if rates else None  # core.sentences logs it
+    result["conversion_s"] = float(rates[-1][1]) if rates else None  # core.sentences.conversion logs it
     return result
 
 

@@ -15,7 +15,7 @@ from c2s_kedro.core.cell_generation import (
     reconstruct_generated_cells,
 )
 from c2s_kedro.core.data.preprocessing import normalize_log10
-from c2s_kedro.core.sentences import RankFit
+from c2s_kedro.core.sentences.rank_fit import RankFit
 
 
 @pytest.fixture(scope="module")

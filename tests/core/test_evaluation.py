@@ -4,13 +4,12 @@ import pytest
 
 from c2s_kedro.core.evaluation import (
     cell_type_test_prompts,
-    cluster_agreement,
     embedding_scores,
-    knn_overlap,
     logistic_regression_baseline,
     score_predictions,
     sentence_rank_baseline,
 )
+from c2s_kedro.core.sentences.rank_fit import cluster_agreement, knn_overlap
 
 
 @pytest.fixture
@@ -95,7 +94,7 @@ def test_baseline_fits_on_train_cells_and_predicts_the_test_cells(counts_adata):
 
 def test_sentence_baseline_reads_only_the_genes_each_prompt_carries(counts_adata):
     from c2s_kedro.core.data.preprocessing import normalize_log10
-    from c2s_kedro.core.sentences import RankFit
+    from c2s_kedro.core.sentences.rank_fit import RankFit
 
     adata = normalize_log10(counts_adata)
     genes = np.array(adata.var_names)

@@ -41,7 +41,7 @@ from c2s_kedro.core.perturbation_evaluation import (
     sentence_space_cells,
 )
 from c2s_kedro.core.prompts import ContextTooSmallError, count_tokens, template_words
-from c2s_kedro.core.sentences import RankFit
+from c2s_kedro.core.sentences.rank_fit import RankFit
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch="gem_group", gene_symbol=None)

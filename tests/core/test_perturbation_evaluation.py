@@ -23,7 +23,7 @@ from c2s_kedro.core.perturbation_evaluation import (
     score_methods,
     scores_vs_own_control,
 )
-from c2s_kedro.core.sentences import RankFit, reconstruct_expression
+from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
 
 GENES = [f"G{i}" for i in range(16)]
 CONTROL = "non-targeting"

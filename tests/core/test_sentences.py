@@ -9,15 +9,13 @@ import pytest
 import scipy.sparse as sp
 from datasets import Dataset, Features, Value
 
-from c2s_kedro.core.sentences import (
-    RankFit,
+from c2s_kedro.core.sentences.conversion import (
     cell_sentences_from_adata,
     concatenate_sentence_datasets,
-    fit_rank_expression,
     has_label,
-    reconstruct_expression,
     select_cells,
 )
+from c2s_kedro.core.sentences.rank_fit import RankFit, fit_rank_expression, reconstruct_expression
 
 
 def _adata(matrix, gene_names=None, obs=None) -> ad.AnnData:
@@ -468,7 +466,7 @@ def test_reconstruct_top_k_sentence_gives_zeros_beyond_k():
 
 
 def test_reconstruct_cuts_each_sentence_to_its_own_top_k_across_batches(monkeypatch):
-    import c2s_kedro.core.sentences as sentences_module
+    import c2s_kedro.core.sentences.rank_fit as sentences_module
 
     monkeypatch.setattr(sentences_module, "RECONSTRUCTION_BATCH", 2)  # the cut follows each batch's sentences
     genes = [f"g{i}" for i in range(6)]
@@ -505,7 +503,7 @@ def test_sentences_are_exact_for_short_and_long_gene_names(longest):
     import anndata as ad
     import scipy.sparse as sp
 
-    from c2s_kedro.core.sentences import cell_sentences_from_adata
+    from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
 
     rng = np.random.default_rng(longest)
     n_cells, n_genes = 37, 23
@@ -524,7 +522,7 @@ def test_sentences_are_exact_for_short_and_long_gene_names(longest):
 
 
 def test_reconstruct_expression_in_batches_of_sentences_equals_one_pass(monkeypatch):
-    from c2s_kedro.core import sentences as module
+    from c2s_kedro.core.sentences import rank_fit as module
 
     rng = np.random.default_rng(0)
     genes = [f"G{i}" for i in range(40)]
@@ -544,7 +542,7 @@ def test_the_default_cache_directory_is_removed_when_the_process_ends(tmp_path):
 
     code = (
         "import os, numpy as np, anndata as ad, scipy.sparse as sp\n"
-        "from c2s_kedro.core.sentences import cell_sentences_from_adata\n"
+        "from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata\n"
         "adata = ad.AnnData(sp.csr_matrix(np.array([[1.0, 2.0, 0.0], [0.0, 3.0, 1.0]], dtype=np.float32)))\n"
         "result = cell_sentences_from_adata(adata)\n"
         "directory = os.path.dirname(result.sentences.cache_files[0]['filename'])\n"
@@ -561,7 +559,7 @@ def test_the_default_cache_directory_is_removed_when_the_process_ends(tmp_path):
 def test_rank_points_of_a_view_are_those_of_its_copy():
     """The rank fit samples cells of split parts (a view): the sampled rows are read from the view
     without materializing all of it, with the same points as from a copy."""
-    from c2s_kedro.core.sentences import rank_expression_points
+    from c2s_kedro.core.sentences.rank_fit import rank_expression_points
 
     rng = np.random.default_rng(0)
     adata = ad.AnnData(sp.random(60, 25, density=0.3, random_state=1, format="csr", dtype=np.float32))

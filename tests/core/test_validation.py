@@ -184,7 +184,7 @@ def test_gene_names_differing_only_in_case_become_two_words_and_are_counted(coun
     assert (report.duplicated_gene_names, report.gene_names_differing_only_in_case) == (2, 1)
     assert input_check_metrics(validated)["gene_names_differing_only_in_case"] == 1.0
     assert "2 duplicated gene names made unique with numeric suffixes (1 of them differ from another only in letter case" in caplog.text
-    from c2s_kedro.core.sentences import vocabulary_names
+    from c2s_kedro.core.sentences.conversion import vocabulary_names
 
     assert list(vocabulary_names(validated.var_names[:3])) == ["HES4", "HES4-1", "HES4-2"]
 
@@ -317,7 +317,7 @@ def test_cells_to_annotate_pass_the_door_the_training_cells_passed(counts_adata)
     processed from their counts, the gene matches the model's (training) name for it, and every
     cell keeps its own row."""
     from c2s_kedro.core.annotation import known_gene_sentences, prepare_cells
-    from c2s_kedro.core.sentences import vocabulary_names
+    from c2s_kedro.core.sentences.conversion import vocabulary_names
 
     training, _ = validate_input(_with_spaced_gene(counts_adata))
     record = _annotator_record(vocabulary_names(training.var_names))

@@ -5,10 +5,10 @@ import pytest
 import scipy.sparse as sp
 from datasets import Dataset
 
-from c2s_kedro.core.evaluation import cluster_agreement
 from c2s_kedro.core.data.preprocessing import embed_expression, normalize_log10
-from c2s_kedro.core.reconstruction import leiden_labels
-from c2s_kedro.core.sentences import cell_sentences_from_adata
+from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
+from c2s_kedro.core.sentences.rank_fit import cluster_agreement
+from c2s_kedro.core.sentences.rank_fit import leiden_labels
 from c2s_kedro.pipelines.benchmarking import create_pipeline
 from c2s_kedro.pipelines.benchmarking.nodes import (
     compare_reconstruction,
@@ -225,7 +225,7 @@ def test_leiden_labels_are_those_of_the_whole_data_and_leave_it_unchanged(line_a
     """Leiden runs on an AnnData of the graph only (not a copy of the matrices): same labels."""
     import scanpy as sc
 
-    from c2s_kedro.core.reconstruction import leiden_labels
+    from c2s_kedro.core.sentences.rank_fit import leiden_labels
 
     whole = line_adata.copy()
     sc.tl.leiden(whole, resolution=1.0, flavor="igraph", n_iterations=2, directed=False, random_state=0)

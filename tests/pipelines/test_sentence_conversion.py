@@ -121,7 +121,7 @@ def _two_lanes(counts_adata):
 
 
 def test_repeated_cell_names_made_unique_never_put_a_training_cell_in_the_test_part(counts_adata, params):
-    from c2s_kedro.core.sentences import select_cells
+    from c2s_kedro.core.sentences.conversion import select_cells
     from c2s_kedro.pipelines.annotation.nodes import select_test_cells
     from c2s_kedro.pipelines.data_processing.nodes import validate_raw_adata
 

@@ -12,42 +12,23 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
-    adjusted_rand_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
     silhouette_score,
 )
 from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from sklearn.neighbors import KNeighborsClassifier
 
 from c2s_kedro.core.errors import C2SValueError
-from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
-from c2s_kedro.core.sentences import RankFit, has_label, reconstruct_expression
 from c2s_kedro.core.data.splitting import MIN_SCORED_CELLS
 from c2s_kedro.core.data.validation import require_obs_columns
+from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
+from c2s_kedro.core.sentences.conversion import has_label
+from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
 
 logger = logging.getLogger(__name__)
 NOT_A_LABEL = "<not a label>"
-
-
-def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 15) -> float:
-    """Mean share of each cell's k nearest neighbours in ``a`` that are also among its k in ``b``."""
-    k = min(k, len(a) - 1)
-    if k < 1:
-        raise C2SValueError("kNN overlap needs at least two cells")
-    neighbours_a = NearestNeighbors(n_neighbors=k + 1).fit(a).kneighbors(a, return_distance=False)[:, 1:]
-    neighbours_b = NearestNeighbors(n_neighbors=k + 1).fit(b).kneighbors(b, return_distance=False)[:, 1:]
-    shared = (neighbours_a[:, :, None] == neighbours_b[:, None, :]).any(axis=2).sum(axis=1)
-    return float(shared.mean() / k)
-
-
-def cluster_agreement(labels_a, labels_b) -> float:
-    """Adjusted Rand index between two clusterings of the same cells, over the cells labelled in
-    both (``has_label``: cells without a label are no cluster of their own)."""
-    both = has_label(labels_a) & has_label(labels_b)
-    return float(adjusted_rand_score(np.asarray(labels_a, dtype=object)[both].astype(str),
-                                     np.asarray(labels_b, dtype=object)[both].astype(str)))
 
 
 def report_scored_cells(n_cells: int, what: str) -> dict[str, float]:

@@ -28,8 +28,8 @@ import pandas as pd
 from datasets import Dataset
 
 from c2s_kedro.core.errors import C2SError, C2SIndexError, C2SKeyError, C2SValueError
-from c2s_kedro.core.sentences import has_label
 from c2s_kedro.core.data.splitting import require_unique_names
+from c2s_kedro.core.sentences.conversion import has_label
 
 logger = logging.getLogger(__name__)
 

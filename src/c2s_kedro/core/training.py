@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
 from c2s_kedro.core.models import LanguageModel
 from c2s_kedro.core.prompts import C2SPromptFormatter, PromptFormatter, build_formatter, fit_to_context, gene_tokens_guess
-from c2s_kedro.core.sentences import has_label, select_cells
+from c2s_kedro.core.sentences.conversion import has_label, select_cells
 from c2s_kedro.core.tracking import log_metrics, note_resumed_run, record_training_run
 
 logger = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ def fit_rank_to_expression(
     every cell); return the fit and its plot."""
     settings = read_parameters(RankFitParameters, params, "benchmarking.rank_fit")
     with setting_hint("benchmarking.rank_fit.fit_on"):
-        cells = core.reconstruction.cells_of_parts(processed_adata, data_split, settings.fit_on)
+        cells = core.sentences.rank_fit.cells_of_parts(processed_adata, data_split, settings.fit_on)
     with setting_hint("benchmarking.rank_fit (n_cells, layer)"):
-        fit, log_rank, expression = core.reconstruction.fit_rank_on_cells(cells, settings.n_cells, settings.seed, settings.log_rank_cutoff, settings.layer)
+        fit, log_rank, expression = core.sentences.rank_fit.fit_rank_on_cells(cells, settings.n_cells, settings.seed, settings.log_rank_cutoff, settings.layer)
     figure = core.plotting.rank_expression_plot(log_rank, expression, fit.slope, fit.intercept, fit.log_rank_cutoff, fit.r2)
     return fit.to_dict(), figure
 
@@ -37,10 +37,10 @@ def reconstruct_adata(
 ) -> ad.AnnData:
     """Expression rebuilt from the sentences with the rank fit, embedded like the original."""
     settings = read_parameters(BenchmarkingParameters, params, "benchmarking")
-    table = cell_sentences.select_columns([core.sentences.CELL_NAME, core.sentences.CELL_SENTENCE]).with_format("arrow")[:]
-    rebuilt = core.reconstruction.reconstructed_adata(
-        table.column(core.sentences.CELL_NAME).to_pylist(), table.column(core.sentences.CELL_SENTENCE), processed_adata,
-        core.sentences.RankFit.from_dict(rank_fit),
+    table = cell_sentences.select_columns([core.sentences.conversion.CELL_NAME, core.sentences.conversion.CELL_SENTENCE]).with_format("arrow")[:]
+    rebuilt = core.sentences.rank_fit.reconstructed_adata(
+        table.column(core.sentences.conversion.CELL_NAME).to_pylist(), table.column(core.sentences.conversion.CELL_SENTENCE), processed_adata,
+        core.sentences.rank_fit.RankFit.from_dict(rank_fit),
     )
     return core.data.preprocessing.embed_expression(rebuilt, **as_kwargs(settings.embedding))
 
@@ -58,11 +58,11 @@ def compare_reconstruction(
     if label:
         with setting_hint("benchmarking.label_key"):
             core.data.validation.require_obs_columns(processed_adata, [label])
-    metrics, values, rebuilt = core.reconstruction.reconstruction_agreement(
+    metrics, values, rebuilt = core.sentences.rank_fit.reconstruction_agreement(
         processed_adata, reconstructed_adata, settings.n_cells, settings.leiden_resolution, settings.knn_k, settings.seed, label,
     )
     if label:
-        metrics["n_cells_without_label"] = float((~core.sentences.has_label(processed_adata.obs[label])).sum())
+        metrics["n_cells_without_label"] = float((~core.sentences.conversion.has_label(processed_adata.obs[label])).sum())
     metrics.update(core.evaluation.report_scored_cells(processed_adata.n_obs, "the reconstruction is"))
     scatter = core.plotting.reconstruction_plot(values, rebuilt, metrics["reconstruction_pearson_r"])
     umaps = core.plotting.umap_side_by_side(

@@ -98,7 +98,7 @@ def reconstruct_generated_cells(
     generated_cells: pd.DataFrame, rank_fit: dict[str, float], processed_adata: ad.AnnData
 ) -> ad.AnnData:
     """Expression of the generated cells from their gene ranks (the benchmarking fit)."""
-    return core.cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, core.sentences.RankFit.from_dict(rank_fit))
+    return core.cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, core.sentences.rank_fit.RankFit.from_dict(rank_fit))
 
 
 def reconstruct_real_test_cells(
@@ -115,7 +115,7 @@ def reconstruct_real_test_cells(
     return core.cell_generation.real_cells_as_generated(
         test["cell_sentence"].tolist(), test[label].tolist(), list(test.index),
         dict(zip(generation_prompts["cell_type"], generation_prompts["genes_requested"])),
-        processed_adata.var_names, core.sentences.RankFit.from_dict(rank_fit),
+        processed_adata.var_names, core.sentences.rank_fit.RankFit.from_dict(rank_fit),
     )
 
 

@@ -84,7 +84,7 @@ def predict_by_sentence_baseline(
         table = core.prompts.sentence_table(cell_sentences, [settings.label_column])
     return core.evaluation.sentence_rank_baseline(
         table, data_split["train"], evaluation_prompts["cell_name"], evaluation_prompts["genes_in_prompt"],
-        settings.label_column, list(vocabulary), core.sentences.RankFit.from_dict(rank_fit),
+        settings.label_column, list(vocabulary), core.sentences.rank_fit.RankFit.from_dict(rank_fit),
         C=settings.baseline_C, max_iter=settings.baseline_max_iter,
     )
 

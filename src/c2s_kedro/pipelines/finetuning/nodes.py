@@ -111,10 +111,10 @@ def summarize_finetuning(
     label (they got no prompt)."""
     settings = read_parameters(FinetuningParameters, params, "finetuning")
     parts = {part: data_split[part] for part in ("train", "val", "test")}
-    labels = {part: core.sentences.select_cells(cell_sentences, names)[settings.label_column] for part, names in parts.items()}
+    labels = {part: core.sentences.conversion.select_cells(cell_sentences, names)[settings.label_column] for part, names in parts.items()}
     return {
         **core.training.summarize_history(finetuning_log),
         **{f"n_{part}_samples": float(finetuning_prompts[part].num_rows) for part in finetuning_prompts},
         **core.data.splitting.split_report(parts, data_split.get("fractions")),
-        **{f"n_{part}_cells_without_label": float((~core.sentences.has_label(values)).sum()) for part, values in labels.items()},
+        **{f"n_{part}_cells_without_label": float((~core.sentences.conversion.has_label(values)).sum()) for part, values in labels.items()},
     }

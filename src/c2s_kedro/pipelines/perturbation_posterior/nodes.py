@@ -36,7 +36,7 @@ def _part_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns", KeyError):  # the perturbation column
         return core.perturbation_evaluation.sentence_space_cells(
             cell_sentences, list(split[part]) + list(controls), settings.columns().perturbation, genes,
-            core.sentences.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
+            core.sentences.rank_fit.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
         )
 
 
@@ -68,7 +68,7 @@ def posterior_to_expression(
     """Each sample as expression (rank -> expression fit; a gene absent from a sample is 0) and,
     per perturbation and temperature, the posterior mean, variance and the share of samples that
     contain each gene. The caveat about absent genes is in ``.uns['caveat']`` of both."""
-    return core.perturbation.posterior_expression(posterior_samples, list(processed_adata.var_names), core.sentences.RankFit.from_dict(rank_fit))
+    return core.perturbation.posterior_expression(posterior_samples, list(processed_adata.var_names), core.sentences.rank_fit.RankFit.from_dict(rank_fit))
 
 
 def plot_posterior(

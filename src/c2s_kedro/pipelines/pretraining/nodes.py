@@ -43,7 +43,7 @@ def build_pretraining_corpus(
     settings = read_parameters(PretrainingParameters, params, "pretraining")
     train, val = (
         core.training.pretraining_corpus(
-            core.sentences.select_cells(cell_sentences, data_split[part]), initial_model.tokenizer, initial_model.context_length,
+            core.sentences.conversion.select_cells(cell_sentences, data_split[part]), initial_model.tokenizer, initial_model.context_length,
             max_genes=settings.max_genes, label_column=settings.label_column,
             organism_column=settings.organism_column, seed=settings.seed,
         )

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def _convert(adata: ad.AnnData, settings: SentenceConversionParameters):
     with setting_hint("sentence_conversion.label_columns"):
-        return core.sentences.cell_sentences_from_adata(
+        return core.sentences.conversion.cell_sentences_from_adata(
             adata, label_columns=settings.label_columns, layer=settings.layer, seed=settings.seed,
             chunk_size=settings.chunk_size,
         )
@@ -35,7 +35,7 @@ def convert_to_cell_sentences(
     processed_adata: ad.AnnData | dict[str, Callable[[], ad.AnnData]], params: dict[str, Any]
 ) -> tuple[Dataset, dict[str, int], dict[str, float]]:
     """Cell sentences and vocabulary of one AnnData, or of several concatenated, and the cells
-    whose label spelling the conversion changed (``core.sentences.unify_label_columns``).
+    whose label spelling the conversion changed (``core.sentences.conversion.unify_label_columns``).
 
     ``processed_adata`` is one AnnData, or a dict of them (or of their loaders, as a
     ``PartitionedDataset`` of h5ad files gives): each is converted on its own, rows are tagged
@@ -56,7 +56,7 @@ def convert_to_cell_sentences(
         parts.append((name, result.sentences, result.vocabulary))
         for key, value in result.label_spellings.items():
             label_spellings[key] = label_spellings.get(key, 0.0) + value
-    return *core.sentences.concatenate_sentence_datasets(parts), label_spellings
+    return *core.sentences.conversion.concatenate_sentence_datasets(parts), label_spellings
 
 
 def summarize_sentences(
@@ -68,7 +68,7 @@ def summarize_sentences(
     import pyarrow.compute as pc
 
     # with_format("arrow") honours a selection (select/filter/shuffle), unlike Dataset.data
-    column = core.sentences.CELL_SENTENCE
+    column = core.sentences.conversion.CELL_SENTENCE
     texts = cell_sentences.select_columns([column]).with_format("arrow")[:].column(column)
     # genes = spaces + 1: splitting every sentence into words held a list of 600M strings for a
     # 260,000-cell screen (+5 GB); counting the separators holds one integer per cell
@@ -82,8 +82,8 @@ def summarize_sentences(
         "mean_genes_per_sentence": float(lengths.mean()) if lengths.size else 0.0,
         "median_genes_per_sentence": float(np.median(lengths)) if lengths.size else 0.0,
         "n_empty_sentences": float(empty.sum()),
-        **{f"n_cells_without_label[{column}]": float((~core.sentences.has_label(cell_sentences[column])).sum())
-           for column in cell_sentences.column_names if column not in (*core.sentences.RESERVED_COLUMNS, "source_dataset")},
+        **{f"n_cells_without_label[{column}]": float((~core.sentences.conversion.has_label(cell_sentences[column])).sum())
+           for column in cell_sentences.column_names if column not in (*core.sentences.conversion.RESERVED_COLUMNS, "source_dataset")},
         **{key: float(value) for key, value in (label_spellings or {}).items()},
     }
 

@@ -1,4 +1,5 @@
-"""Cell sentences: rank conversion, vocabulary, the rank-expression fit and reconstruction.
+"""Cell sentences: rank conversion and vocabulary (the rank-expression fit and reconstruction are
+``rank_fit``).
 
 A cell sentence lists a cell's expressed genes (value > 0) by descending expression, ties broken
 in a seeded random order. Conversion works on CSR row chunks with array operations (no Python
@@ -22,7 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,9 @@ from datasets import Dataset, Features, concatenate_datasets
 from tqdm.auto import tqdm
 
 from c2s_kedro.core.errors import C2SKeyError, C2SRuntimeError, C2SValueError
-from c2s_kedro.core import kernels
 from c2s_kedro.core.data.splitting import require_unique_names
 from c2s_kedro.core.data.validation import require_obs_columns, unique_ignoring_case
+from c2s_kedro.core.sentences import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def _scan(chunk: sp.csr_matrix, name_lengths: np.ndarray, start: int) -> tuple[s
     return chunk, lengths, gene_counts
 
 
-def _expressed_entries(chunk: sp.csr_matrix, start: int) -> sp.csr_matrix:
+def expressed_entries(chunk: sp.csr_matrix, start: int) -> sp.csr_matrix:
     """Return the chunk with only strictly positive entries, refusing negative or NaN values."""
     return _scan(chunk, np.zeros(chunk.shape[1], dtype=np.int64), start)[0]
 
@@ -172,7 +173,7 @@ def _sorted_blocks(chunk: sp.csr_matrix, seed: int, first_row: int):
 def rank_genes(chunk: sp.csr_matrix, seed: int = 0, first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Order each row's stored entries by descending value, ties in seeded random order.
 
-    Entries must be positive (see ``_expressed_entries``). Returns ``(gene_indices, offsets)``:
+    Entries must be positive (see ``expressed_entries``). Returns ``(gene_indices, offsets)``:
     row ``i``'s genes, highest first, are ``gene_indices[offsets[i]:offsets[i + 1]]``.
     ``first_row`` is the index of the chunk's first row in the whole dataset, so that a cell's tie
     order is the same whatever the chunking.
@@ -524,149 +525,6 @@ def concatenate_sentence_datasets(
         dataset = dataset.add_column(source_column, [name] * dataset.num_rows)
         aligned.append(dataset.select_columns(columns + [source_column]))
     return concatenate_datasets(aligned), merge_vocabularies([v for _, _, v in parts])
-
-
-@dataclass
-class RankFit:
-    """Linear fit of normalized expression on log10(1 + rank) (rank 0-based)."""
-
-    slope: float
-    intercept: float
-    r2: float
-    pearson_r: float
-    spearman_r: float
-    n_cells: int
-    n_points: int
-    log_rank_cutoff: float
-
-    def to_dict(self) -> dict[str, float | int]:
-        """Plain numbers for a JSON file (the ``rank_fit`` catalog entry)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> RankFit:
-        """The fit saved by ``to_dict`` (JSON turns nothing into the wrong type, but a hand-edited
-        file may give counts as floats)."""
-        missing = [f.name for f in fields(cls) if f.name not in values]
-        if missing:
-            raise C2SValueError(f"rank fit lacks {missing}; re-run the rank fit (benchmarking) to rebuild it")
-        return cls(**{f.name: (int(values[f.name]) if f.type in ("int", int) else float(values[f.name])) for f in fields(cls)})
-
-    def predict(self, rank: np.ndarray) -> np.ndarray:
-        """Expression expected at 0-based ``rank`` (floored at 0: expression is non-negative)."""
-        return np.maximum(self.intercept + self.slope * np.log10(1.0 + np.asarray(rank)), 0.0)
-
-
-def rank_expression_points(
-    adata: ad.AnnData, n_cells: int, seed: int = 0, layer: str | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sample cells and return ``(cell_indices, log10(1 + rank), expression)`` of their
-    expressed genes."""
-    rng = np.random.default_rng(seed)
-    n = min(n_cells, adata.n_obs)
-    cells = np.sort(rng.choice(adata.n_obs, size=n, replace=False))
-    # the sampled cells first: a view's whole .X would be materialized (a screen's training part: GBs)
-    sampled = adata[cells]
-    chunk = sampled.X if layer is None else sampled.layers[layer]
-    chunk = _expressed_entries(sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr(), 0)
-    gene_indices, offsets = rank_genes(chunk, seed)
-    counts = np.diff(offsets)
-    ranks = np.arange(gene_indices.size) - np.repeat(offsets[:-1], counts)
-    rows = np.repeat(np.arange(n), counts)
-    values = np.asarray(chunk[rows, gene_indices]).ravel()
-    return cells, np.log10(1.0 + ranks), values
-
-
-def fit_rank_expression(
-    log_rank: np.ndarray, expression: np.ndarray, n_cells: int, log_rank_cutoff: float = 3.0
-) -> RankFit:
-    """Least-squares fit of expression on log10(1 + rank) over the points with log rank below
-    ``log_rank_cutoff``; R², Pearson and Spearman are reported over every point given (every
-    expressed gene of the sampled cells), as the reference's benchmark does."""
-    from scipy import stats
-    from sklearn.linear_model import LinearRegression
-    from sklearn.metrics import r2_score
-
-    keep = log_rank < log_rank_cutoff
-    x, y = log_rank[keep], expression[keep]
-    if x.size < 3 or np.unique(x).size < 2:
-        raise C2SValueError(
-            f"only {x.size} expressed (gene, cell) points below log10 rank {log_rank_cutoff}: "
-            "too few to fit; sample more cells or check the data"
-        )
-    model = LinearRegression().fit(x[:, None], y)
-    return RankFit(
-        slope=float(model.coef_[0]),
-        intercept=float(model.intercept_),
-        r2=float(r2_score(expression, model.predict(log_rank[:, None]))),
-        pearson_r=float(stats.pearsonr(log_rank, expression).statistic),
-        spearman_r=float(stats.spearmanr(log_rank, expression).statistic),
-        n_cells=int(n_cells),
-        n_points=int(x.size),
-        log_rank_cutoff=float(log_rank_cutoff),
-    )
-
-
-def reconstruct_expression(
-    sentences: Sequence[str] | pa.Array, gene_names: Sequence[str], rank_fit: RankFit,
-    top_k: int | Sequence[int] | None = None,
-) -> tuple[sp.csr_matrix, int]:
-    """Expression matrix (cells x ``gene_names``) predicted from each gene's position.
-
-    A gene absent from a sentence gets 0, so a sentence cut to its top-k genes yields zeros
-    beyond k; ``top_k`` cuts each sentence to its first ``top_k`` words here (one number for all,
-    or one per sentence). Words that are not
-    in ``gene_names`` are skipped; a gene repeated in one sentence keeps its first position.
-    Returns the matrix and the number of skipped words (within the first ``top_k``).
-    """
-    array = sentences if isinstance(sentences, pa.Array | pa.ChunkedArray) else pa.array(list(sentences), pa.string())
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    if top_k is not None and not np.isscalar(top_k):
-        top_k = np.asarray(top_k, dtype=np.int64)
-        if top_k.shape != (len(array),):
-            raise C2SValueError(f"{top_k.size} values of top_k for {len(array)} sentences: give one per sentence, or one number")
-    if len(array) > RECONSTRUCTION_BATCH:
-        # a batch of sentences at a time: the word-level arrays (several int64 per word) of a
-        # 30,000-cell atlas's whole sentences took ~6 GB; each row's values do not depend on the others
-        parts = [_reconstruct_batch(array.slice(start, RECONSTRUCTION_BATCH), gene_names, rank_fit,
-                                    top_k if top_k is None or np.isscalar(top_k) else top_k[start : start + RECONSTRUCTION_BATCH])
-                 for start in range(0, len(array), RECONSTRUCTION_BATCH)]
-        return sp.vstack([matrix for matrix, _ in parts], format="csr"), sum(n for _, n in parts)
-    return _reconstruct_batch(array, gene_names, rank_fit, top_k)
-
-
-RECONSTRUCTION_BATCH = 4096  # sentences rebuilt at once by reconstruct_expression
-
-
-def _reconstruct_batch(array: pa.Array, gene_names: Sequence[str], rank_fit: RankFit,
-                       top_k: int | np.ndarray | None) -> tuple[sp.csr_matrix, int]:
-    array = pc.fill_null(array, "")
-    words = pc.split_pattern(array, " ")
-    flat = pc.list_flatten(words)
-    lengths = pc.list_value_length(words).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.zeros(len(array) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    positions = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-    rows = np.repeat(np.arange(len(array)), lengths)
-    upper = vocabulary_names(gene_names)
-    genes = pc.index_in(flat, value_set=pa.array(upper, pa.string())).to_numpy(zero_copy_only=False)
-    non_empty = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-    known = ~np.isnan(genes.astype(float)) if genes.dtype == object else ~np.isnan(genes)
-    if top_k is not None:
-        within = positions < (top_k if np.isscalar(top_k) else top_k[rows])
-        known, non_empty = known & within, non_empty & within
-    n_unknown = int(np.count_nonzero(non_empty & ~known))
-    keep = known & non_empty
-    rows, positions = rows[keep], positions[keep]
-    genes = np.asarray(genes[keep], dtype=np.int64)
-    # First occurrence of each (cell, gene): np.unique reports the first index of each key.
-    _, first = np.unique(rows * len(upper) + genes, return_index=True)
-    rows, positions, genes = rows[first], positions[first], genes[first]
-    values = rank_fit.predict(positions).astype(np.float32)
-    matrix = sp.csr_matrix((values, (rows, genes)), shape=(len(array), len(upper)))
-    matrix.eliminate_zeros()
-    return matrix, n_unknown
 
 
 def select_cells(cell_sentences: Dataset, names: Sequence[str]) -> Dataset:
