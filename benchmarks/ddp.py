@@ -1,4 +1,4 @@
-"""Fine-tuning with 1 and with 2 processes (torchrun, DDP over gloo) on the atlas's prompts, on this CPU.
+"""Fine-tuning with 1 and with 2 processes (DDP over gloo) on the atlas's prompts, on this CPU.
 
 In a copy of the project (``scale.make_project``: an environment ``scale`` whose ``raw_adata`` is
 ``--atlas`` and whose training stops after ``--max-steps``), the prompts and the default foundation
@@ -7,11 +7,12 @@ expression embedding off: nothing here reads it; the model pretrained ``--pretra
 since only its shape is timed); then only the ``finetune_model`` node runs, once per configuration,
 as a user would start it:
 
-    python -m kedro run --env scale --pipelines=finetuning --nodes=finetune_model            # 1 process
-    torchrun --nproc-per-node=2 -m kedro run --env scale --pipelines=finetuning --nodes=...  # 2 processes
+    python -m kedro run --env scale --pipelines=finetuning --nodes=finetune_model                 # 1 process
+    python -m kedro run --env scale --pipelines=finetuning --nodes=... --params=finetuning.processes=2
 
-with ``OMP_NUM_THREADS`` (torch's intra-op threads per process) set per configuration: 1 process x
-2 threads, 1 x 1, 2 x 1 (torchrun's default), 2 x 2 (four threads on two cores). Configurations
+(the node starts the 2 training processes itself, core.launch) with ``OMP_NUM_THREADS`` (torch's
+intra-op threads per process) set per configuration: 1 process x 2 threads, 1 x 1, 2 x 1, 2 x 2
+(four threads on two cores). Configurations
 alternate over ``--rounds``, so a change in the machine's load hits all of them. Seconds per step
 are the Trainer's ``train_runtime`` over its steps (``finetuning_log.json``, written by rank 0); each
 step takes ``--batch`` prompts in all (4 by default: a process peaked at 2.8 GB with 4 prompts of
@@ -46,7 +47,6 @@ from scale import make_project, measure
 
 from c2s_kedro.harness import KEDRO
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 # (processes, intra-op threads per process)
 CONFIGURATIONS = ((1, 2), (1, 1), (2, 1), (2, 2))
 logger = logging.getLogger("ddp")
@@ -79,13 +79,10 @@ def prepare(project: Path, atlas: Path, max_steps: int, batch: int, pretraining_
 def run_configuration(project: Path, processes: int, threads: int, batch: int, label: str) -> dict:
     """One fine-tuning run; every configuration takes ``batch`` prompts per step in all, split
     between its processes (the same optimizer steps, so seconds per step compare directly)."""
-    kedro = ["run", "--env", "scale", "--pipelines=finetuning", "--nodes=finetune_model",
-             f"--params=finetuning.training_arguments.per_device_train_batch_size={batch // processes}"]
-    if processes == 1:
-        command = [sys.executable, "-m", "kedro", *kedro]
-    else:
-        command = [str(TORCHRUN), f"--nproc-per-node={processes}", "-m", "kedro", *kedro]
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # measure() passes os.environ on; torchrun keeps a value it is given
+    command = [sys.executable, "-m", "kedro", "run", "--env", "scale", "--pipelines=finetuning", "--nodes=finetune_model",
+               f"--params=finetuning.processes={processes},"
+               f"finetuning.training_arguments.per_device_train_batch_size={batch // processes}"]
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # measure() passes os.environ on, to the training processes too
     log_path = project / "data" / "08_reporting" / "finetuning_log.json"
     log_path.unlink(missing_ok=True)
     figures = measure(command, project, project.parent / f"finetune_{label}.log")

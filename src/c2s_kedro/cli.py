@@ -107,18 +107,45 @@ def with_upstream(options: dict) -> dict | None:
     return {**options, **{key: [] for key in FILTERS}, "node_names": planned}
 
 
-def project_run(command: click.Command) -> click.Command:
-    """A copy of Kedro's ``run`` that runs what the pipelines lack upstream first (``with_upstream``),
-    ends a stopped run as KILLED, and prints an error raised on purpose as one line (exit 1)."""
+def refuse_launchers() -> None:
+    """``kedro run`` runs once: under ``torchrun`` or ``accelerate launch`` every process would run
+    every node and write every output."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        raise C2SError(
+            f"kedro run was started in {processes} processes (torchrun or accelerate launch): every one would run "
+            "every node and write every output. Start kedro run once, as usual; the training nodes start their own "
+            "training processes, one per GPU: --params finetuning.processes=N (pretraining.processes, "
+            "perturbation.finetuning.processes), see docs/scale.md."
+        )
+
+
+def planned_run(command: click.Command) -> click.Command:
+    """A copy of Kedro's ``run`` that runs what the pipelines lack upstream first (``with_upstream``)
+    and ends a stopped run as KILLED."""
+    planned = copy.copy(command)
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run_planned(**options):
+        refuse_launchers()
+        with killed_runs_end_as_killed():
+            options = with_upstream(options)
+            return None if options is None else callback(**options)
+
+    planned.callback = run_planned
+    return planned
+
+
+def quiet_errors(command: click.Command) -> click.Command:
+    """A copy of ``command`` that prints an error raised on purpose as one line and exits with 1."""
     quiet = copy.copy(command)
     callback = command.callback
 
     @functools.wraps(callback)
-    def run_quietly(**options):
+    def run_quietly(*args, **kwargs):
         try:
-            with killed_runs_end_as_killed():
-                planned = with_upstream(options)
-                return None if planned is None else callback(**planned)
+            return callback(*args, **kwargs)
         except Exception as error:
             if os.environ.get("C2S_TRACEBACK"):
                 raise
@@ -138,5 +165,5 @@ def cli() -> None:
     """The project's commands."""
 
 
-run = project_run(kedro_run)  # also what `python -m c2s_kedro` runs (kedro's find_run_command)
+run = quiet_errors(planned_run(kedro_run))  # also what `python -m c2s_kedro` runs (kedro's find_run_command)
 cli.add_command(run, "run")

@@ -49,14 +49,26 @@ def mlflow_metrics(metrics: Mapping[str, float | None], section: str | None = No
     return safe
 
 
-def log_metrics(metrics: Mapping[str, float | None], step: int | None = None, section: str | None = None) -> None:
+def log_metrics(metrics: Mapping[str, float | None], step: int | None = None, section: str | None = None,
+                run: Mapping[str, str] | None = None) -> None:
     """Log ``metrics`` (non-finite ones skipped) to the active MLflow run, if there is one, in the
-    chart section ``section`` (the pipeline: ``<section>/<name>``)."""
+    chart section ``section`` (the pipeline: ``<section>/<name>``). ``run`` (``run_id`` and
+    ``tracking_uri``) names the run instead: a training process the node started logs to the
+    node's run without making it its own (MLflow would end it when the process exits)."""
     import mlflow
 
+    safe = mlflow_metrics(metrics, section)
+    if run is not None and safe:
+        import time
+
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        mlflow.MlflowClient(run["tracking_uri"]).log_batch(
+            run["run_id"], metrics=[Metric(key, value, stamp, step or 0) for key, value in safe.items()])
+        return
     if mlflow.active_run() is None:
         return
-    safe = mlflow_metrics(metrics, section)
     if safe:
         mlflow.log_metrics(safe, step=step)
 

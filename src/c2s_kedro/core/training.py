@@ -8,7 +8,6 @@ pretraining.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -46,7 +45,8 @@ class TrainingSettings:
     ``sample`` (every sample weighs the same) or ``token`` (the Trainer's default). ``lora`` holds
     ``peft.LoraConfig`` keys (None: every weight is trained). ``resume`` continues from the last
     checkpoint in ``checkpoint_dir``; checkpoints are removed once training completes unless
-    ``keep_checkpoints``.
+    ``keep_checkpoints``. ``processes`` above 1 trains in that many processes on this machine, one
+    per GPU (``core.launch``: DDP, or FSDP with ``fsdp`` in the training arguments).
     """
 
     training_arguments: dict[str, Any]
@@ -57,6 +57,7 @@ class TrainingSettings:
     lora: dict[str, Any] | None = None
     resume: bool = True
     keep_checkpoints: bool = False
+    processes: int = 1
 
 
 TASK_INDEX = "task_index"  # a training set's column: the sample's task, for each task's loss curve
@@ -109,16 +110,17 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int, loss_on_respo
 
 class MlflowStepLogger(TrainerCallback):
     """Logs every number the Trainer logs (loss, eval_loss, learning_rate, grad_norm, epoch) to the
-    active MLflow run, with the global step, in the chart section ``prefix`` (``finetuning/loss``)."""
+    active MLflow run (or ``run``: ``core.tracking.log_metrics``), with the global step, in the chart
+    section ``prefix`` (``finetuning/loss``)."""
 
-    def __init__(self, prefix: str):
-        self.prefix = prefix
+    def __init__(self, prefix: str, run: Mapping[str, str] | None = None):
+        self.prefix, self.run = prefix, run
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         numbers = {key: float(value) for key, value in logs.items() if isinstance(value, int | float) and not isinstance(value, bool)}
-        log_metrics(numbers, step=state.global_step, section=self.prefix)
+        log_metrics(numbers, step=state.global_step, section=self.prefix, run=self.run)
 
 
 def _model_names(model, checkpoint_keys) -> dict[str, str]:
@@ -233,41 +235,9 @@ class C2STrainer(Trainer):
         self._load_renamed(self.model, self.state.best_model_checkpoint)
 
 
-def data_fingerprint(*datasets: Dataset | None) -> str:
-    """A hash of each dataset's row count and of every row's token count, in order (Arrow batches,
-    no Python lists of tokens)."""
-    import pyarrow.compute as pc
-
-    digest = hashlib.sha256()
-    for dataset in datasets:
-        if dataset is None:
-            digest.update(b"none")
-            continue
-        digest.update(str(dataset.num_rows).encode())
-        for batch in dataset.with_format("arrow").iter(batch_size=8192):
-            digest.update(pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).tobytes())
-    return digest.hexdigest()
-
-
-def require_same_data_on_every_rank(train_dataset: Dataset, eval_dataset: Dataset | None) -> None:
-    """Under torchrun each process builds its training set itself (c2s_kedro.runner: the same nodes
-    on every rank); DDP needs them equal, or one rank waits for a step the other never takes. Compares
-    ``data_fingerprint`` across ranks and stops every rank with the same message when they differ."""
-    from accelerate.utils import gather_object
-
-    fingerprints = gather_object([data_fingerprint(train_dataset, eval_dataset)])
-    if len(set(fingerprints)) > 1:
-        raise C2SValueError(
-            f"the {len(fingerprints)} training processes built different training or eval sets (token counts differ "
-            "between ranks), so their DDP steps would not line up. Run the upstream pipelines once in a single process "
-            "(e.g. kedro run --pipelines=finetuning --to-outputs=finetuning_prompts) and start torchrun again: every "
-            "rank then reads the same saved prompts."
-        )
-
-
 def training_arguments(settings: dict[str, Any], output_dir: str) -> TrainingArguments:
     """``TrainingArguments`` from a dict of its keys; every key passes through unchanged."""
-    # use_cpu without CUDA also lets torchrun on CPU train with DDP (gloo) instead of N copies. Every
+    # use_cpu without CUDA also lets several CPU processes train with DDP (gloo) instead of N copies. Every
     # weight of a causal LM takes part in its loss, so DDP need not search the graph for unused ones
     # each step (the Trainer's default for a model without gradient checkpointing)
     settings = {"report_to": "none", "use_cpu": not torch.cuda.is_available(), "ddp_find_unused_parameters": False,
@@ -318,8 +288,13 @@ def train_causal_lm(
     loss_average: str = "token",
     task_eval_datasets: dict[str, Dataset] | None = None,
     task_names: list[str] | None = None,
+    mlflow_run: Mapping[str, str] | None = None,
+    save_to: str | None = None,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
+    In a training process started by ``core.launch``: steps are logged to ``mlflow_run`` and the
+    trained model is written to ``save_to`` by ``Trainer.save_model`` (under FSDP with
+    ``FULL_STATE_DICT``, gathered from every process).
     ``task_eval_datasets`` (task -> its part of the eval set) are evaluated on their own as well;
     a ``TASK_INDEX`` column of ``train_dataset`` (positions in ``task_names``) logs each task's
     training loss as ``loss_<task>`` beside ``loss``.
@@ -355,7 +330,7 @@ def train_causal_lm(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        callbacks=[MlflowStepLogger(mlflow_prefix), *(callbacks or [])],
+        callbacks=[MlflowStepLogger(mlflow_prefix, mlflow_run), *(callbacks or [])],
         compute_loss_func=compute_loss,
     )
     trainer.task_eval_datasets = dict(task_eval_datasets or {})
@@ -366,12 +341,14 @@ def train_causal_lm(
     if checkpoint:
         previous_run = note_resumed_run(arguments.output_dir)
         logger.info("resuming training from %s%s", checkpoint, f" (checkpoints of MLflow run {previous_run})" if previous_run else "")
-    if arguments.world_size > 1:
-        require_same_data_on_every_rank(train_dataset, eval_dataset)
     if trainer.is_world_process_zero():
         record_training_run(arguments.output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.accelerator.wait_for_everyone()  # under torchrun, every rank has finished with the checkpoints
+    if save_to is not None:
+        trainer.save_model(save_to)  # every process takes part: FSDP gathers the full weights on the first
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(save_to)
+    trainer.accelerator.wait_for_everyone()  # every process has finished with the checkpoints
     if not keep_checkpoints and trainer.is_world_process_zero():
         for finished in Path(arguments.output_dir).glob("checkpoint-*"):
             shutil.rmtree(finished, ignore_errors=True)
@@ -398,6 +375,8 @@ def finetune(
     prompts: DatasetDict,
     settings: TrainingSettings,
     callbacks: list[TrainerCallback] | None = None,
+    mlflow_run: Mapping[str, str] | None = None,
+    save_to: str | None = None,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train ``language_model`` on the ``train`` prompts (``model_input`` -> ``response``) and
     evaluate on ``val`` (when present and not empty); other parts (``test``) are not read.
@@ -406,9 +385,17 @@ def finetune(
     fit the model's context (a sample that does not is dropped with a warning). With
     ``settings.lora`` only LoRA adapters are trained and then merged into the weights, so the
     result is a plain model that ``save_pretrained`` writes as any other. Pretraining from fresh
-    weights is the same call with the loss on every token. Returns the trained model and the
-    Trainer's log history.
+    weights is the same call with the loss on every token. ``settings.processes`` above 1 trains in
+    that many processes (``core.launch``); ``mlflow_run`` and ``save_to`` are what such a process is
+    given (``train_causal_lm``). Returns the trained model and the Trainer's log history.
     """
+    if settings.processes > 1:
+        if callbacks:
+            raise TrainingSettingsError("callbacks cannot be handed to training processes; train with processes: 1")
+        from c2s_kedro.core.launch import finetune_in_processes
+
+        trained, log_history = finetune_in_processes(language_model, prompts, settings)
+        return _with_trained_tasks(trained, prompts), log_history
     arguments = training_arguments(settings.training_arguments, settings.checkpoint_dir)
     tokenizer, context = language_model.tokenizer, language_model.context_length
     train_prompts, train_tasks = prompts["train"], None
@@ -431,13 +418,18 @@ def finetune(
         trainable, train, val if val is not None and val.num_rows else None, arguments, settings.mlflow_prefix,
         resume=settings.resume, keep_checkpoints=settings.keep_checkpoints, callbacks=callbacks,
         loss_average=settings.loss_average, task_eval_datasets=per_task, task_names=train_tasks,
+        mlflow_run=mlflow_run, save_to=save_to,
     )
-    if settings.lora:
+    if settings.lora and save_to is None:  # a training process wrote the adapters; core.launch merges them
         trained = LanguageModel(trained.model.merge_and_unload(), tokenizer, language_model.source)
+    return _with_trained_tasks(trained, prompts), log_history
+
+
+def _with_trained_tasks(trained: LanguageModel, prompts: DatasetDict) -> LanguageModel:
     if "sample_type" in prompts["train"].column_names:
         # saved in config.json: what a later pipeline may ask of this model (cell generation checks it)
         trained.model.config.c2s_trained_tasks = sorted(set(prompts["train"]["sample_type"]))
-    return trained, log_history
+    return trained
 
 
 def trained_tasks(language_model: LanguageModel) -> list[str] | None:

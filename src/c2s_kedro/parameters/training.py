@@ -23,6 +23,7 @@ class TrainingParameters:
     resume: bool
     keep_checkpoints: bool
     lora: dict[str, Any] | None
+    processes: int = at_least(1)  # training processes on this machine, one per GPU (core.launch)
     training_arguments: dict[str, Any]  # passed to transformers.TrainingArguments unchanged
 
     def training_settings(self) -> TrainingSettings:
@@ -33,6 +34,7 @@ class TrainingParameters:
             training_arguments=self.training_arguments, checkpoint_dir=self.checkpoint_dir,
             loss_on_response_only=self.loss_on_response_only, loss_average=self.loss_average,
             mlflow_prefix=self.mlflow_prefix, lora=self.lora, resume=self.resume, keep_checkpoints=self.keep_checkpoints,
+            processes=self.processes,
         )
 
 
@@ -61,6 +63,7 @@ class PretrainingParameters:
     checkpoint_dir: str
     resume: bool
     keep_checkpoints: bool
+    processes: int = at_least(1)
     training_arguments: dict[str, Any]
 
     def training_settings(self) -> TrainingSettings:
@@ -72,5 +75,5 @@ class PretrainingParameters:
         return TrainingSettings(
             training_arguments=self.training_arguments, checkpoint_dir=self.checkpoint_dir,
             loss_on_response_only=False, loss_average="token", mlflow_prefix="pretraining", lora=None,
-            resume=self.resume, keep_checkpoints=self.keep_checkpoints,
+            resume=self.resume, keep_checkpoints=self.keep_checkpoints, processes=self.processes,
         )
