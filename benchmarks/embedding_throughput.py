@@ -29,7 +29,7 @@ from c2s_kedro.core.data.pbmc68k import pbmc68k_counts  # noqa: E402
 from c2s_kedro.core.data.preprocessing import normalize_log10  # noqa: E402
 from c2s_kedro.core.inference import embed_prompts, length_grouped_batches  # noqa: E402
 from c2s_kedro.core.models import build_gpt_neox  # noqa: E402
-from c2s_kedro.core.prompts import fit_prompt, load_templates, template_words  # noqa: E402
+from c2s_kedro.core.prompts.formatting import fit_prompt, load_templates, template_words  # noqa: E402
 from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata  # noqa: E402
 from c2s_kedro.core.simulate.atlas import simulate_atlas  # noqa: E402
 from c2s_kedro.core.tokenizer import build_gene_tokenizer  # noqa: E402

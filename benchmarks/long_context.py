@@ -95,14 +95,14 @@ def train_bpe(corpus: Sequence[str], vocab_size: int):
 
 def tokens_per_gene(tokenizer, genes: Sequence[str]) -> float:
     """Mean tokens of ``" " + gene`` (how a gene follows another in a cell sentence)."""
-    from c2s_kedro.core.prompts import count_tokens
+    from c2s_kedro.core.prompts.formatting import count_tokens
 
     return float(count_tokens(tokenizer, [" " + g for g in genes]).mean())
 
 
 def prompt_corpus(genes: Sequence[str], n_sentences: int = 400, seed: int = 0) -> list[str]:
     """Training text for the tokenizer: our prompt templates and random cell sentences of ``genes``."""
-    from c2s_kedro.core.prompts import load_templates
+    from c2s_kedro.core.prompts.formatting import load_templates
 
     rng = np.random.default_rng(seed)
     corpus = []
@@ -204,7 +204,7 @@ def run_stages(model_dir: Path, genes: list[str], args: argparse.Namespace, work
     from c2s_kedro.core.evaluation import cell_type_test_prompts
     from c2s_kedro.core.models import load_model
     from c2s_kedro.core.perturbation import PerturbationPromptFormatter, response_token_budget, sample_posterior
-    from c2s_kedro.core.prompts import (
+    from c2s_kedro.core.prompts.formatting import (
         ContextTooSmallError,
         cell_generation_prompts,
         count_tokens,
@@ -212,7 +212,8 @@ def run_stages(model_dir: Path, genes: list[str], args: argparse.Namespace, work
         load_templates,
         sentence_table,
     )
-    from c2s_kedro.core.training import TrainingSettings, finetune, format_split_prompts, prompt_formatters
+    from c2s_kedro.core.prompts.training_sets import format_split_prompts, prompt_formatters
+    from c2s_kedro.core.training import TrainingSettings, finetune
 
     torch.set_num_threads(args.threads)
     capture = LogCapture()
@@ -403,7 +404,7 @@ def kedro_stage(model_dir: Path, genes: list[str], work: Path, n_cells: int, pip
     if prompts.exists():
         from datasets import load_from_disk
 
-        from c2s_kedro.core.prompts import count_tokens
+        from c2s_kedro.core.prompts.formatting import count_tokens
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -143,7 +143,7 @@ def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
     settings = read_parameters(PretrainingParameters, conf, "pretraining")
     max_genes = screen["top_k_genes"] or settings.max_genes  # the prompts' sentence length
     corpus = {
-        part: core.training.pretraining_corpus(
+        part: core.prompts.training_sets.pretraining_corpus(
             core.sentences.conversion.select_cells(sentences, split[part] + split[f"control_{part}"]), base.tokenizer,
             base.context_length, max_genes=max_genes, label_column="__no_label__", organism_column="organism", seed=seed,
         )

@@ -21,7 +21,7 @@ import scanpy as sc
 import yaml
 
 from c2s_kedro.core.models import build_gpt_neox, load_model, save_model
-from c2s_kedro.core.prompts import load_templates
+from c2s_kedro.core.prompts.formatting import load_templates
 from tests.helpers import byte_level_bpe_tokenizer, copy_project
 
 pytestmark = pytest.mark.e2e

@@ -25,7 +25,7 @@ from c2s_kedro.core.inference import (
     score_labels,
 )
 from c2s_kedro.core.models import LanguageModel, build_gpt_neox
-from c2s_kedro.core.prompts import load_templates, template_words
+from c2s_kedro.core.prompts.formatting import load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from tests.helpers import byte_level_bpe_tokenizer
 

@@ -12,7 +12,7 @@ from c2s_kedro.core import inference
 from c2s_kedro.core.cell_generation import generate_cells
 from c2s_kedro.core.constraints import GeneVocabularyConstraint
 from c2s_kedro.core.models import build_gpt_neox
-from c2s_kedro.core.prompts import cell_generation_prompts, count_tokens, load_templates
+from c2s_kedro.core.prompts.formatting import cell_generation_prompts, count_tokens, load_templates
 from tests.helpers import TRICKY_GENES, byte_level_bpe_tokenizer
 
 CONTEXT = 128

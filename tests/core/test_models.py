@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from c2s_kedro.core.inference import embed_prompts
 from c2s_kedro.core.models import LanguageModel, ModelNotFoundError, build_gpt_neox, load_model, save_model
-from c2s_kedro.core.prompts import load_templates, template_words
+from c2s_kedro.core.prompts.formatting import load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [

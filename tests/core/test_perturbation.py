@@ -40,7 +40,7 @@ from c2s_kedro.core.perturbation_evaluation import (
     score_methods,
     sentence_space_cells,
 )
-from c2s_kedro.core.prompts import ContextTooSmallError, count_tokens, template_words
+from c2s_kedro.core.prompts.formatting import ContextTooSmallError, count_tokens, template_words
 from c2s_kedro.core.sentences.rank_fit import RankFit
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 

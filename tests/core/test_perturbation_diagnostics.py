@@ -14,7 +14,7 @@ from datasets import Dataset
 from c2s_kedro.core.models import build_gpt_neox
 from c2s_kedro.core.perturbation import PerturbationPromptFormatter
 from c2s_kedro.core.perturbation_diagnostics import input_sensitivity
-from c2s_kedro.core.prompts import load_templates, template_words
+from c2s_kedro.core.prompts.formatting import load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.training import IGNORE_INDEX, tokenize_pairs
 

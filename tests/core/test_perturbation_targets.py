@@ -34,7 +34,7 @@ from c2s_kedro.core.perturbation_evaluation import (
     labelled_cells,
     report_baseline_rules,
 )
-from c2s_kedro.core.prompts import template_words
+from c2s_kedro.core.prompts.formatting import template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch=None, gene_symbol=None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from c2s_kedro.core.prompts import (
+from c2s_kedro.core.prompts.formatting import (
     C2SPromptFormatter,
     TemplateFileError,
     TissuePredictionFormatter,

@@ -8,7 +8,7 @@ import re
 import pytest
 from datasets import Dataset
 
-from c2s_kedro.core.prompts import (
+from c2s_kedro.core.prompts.formatting import (
     word_tokens,
     C2SPromptFormatter,
     ContextTooSmallError,

@@ -10,17 +10,19 @@ from datasets import Dataset, DatasetDict
 from transformers import TrainerCallback
 
 from c2s_kedro.core.models import build_gpt_neox
-from c2s_kedro.core.prompts import C2SPromptFormatter, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer, label_words
-from c2s_kedro.core.training import (
-    IGNORE_INDEX,
+from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, template_words
+from c2s_kedro.core.prompts.training_sets import (
     balanced_rows,
-    TrainingSettings,
-    TrainingSettingsError,
-    finetune,
     format_split_prompts,
     pretraining_corpus,
     prompt_formatters,
+)
+from c2s_kedro.core.tokenizer import build_gene_tokenizer, label_words
+from c2s_kedro.core.training import (
+    IGNORE_INDEX,
+    TrainingSettings,
+    TrainingSettingsError,
+    finetune,
     require_task,
     sample_mean_loss,
     tokenize_dataset,
@@ -35,7 +37,7 @@ from tests.helpers import tiny_cell_sentences
 GENES = [f"GENE{i}" for i in range(300)]
 ARCHITECTURE = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
                 "max_position_embeddings": 96}
-CUSTOM = "c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter"
+CUSTOM = "c2s_kedro.core.prompts.example_formatters.TissueAwareCellTypeFormatter"
 
 
 @pytest.fixture(scope="module")

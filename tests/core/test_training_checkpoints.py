@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from c2s_kedro.core.models import build_gpt_neox
-from c2s_kedro.core.prompts import C2SPromptFormatter, template_words
+from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.training import tokenize_dataset, train_causal_lm, training_arguments
 from tests.helpers import tiny_cell_sentences

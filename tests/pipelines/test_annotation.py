@@ -25,7 +25,7 @@ from c2s_kedro.core.annotation import (
 )
 from c2s_kedro.core.data.validation import NotCountsError
 from c2s_kedro.core.models import build_gpt_neox
-from c2s_kedro.core.prompts import load_templates, template_words
+from c2s_kedro.core.prompts.formatting import load_templates, template_words
 from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.pipelines.annotation import create_default_input_pipeline, create_pipeline

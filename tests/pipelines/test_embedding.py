@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from c2s_kedro.core.models import build_gpt_neox, load_model
 from c2s_kedro.core.data.preprocessing import embed_expression, normalize_log10
-from c2s_kedro.core.prompts import load_templates, template_words
+from c2s_kedro.core.models import build_gpt_neox, load_model
+from c2s_kedro.core.prompts.formatting import load_templates, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.pipelines.embedding import create_pipeline
 from c2s_kedro.pipelines.embedding.nodes import (

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from c2s_kedro.core.models import build_gpt_neox
-from c2s_kedro.core.prompts import C2SPromptFormatter, build_formatter, template_words
+from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, build_formatter, template_words
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.training import IGNORE_INDEX, tokenize_dataset
 from c2s_kedro.parameters import ParameterError
@@ -18,7 +18,7 @@ from tests.helpers import load_parameters, params_entries, run_pipeline, tiny_ce
 
 GENES = [f"GENE{i}" for i in range(300)]
 ARCHITECTURE = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 96}
-CUSTOM = "c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter"
+CUSTOM = "c2s_kedro.core.prompts.example_formatters.TissueAwareCellTypeFormatter"
 SPLIT = {"train": [f"c{i}" for i in range(8)], "val": ["c8", "c9"], "test": ["c10", "c11"]}
 
 
@@ -65,7 +65,7 @@ def test_generation_samples_ask_for_the_genes_they_answer_with(tokenizer, cells)
 
 def test_formatter_by_dotted_path_and_bad_paths(cells):
     custom = build_formatter(
-        "cell_type_prediction", "c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter", {"top_k_genes": 5}
+        "cell_type_prediction", "c2s_kedro.core.prompts.example_formatters.TissueAwareCellTypeFormatter", {"top_k_genes": 5}
     )
     formatted = custom.format_dataset(cells)
     assert formatted.column_names == ["sample_type", "model_input", "response"]
@@ -73,7 +73,7 @@ def test_formatter_by_dotted_path_and_bad_paths(cells):
     with pytest.raises(ValueError, match="cannot be imported"):
         build_formatter("cell_type_prediction", "no_such_module.Formatter")
     with pytest.raises(ValueError, match="not a subclass"):
-        build_formatter("cell_type_prediction", "c2s_kedro.core.prompts.load_templates")
+        build_formatter("cell_type_prediction", "c2s_kedro.core.prompts.formatting.load_templates")
     with pytest.raises(ValueError, match="unknown prompt task"):
         build_formatter("tissue_folding")
 

@@ -18,7 +18,7 @@ from c2s_kedro.core.perturbation import (
     ScreenColumns,
     posterior_prompt_pairs,
 )
-from c2s_kedro.core.prompts import template_words
+from c2s_kedro.core.prompts.formatting import template_words
 from c2s_kedro.core.sentences.rank_fit import RankFit
 from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.parameters import ParameterError

@@ -10,8 +10,7 @@ __getattr__, __dir__, __all__ = lazy.attach(
     __name__,
     submodules=[
         "annotation", "annotator_model", "cell_generation", "constraints", "data", "embedding", "evaluation",
-        "example_formatters", "inference", "models", "perturbation", "perturbation_diagnostics",
-        "perturbation_evaluation", "plotting", "prompts", "sentences", "simulate", "tokenizer", "tracking",
-        "training",
+        "inference", "models", "perturbation", "perturbation_diagnostics", "perturbation_evaluation",
+        "plotting", "prompts", "sentences", "simulate", "tokenizer", "tracking", "training",
     ],
 )

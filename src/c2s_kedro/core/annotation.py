@@ -35,7 +35,7 @@ from c2s_kedro.core.data.validation import input_check_metrics, validate_input
 from c2s_kedro.core.evaluation import report_scored_cells
 from c2s_kedro.core.inference import predict_labels
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
+from c2s_kedro.core.prompts.formatting import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.sentences.conversion import (
     CELL_SENTENCE,
     cell_sentences_from_adata,

@@ -23,7 +23,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from c2s_kedro.core.errors import C2SValueError
 from c2s_kedro.core.data.splitting import MIN_SCORED_CELLS
 from c2s_kedro.core.data.validation import require_obs_columns
-from c2s_kedro.core.prompts import PromptTemplates, cell_type_prediction_prompts, label_answer_room
+from c2s_kedro.core.prompts.formatting import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.sentences.conversion import has_label
 from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
 

@@ -34,7 +34,7 @@ from c2s_kedro.core.data.splitting import split_names
 from c2s_kedro.core.data.validation import sentence_safe_gene_name, tidy_gene_names
 from c2s_kedro.core.inference import sample_continuations
 from c2s_kedro.core.models import LanguageModel
-from c2s_kedro.core.prompts import (
+from c2s_kedro.core.prompts.formatting import (
     ContextTooSmallError,
     PromptFormatter,
     count_tokens,

@@ -86,9 +86,9 @@ def embed_annotation_cells(
     pipeline's (``embedding`` settings), so they compare with ``cell_embeddings``."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.prompt_templates"):
-        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.formatting.task_templates("cell_type_prediction", core.prompts.formatting.read_template_files(settings.prompt_templates))
     with setting_hint("embedding.template_index", IndexError):
-        prompts, _, _ = core.prompts.cell_type_prediction_prompts(
+        prompts, _, _ = core.prompts.formatting.cell_type_prediction_prompts(
             annotation_sentences["sentences"], core.annotation.organisms_of(annotation_cells, settings.organism_column),
             foundation_model.tokenizer, foundation_model.context_length, template_index=settings.template_index,
             top_k_genes=settings.top_k_genes, default_organism=settings.default_organism, templates=templates,

@@ -41,7 +41,7 @@ def train_generation_model(
     if settings.epochs == 0:  # a negative number is refused when the parameters are read
         return finetuned_model, []
     with setting_hint("finetuning.tasks"):
-        prompts = core.training.task_prompts(finetuning_prompts, GENERATION_TASK)
+        prompts = core.prompts.training_sets.task_prompts(finetuning_prompts, GENERATION_TASK)
     # epochs, not the fine-tuning's step cap, say how long (max_steps would override num_train_epochs)
     arguments = {key: value for key, value in finetuning.training_arguments.items() if key != "max_steps"}
     arguments.update(num_train_epochs=settings.epochs, load_best_model_at_end=False)
@@ -67,12 +67,12 @@ def build_generation_prompts(
         core.training.require_task(finetuned_model, "cell_type_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
-        table = core.prompts.sentence_table(cell_sentences, [label])
+        table = core.prompts.formatting.sentence_table(cell_sentences, [label])
     train = table.loc[data_split["train"]]
     with setting_hint("cell_generation.prompt_templates"):
-        templates = core.prompts.task_templates("cell_type_generation", core.prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.formatting.task_templates("cell_type_generation", core.prompts.formatting.read_template_files(settings.prompt_templates))
     with setting_hint("cell_generation.template_index or max_genes", IndexError, ValueError):
-        return core.prompts.cell_generation_prompts(
+        return core.prompts.formatting.cell_generation_prompts(
             train["cell_sentence"].tolist(), train[label].tolist(), finetuned_model.tokenizer,
             finetuned_model.context_length, settings.n_cells_per_type, settings.template_index, settings.organism,
             templates=templates, max_genes=settings.max_genes,
@@ -110,7 +110,7 @@ def reconstruct_real_test_cells(
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
-        table = core.prompts.sentence_table(cell_sentences, [label])
+        table = core.prompts.formatting.sentence_table(cell_sentences, [label])
     test = table.loc[list(data_split["test"])]
     return core.cell_generation.real_cells_as_generated(
         test["cell_sentence"].tolist(), test[label].tolist(), list(test.index),

@@ -33,9 +33,9 @@ def build_embedding_prompts(cell_sentences: Dataset, foundation_model: LanguageM
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     organism_column = settings.organism_column
     with setting_hint("embedding.prompt_templates"):
-        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.formatting.task_templates("cell_type_prediction", core.prompts.formatting.read_template_files(settings.prompt_templates))
     with setting_hint("embedding.template_index", IndexError):
-        prompts, kept, available = core.prompts.cell_type_prediction_prompts(
+        prompts, kept, available = core.prompts.formatting.cell_type_prediction_prompts(
             cell_sentences["cell_sentence"],
             cell_sentences[organism_column] if organism_column in cell_sentences.column_names else None,
             foundation_model.tokenizer,

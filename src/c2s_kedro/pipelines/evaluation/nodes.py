@@ -28,9 +28,9 @@ def build_evaluation_prompts(
     label set (train labels)."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
-        table = core.prompts.sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
+        table = core.prompts.formatting.sentence_table(cell_sentences, [settings.label_column], optional=[settings.organism_column])
     with setting_hint("evaluation.prompt_templates"):
-        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.formatting.task_templates("cell_type_prediction", core.prompts.formatting.read_template_files(settings.prompt_templates))
     with setting_hint("evaluation.max_test_cells"):
         test = core.evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
     return core.evaluation.cell_type_test_prompts(
@@ -81,7 +81,7 @@ def predict_by_sentence_baseline(
     reading the same sentences."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
-        table = core.prompts.sentence_table(cell_sentences, [settings.label_column])
+        table = core.prompts.formatting.sentence_table(cell_sentences, [settings.label_column])
     return core.evaluation.sentence_rank_baseline(
         table, data_split["train"], evaluation_prompts["cell_name"], evaluation_prompts["genes_in_prompt"],
         settings.label_column, list(vocabulary), core.sentences.rank_fit.RankFit.from_dict(rank_fit),

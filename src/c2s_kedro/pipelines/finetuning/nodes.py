@@ -40,15 +40,15 @@ def format_finetuning_prompts(
         core.annotation.require_labels_to_tell_apart(
             core.annotation.training_labels(cell_sentences, data_split["train"], label), label)
     with setting_hint("finetuning.prompt_templates"):
-        templates = core.prompts.read_template_files(settings.prompt_templates)
+        templates = core.prompts.formatting.read_template_files(settings.prompt_templates)
     with setting_hint("finetuning.formatter" if settings.formatter else "finetuning.tasks"):
-        formatters = core.training.prompt_formatters(
+        formatters = core.prompts.training_sets.prompt_formatters(
             settings.tasks, settings.formatter, settings.formatter_options, seed=settings.seed,
             top_k_genes=settings.top_k_genes, label_column=label, organism_column=settings.organism_column,
             tokenizer=foundation_model.tokenizer, max_tokens=foundation_model.context_length, prompt_templates=templates,
         )
     with setting_hint("finetuning.min_train_cells_per_label or task_repeats"):
-        return core.training.format_split_prompts(
+        return core.prompts.training_sets.format_split_prompts(
             cell_sentences, data_split, formatters, settings.seed, settings.max_eval_samples,
             min_train_cells_per_label=settings.min_train_cells_per_label, label_column=label,
             task_repeats=settings.task_repeats,
@@ -76,7 +76,7 @@ def record_annotator_metadata(
     processing = read_parameters(DataProcessingParameters, data_processing, "data_processing")
     conversion = read_parameters(SentenceConversionParameters, sentence_conversion, "sentence_conversion")
     with setting_hint("finetuning.prompt_templates"):
-        templates = core.prompts.task_templates("cell_type_prediction", core.prompts.read_template_files(settings.prompt_templates))
+        templates = core.prompts.formatting.task_templates("cell_type_prediction", core.prompts.formatting.read_template_files(settings.prompt_templates))
     record = core.annotation.AnnotatorRecord(
         label_column=settings.label_column,
         labels=core.annotation.training_labels(cell_sentences, data_split["train"], settings.label_column),

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def initialize_foundation_model(vocabulary: dict[str, int], cell_sentences: Dataset, params: dict[str, Any]) -> LanguageModel:
     """Gene-level tokenizer (genes, template words, label values) and an untrained GPT-NeoX."""
     settings = read_parameters(PretrainingParameters, params, "pretraining")
-    words = core.prompts.template_words() + core.tokenizer.label_words(cell_sentences, [settings.label_column, settings.organism_column])
+    words = core.prompts.formatting.template_words() + core.tokenizer.label_words(cell_sentences, [settings.label_column, settings.organism_column])
     tokenizer = core.tokenizer.build_gene_tokenizer(vocabulary, words)
     with setting_hint("pretraining.architecture"):  # the model sets the tokenizer's model_max_length to its context
         language_model = core.models.build_gpt_neox(tokenizer, settings.architecture, seed=settings.seed)
@@ -42,7 +42,7 @@ def build_pretraining_corpus(
     cell-type-conditioned generation prompt, fitted to the context. Test cells are never used."""
     settings = read_parameters(PretrainingParameters, params, "pretraining")
     train, val = (
-        core.training.pretraining_corpus(
+        core.prompts.training_sets.pretraining_corpus(
             core.sentences.conversion.select_cells(cell_sentences, data_split[part]), initial_model.tokenizer, initial_model.context_length,
             max_genes=settings.max_genes, label_column=settings.label_column,
             organism_column=settings.organism_column, seed=settings.seed,

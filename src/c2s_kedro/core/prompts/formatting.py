@@ -86,7 +86,7 @@ def _packaged_templates(task: str) -> PromptTemplates:
         raise C2SValueError(
             f"unknown prompt task '{task}'; supported: {', '.join(SUPPORTED_TASKS + MULTICELL_TASKS + PAIRED_TASKS)}"
         )
-    text = resources.files("c2s_kedro.core").joinpath("prompt_templates", f"{task}.json").read_text()
+    text = resources.files("c2s_kedro.core.prompts").joinpath("prompt_templates", f"{task}.json").read_text()
     data = json.loads(text)
     return PromptTemplates(task=data["task"], inputs=tuple(data["inputs"]), responses=(data["response"],))
 
@@ -656,10 +656,10 @@ def build_formatter(
     except (ImportError, AttributeError, ValueError) as error:
         raise C2SValueError(
             f"prompt formatter '{formatter}' cannot be imported ({error}); give the dotted path of a "
-            "PromptFormatter subclass, e.g. c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter"
+            "PromptFormatter subclass, e.g. c2s_kedro.core.prompts.example_formatters.TissueAwareCellTypeFormatter"
         ) from error
     if not (isinstance(cls, type) and issubclass(cls, PromptFormatter)):
-        raise C2SValueError(f"'{formatter}' is not a subclass of c2s_kedro.core.prompts.PromptFormatter")
+        raise C2SValueError(f"'{formatter}' is not a subclass of c2s_kedro.core.prompts.formatting.PromptFormatter")
     return cls(seed=common.get("seed", 0), **options)
 
 

@@ -3,13 +3,13 @@
 Name it in parameters to use it:
 
     finetuning:
-      formatter: c2s_kedro.core.example_formatters.TissueAwareCellTypeFormatter
+      formatter: c2s_kedro.core.prompts.example_formatters.TissueAwareCellTypeFormatter
       formatter_options: {top_k_genes: 100, tissue_column: tissue}
 """
 
 from __future__ import annotations
 
-from c2s_kedro.core.prompts import PromptFormatter
+from c2s_kedro.core.prompts.formatting import PromptFormatter
 
 TEMPLATES = (
     "These are the {num_genes} top expressed genes of a cell from {tissue}, highest first.\nCell sentence: {genes}.\nIts cell type is:",

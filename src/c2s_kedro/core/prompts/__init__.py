@@ -1,0 +1,7 @@
+"""Cell sentences as prompts: the templates (``prompt_templates/<task>.json``) and the formatters
+that fill them, fitted to a model's context (``formatting``), an example of a custom formatter
+(``example_formatters``) and the training sets built from a split (``training_sets``)."""
+
+import lazy_loader as lazy
+
+__getattr__, __dir__, __all__ = lazy.attach(__name__, submodules=["example_formatters", "formatting", "training_sets"])
