@@ -8,7 +8,7 @@ compute floor, on the same model and the same cells, in one run. Prints one JSON
     every position including padding.
 (b) compute floor: the model body alone under torch.inference_mode() on pre-tokenized,
     length-grouped batches, nothing else (no tokenization, no pooling).
-ours: c2s_kedro.core.inference.embed_prompts (tokenizes, groups by length, masked mean).
+ours: c2s_kedro.core.models.inference.embed_prompts (tokenizes, groups by length, masked mean).
 Also reports tokens per cell of the gene-level tokenizer at top-200 and top-2,048 genes.
 """
 
@@ -27,12 +27,12 @@ import torch  # noqa: E402
 
 from c2s_kedro.core.data.pbmc68k import pbmc68k_counts  # noqa: E402
 from c2s_kedro.core.data.preprocessing import normalize_log10  # noqa: E402
-from c2s_kedro.core.inference import embed_prompts, length_grouped_batches  # noqa: E402
-from c2s_kedro.core.models import build_gpt_neox  # noqa: E402
+from c2s_kedro.core.models.inference import embed_prompts, length_grouped_batches  # noqa: E402
+from c2s_kedro.core.models.loading import build_gpt_neox  # noqa: E402
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer  # noqa: E402
 from c2s_kedro.core.prompts.formatting import fit_prompt, load_templates, template_words  # noqa: E402
 from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata  # noqa: E402
 from c2s_kedro.core.simulate.atlas import simulate_atlas  # noqa: E402
-from c2s_kedro.core.tokenizer import build_gene_tokenizer  # noqa: E402
 
 
 def reference_embed(language_model, prompts, batch_size=8):

@@ -6,8 +6,8 @@ Prints one JSON object.
     python benchmarks/inference_throughput.py --model data/06_models/finetuned_model --skip-sampling
 
 Cells per second on the cell-type-prediction prompts of PBMC cells:
-(i)  ours_label_scoring: c2s_kedro.core.inference.score_labels over the 10 PBMC labels;
-(ii) ours_batched_generation: c2s_kedro.core.inference.generate_texts as the evaluation pipeline
+(i)  ours_label_scoring: c2s_kedro.core.models.inference.score_labels over the 10 PBMC labels;
+(ii) ours_batched_generation: c2s_kedro.core.models.inference.generate_texts as the evaluation pipeline
      calls it: greedy, batched, the label answers given as expected answers, max_new_tokens =
      longest label answer in tokens + 2; ours_generation_without_expected_answers: the same
      without them (token by token);
@@ -46,16 +46,11 @@ import torch  # noqa: E402
 from embedding_throughput import floor_forward, pbmc_prompts_and_model, timed_interleaved  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
-from c2s_kedro.core.constraints import GeneVocabularyConstraint  # noqa: E402
 from c2s_kedro.core.data.pbmc68k import pbmc68k_counts  # noqa: E402
 from c2s_kedro.core.data.preprocessing import normalize_log10  # noqa: E402
-from c2s_kedro.core.inference import (  # noqa: E402
-    generate_texts,
-    match_answer,
-    sample_continuations,
-    score_labels,
-)
-from c2s_kedro.core.models import load_model  # noqa: E402
+from c2s_kedro.core.models.constraints import GeneVocabularyConstraint  # noqa: E402
+from c2s_kedro.core.models.inference import generate_texts, match_answer, sample_continuations, score_labels
+from c2s_kedro.core.models.loading import load_model  # noqa: E402
 from c2s_kedro.core.sentences.conversion import vocabulary_names  # noqa: E402
 
 

@@ -132,8 +132,8 @@ def bpe_with_tokens_per_gene(genes: Sequence[str], target: float = TARGET_TOKENS
 
 
 def build_model_dir(directory: Path, architecture: dict[str, Any], tokenizer, seed: int = 0) -> Path:
-    """A random GPT-NeoX of ``architecture`` with ``tokenizer``, saved with ``core.models.save_model``."""
-    from c2s_kedro.core.models import build_gpt_neox, save_model
+    """A random GPT-NeoX of ``architecture`` with ``tokenizer``, saved with ``core.models.loading.save_model``."""
+    from c2s_kedro.core.models.loading import build_gpt_neox, save_model
 
     save_model(build_gpt_neox(tokenizer, architecture, seed=seed), directory)
     return directory
@@ -199,10 +199,11 @@ def cell_sentences(genes: Sequence[str], n_cells: int, seed: int = 0):
 def run_stages(model_dir: Path, genes: list[str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
-    from c2s_kedro.core import inference
     from c2s_kedro.core.cell_generation import generate_cells
     from c2s_kedro.core.evaluation import cell_type_test_prompts
-    from c2s_kedro.core.models import load_model
+    from c2s_kedro.core.models import inference
+    from c2s_kedro.core.models.loading import load_model
+    from c2s_kedro.core.models.training import TrainingSettings, finetune
     from c2s_kedro.core.perturbation import PerturbationPromptFormatter, response_token_budget, sample_posterior
     from c2s_kedro.core.prompts.formatting import (
         ContextTooSmallError,
@@ -213,7 +214,6 @@ def run_stages(model_dir: Path, genes: list[str], args: argparse.Namespace, work
         sentence_table,
     )
     from c2s_kedro.core.prompts.training_sets import format_split_prompts, prompt_formatters
-    from c2s_kedro.core.training import TrainingSettings, finetune
 
     torch.set_num_threads(args.threads)
     capture = LogCapture()

@@ -150,10 +150,10 @@ def pretrain_on_screen(root: Path, epochs: int, seed: int) -> dict[str, float]:
         for part in ("train", "val")
     }
     start = time.perf_counter()
-    trained, history = core.training.finetune(base, DatasetDict(corpus), settings.training_settings())
+    trained, history = core.models.training.finetune(base, DatasetDict(corpus), settings.training_settings())
     seconds = time.perf_counter() - start
     base_entry.save(trained)
-    summary = core.training.summarize_history(history)
+    summary = core.models.training.summarize_history(history)
     return {"pretrain_seconds": round(seconds, 1), "pretrain_texts": corpus["train"].num_rows,
             **{f"pretrain_{k}": v for k, v in summary.items() if k.startswith("eval_loss")}}
 

@@ -10,7 +10,7 @@ name" (``name_to_control_nats``, ``target_logprob_shift``) and "does it read the
 
 The prompts are ``core.perturbation.perturbation_prompts`` on the screen of ``--source`` (a project
 where ``kedro run --pipelines=perturbation_data`` has run); the model is
-``core.models.build_gpt_neox`` with the base model's tokenizer. Training is a plain loop (AdamW,
+``core.models.loading.build_gpt_neox`` with the base model's tokenizer. Training is a plain loop (AdamW,
 warm-up then cosine, gradient clipping at 1, the loss on the response only, as the pipeline's
 settings) so that the probe can run between steps; one JSON object per probe is printed and
 appended to ``--out``.
@@ -35,9 +35,9 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from c2s_kedro import core
+from c2s_kedro.core.models.training import tokenize_dataset
 from c2s_kedro.core.perturbation import PerturbationPromptFormatter, ScreenColumns
 from c2s_kedro.core.perturbation_diagnostics import input_sensitivity
-from c2s_kedro.core.training import tokenize_dataset
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch="gem_group")  # conf/base's screen
 CONTEXT = 512
@@ -106,7 +106,7 @@ def main() -> None:
     architecture = {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
                     "intermediate_size": 4 * args.hidden, "max_position_embeddings": CONTEXT,
                     "tie_word_embeddings": not args.untied}
-    language_model = core.models.build_gpt_neox(tokenizer, architecture, seed=args.seed)
+    language_model = core.models.loading.build_gpt_neox(tokenizer, architecture, seed=args.seed)
     template = None if args.template < 0 else args.template
     prompts = core.perturbation.perturbation_prompts(
         sentences, split, COLUMNS, tokenizer, CONTEXT, args.top_k, args.seed, control_top_k_genes=args.control_top_k,

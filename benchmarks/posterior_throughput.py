@@ -38,8 +38,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 
-from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence  # noqa: E402
-from c2s_kedro.core.models import load_model  # noqa: E402
+from c2s_kedro.core.models.constraints import GeneVocabularyConstraint, postprocess_sentence  # noqa: E402
+from c2s_kedro.core.models.loading import load_model  # noqa: E402
 from c2s_kedro.core.perturbation import sample_posterior  # noqa: E402
 from c2s_kedro.core.simulate.screen import default_perturbseq  # noqa: E402
 from kedro.io import DataCatalog, MemoryDataset  # noqa: E402

@@ -60,7 +60,7 @@ def template_ensembles(run: Path, templates: int) -> list[dict[str, object]]:
     draws, rows = [], []
     for seed in range(templates):
         prompts = nodes.build_evaluation_prompts(sentences, split, model, {**params, "seed": seed})
-        log_probability = core.inference.score_labels(model, prompts["prompt"], prompts["labels"], batch_size=params["batch_size"])
+        log_probability = core.models.inference.score_labels(model, prompts["prompt"], prompts["labels"], batch_size=params["batch_size"])
         draws.append(log_probability - np.logaddexp.reduce(log_probability, axis=1, keepdims=True))
         labels = np.array(prompts["labels"])
         rows.append({"run": str(run), "lever": "template_draw", "evaluation_seed": seed,

@@ -37,7 +37,7 @@ def test_gpu_environment_fine_tunes_the_hub_c2s_model_in_bf16():
 
 def test_gpu_training_arguments_are_accepted_by_the_trainer(tmp_path):
     # conf/gpu once named warmup_ratio, which transformers 5 refuses: the first GPU run would stop there
-    from c2s_kedro.core.training import training_arguments
+    from c2s_kedro.core.models.training import training_arguments
 
     arguments = training_arguments(_config("gpu")["parameters"]["finetuning"]["training_arguments"], str(tmp_path))
     assert arguments.bf16 and arguments.gradient_accumulation_steps == 4

@@ -20,7 +20,7 @@ import pytest
 import scanpy as sc
 import yaml
 
-from c2s_kedro.core.models import build_gpt_neox, load_model, save_model
+from c2s_kedro.core.models.loading import build_gpt_neox, load_model, save_model
 from c2s_kedro.core.prompts.formatting import load_templates
 from tests.helpers import byte_level_bpe_tokenizer, copy_project
 

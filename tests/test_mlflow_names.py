@@ -53,7 +53,7 @@ def test_the_training_callback_logs_safe_names_with_steps(tmp_path):
     from mlflow import MlflowClient
     from transformers import TrainerState
 
-    from c2s_kedro.core.training import MlflowStepLogger
+    from c2s_kedro.core.models.training import MlflowStepLogger
 
     uri = f"sqlite:///{tmp_path}/steps.db"
     mlflow.set_tracking_uri(uri)

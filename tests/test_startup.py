@@ -43,7 +43,7 @@ def test_registering_the_pipelines_imports_no_model_or_plotting_library():
         "a nodes module (or what it imports at module level) loads them; load them lazily (lazy_loader.load or an "
         "import in the node), so that runs which do not use them do not wait for them"
     )
-    assert "c2s_kedro.core.models" not in state["loaded"]
+    assert "c2s_kedro.core.models.loading" not in state["loaded"]
 
 
 def test_what_loads_late_still_loads_after_the_registry():
@@ -55,7 +55,7 @@ def test_what_loads_late_still_loads_after_the_registry():
         "register_pipelines()\n"
         "from c2s_kedro.datasets import HFModelDataset\n"
         "from c2s_kedro import core\n"
-        "print(HFModelDataset.__name__, core.annotation.AnnotatorRecord.__name__, core.models.LanguageModel.__name__)\n"
+        "print(HFModelDataset.__name__, core.annotation.AnnotatorRecord.__name__, core.models.loading.LanguageModel.__name__)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

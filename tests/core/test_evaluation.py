@@ -117,8 +117,8 @@ def test_sentence_baseline_reads_only_the_genes_each_prompt_carries(counts_adata
 
 
 def test_test_prompts_take_labels_from_train_and_leave_room_for_every_answer(caplog):
+    from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
     from c2s_kedro.core.prompts.formatting import template_words
-    from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
     genes = [f"GENE{i}" for i in range(80)]
     tokenizer = build_gene_tokenizer(genes, template_words() + ["T cell", "B cell", "NK"], model_max_length=64)
@@ -177,8 +177,8 @@ def test_enough_scored_cells_give_no_caution(caplog):
 
 def test_labels_missing_in_train_or_test_are_no_label_of_the_set(counts_adata):
     from c2s_kedro.core.data.preprocessing import normalize_log10
+    from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
     from c2s_kedro.core.prompts.formatting import template_words
-    from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
     genes = [f"GENE{i}" for i in range(80)]
     tokenizer = build_gene_tokenizer(genes, template_words() + ["T cell", "B cell"], model_max_length=64)

@@ -10,9 +10,9 @@ import torch
 from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from c2s_kedro.core import inference
-from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
-from c2s_kedro.core.inference import (
+from c2s_kedro.core.models import inference
+from c2s_kedro.core.models.constraints import GeneVocabularyConstraint, postprocess_sentence
+from c2s_kedro.core.models.inference import (
     _padded,
     embed_prompts,
     generate_labels,
@@ -24,9 +24,9 @@ from c2s_kedro.core.inference import (
     sample_continuations,
     score_labels,
 )
-from c2s_kedro.core.models import LanguageModel, build_gpt_neox
+from c2s_kedro.core.models.loading import LanguageModel, build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import load_templates, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from tests.helpers import byte_level_bpe_tokenizer
 
 # prefix pairs (CD3/CD3D, AC009/AC009.1) exercise the multi-token trie of the BPE tokenizer

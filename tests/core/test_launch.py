@@ -11,10 +11,10 @@ from datasets import DatasetDict
 
 from c2s_kedro.core.errors import C2SError
 from c2s_kedro.core.launch import JOB_FOLDER
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.models.training import TrainingSettings, TrainingSettingsError, finetune
 from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.training import TrainingSettings, TrainingSettingsError, finetune
 from tests.helpers import tiny_cell_sentences
 
 GENES = [f"GENE{i}" for i in range(300)]

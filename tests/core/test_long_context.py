@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-from c2s_kedro.core import inference
 from c2s_kedro.core.cell_generation import generate_cells
-from c2s_kedro.core.constraints import GeneVocabularyConstraint
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models import inference
+from c2s_kedro.core.models.constraints import GeneVocabularyConstraint
+from c2s_kedro.core.models.loading import build_gpt_neox
 from c2s_kedro.core.prompts.formatting import cell_generation_prompts, count_tokens, load_templates
 from tests.helpers import TRICKY_GENES, byte_level_bpe_tokenizer
 
@@ -37,7 +37,7 @@ def test_cell_generation_fits_the_context_and_logs_the_room_in_genes(model, capl
     assert 0 < prompts["genes_requested"][0] < len(GENES)
     per_gene = GeneVocabularyConstraint(model.tokenizer, GENES).tokens_per_gene
     assert per_gene > 1  # a byte-level BPE spends several tokens on a gene
-    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.inference"):
+    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.models.inference"):
         cells = generate_cells(model, prompts["prompt"], prompts["cell_type"], GENES, prompts["max_new_tokens"],
                                batch_size=2, seed=0)
     room = CONTEXT - longest
@@ -50,7 +50,7 @@ def test_sampling_logs_the_room_once_per_run_and_refuses_to_overflow(model, capl
     prompt = "Generate genes of a T cell :"
     prompt_tokens = int(count_tokens(model.tokenizer, [prompt])[0])
     room = CONTEXT - prompt_tokens
-    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.inference"):
+    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.models.inference"):
         for seed in (0, 1):  # as sample_posterior calls it, once per prompt and temperature
             inference.sample_continuations(model, prompt, 2, room, seed=seed,
                                            logits_processor=GeneVocabularyConstraint(model.tokenizer, GENES))

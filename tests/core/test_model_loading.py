@@ -12,8 +12,8 @@ import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from c2s_kedro.core import models
-from c2s_kedro.core.models import (
+from c2s_kedro.core.models import loading
+from c2s_kedro.core.models.loading import (
     LoadOptions,
     ModelNotFoundError,
     UnsupportedLoadSettingError,
@@ -72,7 +72,7 @@ def no_probe(monkeypatch) -> list:
         probes.append(address)
         raise AssertionError(f"the hub was probed at {address}")
 
-    monkeypatch.setattr(models, "socket", SimpleNamespace(create_connection=refuse))
+    monkeypatch.setattr(loading, "socket", SimpleNamespace(create_connection=refuse))
     return probes
 
 
@@ -156,8 +156,8 @@ def test_an_unreachable_hub_is_probed_once_briefly_and_then_refused(tmp_path, mo
         probes.append((address, timeout))
         raise OSError("no route to host")
 
-    monkeypatch.setattr(models, "socket", SimpleNamespace(create_connection=no_route))
-    monkeypatch.setattr(models, "file_exists", lambda *a, **k: pytest.fail("the hub API was called"))
+    monkeypatch.setattr(loading, "socket", SimpleNamespace(create_connection=no_route))
+    monkeypatch.setattr(loading, "file_exists", lambda *a, **k: pytest.fail("the hub API was called"))
     with pytest.raises(ModelNotFoundError, match=r"no connection to hub\.invalid.*hf download owner/model"):
         hub_model_available(model_source("owner/model", root=tmp_path))
     assert probes == [(("hub.invalid", 443), 3.0)]
@@ -165,9 +165,9 @@ def test_an_unreachable_hub_is_probed_once_briefly_and_then_refused(tmp_path, mo
 
 def test_a_reachable_hub_decides_whether_an_uncached_hub_id_exists(tmp_path, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: True)
     asked = []
-    monkeypatch.setattr(models, "file_exists", lambda repo, name: asked.append((repo, name)) or repo == "owner/real")
+    monkeypatch.setattr(loading, "file_exists", lambda repo, name: asked.append((repo, name)) or repo == "owner/real")
     assert hub_model_available(model_source("owner/real", root=tmp_path))
     assert not hub_model_available(model_source("owner/typo", root=tmp_path))
     assert asked == [("owner/real", "config.json"), ("owner/typo", "config.json")]
@@ -201,7 +201,7 @@ def captured(monkeypatch, tiny_model_dir):
 def fake_cuda(monkeypatch, packages=("bitsandbytes", "flash_attn")):
     """A machine with CUDA and ``packages`` installed, as far as the load checks can tell."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(models, "_has_package", lambda name: name in packages)
+    monkeypatch.setattr(loading, "_has_package", lambda name: name in packages)
 
 
 def test_defaults_pass_only_the_safe_loading_flags(tiny_model_dir, captured):

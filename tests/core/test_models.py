@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from c2s_kedro.core.inference import embed_prompts
-from c2s_kedro.core.models import LanguageModel, ModelNotFoundError, build_gpt_neox, load_model, save_model
+from c2s_kedro.core.models.inference import embed_prompts
+from c2s_kedro.core.models.loading import LanguageModel, ModelNotFoundError, build_gpt_neox, load_model, save_model
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import load_templates, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 GENES = ["CD3D", "CD8A", "MT-CO1", "RP11-34P13.3", "HLA-DRB1", "IGKV1-5", "CD3", "LINC00115", "AC009.1"] + [
     f"GENE{i}" for i in range(200)
@@ -78,11 +78,11 @@ def test_unreachable_hub_id_fails_fast_with_local_directory_advice(monkeypatch):
     the hub client's download, whose retries would take minutes."""
     from types import SimpleNamespace
 
-    from c2s_kedro.core import models
+    from c2s_kedro.core.models import loading
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the real situation here: no route to the hub
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
-    probes, opened, open_model = [], [], models._open
+    probes, opened, open_model = [], [], loading._open
 
     def no_route(address, timeout=None, *args, **kwargs):
         probes.append((address, timeout))
@@ -92,8 +92,8 @@ def test_unreachable_hub_id_fails_fast_with_local_directory_advice(monkeypatch):
         opened.append(kwargs)
         return open_model(location, dtype, **kwargs)
 
-    monkeypatch.setattr(models, "socket", SimpleNamespace(create_connection=no_route))  # the loader's probe only
-    monkeypatch.setattr(models, "_open", recording_open)
+    monkeypatch.setattr(loading, "socket", SimpleNamespace(create_connection=no_route))  # the loader's probe only
+    monkeypatch.setattr(loading, "_open", recording_open)
     with pytest.raises(ModelNotFoundError, match="local directory"):
         load_model("vandijklab/no-such-model-for-tests")
     assert opened == [{"local_files_only": True}]  # the local cache was read; no download was tried
@@ -117,7 +117,7 @@ def test_embedding_refuses_prompts_longer_than_the_context(model_dir):
 
 
 def test_precision_on_cpu_is_fp32_unless_bf16_is_asked_for():
-    from c2s_kedro.core.models import pick_dtype
+    from c2s_kedro.core.models.loading import pick_dtype
 
     cpu = torch.device("cpu")
     assert pick_dtype("auto", cpu) == pick_dtype(None, cpu) == torch.float32

@@ -9,7 +9,8 @@ import pytest
 import scipy.sparse as sp
 from datasets import Dataset
 
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.perturbation import (
     MISSING_GENE_CAVEAT,
     PerturbationPromptFormatter,
@@ -42,7 +43,6 @@ from c2s_kedro.core.perturbation_evaluation import (
 )
 from c2s_kedro.core.prompts.formatting import ContextTooSmallError, count_tokens, template_words
 from c2s_kedro.core.sentences.rank_fit import RankFit
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch="gem_group", gene_symbol=None)
 GENES = [f"G{i}" for i in range(40)]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.models.training import IGNORE_INDEX, tokenize_pairs
 from c2s_kedro.core.perturbation import PerturbationPromptFormatter
 from c2s_kedro.core.perturbation_diagnostics import input_sensitivity
 from c2s_kedro.core.prompts.formatting import load_templates, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.training import IGNORE_INDEX, tokenize_pairs
 
 GENES = [f"G{i}" for i in range(20)]
 CONTROL = "non-targeting"

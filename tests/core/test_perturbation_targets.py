@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.perturbation import (
     PerturbationPromptFormatter,
     ScreenColumns,
@@ -35,7 +36,6 @@ from c2s_kedro.core.perturbation_evaluation import (
     report_baseline_rules,
 )
 from c2s_kedro.core.prompts.formatting import template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch=None, gene_symbol=None)
 CONTROL = "non-targeting"

@@ -1,4 +1,4 @@
-"""Embedding pooling (core.inference.embed_prompts): mean over the real tokens or the last real
+"""Embedding pooling (core.models.inference.embed_prompts): mean over the real tokens or the last real
 token, the same for a prompt alone and in a batch, whichever side the tokenizer pads."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from c2s_kedro.core.inference import embed_prompts
-from c2s_kedro.core.models import build_gpt_neox
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.models.inference import embed_prompts
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 
 GENES = [f"GENE{i}" for i in range(80)]
 ARCHITECTURE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 96}

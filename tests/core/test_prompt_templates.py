@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import (
     C2SPromptFormatter,
     TemplateFileError,
@@ -22,7 +23,6 @@ from c2s_kedro.core.prompts.formatting import (
     read_template_files,
     template_words,
 )
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 GENES = [f"GENE{i}" for i in range(60)]
 PREDICTION = {

@@ -8,6 +8,7 @@ import re
 import pytest
 from datasets import Dataset
 
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import (
     word_tokens,
     C2SPromptFormatter,
@@ -22,7 +23,6 @@ from c2s_kedro.core.prompts.formatting import (
     sentence_table,
     template_words,
 )
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 from tests.helpers import TRICKY_GENES, byte_level_bpe_tokenizer
 

@@ -274,7 +274,7 @@ def test_a_tab_a_non_breaking_space_or_another_unicode_form_inside_a_label_is_th
 
 
 def test_a_label_ending_in_a_period_is_one_label_with_its_periodless_spelling_and_answers_name_it():
-    from c2s_kedro.core.inference import match_answer
+    from c2s_kedro.core.models.inference import match_answer
 
     obs = pd.DataFrame({"cell_type": ["Fibroblasts"] * 3 + ["Fibroblasts."] * 2 + ["Mono."] * 2},
                        index=[f"c{i}" for i in range(7)])

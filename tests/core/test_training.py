@@ -9,16 +9,9 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import TrainerCallback
 
-from c2s_kedro.core.models import build_gpt_neox
-from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, template_words
-from c2s_kedro.core.prompts.training_sets import (
-    balanced_rows,
-    format_split_prompts,
-    pretraining_corpus,
-    prompt_formatters,
-)
-from c2s_kedro.core.tokenizer import build_gene_tokenizer, label_words
-from c2s_kedro.core.training import (
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer, label_words
+from c2s_kedro.core.models.training import (
     IGNORE_INDEX,
     TrainingSettings,
     TrainingSettingsError,
@@ -30,6 +23,13 @@ from c2s_kedro.core.training import (
     train_causal_lm,
     trained_tasks,
     training_arguments,
+)
+from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, template_words
+from c2s_kedro.core.prompts.training_sets import (
+    balanced_rows,
+    format_split_prompts,
+    pretraining_corpus,
+    prompt_formatters,
 )
 
 from tests.helpers import tiny_cell_sentences

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.models.training import tokenize_dataset, train_causal_lm, training_arguments
 from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.training import tokenize_dataset, train_causal_lm, training_arguments
 from tests.helpers import tiny_cell_sentences
 
 GENES = [f"GENE{i}" for i in range(120)]
@@ -63,7 +63,7 @@ def _mixed_task_run(tmp_path, **training_arguments):
     """A model, prompts of two tasks for 8 cells, and the settings of a short fine-tuning of them."""
     from datasets import concatenate_datasets
 
-    from c2s_kedro.core.training import TrainingSettings
+    from c2s_kedro.core.models.training import TrainingSettings
 
     tokenizer, _ = _data()
     cells = tiny_cell_sentences(GENES, n_cells=8)
@@ -79,7 +79,7 @@ def _mixed_task_run(tmp_path, **training_arguments):
 def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
     from datasets import DatasetDict
 
-    from c2s_kedro.core.training import finetune
+    from c2s_kedro.core.models.training import finetune
 
     model, prompts, settings = _mixed_task_run(tmp_path, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
                                                logging_steps=1, eval_strategy="steps", eval_steps=2)
@@ -100,8 +100,8 @@ def test_a_mixed_task_eval_set_also_logs_each_tasks_loss(tmp_path):
 def test_a_mixed_task_training_set_logs_each_tasks_training_loss_and_the_plot_draws_it(tmp_path):
     from datasets import DatasetDict
 
+    from c2s_kedro.core.models.training import finetune, loss_history
     from c2s_kedro.core.plotting import loss_curve_plot
-    from c2s_kedro.core.training import finetune, loss_history
 
     model, prompts, settings = _mixed_task_run(tmp_path, max_steps=4, per_device_train_batch_size=16, learning_rate=0.0,
                                                logging_steps=2)

@@ -2,7 +2,7 @@
 
 from datasets import Dataset, load_from_disk
 
-from c2s_kedro.core.training import data_fingerprint, require_same_data_on_every_rank
+from c2s_kedro.core.models.training import data_fingerprint, require_same_data_on_every_rank
 
 
 def test_the_same_rows_give_the_same_fingerprint_wherever_they_come_from(tmp_path):

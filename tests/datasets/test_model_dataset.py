@@ -13,7 +13,7 @@ import torch
 from kedro.io import DataCatalog, DatasetError
 from transformers import AutoModelForCausalLM
 
-from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.datasets import HFModelDataset
 from tests.helpers import copy_project
 from tests.core.test_model_loading import HUB_MODEL, no_probe, put_in_hub_cache, save_tiny_model, use_hub_cache
@@ -101,7 +101,7 @@ def test_without_a_project_folder_of_that_name_a_missing_path_states_both_possib
 
 
 def test_saving_to_a_local_path_writes_the_model_there(project, tiny_model_dir, tmp_path):
-    from c2s_kedro.core.models import load_model
+    from c2s_kedro.core.models.loading import load_model
 
     target = project / "models" / "mine"
     dataset = HFModelDataset(path=str(target))

@@ -24,10 +24,10 @@ from c2s_kedro.core.annotation import (
     record_annotator,
 )
 from c2s_kedro.core.data.validation import NotCountsError
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import load_templates, template_words
 from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.pipelines.annotation import create_default_input_pipeline, create_pipeline
 from c2s_kedro.pipelines.annotation.nodes import label_annotation_cells, prepare_annotation_cells, read_annotator
 from c2s_kedro.pipelines.finetuning.nodes import record_annotator_metadata

@@ -7,9 +7,9 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from c2s_kedro.core.data.preprocessing import normalize_log10
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.pipelines.cell_generation.nodes import (
     build_generation_prompts,
     compare_generated_with_real,

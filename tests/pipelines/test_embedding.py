@@ -7,9 +7,9 @@ import pytest
 from datasets import Dataset
 
 from c2s_kedro.core.data.preprocessing import embed_expression, normalize_log10
-from c2s_kedro.core.models import build_gpt_neox, load_model
+from c2s_kedro.core.models.loading import build_gpt_neox, load_model
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import load_templates, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.pipelines.embedding import create_pipeline
 from c2s_kedro.pipelines.embedding.nodes import (
     build_embedding_adata,

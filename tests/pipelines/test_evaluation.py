@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipelines.evaluation.nodes import (
     build_evaluation_prompts,

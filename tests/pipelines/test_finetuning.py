@@ -7,10 +7,10 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from c2s_kedro.core.models import build_gpt_neox
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.models.training import IGNORE_INDEX, tokenize_dataset
 from c2s_kedro.core.prompts.formatting import C2SPromptFormatter, build_formatter, template_words
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.training import IGNORE_INDEX, tokenize_dataset
 from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipelines.finetuning import create_pipeline
 from c2s_kedro.pipelines.finetuning.nodes import finetune_model, format_finetuning_prompts, summarize_finetuning
@@ -140,7 +140,7 @@ def test_tissue_prediction_puts_cells_of_one_tissue_in_one_prompt_and_fits(token
 def test_lora_finetuning_returns_a_plain_model_with_changed_weights(tokenizer, cells, tmp_path):
     from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
 
-    from c2s_kedro.core.models import save_model
+    from c2s_kedro.core.models.loading import save_model
 
     base = build_gpt_neox(tokenizer, ARCHITECTURE)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -160,7 +160,7 @@ def test_lora_finetuning_returns_a_plain_model_with_changed_weights(tokenizer, c
 
 
 def test_finetune_model_averages_the_loss_as_the_parameters_say(tokenizer, cells, tmp_path, monkeypatch):
-    from c2s_kedro.core import training
+    from c2s_kedro.core.models import training
 
     calls, original = [], training.sample_mean_loss
 

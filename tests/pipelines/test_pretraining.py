@@ -7,8 +7,8 @@ import pytest
 import torch
 from datasets import Dataset
 
+from c2s_kedro.core.models.tokenizer import SPACE_MARKER
 from c2s_kedro.core.prompts.formatting import template_words
-from c2s_kedro.core.tokenizer import SPACE_MARKER
 from c2s_kedro.pipelines.pretraining import create_pipeline
 from c2s_kedro.pipelines.pretraining.nodes import (
     build_pretraining_corpus,

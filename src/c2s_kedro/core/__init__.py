@@ -1,6 +1,6 @@
 """The C2S library: plain Python on anndata, numpy, datasets and transformers (no Kedro).
 
-Each module is imported when first used (``core.models`` imports torch and transformers): the
+Each module is imported when first used (``core.models.loading`` imports torch and transformers): the
 pipelines' nodes call ``core.<module>.<name>``, so a run imports only what its nodes use.
 """
 
@@ -9,8 +9,8 @@ import lazy_loader as lazy
 __getattr__, __dir__, __all__ = lazy.attach(
     __name__,
     submodules=[
-        "annotation", "annotator_model", "cell_generation", "constraints", "data", "embedding", "evaluation",
-        "inference", "models", "perturbation", "perturbation_diagnostics", "perturbation_evaluation",
-        "plotting", "prompts", "sentences", "simulate", "tokenizer", "tracking", "training",
+        "annotation", "cell_generation", "data", "embedding", "evaluation", "models", "perturbation",
+        "perturbation_diagnostics", "perturbation_evaluation", "plotting", "prompts", "sentences", "simulate",
+        "tracking",
     ],
 )

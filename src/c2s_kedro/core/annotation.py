@@ -33,8 +33,8 @@ from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
 from c2s_kedro.core.data.preprocessing import QCThresholds, normalize_log10, quality_control
 from c2s_kedro.core.data.validation import input_check_metrics, validate_input
 from c2s_kedro.core.evaluation import report_scored_cells
-from c2s_kedro.core.inference import predict_labels
-from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.models.inference import predict_labels
+from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.core.prompts.formatting import PromptTemplates, cell_type_prediction_prompts, label_answer_room
 from c2s_kedro.core.sentences.conversion import (
     CELL_SENTENCE,

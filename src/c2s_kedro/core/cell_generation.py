@@ -19,11 +19,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 from c2s_kedro.core import plotting
-from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.data.preprocessing import neighbors_umap
 from c2s_kedro.core.evaluation import report_scored_cells
-from c2s_kedro.core.inference import generate_texts
-from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.models.constraints import GeneVocabularyConstraint, postprocess_sentence
+from c2s_kedro.core.models.inference import generate_texts
+from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.core.sentences.conversion import has_label
 from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
 

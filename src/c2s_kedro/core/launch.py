@@ -54,8 +54,8 @@ def train_worker(folder: str) -> str | None:
     and, on rank 0, writes the trained model and the Trainer's log history into ``folder``."""
     from datasets import DatasetDict
 
-    from c2s_kedro.core.models import load_model
-    from c2s_kedro.core.training import TrainingSettings, finetune
+    from c2s_kedro.core.models.loading import load_model
+    from c2s_kedro.core.models.training import TrainingSettings, finetune
 
     folder = Path(folder)
     job = json.loads((folder / "job.json").read_text())
@@ -80,16 +80,16 @@ def launch_settings(processes: int) -> Any:
 
 
 def finetune_in_processes(language_model, prompts, settings) -> tuple[Any, list[dict[str, Any]]]:
-    """``core.training.finetune`` in ``settings.processes`` worker processes; returns the trained
+    """``core.models.training.finetune`` in ``settings.processes`` worker processes; returns the trained
     model (read back from what rank 0 wrote, LoRA adapters merged) and the Trainer's log history."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    from c2s_kedro.core.models import LanguageModel, load_model
+    from c2s_kedro.core.models.loading import LanguageModel, load_model
 
     import torch
 
-    from c2s_kedro.core.training import training_arguments
+    from c2s_kedro.core.models.training import training_arguments
 
     if settings.processes < 2:
         raise C2SValueError(f"processes is {settings.processes}: training in several processes needs 2 or more")

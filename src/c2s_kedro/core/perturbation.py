@@ -29,11 +29,12 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from tqdm.auto import tqdm
 
 from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
-from c2s_kedro.core.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.data.splitting import split_names
 from c2s_kedro.core.data.validation import sentence_safe_gene_name, tidy_gene_names
-from c2s_kedro.core.inference import sample_continuations
-from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.models.constraints import GeneVocabularyConstraint, postprocess_sentence
+from c2s_kedro.core.models.inference import sample_continuations
+from c2s_kedro.core.models.loading import LanguageModel
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.prompts.formatting import (
     ContextTooSmallError,
     PromptFormatter,
@@ -45,7 +46,6 @@ from c2s_kedro.core.prompts.formatting import (
 )
 from c2s_kedro.core.sentences.conversion import has_label
 from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
-from c2s_kedro.core.tokenizer import build_gene_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def reconstruction_plot(original: np.ndarray, reconstructed: np.ndarray, pearson
 def loss_curve_plot(log_history: list[dict], title: str) -> plt.Figure:
     """Train and eval loss per step from a Hugging Face Trainer log history, with each task's
     training loss where the training set mixed tasks."""
-    from c2s_kedro.core.training import loss_history
+    from c2s_kedro.core.models.training import loss_history
 
     history = loss_history(log_history)
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)

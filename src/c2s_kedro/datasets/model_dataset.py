@@ -9,7 +9,7 @@ from typing import Any
 from kedro.io import AbstractDataset
 
 from c2s_kedro.datasets.errors import C2SDatasetError
-from c2s_kedro.core.models import (
+from c2s_kedro.core.models.loading import (
     LanguageModel,
     LoadOptions,
     ModelNotFoundError,

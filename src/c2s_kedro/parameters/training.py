@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from c2s_kedro.parameters import at_least
 
 if TYPE_CHECKING:
-    from c2s_kedro.core.training import TrainingSettings
+    from c2s_kedro.core.models.training import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class TrainingParameters:
     training_arguments: dict[str, Any]  # passed to transformers.TrainingArguments unchanged
 
     def training_settings(self) -> TrainingSettings:
-        """The settings of ``core.training.finetune``."""
-        from c2s_kedro.core.training import TrainingSettings  # imports transformers: not when parameters are read
+        """The settings of ``core.models.training.finetune``."""
+        from c2s_kedro.core.models.training import TrainingSettings  # imports transformers: not when parameters are read
 
         return TrainingSettings(
             training_arguments=self.training_arguments, checkpoint_dir=self.checkpoint_dir,
@@ -67,10 +67,10 @@ class PretrainingParameters:
     training_arguments: dict[str, Any]
 
     def training_settings(self) -> TrainingSettings:
-        """The settings of ``core.training.finetune`` for pretraining: next-token prediction on the
+        """The settings of ``core.models.training.finetune`` for pretraining: next-token prediction on the
         whole text (prompt and sentence), every token weighing the same (the Trainer's default),
         all weights trained, losses logged to MLflow under ``pretraining``."""
-        from c2s_kedro.core.training import TrainingSettings  # imports transformers: not when parameters are read
+        from c2s_kedro.core.models.training import TrainingSettings  # imports transformers: not when parameters are read
 
         return TrainingSettings(
             training_arguments=self.training_arguments, checkpoint_dir=self.checkpoint_dir,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 SECTION = "annotation"
 MIN_CELLS_FOR_UMAP = 3  # a kNN graph needs at least two neighbours per cell
@@ -36,7 +36,7 @@ def select_test_cells(raw_adata: ad.AnnData, data_split: dict[str, Any]) -> ad.A
 def read_annotator(finetuned_model: LanguageModel) -> dict[str, Any]:
     """The model's annotator record (labels, genes, the training's processing); a model not
     fine-tuned here, or not for cell-type prediction, is refused."""
-    core.training.require_task(finetuned_model, "cell_type_prediction")
+    core.models.training.require_task(finetuned_model, "cell_type_prediction")
     return core.annotation.annotator_record(finetuned_model).to_dict()
 
 
@@ -94,7 +94,7 @@ def embed_annotation_cells(
             top_k_genes=settings.top_k_genes, default_organism=settings.default_organism, templates=templates,
         )
     with setting_hint("embedding.pooling"):
-        return core.inference.embed_prompts(foundation_model, prompts, batch_size=settings.batch_size, pooling=settings.pooling)
+        return core.models.inference.embed_prompts(foundation_model, prompts, batch_size=settings.batch_size, pooling=settings.pooling)
 
 
 def build_annotated_adata(

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from datasets import Dataset, DatasetDict
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 
 GENERATION_TASK = "cell_type_generation"
@@ -37,7 +37,7 @@ def train_generation_model(
     settings = read_parameters(CellGenerationParameters, params, "cell_generation").training
     finetuning = read_parameters(FinetuningParameters, finetuning_params, "finetuning")
     with setting_hint("finetuning.tasks"):
-        core.training.require_task(finetuned_model, GENERATION_TASK)
+        core.models.training.require_task(finetuned_model, GENERATION_TASK)
     if settings.epochs == 0:  # a negative number is refused when the parameters are read
         return finetuned_model, []
     with setting_hint("finetuning.tasks"):
@@ -47,8 +47,8 @@ def train_generation_model(
     arguments.update(num_train_epochs=settings.epochs, load_best_model_at_end=False)
     training = replace(finetuning, training_arguments=arguments, checkpoint_dir=settings.checkpoint_dir,
                        mlflow_prefix=settings.mlflow_prefix, lora=None)
-    with setting_hint("finetuning", core.training.TrainingSettingsError):
-        return core.training.finetune(finetuned_model, prompts, training.training_settings())
+    with setting_hint("finetuning", core.models.training.TrainingSettingsError):
+        return core.models.training.finetune(finetuned_model, prompts, training.training_settings())
 
 
 def plot_generation_training_loss(generation_training_log: list[dict[str, Any]]) -> plt.Figure:
@@ -64,7 +64,7 @@ def build_generation_prompts(
     answer fits the context. Train cells without a label ask for nothing."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("finetuning.tasks"):
-        core.training.require_task(finetuned_model, "cell_type_generation")
+        core.models.training.require_task(finetuned_model, "cell_type_generation")
     label = settings.label_column
     with setting_hint("cell_generation.label_column"):
         table = core.prompts.formatting.sentence_table(cell_sentences, [label])

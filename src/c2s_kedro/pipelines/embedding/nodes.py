@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import numpy as np
     from datasets import Dataset
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def embed_cells(embedding_prompts: dict[str, Any], foundation_model: LanguageMod
     """The last hidden layer of each prompt pooled by ``pooling`` (cells x hidden size)."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.pooling"):
-        return core.inference.embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size,
+        return core.models.inference.embed_prompts(foundation_model, embedding_prompts["prompt"], batch_size=settings.batch_size,
                              pooling=settings.pooling)
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import matplotlib.pyplot as plt
     from datasets import Dataset
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 
 def build_evaluation_prompts(
@@ -43,7 +43,7 @@ def predict_by_generation(evaluation_prompts: dict[str, Any], model: LanguageMod
     """Greedy batched generation of the answer, normalized and matched to the label set (None
     when the answer is not a known label)."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
-    answers, predictions = core.inference.generate_labels(
+    answers, predictions = core.models.inference.generate_labels(
         model, evaluation_prompts["prompt"], evaluation_prompts["labels"], settings.extra_new_tokens, settings.batch_size
     )
     return pd.DataFrame({
@@ -55,7 +55,7 @@ def predict_by_label_scoring(evaluation_prompts: dict[str, Any], model: Language
     """The most likely known label of each cell, with the probability of every label."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     labels = evaluation_prompts["labels"]
-    predicted, probabilities = core.inference.predict_labels(model, evaluation_prompts["prompt"], labels, batch_size=settings.batch_size)
+    predicted, probabilities = core.models.inference.predict_labels(model, evaluation_prompts["prompt"], labels, batch_size=settings.batch_size)
     table = pd.DataFrame({"cell_name": evaluation_prompts["cell_name"], "label": evaluation_prompts["label"], "prediction": predicted})
     return pd.concat([table, pd.DataFrame(probabilities, columns=[f"p({name})" for name in labels])], axis=1)
 

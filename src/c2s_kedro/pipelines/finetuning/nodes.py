@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import matplotlib.pyplot as plt
     from datasets import Dataset, DatasetDict
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 
 def format_finetuning_prompts(
@@ -61,8 +61,8 @@ def finetune_model(
     """Causal-LM fine-tuning with the HF Trainer (loss on the response only by default); optional
     LoRA adapters, merged into the weights afterwards so the result is a plain model directory."""
     settings = read_parameters(FinetuningParameters, params, "finetuning")
-    with setting_hint("finetuning", core.training.TrainingSettingsError):
-        return core.training.finetune(foundation_model, finetuning_prompts, settings.training_settings())
+    with setting_hint("finetuning", core.models.training.TrainingSettingsError):
+        return core.models.training.finetune(foundation_model, finetuning_prompts, settings.training_settings())
 
 
 def record_annotator_metadata(
@@ -93,8 +93,8 @@ def log_annotator_model(recorded_model: LanguageModel, params: dict[str, Any]) -
     """The fine-tuned model with the annotation settings, logged as the MLflow model
     ``c2s_annotator`` of this run unless ``annotation.log_mlflow_model`` is false."""
     settings = read_parameters(AnnotationParameters, params, "annotation")
-    uri = core.annotator_model.log_annotator(recorded_model, settings.labelling_options()) if settings.log_mlflow_model else None
-    return {"logged": uri is not None, "model_uri": uri, "artifact_path": core.annotator_model.ARTIFACT_PATH}
+    uri = core.models.annotator_model.log_annotator(recorded_model, settings.labelling_options()) if settings.log_mlflow_model else None
+    return {"logged": uri is not None, "model_uri": uri, "artifact_path": core.models.annotator_model.ARTIFACT_PATH}
 
 
 def plot_finetuning_loss(finetuning_log: list[dict[str, Any]]) -> plt.Figure:
@@ -113,7 +113,7 @@ def summarize_finetuning(
     parts = {part: data_split[part] for part in ("train", "val", "test")}
     labels = {part: core.sentences.conversion.select_cells(cell_sentences, names)[settings.label_column] for part, names in parts.items()}
     return {
-        **core.training.summarize_history(finetuning_log),
+        **core.models.training.summarize_history(finetuning_log),
         **{f"n_{part}_samples": float(finetuning_prompts[part].num_rows) for part in finetuning_prompts},
         **core.data.splitting.split_report(parts, data_split.get("fractions")),
         **{f"n_{part}_cells_without_label": float((~core.sentences.conversion.has_label(values)).sum()) for part, values in labels.items()},

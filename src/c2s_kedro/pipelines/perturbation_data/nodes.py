@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from datasets import Dataset, DatasetDict
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def initialize_perturbation_model(
         logger.info("the base model's tokenizer gives %d targets that are not genes a token of their own: %s",
                     len(targets), ", ".join(targets[:20]) + (" ..." if len(targets) > 20 else ""))
     with setting_hint(f"{SECTION}.model.architecture"):
-        model = core.models.build_gpt_neox(tokenizer, architecture, seed=settings.seed)
+        model = core.models.loading.build_gpt_neox(tokenizer, architecture, seed=settings.seed)
     logger.info("perturbation base model: %s parameters, %d tokens", f"{model.model.num_parameters():,}", len(tokenizer))
     return model
 

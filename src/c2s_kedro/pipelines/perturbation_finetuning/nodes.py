@@ -15,18 +15,18 @@ if TYPE_CHECKING:
     import matplotlib.pyplot as plt
     from datasets import DatasetDict
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 
 def finetune_perturbation_model(
     perturbation_base_model: LanguageModel, perturbation_prompts: DatasetDict, params: dict[str, Any]
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
-    """The fine-tuning of ``core.training.finetune`` on the train and val pairs of
+    """The fine-tuning of ``core.models.training.finetune`` on the train and val pairs of
     ``perturbation_prompts`` (loss on the perturbed sentence only, averaged as
     ``perturbation.finetuning.loss_average`` says)."""
     settings = read_parameters(PerturbationParameters, params, "perturbation").finetuning
-    with setting_hint("perturbation.finetuning", core.training.TrainingSettingsError):
-        return core.training.finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
+    with setting_hint("perturbation.finetuning", core.models.training.TrainingSettingsError):
+        return core.models.training.finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
 
 
 def plot_perturbation_loss(perturbation_finetuning_log: list[dict[str, Any]]) -> plt.Figure:

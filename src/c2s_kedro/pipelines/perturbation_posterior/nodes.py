@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import matplotlib.pyplot as plt
     from datasets import Dataset, DatasetDict
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 SECTION = "perturbation"
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import matplotlib.pyplot as plt
     from datasets import Dataset
 
-    from c2s_kedro.core.models import LanguageModel
+    from c2s_kedro.core.models.loading import LanguageModel
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 def initialize_foundation_model(vocabulary: dict[str, int], cell_sentences: Dataset, params: dict[str, Any]) -> LanguageModel:
     """Gene-level tokenizer (genes, template words, label values) and an untrained GPT-NeoX."""
     settings = read_parameters(PretrainingParameters, params, "pretraining")
-    words = core.prompts.formatting.template_words() + core.tokenizer.label_words(cell_sentences, [settings.label_column, settings.organism_column])
-    tokenizer = core.tokenizer.build_gene_tokenizer(vocabulary, words)
+    words = core.prompts.formatting.template_words() + core.models.tokenizer.label_words(cell_sentences, [settings.label_column, settings.organism_column])
+    tokenizer = core.models.tokenizer.build_gene_tokenizer(vocabulary, words)
     with setting_hint("pretraining.architecture"):  # the model sets the tokenizer's model_max_length to its context
-        language_model = core.models.build_gpt_neox(tokenizer, settings.architecture, seed=settings.seed)
+        language_model = core.models.loading.build_gpt_neox(tokenizer, settings.architecture, seed=settings.seed)
     logger.info(
         "foundation model: %s parameters, %d tokens in the vocabulary",
         f"{language_model.model.num_parameters():,}", len(tokenizer),
@@ -64,8 +64,8 @@ def pretrain_foundation_model(
     from datasets import DatasetDict
 
     settings = read_parameters(PretrainingParameters, params, "pretraining")
-    with setting_hint("pretraining", core.training.TrainingSettingsError):
-        return core.training.finetune(initial_model, DatasetDict({"train": train_corpus, "val": val_corpus}), settings.training_settings())
+    with setting_hint("pretraining", core.models.training.TrainingSettingsError):
+        return core.models.training.finetune(initial_model, DatasetDict({"train": train_corpus, "val": val_corpus}), settings.training_settings())
 
 
 def plot_pretraining_loss(training_log: list[dict[str, Any]]) -> plt.Figure:
@@ -76,7 +76,7 @@ def plot_pretraining_loss(training_log: list[dict[str, Any]]) -> plt.Figure:
 def summarize_pretraining(training_log: list[dict[str, Any]], foundation_model: LanguageModel) -> dict[str, float]:
     """Losses, runtime and model size."""
     return {
-        **core.training.summarize_history(training_log),
+        **core.models.training.summarize_history(training_log),
         "n_parameters": float(foundation_model.model.num_parameters()),
         "vocabulary_size": float(len(foundation_model.tokenizer)),
         "context_length": float(foundation_model.context_length),

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from c2s_kedro.core.errors import C2SValueError
-from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.core.prompts.formatting import load_templates, response_tokens
 from c2s_kedro.core.sentences.conversion import label_key
 

@@ -22,7 +22,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_utils import get_last_checkpoint
 
 from c2s_kedro.core.errors import C2SError, C2SValueError
-from c2s_kedro.core.models import LanguageModel
+from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.core.prompts.training_sets import task_prompts
 from c2s_kedro.core.tracking import log_metrics, note_resumed_run, record_training_run
 

@@ -19,7 +19,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from c2s_kedro.core.annotation import annotate_counts, annotator_record, counts_adata
-from c2s_kedro.core.models import LanguageModel, load_model, save_model
+from c2s_kedro.core.models.loading import LanguageModel, load_model, save_model
 
 logger = logging.getLogger(__name__)
 
