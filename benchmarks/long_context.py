@@ -199,12 +199,9 @@ def cell_sentences(genes: Sequence[str], n_cells: int, seed: int = 0):
 def run_stages(model_dir: Path, genes: list[str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
-    from c2s_kedro.core.cell_generation import generate_cells
-    from c2s_kedro.core.evaluation import cell_type_test_prompts
     from c2s_kedro.core.models import inference
     from c2s_kedro.core.models.loading import load_model
     from c2s_kedro.core.models.training import TrainingSettings, finetune
-    from c2s_kedro.core.perturbation import PerturbationPromptFormatter, response_token_budget, sample_posterior
     from c2s_kedro.core.prompts.formatting import (
         ContextTooSmallError,
         cell_generation_prompts,
@@ -213,7 +210,11 @@ def run_stages(model_dir: Path, genes: list[str], args: argparse.Namespace, work
         load_templates,
         sentence_table,
     )
+    from c2s_kedro.core.prompts.perturbation import PerturbationPromptFormatter, response_token_budget
     from c2s_kedro.core.prompts.training_sets import format_split_prompts, prompt_formatters
+    from c2s_kedro.core.tasks.cell_generation import generate_cells
+    from c2s_kedro.core.tasks.evaluation import cell_type_test_prompts
+    from c2s_kedro.core.tasks.perturbation.posterior import sample_posterior
 
     torch.set_num_threads(args.threads)
     capture = LogCapture()

@@ -103,7 +103,7 @@ def part_cells(sentences, split: dict, part: str, genes: list[str], rank_fit: di
     space (top-k sentences), as the perturbation_posterior pipeline's evaluation reads them."""
     from c2s_kedro import core
 
-    return core.perturbation_evaluation.sentence_space_cells(
+    return core.tasks.perturbation.evaluation.sentence_space_cells(
         sentences, list(split[part]) + list(split[f"control_{part}"]), settings.columns().perturbation, genes,
         core.sentences.rank_fit.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
     )
@@ -199,7 +199,7 @@ def neighbour_prompts(root: Path, k: int, seed: int) -> dict[str, object]:
     pools = {key: np.asarray(group.index) for key, group in obs.groupby([column, batch])}
     anywhere = {name: np.asarray(group.index) for name, group in obs.groupby(column)}
     rng = np.random.default_rng([seed, 7])
-    original = core.perturbation.control_pairs
+    original = core.tasks.perturbation.pairs.control_pairs
 
     def with_neighbours(*args, **kwargs) -> pd.DataFrame:
         pairs = original(*args, **kwargs)
@@ -215,11 +215,11 @@ def neighbour_prompts(root: Path, k: int, seed: int) -> dict[str, object]:
 
     sentences = ArrowDataset(path=str(root / "data/04_feature/perturbation_cell_sentences")).load()
     base = HFModelDataset(path=str(root / "data/06_models/perturbation_base_model")).load()
-    core.perturbation.control_pairs = with_neighbours
+    core.tasks.perturbation.pairs.control_pairs = with_neighbours
     try:
         prompts = nodes.format_perturbation_prompts(sentences, split, base, screen)
     finally:
-        core.perturbation.control_pairs = original
+        core.tasks.perturbation.pairs.control_pairs = original
     ArrowDataset(path=str(root / "data/05_model_input/perturbation_prompts")).save(prompts)
     test = split["test_perturbations"]
     return {"context_neighbours": {name: neighbours[name] for name in test if name in neighbours}}

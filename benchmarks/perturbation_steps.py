@@ -3,12 +3,12 @@
 The default run fine-tunes the perturbation model for one epoch (about 90 steps of 16 pairs), and
 the diagnostics say it reads neither the perturbation's name nor the control cell. This script
 trains the same kind of model on the same prompts for many more steps and runs the pipeline's
-input-sensitivity probe (``core.perturbation_diagnostics.input_sensitivity``, 32 pairs of each
+input-sensitivity probe (``core.tasks.perturbation.diagnostics.input_sensitivity``, 32 pairs of each
 test set) every ``--probe-every`` steps, so one run gives the learning curve of "does it read the
 name" (``name_to_control_nats``, ``target_logprob_shift``) and "does it read the control cell"
 (``control_swap_nats``) against steps and training seconds.
 
-The prompts are ``core.perturbation.perturbation_prompts`` on the screen of ``--source`` (a project
+The prompts are ``core.prompts.perturbation.perturbation_prompts`` on the screen of ``--source`` (a project
 where ``kedro run --pipelines=perturbation_data`` has run); the model is
 ``core.models.loading.build_gpt_neox`` with the base model's tokenizer. Training is a plain loop (AdamW,
 warm-up then cosine, gradient clipping at 1, the loss on the response only, as the pipeline's
@@ -35,9 +35,10 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from c2s_kedro import core
+from c2s_kedro.core.data.screen import ScreenColumns
 from c2s_kedro.core.models.training import tokenize_dataset
-from c2s_kedro.core.perturbation import PerturbationPromptFormatter, ScreenColumns
-from c2s_kedro.core.perturbation_diagnostics import input_sensitivity
+from c2s_kedro.core.prompts.perturbation import PerturbationPromptFormatter
+from c2s_kedro.core.tasks.perturbation.diagnostics import input_sensitivity
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch="gem_group")  # conf/base's screen
 CONTEXT = 512
@@ -46,7 +47,7 @@ CONTEXT = 512
 def top_targets(per_top: int):
     """``synthetic_knockdown_pairs`` with the target drawn among the response cell's top ``per_top``
     genes; the response is the cell's whole top-k sentence less the target when it was dropped."""
-    draw = core.perturbation.synthetic_knockdown_pairs
+    draw = core.tasks.perturbation.pairs.synthetic_knockdown_pairs
 
     def pairs(obs, controls, sentences, columns, per_control, drop_share, seed=0, same_cell=False):
         cut = {cell: " ".join(sentence.split()[:per_top]) for cell, sentence in sentences.items()}
@@ -96,19 +97,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.synthetic_top:
-        core.perturbation.synthetic_knockdown_pairs = top_targets(args.synthetic_top)
+        core.tasks.perturbation.pairs.synthetic_knockdown_pairs = top_targets(args.synthetic_top)
 
     split = json.loads((args.source / "data/05_model_input/perturbation_split.json").read_text())
     vocabulary = json.loads((args.source / "data/04_feature/perturbation_vocabulary.json").read_text())
     sentences = load_from_disk(str(args.source / "data/04_feature/perturbation_cell_sentences"))
     names = [n for part in ("train", "val", "test") for n in split[f"{part}_perturbations"]]
-    tokenizer, _ = core.perturbation.screen_tokenizer(list(vocabulary), names, COLUMNS, CONTEXT)
+    tokenizer, _ = core.tasks.perturbation.tokens.screen_tokenizer(list(vocabulary), names, COLUMNS, CONTEXT)
     architecture = {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
                     "intermediate_size": 4 * args.hidden, "max_position_embeddings": CONTEXT,
                     "tie_word_embeddings": not args.untied}
     language_model = core.models.loading.build_gpt_neox(tokenizer, architecture, seed=args.seed)
     template = None if args.template < 0 else args.template
-    prompts = core.perturbation.perturbation_prompts(
+    prompts = core.prompts.perturbation.perturbation_prompts(
         sentences, split, COLUMNS, tokenizer, CONTEXT, args.top_k, args.seed, control_top_k_genes=args.control_top_k,
         template=template, synthetic_pairs_per_control=args.synthetic, synthetic_same_cell=args.same_cell,
         max_eval_samples=200)
@@ -116,16 +117,16 @@ def main() -> None:
     ids, labels = train["input_ids"], train["labels"]
     target_ids = []  # each training pair's named gene as a token id (-1: the control label, a combination, no token)
     for name in prompts["train"]["perturbation"]:
-        tokens = tokenizer(" " + core.perturbation.gene_key(str(name)), add_special_tokens=False)["input_ids"]  # as sentences write it
+        tokens = tokenizer(" " + core.data.screen.gene_key(str(name)), add_special_tokens=False)["input_ids"]  # as sentences write it
         named = str(name).upper() != COLUMNS.control_label.upper() and len(tokens) == 1 and tokens[0] != tokenizer.unk_token_id
         target_ids.append(int(tokens[0]) if named else -1)
     assert len(target_ids) == len(ids), "a training prompt was dropped by tokenize_dataset"
     formatter = PerturbationPromptFormatter(top_k_genes=args.top_k, seed=args.seed, tokenizer=tokenizer, max_tokens=CONTEXT,
                                             control_top_k_genes=args.control_top_k, template=template, columns=COLUMNS)
     obs = sentences.select_columns(["cell_name", "gene", "gem_group"]).to_pandas().set_index("cell_name")
-    lookup = core.perturbation.top_k_sentences(sentences, args.top_k)
-    tests = {part: core.perturbation.paired_sentences(core.perturbation.control_pairs(obs, split, part, COLUMNS, args.seed + 7),
-                                                      lookup)
+    lookup = core.tasks.perturbation.pairs.top_k_sentences(sentences, args.top_k)
+    tests = {part: core.prompts.perturbation.paired_sentences(core.tasks.perturbation.pairs.control_pairs(obs, split, part, COLUMNS, args.seed + 7),
+                                                              lookup)
              for part in ("test", "test_seen") if part in split}
 
     model = language_model.model

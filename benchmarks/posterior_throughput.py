@@ -8,7 +8,7 @@ JSON object.
 Setting: the default simulated Perturb-seq screen and prompts (conf/base: a 50-gene control
 sentence, about 80 tokens), responses of up to 200 genes, constrained decoding
 (vocabulary genes only, no repeats), temperature 1.0.
-(i) ours: ``core.perturbation.sample_posterior`` (one pass over each prompt; all samples decoded
+(i) ours: ``core.tasks.perturbation.posterior.sample_posterior`` (one pass over each prompt; all samples decoded
     together, their attention reading the prompt's one cached copy; Gumbel-max draws);
 (a) reference: ``model.generate`` once per sample (batch size 1, the prompt read again each
     time), same logits processor, temperature and max_new_tokens; measured on
@@ -40,8 +40,8 @@ from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 
 from c2s_kedro.core.models.constraints import GeneVocabularyConstraint, postprocess_sentence  # noqa: E402
 from c2s_kedro.core.models.loading import load_model  # noqa: E402
-from c2s_kedro.core.perturbation import sample_posterior  # noqa: E402
 from c2s_kedro.core.simulate.screen import default_perturbseq  # noqa: E402
+from c2s_kedro.core.tasks.perturbation.posterior import sample_posterior  # noqa: E402
 from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
 from kedro.runner import SequentialRunner  # noqa: E402
 

@@ -15,8 +15,13 @@ import pandas as pd
 import psutil
 from datasets import load_from_disk
 
-from c2s_kedro.core.perturbation_evaluation import _truth_by_gene, baseline_mean_scores, sentence_space_cells, summarize_scores
 from c2s_kedro.core.sentences.rank_fit import RankFit
+from c2s_kedro.core.tasks.perturbation.evaluation import (
+    _truth_by_gene,
+    baseline_mean_scores,
+    sentence_space_cells,
+    summarize_scores,
+)
 
 COLUMN, CONTROL, TOP_K = "gene", "non-targeting", 200  # the default screen's settings
 

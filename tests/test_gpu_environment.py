@@ -48,7 +48,7 @@ def test_max_test_cells_scores_the_same_seeded_subset_for_every_method():
     # a 410m-shaped model on this CPU takes ~25 s a test cell; benchmarks/gpu_env_on_cpu.py scores a subset
     import pytest
 
-    from c2s_kedro.core.evaluation import evaluated_test_cells
+    from c2s_kedro.core.tasks.evaluation import evaluated_test_cells
 
     cells = [f"c{i}" for i in range(70)]
     chosen = evaluated_test_cells(cells, 8, seed=0)

@@ -55,7 +55,7 @@ def test_what_loads_late_still_loads_after_the_registry():
         "register_pipelines()\n"
         "from c2s_kedro.datasets import HFModelDataset\n"
         "from c2s_kedro import core\n"
-        "print(HFModelDataset.__name__, core.annotation.AnnotatorRecord.__name__, core.models.loading.LanguageModel.__name__)\n"
+        "print(HFModelDataset.__name__, core.tasks.annotation.AnnotatorRecord.__name__, core.models.loading.LanguageModel.__name__)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core.cell_generation import (
+from c2s_kedro.core.data.preprocessing import normalize_log10
+from c2s_kedro.core.sentences.rank_fit import RankFit
+from c2s_kedro.core.tasks.cell_generation import (
     comparison_figures,
     compare_generated_with_real,
     real_cells_as_generated,
     reconstruct_generated_cells,
 )
-from c2s_kedro.core.data.preprocessing import normalize_log10
-from c2s_kedro.core.sentences.rank_fit import RankFit
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from c2s_kedro.core.evaluation import (
+from c2s_kedro.core.sentences.rank_fit import cluster_agreement, knn_overlap
+from c2s_kedro.core.tasks.evaluation import (
     cell_type_test_prompts,
     embedding_scores,
     logistic_regression_baseline,
     score_predictions,
     sentence_rank_baseline,
 )
-from c2s_kedro.core.sentences.rank_fit import cluster_agreement, knn_overlap
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import logging
 
 import pytest
 
-from c2s_kedro.core.cell_generation import generate_cells
 from c2s_kedro.core.models import inference
 from c2s_kedro.core.models.constraints import GeneVocabularyConstraint
 from c2s_kedro.core.models.loading import build_gpt_neox
 from c2s_kedro.core.prompts.formatting import cell_generation_prompts, count_tokens, load_templates
+from c2s_kedro.core.tasks.cell_generation import generate_cells
 from tests.helpers import TRICKY_GENES, byte_level_bpe_tokenizer
 
 CONTEXT = 128

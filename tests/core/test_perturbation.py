@@ -9,26 +9,13 @@ import pytest
 import scipy.sparse as sp
 from datasets import Dataset
 
+from c2s_kedro.core.data.screen import ScreenColumns, ScreenLayoutError, check_screen
 from c2s_kedro.core.models.loading import build_gpt_neox
 from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.perturbation import (
-    MISSING_GENE_CAVEAT,
-    PerturbationPromptFormatter,
-    ScreenColumns,
-    ScreenLayoutError,
-    check_screen,
-    choose_posterior_prompts,
-    knockdown_drop_share,
-    pair_with_controls,
-    posterior_prompt_pairs,
-    posterior_expression,
-    posterior_statistics,
-    sample_posterior,
-    sample_test_posterior,
-    split_screen,
-    synthetic_knockdown_pairs,
-)
-from c2s_kedro.core.perturbation_evaluation import (
+from c2s_kedro.core.prompts.formatting import ContextTooSmallError, count_tokens, template_words
+from c2s_kedro.core.prompts.perturbation import PerturbationPromptFormatter, posterior_prompt_pairs
+from c2s_kedro.core.sentences.rank_fit import RankFit
+from c2s_kedro.core.tasks.perturbation.evaluation import (
     LinearAdditiveBaseline,
     baseline_predictions,
     calibration,
@@ -41,8 +28,20 @@ from c2s_kedro.core.perturbation_evaluation import (
     score_methods,
     sentence_space_cells,
 )
-from c2s_kedro.core.prompts.formatting import ContextTooSmallError, count_tokens, template_words
-from c2s_kedro.core.sentences.rank_fit import RankFit
+from c2s_kedro.core.tasks.perturbation.pairs import (
+    knockdown_drop_share,
+    pair_with_controls,
+    split_screen,
+    synthetic_knockdown_pairs,
+)
+from c2s_kedro.core.tasks.perturbation.posterior import (
+    MISSING_GENE_CAVEAT,
+    choose_posterior_prompts,
+    posterior_expression,
+    posterior_statistics,
+    sample_posterior,
+    sample_test_posterior,
+)
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch="gem_group", gene_symbol=None)
 GENES = [f"G{i}" for i in range(40)]
@@ -194,9 +193,9 @@ def test_generation_prompts_leave_room_for_the_requested_genes_or_refuse(tiny_mo
 
 
 def test_sampling_refuses_a_prompt_that_would_run_past_the_context_before_sampling(tiny_model, monkeypatch):
-    import c2s_kedro.core.perturbation as perturbation
+    from c2s_kedro.core.tasks.perturbation import posterior
 
-    monkeypatch.setattr(perturbation, "sample_continuations", lambda *a, **k: pytest.fail("sampled anyway"))
+    monkeypatch.setattr(posterior, "sample_continuations", lambda *a, **k: pytest.fail("sampled anyway"))
     prompt = "Cell sentence: " + " ".join(GENES[:30]) + ". Perturbed cell sentence:"
     with pytest.raises(ContextTooSmallError, match="context of 96"):
         sample_posterior(tiny_model, [prompt], GENES, n_samples=2, max_new_tokens=80)

@@ -14,9 +14,9 @@ from datasets import Dataset
 from c2s_kedro.core.models.loading import build_gpt_neox
 from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.models.training import IGNORE_INDEX, tokenize_pairs
-from c2s_kedro.core.perturbation import PerturbationPromptFormatter
-from c2s_kedro.core.perturbation_diagnostics import input_sensitivity
 from c2s_kedro.core.prompts.formatting import load_templates, template_words
+from c2s_kedro.core.prompts.perturbation import PerturbationPromptFormatter
+from c2s_kedro.core.tasks.perturbation.diagnostics import input_sensitivity
 
 GENES = [f"G{i}" for i in range(20)]
 CONTROL = "non-targeting"
@@ -207,7 +207,7 @@ def test_one_perturbation_leaves_the_name_swap_out_and_says_so(caplog):
     language_model = _tiny_model()
     pairs = _toy_pairs(30, seed=0).map(lambda row: {"perturbation": row["perturbation"] if row["perturbation"] == CONTROL
                                                     else "G3"})
-    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.perturbation_diagnostics"):
+    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.tasks.perturbation.diagnostics"):
         metrics, table = input_sensitivity(language_model, pairs, _formatter(language_model), CONTROL, n_pairs=8)
     assert not any(key.startswith("sensitivity.name_swap") for key in metrics)
     assert "swapped_perturbation" not in table.columns

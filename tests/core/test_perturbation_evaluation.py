@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from c2s_kedro.core.perturbation import posterior_expression
-from c2s_kedro.core.perturbation_evaluation import (
+from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
+from c2s_kedro.core.tasks.perturbation.evaluation import (
     CoexpressionNeighboursBaseline,
     PosteriorEvaluation,
     baseline_predictions,
@@ -23,7 +23,7 @@ from c2s_kedro.core.perturbation_evaluation import (
     score_methods,
     scores_vs_own_control,
 )
-from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
+from c2s_kedro.core.tasks.perturbation.posterior import posterior_expression
 
 GENES = [f"G{i}" for i in range(16)]
 CONTROL = "non-targeting"

@@ -4,7 +4,7 @@ the same numbers as cell-eval's on the same cells, and what evaluate_posterior r
 import numpy as np
 import pytest
 
-from c2s_kedro.core.perturbation_evaluation import (
+from c2s_kedro.core.tasks.perturbation.evaluation import (
     MEAN_METRICS,
     _used_genes,
     baseline_mean_scores,

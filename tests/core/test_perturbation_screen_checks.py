@@ -11,18 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from c2s_kedro.core.perturbation import (
-    FEW_CONTROLS,
+from c2s_kedro.core.data.screen import (
     SCREEN_CHECKS,
     ScreenColumns,
     check_screen,
-    pair_with_controls,
     perturbation_label,
     perturbation_targets,
     screen_for_processing,
     screen_targets,
-    split_screen,
 )
+from c2s_kedro.core.tasks.perturbation.pairs import FEW_CONTROLS, pair_with_controls, split_screen
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch="gem_group", gene_symbol=None)
 
@@ -67,7 +65,7 @@ def test_numbered_control_guides_are_controls_never_perturbations():
 
 
 def test_a_perturbation_column_of_guide_ids_is_pointed_out(caplog):
-    from c2s_kedro.core.perturbation import log_screen_targets
+    from c2s_kedro.core.data.screen import log_screen_targets
 
     labels = pd.Series(["A_g1", "A_g2", "B_g1", "B_g2", "C", "non-targeting"])
     report = screen_targets(labels, ["A", "B", "C"], COLUMNS)
@@ -92,7 +90,7 @@ def test_cells_without_a_batch_are_paired_with_controls_of_any_batch(caplog):
                         "gem_group": [1, 1, 2, 2, None, None, 1, 2, None, None]},
                        index=[f"cell-{i}" for i in range(10)])
     controls = [f"cell-{i}" for i in range(6)]
-    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.perturbation"):
+    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.tasks.perturbation.pairs"):
         pairs = pair_with_controls(obs, ["cell-6", "cell-7", "cell-8", "cell-9"], controls, COLUMNS, seed=0,
                                    controls_per_cell=50)
     unbatched = pairs[pairs["perturbed_cell"].isin(["cell-8", "cell-9"])]
@@ -110,7 +108,7 @@ def _split_obs(n_controls: int) -> pd.DataFrame:
 
 
 def test_a_part_with_fewer_controls_than_the_threshold_is_warned_with_the_counts(caplog):
-    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.perturbation"):
+    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.tasks.perturbation.pairs"):
         split = split_screen(_split_obs(5), COLUMNS, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
     warnings = [r.message for r in caplog.records if "control cells (fewer than" in r.message]
     n_train, n_test = len(split["control_train"]), len(split["control_test"])
@@ -123,6 +121,6 @@ def test_a_part_with_fewer_controls_than_the_threshold_is_warned_with_the_counts
         "control cells; use a screen with more, or raise split.fractions.test",
     ]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.perturbation"):
+    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.tasks.perturbation.pairs"):
         split_screen(_split_obs(200), COLUMNS, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
     assert not [r for r in caplog.records if "control cells (fewer than" in r.message]

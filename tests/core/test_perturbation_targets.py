@@ -12,21 +12,18 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.perturbation import (
-    PerturbationPromptFormatter,
+from c2s_kedro.core.data.screen import (
     ScreenColumns,
     ScreenTargets,
-    TargetTokenError,
-    check_target_tokens,
     perturbation_label,
-    perturbation_phrase,
     perturbation_targets,
     screen_for_processing,
     screen_targets,
-    target_words,
 )
-from c2s_kedro.core.perturbation_evaluation import (
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.prompts.formatting import template_words
+from c2s_kedro.core.prompts.perturbation import PerturbationPromptFormatter, perturbation_phrase
+from c2s_kedro.core.tasks.perturbation.evaluation import (
     KnockdownOnlyBaseline,
     LinearAdditiveBaseline,
     baseline_rules,
@@ -35,7 +32,7 @@ from c2s_kedro.core.perturbation_evaluation import (
     labelled_cells,
     report_baseline_rules,
 )
-from c2s_kedro.core.prompts.formatting import template_words
+from c2s_kedro.core.tasks.perturbation.tokens import TargetTokenError, check_target_tokens, target_words
 
 COLUMNS = ScreenColumns(perturbation="gene", control_label="non-targeting", batch=None, gene_symbol=None)
 CONTROL = "non-targeting"
@@ -105,7 +102,7 @@ def test_a_gene_level_tokenizer_needs_a_token_for_every_target():
     # the phrase's word "and" is a word of the templates: "A and B" is three tokens
     assert len(with_target(" A and B", add_special_tokens=False)["input_ids"]) == 3
     # the offline base model's tokenizer is built the same way, in one call
-    from c2s_kedro.core.perturbation import screen_tokenizer
+    from c2s_kedro.core.tasks.perturbation.tokens import screen_tokenizer
 
     screen, targets = screen_tokenizer(genes, ["A+NOTAGENE", "B"], COLUMNS, 64)
     assert targets == ["NOTAGENE"]
@@ -174,7 +171,7 @@ def test_every_baseline_says_what_it_did_with_combinations_and_targets_that_are_
     rules = baseline_rules(baselines, ["A+B", "C", "NOTAGENE"]).set_index(["perturbation", "method"])["rule"]
     assert rules["A+B", "linear_additive"] == "sum_of_trained_singles"
     assert rules["NOTAGENE", "knockdown_only"] == "no_gene_to_knock_down"
-    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.perturbation_evaluation"):
+    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.tasks.perturbation.evaluation"):
         metrics = report_baseline_rules(baseline_rules(baselines, ["A+B", "C", "NOTAGENE"]))
     assert metrics["linear_additive.n_perturbations_sum_of_trained_singles"] == 1
     assert metrics["linear_additive.n_perturbations_mean_change_target_not_a_gene"] == 1
@@ -198,7 +195,7 @@ def test_the_knockdown_diagnostics_treat_each_target_and_skip_the_ones_that_are_
     samples = _cells([without("A", "B")] * 3 + [on] * 3 + [on] * 3, ["A+B"] * 3 + ["C+NOTAGENE"] * 3 + [CONTROL] * 3, "s")
     samples.obs["perturbation"] = samples.obs["gene"].astype(str)
     samples.obs["temperature"] = 1.0
-    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.perturbation_evaluation"):
+    with caplog.at_level(logging.INFO, logger="c2s_kedro.core.tasks.perturbation.evaluation"):
         table, metrics = knockdown_diagnostics(samples, real, "gene", CONTROL, top_k=6)
     rows = table.set_index(["perturbation", "target"])
     assert list(rows.index) == [("A+B", "A"), ("A+B", "B"), ("C+NOTAGENE", "C"), ("C+NOTAGENE", "NOTAGENE")]

@@ -302,7 +302,7 @@ def test_tidy_gene_names_makes_symbols_one_word_and_unique(caplog):
 
 
 def _annotator_record(genes):
-    from c2s_kedro.core.annotation import AnnotatorRecord
+    from c2s_kedro.core.tasks.annotation import AnnotatorRecord
 
     qc = {"min_genes_per_cell": 5, "max_genes_per_cell": None, "min_cells_per_gene": 3, "min_counts_per_cell": None,
           "max_counts_per_cell": None, "max_pct_mito": None, "mito_prefix": "MT-"}
@@ -316,8 +316,8 @@ def test_cells_to_annotate_pass_the_door_the_training_cells_passed(counts_adata)
     """A CELLxGENE-style file with a gene name holding a space and repeated barcodes: the cells are
     processed from their counts, the gene matches the model's (training) name for it, and every
     cell keeps its own row."""
-    from c2s_kedro.core.annotation import known_gene_sentences, prepare_cells
     from c2s_kedro.core.sentences.conversion import vocabulary_names
+    from c2s_kedro.core.tasks.annotation import known_gene_sentences, prepare_cells
 
     training, _ = validate_input(_with_spaced_gene(counts_adata))
     record = _annotator_record(vocabulary_names(training.var_names))

@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from c2s_kedro.core.annotation import (
+from c2s_kedro.core.data.validation import NotCountsError
+from c2s_kedro.core.models.loading import build_gpt_neox
+from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
+from c2s_kedro.core.prompts.formatting import load_templates, template_words
+from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
+from c2s_kedro.core.tasks.annotation import (
     UNASSIGNED,
     AnnotatorRecord,
     AnnotatorRecordError,
@@ -23,11 +28,6 @@ from c2s_kedro.core.annotation import (
     prepare_cells,
     record_annotator,
 )
-from c2s_kedro.core.data.validation import NotCountsError
-from c2s_kedro.core.models.loading import build_gpt_neox
-from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.prompts.formatting import load_templates, template_words
-from c2s_kedro.core.sentences.conversion import cell_sentences_from_adata
 from c2s_kedro.pipelines.annotation import create_default_input_pipeline, create_pipeline
 from c2s_kedro.pipelines.annotation.nodes import label_annotation_cells, prepare_annotation_cells, read_annotator
 from c2s_kedro.pipelines.finetuning.nodes import record_annotator_metadata
@@ -318,7 +318,7 @@ def test_a_label_set_holding_unassigned_gives_a_table_not_a_crash():
 
 
 def test_a_training_label_unassigned_is_no_label_of_the_model():
-    from c2s_kedro.core.annotation import training_labels
+    from c2s_kedro.core.tasks.annotation import training_labels
 
     cells = tiny_cell_sentences([f"GENE{i}" for i in range(60)])
     cells = cells.remove_columns("cell_type").add_column("cell_type", ["T cell", "Unassigned", "unassigned", "B cell"] * 3)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from c2s_kedro.core.perturbation import MISSING_GENE_CAVEAT
 from c2s_kedro.core.simulate.screen import simulate_perturbseq
+from c2s_kedro.core.tasks.perturbation.posterior import MISSING_GENE_CAVEAT
 from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipeline_registry import register_pipelines
 from c2s_kedro.pipelines.perturbation_data.nodes import check_screen_layout
@@ -210,7 +210,7 @@ def labelled_outputs(labelled_screen, tmp_path_factory):
 
 def test_a_target_that_is_not_a_gene_is_reported_at_the_screen_s_checks_with_its_cells(labelled_screen, caplog):
     screen, _, spaced = labelled_screen
-    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.perturbation"):
+    with caplog.at_level(logging.WARNING, logger="c2s_kedro.core.data.screen"):
         checked, _ = check_screen_layout(screen, load_parameters("perturbation")["perturbation"])
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING and "perturbation targets" in r.message]
     assert len(warnings) == 1 and warnings[0].startswith("perturbation targets not among the screen's genes (1): "

@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 from c2s_kedro.core.models import training
 from c2s_kedro.core.models.loading import build_gpt_neox
 from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.perturbation import PERTURBATION_TASK
+from c2s_kedro.core.prompts.formatting import PERTURBATION_TASK
 from c2s_kedro.core.prompts.formatting import template_words
 from c2s_kedro.pipelines.perturbation_finetuning import create_pipeline
 from c2s_kedro.pipelines.perturbation_finetuning.nodes import finetune_perturbation_model

@@ -11,16 +11,13 @@ import pytest
 import scipy.sparse as sp
 from datasets import Dataset, DatasetDict
 
+from c2s_kedro.core.data.screen import ScreenColumns
 from c2s_kedro.core.models.loading import build_gpt_neox
 from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
-from c2s_kedro.core.perturbation import (
-    MISSING_GENE_CAVEAT,
-    PerturbationPromptFormatter,
-    ScreenColumns,
-    posterior_prompt_pairs,
-)
 from c2s_kedro.core.prompts.formatting import template_words
+from c2s_kedro.core.prompts.perturbation import PerturbationPromptFormatter, posterior_prompt_pairs
 from c2s_kedro.core.sentences.rank_fit import RankFit
+from c2s_kedro.core.tasks.perturbation.posterior import MISSING_GENE_CAVEAT
 from c2s_kedro.parameters import ParameterError
 from c2s_kedro.pipelines.perturbation_posterior import create_pipeline
 from c2s_kedro.pipelines.perturbation_posterior.nodes import (

@@ -22,7 +22,7 @@ class AnnotationParameters:
     log_mlflow_model: bool
 
     def labelling_options(self) -> dict[str, object]:
-        """The keyword arguments of ``core.annotation.annotate_counts`` these settings give."""
+        """The keyword arguments of ``core.tasks.annotation.annotate_counts`` these settings give."""
         return {
             "min_probability": self.min_probability, "input_is_normalized": self.input_is_normalized,
             "gene_symbol_column": self.gene_symbol_column, "template_index": self.template_index, "seed": self.seed,

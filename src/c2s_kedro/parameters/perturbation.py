@@ -9,8 +9,8 @@ from c2s_kedro.parameters import at_least, between, greater_than
 from c2s_kedro.parameters.atlas import DataProcessingParameters, RankFitParameters, SentenceConversionParameters
 from c2s_kedro.parameters.training import TrainingParameters
 
-if TYPE_CHECKING:  # core.perturbation imports torch: settings are read by runs that use no model
-    from c2s_kedro.core.perturbation import ScreenColumns
+if TYPE_CHECKING:  # core.data.screen imports scanpy and datasets: settings are read by runs that use neither
+    from c2s_kedro.core.data.screen import ScreenColumns
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class PosteriorParameters:
     batch_size: int | None = at_least(1)
     seed: int = at_least(0)
     # held-out perturbations sampled (and scored): null = all, a number drawn at random, or a list
-    # of names (Any: one of three kinds; core.perturbation.choose_perturbations checks it)
+    # of names (Any: one of three kinds; core.tasks.perturbation.posterior.choose_perturbations checks it)
     perturbations: Any
     seen_perturbations: Any  # the same, for the seen perturbations with held-out cells
     min_genes: int | None = at_least(1)  # genes a sample writes before it may end; null: it may end after any gene
@@ -89,7 +89,7 @@ class PerturbationParameters:
 
     def columns(self) -> ScreenColumns:
         """Where the screen keeps what the pipelines read."""
-        from c2s_kedro.core.perturbation import ScreenColumns
+        from c2s_kedro.core.data.screen import ScreenColumns
 
         return ScreenColumns(
             perturbation=self.perturbation_column, control_label=str(self.control_label), batch=self.batch_column,

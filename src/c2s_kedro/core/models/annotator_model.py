@@ -18,8 +18,8 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from c2s_kedro.core.annotation import annotate_counts, annotator_record, counts_adata
 from c2s_kedro.core.models.loading import LanguageModel, load_model, save_model
+from c2s_kedro.core.tasks.annotation import annotate_counts, annotator_record, counts_adata
 
 logger = logging.getLogger(__name__)
 

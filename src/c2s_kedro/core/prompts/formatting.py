@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_TASKS = ("cell_type_prediction", "cell_type_generation")
 MULTICELL_TASKS = ("tissue_prediction",)
-PAIRED_TASKS = ("perturbation_response",)  # control cell + perturbation -> perturbed cell (core.perturbation)
+PERTURBATION_TASK = "perturbation_response"  # control cell + perturbation -> perturbed cell (prompts.perturbation)
+PAIRED_TASKS = (PERTURBATION_TASK,)
 FORMATTED_COLUMNS = ("sample_type", "model_input", "response")
 
 

@@ -1,4 +1,4 @@
-"""Nodes of the annotation pipeline: they read the settings once and call core.annotation."""
+"""Nodes of the annotation pipeline: they read the settings once and call core.tasks.annotation."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def read_annotator(finetuned_model: LanguageModel) -> dict[str, Any]:
     """The model's annotator record (labels, genes, the training's processing); a model not
     fine-tuned here, or not for cell-type prediction, is refused."""
     core.models.training.require_task(finetuned_model, "cell_type_prediction")
-    return core.annotation.annotator_record(finetuned_model).to_dict()
+    return core.tasks.annotation.annotator_record(finetuned_model).to_dict()
 
 
 def prepare_annotation_cells(
@@ -45,13 +45,13 @@ def prepare_annotation_cells(
 ) -> tuple[ad.AnnData, dict[str, Any]]:
     """The new cells checked, QC-filtered and normalized as the model's training cells were."""
     settings = read_parameters(AnnotationParameters, params, SECTION)
-    record = core.annotation.AnnotatorRecord.from_dict(annotator)
+    record = core.tasks.annotation.AnnotatorRecord.from_dict(annotator)
     with (
         setting_hint(f"{SECTION}.input_is_normalized to true if .X already holds log-normalized values,", core.data.validation.NotCountsError),
         setting_hint(f"{SECTION}.gene_symbol_column", KeyError),
         settings_file_hint(SECTION, core.data.validation.InputError),
     ):
-        return core.annotation.prepare_cells(
+        return core.tasks.annotation.prepare_cells(
             annotation_raw_adata, record, settings.input_is_normalized, settings.gene_symbol_column,
             counts_source=settings.counts_source, accept_non_integer_counts=settings.accept_non_integer_counts,
         )
@@ -60,7 +60,7 @@ def prepare_annotation_cells(
 def build_annotation_sentences(annotation_cells: ad.AnnData, annotator: dict[str, Any]) -> dict[str, Any]:
     """Each cell's sentence over the genes the model knows; unknown genes dropped and counted."""
     with setting_hint(f"{SECTION}.gene_symbol_column"):
-        return core.annotation.known_gene_sentences(annotation_cells, core.annotation.AnnotatorRecord.from_dict(annotator)).to_dict()
+        return core.tasks.annotation.known_gene_sentences(annotation_cells, core.tasks.annotation.AnnotatorRecord.from_dict(annotator)).to_dict()
 
 
 def label_annotation_cells(
@@ -70,13 +70,13 @@ def label_annotation_cells(
     """Label scoring of every cell with the model's label set: best label (or Unassigned below
     ``min_probability``), its probability and every label's."""
     settings = read_parameters(AnnotationParameters, params, SECTION)
-    record = core.annotation.AnnotatorRecord.from_dict(annotator)
-    sentences = core.annotation.KnownGeneSentences(**annotation_sentences)
+    record = core.tasks.annotation.AnnotatorRecord.from_dict(annotator)
+    sentences = core.tasks.annotation.KnownGeneSentences(**annotation_sentences)
     with setting_hint(f"{SECTION}.template_index", IndexError):
-        prompts = core.annotation.labelling_prompts(sentences, core.annotation.organisms_of(annotation_cells, record.organism_column), finetuned_model,
+        prompts = core.tasks.annotation.labelling_prompts(sentences, core.tasks.annotation.organisms_of(annotation_cells, record.organism_column), finetuned_model,
                                     record, settings.template_index, settings.seed, settings.default_organism)
     with setting_hint(f"{SECTION}.min_probability"):
-        return core.annotation.label_cells(finetuned_model, prompts, sentences, record.labels, settings.min_probability, settings.batch_size)
+        return core.tasks.annotation.label_cells(finetuned_model, prompts, sentences, record.labels, settings.min_probability, settings.batch_size)
 
 
 def embed_annotation_cells(
@@ -89,7 +89,7 @@ def embed_annotation_cells(
         templates = core.prompts.formatting.task_templates("cell_type_prediction", core.prompts.formatting.read_template_files(settings.prompt_templates))
     with setting_hint("embedding.template_index", IndexError):
         prompts, _, _ = core.prompts.formatting.cell_type_prediction_prompts(
-            annotation_sentences["sentences"], core.annotation.organisms_of(annotation_cells, settings.organism_column),
+            annotation_sentences["sentences"], core.tasks.annotation.organisms_of(annotation_cells, settings.organism_column),
             foundation_model.tokenizer, foundation_model.context_length, template_index=settings.template_index,
             top_k_genes=settings.top_k_genes, default_organism=settings.default_organism, templates=templates,
         )
@@ -104,8 +104,8 @@ def build_annotated_adata(
     """The processed new cells with their labels, confidences, label probabilities, the
     foundation model's embedding (``obsm['X_c2s']``) and a UMAP of it (``obsm['X_umap_c2s']``)."""
     settings = read_parameters(EmbeddingPipelineParameters, embedding_params, "embedding")
-    record = core.annotation.AnnotatorRecord.from_dict(annotator)
-    adata = core.annotation.annotated_cells(annotation_cells, annotation_labels, core.annotation.KnownGeneSentences(**annotation_sentences),
+    record = core.tasks.annotation.AnnotatorRecord.from_dict(annotator)
+    adata = core.tasks.annotation.annotated_cells(annotation_cells, annotation_labels, core.tasks.annotation.KnownGeneSentences(**annotation_sentences),
                             record.labels, record.genes)
     adata.obsm["X_c2s"] = np.asarray(annotation_embeddings, dtype=np.float32)
     if adata.n_obs >= MIN_CELLS_FOR_UMAP:
@@ -118,7 +118,7 @@ def build_annotated_adata(
 def tabulate_predictions(annotation_labels: pd.DataFrame, annotation_qc: dict[str, Any]) -> pd.DataFrame:
     """cell, label, confidence and one probability column per label, for every input cell (those
     QC removed are Unassigned without probabilities)."""
-    return core.annotation.prediction_table(annotation_labels, annotation_qc["input_cells"])
+    return core.tasks.annotation.prediction_table(annotation_labels, annotation_qc["input_cells"])
 
 
 def plot_annotation_umap(annotated_adata: ad.AnnData) -> plt.Figure:
@@ -136,6 +136,6 @@ def summarize_annotation(
     """Cells annotated, share unassigned, cells per label, genes matched and, when the cells carry
     the label column, accuracy and macro-F1."""
     settings = read_parameters(AnnotationParameters, params, SECTION)
-    record = core.annotation.AnnotatorRecord.from_dict(annotator)
-    return core.annotation.annotation_metrics(annotated_adata, annotation_qc, core.annotation.KnownGeneSentences(**annotation_sentences), len(record.genes),
+    record = core.tasks.annotation.AnnotatorRecord.from_dict(annotator)
+    return core.tasks.annotation.annotation_metrics(annotated_adata, annotation_qc, core.tasks.annotation.KnownGeneSentences(**annotation_sentences), len(record.genes),
                               settings.label_column or record.label_column)

@@ -63,7 +63,7 @@ def compare_reconstruction(
     )
     if label:
         metrics["n_cells_without_label"] = float((~core.sentences.conversion.has_label(processed_adata.obs[label])).sum())
-    metrics.update(core.evaluation.report_scored_cells(processed_adata.n_obs, "the reconstruction is"))
+    metrics.update(core.tasks.evaluation.report_scored_cells(processed_adata.n_obs, "the reconstruction is"))
     scatter = core.plotting.reconstruction_plot(values, rebuilt, metrics["reconstruction_pearson_r"])
     umaps = core.plotting.umap_side_by_side(
         [("original expression", processed_adata.obsm["X_umap"]),

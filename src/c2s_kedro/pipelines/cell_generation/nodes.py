@@ -85,7 +85,7 @@ def generate_cells(
     """Sampled cell sentences, constrained to vocabulary genes without repeats when ``constrained``;
     otherwise free text cleaned afterwards (non-genes dropped, repeats merged) and counted."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
-    return core.cell_generation.generate_cells(
+    return core.tasks.cell_generation.generate_cells(
         finetuned_model, generation_prompts["prompt"], generation_prompts["cell_type"],
         [gene for gene, count in vocabulary.items() if count > 0], generation_prompts["max_new_tokens"],
         constrained=settings.constrained, batch_size=settings.batch_size, temperature=settings.temperature,
@@ -98,7 +98,7 @@ def reconstruct_generated_cells(
     generated_cells: pd.DataFrame, rank_fit: dict[str, float], processed_adata: ad.AnnData
 ) -> ad.AnnData:
     """Expression of the generated cells from their gene ranks (the benchmarking fit)."""
-    return core.cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, core.sentences.rank_fit.RankFit.from_dict(rank_fit))
+    return core.tasks.cell_generation.reconstruct_generated_cells(generated_cells, processed_adata.var_names, core.sentences.rank_fit.RankFit.from_dict(rank_fit))
 
 
 def reconstruct_real_test_cells(
@@ -112,7 +112,7 @@ def reconstruct_real_test_cells(
     with setting_hint("cell_generation.label_column"):
         table = core.prompts.formatting.sentence_table(cell_sentences, [label])
     test = table.loc[list(data_split["test"])]
-    return core.cell_generation.real_cells_as_generated(
+    return core.tasks.cell_generation.real_cells_as_generated(
         test["cell_sentence"].tolist(), test[label].tolist(), list(test.index),
         dict(zip(generation_prompts["cell_type"], generation_prompts["genes_requested"])),
         processed_adata.var_names, core.sentences.rank_fit.RankFit.from_dict(rank_fit),
@@ -129,9 +129,9 @@ def compare_generated_with_real(
     test cells rebuilt the same way), and how well one tells real from generated."""
     settings = read_parameters(CellGenerationParameters, params, "cell_generation")
     with setting_hint("cell_generation.label_column"):
-        metrics, comparison = core.cell_generation.compare_generated_with_real(
+        metrics, comparison = core.tasks.cell_generation.compare_generated_with_real(
             processed_adata, generated_adata, generated_cells, settings.label_column,
             seed=settings.seed, n_comps=settings.n_comps, n_neighbors=settings.n_neighbors,
             train_cells=data_split["train"], reconstructed_real=reconstructed_real_adata,
         )
-    return metrics, core.cell_generation.comparison_figures(comparison, settings.n_heatmap_genes)
+    return metrics, core.tasks.cell_generation.comparison_figures(comparison, settings.n_heatmap_genes)

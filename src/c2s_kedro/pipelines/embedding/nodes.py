@@ -62,7 +62,7 @@ def build_embedding_adata(
     """The cells with ``obsm['X_c2s']``, a kNN graph and UMAP on it (``obsm['X_umap_c2s']``, no PCA),
     and the expression PCA/UMAP kept beside it for comparison."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
-    return core.embedding.embedding_adata(
+    return core.tasks.embedding.embedding_adata(
         processed_adata, embedding_prompts["cell_name"], embeddings, embedding_prompts["genes_kept"],
         n_neighbors=settings.n_neighbors, seed=settings.seed,
     )
@@ -88,4 +88,4 @@ def score_embeddings(cell_embeddings: ad.AnnData, params: dict[str, Any]) -> dic
     """Silhouette by label and by batch, kNN label accuracy: C2S embedding and expression PCA side by side."""
     settings = read_parameters(EmbeddingPipelineParameters, params, "embedding")
     with setting_hint("embedding.label_key"):
-        return core.evaluation.embedding_scores(cell_embeddings, settings.label_key, settings.batch_key, k=settings.knn_k, seed=settings.seed)
+        return core.tasks.evaluation.embedding_scores(cell_embeddings, settings.label_key, settings.batch_key, k=settings.knn_k, seed=settings.seed)

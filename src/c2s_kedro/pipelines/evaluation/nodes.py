@@ -32,8 +32,8 @@ def build_evaluation_prompts(
     with setting_hint("evaluation.prompt_templates"):
         templates = core.prompts.formatting.task_templates("cell_type_prediction", core.prompts.formatting.read_template_files(settings.prompt_templates))
     with setting_hint("evaluation.max_test_cells"):
-        test = core.evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
-    return core.evaluation.cell_type_test_prompts(
+        test = core.tasks.evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
+    return core.tasks.evaluation.cell_type_test_prompts(
         table, data_split["train"], test, settings.label_column, settings.organism_column,
         model.tokenizer, model.context_length, settings.extra_new_tokens, settings.top_k_genes, settings.seed, templates,
     )
@@ -64,9 +64,9 @@ def predict_by_baseline(processed_adata: ad.AnnData, data_split: dict[str, Any],
     """Logistic regression on the log-normalized expression, fit on train cells, applied to test."""
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.max_test_cells"):
-        test = core.evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
+        test = core.tasks.evaluation.evaluated_test_cells(data_split["test"], settings.max_test_cells, settings.seed)
     with setting_hint("evaluation.label_column"):
-        return core.evaluation.logistic_regression_baseline(
+        return core.tasks.evaluation.logistic_regression_baseline(
             processed_adata, data_split["train"], test, settings.label_column,
             C=settings.baseline_C, max_iter=settings.baseline_max_iter,
         )
@@ -82,7 +82,7 @@ def predict_by_sentence_baseline(
     settings = read_parameters(EvaluationParameters, params, "evaluation")
     with setting_hint("evaluation.label_column"):
         table = core.prompts.formatting.sentence_table(cell_sentences, [settings.label_column])
-    return core.evaluation.sentence_rank_baseline(
+    return core.tasks.evaluation.sentence_rank_baseline(
         table, data_split["train"], evaluation_prompts["cell_name"], evaluation_prompts["genes_in_prompt"],
         settings.label_column, list(vocabulary), core.sentences.rank_fit.RankFit.from_dict(rank_fit),
         C=settings.baseline_C, max_iter=settings.baseline_max_iter,
@@ -97,7 +97,7 @@ def score_predictions(
     regression on the full expression and on what the prompts' sentences carry), a per-class
     table, confusion matrices, and all predictions side by side."""
     labels = evaluation_prompts["labels"]
-    metrics, per_class, matrices, combined = core.evaluation.score_predictions(
+    metrics, per_class, matrices, combined = core.tasks.evaluation.score_predictions(
         {"generation": generation, "label_scoring": label_scoring, "baseline": baseline, "sentence_baseline": sentence_baseline},
         labels,
     )

@@ -37,8 +37,8 @@ def format_finetuning_prompts(
             f"finetuning.label_column {ENVIRONMENT_HINT} (defaults: {defaults_file('finetuning')})."
         )
     if "cell_type_prediction" in settings.tasks:
-        core.annotation.require_labels_to_tell_apart(
-            core.annotation.training_labels(cell_sentences, data_split["train"], label), label)
+        core.tasks.annotation.require_labels_to_tell_apart(
+            core.tasks.annotation.training_labels(cell_sentences, data_split["train"], label), label)
     with setting_hint("finetuning.prompt_templates"):
         templates = core.prompts.formatting.read_template_files(settings.prompt_templates)
     with setting_hint("finetuning.formatter" if settings.formatter else "finetuning.tasks"):
@@ -77,15 +77,15 @@ def record_annotator_metadata(
     conversion = read_parameters(SentenceConversionParameters, sentence_conversion, "sentence_conversion")
     with setting_hint("finetuning.prompt_templates"):
         templates = core.prompts.formatting.task_templates("cell_type_prediction", core.prompts.formatting.read_template_files(settings.prompt_templates))
-    record = core.annotation.AnnotatorRecord(
+    record = core.tasks.annotation.AnnotatorRecord(
         label_column=settings.label_column,
-        labels=core.annotation.training_labels(cell_sentences, data_split["train"], settings.label_column),
-        genes=core.annotation.training_genes(cell_sentences, data_split["train"], settings.top_k_genes),
+        labels=core.tasks.annotation.training_labels(cell_sentences, data_split["train"], settings.label_column),
+        genes=core.tasks.annotation.training_genes(cell_sentences, data_split["train"], settings.top_k_genes),
         qc=as_kwargs(processing.qc), target_sum=processing.normalization.target_sum,
         sentence_layer=conversion.layer, sentence_seed=conversion.seed, top_k_genes=settings.top_k_genes,
         organism_column=settings.organism_column, templates=list(templates.inputs),
     )
-    recorded = core.annotation.record_annotator(trained_model, record)
+    recorded = core.tasks.annotation.record_annotator(trained_model, record)
     return recorded, recorded
 
 

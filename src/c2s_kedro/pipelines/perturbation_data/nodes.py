@@ -1,6 +1,7 @@
 """Nodes of the perturbation_data pipeline (workflow notes section 10). QC, normalization,
 sentences and the rank fit are the atlas's nodes run under the ``perturbation`` namespace; these
-are the screen's own steps around them. They read the settings once and wire core.perturbation."""
+are the screen's own steps around them. They read the settings once and wire core.data.screen (the
+screen's checks), core.tasks.perturbation (split, pairs, tokenizer) and core.prompts.perturbation."""
 
 from __future__ import annotations
 
@@ -43,39 +44,39 @@ def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> t
     real screen)."""
     columns = _settings(params).columns()
     try:
-        core.perturbation.check_screen(perturbseq_raw, columns)
-    except core.perturbation.ScreenLayoutError as error:
-        with setting_hint(SCREEN_SETTINGS[error.field], core.perturbation.ScreenLayoutError):
+        core.data.screen.check_screen(perturbseq_raw, columns)
+    except core.data.screen.ScreenLayoutError as error:
+        with setting_hint(SCREEN_SETTINGS[error.field], core.data.screen.ScreenLayoutError):
             raise
-    genes = core.perturbation.screen_gene_names(perturbseq_raw, columns)
-    screen, truth = core.perturbation.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY, genes)
-    core.perturbation.log_screen_label_checks(screen.uns[core.perturbation.SCREEN_CHECKS], columns)
-    report = core.perturbation.screen_targets(screen.obs[columns.perturbation], genes, columns)
-    core.perturbation.log_screen_targets(report, "the screen's genes")
+    genes = core.data.screen.screen_gene_names(perturbseq_raw, columns)
+    screen, truth = core.data.screen.screen_for_processing(perturbseq_raw, columns, TRUTH_KEY, genes)
+    core.data.screen.log_screen_label_checks(screen.uns[core.data.screen.SCREEN_CHECKS], columns)
+    report = core.data.screen.screen_targets(screen.obs[columns.perturbation], genes, columns)
+    core.data.screen.log_screen_targets(report, "the screen's genes")
     return screen, truth
 
 
 def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any]) -> dict[str, Any]:
     """Train/val/test cells: held-out perturbations or held-out cells (``split.mode``), with what the
-    perturbations target among the processed genes (``targets``: ``core.perturbation.screen_targets``)
+    perturbations target among the processed genes (``targets``: ``core.data.screen.screen_targets``)
     and what the screen's checks counted (``screen_checks``: cells left out or read as controls at the
     door, and cells without a batch, which are paired with controls of any batch)."""
     settings = _settings(params)
     split = settings.split
     columns = settings.columns()
     with setting_hint(f"{SECTION}.split"):
-        parts = core.perturbation.split_screen(
+        parts = core.tasks.perturbation.pairs.split_screen(
             processed_adata.obs, columns, mode=split.mode, fractions=split.fractions, seed=split.seed,
             test_perturbations=split.test_perturbations, seen_test_fraction=split.seen_test_fraction,
         )
-    report = core.perturbation.screen_targets(processed_adata.obs[columns.perturbation], processed_adata.var_names, columns)
+    report = core.data.screen.screen_targets(processed_adata.obs[columns.perturbation], processed_adata.var_names, columns)
     if report["targets_not_among_genes"]:
         # a target among the screen's genes can still be gone after QC (detected in too few cells)
-        core.perturbation.log_screen_targets(
+        core.data.screen.log_screen_targets(
             {**report, "combinations": {}},
             f"the screen's genes after QC ({SECTION}.data_processing.qc.min_cells_per_gene removes genes detected in "
             "fewer cells)")
-    return {**parts, "targets": report, "screen_checks": core.perturbation.processed_screen_checks(processed_adata, columns)}
+    return {**parts, "targets": report, "screen_checks": core.data.screen.processed_screen_checks(processed_adata, columns)}
 
 
 def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
@@ -91,7 +92,7 @@ def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
         if f"control_{part}" in perturbation_split:  # test_seen pairs with control_test
             metrics[f"n_{part}_control_cells"] = float(len(perturbation_split[f"control_{part}"]))
     if "targets" in perturbation_split:  # a split made before targets were reported has none
-        metrics.update(core.perturbation.target_metrics(perturbation_split["targets"]))
+        metrics.update(core.data.screen.target_metrics(perturbation_split["targets"]))
     metrics.update({key: float(value) for key, value in perturbation_split.get("screen_checks", {}).items()
                     if not isinstance(value, str)})
     return metrics
@@ -106,8 +107,8 @@ def initialize_perturbation_model(
     settings = _settings(params)
     perturbations = [name for part in ("train", "val", "test") for name in perturbation_split[f"{part}_perturbations"]]
     architecture = settings.model.architecture
-    tokenizer, targets = core.perturbation.screen_tokenizer(list(vocabulary), perturbations, settings.columns(),
-                                                            architecture["max_position_embeddings"])
+    tokenizer, targets = core.tasks.perturbation.tokens.screen_tokenizer(list(vocabulary), perturbations, settings.columns(),
+                                                                         architecture["max_position_embeddings"])
     if targets:
         logger.info("the base model's tokenizer gives %d targets that are not genes a token of their own: %s",
                     len(targets), ", ".join(targets[:20]) + (" ..." if len(targets) > 20 else ""))
@@ -130,7 +131,7 @@ def format_perturbation_prompts(
     pairing = settings.pairing
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns, top_k_genes, control_top_k_genes, prompt_template, "
                       "pairing, posterior.prompts_per_perturbation or posterior.on_overflow"):
-        return core.perturbation.perturbation_prompts(
+        return core.prompts.perturbation.perturbation_prompts(
             cell_sentences, perturbation_split, settings.columns(), perturbation_base_model.tokenizer,
             perturbation_base_model.context_length, settings.top_k_genes, pairing.seed,
             controls_per_cell=pairing.controls_per_cell, include_control_pairs=pairing.include_control_pairs,

@@ -1,5 +1,6 @@
 """Nodes of the perturbation_posterior pipeline (workflow notes section 11): they read the
-settings once and wire core.perturbation and core.perturbation_evaluation."""
+settings once and wire core.tasks.perturbation (posterior, diagnostics, evaluation) and
+core.prompts.perturbation."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _part_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes
     test sets (``test``, ``test_seen``) have the test controls."""
     controls = split["control_test" if part == "test_seen" else f"control_{part}"]
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns", KeyError):  # the perturbation column
-        return core.perturbation_evaluation.sentence_space_cells(
+        return core.tasks.perturbation.evaluation.sentence_space_cells(
             cell_sentences, list(split[part]) + list(controls), settings.columns().perturbation, genes,
             core.sentences.rank_fit.RankFit.from_dict(rank_fit), settings.top_k_genes, f"real-{part}",
         )
@@ -54,7 +55,7 @@ def sample_perturbation_posterior(
         if "posterior" not in perturbation_prompts:
             raise C2SKeyError("perturbation_prompts has no 'posterior' part (made before the control-label prompts existed); "
                            "run perturbation_data again to rebuild the prompts")
-        return core.perturbation.sample_test_posterior(
+        return core.tasks.perturbation.posterior.sample_test_posterior(
             perturbation_model, perturbation_prompts["posterior"], list(vocabulary), n_samples=posterior.n_samples,
             temperatures=posterior.temperatures, seed=posterior.seed, batch_size=posterior.batch_size,
             perturbations=posterior.perturbations, seen_perturbations=posterior.seen_perturbations,
@@ -68,7 +69,7 @@ def posterior_to_expression(
     """Each sample as expression (rank -> expression fit; a gene absent from a sample is 0) and,
     per perturbation and temperature, the posterior mean, variance and the share of samples that
     contain each gene. The caveat about absent genes is in ``.uns['caveat']`` of both."""
-    return core.perturbation.posterior_expression(posterior_samples, list(processed_adata.var_names), core.sentences.rank_fit.RankFit.from_dict(rank_fit))
+    return core.tasks.perturbation.posterior.posterior_expression(posterior_samples, list(processed_adata.var_names), core.sentences.rank_fit.RankFit.from_dict(rank_fit))
 
 
 def plot_posterior(
@@ -84,7 +85,7 @@ def plot_posterior(
     real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
     heldout = posterior_samples_expression.obs["evaluation"].astype(str).isin(["heldout", "control"]).to_numpy()
     with setting_hint(f"{SECTION}.evaluation.max_plot_panels"):
-        embedding = core.perturbation_evaluation.posterior_embedding(
+        embedding = core.tasks.perturbation.evaluation.posterior_embedding(
             posterior_samples_expression[heldout], real, columns.perturbation, columns.control_label,
             max_perturbations=settings.evaluation.max_plot_panels, seed=settings.seed,
         )
@@ -96,27 +97,27 @@ def probe_input_sensitivity(
     vocabulary: dict[str, int], params: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Teacher-forced likelihood of real responses of both test sets when the perturbation's
-    name, or the control cell, is swapped (``core.perturbation_diagnostics.input_sensitivity``):
+    name, or the control cell, is swapped (``core.tasks.perturbation.diagnostics.input_sensitivity``):
     ~0 for a model that does not read that input; the shift of the target's own token is read for
     targets among the screen's genes (``vocabulary``) only. Returns the per-pair table (``evaluation``
     column) and the flat metrics (the held-out set's as ``sensitivity.*``, the seen set's as
     ``seen.sensitivity.*``)."""
     settings = _settings(params)
     columns = settings.columns()
-    sentences = core.perturbation.top_k_sentences(cell_sentences, settings.top_k_genes)
+    sentences = core.tasks.perturbation.pairs.top_k_sentences(cell_sentences, settings.top_k_genes)
     tables, metrics = [], {}
-    for evaluation, part in core.perturbation.EVALUATIONS.items():
+    for evaluation, part in core.prompts.perturbation.EVALUATIONS.items():
         if part not in perturbation_prompts:
             continue
         tested = perturbation_prompts[part].select_columns(["perturbation", "control_cell", "perturbed_cell"]).to_pandas()
-        pairs = core.perturbation.paired_sentences(tested, sentences)
-        formatter = core.perturbation.PerturbationPromptFormatter(
+        pairs = core.prompts.perturbation.paired_sentences(tested, sentences)
+        formatter = core.prompts.perturbation.PerturbationPromptFormatter(
             top_k_genes=settings.top_k_genes, control_top_k_genes=settings.control_top_k_genes,
             template=settings.prompt_template, seed=settings.pairing.seed, tokenizer=perturbation_model.tokenizer,
             max_tokens=perturbation_model.context_length, columns=columns,
         )
         with setting_hint(f"{SECTION}.evaluation.sensitivity_pairs"):
-            found, table = core.perturbation_diagnostics.input_sensitivity(
+            found, table = core.tasks.perturbation.diagnostics.input_sensitivity(
                 perturbation_model, pairs, formatter, columns.control_label, n_pairs=settings.evaluation.sensitivity_pairs,
                 seed=settings.seed, genes=list(vocabulary),
             )
@@ -146,13 +147,13 @@ def evaluate_perturbation_predictions(
     sampled = posterior_samples_expression.obs["evaluation"].astype(str)
     scores, summaries, knockdowns = [], [], []
     metrics = dict(sensitivity_metrics)
-    for evaluation, part in core.perturbation.EVALUATIONS.items():
+    for evaluation, part in core.prompts.perturbation.EVALUATIONS.items():
         if part not in perturbation_split or not (sampled == evaluation).any():
             continue
         real = _part_cells(cell_sentences, perturbation_split, part, genes, rank_fit, settings)
         samples = posterior_samples_expression[sampled.isin([evaluation, "control"]).to_numpy()]
         with setting_hint(f"{SECTION}.evaluation"):
-            scored = core.perturbation_evaluation.evaluate_posterior(
+            scored = core.tasks.perturbation.evaluation.evaluate_posterior(
                 samples, real, train, columns.perturbation, columns.control_label,
                 truth=perturbation_truth, top_n_de=evaluation_settings.top_n_de, interval=evaluation_settings.interval,
                 baseline_pca_components=evaluation_settings.baseline_pca_components, seed=settings.seed,
@@ -171,7 +172,7 @@ def plot_target_presence(perturbation_knockdown: pd.DataFrame, params: dict[str,
     """On-target presence per perturbation at the lowest temperature: control cells, real perturbed
     cells, the model's samples naming the perturbation, and its samples naming the control label
     on the same control cells."""
-    table, first = core.perturbation_evaluation.lowest_temperature_knockdown(perturbation_knockdown)
+    table, first = core.tasks.perturbation.evaluation.lowest_temperature_knockdown(perturbation_knockdown)
     series = {"control_target_presence": "control cells", "real_target_presence": "real perturbed cells",
               "model_target_presence": f"model, perturbation named ({first})",
               "reference_target_presence": "model, control label named"}

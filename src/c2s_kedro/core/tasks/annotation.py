@@ -32,7 +32,6 @@ from sklearn.metrics import accuracy_score, f1_score
 from c2s_kedro.core.errors import C2SError, C2SKeyError, C2SValueError
 from c2s_kedro.core.data.preprocessing import QCThresholds, normalize_log10, quality_control
 from c2s_kedro.core.data.validation import input_check_metrics, validate_input
-from c2s_kedro.core.evaluation import report_scored_cells
 from c2s_kedro.core.models.inference import predict_labels
 from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.core.prompts.formatting import PromptTemplates, cell_type_prediction_prompts, label_answer_room
@@ -44,6 +43,7 @@ from c2s_kedro.core.sentences.conversion import (
     select_cells,
     vocabulary_names,
 )
+from c2s_kedro.core.tasks.evaluation import report_scored_cells
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from c2s_kedro.core.errors import C2SKeyError, C2SValueError
+from c2s_kedro.core.data.screen import gene_key, perturbation_targets
 from c2s_kedro.core.models.inference import length_grouped_batches
 from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.core.models.training import IGNORE_INDEX, tokenize_pairs
-from c2s_kedro.core.perturbation import PerturbationPromptFormatter, gene_key, perturbation_targets
+from c2s_kedro.core.prompts.perturbation import PerturbationPromptFormatter
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 from c2s_kedro.core import plotting
 from c2s_kedro.core.data.preprocessing import neighbors_umap
-from c2s_kedro.core.evaluation import report_scored_cells
 from c2s_kedro.core.models.constraints import GeneVocabularyConstraint, postprocess_sentence
 from c2s_kedro.core.models.inference import generate_texts
 from c2s_kedro.core.models.loading import LanguageModel
 from c2s_kedro.core.sentences.conversion import has_label
 from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
+from c2s_kedro.core.tasks.evaluation import report_scored_cells
 
 logger = logging.getLogger(__name__)
 GENERATED_STATS = ["n_genes", "n_non_genes_dropped", "n_repeats_merged"]

@@ -34,7 +34,7 @@ from sklearn.linear_model import Ridge
 
 from c2s_kedro.core.errors import C2SKeyError, C2SValueError
 from c2s_kedro.core.data.preprocessing import embed_expression
-from c2s_kedro.core.perturbation import ScreenColumns, ScreenTargets
+from c2s_kedro.core.data.screen import ScreenColumns, ScreenTargets
 from c2s_kedro.core.sentences.conversion import CELL_NAME, CELL_SENTENCE
 from c2s_kedro.core.sentences.rank_fit import RankFit, reconstruct_expression
 
