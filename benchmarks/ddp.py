@@ -10,7 +10,7 @@ as a user would start it:
     python -m kedro run --env scale --pipelines=finetuning --nodes=finetune_model                 # 1 process
     python -m kedro run --env scale --pipelines=finetuning --nodes=... --params=finetuning.processes=2
 
-(the node starts the 2 training processes itself, core.launch) with ``OMP_NUM_THREADS`` (torch's
+(the node starts the 2 training processes itself, core.models.launch) with ``OMP_NUM_THREADS`` (torch's
 intra-op threads per process) set per configuration: 1 process x 2 threads, 1 x 1, 2 x 1, 2 x 2
 (four threads on two cores). Configurations
 alternate over ``--rounds``, so a change in the machine's load hits all of them. Seconds per step
@@ -116,7 +116,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     atlas = Path(args.atlas)
     if not atlas.exists():
-        from c2s_kedro.core.simulate import write_atlas_h5ad
+        from c2s_kedro.core.simulate.atlas import write_atlas_h5ad
 
         atlas = workdir / "atlas.h5ad"
         if not (args.reuse and atlas.exists()):

@@ -1,4 +1,4 @@
-"""Fine-tuning in several processes started by the training itself (core.launch): 2 CPU processes
+"""Fine-tuning in several processes started by the training itself (core.models.launch): 2 CPU processes
 with gloo train together (DDP), log their steps to the node's MLflow run, and hand back one plain
 model."""
 
@@ -10,7 +10,7 @@ import torch
 from datasets import DatasetDict
 
 from c2s_kedro.core.errors import C2SError
-from c2s_kedro.core.launch import JOB_FOLDER
+from c2s_kedro.core.models.launch import JOB_FOLDER
 from c2s_kedro.core.models.loading import build_gpt_neox
 from c2s_kedro.core.models.tokenizer import build_gene_tokenizer
 from c2s_kedro.core.models.training import TrainingSettings, TrainingSettingsError, finetune

@@ -23,7 +23,7 @@ class TrainingParameters:
     resume: bool
     keep_checkpoints: bool
     lora: dict[str, Any] | None
-    processes: int = at_least(1)  # training processes on this machine, one per GPU (core.launch)
+    processes: int = at_least(1)  # training processes on this machine, one per GPU (core.models.launch)
     training_arguments: dict[str, Any]  # passed to transformers.TrainingArguments unchanged
 
     def training_settings(self) -> TrainingSettings:

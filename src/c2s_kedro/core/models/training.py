@@ -45,7 +45,7 @@ class TrainingSettings:
     ``peft.LoraConfig`` keys (None: every weight is trained). ``resume`` continues from the last
     checkpoint in ``checkpoint_dir``; checkpoints are removed once training completes unless
     ``keep_checkpoints``. ``processes`` above 1 trains in that many processes on this machine, one
-    per GPU (``core.launch``: DDP, or FSDP with ``fsdp`` in the training arguments).
+    per GPU (``core.models.launch``: DDP, or FSDP with ``fsdp`` in the training arguments).
     """
 
     training_arguments: dict[str, Any]
@@ -291,7 +291,7 @@ def train_causal_lm(
     save_to: str | None = None,
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """Train with the HF ``Trainer``; resume from the last checkpoint in ``output_dir`` when one exists.
-    In a training process started by ``core.launch``: steps are logged to ``mlflow_run`` and the
+    In a training process started by ``core.models.launch``: steps are logged to ``mlflow_run`` and the
     trained model is written to ``save_to`` by ``Trainer.save_model`` (under FSDP with
     ``FULL_STATE_DICT``, gathered from every process).
     ``task_eval_datasets`` (task -> its part of the eval set) are evaluated on their own as well;
@@ -385,13 +385,13 @@ def finetune(
     ``settings.lora`` only LoRA adapters are trained and then merged into the weights, so the
     result is a plain model that ``save_pretrained`` writes as any other. Pretraining from fresh
     weights is the same call with the loss on every token. ``settings.processes`` above 1 trains in
-    that many processes (``core.launch``); ``mlflow_run`` and ``save_to`` are what such a process is
+    that many processes (``core.models.launch``); ``mlflow_run`` and ``save_to`` are what such a process is
     given (``train_causal_lm``). Returns the trained model and the Trainer's log history.
     """
     if settings.processes > 1:
         if callbacks:
             raise TrainingSettingsError("callbacks cannot be handed to training processes; train with processes: 1")
-        from c2s_kedro.core.launch import finetune_in_processes
+        from c2s_kedro.core.models.launch import finetune_in_processes
 
         trained, log_history = finetune_in_processes(language_model, prompts, settings)
         return _with_trained_tasks(trained, prompts), log_history
@@ -419,7 +419,7 @@ def finetune(
         loss_average=settings.loss_average, task_eval_datasets=per_task, task_names=train_tasks,
         mlflow_run=mlflow_run, save_to=save_to,
     )
-    if settings.lora and save_to is None:  # a training process wrote the adapters; core.launch merges them
+    if settings.lora and save_to is None:  # a training process wrote the adapters; core.models.launch merges them
         trained = LanguageModel(trained.model.merge_and_unload(), tokenizer, language_model.source)
     return _with_trained_tasks(trained, prompts), log_history
 
