@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
-# pipeline's nodes (c2s_kedro.runner looks up producers of missing inputs) and pays only for what its nodes use
+# pipeline's nodes (the registry composes each pipeline with its upstream) and pays only for what its nodes use
 from c2s_kedro import core
 from c2s_kedro.parameters import read_parameters, setting_hint
 from c2s_kedro.parameters.inference import EmbeddingPipelineParameters
