@@ -47,7 +47,10 @@ def _first_step_epoch(history) -> float:
 
 
 def test_two_processes_train_together_log_to_the_nodes_run_and_hand_back_one_plain_model(tokenizer, prompts, tmp_path):
+    import signal
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     model = build_gpt_neox(tokenizer, ARCHITECTURE, seed=0)
     initial = {k: v.clone() for k, v in model.model.state_dict().items()}
     with mlflow.start_run() as run:
@@ -65,6 +68,7 @@ def test_two_processes_train_together_log_to_the_nodes_run_and_hand_back_one_pla
     assert [m.step for m in logged] == [1, 2, 3]  # rank 0 only, each step once
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert not (tmp_path / "checkpoints" / JOB_FOLDER).exists()  # the hand-over folder is removed
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # torch's launcher's handlers are not left behind
     trained.model.save_pretrained(tmp_path / "saved")
     reopened = type(trained.model).from_pretrained(tmp_path / "saved")
     torch.testing.assert_close(reopened.state_dict()[QKV], trained.model.state_dict()[QKV])

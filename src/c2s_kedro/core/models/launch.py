@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,7 @@ def launch_settings(processes: int) -> Any:
 def finetune_in_processes(language_model, prompts, settings) -> tuple[Any, list[dict[str, Any]]]:
     """``core.models.training.finetune`` in ``settings.processes`` worker processes; returns the trained
     model (read back from what rank 0 wrote, LoRA adapters merged) and the Trainer's log history."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -103,13 +106,22 @@ def finetune_in_processes(language_model, prompts, settings) -> tuple[Any, list[
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     logger.info("training in %d processes (torch elastic launch; hand-over in %s)", settings.processes, folder)
+    # torch's launcher leaves its own handlers for these signals in this process: the caller's
+    # (Ctrl-C ends the run as stopped) are put back
+    watched = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
+    handlers = {sig: signal.getsignal(sig) for sig in watched} if threading.current_thread() is threading.main_thread() else {}
     try:
         results = elastic_launch(launch_settings(settings.processes), train_worker)(str(folder))
+    except SignalException as error:  # Ctrl-C or kill while the processes trained: a stop, not a failure
+        raise KeyboardInterrupt(f"training processes stopped by signal {error.sigval.name}") from error
     except ChildFailedError as error:
         raise C2SRuntimeError(
             f"training in {settings.processes} processes failed: {error.get_first_failure()[1].message}. The workers' "
             "output above says why; run with processes: 1 to see the error in this process."
         ) from error
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     trained = Path(results[0])
     log_history = json.loads((folder / "log_history.json").read_text())
     if settings.lora:
