@@ -188,7 +188,7 @@ def neighbour_prompts(root: Path, k: int, seed: int) -> dict[str, object]:
 
     from c2s_kedro import core
     from c2s_kedro.datasets import ArrowDataset, HFModelDataset
-    from c2s_kedro.pipelines.perturbation_data import nodes
+    from c2s_kedro.pipelines.perturbation_finetuning import nodes
 
     screen = screen_settings()
     column, batch, control = screen["perturbation_column"], screen["batch_column"], screen["control_label"]

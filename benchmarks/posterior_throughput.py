@@ -45,7 +45,7 @@ from c2s_kedro.core.tasks.perturbation.posterior import sample_posterior  # noqa
 from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
 from kedro.runner import SequentialRunner  # noqa: E402
 
-from c2s_kedro.pipeline_registry import register_pipelines  # noqa: E402
+from c2s_kedro.pipeline_registry import own_pipelines  # noqa: E402
 
 
 class _Kept(MemoryDataset):
@@ -62,10 +62,13 @@ def _params_entries(name: str, value) -> dict:
 
 
 def setting(model_path: str | None):
-    """The default screen through the registered perturbation_data pipeline, in memory."""
+    """The default screen through the perturbation_data pipeline and perturbation_finetuning's base
+    model and prompts, in memory."""
     with open("conf/base/parameters_perturbation.yml") as stream:
         params = yaml.safe_load(stream)["perturbation"]
-    pipeline = register_pipelines()["perturbation_data"]
+    pipelines = own_pipelines()
+    pipeline = pipelines["perturbation_data"] + pipelines["perturbation_finetuning"].only_nodes(
+        "initialize_perturbation_model", "format_perturbation_prompts")
     datasets = {name: _Kept(copy_mode="assign") for name in pipeline.all_outputs()}
     datasets["perturbseq_raw"] = MemoryDataset(default_perturbseq(), copy_mode="assign")
     datasets.update({k: MemoryDataset(v, copy_mode="assign") for k, v in _params_entries("perturbation", params).items()})

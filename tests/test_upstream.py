@@ -252,3 +252,18 @@ def test_a_kedro_session_refuses_to_pretrain_into_a_model_entry_of_the_user(tmp_
     runs = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()])
     assert not runs  # refused before kedro-mlflow opens a run: none is left RUNNING
+
+
+def test_a_perturbation_base_model_of_the_user_is_fine_tuned_and_the_default_one_not_built():
+    """perturbation_finetuning builds the offline base model itself, unless your environment sets one."""
+    from kedro.io import MemoryDataset
+
+    from c2s_kedro.upstream import own_nodes
+
+    own, project = own_nodes(["perturbation_finetuning"])
+    catalog = DataCatalog(datasets={"perturbation_base_model": MemoryDataset("your model")})
+    planned = {n.name for n in plan(own, project, catalog, EntryMatcher(["perturbation_base_model"]), "local").nodes}
+    assert "initialize_perturbation_model" not in planned
+    assert {"format_perturbation_prompts", "finetune_perturbation_model", "perturbation.split_perturbation_screen"} <= planned
+    default = {n.name for n in plan(own, project, DataCatalog(), EntryMatcher(), "local").nodes}
+    assert "initialize_perturbation_model" in default

@@ -34,14 +34,14 @@ ZERO_SHOT = "zero_shot"
 def _screen_data() -> Pipeline:
     """The screen in one ``perturbation`` namespace: its checks, the atlas's processing, sentence
     conversion and rank fit (``perturbation.processed_adata``, ``.cell_sentences``, ``.vocabulary``,
-    ``.rank_fit``; settings ``perturbation.data_processing`` etc.), then its split, pairs, prompts."""
+    ``.rank_fit``; settings ``perturbation.data_processing`` etc.), then its split."""
     screen = (
         perturbation_data.create_pipeline()
         + data_processing.create_pipeline()
         + sentence_conversion.create_conversion_pipeline()
         + benchmarking.create_rank_fit_pipeline()
     )
-    exposed = ["perturbation_truth", "perturbation_base_model", "perturbation_prompts", "perturbation_data_metrics"]
+    exposed = ["perturbation_truth", "perturbation_data_metrics"]
     return pipeline(
         screen, namespace=SCREEN, inputs={"perturbseq_raw"},
         outputs={"data_split": "perturbation_split", **{name: name for name in exposed}},

@@ -29,12 +29,13 @@ from c2s_kedro.datasets.errors import C2SDatasetError
 
 logger = logging.getLogger(__name__)
 
-# Models a user points the catalog at to *use* them: the project trains its own defaults into these
-# entries (pretraining, the screen's base model) only where conf/base puts them.
-BASE_MODELS = ("foundation_model", "perturbation_base_model")
-# Inputs a node of the project writes a default for (the test split's cells to annotate). Where the
-# environment defines the entry, ``plan`` leaves that node out, so the user's file is read and kept.
-DEFAULT_INPUTS = ("annotation_raw_adata",)
+# Models a user points the catalog at to *use* them: the project pretrains its own default into this
+# entry (the pretraining pipeline) only where conf/base puts it.
+BASE_MODELS = ("foundation_model",)
+# Inputs a node of the project writes a default for (the test split's cells to annotate, the screen's
+# untrained base model). Where the environment defines the entry, ``plan`` leaves that node out, so
+# the user's file or model is read and kept.
+DEFAULT_INPUTS = ("annotation_raw_adata", "perturbation_base_model")
 
 
 class UserModelOverwriteError(C2SError, PermissionError):
@@ -131,8 +132,7 @@ def check_user_entries(pipeline: Pipeline, own: Sequence[str], catalog, user: En
                     f"node '{node.name}' would write '{name}', whose catalog entry comes from your environment "
                     f"'{environment}': that is what you chose to use, and the project only builds its own default "
                     f"where conf/base puts it. Run the pipelines that use {name} (e.g. --pipelines=embedding,"
-                    "finetuning,evaluation or perturbation_finetuning,perturbation_posterior), not the one that "
-                    "builds it, or remove the override."
+                    "finetuning,evaluation), not the one that builds it, or remove the override."
                 )
             saved = _exists(catalog, name)
             raise UserEntryMissingError(

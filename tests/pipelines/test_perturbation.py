@@ -19,6 +19,8 @@ from c2s_kedro.pipelines.perturbation_data.nodes import check_screen_layout
 from tests.helpers import PROJECT_ROOT, load_parameters, params_entries, run_pipeline
 
 PIPELINES = register_pipelines()
+# the screen and its prompts (perturbation_finetuning builds the base model whose tokens they are in)
+SCREEN_PROMPTS = PIPELINES["perturbation_data"] + PIPELINES["perturbation_finetuning"].to_outputs("perturbation_prompts")
 
 
 def _params(tmp_path) -> dict:
@@ -128,8 +130,7 @@ def test_the_screen_goes_through_the_atlas_pipelines_in_its_namespace():
     namespaced = {node.name.removeprefix("perturbation.") for node in screen.nodes if node.namespace == "perturbation"}
     assert {"validate_raw_adata", "filter_cells_and_genes", "normalize_counts", "convert_to_cell_sentences",
             "fit_rank_to_expression"} <= namespaced <= {node.name for node in atlas.nodes} | {
-            "check_screen_layout", "split_perturbation_screen", "summarize_screen", "initialize_perturbation_model",
-            "format_perturbation_prompts"}
+            "check_screen_layout", "split_perturbation_screen", "summarize_screen"}
     assert {"perturbation.processed_adata", "perturbation.cell_sentences", "perturbation.rank_fit"} <= screen.all_outputs()
     assert "params:perturbation.data_processing.qc" in screen.inputs()
 
@@ -173,7 +174,7 @@ def test_a_screen_with_other_column_names_runs_through_parameters_alone(screen, 
     params["perturbation"]["data_processing"].update(gene_symbol_column=None, umap_color_keys=["lane"])
     params["perturbation"]["data_processing"]["qc"].update(min_genes_per_cell=50, min_counts_per_cell=200)
     params["perturbation"]["sentence_conversion"].update(label_columns=["target_gene", "lane"])
-    catalog = run_pipeline(PIPELINES["perturbation_data"], {"perturbseq_raw": renamed, **params_entries(params)})
+    catalog = run_pipeline(SCREEN_PROMPTS, {"perturbseq_raw": renamed, **params_entries(params)})
     split = catalog.load("perturbation_split")
     assert split["test_perturbations"] and all(name != "NTC" for name in split["test_perturbations"])
     assert catalog.load("perturbation_truth").empty  # a real screen has no simulated truth
@@ -287,7 +288,7 @@ def quirky_outputs(quirky_screen, tmp_path_factory):
     handler.emit = records.append
     logger.addHandler(handler)
     try:
-        catalog = run_pipeline(PIPELINES["perturbation_data"], {"perturbseq_raw": quirky_screen, **params_entries(params)})
+        catalog = run_pipeline(SCREEN_PROMPTS, {"perturbseq_raw": quirky_screen, **params_entries(params)})
     finally:
         logger.removeHandler(handler)
     return catalog, [record.getMessage() for record in records]

@@ -102,7 +102,7 @@ def test_the_pipeline_trains_the_base_model_and_plots_its_losses(tokenizer, prom
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     inputs = {"perturbation_base_model": base, "perturbation_prompts": prompts,
               **params_entries({"perturbation": _params(tmp_path)})}
-    catalog = run_pipeline(create_pipeline(), inputs)
+    catalog = run_pipeline(create_pipeline().from_nodes("finetune_perturbation_model"), inputs)
     model = catalog.load("perturbation_model")
     assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     log = catalog.load("perturbation_finetuning_log")
@@ -110,4 +110,5 @@ def test_the_pipeline_trains_the_base_model_and_plots_its_losses(tokenizer, prom
     figure = catalog.load("perturbation_loss_plot")
     assert list(figure.axes[0].get_lines()[0].get_xdata()) == [1.0, 2.0, 3.0]
     assert figure.axes[0].get_title() == "Perturbation-response fine-tuning"
-    assert {n.name for n in create_pipeline().nodes} == {"finetune_perturbation_model", "plot_perturbation_loss"}
+    assert {n.name for n in create_pipeline().nodes} == {"initialize_perturbation_model", "format_perturbation_prompts",
+                                                        "finetune_perturbation_model", "plot_perturbation_loss"}

@@ -1,7 +1,8 @@
 """Nodes of the perturbation_data pipeline (workflow notes section 10). QC, normalization,
 sentences and the rank fit are the atlas's nodes run under the ``perturbation`` namespace; these
 are the screen's own steps around them. They read the settings once and wire core.data.screen (the
-screen's checks), core.tasks.perturbation (split, pairs, tokenizer) and core.prompts.perturbation."""
+screen's checks) and core.tasks.perturbation.pairs (the split). The base model and the prompts in
+its tokens are perturbation_finetuning's."""
 
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ from c2s_kedro.parameters.perturbation import PerturbationParameters
 if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
-    from datasets import Dataset, DatasetDict
-
-    from c2s_kedro.core.models.loading import LanguageModel
 
 logger = logging.getLogger(__name__)
 
@@ -96,48 +94,3 @@ def summarize_screen(perturbation_split: dict[str, Any]) -> dict[str, float]:
     metrics.update({key: float(value) for key, value in perturbation_split.get("screen_checks", {}).items()
                     if not isinstance(value, str)})
     return metrics
-
-
-def initialize_perturbation_model(
-    vocabulary: dict[str, int], perturbation_split: dict[str, Any], params: dict[str, Any],
-) -> LanguageModel:
-    """A gene-level tokenizer over the screen's genes, the prompt words and the targets that are
-    not genes (each a token of its own, learnt where it is trained on, never spelt in letters), and
-    an untrained GPT-NeoX sized by ``model.architecture`` (the offline default base model)."""
-    settings = _settings(params)
-    perturbations = [name for part in ("train", "val", "test") for name in perturbation_split[f"{part}_perturbations"]]
-    architecture = settings.model.architecture
-    tokenizer, targets = core.tasks.perturbation.tokens.screen_tokenizer(list(vocabulary), perturbations, settings.columns(),
-                                                                         architecture["max_position_embeddings"])
-    if targets:
-        logger.info("the base model's tokenizer gives %d targets that are not genes a token of their own: %s",
-                    len(targets), ", ".join(targets[:20]) + (" ..." if len(targets) > 20 else ""))
-    with setting_hint(f"{SECTION}.model.architecture"):
-        model = core.models.loading.build_gpt_neox(tokenizer, architecture, seed=settings.seed)
-    logger.info("perturbation base model: %s parameters, %d tokens", f"{model.model.num_parameters():,}", len(tokenizer))
-    return model
-
-
-def format_perturbation_prompts(
-    cell_sentences: Dataset, perturbation_split: dict[str, Any], perturbation_base_model: LanguageModel,
-    params: dict[str, Any],
-) -> DatasetDict:
-    """Pairs (perturbed cell, control cell of the same batch) of each part as prompts: the control
-    sentence and the perturbation in, the perturbed sentence out, plus synthetic knockdown pairs
-    in training (``pairing.synthetic_pairs_per_control``) and the posterior's prompts (every test
-    perturbation and the control label on the same control cells); test prompts leave room for the
-    answer (``posterior.max_new_tokens``, ``posterior.on_overflow``)."""
-    settings = _settings(params)
-    pairing = settings.pairing
-    with setting_hint(f"{SECTION}.sentence_conversion.label_columns, top_k_genes, control_top_k_genes, prompt_template, "
-                      "pairing, posterior.prompts_per_perturbation or posterior.on_overflow"):
-        return core.prompts.perturbation.perturbation_prompts(
-            cell_sentences, perturbation_split, settings.columns(), perturbation_base_model.tokenizer,
-            perturbation_base_model.context_length, settings.top_k_genes, pairing.seed,
-            controls_per_cell=pairing.controls_per_cell, include_control_pairs=pairing.include_control_pairs,
-            max_new_tokens=settings.posterior.max_new_tokens, on_overflow=settings.posterior.on_overflow,
-            max_eval_samples=settings.finetuning.max_eval_samples, control_top_k_genes=settings.control_top_k_genes,
-            template=settings.prompt_template, synthetic_pairs_per_control=pairing.synthetic_pairs_per_control,
-            synthetic_drop_share=pairing.synthetic_drop_share, synthetic_same_cell=pairing.synthetic_same_cell,
-            posterior_controls=settings.posterior.prompts_per_perturbation,
-        )

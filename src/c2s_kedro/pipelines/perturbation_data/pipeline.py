@@ -2,8 +2,8 @@
 pairs and prompts. pipeline_registry.py runs them with the atlas's modular pipelines (processing,
 sentences, rank fit) in one ``perturbation`` namespace, so the names here are the atlas's
 (``processed_adata``, ``cell_sentences``, ``vocabulary``, ``data_split``) and become
-``perturbation.processed_adata`` etc.; the split, prompts, truth and base model are exposed as
-``perturbation_split``, ``perturbation_prompts``, ``perturbation_truth``, ``perturbation_base_model``."""
+``perturbation.processed_adata`` etc.; the split and the truth are exposed as ``perturbation_split``
+and ``perturbation_truth``."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -11,16 +11,11 @@ from c2s_kedro.pipelines.perturbation_data import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Screen -> checks -> raw_adata; processed_adata -> split; vocabulary -> base model;
-    cell_sentences + split + base model -> prompts."""
+    """Screen -> checks -> raw_adata; processed_adata -> split."""
     return pipeline([
         node(nodes.check_screen_layout, ["perturbseq_raw", "params:perturbation"], ["raw_adata", "perturbation_truth"],
              name="check_screen_layout"),
         node(nodes.split_perturbation_screen, ["processed_adata", "params:perturbation"], "data_split",
              name="split_perturbation_screen"),
         node(nodes.summarize_screen, "data_split", "perturbation_data_metrics", name="summarize_screen"),
-        node(nodes.initialize_perturbation_model, ["vocabulary", "data_split", "params:perturbation"], "perturbation_base_model",
-             name="initialize_perturbation_model"),
-        node(nodes.format_perturbation_prompts, ["cell_sentences", "data_split", "perturbation_base_model", "params:perturbation"],
-             "perturbation_prompts", name="format_perturbation_prompts"),
     ])
