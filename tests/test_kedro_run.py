@@ -224,6 +224,8 @@ def test_the_run_is_one_mlflow_run_with_params_metrics_and_plots(project: Path):
     # folders of plots land once under their own name, not twice
     assert {"plots/perturbation/expression_umap/not_embedded.png", "plots/confusion/label_scoring.png",
             "plots/zero_shot_confusion/label_scoring.png", "plots/cell_generation/umap_by_cell_type.png"} <= artifacts
+    # the expression baseline is the same predictions in both evaluations: its confusion matrix is stored once
+    assert "plots/confusion/baseline.png" in artifacts and "plots/zero_shot_confusion/baseline.png" not in artifacts
 
 
 def test_a_pipeline_reruns_alone_from_persisted_outputs(project: Path):

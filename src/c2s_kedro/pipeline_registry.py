@@ -53,7 +53,7 @@ def _zero_shot() -> Pipeline:
     """The evaluation's prediction part with the foundation model, outputs as ``zero_shot.*``."""
     shared = {"cell_sentences", "data_split", "baseline_predictions", "vocabulary", "rank_fit"}
     return evaluation.create_baseline_pipeline() + pipeline(
-        evaluation.create_prediction_pipeline(), namespace=ZERO_SHOT,
+        evaluation.create_prediction_pipeline(plot_baseline=False), namespace=ZERO_SHOT,
         inputs={"finetuned_model": "foundation_model", **{name: name for name in shared}},
         parameters={"params:evaluation": "params:evaluation"},
     )

@@ -91,11 +91,12 @@ def predict_by_sentence_baseline(
 
 def score_predictions(
     generation: pd.DataFrame, label_scoring: pd.DataFrame, baseline: pd.DataFrame, sentence_baseline: pd.DataFrame,
-    evaluation_prompts: dict[str, Any],
+    evaluation_prompts: dict[str, Any], plot_baseline: bool = True,
 ) -> tuple[dict[str, float], pd.DataFrame, dict[str, plt.Figure], pd.DataFrame]:
     """Accuracy and macro-F1 of each method on the same cells (the model two ways, logistic
     regression on the full expression and on what the prompts' sentences carry), a per-class
-    table, confusion matrices, and all predictions side by side."""
+    table, confusion matrices, and all predictions side by side. ``plot_baseline`` False leaves out
+    the expression baseline's confusion matrix (another evaluation of the same cells draws it)."""
     labels = evaluation_prompts["labels"]
     metrics, per_class, matrices, combined = core.tasks.evaluation.score_predictions(
         {"generation": generation, "label_scoring": label_scoring, "baseline": baseline, "sentence_baseline": sentence_baseline},
@@ -103,6 +104,6 @@ def score_predictions(
     )
     figures = {
         f"{method}.png": core.plotting.confusion_matrix_plot(matrix, labels, f"{method}: accuracy {metrics[f'{method}_accuracy']:.2f}")
-        for method, matrix in matrices.items()
+        for method, matrix in matrices.items() if plot_baseline or method != "baseline"
     }
     return metrics, per_class, figures, combined

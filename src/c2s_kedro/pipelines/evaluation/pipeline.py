@@ -2,6 +2,8 @@
 logistic-regression baseline. The prediction part is a modular pipeline: zero_shot_annotation runs
 it under the ``zero_shot`` namespace with the foundation model (pipeline_registry.py)."""
 
+from functools import partial
+
 from kedro.pipeline import Pipeline, node, pipeline
 
 from c2s_kedro.pipelines.evaluation import nodes
@@ -15,9 +17,11 @@ def create_baseline_pipeline(**kwargs) -> Pipeline:
     ])
 
 
-def create_prediction_pipeline(**kwargs) -> Pipeline:
+def create_prediction_pipeline(plot_baseline: bool = True, **kwargs) -> Pipeline:
     """``finetuned_model`` on the test cells: generated answers, label scoring, scores beside the
-    baselines (logistic regression on the expression, and on what the prompts' sentences carry)."""
+    baselines (logistic regression on the expression, and on what the prompts' sentences carry).
+    ``plot_baseline`` False: the expression baseline's confusion matrix is drawn by the evaluation
+    that shares its predictions, not again."""
     return pipeline([
         node(nodes.build_evaluation_prompts, ["cell_sentences", "data_split", "finetuned_model", "params:evaluation"],
              "evaluation_prompts", name="build_evaluation_prompts"),
@@ -28,7 +32,7 @@ def create_prediction_pipeline(**kwargs) -> Pipeline:
         node(nodes.predict_by_sentence_baseline,
              ["cell_sentences", "data_split", "evaluation_prompts", "vocabulary", "rank_fit", "params:evaluation"],
              "sentence_baseline_predictions", name="predict_by_sentence_baseline"),
-        node(nodes.score_predictions,
+        node(partial(nodes.score_predictions, plot_baseline=plot_baseline),
              ["generation_predictions", "label_scoring_predictions", "baseline_predictions", "sentence_baseline_predictions",
               "evaluation_prompts"],
              ["evaluation_metrics", "per_class_scores", "confusion_matrices", "cell_type_predictions"],
