@@ -99,8 +99,8 @@ def with_upstream(options: dict) -> dict | None:
     with KedroSession.create(env=options.get("env"), conf_source=options.get("conf_source"),
                              runtime_params=options.get("params")) as session:
         planned = planned_node_names(session.load_context(), names, **filters)
-    if planned is None:
-        return options
+    if planned is None or (not planned and any(filters.values())):
+        return options  # Kedro names the unknown pipeline, or says that the filters leave no node
     if not planned:
         logger.info("nothing to run: the nodes of %s write only what your environment provides", ", ".join(names))
         return None
