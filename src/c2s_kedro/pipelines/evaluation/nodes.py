@@ -107,3 +107,12 @@ def score_predictions(
         for method, matrix in matrices.items() if plot_baseline or method != "baseline"
     }
     return metrics, per_class, figures, combined
+
+
+def score_beside_shared_baseline(
+    generation: pd.DataFrame, label_scoring: pd.DataFrame, baseline: pd.DataFrame, sentence_baseline: pd.DataFrame,
+    evaluation_prompts: dict[str, Any],
+) -> tuple[dict[str, float], pd.DataFrame, dict[str, plt.Figure], pd.DataFrame]:
+    """``score_predictions`` of an evaluation whose expression baseline another evaluation plots
+    (the zero-shot one shares the fine-tuned one's baseline predictions)."""
+    return score_predictions(generation, label_scoring, baseline, sentence_baseline, evaluation_prompts, plot_baseline=False)

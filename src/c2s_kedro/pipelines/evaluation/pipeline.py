@@ -2,8 +2,6 @@
 logistic-regression baseline. The prediction part is a modular pipeline: zero_shot_annotation runs
 it under the ``zero_shot`` namespace with the foundation model (pipeline_registry.py)."""
 
-from functools import partial
-
 from kedro.pipeline import Pipeline, node, pipeline
 
 from c2s_kedro.pipelines.evaluation import nodes
@@ -32,7 +30,7 @@ def create_prediction_pipeline(plot_baseline: bool = True, **kwargs) -> Pipeline
         node(nodes.predict_by_sentence_baseline,
              ["cell_sentences", "data_split", "evaluation_prompts", "vocabulary", "rank_fit", "params:evaluation"],
              "sentence_baseline_predictions", name="predict_by_sentence_baseline"),
-        node(partial(nodes.score_predictions, plot_baseline=plot_baseline),
+        node(nodes.score_predictions if plot_baseline else nodes.score_beside_shared_baseline,
              ["generation_predictions", "label_scoring_predictions", "baseline_predictions", "sentence_baseline_predictions",
               "evaluation_prompts"],
              ["evaluation_metrics", "per_class_scores", "confusion_matrices", "cell_type_predictions"],
