@@ -129,8 +129,18 @@ def _ctrl_c_then(what: str) -> None:
         # "swallowed": a ctypes callback or __del__ prints "Exception ignored in ..." and goes on
 
 
+@pytest.fixture
+def ctrl_c_reaches_python():
+    """Ctrl-C as in a terminal: a process started in the background of a script (a CI job, `cmd &`)
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("what", ["converted", "swallowed"])
-def test_ctrl_c_that_a_library_turns_into_an_error_or_swallows_still_ends_the_run_killed(store, what):
+def test_ctrl_c_that_a_library_turns_into_an_error_or_swallows_still_ends_the_run_killed(store, what,
+                                                                                         ctrl_c_reaches_python):
     from kedro.io import DataCatalog, MemoryDataset
     from kedro.framework.hooks.manager import _create_hook_manager
     from kedro.pipeline import Pipeline
