@@ -4,6 +4,9 @@ model."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
@@ -51,6 +54,7 @@ def test_two_processes_train_together_log_to_the_nodes_run_and_hand_back_one_pla
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    torch_logs = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     model = build_gpt_neox(tokenizer, ARCHITECTURE, seed=0)
     initial = {k: v.clone() for k, v in model.model.state_dict().items()}
     with mlflow.start_run() as run:
@@ -67,7 +71,8 @@ def test_two_processes_train_together_log_to_the_nodes_run_and_hand_back_one_pla
     logged = client.get_metric_history(run.info.run_id, "test/loss")
     assert [m.step for m in logged] == [1, 2, 3]  # rank 0 only, each step once
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    assert not (tmp_path / "checkpoints" / JOB_FOLDER).exists()  # the hand-over folder is removed
+    assert not (tmp_path / "checkpoints" / JOB_FOLDER).exists()  # the hand-over folder is removed, logs included
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) <= torch_logs  # nothing left in /tmp
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # torch's launcher's handlers are not left behind
     trained.model.save_pretrained(tmp_path / "saved")
     reopened = type(trained.model).from_pretrained(tmp_path / "saved")

@@ -71,13 +71,17 @@ def train_worker(folder: str) -> str | None:
     return str(folder / "trained")
 
 
-def launch_settings(processes: int) -> Any:
-    """torch's ``LaunchConfig`` for ``processes`` workers on this machine (a free local port)."""
+def launch_settings(processes: int, folder: Path) -> Any:
+    """torch's ``LaunchConfig`` for ``processes`` workers on this machine (a free local port), its
+    logs in the hand-over ``folder`` (torch's default is a new folder in /tmp per launch, never
+    removed)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
     return LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"c2s-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(folder / "logs")),
     )
 
 
@@ -111,7 +115,7 @@ def finetune_in_processes(language_model, prompts, settings) -> tuple[Any, list[
     watched = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
     handlers = {sig: signal.getsignal(sig) for sig in watched} if threading.current_thread() is threading.main_thread() else {}
     try:
-        results = elastic_launch(launch_settings(settings.processes), train_worker)(str(folder))
+        results = elastic_launch(launch_settings(settings.processes, folder), train_worker)(str(folder))
     except SignalException as error:  # Ctrl-C or kill while the processes trained: a stop, not a failure
         raise KeyboardInterrupt(f"training processes stopped by signal {error.sigval.name}") from error
     except ChildFailedError as error:
