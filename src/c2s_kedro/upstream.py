@@ -104,14 +104,15 @@ def plan(own: Pipeline, project: Pipeline, catalog, user: EntryMatcher, environm
     if not own.nodes:
         return own
     upstream = project.to_nodes(*(n.name for n in own.nodes)) - own
-    needed = missing_inputs(own, catalog)
+    missing = missing_inputs(own, catalog)
+    needed = set(missing)
     running = []
     for node in reversed(upstream.nodes):  # a node's consumers come before it
         if needed & set(node.outputs):
             running.append(node)
             needed |= missing_inputs(Pipeline([node]), catalog)
     if running:
-        produced = sorted(missing_inputs(own, catalog) & {o for n in running for o in n.outputs})
+        produced = sorted(missing & {o for n in running for o in n.outputs})
         logger.info("%s not saved yet: running %d upstream node(s) first in this run (%s)", ", ".join(produced),
                     len(running), ", ".join(n.name for n in reversed(running)))
     return Pipeline(running) + own
