@@ -420,15 +420,16 @@ def test_seen_perturbations_keep_most_cells_in_training_and_hold_out_the_rest():
         split_screen(obs, COLUMNS, seen_test_fraction=1.0)
 
 
-def test_synthetic_knockdown_pairs_name_a_gene_of_the_response_and_drop_it_at_the_given_rate():
+def test_synthetic_knockdown_pairs_drop_the_named_gene_at_the_given_rate():
     obs = _obs(n_controls=30)
     controls = list(obs.index[obs["gene"] == "non-targeting"])
     lookup = {c: " ".join(f"G{(i * 7 + k) % 40}" for k in range(12)) for i, c in enumerate(controls)}
     always = synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=2, drop_share=1.0, seed=0).to_pandas()
     assert len(always) == 60 and always["perturbation"].nunique() > 10  # many targets
+    assert set(always["perturbation"]) <= {g for c in controls for g in lookup[c].split()}  # genes of the sentences
     for row in always.itertuples():
         original = lookup[row.perturbed_cell].split()
-        assert row.perturbation in original and row.perturbation not in row.perturbed_sentence.split()
+        assert row.perturbation not in row.perturbed_sentence.split()
         assert row.perturbed_sentence.split() == [g for g in original if g != row.perturbation]  # nothing else moves
         assert obs.at[row.control_cell, "gem_group"] == obs.at[row.perturbed_cell, "gem_group"]
     own = synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=2, drop_share=1.0, seed=0,
@@ -440,6 +441,19 @@ def test_synthetic_knockdown_pairs_name_a_gene_of_the_response_and_drop_it_at_th
     assert all(row.perturbed_sentence == lookup[row.perturbed_cell] for row in never.itertuples())
     with pytest.raises(ValueError, match="0 or more"):
         synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=-1, drop_share=0.5)
+
+
+def test_synthetic_targets_are_drawn_independently_of_the_response_cell():
+    # half the controls write genes A*, half B*: a target drawn from the response cell's own genes
+    # would always be of the response's half, telling the model the cell expressed it highly
+    obs = _obs(n_controls=60)
+    controls = list(obs.index[obs["gene"] == "non-targeting"])
+    lookup = {c: " ".join(f"{'AB'[i % 2]}{k}" for k in range(10)) for i, c in enumerate(controls)}
+    pairs = synthetic_knockdown_pairs(obs, controls, lookup, COLUMNS, per_control=4, drop_share=1.0, seed=0).to_pandas()
+    own_half = np.mean([row.perturbation[0] == lookup[row.perturbed_cell][0] for row in pairs.itertuples()])
+    assert 0.35 < own_half < 0.65
+    untouched = pairs[[row.perturbation[0] != lookup[row.perturbed_cell][0] for row in pairs.itertuples()]]
+    assert all(row.perturbed_sentence == lookup[row.perturbed_cell] for row in untouched.itertuples())
 
 
 def test_the_drop_share_is_measured_on_the_training_knockdowns():

@@ -65,10 +65,15 @@ def synthetic_knockdown_pairs(
 ) -> Dataset:
     """Synthetic CRISPRi pairs: each control cell paired ``per_control`` times (with itself when
     ``same_cell``, else with another control of its batch by ``pair_with_controls``, as a real
-    pair) with a target drawn from the response cell's genes; the response is that cell's sentence with the target taken out (with probability
-    ``drop_share``, the screen's own rate; otherwise left as it is). Many targets with a few cells
-    each, so that a model learns to knock down whatever gene is named rather than the few targets of
-    the screen. Columns as ``paired_sentences``."""
+    pair) with a target; the response is that cell's sentence with the target taken out when it
+    holds it (with probability ``drop_share``, the screen's own rate; otherwise left as it is).
+    Many targets with a few cells each, so that a model learns to knock down whatever gene is named
+    rather than the few targets of the screen. Columns as ``paired_sentences``.
+
+    The target is drawn independently of the response cell, as a guide is: from the genes of the
+    ``controls``' sentences, each as often as those sentences hold it. Drawn from the response
+    cell's own genes it would tell the model that the cell expressed the target highly, so that
+    naming a gene would raise its co-expressed genes: the opposite of a knockdown's effect."""
     if per_control < 0:
         raise C2SValueError(f"synthetic pairs per control cell must be 0 or more, got {per_control}")
     rng = np.random.default_rng(seed)
@@ -80,15 +85,17 @@ def synthetic_knockdown_pairs(
                           ignore_index=True)
     rows: dict[str, list[str]] = {key: [] for key in ("perturbation", "control_cell", "perturbed_cell", "control_sentence",
                                                        "perturbed_sentence")}
-    for control, response in zip(pairs["control_cell"], pairs["perturbed_cell"]):
+    pool = pd.Series([gene for cell in controls for gene in set(sentences[str(cell)].split())]).value_counts()
+    if pool.empty:
+        raise C2SValueError("synthetic pairs need control cells with genes in their sentences; none has any")
+    names = rng.choice(pool.index.to_numpy(), size=len(pairs), p=(pool / pool.sum()).to_numpy())
+    for control, response, name in zip(pairs["control_cell"], pairs["perturbed_cell"], names):
         genes = sentences[response].split()
         if not genes:
             continue
-        target = int(rng.integers(len(genes)))
-        name = genes[target]
-        if rng.random() < drop_share:
-            genes = genes[:target] + genes[target + 1 :]
-        rows["perturbation"].append(name)
+        if name in genes and rng.random() < drop_share:
+            genes = [gene for gene in genes if gene != name]
+        rows["perturbation"].append(str(name))
         rows["control_cell"].append(str(control))
         rows["perturbed_cell"].append(str(response))
         rows["control_sentence"].append(sentences[control])
