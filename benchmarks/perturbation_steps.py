@@ -77,12 +77,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--untied", action="store_true", help="separate input and output embeddings")
+    parser.add_argument("--positions", choices=["rotary", "learned"], default="rotary",
+                        help="rotary: GPT-NeoX (Pythia); learned: GPT-2's absolute position embeddings")
     parser.add_argument("--template", type=int, default=6, help="prompt template index (6: the name in a fixed slot, 'The perturbation is X.'); -1: one drawn per pair")
     parser.add_argument("--synthetic", type=int, default=0, help="synthetic knockdown pairs per training control cell")
     parser.add_argument("--same-cell", action="store_true", help="synthetic pairs answer with the prompt's own cell")
     parser.add_argument("--synthetic-top", type=int, default=0, help="draw synthetic targets among the top N genes")
     parser.add_argument("--target-unlikelihood", type=float, default=0.0,
-                        help="weight of a loss term -log(1 - p(named target)) at every response position")
+                        help="weight of a loss term -log(1 - p(named target)) at every response position of the pairs whose "
+                             "response does not write the target")
     parser.add_argument("--control-top-k", type=int, default=50)
     parser.add_argument("--top-k", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -97,7 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.synthetic_top:
-        core.tasks.perturbation.pairs.synthetic_knockdown_pairs = top_targets(args.synthetic_top)
+        # patched where the prompts look it up: core.prompts.perturbation imports it by name
+        core.prompts.perturbation.synthetic_knockdown_pairs = top_targets(args.synthetic_top)
 
     split = json.loads((args.source / "data/05_model_input/perturbation_split.json").read_text())
     vocabulary = json.loads((args.source / "data/04_feature/perturbation_vocabulary.json").read_text())
@@ -107,7 +111,16 @@ def main() -> None:
     architecture = {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
                     "intermediate_size": 4 * args.hidden, "max_position_embeddings": CONTEXT,
                     "tie_word_embeddings": not args.untied}
-    language_model = core.models.loading.build_gpt_neox(tokenizer, architecture, seed=args.seed)
+    if args.positions == "rotary":
+        language_model = core.models.loading.build_gpt_neox(tokenizer, architecture, seed=args.seed)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(args.seed)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=args.hidden, n_layer=args.layers,
+                            n_head=args.heads, n_inner=4 * args.hidden, tie_word_embeddings=not args.untied,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+        language_model = core.models.loading.LanguageModel(model=GPT2LMHeadModel(config), tokenizer=tokenizer, source="built")
     template = None if args.template < 0 else args.template
     prompts = core.prompts.perturbation.perturbation_prompts(
         sentences, split, COLUMNS, tokenizer, CONTEXT, args.top_k, args.seed, control_top_k_genes=args.control_top_k,
@@ -171,7 +184,8 @@ def main() -> None:
         loss = output.loss
         if args.target_unlikelihood:
             named = torch.tensor([target_ids[i] for i in batch])
-            rows = named >= 0
+            # only where the data say so: a named target the response does not write
+            rows = (named >= 0) & ~(targets == named.view(-1, 1)).any(dim=1)
             if rows.any():
                 log_p = torch.log_softmax(output.logits[rows, :-1].float(), dim=-1)
                 index = named[rows].view(-1, 1, 1).expand(-1, log_p.shape[1], 1)
