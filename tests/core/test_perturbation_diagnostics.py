@@ -182,6 +182,25 @@ def test_scores_are_the_model_s_own_loss_on_each_response():
         n_tokens = sum(label != IGNORE_INDEX for label in labels)
         assert table["n_response_tokens"][row] == n_tokens
         assert table["log_likelihood_true"][row] == pytest.approx(-float(loss) * n_tokens, rel=1e-4, abs=1e-4)
+        # written-token mass: at each response position after the first, the probability of the
+        # response's tokens already written, averaged over positions
+        with torch.inference_mode():
+            probs = language_model.model(input_ids=torch.tensor([ids])).logits[0].softmax(-1)
+        at = [j for j, label in enumerate(labels) if label != IGNORE_INDEX]
+        masses = [float(probs[j - 1, [labels[k] for k in at[:n]]].sum()) for n, j in enumerate(at) if n > 0]
+        assert table["written_token_mass"][row] == pytest.approx(np.mean(masses), rel=1e-4, abs=1e-6)
+
+
+def test_the_written_token_mass_is_left_out_where_response_tokens_repeat(caplog):
+    # as byte-level BPE writes gene names in pieces that recur; here a gene written twice
+    language_model = _tiny_model()
+    pairs = _toy_pairs(20, seed=2).map(lambda row: {"perturbed_sentence": "G1 G2 G1 G3"})
+    with caplog.at_level(logging.INFO):
+        metrics, table = input_sensitivity(language_model, pairs, _formatter(language_model), CONTROL, n_pairs=8)
+    assert table["written_token_mass"].isna().all()
+    assert "sensitivity.written_token_mass" not in metrics and "written_token_mass is not measured" in caplog.text
+    metrics, _ = input_sensitivity(language_model, _toy_pairs(20, seed=2), _formatter(language_model), CONTROL, n_pairs=8)
+    assert 0 < metrics["sensitivity.written_token_mass"] < 1
 
 
 @pytest.mark.parametrize("missing", ["perturbation", "control_sentence", "perturbed_sentence"])
@@ -214,7 +233,7 @@ def test_one_perturbation_leaves_the_name_swap_out_and_says_so(caplog):
     assert "name swap is not measured" in caplog.text
     expected = {"sensitivity.n_pairs", "sensitivity.name_to_control_nats", "sensitivity.name_to_control_nats_per_token",
                 "sensitivity.control_swap_nats", "sensitivity.control_swap_nats_per_token",
-                "sensitivity.target_logprob_shift", "sensitivity.n_target_pairs"}
+                "sensitivity.target_logprob_shift", "sensitivity.n_target_pairs", "sensitivity.written_token_mass"}
     assert set(metrics) == expected
     assert all(isinstance(value, float) and np.isfinite(value) for value in metrics.values())
     assert metrics["sensitivity.n_target_pairs"] == 8  # G3 is one token of the vocabulary

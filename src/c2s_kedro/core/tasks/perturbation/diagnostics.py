@@ -70,7 +70,12 @@ def input_sensitivity(
     negative = naming the target makes the model less likely to write it, i.e. it reads the
     knockdown. A gene name of several tokens (byte-level BPE) is scored by its first token, which
     other genes may share. A target not among ``genes`` (its name can be a token of its own) is no
-    gene the model writes: not scored.
+    gene the model writes: not scored. ``sensitivity.written_token_mass``: the mean over pairs and
+    response positions of the probability the model gives, under the true prompt, to genes the
+    response has already written. A sentence names each gene once, so a model that has learnt to
+    suppress what its context names gives about 0; it is the same in-context suppression a
+    knockdown of the named gene needs. (The constrained sampler masks written genes either way.)
+    Measured with a gene-level tokenizer only: with BPE the response's tokens repeat.
     ``sensitivity.n_pairs`` counts the pairs scored, ``sensitivity.n_target_pairs`` those with a
     target token. A metric no pair can give (fewer than 2 perturbations for ``name_swap``, one
     control sentence for ``control_swap``, no target token) is left out and logged.
@@ -129,14 +134,15 @@ def input_sensitivity(
     targets = _target_tokens(language_model.tokenizer, drawn, formatter, genes)
     table["target_token"] = [" ".join(language_model.tokenizer.convert_ids_to_tokens(t)) if t else None for t in targets]
     scores = _score_variants(language_model, variants, formatter, targets, batch_size)
-    true_ll, n_tokens, true_target = scores["true"]
+    true_ll, n_tokens, true_target, written_mass = scores["true"]
     table["n_response_tokens"] = n_tokens
     table["log_likelihood_true"] = true_ll
+    table["written_token_mass"] = written_mass
     metrics: dict[str, float] = {f"{METRIC_PREFIX}.n_pairs": float(len(rows))}
     for swap in SWAPS:
         if swap not in scores:
             continue
-        log_likelihood, _, target = scores[swap]
+        log_likelihood, _, target, _ = scores[swap]
         nats = true_ll - log_likelihood
         if swap == "control_swap":
             nats = np.where(has_donor, nats, np.nan)
@@ -157,6 +163,10 @@ def input_sensitivity(
         logger.warning(
             "input sensitivity: no drawn perturbation is a gene the model writes, so target_logprob_shift is not measured"
         )
+    if np.isfinite(written_mass).any():
+        metrics[f"{METRIC_PREFIX}.written_token_mass"] = float(np.nanmean(written_mass))
+    else:
+        logger.info("input sensitivity: the responses' tokens repeat (pieces of gene names), so written_token_mass is not measured")
     logger.info("input sensitivity over %d pairs: %s", len(rows),
                 ", ".join(f"{key.removeprefix(METRIC_PREFIX + '.')} {value:.3g}" for key, value in metrics.items()))
     return metrics, table
@@ -217,10 +227,10 @@ def _target_tokens(tokenizer, drawn: pd.DataFrame, formatter: PerturbationPrompt
 def _score_variants(
     language_model: LanguageModel, variants: dict[str, pd.DataFrame], formatter: PerturbationPromptFormatter,
     targets: list[list[int]], batch_size: int,
-) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per variant: each pair's response log-likelihood, its number of tokens, and the mean log
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per variant: each pair's response log-likelihood, its number of tokens, the mean log
     probability of the pair's target tokens over the response's positions (mean over its targets;
-    NaN without one).
+    NaN without one), and the written-token mass (``_response_log_probs``).
 
     Each variant is formatted as its own dataset of the same rows in the same order: the
     formatter redraws its templates from its seed in ``format_dataset``, so row i gets the same
@@ -244,27 +254,29 @@ def _score_variants(
             "tokens); build the formatter with tokenizer=language_model.tokenizer and "
             "max_tokens=language_model.context_length so it fits every prompt"
         )
-    log_likelihood, n_tokens, target_logprob = _response_log_probs(
-        language_model, input_ids, labels, targets * len(variants), batch_size,
-    )
+    scored = _response_log_probs(language_model, input_ids, labels, targets * len(variants), batch_size)
     n = len(targets)
-    return {name: (log_likelihood[k * n : (k + 1) * n], n_tokens[k * n : (k + 1) * n], target_logprob[k * n : (k + 1) * n])
-            for k, name in enumerate(variants)}
+    return {name: tuple(values[k * n : (k + 1) * n] for values in scored) for k, name in enumerate(variants)}
 
 
 def _response_log_probs(
     language_model: LanguageModel, input_ids: list[list[int]], labels: list[list[int]], targets: list[list[int]],
     batch_size: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Summed log-probability of each sample's labelled tokens, their number, and the mean log
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Summed log-probability of each sample's labelled tokens, their number, the mean log
     probability of each of ``targets[i]`` at those positions, averaged over the targets (NaN for
-    none); right-padded batches with attention masks."""
+    none), and the written-token mass: the mean over the labelled positions after the first of the
+    probability the model gives to the tokens already labelled before that position (NaN for a
+    sample whose labelled tokens repeat, as a BPE tokenizer's pieces of gene names do; a cell
+    sentence names each gene once, so with a gene-level tokenizer a model that has learnt this gives
+    about 0); right-padded batches with attention masks."""
     tokenizer, model = language_model.tokenizer, language_model.model
     device = language_model.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log_likelihood = np.zeros(len(input_ids))
     n_tokens = np.zeros(len(input_ids), dtype=np.int64)
     target_logprob = np.full(len(input_ids), np.nan)
+    written_mass = np.full(len(input_ids), np.nan)
     was_training = model.training
     model.eval()  # no dropout while scoring; the caller's mode is restored after
     try:
@@ -297,6 +309,15 @@ def _response_log_probs(
                                    / counts.clamp(min=1)).cpu().numpy() for k in range(width)], axis=1)
                 with np.errstate(invalid="ignore"):
                     target_logprob[batch] = np.where(used, means, 0.0).sum(axis=1) / used.sum(axis=1)
+                for row, i in enumerate(batch):
+                    own = rows == row
+                    tokens = shifted[row, positions[own]]
+                    if tokens.numel() < 2 or tokens.unique().numel() < tokens.numel():
+                        continue
+                    # probs[j, k]: position j's probability of token k of the response; k < j was written
+                    probs = log_probs[own][:, tokens].exp()
+                    earlier = torch.ones_like(probs, dtype=torch.bool).tril(diagonal=-1)
+                    written_mass[i] = float((probs * earlier).sum(dim=1)[1:].mean())
     finally:
         model.train(was_training)
-    return log_likelihood, n_tokens, target_logprob
+    return log_likelihood, n_tokens, target_logprob, written_mass
