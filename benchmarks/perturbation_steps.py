@@ -18,8 +18,8 @@ appended to ``--out``.
     .venv/bin/python benchmarks/perturbation_steps.py --source S --layers 2 --synthetic 2 \\
         --steps 2000 --probe-every 250 --threads 1 --out results.jsonl
 
-``--synthetic-top N`` draws the synthetic pairs' targets among the response cell's top N genes
-(a benchmark-only variant of ``synthetic_knockdown_pairs``: a gene the model would surely write).
+``--synthetic-top N`` draws the synthetic pairs' targets among the control cells' top N genes
+(a benchmark-only variant of ``synthetic_knockdown_pairs``: genes the model writes early and often).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--template", type=int, default=6, help="prompt template index (6: the name in a fixed slot, 'The perturbation is X.'); -1: one drawn per pair")
     parser.add_argument("--synthetic", type=int, default=0, help="synthetic knockdown pairs per training control cell")
     parser.add_argument("--same-cell", action="store_true", help="synthetic pairs answer with the prompt's own cell")
-    parser.add_argument("--synthetic-top", type=int, default=0, help="draw synthetic targets among the top N genes")
+    parser.add_argument("--synthetic-top", type=int, default=0, help="draw synthetic targets among the controls' top N genes")
     parser.add_argument("--target-unlikelihood", type=float, default=0.0,
                         help="weight of a loss term -log(1 - p(named target)) at every response position of the pairs whose "
                              "response does not write the target")
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--probe-pairs", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...: where the model trains and is probed")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -142,7 +143,7 @@ def main() -> None:
                                                               lookup)
              for part in ("test", "test_seen") if part in split}
 
-    model = language_model.model
+    model = language_model.model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = 10
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -180,10 +181,11 @@ def main() -> None:
         targets = padded([labels[i] for i in batch], -100)
         mask = padded([[1] * len(ids[i]) for i in batch], 0)
         start = time.perf_counter()
+        inputs, targets, mask = inputs.to(args.device), targets.to(args.device), mask.to(args.device)
         output = model(input_ids=inputs, attention_mask=mask, labels=targets)
         loss = output.loss
         if args.target_unlikelihood:
-            named = torch.tensor([target_ids[i] for i in batch])
+            named = torch.tensor([target_ids[i] for i in batch], device=args.device)
             # only where the data say so: a named target the response does not write
             rows = (named >= 0) & ~(targets == named.view(-1, 1)).any(dim=1)
             if rows.any():
@@ -198,6 +200,8 @@ def main() -> None:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.synchronize()
         seconds += time.perf_counter() - start
         losses.append(loss.item())
         if step % args.probe_every == 0 or step == args.steps:
