@@ -6,7 +6,8 @@ trains the same kind of model on the same prompts for many more steps and runs t
 input-sensitivity probe (``core.tasks.perturbation.diagnostics.input_sensitivity``, 32 pairs of each
 test set) every ``--probe-every`` steps, so one run gives the learning curve of "does it read the
 name" (``name_to_control_nats``, ``target_logprob_shift``) and "does it read the control cell"
-(``control_swap_nats``) against steps and training seconds.
+(``control_swap_nats``) against steps and training seconds, beside ``written_token_mass`` (how
+much probability the model still gives to genes its response already wrote).
 
 The prompts are ``core.prompts.perturbation.perturbation_prompts`` on the screen of ``--source`` (a project
 where ``kedro run --pipelines=perturbation_data`` has run); the model is
@@ -159,7 +160,8 @@ def main() -> None:
             metrics, _ = input_sensitivity(language_model, pairs, formatter, COLUMNS.control_label,
                                            n_pairs=args.probe_pairs, seed=0, genes=list(vocabulary))
             prefix = "" if part == "test" else "seen."
-            for key in ("name_to_control_nats", "name_swap_nats", "control_swap_nats", "target_logprob_shift"):
+            for key in ("name_to_control_nats", "name_swap_nats", "control_swap_nats", "target_logprob_shift",
+                        "written_token_mass"):
                 row[prefix + key] = round(metrics.get(f"sensitivity.{key}", float("nan")), 3)
         model.train()
         print(json.dumps(row), flush=True)
