@@ -186,7 +186,7 @@ def test_the_target_presence_plot_has_a_panel_per_evaluation(outputs):
     catalog, _ = outputs
     figure = catalog.load("perturbation_knockdown_plot")
     titles = [ax.get_title() for ax in figure.axes]
-    assert titles == ["heldout perturbations", "seen perturbations"]
+    assert titles == ["held-out perturbations", "seen perturbations"]
     assert sorted(t.get_text() for t in figure.axes[0].get_xticklabels()) == HELD_OUT
 
 

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+EVALUATION_NAMES = {"heldout": "held-out"}  # an evaluation's key as a panel title writes it
+
 
 def _scatter_by(
     ax, coords: np.ndarray, labels: pd.Series | None, title: str, point_size: float, categories: list[str] | None = None
@@ -250,7 +252,7 @@ def target_presence_plot(table: pd.DataFrame, series: dict[str, str], title: str
         ax.set_xticks(x)
         ax.set_xticklabels([str(name) for name in rows.index], rotation=90, fontsize=7)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{evaluation} perturbations" if evaluation else title, fontsize=9)
+        ax.set_title(f"{EVALUATION_NAMES.get(evaluation, evaluation)} perturbations" if evaluation else title, fontsize=9)
     axes[0][0].set_ylabel("share of cells / samples holding the target")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
