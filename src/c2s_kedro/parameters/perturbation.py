@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from c2s_kedro.parameters import at_least, between, greater_than
+from c2s_kedro.parameters import at_least, between, greater_than, read_parameters
 from c2s_kedro.parameters.atlas import DataProcessingParameters, RankFitParameters, SentenceConversionParameters
 from c2s_kedro.parameters.training import TrainingParameters
 
@@ -95,3 +95,12 @@ class PerturbationParameters:
             perturbation=self.perturbation_column, control_label=str(self.control_label), batch=self.batch_column,
             gene_symbol=self.data_processing.gene_symbol_column, combination_separator=self.combination_separator or None,
         )
+
+
+SECTION = "perturbation"
+
+
+def perturbation_settings(params: dict[str, Any]) -> PerturbationParameters:
+    """``params:perturbation`` read and checked (``read_parameters``): the one reader of the three
+    perturbation pipelines' nodes."""
+    return read_parameters(PerturbationParameters, params, SECTION)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (the registry composes each pipeline with its upstream) and pays only for what its nodes use
 from c2s_kedro import core
-from c2s_kedro.parameters import read_parameters, setting_hint
-from c2s_kedro.parameters.perturbation import PerturbationParameters
+from c2s_kedro.parameters import setting_hint
+from c2s_kedro.parameters.perturbation import SECTION, perturbation_settings
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -22,16 +22,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SECTION = "perturbation"
 TRUTH_KEY = "perturbation_truth_log2fc"  # where the simulator stores its expected log2 fold changes
 SCREEN_SETTINGS = {  # ScreenColumns field -> the setting that names it
     "perturbation": f"{SECTION}.perturbation_column", "control_label": f"{SECTION}.control_label",
     "batch": f"{SECTION}.batch_column", "gene_symbol": f"{SECTION}.data_processing.gene_symbol_column",
 }
-
-
-def _settings(params: dict[str, Any]) -> PerturbationParameters:
-    return read_parameters(PerturbationParameters, params, SECTION)
 
 
 def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> tuple[ad.AnnData, pd.DataFrame]:
@@ -40,7 +35,7 @@ def check_screen_layout(perturbseq_raw: ad.AnnData, params: dict[str, Any]) -> t
     control label in any case), what was left out or read as a control and the targets that are not
     among the screen's genes logged, and the simulator's truth taken out of ``.varm`` (no rows for a
     real screen)."""
-    columns = _settings(params).columns()
+    columns = perturbation_settings(params).columns()
     try:
         core.data.screen.check_screen(perturbseq_raw, columns)
     except core.data.screen.ScreenLayoutError as error:
@@ -59,7 +54,7 @@ def split_perturbation_screen(processed_adata: ad.AnnData, params: dict[str, Any
     perturbations target among the processed genes (``targets``: ``core.data.screen.screen_targets``)
     and what the screen's checks counted (``screen_checks``: cells left out or read as controls at the
     door, and cells without a batch, which are paired with controls of any batch)."""
-    settings = _settings(params)
+    settings = perturbation_settings(params)
     split = settings.split
     columns = settings.columns()
     with setting_hint(f"{SECTION}.split"):

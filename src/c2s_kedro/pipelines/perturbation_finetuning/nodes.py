@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 # each core module loads when a node first uses it (c2s_kedro/core/__init__.py): every run imports every
 # pipeline's nodes (the registry composes each pipeline with its upstream) and pays only for what its nodes use
 from c2s_kedro import core
-from c2s_kedro.parameters import read_parameters, setting_hint
-from c2s_kedro.parameters.perturbation import PerturbationParameters
+from c2s_kedro.parameters import setting_hint
+from c2s_kedro.parameters.perturbation import SECTION, perturbation_settings
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
@@ -22,12 +22,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SECTION = "perturbation"
-
-
-def _settings(params: dict[str, Any]) -> PerturbationParameters:
-    return read_parameters(PerturbationParameters, params, SECTION)
-
 
 def initialize_perturbation_model(
     vocabulary: dict[str, int], perturbation_split: dict[str, Any], params: dict[str, Any],
@@ -35,7 +29,7 @@ def initialize_perturbation_model(
     """A gene-level tokenizer over the screen's genes, the prompt words and the targets that are
     not genes (each a token of its own, learnt where it is trained on, never spelt in letters), and
     an untrained GPT-NeoX sized by ``model.architecture`` (the offline default base model)."""
-    settings = _settings(params)
+    settings = perturbation_settings(params)
     perturbations = [name for part in ("train", "val", "test") for name in perturbation_split[f"{part}_perturbations"]]
     architecture = settings.model.architecture
     tokenizer, targets = core.tasks.perturbation.tokens.screen_tokenizer(list(vocabulary), perturbations, settings.columns(),
@@ -58,7 +52,7 @@ def format_perturbation_prompts(
     in training (``pairing.synthetic_pairs_per_control``) and the posterior's prompts (every test
     perturbation and the control label on the same control cells); test prompts leave room for the
     answer (``posterior.max_new_tokens``, ``posterior.on_overflow``)."""
-    settings = _settings(params)
+    settings = perturbation_settings(params)
     pairing = settings.pairing
     with setting_hint(f"{SECTION}.sentence_conversion.label_columns, top_k_genes, control_top_k_genes, prompt_template, "
                       "pairing, posterior.prompts_per_perturbation or posterior.on_overflow"):
@@ -74,14 +68,13 @@ def format_perturbation_prompts(
         )
 
 
-
 def finetune_perturbation_model(
     perturbation_base_model: LanguageModel, perturbation_prompts: DatasetDict, params: dict[str, Any]
 ) -> tuple[LanguageModel, list[dict[str, Any]]]:
     """The fine-tuning of ``core.models.training.finetune`` on the train and val pairs of
     ``perturbation_prompts`` (loss on the perturbed sentence only, averaged as
     ``perturbation.finetuning.loss_average`` says)."""
-    settings = read_parameters(PerturbationParameters, params, "perturbation").finetuning
+    settings = perturbation_settings(params).finetuning
     with setting_hint("perturbation.finetuning", core.models.training.TrainingSettingsError):
         return core.models.training.finetune(perturbation_base_model, perturbation_prompts, settings.training_settings())
 

@@ -12,8 +12,8 @@ import pandas as pd
 # pipeline's nodes (the registry composes each pipeline with its upstream) and pays only for what its nodes use
 from c2s_kedro.core.errors import C2SKeyError
 from c2s_kedro import core
-from c2s_kedro.parameters import read_parameters, setting_hint
-from c2s_kedro.parameters.perturbation import PerturbationParameters
+from c2s_kedro.parameters import setting_hint
+from c2s_kedro.parameters.perturbation import SECTION, PerturbationParameters, perturbation_settings
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -21,12 +21,6 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
     from c2s_kedro.core.models.loading import LanguageModel
-
-SECTION = "perturbation"
-
-
-def _settings(params: dict[str, Any]) -> PerturbationParameters:
-    return read_parameters(PerturbationParameters, params, SECTION)
 
 
 def _part_cells(cell_sentences: Dataset, split: dict[str, Any], part: str, genes: list[str], rank_fit: dict[str, Any],
@@ -49,7 +43,7 @@ def sample_perturbation_posterior(
     posterior prompts: the held-out perturbations chosen by ``posterior.perturbations`` (all by
     default), the seen ones chosen by ``posterior.seen_perturbations``, and the control label, each
     on the same ``prompts_per_perturbation`` test control cells."""
-    settings = _settings(params)
+    settings = perturbation_settings(params)
     posterior = settings.posterior
     with setting_hint(f"{SECTION}.posterior"):
         if "posterior" not in perturbation_prompts:
@@ -79,7 +73,7 @@ def plot_posterior(
     """PCA and UMAP of the posterior samples coloured by temperature, with the real control and
     real perturbed cells of each held-out perturbation in the same space (one panel each; the
     control label's panel holds the model's own "no perturbation" samples)."""
-    settings = _settings(params)
+    settings = perturbation_settings(params)
     columns = settings.columns()
     genes = list(posterior_samples_expression.var_names)
     real = _part_cells(cell_sentences, perturbation_split, "test", genes, rank_fit, settings)
@@ -102,7 +96,7 @@ def probe_input_sensitivity(
     targets among the screen's genes (``vocabulary``) only. Returns the per-pair table (``evaluation``
     column) and the flat metrics (the held-out set's as ``sensitivity.*``, the seen set's as
     ``seen.sensitivity.*``)."""
-    settings = _settings(params)
+    settings = perturbation_settings(params)
     columns = settings.columns()
     sentences = core.tasks.perturbation.pairs.top_k_sentences(cell_sentences, settings.top_k_genes)
     tables, metrics = [], {}
@@ -139,7 +133,7 @@ def evaluate_perturbation_predictions(
     control-label samples on the same control cells (the model's own "no perturbation" answer).
     Returns the scores, their summary and the on-target knockdown table (each with an
     ``evaluation`` column) and the flat metrics, the input-sensitivity probe's among them."""
-    settings = _settings(params)
+    settings = perturbation_settings(params)
     columns = settings.columns()
     evaluation_settings = settings.evaluation
     genes = list(posterior_samples_expression.var_names)
